@@ -1,0 +1,108 @@
+//! `debvisorctl`: operate a DebVisor cluster.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use debvisor_daemon::ctl::{self, Output};
+
+/// DebVisor cluster CLI. Reads the same configuration (and DEBVISOR_* overrides) as debvisord.
+#[derive(Parser)]
+#[command(name = "debvisorctl", version, about)]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, default_value = debvisor_daemon::config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every node: states, liveness, last keepalive, load, memory, VMs.
+    Status,
+    /// Node commands.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Print the etcd schema as markdown (docs/schema.md).
+    Schema,
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Everything known about one node.
+    Show { name: String },
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("debvisorctl: {msg}");
+    ExitCode::from(1)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let cfg = match debvisor_daemon::config::load(&cli.config, &env) {
+        Ok(c) => c,
+        Err(e) => {
+            return fail(&format!(
+                "{}: invalid configuration:\n{e}",
+                cli.config.display()
+            ))
+        }
+    };
+    if let Command::Schema = cli.command {
+        print!(
+            "{}",
+            debvisor_objects::schema::render_markdown(&cfg.store.prefix)
+        );
+        return ExitCode::SUCCESS;
+    }
+    if let Command::Node {
+        command: NodeCommand::Show { name },
+    } = &cli.command
+    {
+        if let Err(e) = ctl::check_node_name(name) {
+            return fail(&e);
+        }
+    }
+    let store = match ctl::connect(&cfg).await {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let rows = match ctl::nodes(&store).await {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    match cli.command {
+        Command::Status => match cli.output {
+            Output::Json => {
+                let arr: Vec<serde_json::Value> = rows.iter().map(ctl::node_json).collect();
+                println!("{}", serde_json::Value::Array(arr));
+            }
+            Output::Table => print!("{}", ctl::status_table(&rows)),
+        },
+        Command::Node {
+            command: NodeCommand::Show { name },
+        } => {
+            let Some(row) = rows.iter().find(|r| r.name == name) else {
+                return fail(&format!(
+                    "node {name:?} not found under {}/nodes/",
+                    cfg.store.prefix
+                ));
+            };
+            match cli.output {
+                Output::Json => println!("{}", ctl::node_json(row)),
+                Output::Table => print!("{}", ctl::node_text(row)),
+            }
+        }
+        Command::Schema => {}
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,57 @@
+//! `debvisord`: the DebVisor node daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// DebVisor node daemon.
+#[derive(Parser)]
+#[command(name = "debvisord", version, about)]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, default_value = debvisor_daemon::config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration (file plus DEBVISOR_* overrides) and exit 0 if it is valid.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig) => {
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            match debvisor_daemon::config::load(&cli.config, &env) {
+                Ok(_) => {
+                    println!("{}: configuration is valid", cli.config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: invalid configuration:\n{e}", cli.config.display());
+                    ExitCode::from(2)
+                }
+            }
+        }
+        None => {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .thread_name("debvisord")
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("debvisord: cannot start the async runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            rt.block_on(debvisor_daemon::daemon::run(&cli.config))
+        }
+    }
+}

@@ -1,0 +1,1717 @@
+//! Daemon configuration: `/etc/debvisor/debvisord.yaml`, overridden by `DEBVISOR_<SECTION>_<KEY>`
+//! environment variables, validated into typed values with errors that name the field path.
+//!
+//! Loading is two-phase so that environment overrides and YAML share one validation path:
+//! YAML → generic JSON value tree → env overrides applied by field path → typed structs
+//! (`deny_unknown_fields`, path-tracked) → range/consistency checks.
+//!
+//! Rules worth knowing:
+//! - an empty file, and a key with an empty value (`key:` or `key: ~`), mean "the default";
+//! - booleans are strictly `true`/`false` (no YAML 1.1 `yes`/`on`), duplicate keys are errors;
+//! - relative paths in the file (and in `DEBVISOR_*` overrides) are resolved against the
+//!   directory of the configuration file, so a repository-local file can say
+//!   `state_dir: ../../.dev-state/state`;
+//! - `DEBVISOR_<SECTION>_<KEY>` sets `<section>.<key>`; nested keys are joined with `_`
+//!   (`DEBVISOR_STORE_TLS_CA` → `store.tls.ca`, `DEBVISOR_NETWORKING_HOST_NETWORKS_CLUSTER_DEVICE`
+//!   → `networking.host_networks.cluster.device`);
+//!   lists are comma-separated; an empty value unsets an optional setting; the entries of
+//!   `networking.sysctl.extra` and `firewall.extra_allow` can only be set in the file.
+//!   An unknown `DEBVISOR_*` variable is an error. The environment wins over the file.
+
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+pub use debvisor_firewall::FirewallConfig;
+pub use debvisor_netconf::NetworkingConfig;
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/debvisor/debvisord.yaml";
+
+/// The whole daemon configuration; one field per YAML section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `node:`
+    pub node: NodeConfig,
+    /// `paths:`
+    pub paths: PathsConfig,
+    /// `logging:`
+    pub logging: LoggingConfig,
+    /// `store:`
+    pub store: StoreConfig,
+    /// `keepalive:`
+    pub keepalive: KeepaliveConfig,
+    /// `hypervisor:`
+    pub hypervisor: HypervisorConfig,
+    /// `networking:` (see [`debvisor_netconf::NetworkingConfig`]).
+    pub networking: NetworkingConfig,
+    /// `firewall:` (see [`debvisor_firewall::FirewallConfig`]).
+    pub firewall: FirewallConfig,
+    /// `fencing:`
+    pub fencing: FencingConfig,
+    /// `ceph:`
+    pub ceph: CephConfig,
+    /// `services:`
+    pub services: ServicesConfig,
+}
+
+/// How this node participates in the cluster.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeMode {
+    /// A one-node cluster: always primary, may run its own private etcd.
+    #[default]
+    Standalone,
+    /// A member of a multi-node cluster.
+    Clustered,
+}
+
+impl NodeMode {
+    /// The value written to `nodes/<node>/mode`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeMode::Standalone => "standalone",
+            NodeMode::Clustered => "clustered",
+        }
+    }
+}
+
+/// `node:` — identity of this node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node name, the `<node>` in `nodes/<node>/…`. Empty means "the short hostname".
+    pub name: String,
+    /// `standalone` or `clustered`.
+    pub mode: NodeMode,
+    /// Names of the coordinator nodes (they take part in the primary election).
+    pub coordinators: Vec<String>,
+    /// Cluster-assigned FQDN written to `nodes/<node>/info/fqdn` when set.
+    pub fqdn: Option<String>,
+    /// Free-form rack/location label reported in `info`.
+    pub rack: Option<String>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            name: String::new(),
+            mode: NodeMode::Standalone,
+            coordinators: Vec::new(),
+            fqdn: None,
+            rack: None,
+        }
+    }
+}
+
+/// `paths:` — where the daemon keeps local state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PathsConfig {
+    /// Persistent state: node id file, lease file, embedded etcd data.
+    pub state_dir: PathBuf,
+    /// Runtime files (pid files, sockets); recreated at every start.
+    pub run_dir: PathBuf,
+}
+
+impl Default for PathsConfig {
+    fn default() -> Self {
+        PathsConfig {
+            state_dir: PathBuf::from("/var/lib/debvisor"),
+            run_dir: PathBuf::from("/run/debvisor"),
+        }
+    }
+}
+
+/// Where log lines go.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogTarget {
+    /// journald when `JOURNAL_STREAM` is set (started by systemd), stderr otherwise.
+    #[default]
+    Auto,
+    /// The systemd journal.
+    Journald,
+    /// Standard error.
+    Stderr,
+}
+
+/// Line format on stderr.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `logging:`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// A tracing filter directive: `info`, `debug`, `debvisor_objects=debug,info`, …
+    /// `RUST_LOG`, when set, wins over this.
+    pub level: String,
+    /// `auto`, `journald` or `stderr`.
+    pub target: LogTarget,
+    /// `text` or `json` (stderr only).
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".into(),
+            target: LogTarget::Auto,
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// `store.tls:` — client TLS towards etcd. All paths are files on this node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreTlsConfig {
+    /// CA bundle that signed the etcd server certificates.
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for client-certificate auth; needs `key`.
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of `cert`.
+    pub key: Option<PathBuf>,
+    /// Server name to verify instead of the endpoint host.
+    pub server_name: Option<String>,
+}
+
+/// `store.embedded:` — a private etcd this daemon starts itself (standalone/dev only).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddedEtcdConfig {
+    /// Start the embedded etcd (standalone mode only).
+    pub enabled: bool,
+    /// The etcd executable.
+    pub binary: PathBuf,
+    /// Loopback client port; the store endpoint must point at it.
+    pub client_port: u16,
+    /// Loopback peer port.
+    pub peer_port: u16,
+    /// Data directory; unset means `<state_dir>/etcd`.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Default for EmbeddedEtcdConfig {
+    fn default() -> Self {
+        EmbeddedEtcdConfig {
+            enabled: false,
+            binary: PathBuf::from("/usr/bin/etcd"),
+            client_port: 2379,
+            peer_port: 2380,
+            data_dir: None,
+        }
+    }
+}
+
+/// `store:` — the etcd coordination store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// etcd client URLs (`http://host:port` or `https://host:port`).
+    pub endpoints: Vec<String>,
+    /// Key prefix of the cluster; every key lives under it.
+    pub prefix: String,
+    /// Client TLS towards etcd.
+    pub tls: StoreTlsConfig,
+    /// Optional etcd user (role-based auth).
+    pub user: Option<String>,
+    /// File holding the password of `user` (never the password itself).
+    pub password_file: Option<PathBuf>,
+    /// Timeout of one TCP/TLS connection attempt.
+    #[serde(with = "duration_str")]
+    pub connect_timeout: Duration,
+    /// Timeout of one request.
+    #[serde(with = "duration_str")]
+    pub request_timeout: Duration,
+    /// How long the startup stage keeps retrying before giving up.
+    #[serde(with = "duration_str")]
+    pub startup_deadline: Duration,
+    /// A private etcd started by the daemon.
+    pub embedded: EmbeddedEtcdConfig,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/debvisor".into(),
+            tls: StoreTlsConfig::default(),
+            user: None,
+            password_file: None,
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(5),
+            startup_deadline: Duration::from_secs(120),
+            embedded: EmbeddedEtcdConfig::default(),
+        }
+    }
+}
+
+/// `keepalive:` — liveness and health reporting.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeepaliveConfig {
+    /// Tick of health reports, resync and watchdog.
+    #[serde(with = "duration_str")]
+    pub interval: Duration,
+    /// TTL of the node lease: the node is dead this long after its last refresh.
+    #[serde(with = "duration_str")]
+    pub lease_ttl: Duration,
+}
+
+impl Default for KeepaliveConfig {
+    fn default() -> Self {
+        KeepaliveConfig {
+            interval: Duration::from_secs(5),
+            lease_ttl: Duration::from_secs(15),
+        }
+    }
+}
+
+/// `hypervisor:` — libvirt.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HypervisorConfig {
+    /// libvirt connection URI (`qemu:///system`, `test:///default`).
+    pub uri: String,
+    /// Timeout of one libvirt call.
+    #[serde(with = "duration_str")]
+    pub timeout: Duration,
+}
+
+impl Default for HypervisorConfig {
+    fn default() -> Self {
+        HypervisorConfig {
+            uri: "qemu:///system".into(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the primary does after a fence attempt.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FenceAction {
+    /// Recover the dead node's VMs on healthy nodes.
+    #[default]
+    Migrate,
+    /// Leave the VMs alone; an operator decides.
+    None,
+}
+
+/// `fencing.ipmi:` — this node's own BMC, published so the primary can fence it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct IpmiConfig {
+    /// BMC address.
+    pub host: Option<String>,
+    /// BMC user; needs `password_file`.
+    pub user: Option<String>,
+    /// File with the BMC password (never in etcd or on a command line).
+    pub password_file: Option<PathBuf>,
+}
+
+/// `fencing:` — dead-node handling (used by the election/fencing issue).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FencingConfig {
+    /// Fence dead nodes (primary only).
+    pub enabled: bool,
+    /// This node's BMC.
+    pub ipmi: IpmiConfig,
+    /// What to do with a dead node's VMs after a successful fence.
+    pub successful_fence: FenceAction,
+    /// What to do with a dead node's VMs after a failed fence.
+    pub failed_fence: FenceAction,
+    /// Most nodes fenced at once; more dead nodes than this looks like a partition.
+    pub max_concurrent: u32,
+    /// Timeout of one fence command.
+    #[serde(with = "duration_str")]
+    pub timeout: Duration,
+}
+
+impl Default for FencingConfig {
+    fn default() -> Self {
+        FencingConfig {
+            enabled: false,
+            ipmi: IpmiConfig::default(),
+            successful_fence: FenceAction::Migrate,
+            failed_fence: FenceAction::None,
+            max_concurrent: 1,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `ceph:` — storage cluster access (used by the Ceph issue).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CephConfig {
+    /// Manage/observe Ceph at all.
+    pub enabled: bool,
+    /// `ceph.conf` path.
+    pub conf: PathBuf,
+    /// Ceph client name without the `client.` prefix.
+    pub client: String,
+    /// Keyring of `client`; Ceph's default search path when unset.
+    pub keyring: Option<PathBuf>,
+    /// Health/state collection interval.
+    #[serde(with = "duration_str")]
+    pub interval: Duration,
+    /// Timeout of one `ceph`/`rbd` command.
+    #[serde(with = "duration_str")]
+    pub timeout: Duration,
+}
+
+impl Default for CephConfig {
+    fn default() -> Self {
+        CephConfig {
+            enabled: false,
+            conf: PathBuf::from("/etc/ceph/ceph.conf"),
+            client: "admin".into(),
+            keyring: None,
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Which service manager starts coordinator services.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceBackend {
+    /// `systemd` when PID 1 is systemd, `process` otherwise.
+    #[default]
+    Auto,
+    /// systemd units.
+    Systemd,
+    /// Child processes of the daemon.
+    Process,
+}
+
+/// `services:` — coordinator services (etcd, later FRR/Ceph units).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServicesConfig {
+    /// `auto`, `systemd` or `process`.
+    pub backend: ServiceBackend,
+    /// systemd units started on coordinators (e.g. `etcd.service`).
+    pub coordinator_units: Vec<String>,
+}
+
+/// Durations as human strings: `500ms`, `5s`, `2m`, `1h`; a bare integer means seconds.
+pub mod duration_str {
+    use serde::{de, Deserializer, Serializer};
+    use std::fmt;
+    use std::time::Duration;
+
+    /// Write a duration as its largest exact unit (`5s`, `500ms`).
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_duration(*d))
+    }
+
+    /// Read `500ms`/`5s`/`2m`/`1h` or a bare integer number of seconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Duration;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration such as 500ms, 5s, 2m or 1h")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Duration, E> {
+                Ok(Duration::from_secs(n))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Duration, E> {
+                super::parse_duration(s).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parse `500ms`, `5s`, `2m`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 5s, 2m, 1h"))?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => {
+            return Err(format!(
+                "invalid duration unit {unit:?} in {s:?}: expected ms, s, m or h"
+            ))
+        }
+    };
+    Ok(d)
+}
+
+/// Inverse of [`parse_duration`], choosing the largest exact unit.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        format!("{ms}ms")
+    } else if ms % 3_600_000 == 0 && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
+
+/// One problem found in the configuration: the field path and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// Dotted field path (`keepalive.lease_ttl`, `store.endpoints[1]`) or a variable name.
+    pub path: String,
+    /// What is wrong, including the offending value.
+    pub reason: String,
+}
+
+impl Issue {
+    fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        Issue {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+/// Why the configuration could not be loaded. `Display` prints one problem per line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read (missing, permissions, not UTF-8).
+    #[error("{}: cannot read configuration: {source}", path.display())]
+    Read {
+        /// The configuration file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML (syntax error, duplicate key, …).
+    #[error("{}: {message}", path.display())]
+    Syntax {
+        /// The configuration file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// Bad values: wrong types, unknown fields or variables, out-of-range or inconsistent values.
+    #[error("{}", .0.iter().map(Issue::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Issue>),
+}
+
+impl ConfigError {
+    /// The field-level problems (empty for read and syntax errors).
+    pub fn issues(&self) -> &[Issue] {
+        match self {
+            ConfigError::Invalid(v) => v,
+            _ => &[],
+        }
+    }
+}
+
+/// Prefix of the environment variables that override the file.
+pub const ENV_PREFIX: &str = "DEBVISOR_";
+
+/// Read `path`, apply `DEBVISOR_*` overrides from `env`, fill defaults and validate.
+pub fn load(path: &Path, env: &[(String, String)]) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    from_yaml(&text, path, env)
+}
+
+/// Like [`load`], with the file's text already read; `path` names it in messages and is the
+/// base of relative paths.
+pub fn from_yaml(text: &str, path: &Path, env: &[(String, String)]) -> Result<Config, ConfigError> {
+    let options = serde_saphyr::options! {
+        strict_booleans: true,
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+    };
+    let name = path.display().to_string();
+    let mut tree: Value =
+        serde_saphyr::from_str_with_options(text, options).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.render_with_options(serde_saphyr::render_options! {
+                formatter: &serde_saphyr::UserMessageFormatter,
+                source_name: Some(&name),
+            }),
+        })?;
+    if tree.is_null() {
+        tree = Value::Object(Map::new());
+    }
+    strip_nulls(&mut tree);
+    let schema = schema();
+    let mut shape = Vec::new();
+    check_shape(&schema, &tree, "", &mut shape);
+    if !shape.is_empty() {
+        return Err(ConfigError::Invalid(shape));
+    }
+    let from_env = apply_env(&schema, &mut tree, env).map_err(ConfigError::Invalid)?;
+    let mut cfg: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+        let p = e.path().to_string();
+        let path = if p == "." {
+            "(top level)".to_string()
+        } else {
+            p
+        };
+        let issue = Issue::new(path, tidy_serde_message(&e.inner().to_string()));
+        ConfigError::Invalid(attribute(vec![issue], &from_env))
+    })?;
+    cfg.resolve_paths(&base_dir(path));
+    if cfg.node.name.is_empty() {
+        cfg.node.name = short_hostname().unwrap_or_default();
+    }
+    match attribute(cfg.validate(), &from_env) {
+        issues if issues.is_empty() => Ok(cfg),
+        issues => Err(ConfigError::Invalid(issues)),
+    }
+}
+
+/// The default configuration as a value tree, with one sample entry for optional sections and
+/// lists of structs: it gives field names and value kinds to [`apply_env`] and [`check_shape`].
+fn schema() -> Value {
+    let mut cfg = Config::default();
+    let net = debvisor_netconf::HostNetwork {
+        vlan: Some(1),
+        mtu: Some(1500),
+        ..Default::default()
+    };
+    let hn = &mut cfg.networking.host_networks;
+    (hn.cluster, hn.storage, hn.upstream) = (Some(net.clone()), Some(net.clone()), Some(net));
+    cfg.firewall.extra_allow = vec![Default::default()];
+    serde_json::to_value(cfg).unwrap_or(Value::Null)
+}
+
+/// Serde lets a struct be read from a sequence (positionally); require mappings where the
+/// schema has them, so `keepalive: [5s, 15s]` is an error rather than a surprise.
+fn check_shape(schema: &Value, v: &Value, path: &str, out: &mut Vec<Issue>) {
+    let kind = |v: &Value| match v {
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+        Value::String(_) => "a string",
+        Value::Number(_) => "a number",
+        Value::Bool(_) => "a boolean",
+        Value::Null => "null",
+    };
+    let at = |p: &str| {
+        if p.is_empty() {
+            "(top level)".to_string()
+        } else {
+            p.to_string()
+        }
+    };
+    match (schema, v) {
+        (Value::Object(s), Value::Object(m)) => {
+            for (k, child) in m {
+                if let Some(sc) = s.get(k) {
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    check_shape(sc, child, &p, out);
+                }
+            }
+        }
+        (Value::Object(_), other) => out.push(Issue::new(
+            at(path),
+            format!("expected a mapping, got {}", kind(other)),
+        )),
+        (Value::Array(s), Value::Array(a)) => {
+            if let Some(sc) = s.first() {
+                for (i, child) in a.iter().enumerate() {
+                    check_shape(sc, child, &format!("{path}[{i}]"), out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `key:` and `key: ~` mean "the default": drop them before typed deserialization.
+fn strip_nulls(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.retain(|_, v| !v.is_null());
+            m.values_mut().for_each(strip_nulls);
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
+}
+
+/// Make serde's messages read like ours (`unknown variant "x", expected a or b`).
+fn tidy_serde_message(msg: &str) -> String {
+    let (head, rest) = match msg.strip_prefix("unknown field `") {
+        Some(r) => (
+            "unknown field".to_string(),
+            r.split_once('`').map_or("", |x| x.1),
+        ),
+        None => match msg
+            .strip_prefix("unknown variant `")
+            .and_then(|r| r.split_once('`'))
+        {
+            Some((v, r)) => (format!("unknown variant {v:?}"), r),
+            None => (String::new(), msg),
+        },
+    };
+    let mut out = head + &rest.replace('`', "");
+    if out.contains("expected a boolean") {
+        out.push_str(" (write true or false)");
+    }
+    out
+}
+
+/// Append "(set by DEBVISOR_…)" to issues about values that came from the environment.
+fn attribute(mut issues: Vec<Issue>, from_env: &[(String, String)]) -> Vec<Issue> {
+    for issue in &mut issues {
+        for (var, p) in from_env {
+            let hit = issue.path == *p
+                || issue.path.starts_with(&format!("{p}."))
+                || issue.path.starts_with(&format!("{p}["))
+                || issue.reason.contains(p.as_str());
+            if hit {
+                issue.reason.push_str(&format!(" (set by {var})"));
+            }
+        }
+    }
+    issues
+}
+
+/// Apply `DEBVISOR_*` variables to the value tree; returns `(variable, field path)` pairs.
+///
+/// The field names and value kinds come from [`schema`]: a list takes
+/// a comma-separated list, a number an integer, a boolean `true`/`false`, anything else a
+/// string (an empty value for an optional field means "unset").
+fn apply_env(
+    schema: &Value,
+    tree: &mut Value,
+    env: &[(String, String)],
+) -> Result<Vec<(String, String)>, Vec<Issue>> {
+    let mut vars: Vec<&(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    vars.sort();
+    let (mut applied, mut issues) = (Vec::new(), Vec::new());
+    for (var, raw) in vars {
+        let tokens: Vec<String> = var[ENV_PREFIX.len()..]
+            .split('_')
+            .map(str::to_ascii_lowercase)
+            .collect();
+        let Some((keys, kind)) = find_setting(schema, &tokens) else {
+            let reason = match schema.get(&tokens[0]) {
+                Some(_) => format!(
+                    "unknown variable: no setting under `{}` matches it",
+                    tokens[0]
+                ),
+                None => format!(
+                    "unknown variable: `{}` is not a configuration section",
+                    tokens[0]
+                ),
+            };
+            issues.push(Issue::new(var, reason));
+            continue;
+        };
+        let path = keys.join(".");
+        let value = match kind {
+            Value::Array(_) => Ok(Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| Value::String(s.into()))
+                    .collect(),
+            )),
+            Value::Number(_) => raw
+                .trim()
+                .parse::<i64>()
+                .map(Value::from)
+                .or_else(|_| raw.trim().parse::<u64>().map(Value::from))
+                .map_err(|_| format!("expected an integer for {path}, got {raw:?}")),
+            Value::Bool(_) => match raw.trim() {
+                "true" => Ok(Value::Bool(true)),
+                "false" => Ok(Value::Bool(false)),
+                _ => Err(format!("expected true or false for {path}, got {raw:?}")),
+            },
+            Value::Null if raw.is_empty() => Ok(Value::Null),
+            _ => Ok(Value::String(raw.clone())),
+        };
+        match value {
+            Ok(v) => {
+                set_path(tree, &keys, v);
+                applied.push((var.clone(), path));
+            }
+            Err(e) => issues.push(Issue::new(var, e)),
+        }
+    }
+    if issues.is_empty() {
+        Ok(applied)
+    } else {
+        Err(issues)
+    }
+}
+
+/// Match `tokens` against the object keys of `node`, longest underscore-joined prefix first.
+fn find_setting<'a>(node: &'a Value, tokens: &[String]) -> Option<(Vec<String>, &'a Value)> {
+    let map = node.as_object()?;
+    (1..=tokens.len()).rev().find_map(|k| {
+        let key = tokens[..k].join("_");
+        let child = map.get(&key)?;
+        let (mut keys, leaf) = match &tokens[k..] {
+            [] if child.is_object() => return None,
+            [] => (Vec::new(), child),
+            rest => find_setting(child, rest)?,
+        };
+        keys.insert(0, key);
+        Some((keys, leaf))
+    })
+}
+
+/// Set `tree[keys...] = value`, creating objects on the way (`Null` removes the key).
+fn set_path(tree: &mut Value, keys: &[String], value: Value) {
+    let mut node = tree;
+    for key in &keys[..keys.len() - 1] {
+        if !node.is_object() {
+            *node = Value::Object(Map::new());
+        }
+        let Value::Object(m) = node else { return };
+        node = m.entry(key.clone()).or_insert(Value::Null);
+    }
+    if !node.is_object() {
+        *node = Value::Object(Map::new());
+    }
+    if let (Value::Object(m), Some(last)) = (node, keys.last()) {
+        match value {
+            Value::Null => m.remove(last),
+            v => m.insert(last.clone(), v),
+        };
+    }
+}
+
+/// The absolute directory of the configuration file (base of relative paths).
+fn base_dir(path: &Path) -> PathBuf {
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    normalize(&std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()))
+}
+
+/// Lexically remove `.` and `..` components.
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The short hostname (up to the first dot, lowercased), if it can be read.
+pub fn short_hostname() -> Option<String> {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| {
+            let mut buf = [0u8; 256];
+            // SAFETY: the buffer is valid for `buf.len()` bytes; gethostname NUL-terminates
+            // on success (we also stop at the buffer end).
+            let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            (rc == 0).then(|| String::from_utf8_lossy(&buf[..end]).into_owned())
+        })?;
+    Some(short_name(&raw)).filter(|s| !s.is_empty())
+}
+
+/// `Node1.example.com\n` → `node1`.
+fn short_name(raw: &str) -> String {
+    raw.trim()
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
+/// Check a node name: a DNS label (1..=63 of `[a-z0-9-]`, not starting or ending with `-`).
+pub fn check_node_name(s: &str) -> Result<(), String> {
+    let ok = (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    match ok {
+        true => Ok(()),
+        false => Err(format!(
+            "{s:?} is not a valid node name (1-63 characters a-z, 0-9, '-', \
+             not starting or ending with '-')"
+        )),
+    }
+}
+
+/// A parsed etcd endpoint URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `https://` rather than `http://`.
+    pub https: bool,
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+    /// Parse `http://host:port` or `https://host:port` (optionally with a trailing `/`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (https, rest) = match (s.strip_prefix("http://"), s.strip_prefix("https://")) {
+            (Some(r), _) => (false, r),
+            (_, Some(r)) => (true, r),
+            _ => return Err(format!("{s:?} is not an http:// or https:// URL")),
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains(['/', '?', '#', '@']) {
+            return Err(format!("{s:?}: only scheme://host:port is allowed"));
+        }
+        let (host, port) = authority
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?} has no port (e.g. http://10.0.0.1:2379)"))?;
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{s:?} has an invalid port"))?;
+        let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) if v6.parse::<std::net::Ipv6Addr>().is_ok() => v6,
+            Some(_) => return Err(format!("{s:?} has an invalid IPv6 address")),
+            None if !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') =>
+            {
+                host
+            }
+            None => return Err(format!("{s:?} has an invalid host")),
+        };
+        Ok(Endpoint {
+            https,
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+/// Check a tracing filter: it must parse, and a directive without `=` must be a level.
+fn check_log_level(s: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    if s.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(s)
+        .map_err(|e| format!("{s:?} is not a valid filter: {e}"))?;
+    match s.split(',').map(str::trim).find(|d| {
+        !d.is_empty() && !d.contains(['=', '[']) && !LEVELS.contains(&&*d.to_ascii_lowercase())
+    }) {
+        Some(d) => Err(format!(
+            "{d:?} is neither a level (trace, debug, info, warn, error, off) nor target=level"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Check a systemd unit name (`etcd.service`, `ceph.target`).
+fn check_unit_name(s: &str) -> Result<(), String> {
+    const SUFFIXES: [&str; 8] = [
+        ".service", ".target", ".socket", ".mount", ".timer", ".path", ".slice", ".scope",
+    ];
+    let stem = SUFFIXES.iter().find_map(|x| s.strip_suffix(x));
+    let ok = stem.is_some_and(|st| {
+        !st.is_empty()
+            && st
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c))
+    });
+    match ok {
+        true => Ok(()),
+        false => Err(format!(
+            "{s:?} is not a systemd unit name ending in one of {}",
+            SUFFIXES.join(", ")
+        )),
+    }
+}
+
+impl Config {
+    /// The node name in effect: the configured one, else (after [`load`]) the short hostname.
+    pub fn node_name(&self) -> &str {
+        &self.node.name
+    }
+
+    /// Is this node a coordinator (listed in `node.coordinators`, or standalone)?
+    pub fn is_coordinator(&self) -> bool {
+        self.node.mode == NodeMode::Standalone
+            || self.node.coordinators.iter().any(|c| c == &self.node.name)
+    }
+
+    /// Data directory of the embedded etcd.
+    pub fn embedded_data_dir(&self) -> PathBuf {
+        self.store
+            .embedded
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| self.paths.state_dir.join("etcd"))
+    }
+
+    /// Every filesystem path in the configuration, by field path.
+    fn path_fields_mut(&mut self) -> Vec<(&'static str, &mut PathBuf)> {
+        let (s, f, c) = (&mut self.store, &mut self.fencing, &mut self.ceph);
+        let mut v = vec![
+            ("paths.state_dir", &mut self.paths.state_dir),
+            ("paths.run_dir", &mut self.paths.run_dir),
+            ("store.embedded.binary", &mut s.embedded.binary),
+            ("ceph.conf", &mut c.conf),
+        ];
+        let optional = [
+            ("store.tls.ca", s.tls.ca.as_mut()),
+            ("store.tls.cert", s.tls.cert.as_mut()),
+            ("store.tls.key", s.tls.key.as_mut()),
+            ("store.password_file", s.password_file.as_mut()),
+            ("store.embedded.data_dir", s.embedded.data_dir.as_mut()),
+            ("fencing.ipmi.password_file", f.ipmi.password_file.as_mut()),
+            ("ceph.keyring", c.keyring.as_mut()),
+        ];
+        v.extend(optional.into_iter().filter_map(|(n, p)| p.map(|p| (n, p))));
+        v
+    }
+
+    /// Resolve relative (non-empty) paths against `base` and normalize them.
+    fn resolve_paths(&mut self, base: &Path) {
+        for (_, p) in self.path_fields_mut() {
+            if !p.as_os_str().is_empty() {
+                *p = normalize(&base.join(&*p));
+            }
+        }
+    }
+
+    /// Range and consistency checks; every problem found, in field order.
+    pub fn validate(&self) -> Vec<Issue> {
+        let mut out = Vec::new();
+        let mut bad = |p: &str, r: String| out.push(Issue::new(p, r));
+        let (node, store, ka) = (&self.node, &self.store, &self.keepalive);
+
+        // node
+        if node.name.is_empty() {
+            bad(
+                "node.name",
+                "must be set (the hostname could not be read)".into(),
+            );
+        } else if let Err(e) = check_node_name(&node.name) {
+            bad("node.name", e);
+        }
+        for (i, c) in node.coordinators.iter().enumerate() {
+            if let Err(e) = check_node_name(c) {
+                bad(&format!("node.coordinators[{i}]"), e);
+            } else if node.coordinators[..i].contains(c) {
+                bad(
+                    &format!("node.coordinators[{i}]"),
+                    format!("{c:?} is listed twice"),
+                );
+            }
+        }
+        if node.mode == NodeMode::Clustered && node.coordinators.is_empty() {
+            bad(
+                "node.coordinators",
+                "must name at least one node in clustered mode".into(),
+            );
+        }
+        if let Some(fqdn) = &node.fqdn {
+            let labels_ok = fqdn.len() <= 253
+                && fqdn
+                    .split('.')
+                    .all(|l| check_node_name(&l.to_ascii_lowercase()).is_ok());
+            if !labels_ok {
+                bad("node.fqdn", format!("{fqdn:?} is not a valid DNS name"));
+            }
+        }
+
+        // paths (relative ones were resolved against the config directory)
+        for (name, p) in self.clone().path_fields_mut() {
+            if p.as_os_str().is_empty() {
+                bad(name, "must not be empty".into());
+            } else if !p.is_absolute() {
+                bad(name, format!("{} is not an absolute path", p.display()));
+            }
+        }
+
+        // logging
+        if let Err(e) = check_log_level(&self.logging.level) {
+            bad("logging.level", e);
+        }
+
+        // store
+        let endpoints: Vec<Option<Endpoint>> = store
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                e.parse::<Endpoint>()
+                    .map_err(|r| bad(&format!("store.endpoints[{i}]"), r))
+                    .ok()
+            })
+            .collect();
+        let any_https = endpoints.iter().flatten().any(|e| e.https);
+        if store.endpoints.is_empty() {
+            bad(
+                "store.endpoints",
+                "must list at least one etcd endpoint".into(),
+            );
+        } else if any_https && endpoints.iter().flatten().any(|e| !e.https) {
+            bad(
+                "store.endpoints",
+                "mixes http:// and https:// endpoints".into(),
+            );
+        }
+        let tls = &store.tls;
+        if tls.ca.is_none() {
+            if any_https {
+                bad("store.tls.ca", "required with https:// endpoints".into());
+            } else if tls.cert.is_some() || tls.key.is_some() || tls.server_name.is_some() {
+                bad(
+                    "store.tls.ca",
+                    "required when any other store.tls field is set".into(),
+                );
+            }
+        }
+        match (&tls.cert, &tls.key) {
+            (Some(_), None) => bad(
+                "store.tls.key",
+                "required when store.tls.cert is set".into(),
+            ),
+            (None, Some(_)) => bad(
+                "store.tls.cert",
+                "required when store.tls.key is set".into(),
+            ),
+            _ => {}
+        }
+        match (&store.user, &store.password_file) {
+            (Some(_), None) => bad(
+                "store.password_file",
+                "required when store.user is set".into(),
+            ),
+            (None, Some(_)) => bad(
+                "store.user",
+                "required when store.password_file is set".into(),
+            ),
+            (Some(u), _) if u.is_empty() => bad("store.user", "must not be empty".into()),
+            _ => {}
+        }
+        let p = &store.prefix;
+        if !p.starts_with('/') || p.ends_with('/') || p.chars().any(char::is_whitespace) {
+            bad(
+                "store.prefix",
+                format!("{p:?} must start with '/', not end with '/' and contain no whitespace"),
+            );
+        }
+        let emb = &store.embedded;
+        if emb.client_port == 0 {
+            bad("store.embedded.client_port", "must not be 0".into());
+        }
+        if emb.peer_port == 0 {
+            bad("store.embedded.peer_port", "must not be 0".into());
+        } else if emb.peer_port == emb.client_port {
+            bad(
+                "store.embedded.peer_port",
+                format!(
+                    "must differ from store.embedded.client_port ({})",
+                    emb.client_port
+                ),
+            );
+        }
+        if emb.enabled {
+            if node.mode != NodeMode::Standalone {
+                bad(
+                    "store.embedded.enabled",
+                    "only allowed with node.mode: standalone".into(),
+                );
+            }
+            let first_ok = endpoints.first().and_then(Option::as_ref).is_some_and(|e| {
+                !e.https
+                    && ["127.0.0.1", "localhost"].contains(&&*e.host)
+                    && e.port == emb.client_port
+            });
+            if !first_ok {
+                bad(
+                    "store.endpoints[0]",
+                    format!(
+                        "must be http://127.0.0.1:{0} or http://localhost:{0} when \
+                         store.embedded.enabled is true (store.embedded.client_port)",
+                        emb.client_port
+                    ),
+                );
+            }
+        }
+
+        // durations
+        for (name, d) in [
+            ("store.connect_timeout", store.connect_timeout),
+            ("store.request_timeout", store.request_timeout),
+            ("store.startup_deadline", store.startup_deadline),
+            ("hypervisor.timeout", self.hypervisor.timeout),
+            ("fencing.timeout", self.fencing.timeout),
+            ("ceph.interval", self.ceph.interval),
+            ("ceph.timeout", self.ceph.timeout),
+        ] {
+            if d.is_zero() {
+                bad(name, "must be greater than 0".into());
+            }
+        }
+
+        // keepalive
+        let (iv, ttl) = (ka.interval, ka.lease_ttl);
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&iv) {
+            let got = format_duration(iv);
+            bad(
+                "keepalive.interval",
+                format!("must be between 100ms and 60s, got {got}"),
+            );
+        }
+        let (ttl_s, iv_s) = (format_duration(ttl), format_duration(iv));
+        if ttl < Duration::from_secs(2) || ttl > Duration::from_secs(300) {
+            bad(
+                "keepalive.lease_ttl",
+                format!("must be between 2s and 300s, got {ttl_s}"),
+            );
+        } else if ttl < iv * 2 {
+            bad(
+                "keepalive.lease_ttl",
+                format!("must be at least 2 × keepalive.interval ({iv_s}), got {ttl_s}"),
+            );
+        } else if ttl.subsec_nanos() != 0 {
+            bad(
+                "keepalive.lease_ttl",
+                format!("must be whole seconds, got {ttl_s}"),
+            );
+        }
+
+        // hypervisor
+        let uri = &self.hypervisor.uri;
+        let scheme_ok = uri.split_once("://").is_some_and(|(s, _)| {
+            s.starts_with(|c: char| c.is_ascii_alphabetic())
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        });
+        if !scheme_ok {
+            bad(
+                "hypervisor.uri",
+                format!("{uri:?} is not a libvirt URI (e.g. qemu:///system)"),
+            );
+        }
+
+        // networking, firewall
+        let sub = self.networking.validate("networking");
+        out.extend(
+            sub.into_iter()
+                .chain(self.firewall.validate("firewall"))
+                .map(|(p, r)| Issue::new(p, r)),
+        );
+        let mut bad = |p: &str, r: String| out.push(Issue::new(p, r));
+
+        // fencing
+        let f = &self.fencing;
+        if f.max_concurrent == 0 {
+            bad("fencing.max_concurrent", "must be at least 1".into());
+        }
+        match (&f.ipmi.user, &f.ipmi.password_file) {
+            (Some(_), None) => bad(
+                "fencing.ipmi.password_file",
+                "required when fencing.ipmi.user is set".into(),
+            ),
+            (None, Some(_)) => bad(
+                "fencing.ipmi.user",
+                "required when fencing.ipmi.password_file is set".into(),
+            ),
+            _ => {}
+        }
+        if f.ipmi.host.as_ref().is_some_and(|h| h.trim().is_empty()) {
+            bad("fencing.ipmi.host", "must not be empty".into());
+        }
+
+        // ceph
+        let client = &self.ceph.client;
+        if client.is_empty()
+            || client.starts_with("client.")
+            || client.contains(char::is_whitespace)
+        {
+            bad(
+                "ceph.client",
+                format!("{client:?} must be a non-empty client name without the client. prefix"),
+            );
+        }
+
+        // services
+        for (i, u) in self.services.coordinator_units.iter().enumerate() {
+            if let Err(e) = check_unit_name(u) {
+                bad(&format!("services.coordinator_units[{i}]"), e);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "/etc/debvisor/debvisord.yaml";
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// Parse `yaml` as `/etc/debvisor/debvisord.yaml` with node name `t1` unless set.
+    fn parse(yaml: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut e = env(&[("DEBVISOR_NODE_NAME", "t1")]);
+        e.retain(|(k, _)| !vars.iter().any(|(v, _)| v == k));
+        e.extend(env(vars));
+        from_yaml(yaml, Path::new(FILE), &e)
+    }
+
+    fn err(yaml: &str, vars: &[(&str, &str)]) -> String {
+        match parse(yaml, vars) {
+            Ok(c) => panic!("expected an error for {yaml:?} {vars:?}, got {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn repo_file(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+    }
+
+    #[test]
+    fn empty_file_means_defaults() {
+        for yaml in ["", "# only a comment\n", "node:\n", "{}"] {
+            let c = parse(yaml, &[]).unwrap();
+            let mut want = Config::default();
+            want.node.name = "t1".into();
+            assert_eq!(c, want, "{yaml:?}");
+        }
+    }
+
+    #[test]
+    fn env_nested_keys_map_to_fields() {
+        let c = parse(
+            "",
+            &[
+                ("DEBVISOR_STORE_TLS_CA", "/pki/ca.pem"),
+                ("DEBVISOR_KEEPALIVE_LEASE_TTL", "20s"),
+                ("DEBVISOR_STORE_EMBEDDED_CLIENT_PORT", "23790"),
+                ("DEBVISOR_NETWORKING_HOST_NETWORKS_CLUSTER_DEVICE", "eth1"),
+                ("DEBVISOR_NETWORKING_HOST_NETWORKS_CLUSTER_VLAN", "100"),
+                ("DEBVISOR_NODE_FQDN", "t1.example.com"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.store.tls.ca.as_deref(), Some(Path::new("/pki/ca.pem")));
+        assert_eq!(c.keepalive.lease_ttl, Duration::from_secs(20));
+        assert_eq!(c.store.embedded.client_port, 23790);
+        let cluster = c.networking.host_networks.cluster.unwrap();
+        assert_eq!((cluster.device.as_str(), cluster.vlan), ("eth1", Some(100)));
+        assert_eq!(c.node.fqdn.as_deref(), Some("t1.example.com"));
+    }
+
+    #[test]
+    fn env_list_number_bool_and_precedence() {
+        let yaml = "store:\n  endpoints: [http://a:1]\nfirewall:\n  enabled: false\n";
+        let c = parse(
+            yaml,
+            &[
+                (
+                    "DEBVISOR_STORE_ENDPOINTS",
+                    "http://10.0.0.1:2379, http://10.0.0.2:2379",
+                ),
+                ("DEBVISOR_FENCING_MAX_CONCURRENT", "3"),
+                ("DEBVISOR_FIREWALL_ENABLED", "true"),
+                ("DEBVISOR_NODE_COORDINATORS", ""),
+                ("OTHER_VARIABLE", "ignored"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.store.endpoints,
+            ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
+        assert_eq!(c.fencing.max_concurrent, 3);
+        assert!(c.firewall.enabled);
+        assert!(c.node.coordinators.is_empty());
+    }
+
+    #[test]
+    fn env_empty_value_unsets_optional() {
+        let c = parse("node:\n  rack: r1\n", &[("DEBVISOR_NODE_RACK", "")]).unwrap();
+        assert_eq!(c.node.rack, None);
+    }
+
+    #[test]
+    fn env_unknown_variables_are_errors() {
+        let e = err("", &[("DEBVISOR_BOGUS", "1"), ("DEBVISOR_STORE_NOPE", "1")]);
+        assert!(e.contains("DEBVISOR_BOGUS: unknown variable"), "{e}");
+        assert!(e.contains("DEBVISOR_STORE_NOPE: unknown variable"), "{e}");
+        // A section is not a value.
+        let e = err("", &[("DEBVISOR_STORE_TLS", "x")]);
+        assert!(e.contains("DEBVISOR_STORE_TLS: unknown variable"), "{e}");
+    }
+
+    #[test]
+    fn env_bad_values_name_the_variable() {
+        let e = err(
+            "",
+            &[
+                ("DEBVISOR_KEEPALIVE_INTERVAL", "5s"),
+                ("DEBVISOR_FENCING_MAX_CONCURRENT", "many"),
+            ],
+        );
+        assert!(
+            e.contains("DEBVISOR_FENCING_MAX_CONCURRENT: expected an integer"),
+            "{e}"
+        );
+        let e = err("", &[("DEBVISOR_FIREWALL_ENABLED", "yes")]);
+        assert!(
+            e.contains("DEBVISOR_FIREWALL_ENABLED: expected true or false"),
+            "{e}"
+        );
+        let e = err("", &[("DEBVISOR_KEEPALIVE_INTERVAL", "90s")]);
+        assert!(
+            e.contains("keepalive.interval: must be between 100ms and 60s, got 90s"),
+            "{e}"
+        );
+        assert!(e.contains("(set by DEBVISOR_KEEPALIVE_INTERVAL)"), "{e}");
+        let e = err("", &[("DEBVISOR_KEEPALIVE_INTERVAL", "10s")]);
+        assert!(
+            e.contains("keepalive.lease_ttl:") && e.contains("DEBVISOR_KEEPALIVE_INTERVAL"),
+            "{e}"
+        );
+        let e = err("", &[("DEBVISOR_STORE_EMBEDDED_CLIENT_PORT", "70000")]);
+        assert!(
+            e.contains("store.embedded.client_port:")
+                && e.contains("DEBVISOR_STORE_EMBEDDED_CLIENT_PORT"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        let ok = [
+            ("500ms", 500),
+            ("5s", 5000),
+            ("5", 5000),
+            ("2m", 120_000),
+            ("1h", 3_600_000),
+        ];
+        for (s, ms) in ok {
+            assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
+            assert_eq!(
+                parse_duration(&format_duration(Duration::from_millis(ms))),
+                Ok(Duration::from_millis(ms))
+            );
+        }
+        for bad in ["", "5x", "s", "-1s", "1.5s", "5 s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let c = parse("keepalive:\n  interval: 2\n  lease_ttl: 1m\n", &[]).unwrap();
+        assert_eq!(
+            (c.keepalive.interval, c.keepalive.lease_ttl),
+            (Duration::from_secs(2), Duration::from_secs(60))
+        );
+        let e = err("keepalive:\n  interval: 5d\n", &[]);
+        assert!(
+            e.starts_with("keepalive.interval: invalid duration unit"),
+            "{e}"
+        );
+        let e = err("keepalive:\n  interval: 1.5\n", &[]);
+        assert!(e.starts_with("keepalive.interval: invalid type"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let yaml = "paths:\n  state_dir: ../../.dev-state/state\n  run_dir: ./run\nstore:\n  tls:\n    ca: pki/ca.pem\n";
+        let c = from_yaml(
+            yaml,
+            Path::new("/repo/etc/debvisor/x.yaml"),
+            &env(&[("DEBVISOR_NODE_NAME", "t1")]),
+        )
+        .unwrap();
+        assert_eq!(c.paths.state_dir, Path::new("/repo/.dev-state/state"));
+        assert_eq!(c.paths.run_dir, Path::new("/repo/etc/debvisor/run"));
+        assert_eq!(
+            c.store.tls.ca.as_deref(),
+            Some(Path::new("/repo/etc/debvisor/pki/ca.pem"))
+        );
+        assert_eq!(c.ceph.conf, Path::new("/etc/ceph/ceph.conf"));
+        // A relative config path is made absolute first.
+        let c = from_yaml(
+            "paths:\n  state_dir: s\n",
+            Path::new("x.yaml"),
+            &env(&[("DEBVISOR_NODE_NAME", "t1")]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.paths.state_dir,
+            std::env::current_dir().unwrap().join("s")
+        );
+        let e = err("paths:\n  run_dir: ''\n", &[]);
+        assert!(e.contains("paths.run_dir: must not be empty"), "{e}");
+    }
+
+    #[test]
+    fn hostname_is_the_default_node_name() {
+        assert_eq!(short_name("Node1.Example.com\n"), "node1");
+        assert_eq!(short_name("hv3"), "hv3");
+        let host = short_hostname().expect("hostname readable");
+        assert!(!host.is_empty() && !host.contains('.'));
+        match from_yaml("", Path::new(FILE), &[]) {
+            Ok(c) => assert_eq!(c.node_name(), host),
+            // A hostname that is not a DNS label is reported, not silently accepted.
+            Err(e) => assert!(e.to_string().contains("node.name:"), "{e}"),
+        }
+    }
+
+    #[test]
+    fn strict_yaml() {
+        let e = err("firewall:\n  enabled: yes\n", &[]);
+        assert!(
+            e.contains("firewall.enabled: invalid type: string \"yes\""),
+            "{e}"
+        );
+        assert!(
+            parse("firewall:\n  enabled: True\n", &[])
+                .unwrap()
+                .firewall
+                .enabled
+        );
+        let e = parse("node:\n  name: a\n  name: b\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("duplicate mapping key `name`"),
+            "{e}"
+        );
+        let e = parse("node: [a\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        assert_eq!(err("store:\n  bogus: 1\n", &[]), "store.bogus: unknown field, expected one of endpoints, prefix, tls, user, password_file, connect_timeout, request_timeout, startup_deadline, embedded");
+        assert_eq!(
+            err("node:\n  mode: clusterd\n", &[]),
+            "node.mode: unknown variant \"clusterd\", expected standalone or clustered"
+        );
+        assert_eq!(
+            err("keepalive: [5s, 15s]\n", &[]),
+            "keepalive: expected a mapping, got a list"
+        );
+        assert_eq!(
+            err("- a\n", &[]),
+            "(top level): expected a mapping, got a list"
+        );
+        assert!(err("store:\n  endpoints: [\"http://a:1\", [2]]\n", &[])
+            .starts_with("store.endpoints[1]: invalid type"));
+    }
+
+    #[test]
+    fn all_validation_problems_are_reported() {
+        let yaml = "store:\n  endpoints: [\"http://a:1\", \"htp://x\"]\n  tls:\n    cert: /c.pem\nkeepalive:\n  lease_ttl: 6s\nlogging:\n  level: verbose\n";
+        let e = parse(yaml, &[]).unwrap_err();
+        let paths: Vec<&str> = e.issues().iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "logging.level",
+                "store.endpoints[1]",
+                "store.tls.ca",
+                "store.tls.key",
+                "keepalive.lease_ttl"
+            ]
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains("store.endpoints[1]: \"htp://x\" is not an http:// or https:// URL\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "keepalive.lease_ttl: must be at least 2 × keepalive.interval (5s), got 6s"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn endpoints_and_helpers() {
+        let e: Endpoint = "https://[fd00::1]:2379/".parse().unwrap();
+        assert_eq!((e.https, e.host.as_str(), e.port), (true, "fd00::1", 2379));
+        for bad in [
+            "htp://x",
+            "http://x",
+            "http://:1",
+            "http://x:0",
+            "http://x:1/path",
+            "http://u@x:1",
+            "http://[zz]:1",
+        ] {
+            assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
+        }
+        assert!(check_log_level("info,debvisor_objects=debug").is_ok());
+        for bad in ["", "verbose", "foo=bogus", "info,,x"] {
+            assert!(check_log_level(bad).is_err(), "{bad}");
+        }
+        assert!(
+            check_unit_name("etcd.service").is_ok()
+                && check_unit_name("ceph-osd@1.service").is_ok()
+        );
+        assert!(check_unit_name("etcd").is_err() && check_unit_name("a/b.service").is_err());
+        assert!(check_node_name("hv-01").is_ok());
+        for bad in ["", "-a", "a-", "A", "a_b", &"a".repeat(64)] {
+            assert!(check_node_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn consistency_rules() {
+        let cases: &[(&str, &str)] = &[
+            ("node:\n  mode: clustered\n", "node.coordinators: must name at least one node"),
+            ("node:\n  coordinators: [a, a]\n", "node.coordinators[1]: \"a\" is listed twice"),
+            ("store:\n  embedded:\n    enabled: true\n    client_port: 23790\n", "store.endpoints[0]: must be http://127.0.0.1:23790"),
+            ("node:\n  mode: clustered\n  coordinators: [t1]\nstore:\n  embedded:\n    enabled: true\n", "store.embedded.enabled: only allowed"),
+            ("store:\n  embedded:\n    peer_port: 2379\n", "store.embedded.peer_port: must differ"),
+            ("store:\n  endpoints: [\"https://a:1\"]\n", "store.tls.ca: required with https://"),
+            ("store:\n  endpoints: [\"https://a:1\", \"http://b:1\"]\n  tls:\n    ca: /ca\n", "store.endpoints: mixes"),
+            ("store:\n  user: root\n", "store.password_file: required when store.user is set"),
+            ("store:\n  prefix: /debvisor/\n", "store.prefix:"),
+            ("store:\n  request_timeout: 0s\n", "store.request_timeout: must be greater than 0"),
+            ("keepalive:\n  interval: 50ms\n", "keepalive.interval: must be between 100ms and 60s, got 50ms"),
+            ("keepalive:\n  lease_ttl: 1500ms\n  interval: 500ms\n", "keepalive.lease_ttl: must be between 2s and 300s"),
+            ("keepalive:\n  lease_ttl: 2500ms\n  interval: 500ms\n", "keepalive.lease_ttl: must be whole seconds"),
+            ("hypervisor:\n  uri: qemu\n", "hypervisor.uri:"),
+            ("fencing:\n  max_concurrent: 0\n", "fencing.max_concurrent: must be at least 1"),
+            ("ceph:\n  client: client.admin\n", "ceph.client:"),
+            ("services:\n  coordinator_units: [etcd]\n", "services.coordinator_units[0]:"),
+            ("networking:\n  host_networks:\n    storage:\n      device: eth0\n      vlan: 5000\n", "networking.host_networks.storage.vlan:"),
+            ("firewall:\n  migration_ports: 2-1\n", "firewall.migration_ports:"),
+        ];
+        for (yaml, want) in cases {
+            let e = err(yaml, &[]);
+            assert!(e.contains(want), "{yaml:?}: want {want:?} in:\n{e}");
+        }
+    }
+
+    #[test]
+    fn sample_loads_with_three_env_vars() {
+        let vars = env(&[
+            ("DEBVISOR_NODE_NAME", "hv1"),
+            (
+                "DEBVISOR_STORE_ENDPOINTS",
+                "http://10.0.0.1:2379,http://10.0.0.2:2379",
+            ),
+            ("DEBVISOR_HYPERVISOR_URI", "test:///default"),
+        ]);
+        let c = load(&repo_file("etc/debvisor/debvisord.yaml"), &vars).unwrap();
+        assert_eq!(c.node_name(), "hv1");
+        assert_eq!(c.store.endpoints.len(), 2);
+        assert_eq!(c.hypervisor.uri, "test:///default");
+    }
+
+    /// The sample documents the defaults: any drift between it and `Config::default()` fails.
+    #[test]
+    fn sample_matches_defaults() {
+        let vars = env(&[("DEBVISOR_NODE_NAME", "hv1")]);
+        let c = load(&repo_file("etc/debvisor/debvisord.yaml"), &vars).unwrap();
+        let mut want = Config::default();
+        want.node.name = "hv1".into(); // the sample leaves it empty (= hostname)
+        assert_eq!(c, want);
+    }
+
+    /// Every option of `Config::default()` appears as a key in the sample.
+    #[test]
+    fn sample_lists_every_option() {
+        fn walk(default: &Value, sample: &Value, path: &str, missing: &mut Vec<String>) {
+            let Value::Object(d) = default else { return };
+            for (k, dv) in d {
+                let p = format!("{path}{k}");
+                match sample.as_object().and_then(|s| s.get(k)) {
+                    Some(sv) => walk(dv, sv, &format!("{p}."), missing),
+                    None => missing.push(p),
+                }
+            }
+        }
+        let text = std::fs::read_to_string(repo_file("etc/debvisor/debvisord.yaml")).unwrap();
+        let sample: Value = serde_saphyr::from_str(&text).unwrap();
+        let mut missing = Vec::new();
+        walk(
+            &serde_json::to_value(Config::default()).unwrap(),
+            &sample,
+            "",
+            &mut missing,
+        );
+        assert!(
+            missing.is_empty(),
+            "options missing from the sample: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn dev_config_is_valid() {
+        let path = repo_file("etc/debvisor/debvisord.dev.yaml");
+        let c = load(&path, &[]).unwrap();
+        let repo = normalize(&std::path::absolute(repo_file("")).unwrap());
+        assert_eq!(c.node_name(), "devnode");
+        assert_eq!(c.paths.state_dir, repo.join(".dev-state/state"));
+        assert_eq!(c.embedded_data_dir(), repo.join(".dev-state/state/etcd"));
+        assert!(c.store.embedded.enabled && !c.networking.sysctl.apply && !c.firewall.enabled);
+        assert_eq!(c.store.endpoints, ["http://127.0.0.1:23790"]);
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let e = load(Path::new("/nonexistent/debvisord.yaml"), &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("/nonexistent/debvisord.yaml: cannot read"),
+            "{e}"
+        );
+    }
+}

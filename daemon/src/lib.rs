@@ -1,0 +1,14 @@
+//! `debvisor-daemon`: the per-node daemon of a DebVisor KVM cluster and its CLI.
+
+pub mod config;
+pub mod ctl;
+pub mod daemon;
+pub mod hostinfo;
+pub mod hostnet;
+pub mod hypervisor;
+pub mod keepalive;
+pub mod logging;
+pub mod notify;
+pub mod registration;
+pub mod services;
+pub mod signals;

@@ -1,0 +1,244 @@
+//! Self-registration: claim the node name with a lease-bound `alive` key, write the node's
+//! static keys, and refuse to start when another live daemon holds the name.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use debvisor_objects::node::{AliveRecord, CoordinatorState, DaemonState, DomainState, NodeInfo};
+use debvisor_objects::schema::{self, NodeField};
+use debvisor_objects::{Store, StoreError, TxnBuilder};
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::config::Config;
+
+/// Why registration failed.
+#[derive(Debug, Error)]
+pub enum RegisterError {
+    /// Another live daemon holds this node name.
+    #[error("node name {node:?} is already held by a live daemon (host {hostname}, pid {pid}, lease {lease:x}); refusing to start a second one — stop it first or pick another node.name")]
+    Duplicate {
+        node: String,
+        hostname: String,
+        pid: u32,
+        lease: i64,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{path}: {message}")]
+    State { path: PathBuf, message: String },
+}
+
+/// Local identity files under the state dir.
+pub struct LocalState {
+    dir: PathBuf,
+}
+
+impl LocalState {
+    /// The state files of `state_dir`.
+    pub fn new(state_dir: &Path) -> LocalState {
+        LocalState {
+            dir: state_dir.to_path_buf(),
+        }
+    }
+
+    fn err(path: &Path, e: impl std::fmt::Display) -> RegisterError {
+        RegisterError::State {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    }
+
+    /// The stable node id (`node_id`), created on first start.
+    pub fn node_id(&self) -> Result<String, RegisterError> {
+        let path = self.dir.join("node_id");
+        match std::fs::read_to_string(&path) {
+            Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+            _ => {
+                let id = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+                    .map_err(|e| Self::err(&path, e))?
+                    .trim()
+                    .to_string();
+                std::fs::write(&path, format!("{id}\n")).map_err(|e| Self::err(&path, e))?;
+                Ok(id)
+            }
+        }
+    }
+
+    /// The lease id this node held last (to recognise its own `alive` after a crash).
+    pub fn last_lease(&self) -> Option<i64> {
+        std::fs::read_to_string(self.dir.join("lease"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Remember the current lease id.
+    pub fn save_lease(&self, id: i64) -> Result<(), RegisterError> {
+        let path = self.dir.join("lease");
+        std::fs::write(&path, format!("{id}\n")).map_err(|e| Self::err(&path, e))
+    }
+
+    /// Forget the lease (clean shutdown revoked it).
+    pub fn clear_lease(&self) {
+        let _ = std::fs::remove_file(self.dir.join("lease"));
+    }
+}
+
+/// What registration writes besides `alive`.
+pub struct RegistrationData {
+    pub node: String,
+    pub info: NodeInfo,
+    pub fqdn: Option<String>,
+    pub mode: &'static str,
+    pub coordinator: CoordinatorState,
+    pub daemon_state: DaemonState,
+    pub alive: AliveRecord,
+    pub ttl: Duration,
+}
+
+/// Build the registration data from config and host facts.
+pub fn data(
+    cfg: &Config,
+    info: NodeInfo,
+    state: DaemonState,
+    node_id: &str,
+    since: &str,
+) -> RegistrationData {
+    RegistrationData {
+        node: cfg.node_name().to_string(),
+        fqdn: cfg.node.fqdn.clone(),
+        mode: cfg.node.mode.as_str(),
+        coordinator: if cfg.node.mode == crate::config::NodeMode::Clustered && cfg.is_coordinator()
+        {
+            CoordinatorState::Secondary
+        } else if cfg.node.mode == crate::config::NodeMode::Standalone {
+            // A standalone node is its own coordinator; the election issue makes it primary.
+            CoordinatorState::Secondary
+        } else {
+            CoordinatorState::Client
+        },
+        daemon_state: state,
+        alive: AliveRecord {
+            hostname: info.hostname.clone(),
+            pid: std::process::id(),
+            node_id: node_id.to_string(),
+            since: since.to_string(),
+        },
+        info,
+        ttl: cfg.keepalive.lease_ttl,
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// Claim the node name and write the node's keys; returns the new lease id.
+pub async fn register(
+    store: &Store,
+    local: &LocalState,
+    d: &RegistrationData,
+) -> Result<i64, RegisterError> {
+    let alive_key = schema::node_key(&d.node, NodeField::Alive);
+    if let Some(kv) = store.get(&alive_key).await? {
+        let holder: AliveRecord = serde_json::from_slice(&kv.value).unwrap_or_default();
+        let ours = local.last_lease() == Some(kv.lease)
+            || (kv.lease == 0 && holder.node_id == d.alive.node_id);
+        if ours {
+            info!(node = %d.node, lease = format!("{:x}", kv.lease), "previous run of this daemon still holds the node name; revoking its lease");
+            if kv.lease != 0 {
+                store.lease_revoke(kv.lease).await?;
+            } else {
+                store.delete(&alive_key).await?;
+            }
+        } else if kv.lease == 0 || store.lease_ttl(kv.lease).await? > 0 {
+            return Err(RegisterError::Duplicate {
+                node: d.node.clone(),
+                hostname: holder.hostname,
+                pid: holder.pid,
+                lease: kv.lease,
+            });
+        }
+    }
+    let lease = store.lease_grant(d.ttl).await?;
+    local.save_lease(lease)?;
+    let domain_key = schema::node_key(&d.node, NodeField::DomainState);
+    let domain_ok = match store.get(&domain_key).await? {
+        Some(kv) => std::str::from_utf8(&kv.value)
+            .ok()
+            .and_then(|s| s.parse::<DomainState>().ok())
+            .is_some(),
+        None => false,
+    };
+    let mut t = TxnBuilder::new()
+        .absent(&alive_key)
+        .put_leased(&alive_key, json(&d.alive), lease)
+        .put(&schema::node_key(&d.node, NodeField::Info), json(&d.info))
+        .put(&schema::node_key(&d.node, NodeField::Mode), d.mode)
+        .put(
+            &schema::node_key(&d.node, NodeField::DaemonState),
+            d.daemon_state.as_str(),
+        )
+        .put(
+            &schema::node_key(&d.node, NodeField::CoordinatorState),
+            d.coordinator.as_str(),
+        )
+        .or_get(&alive_key);
+    t = match &d.fqdn {
+        Some(f) => t.put(&schema::node_key(&d.node, NodeField::Fqdn), f.as_str()),
+        None => t.delete(&schema::node_key(&d.node, NodeField::Fqdn)),
+    };
+    if !domain_ok {
+        t = t.put(&domain_key, DomainState::Ready.as_str());
+    }
+    let resp = store.txn(t).await?;
+    if !resp.succeeded() {
+        let _ = store.lease_revoke(lease).await;
+        local.clear_lease();
+        let holder = store.get(&alive_key).await?.map(|kv| {
+            (
+                serde_json::from_slice::<AliveRecord>(&kv.value).unwrap_or_default(),
+                kv.lease,
+            )
+        });
+        let (h, l) = holder.unwrap_or_default();
+        return Err(RegisterError::Duplicate {
+            node: d.node.clone(),
+            hostname: h.hostname,
+            pid: h.pid,
+            lease: l,
+        });
+    }
+    // Created once by the first node of the cluster.
+    let sv = schema::schema_version();
+    let _ = store
+        .txn(
+            TxnBuilder::new()
+                .absent(&sv)
+                .put(&sv, schema::SCHEMA_VERSION.to_string()),
+        )
+        .await?;
+    Ok(lease)
+}
+
+/// Write `daemon_state`, logging the transition.
+pub async fn set_daemon_state(
+    store: &Store,
+    node: &str,
+    from: DaemonState,
+    to: DaemonState,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let r = store
+        .put(&schema::node_key(node, NodeField::DaemonState), to.as_str())
+        .await;
+    match &r {
+        Ok(()) => info!(node = %node, from = %from, to = %to, reason, "daemon_state changed"),
+        Err(e) => {
+            warn!(node = %node, from = %from, to = %to, error = %e, "cannot write daemon_state")
+        }
+    }
+    r
+}

@@ -1,0 +1,350 @@
+//! Coordinator services: a small service-manager abstraction with a `systemd` backend
+//! (`systemctl`, when PID 1 is systemd) and a `process` backend that spawns and supervises
+//! the program itself (the embedded etcd of a standalone node, and hosts without systemd).
+//!
+//! The process backend only ever signals PIDs it started (or adopted from its own pid file),
+//! never by name.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Errors of the service manager.
+#[derive(Debug, Error)]
+pub enum ServiceError {
+    #[error("service {service}: cannot start {program}: {source}")]
+    Spawn {
+        service: String,
+        program: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("service {service}: {command} failed: {message}")]
+    Command {
+        service: String,
+        command: String,
+        message: String,
+    },
+    #[error("service {service}: {command} did not finish within {timeout:?}")]
+    Timeout {
+        service: String,
+        command: String,
+        timeout: Duration,
+    },
+    #[error("service {service}: {message}")]
+    Io { service: String, message: String },
+}
+
+/// A program the process backend runs.
+#[derive(Debug, Clone)]
+pub struct ProcessSpec {
+    /// Service name for logs and the pid file.
+    pub name: String,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// stdout+stderr of the program go here.
+    pub log_file: PathBuf,
+    /// `<run_dir>/<name>.pid`, used to adopt a copy left running by a previous daemon.
+    pub pid_file: PathBuf,
+}
+
+/// PIDs of programs this process started, for the emergency exit (second SIGTERM).
+static OWNED_PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn owned() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    OWNED_PIDS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// SIGTERM every program we started; used when exiting at once.
+pub fn terminate_owned_now() {
+    for pid in owned().iter() {
+        // SAFETY: plain kill(2) on a PID we spawned.
+        unsafe { libc::kill(*pid as i32, libc::SIGTERM) };
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                !s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('Z'))
+                    .unwrap_or(false)
+            })
+            .unwrap_or(false)
+}
+
+fn cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A supervised program: restarted with backoff when it exits unexpectedly.
+pub struct Supervised {
+    name: String,
+    pid: Arc<Mutex<Option<u32>>>,
+    cancel: CancellationToken,
+    done: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Supervised {
+    /// Start `spec` (or adopt the copy recorded in its pid file whose command line matches).
+    pub async fn start(spec: ProcessSpec) -> Result<Supervised, ServiceError> {
+        let pid = Arc::new(Mutex::new(None));
+        let cancel = CancellationToken::new();
+        let (done_tx, done) = tokio::sync::watch::channel(false);
+        let adopted = std::fs::read_to_string(&spec.pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .filter(|p| pid_alive(*p) && cmdline(*p).iter().skip(1).eq(spec.args.iter()));
+        let first = match adopted {
+            Some(p) => {
+                info!(service = %spec.name, pid = p, "adopting running process left by a previous daemon");
+                Child::Adopted(p)
+            }
+            None => spawn(&spec).await?,
+        };
+        let name = spec.name.clone();
+        *pid.lock().unwrap_or_else(|p| p.into_inner()) = match &first {
+            Child::Spawned(c) => c.id(),
+            Child::Adopted(p) => Some(*p),
+        };
+        let pid_c = pid.clone();
+        let cancel_c = cancel.clone();
+        tokio::spawn(async move {
+            supervise(spec, first, pid_c, cancel_c).await;
+            let _ = done_tx.send(true);
+        });
+        Ok(Supervised {
+            name,
+            pid,
+            cancel,
+            done,
+        })
+    }
+
+    /// Current PID, if running.
+    pub fn pid(&self) -> Option<u32> {
+        *self.pid.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stop supervising and terminate the program: SIGTERM, then SIGKILL after `grace`.
+    pub async fn stop(&self, grace: Duration) {
+        self.cancel.cancel();
+        let Some(pid) = self.pid() else { return };
+        // SAFETY: kill(2) on the PID we started or adopted.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut done = self.done.clone();
+        let exited = tokio::time::timeout_at(deadline, done.wait_for(|d| *d))
+            .await
+            .is_ok();
+        if !exited || pid_alive(pid) {
+            let until = tokio::time::Instant::now() + grace;
+            while pid_alive(pid) && tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if pid_alive(pid) {
+                warn!(service = %self.name, pid, "did not stop after SIGTERM; sending SIGKILL");
+                // SAFETY: as above.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+enum Child {
+    Spawned(tokio::process::Child),
+    Adopted(u32),
+}
+
+async fn spawn(spec: &ProcessSpec) -> Result<Child, ServiceError> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log_file)
+        .map_err(|e| ServiceError::Io {
+            service: spec.name.clone(),
+            message: format!("{}: {e}", spec.log_file.display()),
+        })?;
+    let log2 = log.try_clone().map_err(|e| ServiceError::Io {
+        service: spec.name.clone(),
+        message: e.to_string(),
+    })?;
+    let child = Command::new(&spec.program)
+        .args(&spec.args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        .spawn()
+        .map_err(|source| ServiceError::Spawn {
+            service: spec.name.clone(),
+            program: spec.program.clone(),
+            source,
+        })?;
+    let pid = child.id().unwrap_or(0);
+    owned().push(pid);
+    let _ = std::fs::write(&spec.pid_file, format!("{pid}\n"));
+    info!(service = %spec.name, pid, program = %spec.program.display(), log = %spec.log_file.display(), "started process");
+    Ok(Child::Spawned(child))
+}
+
+async fn supervise(
+    spec: ProcessSpec,
+    mut child: Child,
+    pid: Arc<Mutex<Option<u32>>>,
+    cancel: CancellationToken,
+) {
+    let mut restarts: u32 = 0;
+    loop {
+        let id = match &child {
+            Child::Spawned(c) => c.id(),
+            Child::Adopted(p) => Some(*p),
+        };
+        *pid.lock().unwrap_or_else(|p| p.into_inner()) = id;
+        let status = match &mut child {
+            Child::Spawned(c) => {
+                let st = c.wait().await;
+                st.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
+            }
+            Child::Adopted(p) => {
+                while pid_alive(*p) {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                "exited".to_string()
+            }
+        };
+        if let Some(p) = id {
+            owned().retain(|x| *x != p);
+        }
+        *pid.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let _ = std::fs::remove_file(&spec.pid_file);
+        if cancel.is_cancelled() {
+            info!(service = %spec.name, status = %status, "process stopped");
+            return;
+        }
+        restarts += 1;
+        let delay = debvisor_objects::reactor::backoff(
+            Duration::from_millis(500),
+            Duration::from_secs(30),
+            restarts,
+        );
+        warn!(service = %spec.name, status = %status, restarts, restart_in_ms = delay.as_millis() as u64,
+            log = %spec.log_file.display(), "process exited unexpectedly; restarting");
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        match spawn(&spec).await {
+            Ok(c) => child = c,
+            Err(e) => {
+                warn!(service = %spec.name, error = %e, "restart failed; giving up on this service");
+                return;
+            }
+        }
+    }
+}
+
+/// `systemctl start|stop UNIT` with a timeout (systemd backend).
+pub async fn systemctl(verb: &str, unit: &str, timeout: Duration) -> Result<(), ServiceError> {
+    let cmd = format!("systemctl {verb} {unit}");
+    let fut = Command::new("systemctl")
+        .args([verb, "--no-ask-password", unit])
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) => Err(ServiceError::Command {
+            service: unit.into(),
+            command: cmd,
+            message: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        }),
+        Ok(Err(e)) => Err(ServiceError::Command {
+            service: unit.into(),
+            command: cmd,
+            message: e.to_string(),
+        }),
+        Err(_) => Err(ServiceError::Timeout {
+            service: unit.into(),
+            command: cmd,
+            timeout,
+        }),
+    }
+}
+
+/// Is PID 1 systemd (so the `auto` backend means `systemd`)?
+pub fn systemd_is_pid1() -> bool {
+    sd_notify::booted().unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &Path, secs: &str) -> ProcessSpec {
+        ProcessSpec {
+            name: "sleeper".into(),
+            program: PathBuf::from("/bin/sleep"),
+            args: vec![secs.into()],
+            log_file: dir.join("sleeper.log"),
+            pid_file: dir.join("sleeper.pid"),
+        }
+    }
+
+    #[tokio::test]
+    async fn process_backend_restarts_and_stops_by_pid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Supervised::start(spec(dir.path(), "30"))
+            .await
+            .expect("spawn sleep");
+        let first = s.pid().expect("running");
+        assert!(pid_alive(first));
+        // Kill it behind the supervisor's back: it must come back with a new PID.
+        // SAFETY: our own child.
+        unsafe { libc::kill(first as i32, libc::SIGKILL) };
+        let mut second = None;
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            if let Some(p) = s.pid() {
+                if p != first {
+                    second = Some(p);
+                    break;
+                }
+            }
+        }
+        let second = second.expect("restarted");
+        s.stop(Duration::from_secs(5)).await;
+        for _ in 0..100 {
+            if !pid_alive(second) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!pid_alive(second), "stopped");
+        assert!(!dir.path().join("sleeper.pid").exists());
+    }
+
+    #[tokio::test]
+    async fn missing_program_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut sp = spec(dir.path(), "1");
+        sp.program = PathBuf::from("/nonexistent/etcd");
+        let e = Supervised::start(sp).await.err().expect("must fail");
+        assert!(e.to_string().contains("/nonexistent/etcd"), "{e}");
+    }
+}

@@ -1,0 +1,13 @@
+//! `debvisor-objects`: the etcd schema, the store layer, the node lease, the generic reactor
+//! and the cluster objects (Node now; Network, Domain and Ceph in their own issues).
+
+pub mod lease;
+pub mod node;
+pub mod reactor;
+pub mod schema;
+pub mod store;
+
+pub use reactor::{
+    Action, Entry, KeyEntry, Kind, ObjectError, Reactor, ReactorOptions, ReconcileError, Reconciler,
+};
+pub use store::{Kv, Store, StoreError, StoreOptions, TxnBuilder};

@@ -1,0 +1,456 @@
+//! The Node object: an in-memory view of every node of the cluster (info, states, health,
+//! alive), parsed from `nodes/<node>/…` and kept current by the reactor.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::reactor::{
+    Action, Entry, KeyEntry, Kind, ObjectError, Reactor, ReconcileError, Reconciler,
+};
+use crate::schema::{self, NodeField};
+
+macro_rules! state_enum {
+    ($(#[$m:meta])* $name:ident { $($var:ident = $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name { $(#[serde(rename = $s)] $var),+ }
+        impl $name {
+            /// Every value, in lifecycle order.
+            pub const ALL: &'static [$name] = &[$($name::$var),+];
+            /// The string stored in etcd.
+            pub fn as_str(self) -> &'static str { match self { $($name::$var => $s),+ } }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
+        }
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($s => Ok($name::$var),)+
+                    _ => Err(format!("{s:?} is not one of {}", [$($s),+].join("|"))),
+                }
+            }
+        }
+    };
+}
+
+state_enum!(
+    /// `nodes/<node>/daemon_state`.
+    DaemonState { Stop = "stop", Init = "init", Run = "run", Shutdown = "shutdown", Dead = "dead", Fenced = "fenced" }
+);
+state_enum!(
+    /// `nodes/<node>/coordinator_state`.
+    CoordinatorState { Client = "client", Secondary = "secondary", Takeover = "takeover", Primary = "primary", Relinquish = "relinquish" }
+);
+state_enum!(
+    /// `nodes/<node>/domain_state`.
+    DomainState { Ready = "ready", Flush = "flush", Flushed = "flushed", Unflush = "unflush", FenceFlush = "fence-flush" }
+);
+state_enum!(
+    /// `nodes/<node>/status` (written by the primary).
+    NodeStatus { Ok = "OK", Degraded = "DEGRADED", Down = "DOWN" }
+);
+state_enum!(
+    /// `nodes/<node>/mode`.
+    Mode { Standalone = "standalone", Clustered = "clustered" }
+);
+
+/// `nodes/<node>/info`: static facts about a node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeInfo {
+    /// Kernel hostname.
+    pub hostname: String,
+    /// FQDN as resolved locally (the cluster-assigned one is `info/fqdn`).
+    #[serde(default)]
+    pub fqdn: Option<String>,
+    /// Non-loopback addresses of the node.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// Daemon version.
+    pub version: String,
+    /// Online CPUs.
+    pub cpus: u32,
+    /// Total memory in MiB.
+    pub memory_mib: u64,
+    /// Kernel release.
+    #[serde(default)]
+    pub kernel: String,
+    /// libvirt version (`9.0.0`), when libvirt answered.
+    #[serde(default)]
+    pub libvirt_version: Option<String>,
+    /// libvirt URI peers use to reach this node (migration).
+    #[serde(default)]
+    pub libvirt_uri: Option<String>,
+    /// Rack/location label.
+    #[serde(default)]
+    pub rack: Option<String>,
+    /// Stable local node id (`<state_dir>/node_id`).
+    #[serde(default)]
+    pub node_id: String,
+}
+
+/// Memory figures in MiB.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryStats {
+    pub total_mib: u64,
+    pub used_mib: u64,
+    pub free_mib: u64,
+}
+
+/// Domain counts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmCounts {
+    pub total: u32,
+    pub running: u32,
+}
+
+/// `nodes/<node>/health`: the keepalive snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    /// Did libvirt answer this tick?
+    pub libvirt: bool,
+    /// 1/5/15-minute load averages.
+    pub load: [f64; 3],
+    pub memory: MemoryStats,
+    pub vms: VmCounts,
+    /// Daemon version.
+    pub version: String,
+    /// Host uptime in seconds.
+    pub uptime_s: u64,
+    /// Daemon uptime in seconds.
+    #[serde(default)]
+    pub daemon_uptime_s: u64,
+    /// Problems this node sees in itself (empty = healthy).
+    #[serde(default)]
+    pub problems: Vec<String>,
+}
+
+/// `nodes/<node>/alive`: who holds the node name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AliveRecord {
+    /// Hostname of the process holding the name.
+    pub hostname: String,
+    /// Its PID.
+    pub pid: u32,
+    /// Local node id of the holder.
+    #[serde(default)]
+    pub node_id: String,
+    /// RFC3339 start time of the holder.
+    #[serde(default)]
+    pub since: String,
+}
+
+/// One node as the cluster sees it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeRecord {
+    pub name: String,
+    pub info: Option<NodeInfo>,
+    pub fqdn: Option<String>,
+    pub mode: Option<Mode>,
+    pub daemon_state: Option<DaemonState>,
+    pub coordinator_state: Option<CoordinatorState>,
+    pub domain_state: Option<DomainState>,
+    pub health: Option<Health>,
+    pub last_seen: Option<String>,
+    pub status: Option<NodeStatus>,
+    /// True while `alive` exists (bound to the node's lease).
+    pub alive: bool,
+    /// The lease `alive` is bound to.
+    pub alive_lease: i64,
+    pub alive_record: Option<AliveRecord>,
+}
+
+fn utf8<'a>(field: &str, v: &'a [u8]) -> Result<&'a str, ObjectError> {
+    std::str::from_utf8(v).map_err(|_| ObjectError::new(field, "not UTF-8"))
+}
+
+fn parse_enum<T: FromStr<Err = String>>(field: &str, v: &[u8]) -> Result<T, ObjectError> {
+    utf8(field, v)?
+        .trim()
+        .parse()
+        .map_err(|e| ObjectError::new(field, e))
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(field: &str, v: &[u8]) -> Result<T, ObjectError> {
+    serde_json::from_slice(v).map_err(|e| ObjectError::new(field, format!("invalid JSON: {e}")))
+}
+
+/// Parse one node from its keys (relative to `nodes/<node>/`). Unknown sub-keys are ignored
+/// so newer daemons can add keys without breaking older ones.
+pub fn parse_node(
+    name: &str,
+    keys: &BTreeMap<String, KeyEntry>,
+) -> Result<NodeRecord, ObjectError> {
+    if !schema::valid_node_name(name) {
+        return Err(ObjectError::new(
+            "name",
+            format!("{name:?} is not a valid node name"),
+        ));
+    }
+    let mut n = NodeRecord {
+        name: name.to_string(),
+        ..Default::default()
+    };
+    for (sub, e) in keys {
+        let Some(field) = NodeField::from_suffix(sub) else {
+            continue;
+        };
+        let f = field.suffix();
+        let v = &e.value;
+        match field {
+            NodeField::Info => n.info = Some(parse_json(f, v)?),
+            NodeField::Fqdn => n.fqdn = Some(utf8(f, v)?.to_string()),
+            NodeField::Mode => n.mode = Some(parse_enum(f, v)?),
+            NodeField::Alive => {
+                n.alive = true;
+                n.alive_lease = e.lease;
+                n.alive_record = Some(parse_json(f, v)?);
+            }
+            NodeField::DaemonState => n.daemon_state = Some(parse_enum(f, v)?),
+            NodeField::CoordinatorState => n.coordinator_state = Some(parse_enum(f, v)?),
+            NodeField::DomainState => n.domain_state = Some(parse_enum(f, v)?),
+            NodeField::Health => n.health = Some(parse_json(f, v)?),
+            NodeField::LastSeen => {
+                let s = utf8(f, v)?;
+                time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                    .map_err(|e| ObjectError::new(f, format!("{s:?} is not RFC3339: {e}")))?;
+                n.last_seen = Some(s.to_string());
+            }
+            NodeField::Status => n.status = Some(parse_enum(f, v)?),
+            NodeField::ConfigVersion | NodeField::ConfigLastAppliedAt | NodeField::ConfigStatus => {
+                utf8(f, v)?;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// The Node kind for the reactor.
+pub struct NodeKind;
+
+impl Kind for NodeKind {
+    type Object = NodeRecord;
+    const NAME: &'static str = "node";
+    fn prefix(&self) -> &str {
+        schema::NODES_PREFIX
+    }
+    fn parse(
+        &self,
+        id: &str,
+        keys: &BTreeMap<String, KeyEntry>,
+    ) -> Result<NodeRecord, ObjectError> {
+        parse_node(id, keys)
+    }
+}
+
+/// The cluster's nodes as this daemon sees them.
+pub type NodeView = Reactor<NodeKind>;
+
+#[derive(Debug, Clone, PartialEq)]
+enum Seen {
+    Valid {
+        daemon: Option<DaemonState>,
+        coord: Option<CoordinatorState>,
+        domain: Option<DomainState>,
+        alive: bool,
+    },
+    Invalid(ObjectError),
+}
+
+/// Reconciler of the Node view. Nodes have no host side yet (fencing and recovery come with
+/// the election issue); it logs every state transition of every node, once, with the node
+/// as a field, and reports invalid nodes.
+#[derive(Default)]
+pub struct NodeReconciler {
+    seen: Mutex<HashMap<String, Seen>>,
+}
+
+impl NodeReconciler {
+    fn observe(&self, id: &str, entry: Option<&Entry<NodeRecord>>) {
+        let now = entry.map(|e| match &e.parsed {
+            Ok(n) => Seen::Valid {
+                daemon: n.daemon_state,
+                coord: n.coordinator_state,
+                domain: n.domain_state,
+                alive: n.alive,
+            },
+            Err(err) => Seen::Invalid(err.clone()),
+        });
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let before = seen.get(id).cloned();
+        if before == now {
+            return;
+        }
+        match (&before, &now) {
+            (_, None) => info!(node = %id, "node removed from the cluster view"),
+            (_, Some(Seen::Invalid(e))) => warn!(node = %id, field = %e.field, reason = %e.reason,
+                "node has an invalid value; marked invalid in the view, other nodes unaffected"),
+            (
+                Some(Seen::Valid {
+                    daemon: d0,
+                    coord: c0,
+                    domain: m0,
+                    alive: a0,
+                }),
+                Some(Seen::Valid {
+                    daemon: d1,
+                    coord: c1,
+                    domain: m1,
+                    alive: a1,
+                }),
+            ) => {
+                if d0 != d1 {
+                    info!(node = %id, from = %opt(d0), to = %opt(d1), "node daemon_state changed");
+                }
+                if c0 != c1 {
+                    info!(node = %id, from = %opt(c0), to = %opt(c1), "node coordinator_state changed");
+                }
+                if m0 != m1 {
+                    info!(node = %id, from = %opt(m0), to = %opt(m1), "node domain_state changed");
+                }
+                if a0 != a1 {
+                    if *a1 {
+                        info!(node = %id, "node alive (lease present)");
+                    } else {
+                        warn!(node = %id, "node lease gone: node is not alive");
+                    }
+                }
+            }
+            (_, Some(Seen::Valid { daemon, alive, .. })) => {
+                info!(node = %id, daemon_state = %opt(daemon), alive, "node appeared in the cluster view")
+            }
+        }
+        match now {
+            Some(s) => {
+                seen.insert(id.to_string(), s);
+            }
+            None => {
+                seen.remove(id);
+            }
+        }
+    }
+}
+
+fn opt<T: fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref()
+        .map(|x| x.to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+impl Reconciler<NodeKind> for NodeReconciler {
+    async fn reconcile(
+        &self,
+        id: &str,
+        entry: Option<Arc<Entry<NodeRecord>>>,
+    ) -> Result<Action, ReconcileError> {
+        self.observe(id, entry.as_deref());
+        Ok(Action::AwaitChange)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(pairs: &[(&str, &str)]) -> BTreeMap<String, KeyEntry> {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    KeyEntry {
+                        value: v.as_bytes().to_vec(),
+                        mod_revision: 1,
+                        lease: 0,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parses_a_full_node() {
+        let info = serde_json::to_string(&NodeInfo {
+            hostname: "h".into(),
+            version: "0.1".into(),
+            cpus: 2,
+            memory_mib: 1024,
+            ..Default::default()
+        })
+        .unwrap_or_default();
+        let alive = serde_json::to_string(&AliveRecord {
+            hostname: "h".into(),
+            pid: 1,
+            ..Default::default()
+        })
+        .unwrap_or_default();
+        let n = parse_node(
+            "n1",
+            &keys(&[
+                ("info", &info),
+                ("info/fqdn", "n1.example"),
+                ("mode", "clustered"),
+                ("alive", &alive),
+                ("daemon_state", "run"),
+                ("coordinator_state", "secondary"),
+                ("domain_state", "ready"),
+                ("last_seen", "2026-11-23T10:00:00Z"),
+                ("status", "OK"),
+                ("future/key", "whatever"),
+            ]),
+        );
+        let n = n.expect("valid node");
+        assert_eq!(n.daemon_state, Some(DaemonState::Run));
+        assert_eq!(n.coordinator_state, Some(CoordinatorState::Secondary));
+        assert_eq!(n.domain_state, Some(DomainState::Ready));
+        assert_eq!(n.status, Some(NodeStatus::Ok));
+        assert_eq!(n.mode, Some(Mode::Clustered));
+        assert_eq!(n.fqdn.as_deref(), Some("n1.example"));
+        assert!(n.alive);
+        assert_eq!(n.info.map(|i| i.cpus), Some(2));
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("daemon_state", "running", "daemon_state"),
+            ("coordinator_state", "boss", "coordinator_state"),
+            ("domain_state", "flushing", "domain_state"),
+            ("mode", "solo", "mode"),
+            ("status", "ok", "status"),
+            ("info", "not json", "info"),
+            ("info", "{\"hostname\":1}", "info"),
+            ("health", "[]", "health"),
+            ("last_seen", "yesterday", "last_seen"),
+            ("alive", "\u{0}garbage", "alive"),
+        ];
+        for (k, v, field) in cases {
+            let err = parse_node("n1", &keys(&[(k, v)])).expect_err(k);
+            assert_eq!(&err.field, field, "{k}={v:?}: {err}");
+        }
+        assert_eq!(
+            parse_node("Bad_Name", &keys(&[])).map_err(|e| e.field),
+            Err("name".to_string())
+        );
+    }
+
+    #[test]
+    fn enums_round_trip() {
+        for s in DaemonState::ALL {
+            assert_eq!(s.as_str().parse::<DaemonState>(), Ok(*s));
+        }
+        for s in DomainState::ALL {
+            assert_eq!(s.as_str().parse::<DomainState>(), Ok(*s));
+        }
+        for s in CoordinatorState::ALL {
+            assert_eq!(s.as_str().parse::<CoordinatorState>(), Ok(*s));
+        }
+    }
+}

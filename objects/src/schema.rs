@@ -1,0 +1,278 @@
+//! The etcd schema: every key the cluster uses, its value format and its one writer.
+//!
+//! Keys are relative to the configured prefix (default `/debvisor`); [`crate::store::Store`]
+//! adds the prefix. Nothing outside this module spells a key. `docs/schema.md` is generated
+//! from [`KEYS`] (`debvisorctl schema` prints it; a test keeps the file in step).
+
+use std::fmt;
+
+/// Version of this key layout, written to `schema/version` by the first node that registers.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The role allowed to write a key ("one owner per key", DESIGN §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    /// An operator through `debvisorctl` or the API.
+    Operator,
+    /// The node the key is about (`<node>` in the key).
+    OwningNode,
+    /// The elected primary coordinator.
+    Primary,
+    /// Whichever node holds the VM's `owner`/`lock`.
+    VmOwner,
+    /// Any node, through a compare-and-swap transaction.
+    AnyNodeTxn,
+}
+
+impl fmt::Display for Writer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Writer::Operator => "operator",
+            Writer::OwningNode => "owning node",
+            Writer::Primary => "primary",
+            Writer::VmOwner => "VM owner node",
+            Writer::AnyNodeTxn => "any node (txn)",
+        })
+    }
+}
+
+/// One documented key pattern.
+#[derive(Debug, Clone, Copy)]
+pub struct KeySpec {
+    /// Pattern relative to the prefix, placeholders in angle brackets.
+    pub pattern: &'static str,
+    /// Who writes it.
+    pub writer: Writer,
+    /// Value format.
+    pub format: &'static str,
+    /// Whether the key is bound to the writer's node lease.
+    pub leased: bool,
+    /// What it means.
+    pub doc: &'static str,
+}
+
+/// Every key of the schema, in documentation order.
+pub const KEYS: &[KeySpec] = &[
+    KeySpec { pattern: "schema/version", writer: Writer::AnyNodeTxn, format: "integer", leased: false, doc: "Version of this key layout; created once if absent." },
+    KeySpec { pattern: "nodes/<node>/info", writer: Writer::OwningNode, format: "JSON NodeInfo", leased: false, doc: "Static facts: hostname, fqdn, addresses, version, cpus, memory, kernel, libvirt version, rack, node_id. Rewritten when hostname, addresses or version change." },
+    KeySpec { pattern: "nodes/<node>/info/fqdn", writer: Writer::OwningNode, format: "string", leased: false, doc: "Cluster-assigned FQDN (from `node.fqdn`), consumed by hostname-register." },
+    KeySpec { pattern: "nodes/<node>/mode", writer: Writer::OwningNode, format: "standalone|clustered", leased: false, doc: "How the node participates in the cluster." },
+    KeySpec { pattern: "nodes/<node>/alive", writer: Writer::OwningNode, format: "JSON AliveRecord", leased: true, doc: "Proof of life: exists exactly while the node lease lives. A node is dead when this key vanishes." },
+    KeySpec { pattern: "nodes/<node>/daemon_state", writer: Writer::OwningNode, format: "stop|init|run|shutdown|dead|fenced", leased: false, doc: "Daemon lifecycle; `dead`/`fenced` are written by the primary." },
+    KeySpec { pattern: "nodes/<node>/coordinator_state", writer: Writer::OwningNode, format: "client|secondary|takeover|primary|relinquish", leased: false, doc: "Role in the primary election." },
+    KeySpec { pattern: "nodes/<node>/domain_state", writer: Writer::OwningNode, format: "ready|flush|flushed|unflush|fence-flush", leased: false, doc: "VM drain state; `flush`/`unflush` are requested by the operator, the node moves it on." },
+    KeySpec { pattern: "nodes/<node>/health", writer: Writer::OwningNode, format: "JSON Health", leased: false, doc: "Latest health snapshot, written with last_seen in one transaction per keepalive tick." },
+    KeySpec { pattern: "nodes/<node>/last_seen", writer: Writer::OwningNode, format: "RFC3339 timestamp", leased: false, doc: "Time of the last keepalive tick (informational; liveness is `alive`)." },
+    KeySpec { pattern: "nodes/<node>/status", writer: Writer::Primary, format: "OK|DEGRADED|DOWN", leased: false, doc: "Health verdict derived by the primary." },
+    KeySpec { pattern: "nodes/<node>/config/version", writer: Writer::OwningNode, format: "string", leased: false, doc: "Last config version applied on the node." },
+    KeySpec { pattern: "nodes/<node>/config/last_applied_at", writer: Writer::OwningNode, format: "RFC3339 timestamp", leased: false, doc: "When that version was applied." },
+    KeySpec { pattern: "nodes/<node>/config/status", writer: Writer::OwningNode, format: "OK|STALE|ERROR[: detail]", leased: false, doc: "Config sync state of the node." },
+    KeySpec { pattern: "vms/<vm>/owner", writer: Writer::AnyNodeTxn, format: "node name", leased: false, doc: "Current authoritative node of the VM; moved only by transaction." },
+    KeySpec { pattern: "vms/<vm>/lock", writer: Writer::VmOwner, format: "node name", leased: true, doc: "Run lock bound to the owner's node lease; its revision is the fencing token." },
+    KeySpec { pattern: "vms/<vm>/metadata", writer: Writer::Operator, format: "JSON", leased: false, doc: "Policy flags (autostart, migration_method, node_limit, node_selector, protected, ha_group)." },
+    KeySpec { pattern: "config/current_version", writer: Writer::Operator, format: "string", leased: false, doc: "Desired config version (Git SHA or semver)." },
+    KeySpec { pattern: "config/blob", writer: Writer::Operator, format: "string", leased: false, doc: "Rendered desired-state blob or a pointer to it." },
+    KeySpec { pattern: "election/primary", writer: Writer::AnyNodeTxn, format: "etcd election", leased: true, doc: "Primary coordinator election (etcd election API)." },
+];
+
+/// Key of the schema version.
+pub fn schema_version() -> String {
+    "schema/version".into()
+}
+
+/// Prefix of all node keys (`nodes/`).
+pub const NODES_PREFIX: &str = "nodes/";
+
+/// Prefix of one node's keys (`nodes/<node>/`).
+pub fn node_prefix(node: &str) -> String {
+    format!("{NODES_PREFIX}{node}/")
+}
+
+/// One field of a node, i.e. the part of a node key after `nodes/<node>/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NodeField {
+    Info,
+    Fqdn,
+    Mode,
+    Alive,
+    DaemonState,
+    CoordinatorState,
+    DomainState,
+    Health,
+    LastSeen,
+    Status,
+    ConfigVersion,
+    ConfigLastAppliedAt,
+    ConfigStatus,
+}
+
+impl NodeField {
+    /// Every field, for exhaustive iteration.
+    pub const ALL: [NodeField; 13] = [
+        NodeField::Info,
+        NodeField::Fqdn,
+        NodeField::Mode,
+        NodeField::Alive,
+        NodeField::DaemonState,
+        NodeField::CoordinatorState,
+        NodeField::DomainState,
+        NodeField::Health,
+        NodeField::LastSeen,
+        NodeField::Status,
+        NodeField::ConfigVersion,
+        NodeField::ConfigLastAppliedAt,
+        NodeField::ConfigStatus,
+    ];
+
+    /// Path of the field below `nodes/<node>/`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            NodeField::Info => "info",
+            NodeField::Fqdn => "info/fqdn",
+            NodeField::Mode => "mode",
+            NodeField::Alive => "alive",
+            NodeField::DaemonState => "daemon_state",
+            NodeField::CoordinatorState => "coordinator_state",
+            NodeField::DomainState => "domain_state",
+            NodeField::Health => "health",
+            NodeField::LastSeen => "last_seen",
+            NodeField::Status => "status",
+            NodeField::ConfigVersion => "config/version",
+            NodeField::ConfigLastAppliedAt => "config/last_applied_at",
+            NodeField::ConfigStatus => "config/status",
+        }
+    }
+
+    /// Inverse of [`NodeField::suffix`].
+    pub fn from_suffix(s: &str) -> Option<NodeField> {
+        NodeField::ALL.into_iter().find(|f| f.suffix() == s)
+    }
+}
+
+/// Key of one node field (`nodes/<node>/<field>`).
+pub fn node_key(node: &str, field: NodeField) -> String {
+    format!("{NODES_PREFIX}{node}/{}", field.suffix())
+}
+
+/// Split a key relative to `nodes/` into node name and field; `None` for keys we do not know
+/// (kept in the cache, ignored by the parser).
+pub fn split_node_key(rel: &str) -> Option<(&str, Option<NodeField>)> {
+    let (node, rest) = rel.split_once('/')?;
+    Some((node, NodeField::from_suffix(rest)))
+}
+
+/// Prefix of all VM keys (`vms/`).
+pub const VMS_PREFIX: &str = "vms/";
+
+/// Key of a VM's owner.
+pub fn vm_owner(vm: &str) -> String {
+    format!("{VMS_PREFIX}{vm}/owner")
+}
+
+/// Key of a VM's run lock.
+pub fn vm_lock(vm: &str) -> String {
+    format!("{VMS_PREFIX}{vm}/lock")
+}
+
+/// Key of a VM's metadata.
+pub fn vm_metadata(vm: &str) -> String {
+    format!("{VMS_PREFIX}{vm}/metadata")
+}
+
+/// Key of the desired config version.
+pub fn config_current_version() -> String {
+    "config/current_version".into()
+}
+
+/// Key of the rendered config blob.
+pub fn config_blob() -> String {
+    "config/blob".into()
+}
+
+/// Name of the primary election.
+pub fn election_primary() -> String {
+    "election/primary".into()
+}
+
+/// Is `name` usable as a `<node>` path segment (a DNS label)?
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// Render [`KEYS`] as the markdown of `docs/schema.md`.
+pub fn render_markdown(prefix: &str) -> String {
+    let mut out = String::new();
+    out.push_str("# etcd schema\n\n");
+    out.push_str("Generated from `objects/src/schema.rs` (`debvisorctl schema`); a test keeps this file in step.\n\n");
+    out.push_str(&format!(
+        "All keys live under the configured prefix (default `{prefix}`). Schema version: {SCHEMA_VERSION}.\n\n"
+    ));
+    out.push_str("| key | writer | value | lease-bound | meaning |\n|---|---|---|---|---|\n");
+    for k in KEYS {
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} |\n",
+            k.pattern,
+            k.writer,
+            k.format,
+            if k.leased { "yes" } else { "no" },
+            k.doc
+        ));
+    }
+    out.push_str("\nThe node id of this machine is local (`<state_dir>/node_id`), not in etcd: a shared store cannot hold \"self\".\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_fields_round_trip() {
+        for f in NodeField::ALL {
+            assert_eq!(NodeField::from_suffix(f.suffix()), Some(f));
+            let key = node_key("n1", f);
+            let rel = key.strip_prefix(NODES_PREFIX).unwrap_or_default();
+            assert_eq!(split_node_key(rel), Some(("n1", Some(f))));
+        }
+        assert_eq!(split_node_key("n1/unknown"), Some(("n1", None)));
+        assert_eq!(split_node_key("n1"), None);
+    }
+
+    #[test]
+    fn every_node_field_is_documented() {
+        for f in NodeField::ALL {
+            let pattern = format!("nodes/<node>/{}", f.suffix());
+            assert!(
+                KEYS.iter().any(|k| k.pattern == pattern),
+                "{pattern} missing from KEYS"
+            );
+        }
+    }
+
+    #[test]
+    fn node_names() {
+        assert!(valid_node_name("hv-01"));
+        assert!(!valid_node_name(""));
+        assert!(!valid_node_name("-a"));
+        assert!(!valid_node_name("a/b"));
+        assert!(!valid_node_name("UPPER"));
+        assert!(!valid_node_name(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn docs_schema_md_is_in_step() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/schema.md");
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        assert_eq!(
+            on_disk,
+            render_markdown("/debvisor"),
+            "docs/schema.md is stale: run `debvisorctl schema > docs/schema.md`"
+        );
+    }
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install the Debian packages debvisord and its tests need (idempotent; Debian 12, root).
+set -euo pipefail
+PKGS=(etcd-server etcd-client protobuf-compiler pkg-config libvirt-dev libvirt-daemon-system
+      libvirt-clients qemu-system-x86 nftables iproute2 ipmitool openssl dnsmasq-base busybox
+      procps)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null; then
+  echo "deps: cargo not found: install a Rust toolchain (rustup, Rust >= 1.85) first" >&2
+  exit 1
+fi

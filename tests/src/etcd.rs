@@ -1,0 +1,389 @@
+//! A private etcd 3.4 process on loopback ports in a temp directory.
+
+use std::fs::OpenOptions;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, CompactionOptions, ConnectOptions};
+
+use crate::error::{file_tail, EtcdContext, HarnessError, IoContext, Result};
+use crate::ports::free_port;
+use crate::tls::CertSet;
+
+/// Path of the etcd binary.
+pub const ETCD_BIN: &str = "/usr/bin/etcd";
+/// How long [`EtcdProcess::launch`] waits for etcd to answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Poll interval of the readiness probe.
+const READY_POLL: Duration = Duration::from_millis(50);
+/// Log lines included in start errors.
+const LOG_TAIL: usize = 30;
+
+/// A private single-member etcd on `127.0.0.1`, with its data in a temp directory.
+///
+/// Dropping it SIGKILLs the process (by PID), reaps it and removes the temp directory.
+#[derive(Debug)]
+pub struct EtcdProcess {
+    dir: Option<tempfile::TempDir>,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+    tls: Option<CertSet>,
+    child: Option<Child>,
+}
+
+/// Run a future to completion on a fresh current-thread runtime in a scoped thread, so this
+/// works from plain and async callers alike (never nests runtimes).
+pub(crate) fn block_on_thread<T, F, Fut>(make: F) -> T
+where
+    T: Send,
+    F: FnOnce() -> Fut + Send,
+    Fut: std::future::Future<Output = T>,
+{
+    std::thread::scope(|s| {
+        let handle = s.spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("building a current-thread tokio runtime");
+            rt.block_on(make())
+        });
+        match handle.join() {
+            Ok(v) => v,
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    })
+}
+
+impl EtcdProcess {
+    /// Start a plain-HTTP etcd and wait until it answers a request.
+    ///
+    /// Retries with new ports (up to 3 attempts) if etcd reports "address already in use".
+    pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Start an etcd whose client URL is HTTPS with client-certificate authentication
+    /// (`--client-cert-auth`, trusting `certs.ca`, serving `certs.server_cert`); the peer URL
+    /// stays plain HTTP on loopback. [`EtcdProcess::client`] then uses `certs.client_tls()`.
+    pub fn start_tls(certs: &CertSet) -> Result<Self> {
+        Self::start_with(Some(certs.clone()))
+    }
+
+    fn start_with(tls: Option<CertSet>) -> Result<Self> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut etcd = Self::prepare_with(tls.clone())?;
+            match etcd.launch() {
+                Ok(()) => return Ok(etcd),
+                Err(HarnessError::EtcdStart { ref tail, .. })
+                    if attempt < 3 && tail.contains("address already in use") =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Allocate the temp directory and ports of a plain-HTTP etcd without starting it; start
+    /// it later with [`EtcdProcess::launch`]. [`EtcdProcess::endpoint`] is valid already.
+    pub fn prepare() -> Result<Self> {
+        Self::prepare_with(None)
+    }
+
+    /// Like [`EtcdProcess::prepare`] for a TLS etcd (see [`EtcdProcess::start_tls`]).
+    pub fn prepare_tls(certs: &CertSet) -> Result<Self> {
+        Self::prepare_with(Some(certs.clone()))
+    }
+
+    fn prepare_with(tls: Option<CertSet>) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("debvisor-etcd-")
+            .tempdir()
+            .ctx(|| "creating the etcd temp dir".to_owned())?;
+        Ok(EtcdProcess {
+            data_dir: dir.path().join("data"),
+            log_path: dir.path().join("etcd.log"),
+            dir: Some(dir),
+            client_port: free_port(),
+            peer_port: free_port(),
+            tls,
+            child: None,
+        })
+    }
+
+    /// Start the prepared (or stopped) etcd with its data dir and ports, and wait (polling a
+    /// real request every 50 ms, up to 20 s) until it answers. On failure the process is
+    /// killed and the error carries the tail of the etcd log.
+    pub fn launch(&mut self) -> Result<()> {
+        if self.is_running() {
+            return Err(HarnessError::State("etcd is already running".into()));
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .ctx(|| format!("opening {}", self.log_path.display()))?;
+        let log2 = log
+            .try_clone()
+            .ctx(|| format!("duplicating {}", self.log_path.display()))?;
+        let client_url = self.endpoint();
+        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new(ETCD_BIN);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .arg("--name")
+            .arg("t")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen-client-urls")
+            .arg(&client_url)
+            .arg("--advertise-client-urls")
+            .arg(&client_url)
+            .arg("--listen-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-cluster")
+            .arg(format!("t={peer_url}"))
+            .arg("--logger")
+            .arg("zap")
+            .arg("--log-outputs")
+            .arg("stderr")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        if let Some(certs) = &self.tls {
+            cmd.arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(&certs.ca)
+                .arg("--cert-file")
+                .arg(&certs.server_cert)
+                .arg("--key-file")
+                .arg(&certs.server_key);
+        }
+        let child = cmd.spawn().ctx(|| format!("spawning {ETCD_BIN}"))?;
+        self.child = Some(child);
+        if let Err(e) = self.wait_ready() {
+            self.kill_quietly();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Poll until etcd answers a `get`, it exits, or [`READY_TIMEOUT`] passes.
+    fn wait_ready(&mut self) -> Result<()> {
+        let endpoint = self.endpoint();
+        let options = self.connect_options()?;
+        let log = self.log_path.clone();
+        let child = self
+            .child
+            .as_mut()
+            .ok_or_else(|| HarnessError::State("etcd not spawned".into()))?;
+        let start_err = |reason: String| HarnessError::EtcdStart {
+            tail: file_tail(&log, LOG_TAIL),
+            log: log.clone(),
+            reason,
+        };
+        block_on_thread(|| async move {
+            let deadline = Instant::now() + READY_TIMEOUT;
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        return Err(start_err(format!("etcd exited early with {status}")))
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(start_err(format!("try_wait failed: {e}"))),
+                }
+                let opts = options
+                    .clone()
+                    .unwrap_or_default()
+                    .with_connect_timeout(Duration::from_secs(1))
+                    .with_timeout(Duration::from_secs(1));
+                let probe = async {
+                    let mut c = Client::connect([endpoint.as_str()], Some(opts)).await?;
+                    c.get("health-probe", None).await
+                };
+                let last_err = match tokio::time::timeout(Duration::from_secs(2), probe).await {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => String::from("probe timed out"),
+                };
+                if Instant::now() >= deadline {
+                    return Err(start_err(format!(
+                        "no answer within {READY_TIMEOUT:?} (last probe error: {last_err})"
+                    )));
+                }
+                tokio::time::sleep(READY_POLL).await;
+            }
+        })
+    }
+
+    /// Client endpoint URL: `http://127.0.0.1:PORT`, or `https://…` in TLS mode.
+    pub fn endpoint(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Client listen address (e.g. a [`crate::TcpProxy`] target).
+    pub fn client_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.client_port))
+    }
+
+    /// Peer port.
+    pub fn peer_port(&self) -> u16 {
+        self.peer_port
+    }
+
+    /// PID of the running (or exited but unreaped) etcd, `None` before launch / after kill.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The etcd `--data-dir`.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The log file receiving etcd's stdout and stderr (appended to across restarts).
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The last `n` lines of the etcd log.
+    pub fn log_tail(&self, n: usize) -> String {
+        file_tail(&self.log_path, n)
+    }
+
+    /// The certificates in TLS mode.
+    pub fn certs(&self) -> Option<&CertSet> {
+        self.tls.as_ref()
+    }
+
+    /// Connect options matching this etcd: `Some` with the client TLS config in TLS mode,
+    /// `None` otherwise. Use with other endpoints leading to this etcd (e.g. a proxy).
+    pub fn connect_options(&self) -> Result<Option<ConnectOptions>> {
+        match &self.tls {
+            Some(certs) => Ok(Some(ConnectOptions::new().with_tls(certs.client_tls()?))),
+            None => Ok(None),
+        }
+    }
+
+    /// A new client connected to [`EtcdProcess::endpoint`] (with the client certificate in TLS
+    /// mode). Note that connecting is lazy: the first request is what fails on a dead etcd.
+    pub async fn client(&self) -> Result<Client> {
+        let endpoint = self.endpoint();
+        Client::connect([endpoint.as_str()], self.connect_options()?)
+            .await
+            .etcd_ctx(|| format!("connecting to {endpoint}"))
+    }
+
+    /// The current store revision.
+    pub async fn current_revision(&self) -> Result<i64> {
+        let mut c = self.client().await?;
+        let resp = c
+            .get("health-probe", None)
+            .await
+            .etcd_ctx(|| "reading the current revision".to_owned())?;
+        resp.header()
+            .map(|h| h.revision())
+            .ok_or_else(|| HarnessError::State("get response without header".into()))
+    }
+
+    /// Compact the key-value history up to `revision` (physically, i.e. waiting until it is
+    /// applied).
+    pub async fn compact(&self, revision: i64) -> Result<()> {
+        let mut c = self.client().await?;
+        c.compact(revision, Some(CompactionOptions::new().with_physical()))
+            .await
+            .etcd_ctx(|| format!("compacting to revision {revision}"))?;
+        Ok(())
+    }
+
+    /// Whether the etcd process is alive (reaps it if it has exited).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// SIGKILL etcd by PID and reap it. A no-op if it is not running.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                send_signal(child.id(), libc::SIGKILL)?;
+            }
+            child.wait().ctx(|| "reaping etcd".to_owned())?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM etcd, wait up to 10 s for it to exit, then SIGKILL; reaps it. A no-op if it is
+    /// not running.
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(());
+        };
+        if matches!(child.try_wait(), Ok(None)) {
+            send_signal(child.id(), libc::SIGTERM)?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill()
+    }
+
+    /// Start etcd again with the same data dir and ports (stopping it first if it runs).
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.launch()
+    }
+
+    /// Kill and reap without reporting errors (used on failure and drop paths).
+    fn kill_quietly(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                // SAFETY: kill(2) on the PID of our own unreaped child.
+                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+            }
+            if let Err(e) = child.wait() {
+                eprintln!("debvisor-tests: reaping etcd {}: {e}", child.id());
+            }
+        }
+    }
+}
+
+/// Send `sig` to `pid`.
+pub(crate) fn send_signal(pid: u32, sig: i32) -> Result<()> {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    if rc != 0 {
+        return Err(HarnessError::Io {
+            context: format!("kill({pid}, {sig})"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+impl Drop for EtcdProcess {
+    fn drop(&mut self) {
+        self.kill_quietly();
+        if let Some(dir) = self.dir.take() {
+            let path = dir.path().to_path_buf();
+            if let Err(e) = dir.close() {
+                eprintln!("debvisor-tests: removing {}: {e}", path.display());
+            }
+        }
+    }
+}

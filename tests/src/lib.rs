@@ -1,0 +1,23 @@
+//! Test harness for `debvisor-daemon`: private etcd processes, a cuttable TCP proxy, a test
+//! PKI, the real `debvisord`/`debvisorctl` binaries and network namespaces.
+//!
+//! Everything spawned is killed by PID and every temp directory removed on drop, including
+//! when a test panics.
+
+#![warn(missing_docs)]
+
+pub mod daemon;
+pub mod error;
+pub mod etcd;
+pub mod netns;
+pub mod ports;
+pub mod proxy;
+pub mod tls;
+
+pub use daemon::{bin_path, ctl, DaemonBuilder, DaemonProcess};
+pub use error::{HarnessError, Result};
+pub use etcd::EtcdProcess;
+pub use netns::{is_root, NetNs};
+pub use ports::free_port;
+pub use proxy::TcpProxy;
+pub use tls::CertSet;

@@ -1,0 +1,86 @@
+//! Throw-away network namespaces (`ip netns`), and root detection for tests needing them.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::error::{HarnessError, IoContext, Result};
+
+/// Whether the test process runs as root (effective UID 0).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) cannot fail and has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Return from the calling test (after printing `SKIP: <test>: needs root`) unless running as
+/// root. `skip_unless_root!(value)` returns `value` instead of `()`.
+#[macro_export]
+macro_rules! skip_unless_root {
+    () => {
+        $crate::skip_unless_root!(())
+    };
+    ($ret:expr) => {
+        if !$crate::netns::is_root() {
+            eprintln!(
+                "SKIP: {}: needs root",
+                ::std::thread::current().name().unwrap_or("<test>")
+            );
+            return $ret;
+        }
+    };
+}
+
+/// Run `ip args…` and fail with its stderr unless it succeeds.
+fn ip(args: &[&str]) -> Result<()> {
+    let command = format!("ip {}", args.join(" "));
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .ctx(|| format!("running `{command}`"))?;
+    if !out.status.success() {
+        return Err(HarnessError::Command {
+            command,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// A network namespace named `<prefix>-<pid>-<n>` with `lo` up; deleted on drop.
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// Create a fresh namespace (`ip netns add`) and bring its loopback up.
+    pub fn create(prefix: &str) -> Result<NetNs> {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{prefix}-{}-{n}", std::process::id());
+        ip(&["netns", "add", &name])?;
+        let ns = NetNs { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace name (as used by `ip netns` / `/run/netns/<name>`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A command running `program args…` inside the namespace (`ip netns exec NAME …`).
+    pub fn exec_cmd(&self, program: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]).args(args);
+        cmd
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "delete", &self.name]) {
+            eprintln!("debvisor-tests: deleting netns {}: {e}", self.name);
+        }
+    }
+}

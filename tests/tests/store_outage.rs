@@ -1,0 +1,195 @@
+//! The node and an unreliable store: etcd away while running, etcd late at startup, no etcd
+//! at all, and TLS with client certificates.
+
+use std::time::Duration;
+
+use debvisor_tests::{CertSet, DaemonBuilder, DaemonProcess, EtcdProcess};
+use serde_json::Value;
+
+fn is_msg(v: &Value, m: &str) -> bool {
+    v.get("message").and_then(Value::as_str) == Some(m)
+}
+
+fn field<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
+    v.get(k).and_then(Value::as_str)
+}
+
+fn wait_run(d: &mut DaemonProcess, within: Duration) -> Value {
+    d.wait_for(
+        |v| is_msg(v, "stage complete") && field(v, "stage") == Some("keepalive"),
+        within,
+    )
+    .expect("daemon reaches run")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_away_for_20s_the_node_stays_up_and_comes_back_to_run() {
+    let mut etcd = EtcdProcess::start().expect("etcd");
+    let mut d = DaemonBuilder::new("outage")
+        .endpoints(&[etcd.endpoint()])
+        .spawn()
+        .expect("spawn");
+    wait_run(&mut d, Duration::from_secs(30));
+    let before = d.json_lines().len();
+
+    etcd.kill().expect("kill etcd");
+    d.wait_for(
+        |v| {
+            is_msg(
+                v,
+                "store unreachable; keepalive skipped (VMs and networks stay as they are)",
+            )
+        },
+        Duration::from_secs(10),
+    )
+    .expect("outage logged");
+    std::thread::sleep(Duration::from_secs(20));
+    assert!(d.is_running(), "the daemon survives a store outage");
+    etcd.restart().expect("etcd back");
+
+    d.wait_for(
+        |v| is_msg(v, "store reachable again; keepalive resumed"),
+        Duration::from_secs(30),
+    )
+    .expect("recovery logged");
+    // The node view relisted after its watch broke.
+    let lines = d.json_lines();
+    assert!(
+        lines[before..]
+            .iter()
+            .any(|v| is_msg(v, "watch broken; relisting")),
+        "watch break logged"
+    );
+    assert!(!lines.iter().any(|v| field(v, "outcome") == Some("failed")));
+
+    // Back in run with a live lease holding alive (a fresh one when etcd expired the old).
+    let mut c = etcd.client().await.expect("client");
+    let until = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let alive = c
+            .get("/debvisor/nodes/outage/alive", None)
+            .await
+            .expect("get")
+            .kvs()
+            .first()
+            .cloned();
+        let state = c
+            .get("/debvisor/nodes/outage/daemon_state", None)
+            .await
+            .expect("get")
+            .kvs()
+            .first()
+            .map(|kv| kv.value().to_vec());
+        if let (Some(a), Some(s)) = (alive, state) {
+            let ttl = c
+                .lease_time_to_live(a.lease(), None)
+                .await
+                .expect("ttl")
+                .ttl();
+            if ttl > 0 && s == b"run" {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "alive with a live lease and daemon_state run after the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(d.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_started_10s_after_the_daemon_is_waited_for() {
+    let mut etcd = EtcdProcess::prepare().expect("etcd ports");
+    let mut d = DaemonBuilder::new("late")
+        .endpoints(&[etcd.endpoint()])
+        .spawn()
+        .expect("spawn");
+    d.wait_for(
+        |v| is_msg(v, "store not reachable yet; retrying"),
+        Duration::from_secs(10),
+    )
+    .expect("retries logged");
+    std::thread::sleep(Duration::from_secs(10));
+    assert!(d.is_running(), "still waiting");
+    etcd.launch().expect("etcd");
+    wait_run(&mut d, Duration::from_secs(30));
+    let attempts = d
+        .json_lines()
+        .iter()
+        .filter(|v| is_msg(v, "store not reachable yet; retrying"))
+        .count();
+    assert!(attempts >= 2, "each attempt logged ({attempts})");
+}
+
+#[test]
+fn no_etcd_and_a_short_deadline_exit_non_zero_naming_the_endpoints() {
+    let port = debvisor_tests::free_port();
+    let ep = format!("http://127.0.0.1:{port}");
+    let mut d = DaemonBuilder::new("lonely")
+        .endpoints(std::slice::from_ref(&ep))
+        .env("DEBVISOR_STORE_STARTUP_DEADLINE", "2s")
+        .spawn()
+        .expect("spawn");
+    let st = d.wait_exit(Duration::from_secs(20)).expect("exits");
+    assert!(!st.success());
+    let failed = d
+        .json_lines()
+        .into_iter()
+        .find(|v| field(v, "outcome") == Some("failed"))
+        .expect("failed stage");
+    assert_eq!(field(&failed, "stage"), Some("store-connection"));
+    let err = field(&failed, "error").unwrap_or_default();
+    assert!(err.contains(&ep), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_client_certificates_connect_and_a_wrong_ca_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = CertSet::generate(dir.path()).expect("certs");
+    let etcd = EtcdProcess::start_tls(&certs).expect("etcd with client-cert auth");
+    let tls_yaml = |ca: &std::path::Path| {
+        format!(
+            "store:\n  tls:\n    ca: {}\n    cert: {}\n    key: {}\n",
+            ca.display(),
+            certs.client_cert.display(),
+            certs.client_key.display()
+        )
+    };
+    let mut ok = DaemonBuilder::new("secure")
+        .endpoints(&[etcd.endpoint()])
+        .yaml(&tls_yaml(&certs.ca))
+        .spawn()
+        .expect("spawn");
+    wait_run(&mut ok, Duration::from_secs(30));
+    let mut c = etcd.client().await.expect("tls client");
+    let state = c
+        .get("/debvisor/nodes/secure/daemon_state", None)
+        .await
+        .expect("get");
+    assert_eq!(
+        state.kvs().first().map(|kv| kv.value().to_vec()),
+        Some(b"run".to_vec())
+    );
+
+    let mut bad = DaemonBuilder::new("insecure")
+        .endpoints(&[etcd.endpoint()])
+        .yaml(&tls_yaml(&certs.other_ca))
+        .env("DEBVISOR_STORE_STARTUP_DEADLINE", "2s")
+        .spawn()
+        .expect("spawn");
+    let st = bad.wait_exit(Duration::from_secs(20)).expect("exits");
+    assert!(!st.success());
+    let failed = bad
+        .json_lines()
+        .into_iter()
+        .find(|v| field(v, "outcome") == Some("failed"))
+        .expect("failed stage");
+    let err = field(&failed, "error").unwrap_or_default().to_lowercase();
+    assert!(err.contains(&etcd.endpoint()), "{err}");
+    assert!(
+        err.contains("certificate") || err.contains("unknownissuer") || err.contains("tls"),
+        "TLS named: {err}"
+    );
+}
