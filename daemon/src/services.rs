@@ -184,6 +184,10 @@ async fn spawn(spec: &ProcessSpec) -> Result<Child, ServiceError> {
     })?;
     let child = Command::new(&spec.program)
         .args(&spec.args)
+        // Our systemd notifications are ours alone (etcd would send its own READY=1).
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2))

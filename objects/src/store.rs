@@ -150,7 +150,9 @@ impl Store {
             let password = String::from_utf8_lossy(&raw)
                 .trim_end_matches(['\n', '\r'])
                 .to_string();
-            co = co.with_user(user.clone(), password);
+            co = co
+                .with_user(user.clone(), password)
+                .with_auto_token_refresh(true);
         }
         let endpoints = opts.endpoints.clone();
         let fut = Client::connect(endpoints.clone(), Some(co));

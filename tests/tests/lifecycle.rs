@@ -426,3 +426,64 @@ async fn lease_loss_is_detected_and_the_node_re_registers() {
         Some("run")
     );
 }
+
+#[test]
+fn sd_notify_reports_stages_ready_at_run_and_watchdog_pings() {
+    use std::os::unix::net::UnixDatagram;
+    let etcd = EtcdProcess::start().expect("etcd");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut d = DaemonBuilder::new("golf")
+        .endpoints(&[etcd.endpoint()])
+        .env("NOTIFY_SOCKET", &sock_path.display().to_string())
+        .env("WATCHDOG_USEC", "10000000")
+        .spawn()
+        .expect("spawn");
+    let mut msgs: Vec<String> = Vec::new();
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 4096];
+    while std::time::Instant::now() < until && !msgs.iter().any(|m| m.contains("WATCHDOG=1")) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            msgs.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    let statuses: Vec<&String> = msgs
+        .iter()
+        .filter(|m| m.contains("STATUS=stage "))
+        .collect();
+    assert!(
+        statuses
+            .iter()
+            .any(|m| m.contains("STATUS=stage store-connection: ok")),
+        "{msgs:?}"
+    );
+    let ready = msgs
+        .iter()
+        .position(|m| m.contains("READY=1"))
+        .expect("READY=1 sent");
+    let objects = msgs
+        .iter()
+        .position(|m| m.contains("STATUS=stage objects: ok"))
+        .expect("objects stage reported");
+    assert!(
+        objects < ready,
+        "READY only after the objects synced: {msgs:?}"
+    );
+    assert!(
+        msgs.iter().skip(ready).any(|m| m.contains("WATCHDOG=1")),
+        "watchdog pinged on the tick: {msgs:?}"
+    );
+    d.signal(libc::SIGTERM).expect("SIGTERM");
+    assert!(d
+        .wait_exit(Duration::from_secs(20))
+        .expect("exit")
+        .success());
+    let mut tail = Vec::new();
+    while let Ok(n) = sock.recv(&mut buf) {
+        tail.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(tail.iter().any(|m| m.contains("STOPPING=1")), "{tail:?}");
+}

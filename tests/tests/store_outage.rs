@@ -193,3 +193,66 @@ async fn tls_client_certificates_connect_and_a_wrong_ca_is_a_clear_error() {
         "TLS named: {err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_user_auth_with_a_password_file() {
+    use etcd_client::Permission;
+    let etcd = EtcdProcess::start().expect("etcd");
+    let mut c = etcd.client().await.expect("client");
+    c.user_add("root", "rootpw", None).await.expect("root user");
+    c.user_grant_role("root", "root").await.expect("root role");
+    c.role_add("debvisor").await.expect("role");
+    c.role_grant_permission(
+        "debvisor",
+        Permission::read_write("/debvisor").with_prefix(),
+    )
+    .await
+    .expect("permission");
+    c.user_add("debvisord", "s3cret-pw", None)
+        .await
+        .expect("user");
+    c.user_grant_role("debvisord", "debvisor")
+        .await
+        .expect("grant");
+    c.auth_enable().await.expect("auth enable");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pw = dir.path().join("etcd-password");
+    std::fs::write(&pw, "s3cret-pw\n").expect("password file");
+    let yaml = format!(
+        "store:\n  user: debvisord\n  password_file: {}\n",
+        pw.display()
+    );
+    let mut d = DaemonBuilder::new("authed")
+        .endpoints(&[etcd.endpoint()])
+        .yaml(&yaml)
+        .spawn()
+        .expect("spawn");
+    wait_run(&mut d, Duration::from_secs(30));
+    // The password never appears in the log or the command line.
+    assert!(!d.lines().iter().any(|l| l.contains("s3cret-pw")));
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", d.pid())).unwrap_or_default();
+    assert!(!String::from_utf8_lossy(&cmdline).contains("s3cret-pw"));
+
+    std::fs::write(&pw, "wrong\n").expect("password file");
+    let mut bad = DaemonBuilder::new("denied")
+        .endpoints(&[etcd.endpoint()])
+        .yaml(&yaml)
+        .env("DEBVISOR_STORE_STARTUP_DEADLINE", "2s")
+        .spawn()
+        .expect("spawn");
+    assert!(!bad
+        .wait_exit(Duration::from_secs(20))
+        .expect("exit")
+        .success());
+    let failed = bad
+        .json_lines()
+        .into_iter()
+        .find(|v| field(v, "outcome") == Some("failed"))
+        .expect("failed stage");
+    let err = field(&failed, "error").unwrap_or_default().to_lowercase();
+    assert!(
+        err.contains("authentication failed") || err.contains("invalid user"),
+        "{err}"
+    );
+}
