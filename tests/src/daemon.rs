@@ -298,7 +298,38 @@ pub struct DaemonProcess {
     dir: Option<tempfile::TempDir>,
 }
 
+/// Is `v` a log line whose message is exactly `m`?
+pub fn is_message(v: &Value, m: &str) -> bool {
+    v.get("message").and_then(Value::as_str) == Some(m)
+}
+
+/// A string field of a log line.
+pub fn str_field<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
+    v.get(k).and_then(Value::as_str)
+}
+
 impl DaemonProcess {
+    /// Wait for the last startup stage (`keepalive`): the daemon is in `run`.
+    pub fn wait_run(&mut self, timeout: Duration) -> Result<Value> {
+        self.wait_for(
+            |v| is_message(v, "stage complete") && str_field(v, "stage") == Some("keepalive"),
+            timeout,
+        )
+    }
+
+    /// The stage that failed and its error, from the daemon's `outcome=failed` line.
+    pub fn failed_stage(&self) -> Option<(String, String)> {
+        self.json_lines()
+            .into_iter()
+            .find(|v| str_field(v, "outcome") == Some("failed"))
+            .map(|v| {
+                (
+                    str_field(&v, "stage").unwrap_or_default().to_owned(),
+                    str_field(&v, "error").unwrap_or_default().to_owned(),
+                )
+            })
+    }
+
     /// The node name.
     pub fn node(&self) -> &str {
         &self.node

@@ -14,7 +14,7 @@ pub mod ports;
 pub mod proxy;
 pub mod tls;
 
-pub use daemon::{bin_path, ctl, DaemonBuilder, DaemonProcess};
+pub use daemon::{bin_path, ctl, is_message, str_field, DaemonBuilder, DaemonProcess};
 pub use error::{HarnessError, Result};
 pub use etcd::EtcdProcess;
 pub use netns::{is_root, NetNs};

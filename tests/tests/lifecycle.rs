@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use debvisor_tests::{ctl, DaemonBuilder, DaemonProcess, EtcdProcess};
+use debvisor_tests::{ctl, is_message, str_field, DaemonBuilder, DaemonProcess, EtcdProcess};
 use etcd_client::Client;
 use serde_json::Value;
 
@@ -23,20 +23,9 @@ const STAGES: [&str; 13] = [
     "keepalive",
 ];
 
-fn is_msg(v: &Value, m: &str) -> bool {
-    v.get("message").and_then(Value::as_str) == Some(m)
-}
-
-fn field<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
-    v.get(k).and_then(Value::as_str)
-}
-
-fn wait_run(d: &mut DaemonProcess) -> Value {
-    d.wait_for(
-        |v| is_msg(v, "stage complete") && field(v, "stage") == Some("keepalive"),
-        Duration::from_secs(30),
-    )
-    .expect("daemon reaches run")
+fn wait_run(d: &mut DaemonProcess) {
+    d.wait_run(Duration::from_secs(30))
+        .expect("daemon reaches run");
 }
 
 async fn get(c: &mut Client, key: &str) -> Option<etcd_client::KeyValue> {
@@ -79,16 +68,19 @@ async fn startup_reaches_run_with_every_key_and_stages_in_order() {
     let stages: Vec<Value> = d
         .json_lines()
         .into_iter()
-        .filter(|v| is_msg(v, "stage complete"))
+        .filter(|v| is_message(v, "stage complete"))
         .collect();
-    let names: Vec<&str> = stages.iter().filter_map(|v| field(v, "stage")).collect();
+    let names: Vec<&str> = stages
+        .iter()
+        .filter_map(|v| str_field(v, "stage"))
+        .collect();
     assert_eq!(names, STAGES.to_vec());
     for s in &stages {
         assert!(
-            field(s, "outcome").is_some() && s.get("duration_ms").is_some(),
+            str_field(s, "outcome").is_some() && s.get("duration_ms").is_some(),
             "{s}"
         );
-        assert_eq!(field(s, "node"), Some("alpha"));
+        assert_eq!(str_field(s, "node"), Some("alpha"));
     }
 
     let mut c = etcd.client().await.expect("client");
@@ -266,7 +258,7 @@ async fn sigterm_shuts_down_gracefully_and_alive_vanishes_at_once() {
     assert!(d
         .json_lines()
         .iter()
-        .any(|v| is_msg(v, "debvisord stopped")));
+        .any(|v| is_message(v, "debvisord stopped")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,13 +313,9 @@ async fn duplicate_node_name_is_refused_and_a_restart_after_a_crash_is_not() {
         .wait_exit(Duration::from_secs(20))
         .expect("second exits");
     assert!(!status.success());
-    let failed = second
-        .json_lines()
-        .into_iter()
-        .find(|v| field(v, "outcome") == Some("failed"))
-        .expect("a failed stage line");
-    assert_eq!(field(&failed, "stage"), Some("self-registration"));
-    let err = field(&failed, "error").unwrap_or_default().to_string();
+    let (stage, err) = second.failed_stage().expect("a failed stage line");
+    assert_eq!(stage, "self-registration");
+
     assert!(
         err.contains("already held by a live daemon")
             && err.contains(&format!("pid {}", first.pid())),
@@ -369,13 +357,13 @@ async fn sighup_reloads_the_log_level_and_a_second_sigterm_exits_at_once() {
     d.signal(libc::SIGHUP).expect("SIGHUP");
     let v = d
         .wait_for(
-            |v| is_msg(v, "SIGHUP: log level reloaded"),
+            |v| is_message(v, "SIGHUP: log level reloaded"),
             Duration::from_secs(10),
         )
         .expect("reload logged");
-    assert_eq!(field(&v, "log_level"), Some("debug"));
+    assert_eq!(str_field(&v, "log_level"), Some("debug"));
     d.wait_for(
-        |v| field(v, "level") == Some("DEBUG"),
+        |v| str_field(v, "level") == Some("DEBUG"),
         Duration::from_secs(10),
     )
     .expect("debug lines after reload");
@@ -404,7 +392,7 @@ async fn lease_loss_is_detected_and_the_node_re_registers() {
     // Someone (an operator, a bug, etcd itself) revokes the node lease.
     c.lease_revoke(old).await.expect("revoke");
     d.wait_for(
-        |v| is_msg(v, "re-registered with a fresh lease"),
+        |v| is_message(v, "re-registered with a fresh lease"),
         Duration::from_secs(15),
     )
     .expect("re-registration");

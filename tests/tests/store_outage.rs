@@ -3,23 +3,10 @@
 
 use std::time::Duration;
 
-use debvisor_tests::{CertSet, DaemonBuilder, DaemonProcess, EtcdProcess};
-use serde_json::Value;
+use debvisor_tests::{is_message, str_field, CertSet, DaemonBuilder, DaemonProcess, EtcdProcess};
 
-fn is_msg(v: &Value, m: &str) -> bool {
-    v.get("message").and_then(Value::as_str) == Some(m)
-}
-
-fn field<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
-    v.get(k).and_then(Value::as_str)
-}
-
-fn wait_run(d: &mut DaemonProcess, within: Duration) -> Value {
-    d.wait_for(
-        |v| is_msg(v, "stage complete") && field(v, "stage") == Some("keepalive"),
-        within,
-    )
-    .expect("daemon reaches run")
+fn wait_run(d: &mut DaemonProcess, within: Duration) {
+    d.wait_run(within).expect("daemon reaches run");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,7 +22,7 @@ async fn etcd_away_for_20s_the_node_stays_up_and_comes_back_to_run() {
     etcd.kill().expect("kill etcd");
     d.wait_for(
         |v| {
-            is_msg(
+            is_message(
                 v,
                 "store unreachable; keepalive skipped (VMs and networks stay as they are)",
             )
@@ -48,7 +35,7 @@ async fn etcd_away_for_20s_the_node_stays_up_and_comes_back_to_run() {
     etcd.restart().expect("etcd back");
 
     d.wait_for(
-        |v| is_msg(v, "store reachable again; keepalive resumed"),
+        |v| is_message(v, "store reachable again; keepalive resumed"),
         Duration::from_secs(30),
     )
     .expect("recovery logged");
@@ -57,10 +44,12 @@ async fn etcd_away_for_20s_the_node_stays_up_and_comes_back_to_run() {
     assert!(
         lines[before..]
             .iter()
-            .any(|v| is_msg(v, "watch broken; relisting")),
+            .any(|v| is_message(v, "watch broken; relisting")),
         "watch break logged"
     );
-    assert!(!lines.iter().any(|v| field(v, "outcome") == Some("failed")));
+    assert!(!lines
+        .iter()
+        .any(|v| str_field(v, "outcome") == Some("failed")));
 
     // Back in run with a live lease holding alive (a fresh one when etcd expired the old).
     let mut c = etcd.client().await.expect("client");
@@ -107,7 +96,7 @@ async fn etcd_started_10s_after_the_daemon_is_waited_for() {
         .spawn()
         .expect("spawn");
     d.wait_for(
-        |v| is_msg(v, "store not reachable yet; retrying"),
+        |v| is_message(v, "store not reachable yet; retrying"),
         Duration::from_secs(10),
     )
     .expect("retries logged");
@@ -118,7 +107,7 @@ async fn etcd_started_10s_after_the_daemon_is_waited_for() {
     let attempts = d
         .json_lines()
         .iter()
-        .filter(|v| is_msg(v, "store not reachable yet; retrying"))
+        .filter(|v| is_message(v, "store not reachable yet; retrying"))
         .count();
     assert!(attempts >= 2, "each attempt logged ({attempts})");
 }
@@ -134,13 +123,9 @@ fn no_etcd_and_a_short_deadline_exit_non_zero_naming_the_endpoints() {
         .expect("spawn");
     let st = d.wait_exit(Duration::from_secs(20)).expect("exits");
     assert!(!st.success());
-    let failed = d
-        .json_lines()
-        .into_iter()
-        .find(|v| field(v, "outcome") == Some("failed"))
-        .expect("failed stage");
-    assert_eq!(field(&failed, "stage"), Some("store-connection"));
-    let err = field(&failed, "error").unwrap_or_default();
+    let (stage, err) = d.failed_stage().expect("a failed stage line");
+    assert_eq!(stage, "store-connection");
+
     assert!(err.contains(&ep), "{err}");
 }
 
@@ -181,12 +166,9 @@ async fn tls_client_certificates_connect_and_a_wrong_ca_is_a_clear_error() {
         .expect("spawn");
     let st = bad.wait_exit(Duration::from_secs(20)).expect("exits");
     assert!(!st.success());
-    let failed = bad
-        .json_lines()
-        .into_iter()
-        .find(|v| field(v, "outcome") == Some("failed"))
-        .expect("failed stage");
-    let err = field(&failed, "error").unwrap_or_default().to_lowercase();
+    let (stage, err) = bad.failed_stage().expect("a failed stage line");
+    assert_eq!(stage, "store-connection");
+    let err = err.to_lowercase();
     assert!(err.contains(&etcd.endpoint()), "{err}");
     assert!(
         err.contains("certificate") || err.contains("unknownissuer") || err.contains("tls"),
@@ -245,12 +227,9 @@ async fn etcd_user_auth_with_a_password_file() {
         .wait_exit(Duration::from_secs(20))
         .expect("exit")
         .success());
-    let failed = bad
-        .json_lines()
-        .into_iter()
-        .find(|v| field(v, "outcome") == Some("failed"))
-        .expect("failed stage");
-    let err = field(&failed, "error").unwrap_or_default().to_lowercase();
+    let (stage, err) = bad.failed_stage().expect("a failed stage line");
+    assert_eq!(stage, "store-connection");
+    let err = err.to_lowercase();
     assert!(
         err.contains("authentication failed") || err.contains("invalid user"),
         "{err}"
