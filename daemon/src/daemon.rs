@@ -212,7 +212,10 @@ struct Running {
     lease_state: watch::Receiver<LeaseState>,
     lease_cancel: CancellationToken,
     nodes: Reactor<NodeKind>,
-    keepalive: Keepalive,
+    /// Taken by the run loop, which moves it into the ticker task.
+    keepalive: Option<Keepalive>,
+    /// Cancels the ticker task at shutdown.
+    tasks: CancellationToken,
     libvirt: Libvirt,
     services: Vec<Supervised>,
     log: logging::LogHandle,
@@ -512,7 +515,8 @@ pub async fn run(config_path: &Path) -> ExitCode {
         lease_state,
         lease_cancel,
         nodes,
-        keepalive,
+        keepalive: Some(keepalive),
+        tasks: CancellationToken::new(),
         libvirt,
         services,
         log,
@@ -536,7 +540,9 @@ pub async fn run(config_path: &Path) -> ExitCode {
     );
 
     let t = Instant::now();
-    r.keepalive.tick().await;
+    if let Some(ka) = r.keepalive.as_mut() {
+        ka.tick().await;
+    }
     if let Err(e) = registration::set_daemon_state(
         &r.store,
         &node,
@@ -565,20 +571,52 @@ async fn stop_services(services: &[Supervised]) {
     }
 }
 
+/// The keepalive tick in its own task, so a slow tick (libvirt, store) never delays
+/// signal handling; each outcome goes to the run loop.
+fn spawn_ticker(
+    mut ka: Keepalive,
+    interval: Duration,
+    cancel: CancellationToken,
+) -> mpsc::Receiver<TickOutcome> {
+    let (tx, rx) = mpsc::channel(4);
+    let watchdog = notify::watchdog_enabled();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if watchdog {
+                notify::watchdog();
+            }
+            let outcome = ka.tick().await;
+            if tx.send(outcome).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 async fn run_loop(mut r: Running, mut signals: mpsc::UnboundedReceiver<Signal>) -> ExitCode {
     let node = r.cfg.node_name().to_string();
-    let mut tick = tokio::time::interval(r.cfg.keepalive.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    let watchdog = notify::watchdog_enabled();
-    let mut state = DaemonState::Run;
+    let Some(keepalive) = r.keepalive.take() else {
+        error!(node = %node, "keepalive missing; internal error");
+        return shutdown(r, DaemonState::Run).await;
+    };
+    let mut ticks = spawn_ticker(keepalive, r.cfg.keepalive.interval, r.tasks.clone());
+    // False while daemon_state=run may be missing in the store (after an outage or a failed
+    // re-registration); rewritten on the next successful tick.
     let mut state_written = true;
     loop {
         let lost = tokio::select! {
             sig = signals.recv() => match sig {
                 Some(Signal::Terminate(name)) => {
                     info!(node = %node, signal = name, "termination requested; shutting down gracefully");
-                    return shutdown(r, state).await;
+                    return shutdown(r, DaemonState::Run).await;
                 }
                 Some(Signal::Reload) => {
                     reload(&r);
@@ -589,25 +627,26 @@ async fn run_loop(mut r: Running, mut signals: mpsc::UnboundedReceiver<Signal>) 
             changed = r.lease_state.changed() => {
                 changed.is_ok() && matches!(*r.lease_state.borrow(), LeaseState::Lost { .. })
             }
-            _ = tick.tick() => {
-                if watchdog {
-                    notify::watchdog();
-                }
-                let outcome = r.keepalive.tick().await;
+            outcome = ticks.recv() => {
+                let Some(outcome) = outcome else {
+                    error!(node = %node, "keepalive task ended; shutting down");
+                    return shutdown(r, DaemonState::Run).await;
+                };
                 r.nodes.resync();
-                if outcome == TickOutcome::Written && !state_written {
-                    state_written = registration::set_daemon_state(&r.store, &node, state, DaemonState::Run, "store reachable again").await.is_ok();
+                if outcome == TickOutcome::StoreUnreachable {
+                    state_written = false;
+                } else if outcome == TickOutcome::Written && !state_written {
+                    state_written = registration::ensure_daemon_state(&r.store, &node, DaemonState::Run, "store reachable again").await.is_ok();
                 }
                 outcome == TickOutcome::NotRegistered
             }
         };
         if lost {
-            state = DaemonState::Run;
             match reregister(&mut r).await {
                 Ok(()) => state_written = true,
                 Err(RegisterError::Duplicate { .. }) => {
                     error!(node = %node, "another daemon took this node name while our lease was lost; stopping");
-                    return shutdown(r, state).await;
+                    return shutdown(r, DaemonState::Run).await;
                 }
                 Err(e) => {
                     state_written = false;
@@ -642,7 +681,6 @@ async fn reregister(r: &mut Running) -> Result<(), RegisterError> {
         r.cfg.keepalive.lease_ttl,
         r.lease_cancel.clone(),
     );
-    r.keepalive.registered(info);
     info!(node = %node, lease = format!("{lease_id:x}"), daemon_state = "run", "re-registered with a fresh lease");
     Ok(())
 }

@@ -78,11 +78,6 @@ impl Keepalive {
         }
     }
 
-    /// After a re-registration `info` was written afresh.
-    pub fn registered(&mut self, info: NodeInfo) {
-        self.written_info = info;
-    }
-
     /// Collect health (libvirt probe bounded by its timeout) and write it.
     pub async fn tick(&mut self) -> TickOutcome {
         let probe = self.libvirt.probe().await;

@@ -242,3 +242,24 @@ pub async fn set_daemon_state(
     }
     r
 }
+
+/// Make sure `daemon_state` is `want` (after a store outage someone, e.g. the primary, may
+/// have changed it); writes and logs only when it differs.
+pub async fn ensure_daemon_state(
+    store: &Store,
+    node: &str,
+    want: DaemonState,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let key = schema::node_key(node, NodeField::DaemonState);
+    let current = store
+        .get(&key)
+        .await?
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+    if current.as_deref() == Some(want.as_str()) {
+        return Ok(());
+    }
+    store.put(&key, want.as_str()).await?;
+    info!(node = %node, from = current.as_deref().unwrap_or("-"), to = %want, reason, "daemon_state corrected");
+    Ok(())
+}
