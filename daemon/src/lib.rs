@@ -3,6 +3,7 @@
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+pub mod dnsmasq;
 pub mod hostinfo;
 pub mod hostnet;
 pub mod hypervisor;

@@ -83,6 +83,16 @@ pub struct PortRange {
     pub end: u16,
 }
 
+impl PortRange {
+    /// A single port (`start == end`).
+    pub fn single(port: u16) -> PortRange {
+        PortRange {
+            start: port,
+            end: port,
+        }
+    }
+}
+
 impl FromStr for PortRange {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

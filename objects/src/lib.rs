@@ -2,6 +2,7 @@
 //! and the cluster objects (Node now; Network, Domain and Ceph in their own issues).
 
 pub mod lease;
+pub mod network;
 pub mod node;
 pub mod reactor;
 pub mod schema;
