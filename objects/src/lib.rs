@@ -3,6 +3,7 @@
 
 pub mod lease;
 pub mod network;
+pub mod network_plan;
 pub mod node;
 pub mod reactor;
 pub mod schema;

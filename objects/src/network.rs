@@ -666,6 +666,10 @@ impl Kind for NetworkKind {
     fn parse(&self, id: &str, keys: &BTreeMap<String, KeyEntry>) -> Result<Network, ObjectError> {
         parse_network(id, keys)
     }
+    /// The operator's keys; `status/<node>` and `leases/<mac>` are reports.
+    fn relevant(&self, sub: &str) -> bool {
+        sub == "spec" || sub.starts_with("reservations/") || sub.starts_with("acl/")
+    }
 }
 
 #[cfg(test)]

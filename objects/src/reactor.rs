@@ -80,6 +80,13 @@ pub trait Kind: Send + Sync + 'static {
         id: &str,
         keys: &BTreeMap<String, KeyEntry>,
     ) -> Result<Self::Object, ObjectError>;
+    /// Does a key below the object (`info`, `status/n1`, …) belong to its desired state?
+    /// Keys that do not (status and reports written by the reconcilers themselves) are not
+    /// cached and their changes trigger no reconcile, so a reconciler's own writes do not
+    /// feed back into it.
+    fn relevant(&self, _sub: &str) -> bool {
+        true
+    }
 }
 
 /// What the controller should do after a successful reconcile.
@@ -351,7 +358,9 @@ fn group_by_object<K: Kind>(
 ) -> BTreeMap<String, BTreeMap<String, KeyEntry>> {
     let mut out: BTreeMap<String, BTreeMap<String, KeyEntry>> = BTreeMap::new();
     for kv in kvs {
-        if let Some((id, sub)) = split_object_key(kind.prefix(), &kv.key) {
+        if let Some((id, sub)) =
+            split_object_key(kind.prefix(), &kv.key).filter(|(_, sub)| kind.relevant(sub))
+        {
             out.entry(id.to_string()).or_default().insert(
                 sub.to_string(),
                 KeyEntry {
@@ -412,6 +421,9 @@ fn apply_list<K: Kind>(
 /// Apply one watch event; returns the object id it touched.
 fn apply_event<K: Kind>(shared: &Shared<K>, key: &str, put: Option<KeyEntry>) -> Option<String> {
     let (id, sub) = split_object_key(shared.kind.prefix(), key)?;
+    if !shared.kind.relevant(sub) {
+        return None;
+    }
     let mut cache = shared.cache.write().unwrap_or_else(|p| p.into_inner());
     let mut keys = cache.get(id).map(|e| e.keys.clone()).unwrap_or_default();
     match put {

@@ -115,6 +115,7 @@ pub struct DaemonBuilder {
     env: Vec<(String, String)>,
     state_dir: Option<PathBuf>,
     binary: Option<PathBuf>,
+    netns: Option<String>,
 }
 
 impl DaemonBuilder {
@@ -127,7 +128,15 @@ impl DaemonBuilder {
             env: Vec::new(),
             state_dir: None,
             binary: None,
+            netns: None,
         }
+    }
+
+    /// Run the daemon inside network namespace `name` (`ip netns exec`, which execs, so the
+    /// PID is the daemon's).
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
+        self
     }
 
     /// etcd endpoints, passed comma-joined as `DEBVISOR_STORE_ENDPOINTS`.
@@ -221,7 +230,15 @@ impl DaemonBuilder {
             Some(b) => b.clone(),
             None => bin_path("debvisord"),
         };
-        let mut child = Command::new(&binary)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&binary);
+                c
+            }
+            None => Command::new(&binary),
+        };
+        let mut child = cmd
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .envs(&env)

@@ -33,11 +33,17 @@ pub struct EtcdProcess {
     peer_port: u16,
     tls: Option<CertSet>,
     child: Option<Child>,
+    /// Network namespace etcd runs in (`None`: the test's own).
+    netns: Option<String>,
+    /// Address etcd listens on inside its namespace.
+    host: std::net::IpAddr,
 }
 
 /// Run a future to completion on a fresh current-thread runtime in a scoped thread, so this
-/// works from plain and async callers alike (never nests runtimes).
-pub(crate) fn block_on_thread<T, F, Fut>(make: F) -> T
+/// works from plain and async callers alike (never nests runtimes); with `netns`, the thread
+/// first moves into that network namespace (`/run/netns/<netns>`), so every socket the
+/// future opens lives there.
+pub fn block_on_in<T, F, Fut>(netns: Option<&str>, make: F) -> T
 where
     T: Send,
     F: FnOnce() -> Fut + Send,
@@ -45,6 +51,9 @@ where
 {
     std::thread::scope(|s| {
         let handle = s.spawn(move || {
+            if let Some(ns) = netns {
+                crate::netns::enter_thread(ns).expect("entering the network namespace");
+            }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -101,6 +110,34 @@ impl EtcdProcess {
         Self::prepare_with(Some(certs.clone()))
     }
 
+    /// Start a plain-HTTP etcd inside network namespace `netns`, listening on `host` there
+    /// (an address of that namespace, e.g. one on its bridge, so other namespaces can reach
+    /// it). Use [`EtcdProcess::with_client`] to talk to it from the test.
+    pub fn start_in(netns: &str, host: std::net::IpAddr) -> Result<Self> {
+        let mut etcd = Self::prepare_with(None)?;
+        etcd.netns = Some(netns.to_owned());
+        etcd.host = host;
+        etcd.launch()?;
+        Ok(etcd)
+    }
+
+    /// Run `f` with a client connected to this etcd, on a thread inside etcd's namespace.
+    pub fn with_client<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        T: Send,
+        F: FnOnce(Client) -> Fut + Send,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let endpoint = self.endpoint();
+        let options = self.connect_options()?;
+        block_on_in(self.netns.as_deref(), || async move {
+            let c = Client::connect([endpoint.as_str()], options)
+                .await
+                .etcd_ctx(|| format!("connecting to {endpoint}"))?;
+            f(c).await
+        })
+    }
+
     fn prepare_with(tls: Option<CertSet>) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("debvisor-etcd-")
@@ -114,6 +151,8 @@ impl EtcdProcess {
             peer_port: free_port(),
             tls,
             child: None,
+            netns: None,
+            host: std::net::IpAddr::from([127, 0, 0, 1]),
         })
     }
 
@@ -133,8 +172,15 @@ impl EtcdProcess {
             .try_clone()
             .ctx(|| format!("duplicating {}", self.log_path.display()))?;
         let client_url = self.endpoint();
-        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
-        let mut cmd = Command::new(ETCD_BIN);
+        let peer_url = format!("http://{}:{}", self.host, self.peer_port);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, ETCD_BIN]);
+                c
+            }
+            None => Command::new(ETCD_BIN),
+        };
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .arg("--name")
@@ -190,7 +236,8 @@ impl EtcdProcess {
             log: log.clone(),
             reason,
         };
-        block_on_thread(|| async move {
+        let netns = self.netns.clone();
+        block_on_in(netns.as_deref(), || async move {
             let deadline = Instant::now() + READY_TIMEOUT;
             loop {
                 match child.try_wait() {
@@ -227,12 +274,12 @@ impl EtcdProcess {
     /// Client endpoint URL: `http://127.0.0.1:PORT`, or `https://…` in TLS mode.
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
+        format!("{scheme}://{}:{}", self.host, self.client_port)
     }
 
     /// Client listen address (e.g. a [`crate::TcpProxy`] target).
     pub fn client_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.client_port))
+        SocketAddr::new(self.host, self.client_port)
     }
 
     /// Peer port.

@@ -46,6 +46,22 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Move the calling thread into network namespace `name` (`/run/netns/<name>`). Sockets the
+/// thread opens afterwards live there; use it on a thread of its own.
+pub fn enter_thread(name: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{name}");
+    let f = std::fs::File::open(&path).ctx(|| format!("opening {path}"))?;
+    // SAFETY: setns(2) on a namespace fd we just opened; affects only the calling thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(HarnessError::Io {
+            context: format!("setns into {path}"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 /// A network namespace named `<prefix>-<pid>-<n>` with `lo` up; deleted on drop.
 #[derive(Debug)]
 pub struct NetNs {
@@ -67,6 +83,27 @@ impl NetNs {
     /// The namespace name (as used by `ip netns` / `/run/netns/<name>`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Run `f` on a fresh thread inside this namespace and return its result.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        std::thread::scope(|s| {
+            let h = s.spawn(|| -> Result<T> {
+                enter_thread(&self.name)?;
+                Ok(f())
+            });
+            match h.join() {
+                Ok(r) => r,
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        })
+    }
+
+    /// Run `ip -n NAME args…` (setup helpers of tests), failing with its stderr.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut a = vec!["-n", self.name.as_str()];
+        a.extend_from_slice(args);
+        ip(&a)
     }
 
     /// A command running `program args…` inside the namespace (`ip netns exec NAME …`).
