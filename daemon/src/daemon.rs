@@ -20,10 +20,15 @@ use tracing::{error, info, warn};
 use crate::config::{Config, NodeMode, ServiceBackend};
 use crate::hypervisor::Libvirt;
 use crate::keepalive::{Keepalive, TickOutcome};
+use crate::netobj::{FirewallSync, NetworkHost, NetworkReconciler};
 use crate::registration::{self, LocalState, RegisterError};
 use crate::services::{ProcessSpec, Supervised};
 use crate::signals::{self, Signal};
 use crate::{logging, notify};
+use debvisor_firewall::Nft;
+use debvisor_netconf::Netlink;
+use debvisor_objects::network::NetworkKind;
+use std::path::PathBuf;
 
 /// The startup stages, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,6 +217,10 @@ struct Running {
     lease_state: watch::Receiver<LeaseState>,
     lease_cancel: CancellationToken,
     nodes: Reactor<NodeKind>,
+    networks: Arc<Reactor<NetworkKind>>,
+    net_host: Arc<NetworkHost>,
+    netlink: Arc<Netlink>,
+    primary: bool,
     /// Taken by the run loop, which moves it into the ticker task.
     keepalive: Option<Keepalive>,
     /// Cancels the ticker task at shutdown.
@@ -273,12 +282,27 @@ pub async fn run(config_path: &Path) -> ExitCode {
         &format!("target={} level={}", log.target, cfg.logging.level),
     );
 
-    // Host networking: the rtnetlink driver lands with the networking issue; until then we
-    // verify that the configured devices exist and report what would be configured.
+    // Host networking: cluster/storage/upstream through rtnetlink, floating addresses on the
+    // primary (a standalone node always is one; the election decides in a cluster).
     let t = Instant::now();
-    match crate::hostnet::check(&cfg.networking) {
-        Ok(detail) => stage_done(&node, Stage::HostNetworking, t, "ok", &detail),
-        Err(e) => return stage_failed(&node, Stage::HostNetworking, t, &e),
+    let primary = cfg.node.mode == NodeMode::Standalone;
+    let netlink = match Netlink::current() {
+        Ok(n) => Arc::new(n),
+        Err(e) => return stage_failed(&node, Stage::HostNetworking, t, &e.to_string()),
+    };
+    match crate::hostnet::ensure_host(&*netlink, &cfg.networking, primary).await {
+        Ok(changes) => stage_done(
+            &node,
+            Stage::HostNetworking,
+            t,
+            "ok",
+            &format!(
+                "{}; {} changes",
+                crate::hostnet::describe(&cfg.networking),
+                changes.len()
+            ),
+        ),
+        Err(e) => return stage_failed(&node, Stage::HostNetworking, t, &e.to_string()),
     }
 
     let t = Instant::now();
@@ -469,16 +493,44 @@ pub async fn run(config_path: &Path) -> ExitCode {
     };
 
     let t = Instant::now();
-    if cfg.firewall.enabled {
-        // The nft driver lands with the firewall issue; refuse to pretend it is applied.
-        warn!(node = %node, stage = Stage::Firewall.name(), "firewall.enabled is set but this build has no nftables driver yet; host firewall left unchanged");
-        stage_done(
-            &node,
-            Stage::Firewall,
-            t,
-            "not-applied",
-            "nftables driver not built yet",
+    let firewall = if cfg.firewall.enabled {
+        let sync = FirewallSync::new(
+            cfg.firewall.clone(),
+            crate::hostnet::cluster_cidrs(&cfg.networking),
+            Nft::new(),
         );
+        // The first ruleset already carries every network in etcd, so restarting the daemon
+        // never drops guest traffic between the base table and the network chains.
+        let nets = match crate::netobj::network_rules_from_store(&store, primary).await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(node = %node, stage = Stage::Firewall.name(), error = %e, "cannot list networks; base ruleset only");
+                Vec::new()
+            }
+        };
+        let n = nets.len();
+        match sync.sync(nets).await {
+            Ok(changed) => stage_done(
+                &node,
+                Stage::Firewall,
+                t,
+                "ok",
+                &format!(
+                    "table inet debvisor with {n} networks ({})",
+                    if changed {
+                        "applied"
+                    } else {
+                        "already in place"
+                    }
+                ),
+            ),
+            Err(e) => {
+                // Keep running: the resync tick retries, and the error names nft's complaint.
+                error!(node = %node, stage = Stage::Firewall.name(), error = %e, "firewall not applied; retrying on every resync");
+                stage_done(&node, Stage::Firewall, t, "degraded", &e);
+            }
+        }
+        Some(sync)
     } else {
         stage_done(
             &node,
@@ -487,9 +539,27 @@ pub async fn run(config_path: &Path) -> ExitCode {
             "skipped",
             "firewall.enabled is false",
         );
-    }
+        None
+    };
 
     let t = Instant::now();
+    let net_host = Arc::new(NetworkHost::new(
+        node.clone(),
+        store.clone(),
+        netlink.clone(),
+        crate::hostnet::host_context(&cfg.networking, primary),
+        firewall,
+        cfg.paths.run_dir.clone(),
+        cfg.paths.state_dir.clone(),
+        PathBuf::from("/usr/sbin/dnsmasq"),
+    ));
+    let networks = Arc::new(Reactor::spawn(
+        NetworkKind,
+        NetworkReconciler(net_host.clone()),
+        store.clone(),
+        ReactorOptions::default(),
+        CancellationToken::new(),
+    ));
     let nodes = Reactor::spawn(
         NodeKind,
         NodeReconciler::default(),
@@ -515,6 +585,10 @@ pub async fn run(config_path: &Path) -> ExitCode {
         lease_state,
         lease_cancel,
         nodes,
+        networks,
+        net_host,
+        netlink,
+        primary,
         keepalive: Some(keepalive),
         tasks: CancellationToken::new(),
         libvirt,
@@ -525,7 +599,7 @@ pub async fn run(config_path: &Path) -> ExitCode {
     };
     let mut signals = signals;
     tokio::select! {
-        _ = r.nodes.wait_synced() => {}
+        _ = async { r.nodes.wait_synced().await; r.networks.wait_synced().await; } => {}
         sig = signals.recv() => {
             info!(node = %node, signal = ?sig, "termination requested during startup");
             return shutdown(r, DaemonState::Init).await;
@@ -536,8 +610,13 @@ pub async fn run(config_path: &Path) -> ExitCode {
         Stage::Objects,
         t,
         "ok",
-        &format!("node view synced: {} nodes", r.nodes.list().len()),
+        &format!(
+            "synced: {} nodes, {} networks",
+            r.nodes.list().len(),
+            r.networks.list().len()
+        ),
     );
+    r.net_host.firewall_ready().await;
 
     let t = Instant::now();
     if let Some(ka) = r.keepalive.as_mut() {
@@ -601,8 +680,48 @@ fn spawn_ticker(
     rx
 }
 
+/// Host-side resync on the keepalive tick, in its own task: host-network drift, the
+/// firewall (a deleted rule comes back), and client networks deleted while we were away.
+fn spawn_host_resync(r: &Running) {
+    let cfg = r.cfg.networking.clone();
+    let netlink = r.netlink.clone();
+    let primary = r.primary;
+    let net_host = r.net_host.clone();
+    let networks = r.networks.clone();
+    let cancel = r.tasks.clone();
+    let interval = r.cfg.keepalive.interval;
+    let node = r.cfg.node_name().to_string();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match crate::hostnet::ensure_host(&*netlink, &cfg, primary).await {
+                Ok(changes) if !changes.is_empty() => {
+                    info!(node = %node, changes = changes.len(), "host network drift corrected")
+                }
+                Ok(_) => {}
+                Err(e) => warn!(node = %node, error = %e, "host networking resync failed"),
+            }
+            net_host.resync_firewall().await;
+            for vni in net_host.host_vnis().await {
+                let id = vni.to_string();
+                if networks.get(&id).is_none() {
+                    info!(node = %node, network = vni, "bridge of a network no longer in etcd found; removing it");
+                    networks.enqueue(&id);
+                }
+            }
+        }
+    });
+}
+
 async fn run_loop(mut r: Running, mut signals: mpsc::UnboundedReceiver<Signal>) -> ExitCode {
     let node = r.cfg.node_name().to_string();
+    spawn_host_resync(&r);
     let Some(keepalive) = r.keepalive.take() else {
         error!(node = %node, "keepalive missing; internal error");
         return shutdown(r, DaemonState::Run).await;
@@ -633,6 +752,7 @@ async fn run_loop(mut r: Running, mut signals: mpsc::UnboundedReceiver<Signal>) 
                     return shutdown(r, DaemonState::Run).await;
                 };
                 r.nodes.resync();
+                r.networks.resync();
                 if outcome == TickOutcome::StoreUnreachable {
                     state_written = false;
                 } else if outcome == TickOutcome::Written && !state_written {
@@ -715,6 +835,8 @@ async fn shutdown(r: Running, from: DaemonState) -> ExitCode {
         )
         .await;
         r.nodes.shutdown().await;
+        r.networks.shutdown().await;
+        r.net_host.stop_all().await;
         let _ = registration::set_daemon_state(
             &r.store,
             &node,

@@ -335,7 +335,7 @@ mod tests {
         let p = Paths::new(Path::new("/run/d"), Path::new("/var/lib/d"), 100);
         let c = render_conf(&net(), &p).expect("conf");
         for line in [
-            "interface=vmbr100",
+            "interface=dvbr100",
             "bind-interfaces",
             "listen-address=10.1.0.1",
             "dhcp-range=10.1.0.100,10.1.0.150,255.255.255.0,1h",

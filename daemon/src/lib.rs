@@ -9,6 +9,7 @@ pub mod hostnet;
 pub mod hypervisor;
 pub mod keepalive;
 pub mod logging;
+pub mod netobj;
 pub mod notify;
 pub mod registration;
 pub mod services;

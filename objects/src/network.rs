@@ -295,16 +295,16 @@ pub struct Network {
 }
 
 impl Network {
-    /// Name of the network's bridge on every node (`vmbr<vni>`, ≤ 15 chars).
+    /// Name of the network's bridge on every node (`dvbr<vni>`, ≤ 15 chars).
     pub fn bridge_name(&self) -> String {
-        format!("vmbr{}", self.vni)
+        format!("dvbr{}", self.vni)
     }
 
-    /// Name of the VXLAN or VLAN link under the bridge (`vxlan<vni>` / `vlan<vni>`).
+    /// Name of the VXLAN or VLAN link under the bridge (`dvvx<vni>` / `dvvl<vni>`).
     pub fn link_name(&self) -> String {
         match self.kind {
-            NetworkType::Managed => format!("vxlan{}", self.vni),
-            NetworkType::Bridged => format!("vlan{}", self.vni),
+            NetworkType::Managed => format!("dvvx{}", self.vni),
+            NetworkType::Bridged => format!("dvvl{}", self.vni),
         }
     }
 }
@@ -722,8 +722,8 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(n.vni, 100);
-        assert_eq!(n.bridge_name(), "vmbr100");
-        assert_eq!(n.link_name(), "vxlan100");
+        assert_eq!(n.bridge_name(), "dvbr100");
+        assert_eq!(n.link_name(), "dvvx100");
         assert_eq!(n.reservations[0].mac, "52:54:00:aa:bb:cc");
         assert_eq!(
             n.acl_in.iter().map(|a| a.order).collect::<Vec<_>>(),
@@ -737,8 +737,8 @@ mod tests {
         );
         assert!(
             n.bridge_name().len() <= 15
-                && format!("vmbr{VNI_MAX}").len() <= 15
-                && format!("vxlan{VNI_MAX}").len() <= 15
+                && format!("dvbr{VNI_MAX}").len() <= 15
+                && format!("dvvx{VNI_MAX}").len() <= 15
         );
     }
 

@@ -3,7 +3,7 @@
 //! the steps through `debvisor_netconf::HostNet`; here there is no I/O, so every case is
 //! unit-tested.
 //!
-//! What we create is recognisable by name (`vmbr<vni>`, `vxlan<vni>`, `vlan<vni>`), so
+//! What we create is recognisable by name (`dvbr<vni>`, `dvvx<vni>`, `dvvl<vni>`), so
 //! removal deletes exactly what we created, also after a restart.
 
 use std::collections::BTreeSet;
@@ -263,9 +263,9 @@ pub fn plan_host(net: &Network, ctx: &HostContext, obs: &Observed) -> Result<Pla
 pub fn plan_removal(vni: u32, obs: &Observed) -> Vec<Step> {
     let mut steps = Vec::new();
     for (name, kind) in [
-        (format!("vmbr{vni}"), "bridge"),
-        (format!("vxlan{vni}"), "vxlan"),
-        (format!("vlan{vni}"), "vlan"),
+        (format!("dvbr{vni}"), "bridge"),
+        (format!("dvvx{vni}"), "vxlan"),
+        (format!("dvvl{vni}"), "vlan"),
     ] {
         if obs.link(&name).and_then(|l| l.kind.as_deref()) == Some(kind) {
             steps.push(Step::DeleteLink { link: name });
@@ -280,7 +280,7 @@ pub fn host_vnis(obs: &Observed) -> BTreeSet<u32> {
     obs.links
         .values()
         .filter(|l| l.kind.as_deref() == Some("bridge"))
-        .filter_map(|l| l.name.strip_prefix("vmbr")?.parse::<u32>().ok())
+        .filter_map(|l| l.name.strip_prefix("dvbr")?.parse::<u32>().ok())
         .collect()
 }
 
@@ -384,11 +384,11 @@ mod tests {
             matches!(&p.steps[0], Step::CreateVxlan(v) if v.vni == 100 && v.dstport == 4789 && v.group == Some("239.0.0.100".parse().expect("ip")))
         );
         assert!(p.steps.contains(&Step::CreateBridge {
-            link: "vmbr100".into()
+            link: "dvbr100".into()
         }));
         assert!(p.steps.contains(&Step::SetMaster {
-            link: "vxlan100".into(),
-            master: "vmbr100".into()
+            link: "dvvx100".into(),
+            master: "dvbr100".into()
         }));
         assert_eq!(
             p.steps
@@ -447,10 +447,10 @@ mod tests {
             &plan_host(&n, &ctx(true), &base()).expect("plan").steps,
         );
         let mut d = good.clone();
-        d.links.get_mut("vmbr100").expect("br").mtu = 1500;
-        d.links.get_mut("vxlan100").expect("vx").up = false;
+        d.links.get_mut("dvbr100").expect("br").mtu = 1500;
+        d.links.get_mut("dvvx100").expect("vx").up = false;
         d.links
-            .get_mut("vmbr100")
+            .get_mut("dvbr100")
             .expect("br")
             .addresses
             .retain(|a| !a.cidr.addr.is_ipv4());
@@ -459,14 +459,14 @@ mod tests {
             steps,
             vec![
                 Step::SetMtu {
-                    link: "vmbr100".into(),
+                    link: "dvbr100".into(),
                     mtu: 1450
                 },
                 Step::SetUp {
-                    link: "vxlan100".into()
+                    link: "dvvx100".into()
                 },
                 Step::AddGateway {
-                    link: "vmbr100".into(),
+                    link: "dvbr100".into(),
                     addr: Cidr {
                         addr: "10.1.0.1".parse().expect("ip"),
                         prefix: 24
@@ -476,15 +476,15 @@ mod tests {
         );
         // A deleted bridge is recreated and the VXLAN re-enslaved.
         let mut d = good.clone();
-        d.links.remove("vmbr100");
-        d.links.get_mut("vxlan100").expect("vx").master = None;
+        d.links.remove("dvbr100");
+        d.links.get_mut("dvvx100").expect("vx").master = None;
         let steps = plan_host(&n, &ctx(true), &d).expect("plan").steps;
         assert!(steps.contains(&Step::CreateBridge {
-            link: "vmbr100".into()
+            link: "dvbr100".into()
         }));
         assert!(steps.contains(&Step::SetMaster {
-            link: "vxlan100".into(),
-            master: "vmbr100".into()
+            link: "dvvx100".into(),
+            master: "dvbr100".into()
         }));
         assert_eq!(
             plan_host(&n, &ctx(true), &simulate(d, &steps))
@@ -510,12 +510,12 @@ mod tests {
     #[test]
     fn foreign_links_with_our_names_are_never_touched() {
         let n = managed();
-        let obs = base().with_link(LinkState::new(5, "vmbr100", Some("veth"), 1500));
+        let obs = base().with_link(LinkState::new(5, "dvbr100", Some("veth"), 1500));
         assert_eq!(
             plan_host(&n, &ctx(true), &obs).map_err(|e| e.field),
             Err("vni".to_string())
         );
-        let obs = base().with_link(LinkState::new(5, "vxlan100", Some("bridge"), 1500));
+        let obs = base().with_link(LinkState::new(5, "dvvx100", Some("bridge"), 1500));
         assert_eq!(
             plan_host(&n, &ctx(true), &obs).map_err(|e| e.field),
             Err("vni".to_string())
@@ -527,7 +527,7 @@ mod tests {
         );
         let mut g = good.clone();
         g.links
-            .get_mut("vmbr100")
+            .get_mut("dvbr100")
             .expect("br")
             .addresses
             .push(AddrState {
@@ -547,7 +547,7 @@ mod tests {
         assert_eq!(
             p.steps[0],
             Step::CreateVlan {
-                link: "vlan100".into(),
+                link: "dvvl100".into(),
                 parent: "eth0".into(),
                 id: 100
             }
@@ -578,16 +578,16 @@ mod tests {
         );
         let with_foreign = good
             .clone()
-            .with_link(LinkState::new(9, "vlan100", Some("veth"), 1500));
+            .with_link(LinkState::new(9, "dvvl100", Some("veth"), 1500));
         let steps = plan_removal(100, &with_foreign);
         assert_eq!(
             steps,
             vec![
                 Step::DeleteLink {
-                    link: "vmbr100".into()
+                    link: "dvbr100".into()
                 },
                 Step::DeleteLink {
-                    link: "vxlan100".into()
+                    link: "dvvx100".into()
                 }
             ]
         );
