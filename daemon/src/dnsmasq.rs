@@ -73,7 +73,8 @@ pub fn render_conf(net: &Network, paths: &Paths) -> Result<String, String> {
         net.vni
     ));
     c.push(format!("interface={}", net.bridge_name()));
-    c.push("bind-interfaces".into());
+    // bind-dynamic follows the bridge if it is deleted and recreated (drift repair).
+    c.push("bind-dynamic".into());
     c.push("except-interface=lo".into());
     c.push(format!("listen-address={gw}"));
     if let Some(g6) = net.ipv6.as_ref().and_then(|f| f.gateway) {
@@ -336,7 +337,7 @@ mod tests {
         let c = render_conf(&net(), &p).expect("conf");
         for line in [
             "interface=dvbr100",
-            "bind-interfaces",
+            "bind-dynamic",
             "listen-address=10.1.0.1",
             "dhcp-range=10.1.0.100,10.1.0.150,255.255.255.0,1h",
             "dhcp-option=option:router,10.1.0.1",

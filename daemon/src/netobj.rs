@@ -51,7 +51,9 @@ pub struct FirewallSync {
     pub cfg: FirewallConfig,
     pub cluster: Vec<debvisor_firewall::Cidr>,
     pub nft: Arc<Nft>,
-    lock: AsyncMutex<()>,
+    /// The model last applied (its nft JSON): a different model is an update, the same
+    /// model with a different table is drift.
+    last: AsyncMutex<Option<String>>,
 }
 
 impl FirewallSync {
@@ -65,35 +67,46 @@ impl FirewallSync {
             cfg,
             cluster,
             nft: Arc::new(nft),
-            lock: AsyncMutex::new(()),
+            last: AsyncMutex::new(None),
         }
     }
 
     /// Make our table match config + `networks`; one atomic batch when it differs.
     /// Returns whether anything changed.
     pub async fn sync(&self, networks: Vec<NetworkRules>) -> Result<bool, String> {
-        let _g = self.lock.lock().await;
+        let mut last = self.last.lock().await;
         let ruleset =
             Ruleset::from_config(&self.cfg, &self.cluster, &networks).map_err(|e| e.to_string())?;
+        let json = ruleset.to_json().map_err(|e| e.to_string())?;
+        let update = last.as_deref() != Some(json.as_str());
         let nft = self.nft.clone();
-        let out = tokio::task::spawn_blocking(move || nft.ensure(&ruleset))
-            .await
-            .map_err(|e| format!("firewall task: {e}"))?
-            .map_err(|e| e.to_string())?;
-        if out.changed {
-            match &out.drift {
-                Some(d) => {
-                    info!(chains = ruleset_size(&networks), drift = %d, "firewall re-applied (drift corrected)")
-                }
-                None => info!(chains = ruleset_size(&networks), "firewall applied"),
+        let out = tokio::task::spawn_blocking(move || {
+            if update {
+                nft.apply(&ruleset).map(|()| None)
+            } else {
+                nft.ensure(&ruleset).map(Some)
             }
+        })
+        .await
+        .map_err(|e| format!("firewall task: {e}"))?
+        .map_err(|e| e.to_string())?;
+        *last = Some(json);
+        match out {
+            None => {
+                info!(
+                    networks = networks.len(),
+                    "firewall applied (table inet debvisor)"
+                );
+                Ok(true)
+            }
+            Some(o) if o.changed => {
+                let drift = o.drift.map(|d| d.to_string()).unwrap_or_default();
+                info!(networks = networks.len(), drift = %drift, "firewall re-applied (drift corrected)");
+                Ok(true)
+            }
+            Some(_) => Ok(false),
         }
-        Ok(out.changed)
     }
-}
-
-fn ruleset_size(n: &[NetworkRules]) -> usize {
-    n.len()
 }
 
 /// The firewall view of one network.
@@ -270,7 +283,7 @@ impl NetworkHost {
                     h.delete_link(link).await.map_err(host_err)?;
                 }
             }
-            info!(network = vni, step = ?s, "network host change");
+            info!(network = vni, change = %s, "network host change");
         }
         Ok(())
     }
@@ -378,7 +391,7 @@ impl NetworkHost {
                         serde_json::to_vec(l).unwrap_or_default(),
                     )
                     .await?;
-                info!(network = vni, mac = %mac, ip = %l.ip, hostname = ?l.hostname, "DHCP lease reported");
+                info!(network = vni, mac = %mac, ip = %l.ip, hostname = l.hostname.as_deref().unwrap_or("-"), "DHCP lease reported");
             }
         }
         for mac in before.keys().filter(|m| !current.contains_key(*m)) {

@@ -73,6 +73,38 @@ pub enum Step {
     },
 }
 
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let vx = |v: &VxlanSpec| {
+            let mut s = format!("{} vni {} port {}", v.name, v.vni, v.dstport);
+            if let Some(d) = &v.dev {
+                s.push_str(&format!(" dev {d}"));
+            }
+            if let Some(l) = v.local {
+                s.push_str(&format!(" local {l}"));
+            }
+            if let Some(g) = v.group {
+                s.push_str(&format!(" group {g}"));
+            }
+            s
+        };
+        match self {
+            Step::CreateVxlan(v) => write!(f, "create vxlan {}", vx(v)),
+            Step::RecreateVxlan(v) => write!(f, "recreate vxlan {}", vx(v)),
+            Step::CreateVlan { link, parent, id } => {
+                write!(f, "create vlan {link} id {id} on {parent}")
+            }
+            Step::CreateBridge { link } => write!(f, "create bridge {link}"),
+            Step::SetMtu { link, mtu } => write!(f, "set {link} mtu {mtu}"),
+            Step::SetMaster { link, master } => write!(f, "enslave {link} to {master}"),
+            Step::SetUp { link } => write!(f, "set {link} up"),
+            Step::AddGateway { link, addr } => write!(f, "add gateway {addr} on {link}"),
+            Step::RemoveGateway { link, addr } => write!(f, "remove gateway {addr} from {link}"),
+            Step::DeleteLink { link } => write!(f, "delete {link}"),
+        }
+    }
+}
+
 /// The plan for one network, with the MTU it ends up with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {

@@ -544,6 +544,15 @@ impl DaemonProcess {
 impl Drop for DaemonProcess {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
+            // Graceful first, so the daemon stops what it started (dnsmasq); SIGKILL after 3 s.
+            // SAFETY: kill(2) on the PID of our own unreaped child.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+            let until = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < until && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if matches!(self.child.try_wait(), Ok(None)) {
             // SAFETY: kill(2) on the PID of our own unreaped child.
             unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
         }

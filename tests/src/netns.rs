@@ -116,6 +116,20 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        // Whatever still runs inside a namespace we created was started by the test (or by a
+        // daemon the test started, e.g. its dnsmasq): end it by PID before deleting.
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) on a process inside our own namespace.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         if let Err(e) = ip(&["netns", "delete", &self.name]) {
             eprintln!("debvisor-tests: deleting netns {}: {e}", self.name);
         }

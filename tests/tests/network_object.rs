@@ -1,0 +1,569 @@
+//! The Network object end to end: real daemons inside network namespaces, etcd inside a
+//! namespace, real bridges/VXLAN, a real dnsmasq and a real DHCP client (busybox udhcpc).
+//! Every namespace, link and process is removed on drop, also when a test fails.
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use debvisor_tests::{skip_unless_root, DaemonBuilder, DaemonProcess, EtcdProcess, NetNs};
+use serde_json::Value;
+
+fn ok(o: std::io::Result<Output>, what: &str) -> String {
+    let o = o.unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        o.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn put(etcd: &EtcdProcess, key: &str, value: &str) {
+    let (k, v) = (format!("/debvisor/{key}"), value.to_owned());
+    etcd.with_client(|mut c| async move {
+        c.put(k, v, None)
+            .await
+            .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
+        Ok(())
+    })
+    .expect("etcd put");
+}
+
+fn delete_prefix(etcd: &EtcdProcess, prefix: &str) {
+    let p = format!("/debvisor/{prefix}");
+    etcd.with_client(|mut c| async move {
+        c.delete(p, Some(etcd_client::DeleteOptions::new().with_prefix()))
+            .await
+            .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
+        Ok(())
+    })
+    .expect("etcd delete");
+}
+
+fn get(etcd: &EtcdProcess, key: &str) -> Option<String> {
+    let k = format!("/debvisor/{key}");
+    etcd.with_client(|mut c| async move {
+        let r = c
+            .get(k, None)
+            .await
+            .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
+        Ok(r.kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    })
+    .expect("etcd get")
+}
+
+fn keys(etcd: &EtcdProcess, prefix: &str) -> Vec<String> {
+    let p = format!("/debvisor/{prefix}");
+    etcd.with_client(|mut c| async move {
+        let r = c
+            .get(
+                p,
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only(),
+                ),
+            )
+            .await
+            .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
+        Ok(r.kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .collect())
+    })
+    .expect("etcd keys")
+}
+
+fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < until, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn link_json(ns: &NetNs, link: &str) -> Option<Value> {
+    let o = ns
+        .exec_cmd("ip", &["-j", "-d", "addr", "show", "dev", link])
+        .output()
+        .ok()?;
+    if !o.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&o.stdout).ok()?;
+    v.as_array()?.first().cloned()
+}
+
+fn has_addr(ns: &NetNs, link: &str, addr: &str) -> bool {
+    link_json(ns, link)
+        .and_then(|l| l["addr_info"].as_array().cloned())
+        .map(|a| a.iter().any(|x| x["local"] == addr))
+        .unwrap_or(false)
+}
+
+/// A "guest": its own namespace, a veth whose host end is enslaved to `bridge` in `node`.
+fn guest(node: &NetNs, bridge: &str, host_end: &str, mac: &str) -> NetNs {
+    let g = NetNs::create("dvguest").expect("guest ns");
+    let peer = format!("{host_end}p");
+    ok(
+        node.exec_cmd(
+            "ip",
+            &[
+                "link", "add", host_end, "type", "veth", "peer", "name", &peer,
+            ],
+        )
+        .output(),
+        "veth",
+    );
+    ok(
+        node.exec_cmd("ip", &["link", "set", &peer, "netns", g.name()])
+            .output(),
+        "move veth",
+    );
+    ok(
+        node.exec_cmd("ip", &["link", "set", host_end, "master", bridge, "up"])
+            .output(),
+        "enslave",
+    );
+    g.ip(&["link", "set", &peer, "name", "eth0"])
+        .expect("rename");
+    g.ip(&["link", "set", "eth0", "address", mac, "up"])
+        .expect("guest up");
+    g
+}
+
+fn udhcpc(g: &NetNs) -> Option<String> {
+    let o = g
+        .exec_cmd(
+            "busybox",
+            &[
+                "udhcpc",
+                "-i",
+                "eth0",
+                "-n",
+                "-q",
+                "-t",
+                "8",
+                "-T",
+                "1",
+                "-s",
+                "/bin/true",
+            ],
+        )
+        .output()
+        .ok()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // "udhcpc: lease of 10.1.0.7 obtained from 10.1.0.1, lease time 3600"
+    text.lines().find_map(|l| {
+        l.split("lease of ")
+            .nth(1)?
+            .split_whitespace()
+            .next()
+            .map(str::to_owned)
+    })
+}
+
+fn start_node(
+    node: &NetNs,
+    etcd: &EtcdProcess,
+    name: &str,
+    yaml: &str,
+    env: &[(&str, &str)],
+) -> DaemonProcess {
+    let mut b = DaemonBuilder::new(name)
+        .netns(node.name())
+        .endpoints(&[etcd.endpoint()])
+        .yaml(yaml);
+    for (k, v) in env {
+        b = b.env(k, v);
+    }
+    let mut d = b.spawn().expect("spawn daemon");
+    d.wait_run(Duration::from_secs(30))
+        .expect("daemon reaches run");
+    d
+}
+
+const MANAGED: &str = r#"{"type":"managed","description":"tenant","domain":"t.example",
+  "ipv4":{"network":"10.1.0.0/24","gateway":"10.1.0.1"},
+  "ipv6":{"network":"fd00:1::/64","gateway":"fd00:1::1"},
+  "dhcp4":{"enabled":true,"start":"10.1.0.100","end":"10.1.0.150"}}"#;
+
+#[test]
+fn managed_network_on_a_standalone_node_serves_dhcp_and_reports_leases() {
+    skip_unless_root!();
+    let node = NetNs::create("dvnode").expect("node ns");
+    let etcd =
+        EtcdProcess::start_in(node.name(), "127.0.0.1".parse().expect("ip")).expect("etcd in ns");
+    put(&etcd, "networks/100/spec", MANAGED);
+    put(
+        &etcd,
+        "networks/100/reservations/52:54:00:00:00:07",
+        r#"{"ip":"10.1.0.7","hostname":"web"}"#,
+    );
+    let mut d = start_node(&node, &etcd, "solo", "", &[]);
+
+    // Bridge, VXLAN (local only: no cluster network), gateways, status.
+    eventually("bridge with gateways", Duration::from_secs(15), || {
+        has_addr(&node, "dvbr100", "10.1.0.1") && has_addr(&node, "dvbr100", "fd00:1::1")
+    });
+    let vx = link_json(&node, "dvvx100").expect("vxlan link");
+    assert_eq!(vx["master"], "dvbr100");
+    assert_eq!(vx["linkinfo"]["info_kind"], "vxlan");
+    assert_eq!(vx["linkinfo"]["info_data"]["id"], 100);
+    eventually("status ready", Duration::from_secs(10), || {
+        get(&etcd, "networks/100/status/solo")
+            .map(|s| s.contains("\"ready\""))
+            .unwrap_or(false)
+    });
+
+    // A reserved guest gets its address; another one gets one from the range.
+    let g1 = guest(&node, "dvbr100", "gv1", "52:54:00:00:00:07");
+    assert_eq!(
+        udhcpc(&g1).as_deref(),
+        Some("10.1.0.7"),
+        "reservation honoured"
+    );
+    let g2 = guest(&node, "dvbr100", "gv2", "52:54:00:00:00:42");
+    let ip2 = udhcpc(&g2).expect("a dynamic lease");
+    let last: u8 = ip2
+        .rsplit('.')
+        .next()
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        ip2.starts_with("10.1.0.") && (100..=150).contains(&last),
+        "{ip2} in the range"
+    );
+    eventually("leases reported to etcd", Duration::from_secs(15), || {
+        let k = keys(&etcd, "networks/100/leases/");
+        k.iter().any(|x| x.ends_with("52:54:00:00:00:07"))
+            && k.iter().any(|x| x.ends_with("52:54:00:00:00:42"))
+    });
+    let lease: Value = serde_json::from_str(
+        &get(&etcd, "networks/100/leases/52:54:00:00:00:07").unwrap_or_default(),
+    )
+    .expect("lease JSON");
+    assert_eq!(lease["ip"], "10.1.0.7");
+    assert_eq!(lease["hostname"], "web");
+
+    // A new reservation reaches the running dnsmasq (SIGHUP, no restart).
+    put(
+        &etcd,
+        "networks/100/reservations/52:54:00:00:00:09",
+        r#"{"ip":"10.1.0.9"}"#,
+    );
+    d.wait_for(
+        |v| v["message"] == "dnsmasq reservations reloaded",
+        Duration::from_secs(10),
+    )
+    .expect("reload");
+    let g3 = guest(&node, "dvbr100", "gv3", "52:54:00:00:00:09");
+    assert_eq!(udhcpc(&g3).as_deref(), Some("10.1.0.9"));
+
+    // An invalid update: error status naming the field, the host left as it was.
+    put(
+        &etcd,
+        "networks/100/spec",
+        &MANAGED.replace("\"gateway\":\"10.1.0.1\"", "\"gateway\":\"10.9.0.1\""),
+    );
+    eventually("error status", Duration::from_secs(10), || {
+        get(&etcd, "networks/100/status/solo")
+            .map(|s| s.contains("spec.ipv4.gateway"))
+            .unwrap_or(false)
+    });
+    assert!(
+        has_addr(&node, "dvbr100", "10.1.0.1"),
+        "nothing torn down for a bad spec"
+    );
+    put(&etcd, "networks/100/spec", MANAGED);
+    eventually("ready again", Duration::from_secs(10), || {
+        get(&etcd, "networks/100/status/solo")
+            .map(|s| s.contains("\"ready\""))
+            .unwrap_or(false)
+    });
+
+    // Drift: someone deletes our bridge; the resync tick brings it back with its gateway.
+    ok(
+        node.exec_cmd("ip", &["link", "del", "dvbr100"]).output(),
+        "delete bridge",
+    );
+    eventually("bridge recreated", Duration::from_secs(15), || {
+        has_addr(&node, "dvbr100", "10.1.0.1")
+    });
+
+    // Deleting the network removes exactly what we created, and our dnsmasq.
+    delete_prefix(&etcd, "networks/100/");
+    eventually("links removed", Duration::from_secs(15), || {
+        link_json(&node, "dvbr100").is_none() && link_json(&node, "dvvx100").is_none()
+    });
+    d.wait_for(
+        |v| v["message"] == "dnsmasq stopped",
+        Duration::from_secs(10),
+    )
+    .expect("dnsmasq stopped");
+    assert!(
+        link_json(&node, "gv1").is_some(),
+        "the guests' own veths stay"
+    );
+    assert!(
+        keys(&etcd, "networks/100/").is_empty(),
+        "status and leases cleaned up: {:?}",
+        keys(&etcd, "networks/100/")
+    );
+}
+
+#[test]
+fn two_nodes_carry_a_managed_network_over_vxlan() {
+    skip_unless_root!();
+    // A switch namespace with a bridge; each node namespace has eth0 on it.
+    let sw = NetNs::create("dvsw").expect("switch ns");
+    sw.ip(&["link", "add", "sw", "type", "bridge"])
+        .expect("switch bridge");
+    sw.ip(&["addr", "add", "192.0.2.254/24", "dev", "sw"])
+        .expect("switch addr");
+    sw.ip(&["link", "set", "sw", "up"]).expect("switch up");
+    let etcd = EtcdProcess::start_in(sw.name(), "192.0.2.254".parse().expect("ip"))
+        .expect("etcd on the switch");
+    let mut nodes = Vec::new();
+    for (i, name) in ["n1", "n2"].iter().enumerate() {
+        let ns = NetNs::create(&format!("dv{name}")).expect("node ns");
+        let (a, b) = (format!("dv{name}a"), format!("dv{name}b"));
+        ok(
+            ns.exec_cmd(
+                "ip",
+                &["link", "add", &a, "type", "veth", "peer", "name", &b],
+            )
+            .output(),
+            "veth",
+        );
+        ok(
+            ns.exec_cmd("ip", &["link", "set", &b, "netns", sw.name()])
+                .output(),
+            "to switch",
+        );
+        sw.ip(&["link", "set", &b, "master", "sw", "up"])
+            .expect("switch port");
+        ns.ip(&["link", "set", &a, "name", "eth0"]).expect("rename");
+        let addr = format!("192.0.2.{}/24", i + 1);
+        let yaml = format!("networking:\n  host_networks:\n    cluster:\n      device: eth0\n      addresses: [{addr}]\n");
+        let d = start_node(
+            &ns,
+            &etcd,
+            name,
+            &yaml,
+            &[
+                ("DEBVISOR_NODE_MODE", "clustered"),
+                ("DEBVISOR_NODE_COORDINATORS", "n1,n2"),
+            ],
+        );
+        nodes.push((ns, d));
+    }
+    // The host-networking stage configured the cluster address.
+    assert!(has_addr(&nodes[0].0, "eth0", "192.0.2.1"));
+
+    // A managed network without gateway (no primary elected yet in clustered mode).
+    put(
+        &etcd,
+        "networks/200/spec",
+        r#"{"type":"managed","ipv4":{"network":"10.2.0.0/24"}}"#,
+    );
+    let mut guests = Vec::new();
+    for (i, (ns, _)) in nodes.iter().enumerate() {
+        eventually("bridge on each node", Duration::from_secs(15), || {
+            link_json(ns, "dvbr200").is_some()
+        });
+        let vx = link_json(ns, "dvvx200").expect("vxlan");
+        assert_eq!(vx["linkinfo"]["info_data"]["group"], "239.0.0.200");
+        assert_eq!(vx["mtu"], 1450, "clamped to the cluster MTU − 50");
+        let g = guest(
+            ns,
+            "dvbr200",
+            &format!("gw{i}"),
+            &format!("52:54:00:00:02:0{i}"),
+        );
+        g.ip(&["addr", "add", &format!("10.2.0.1{i}/24"), "dev", "eth0"])
+            .expect("guest addr");
+        guests.push(g);
+    }
+    let out = guests[0]
+        .exec_cmd("busybox", &["ping", "-c", "3", "-W", "2", "10.2.0.11"])
+        .output()
+        .expect("ping");
+    assert!(
+        out.status.success(),
+        "ping across VXLAN: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for (_, d) in &nodes {
+        assert!(
+            !d.json_lines().iter().any(|v| v["level"] == "ERROR"),
+            "no errors on {}",
+            d.node()
+        );
+    }
+}
+
+fn nft_table(ns: &NetNs) -> Option<Value> {
+    let o = ns
+        .exec_cmd("nft", &["-j", "list", "table", "inet", "debvisor"])
+        .output()
+        .ok()?;
+    if !o.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&o.stdout).ok()
+}
+
+fn chains(t: &Value) -> Vec<String> {
+    t["nftables"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x["chain"]["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_node_firewall_follows_networks_and_heals_a_deleted_rule() {
+    skip_unless_root!();
+    let node = NetNs::create("dvfw").expect("node ns");
+    let etcd =
+        EtcdProcess::start_in(node.name(), "127.0.0.1".parse().expect("ip")).expect("etcd in ns");
+    // A network present before the daemon starts is in the very first ruleset.
+    put(
+        &etcd,
+        "networks/300/spec",
+        r#"{"type":"managed","ipv4":{"network":"10.3.0.0/24","gateway":"10.3.0.1"}}"#,
+    );
+    put(
+        &etcd,
+        "networks/300/acl/in/10",
+        r#"{"action":"drop","proto":"tcp","port":"23","description":"no telnet"}"#,
+    );
+    // A foreign table that must survive everything we do.
+    ok(
+        node.exec_cmd("nft", &["add", "table", "inet", "other"])
+            .output(),
+        "foreign table",
+    );
+    let d = start_node(
+        &node,
+        &etcd,
+        "fw",
+        "",
+        &[("DEBVISOR_FIREWALL_ENABLED", "true")],
+    );
+    let stage = d
+        .json_lines()
+        .into_iter()
+        .find(|v| v["message"] == "stage complete" && v["stage"] == "firewall")
+        .expect("firewall stage");
+    assert_eq!(stage["outcome"], "ok");
+    assert!(
+        stage["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("1 networks"),
+        "{stage}"
+    );
+    let t = nft_table(&node).expect("our table");
+    let c = chains(&t);
+    for want in ["input", "forward", "output", "net300-in", "net300-out"] {
+        assert!(c.iter().any(|x| x == want), "chain {want} in {c:?}");
+    }
+
+    // A second network arrives: its chains appear.
+    put(
+        &etcd,
+        "networks/301/spec",
+        r#"{"type":"managed","ipv4":{"network":"10.4.0.0/24"}}"#,
+    );
+    eventually("chains of network 301", Duration::from_secs(10), || {
+        nft_table(&node)
+            .map(|t| chains(&t).iter().any(|x| x == "net301-in"))
+            .unwrap_or(false)
+    });
+
+    // Someone deletes our telnet-drop rule: the resync tick puts it back.
+    let t = nft_table(&node).expect("table");
+    let handle = t["nftables"]
+        .as_array()
+        .and_then(|a| {
+            a.iter().find(|x| {
+                x["rule"]["chain"] == "net300-in"
+                    && x["rule"]["comment"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("no telnet")
+            })
+        })
+        .and_then(|x| x["rule"]["handle"].as_u64())
+        .expect("telnet rule");
+    ok(
+        node.exec_cmd(
+            "nft",
+            &[
+                "delete",
+                "rule",
+                "inet",
+                "debvisor",
+                "net300-in",
+                "handle",
+                &handle.to_string(),
+            ],
+        )
+        .output(),
+        "delete rule",
+    );
+    let before = d
+        .json_lines()
+        .iter()
+        .filter(|v| v["message"] == "firewall re-applied (drift corrected)")
+        .count();
+    eventually("rule restored", Duration::from_secs(10), || {
+        nft_table(&node)
+            .and_then(|t| {
+                t["nftables"].as_array().map(|a| {
+                    a.iter().any(|x| {
+                        x["rule"]["comment"]
+                            .as_str()
+                            .unwrap_or("")
+                            .contains("no telnet")
+                    })
+                })
+            })
+            .unwrap_or(false)
+    });
+    eventually(
+        "the repair is logged as drift",
+        Duration::from_secs(5),
+        || {
+            d.json_lines()
+                .iter()
+                .filter(|v| v["message"] == "firewall re-applied (drift corrected)")
+                .count()
+                > before
+        },
+    );
+
+    // Removing a network removes its chains; the foreign table is still there.
+    delete_prefix(&etcd, "networks/301/");
+    eventually("chains of 301 gone", Duration::from_secs(10), || {
+        nft_table(&node)
+            .map(|t| !chains(&t).iter().any(|x| x == "net301-in"))
+            .unwrap_or(false)
+    });
+    ok(
+        node.exec_cmd("nft", &["list", "table", "inet", "other"])
+            .output(),
+        "foreign table survives",
+    );
+}
