@@ -109,6 +109,26 @@ impl FirewallSync {
     }
 }
 
+/// Per-bridge kernel settings of a client-network bridge: the node never autoconfigures
+/// itself from router advertisements on a tenant network.
+fn bridge_sysctls(bridge: &str) -> Result<(), ReconcileError> {
+    let wanted: BTreeMap<String, String> = [("accept_ra", "0"), ("autoconf", "0")]
+        .iter()
+        .map(|(k, v)| (format!("net.ipv6.conf.{bridge}.{k}"), v.to_string()))
+        .collect();
+    match debvisor_netconf::sysctl::apply(std::path::Path::new("/proc/sys"), &wanted) {
+        Ok(changes) => {
+            for c in changes {
+                info!(key = %c.key, before = %c.before, after = %c.after, "bridge sysctl changed");
+            }
+            Ok(())
+        }
+        // A kernel without IPv6 has no such keys: nothing to protect against.
+        Err(debvisor_netconf::sysctl::SysctlError::Read { .. }) => Ok(()),
+        Err(e) => Err(ReconcileError::Host(e.to_string())),
+    }
+}
+
 /// The firewall view of one network.
 pub fn network_rules(net: &Network, primary: bool) -> Result<NetworkRules, ObjectError> {
     let conv = |dir: Direction,
@@ -260,6 +280,7 @@ impl NetworkHost {
                 }
                 Step::CreateBridge { link } => {
                     h.ensure_bridge(link).await.map_err(host_err)?;
+                    bridge_sysctls(link)?;
                 }
                 Step::SetMtu { link, mtu } => {
                     h.ensure_mtu(link, *mtu).await.map_err(host_err)?;

@@ -72,6 +72,11 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec { pattern: "vms/<vm>/metadata", writer: Writer::Operator, format: "JSON", leased: false, doc: "Policy flags (autostart, migration_method, node_limit, node_selector, protected, ha_group)." },
     KeySpec { pattern: "config/current_version", writer: Writer::Operator, format: "string", leased: false, doc: "Desired config version (Git SHA or semver)." },
     KeySpec { pattern: "config/blob", writer: Writer::Operator, format: "string", leased: false, doc: "Rendered desired-state blob or a pointer to it." },
+    KeySpec { pattern: "networks/<vni>/spec", writer: Writer::Operator, format: "JSON NetworkSpecRaw", leased: false, doc: "Client network: type bridged|managed, description, mtu, domain, name_servers, ipv4/ipv6 {network, gateway}, dhcp4 {enabled, start, end}." },
+    KeySpec { pattern: "networks/<vni>/reservations/<mac>", writer: Writer::Operator, format: "JSON {ip, hostname}", leased: false, doc: "DHCP reservation of a managed network (MAC lower-case, colon-separated)." },
+    KeySpec { pattern: "networks/<vni>/acl/<in|out>/<order>", writer: Writer::Operator, format: "JSON {action, proto, source, destination, port, description}", leased: false, doc: "Per-network firewall rule; applied in numeric order of <order>." },
+    KeySpec { pattern: "networks/<vni>/status/<node>", writer: Writer::OwningNode, format: "JSON {state ready|error, error, field, bridge, link, mtu, clamped, gateway, dhcp, since}", leased: false, doc: "How the network stands on that node; an invalid spec is reported here with the field named." },
+    KeySpec { pattern: "networks/<vni>/leases/<mac>", writer: Writer::Primary, format: "JSON {mac, ip, hostname, expires}", leased: false, doc: "DHCP leases handed out by the primary's dnsmasq." },
     KeySpec { pattern: "election/primary", writer: Writer::AnyNodeTxn, format: "etcd election", leased: true, doc: "Primary coordinator election (etcd election API)." },
 ];
 

@@ -212,6 +212,15 @@ fn managed_network_on_a_standalone_node_serves_dhcp_and_reports_leases() {
     eventually("bridge with gateways", Duration::from_secs(15), || {
         has_addr(&node, "dvbr100", "10.1.0.1") && has_addr(&node, "dvbr100", "fd00:1::1")
     });
+    let ra = node
+        .exec_cmd("cat", &["/proc/sys/net/ipv6/conf/dvbr100/accept_ra"])
+        .output()
+        .expect("sysctl");
+    assert_eq!(
+        String::from_utf8_lossy(&ra.stdout).trim(),
+        "0",
+        "no RA autoconfiguration on tenant bridges"
+    );
     let vx = link_json(&node, "dvvx100").expect("vxlan link");
     assert_eq!(vx["master"], "dvbr100");
     assert_eq!(vx["linkinfo"]["info_kind"], "vxlan");
