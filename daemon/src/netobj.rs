@@ -71,6 +71,49 @@ impl FirewallSync {
         }
     }
 
+    /// Would nft accept the ruleset with `candidate` added to `others`? `Err` names the ACL
+    /// (`acl/<in|out>/<order>`) nft refused and carries nft's own message.
+    pub async fn check(
+        &self,
+        others: Vec<NetworkRules>,
+        candidate: NetworkRules,
+    ) -> Result<(), ObjectError> {
+        let vni = candidate.vni;
+        let mut all = others;
+        all.push(candidate);
+        let ruleset = Ruleset::from_config(&self.cfg, &self.cluster, &all)
+            .map_err(|e| ObjectError::new("acl", e.to_string()))?;
+        let nft = self.nft.clone();
+        let res = tokio::task::spawn_blocking(move || nft.check(&ruleset))
+            .await
+            .map_err(|e| ObjectError::new("acl", format!("firewall check task: {e}")))?;
+        match res {
+            Ok(()) => Ok(()),
+            Err(debvisor_firewall::FirewallError::Rejected { location, stderr }) => {
+                let field = match &location {
+                    Some(debvisor_firewall::Location::Rule {
+                        chain, description, ..
+                    }) => {
+                        let dir = chain.strip_prefix(&format!("net{vni}-")).unwrap_or("");
+                        let order = description
+                            .strip_prefix("acl ")
+                            .and_then(|r| r.split(':').next())
+                            .unwrap_or("");
+                        if dir.is_empty() || order.is_empty() {
+                            "acl".to_string()
+                        } else {
+                            format!("acl/{dir}/{order}")
+                        }
+                    }
+                    _ => "acl".to_string(),
+                };
+                Err(ObjectError::new(field, format!("nft refused it: {stderr}")))
+            }
+            // Not this network's fault (nft missing, timeout): let the sync report it.
+            Err(_) => Ok(()),
+        }
+    }
+
     /// Make our table match config + `networks`; one atomic batch when it differs.
     /// Returns whether anything changed.
     pub async fn sync(&self, networks: Vec<NetworkRules>) -> Result<bool, String> {
@@ -531,8 +574,24 @@ impl NetworkHost {
             Ok(p) => p,
             Err(e) => return self.fail(vni, &e).await,
         };
-        if let Err(e) = network_rules(net, ctx.primary) {
-            return self.fail(vni, &e).await;
+        let rules = match network_rules(net, ctx.primary) {
+            Ok(r) => r,
+            Err(e) => return self.fail(vni, &e).await,
+        };
+        let changed = self
+            .applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&vni)
+            != Some(net);
+        if let (true, Some(fw)) = (changed, &self.firewall) {
+            let others: Vec<NetworkRules> = others
+                .iter()
+                .filter_map(|n| network_rules(n, ctx.primary).ok())
+                .collect();
+            if let Err(e) = fw.check(others, rules).await {
+                return self.fail(vni, &e).await;
+            }
         }
         self.execute(vni, &plan.steps).await?;
         if plan.clamped {

@@ -1,6 +1,7 @@
 //! `debvisor-objects`: the etcd schema, the store layer, the node lease, the generic reactor
 //! and the cluster objects (Node now; Network, Domain and Ceph in their own issues).
 
+pub mod domain;
 pub mod lease;
 pub mod network;
 pub mod network_plan;

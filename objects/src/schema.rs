@@ -67,9 +67,15 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec { pattern: "nodes/<node>/config/version", writer: Writer::OwningNode, format: "string", leased: false, doc: "Last config version applied on the node." },
     KeySpec { pattern: "nodes/<node>/config/last_applied_at", writer: Writer::OwningNode, format: "RFC3339 timestamp", leased: false, doc: "When that version was applied." },
     KeySpec { pattern: "nodes/<node>/config/status", writer: Writer::OwningNode, format: "OK|STALE|ERROR[: detail]", leased: false, doc: "Config sync state of the node." },
+    KeySpec { pattern: "vms/<vm>/xml", writer: Writer::Operator, format: "libvirt domain XML", leased: false, doc: "The domain definition; its <uuid> must equal <vm> (a lower-case canonical UUID)." },
+    KeySpec { pattern: "vms/<vm>/state", writer: Writer::Operator, format: "start|restart|shutdown|stop|disable|migrate|migrate-live|unmigrate", leased: false, doc: "Desired state (absent: stop)." },
+    KeySpec { pattern: "vms/<vm>/node", writer: Writer::Operator, format: "node name", leased: false, doc: "Target node: the node that should run the VM." },
     KeySpec { pattern: "vms/<vm>/owner", writer: Writer::AnyNodeTxn, format: "node name", leased: false, doc: "Current authoritative node of the VM; moved only by transaction." },
     KeySpec { pattern: "vms/<vm>/lock", writer: Writer::VmOwner, format: "node name", leased: true, doc: "Run lock bound to the owner's node lease; its revision is the fencing token." },
-    KeySpec { pattern: "vms/<vm>/metadata", writer: Writer::Operator, format: "JSON", leased: false, doc: "Policy flags (autostart, migration_method, node_limit, node_selector, protected, ha_group)." },
+    KeySpec { pattern: "vms/<vm>/metadata", writer: Writer::Operator, format: "JSON", leased: false, doc: "Policy flags (autostart, migration_method live|shutdown|none, migration_max_downtime, node_limit, node_selector mem|memprov|load|vcpus|vms, protected, ha_group)." },
+    KeySpec { pattern: "vms/<vm>/last_node", writer: Writer::VmOwner, format: "node name", leased: false, doc: "Node the VM ran on before its last migration (for unmigrate and unflush)." },
+    KeySpec { pattern: "vms/<vm>/status", writer: Writer::VmOwner, format: "JSON {state, since, reason, error}", leased: false, doc: "Actual state as the owning node sees it; errors name the field." },
+    KeySpec { pattern: "vms/<vm>/stats", writer: Writer::VmOwner, format: "JSON", leased: false, doc: "CPU time, memory, vCPUs, disk and network counters." },
     KeySpec { pattern: "config/current_version", writer: Writer::Operator, format: "string", leased: false, doc: "Desired config version (Git SHA or semver)." },
     KeySpec { pattern: "config/blob", writer: Writer::Operator, format: "string", leased: false, doc: "Rendered desired-state blob or a pointer to it." },
     KeySpec { pattern: "networks/<vni>/spec", writer: Writer::Operator, format: "JSON NetworkSpecRaw", leased: false, doc: "Client network: type bridged|managed, description, mtu, domain, name_servers, ipv4/ipv6 {network, gateway}, dhcp4 {enabled, start, end}." },
@@ -166,24 +172,6 @@ pub fn split_node_key(rel: &str) -> Option<(&str, Option<NodeField>)> {
     Some((node, NodeField::from_suffix(rest)))
 }
 
-/// Prefix of all VM keys (`vms/`).
-pub const VMS_PREFIX: &str = "vms/";
-
-/// Key of a VM's owner.
-pub fn vm_owner(vm: &str) -> String {
-    format!("{VMS_PREFIX}{vm}/owner")
-}
-
-/// Key of a VM's run lock.
-pub fn vm_lock(vm: &str) -> String {
-    format!("{VMS_PREFIX}{vm}/lock")
-}
-
-/// Key of a VM's metadata.
-pub fn vm_metadata(vm: &str) -> String {
-    format!("{VMS_PREFIX}{vm}/metadata")
-}
-
 /// Key of the desired config version.
 pub fn config_current_version() -> String {
     "config/current_version".into()
@@ -253,6 +241,17 @@ mod tests {
     fn every_node_field_is_documented() {
         for f in NodeField::ALL {
             let pattern = format!("nodes/<node>/{}", f.suffix());
+            assert!(
+                KEYS.iter().any(|k| k.pattern == pattern),
+                "{pattern} missing from KEYS"
+            );
+        }
+    }
+
+    #[test]
+    fn every_vm_field_is_documented() {
+        for f in crate::domain::VmField::ALL {
+            let pattern = format!("vms/<vm>/{}", f.suffix());
             assert!(
                 KEYS.iter().any(|k| k.pattern == pattern),
                 "{pattern} missing from KEYS"

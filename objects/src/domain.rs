@@ -1,0 +1,583 @@
+//! The Domain (VM) object: `vms/<uuid>/…` parsed and validated into a spec the node plans
+//! from. A bad value (invalid XML, a UUID that does not match the key, an unknown state, a
+//! metadata field of the wrong type) marks that VM in error with the field named; no other
+//! VM is affected.
+//!
+//! Desired state is written by operators (`xml`, `state`, `node`, `metadata`); `owner`,
+//! `lock` (bound to the owner's lease), `last_node`, `status` and `stats` by the owning node.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::reactor::{KeyEntry, Kind, ObjectError};
+use crate::schema;
+
+/// Prefix of all VM keys.
+pub const VMS_PREFIX: &str = "vms/";
+
+/// One key of a VM below `vms/<uuid>/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum VmField {
+    /// libvirt domain XML (operator).
+    Xml,
+    /// Desired state (operator).
+    State,
+    /// Target node (operator).
+    Node,
+    /// Policy flags (operator).
+    Metadata,
+    /// Current authoritative node (owner, by transaction).
+    Owner,
+    /// Run lock, lease-bound (owner).
+    Lock,
+    /// Node the VM ran on before a migration (owner).
+    LastNode,
+    /// Actual state report (owner).
+    Status,
+    /// Per-VM statistics (owner).
+    Stats,
+}
+
+impl VmField {
+    /// Every field.
+    pub const ALL: [VmField; 9] = [
+        VmField::Xml,
+        VmField::State,
+        VmField::Node,
+        VmField::Metadata,
+        VmField::Owner,
+        VmField::Lock,
+        VmField::LastNode,
+        VmField::Status,
+        VmField::Stats,
+    ];
+
+    /// The key suffix.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            VmField::Xml => "xml",
+            VmField::State => "state",
+            VmField::Node => "node",
+            VmField::Metadata => "metadata",
+            VmField::Owner => "owner",
+            VmField::Lock => "lock",
+            VmField::LastNode => "last_node",
+            VmField::Status => "status",
+            VmField::Stats => "stats",
+        }
+    }
+
+    /// Inverse of [`VmField::suffix`].
+    pub fn from_suffix(s: &str) -> Option<VmField> {
+        VmField::ALL.into_iter().find(|f| f.suffix() == s)
+    }
+
+    /// Keys that are desired state or ownership (the reactor ignores reports: status, stats).
+    pub fn drives_reconcile(self) -> bool {
+        !matches!(self, VmField::Status | VmField::Stats)
+    }
+}
+
+/// Key of one VM field.
+pub fn vm_key(uuid: &str, f: VmField) -> String {
+    format!("{VMS_PREFIX}{uuid}/{}", f.suffix())
+}
+
+macro_rules! str_enum {
+    ($(#[$m:meta])* $name:ident { $($var:ident = $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name { $(#[serde(rename = $s)] $var),+ }
+        impl $name {
+            /// The string form.
+            pub fn as_str(self) -> &'static str { match self { $($name::$var => $s),+ } }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
+        }
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($s => Ok($name::$var),)+
+                    _ => Err(format!("{s:?} is not one of {}", [$($s),+].join("|"))),
+                }
+            }
+        }
+    };
+}
+
+str_enum!(
+    /// `vms/<uuid>/state`: what the operator wants.
+    DesiredState {
+        Start = "start",
+        Restart = "restart",
+        Shutdown = "shutdown",
+        Stop = "stop",
+        Disable = "disable",
+        Migrate = "migrate",
+        MigrateLive = "migrate-live",
+        Unmigrate = "unmigrate",
+    }
+);
+
+str_enum!(
+    /// `metadata.migration_method`.
+    MigrationMethod { Live = "live", Shutdown = "shutdown", None = "none" }
+);
+
+str_enum!(
+    /// `metadata.node_selector`: how a target node is chosen.
+    NodeSelector { Mem = "mem", Memprov = "memprov", Load = "load", Vcpus = "vcpus", Vms = "vms" }
+);
+
+/// `vms/<uuid>/metadata`: policy flags.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    /// Start on the node's boot / after recovery even if `state` was not touched.
+    #[serde(default)]
+    pub autostart: bool,
+    #[serde(default = "default_method")]
+    pub migration_method: MigrationMethod,
+    /// Maximum downtime of a live migration, milliseconds.
+    #[serde(default)]
+    pub migration_max_downtime: Option<u64>,
+    /// Nodes the VM may run on (empty: any).
+    #[serde(default)]
+    pub node_limit: Vec<String>,
+    #[serde(default = "default_selector")]
+    pub node_selector: NodeSelector,
+    /// Never recovered or migrated automatically.
+    #[serde(default)]
+    pub protected: bool,
+    /// HA group name.
+    #[serde(default)]
+    pub ha_group: Option<String>,
+}
+
+fn default_method() -> MigrationMethod {
+    MigrationMethod::Live
+}
+
+fn default_selector() -> NodeSelector {
+    NodeSelector::Mem
+}
+
+impl Default for Metadata {
+    fn default() -> Self {
+        Metadata {
+            autostart: false,
+            migration_method: MigrationMethod::Live,
+            migration_max_downtime: None,
+            node_limit: Vec::new(),
+            node_selector: NodeSelector::Mem,
+            protected: false,
+            ha_group: None,
+        }
+    }
+}
+
+/// The run lock's value: who holds it (the lease is on the key itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockHolder {
+    /// Node name in the lock's value.
+    pub node: String,
+    /// The lease the key is bound to (0 = none: a stale or hand-written lock).
+    pub lease: i64,
+    /// Revision of the lock key: the fencing token.
+    pub revision: i64,
+}
+
+/// A VM as the cluster wants it, every field checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vm {
+    pub uuid: String,
+    /// Domain name from the XML.
+    pub name: String,
+    pub xml: String,
+    pub state: DesiredState,
+    /// Target node (the node that should run it).
+    pub node: Option<String>,
+    pub metadata: Metadata,
+    pub owner: Option<String>,
+    pub lock: Option<LockHolder>,
+    pub last_node: Option<String>,
+}
+
+/// Is `s` a canonical lower-case UUID (`8-4-4-4-12` hex)?
+pub fn valid_uuid(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_digit() || (b'a'..=b'f').contains(c),
+        })
+}
+
+/// Is `s` usable as a libvirt domain name here (no path or shell surprises)?
+pub fn valid_domain_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && !s.starts_with(['-', '.'])
+}
+
+/// The UUID and name a libvirt domain XML declares.
+pub fn xml_identity(xml: &str) -> Result<(String, String), ObjectError> {
+    let doc = roxmltree::Document::parse(xml)
+        .map_err(|e| ObjectError::new("xml", format!("not well-formed XML: {e}")))?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "domain" {
+        return Err(ObjectError::new(
+            "xml",
+            format!("root element is <{}>, not <domain>", root.tag_name().name()),
+        ));
+    }
+    if root.attribute("type").is_none() {
+        return Err(ObjectError::new(
+            "xml",
+            "<domain> has no type attribute (kvm, qemu, test)",
+        ));
+    }
+    let child = |n: &str| {
+        root.children()
+            .find(|c| c.has_tag_name(n))
+            .and_then(|c| c.text())
+            .map(|t| t.trim().to_string())
+    };
+    let uuid = child("uuid")
+        .ok_or_else(|| ObjectError::new("xml", "no <uuid>: the key's UUID must be in the XML"))?
+        .to_ascii_lowercase();
+    let name = child("name").ok_or_else(|| ObjectError::new("xml", "no <name>"))?;
+    if !valid_domain_name(&name) {
+        return Err(ObjectError::new(
+            "xml",
+            format!("domain name {name:?} is not 1-64 characters of a-z, A-Z, 0-9, '-', '_', '.'"),
+        ));
+    }
+    Ok((uuid, name))
+}
+
+fn text<'a>(field: &str, v: &'a [u8]) -> Result<&'a str, ObjectError> {
+    std::str::from_utf8(v)
+        .map(str::trim)
+        .map_err(|_| ObjectError::new(field, "not UTF-8"))
+}
+
+/// Parse one VM from its keys (relative to `vms/<uuid>/`).
+pub fn parse_vm(id: &str, keys: &BTreeMap<String, KeyEntry>) -> Result<Vm, ObjectError> {
+    if !valid_uuid(id) {
+        return Err(ObjectError::new(
+            "uuid",
+            format!("{id:?} is not a lower-case canonical UUID"),
+        ));
+    }
+    let get = |f: VmField| keys.get(f.suffix());
+    let xml = text(
+        "xml",
+        &get(VmField::Xml)
+            .ok_or_else(|| ObjectError::new("xml", "missing"))?
+            .value,
+    )?
+    .to_string();
+    let (uuid, name) = xml_identity(&xml)?;
+    if uuid != id {
+        return Err(ObjectError::new(
+            "xml",
+            format!("<uuid> {uuid} does not match the key's UUID {id}"),
+        ));
+    }
+    let state = match get(VmField::State) {
+        Some(e) => text("state", &e.value)?
+            .parse()
+            .map_err(|e: String| ObjectError::new("state", e))?,
+        None => DesiredState::Stop,
+    };
+    let node_field = |f: VmField| -> Result<Option<String>, ObjectError> {
+        match get(f) {
+            None => Ok(None),
+            Some(e) => {
+                let n = text(f.suffix(), &e.value)?;
+                if n.is_empty() {
+                    return Ok(None);
+                }
+                if !schema::valid_node_name(n) {
+                    return Err(ObjectError::new(
+                        f.suffix(),
+                        format!("{n:?} is not a node name"),
+                    ));
+                }
+                Ok(Some(n.to_string()))
+            }
+        }
+    };
+    let node = node_field(VmField::Node)?;
+    let owner = node_field(VmField::Owner)?;
+    let last_node = node_field(VmField::LastNode)?;
+    let metadata = match get(VmField::Metadata) {
+        None => Metadata::default(),
+        Some(e) => serde_json::from_slice(&e.value)
+            .map_err(|err| ObjectError::new("metadata", format!("{err}")))?,
+    };
+    for (i, n) in metadata.node_limit.iter().enumerate() {
+        if !schema::valid_node_name(n) {
+            return Err(ObjectError::new(
+                format!("metadata.node_limit[{i}]"),
+                format!("{n:?} is not a node name"),
+            ));
+        }
+    }
+    if let Some(d) = metadata.migration_max_downtime {
+        if d == 0 || d > 60_000 {
+            return Err(ObjectError::new(
+                "metadata.migration_max_downtime",
+                format!("{d} ms is outside 1..=60000"),
+            ));
+        }
+    }
+    let lock = match get(VmField::Lock) {
+        None => None,
+        Some(e) => {
+            let n = text("lock", &e.value)?;
+            if !schema::valid_node_name(n) {
+                return Err(ObjectError::new(
+                    "lock",
+                    format!("{n:?} is not a node name"),
+                ));
+            }
+            Some(LockHolder {
+                node: n.to_string(),
+                lease: e.lease,
+                revision: e.mod_revision,
+            })
+        }
+    };
+    Ok(Vm {
+        uuid,
+        name,
+        xml,
+        state,
+        node,
+        metadata,
+        owner,
+        lock,
+        last_node,
+    })
+}
+
+/// The Domain kind for the reactor.
+pub struct VmKind;
+
+impl Kind for VmKind {
+    type Object = Vm;
+    const NAME: &'static str = "vm";
+    fn prefix(&self) -> &str {
+        VMS_PREFIX
+    }
+    fn parse(&self, id: &str, keys: &BTreeMap<String, KeyEntry>) -> Result<Vm, ObjectError> {
+        parse_vm(id, keys)
+    }
+    fn relevant(&self, sub: &str) -> bool {
+        VmField::from_suffix(sub)
+            .map(VmField::drives_reconcile)
+            .unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UUID: &str = "8f3c2a1e-5b7d-4c9a-9e1f-0a2b3c4d5e6f";
+
+    fn xml(uuid: &str, name: &str) -> String {
+        format!("<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain>")
+    }
+
+    fn keys(pairs: &[(&str, &str)]) -> BTreeMap<String, KeyEntry> {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    KeyEntry {
+                        value: v.as_bytes().to_vec(),
+                        mod_revision: 7,
+                        lease: 0,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parses_a_vm_with_defaults() {
+        let x = xml(UUID, "web-1");
+        let vm = parse_vm(
+            UUID,
+            &keys(&[("xml", &x), ("state", "start"), ("node", "hv1")]),
+        )
+        .expect("valid");
+        assert_eq!(vm.name, "web-1");
+        assert_eq!(vm.state, DesiredState::Start);
+        assert_eq!(vm.node.as_deref(), Some("hv1"));
+        assert_eq!(vm.metadata, Metadata::default());
+        assert_eq!(vm.metadata.migration_method, MigrationMethod::Live);
+        let vm = parse_vm(UUID, &keys(&[("xml", &x)])).expect("valid");
+        assert_eq!(vm.state, DesiredState::Stop, "no state: stopped");
+    }
+
+    #[test]
+    fn metadata_and_lock() {
+        let x = xml(UUID, "db");
+        let mut k = keys(&[
+            ("xml", &x),
+            (
+                "metadata",
+                r#"{"autostart":true,"migration_method":"shutdown","node_limit":["hv1","hv2"],"node_selector":"load","protected":true,"ha_group":"g1","migration_max_downtime":300}"#,
+            ),
+            ("lock", "hv2"),
+        ]);
+        if let Some(e) = k.get_mut("lock") {
+            e.lease = 42;
+        }
+        let vm = parse_vm(UUID, &k).expect("valid");
+        assert!(vm.metadata.autostart && vm.metadata.protected);
+        assert_eq!(vm.metadata.migration_method, MigrationMethod::Shutdown);
+        assert_eq!(vm.metadata.node_selector, NodeSelector::Load);
+        assert_eq!(
+            vm.lock,
+            Some(LockHolder {
+                node: "hv2".into(),
+                lease: 42,
+                revision: 7
+            })
+        );
+    }
+
+    #[test]
+    fn every_bad_value_names_its_field() {
+        let good = xml(UUID, "vm");
+        let other = xml("00000000-0000-4000-8000-000000000000", "vm");
+        type Case<'a> = (&'a str, Vec<(&'a str, String)>, &'a str);
+        let cases: Vec<Case> = vec![
+            ("NOT-A-UUID", vec![("xml", good.clone())], "uuid"),
+            (
+                "8F3C2A1E-5B7D-4C9A-9E1F-0A2B3C4D5E6F",
+                vec![("xml", good.clone())],
+                "uuid",
+            ),
+            (UUID, vec![], "xml"),
+            (UUID, vec![("xml", "<domain".into())], "xml"),
+            (UUID, vec![("xml", "<network/>".into())], "xml"),
+            (
+                UUID,
+                vec![(
+                    "xml",
+                    format!("<domain><name>x</name><uuid>{UUID}</uuid></domain>"),
+                )],
+                "xml",
+            ),
+            (
+                UUID,
+                vec![("xml", "<domain type='kvm'><name>x</name></domain>".into())],
+                "xml",
+            ),
+            (UUID, vec![("xml", xml(UUID, "bad name; rm -rf"))], "xml"),
+            (UUID, vec![("xml", other)], "xml"),
+            (
+                UUID,
+                vec![("xml", good.clone()), ("state", "running".into())],
+                "state",
+            ),
+            (
+                UUID,
+                vec![("xml", good.clone()), ("node", "Bad_Node".into())],
+                "node",
+            ),
+            (
+                UUID,
+                vec![("xml", good.clone()), ("owner", "../etc".into())],
+                "owner",
+            ),
+            (
+                UUID,
+                vec![
+                    ("xml", good.clone()),
+                    ("metadata", "{\"autostart\":\"yes\"}".into()),
+                ],
+                "metadata",
+            ),
+            (
+                UUID,
+                vec![("xml", good.clone()), ("metadata", "{\"colour\":1}".into())],
+                "metadata",
+            ),
+            (
+                UUID,
+                vec![
+                    ("xml", good.clone()),
+                    ("metadata", "{\"migration_method\":\"teleport\"}".into()),
+                ],
+                "metadata",
+            ),
+            (
+                UUID,
+                vec![
+                    ("xml", good.clone()),
+                    ("metadata", "{\"node_limit\":[\"ok\",\"NOT OK\"]}".into()),
+                ],
+                "metadata.node_limit[1]",
+            ),
+            (
+                UUID,
+                vec![
+                    ("xml", good.clone()),
+                    ("metadata", "{\"migration_max_downtime\":0}".into()),
+                ],
+                "metadata.migration_max_downtime",
+            ),
+            (
+                UUID,
+                vec![("xml", good.clone()), ("lock", "x y".into())],
+                "lock",
+            ),
+        ];
+        for (id, kv, field) in cases {
+            let k: BTreeMap<String, KeyEntry> = kv
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        KeyEntry {
+                            value: v.into_bytes(),
+                            mod_revision: 1,
+                            lease: 0,
+                        },
+                    )
+                })
+                .collect();
+            let e = parse_vm(id, &k).expect_err(field);
+            assert_eq!(e.field, field, "{id}: {e}");
+        }
+    }
+
+    #[test]
+    fn uuids_and_names() {
+        assert!(valid_uuid(UUID));
+        assert!(!valid_uuid("8f3c2a1e5b7d4c9a9e1f0a2b3c4d5e6f"));
+        assert!(valid_domain_name("web-1.prod_a"));
+        assert!(!valid_domain_name("-x") && !valid_domain_name("a/b") && !valid_domain_name(""));
+        for f in VmField::ALL {
+            assert_eq!(VmField::from_suffix(f.suffix()), Some(f));
+        }
+        assert!(
+            !VmKind.relevant("status") && VmKind.relevant("state") && !VmKind.relevant("unknown")
+        );
+    }
+}
