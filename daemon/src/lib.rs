@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod ctl;
+pub mod ctl_network;
 pub mod daemon;
 pub mod dnsmasq;
 pub mod hostinfo;

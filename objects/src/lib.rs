@@ -2,6 +2,7 @@
 //! and the cluster objects (Node now; Network, Domain and Ceph in their own issues).
 
 pub mod domain;
+pub mod domain_plan;
 pub mod lease;
 pub mod network;
 pub mod network_plan;

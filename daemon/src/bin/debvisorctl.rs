@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use debvisor_daemon::ctl::{self, Output};
+use debvisor_daemon::ctl_network::{self, NetworkCommand};
 
 /// DebVisor cluster CLI. Reads the same configuration (and DEBVISOR_* overrides) as debvisord.
 #[derive(Parser)]
@@ -28,6 +29,11 @@ enum Command {
     Node {
         #[command(subcommand)]
         command: NodeCommand,
+    },
+    /// Client networks: define, change, remove, list; DHCP reservations; ACL rules.
+    Network {
+        #[command(subcommand)]
+        command: Box<NetworkCommand>,
     },
     /// Print the etcd schema as markdown (docs/schema.md).
     Schema,
@@ -76,11 +82,23 @@ async fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
+    let command = match cli.command {
+        Command::Network { command } => {
+            return match ctl_network::run(&store, *command, cli.output).await {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            };
+        }
+        other => other,
+    };
     let rows = match ctl::nodes(&store).await {
         Ok(r) => r,
         Err(e) => return fail(&e),
     };
-    match cli.command {
+    match command {
         Command::Status => match cli.output {
             Output::Json => {
                 let arr: Vec<serde_json::Value> = rows.iter().map(ctl::node_json).collect();
@@ -102,7 +120,7 @@ async fn main() -> ExitCode {
                 Output::Table => print!("{}", ctl::node_text(row)),
             }
         }
-        Command::Schema => {}
+        Command::Schema | Command::Network { .. } => {}
     }
     ExitCode::SUCCESS
 }

@@ -1,0 +1,474 @@
+//! The Domain state machine, planned purely: desired VM + ownership + what this host runs →
+//! the next actions. The invariant it protects: a VM is only started by the node that holds
+//! its lock (a lease-bound key won by transaction), and a VM running here while another live
+//! node holds the lock is stopped (split-brain guard). No I/O here; every branch is
+//! unit-tested; the executor performs the actions through the `Hypervisor` trait and the
+//! store.
+
+use std::time::Duration;
+
+use crate::domain::{DesiredState, Vm};
+
+/// What this host reports about one domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalState {
+    Running,
+    Paused,
+    ShutOff,
+    Crashed,
+}
+
+/// The domain as this host has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Local {
+    pub state: LocalState,
+    /// Defined persistently (survives a stop).
+    pub persistent: bool,
+    /// The host's definition matches the desired XML (the executor decides how to compare).
+    pub xml_current: bool,
+}
+
+/// Everything the planner looks at for one VM on this node.
+#[derive(Debug, Clone)]
+pub struct Situation<'a> {
+    /// Desired state; `None` when the VM was removed from etcd.
+    pub vm: Option<&'a Vm>,
+    /// The domain on this host, if any (only domains we manage: foreign ones never get here).
+    pub local: Option<Local>,
+    /// This node's name and current lease.
+    pub me: &'a str,
+    pub my_lease: i64,
+    /// Time since we asked the guest to shut down (ACPI), if we did.
+    pub shutdown_elapsed: Option<Duration>,
+    /// How long a guest gets to obey ACPI before it is destroyed.
+    pub shutdown_timeout: Duration,
+    /// Consecutive failed starts (crash loop protection).
+    pub failed_starts: u32,
+    /// Failed starts after which the VM goes to `fail`.
+    pub max_failed_starts: u32,
+}
+
+/// One action; the executor runs them in order and stops at the first failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Win the lock by transaction (lock absent or already ours) and set `owner` to us.
+    AcquireLock,
+    /// Drop our lock (transaction: only if it is ours).
+    ReleaseLock,
+    /// Define (or redefine) the domain from the desired XML.
+    Define,
+    Start,
+    /// Ask the guest to shut down (ACPI).
+    Shutdown,
+    /// Power off now.
+    Destroy,
+    /// Remove the definition from this host.
+    Undefine,
+    /// Report the VM's state (written only when it changes).
+    Report {
+        state: &'static str,
+        reason: String,
+    },
+}
+
+/// The outcome of planning: steps, plus when to look again (e.g. while a guest shuts down).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub recheck: Option<Duration>,
+}
+
+fn plan(steps: Vec<Step>) -> Plan {
+    Plan {
+        steps,
+        recheck: None,
+    }
+}
+
+fn report(state: &'static str, reason: impl Into<String>) -> Step {
+    Step::Report {
+        state,
+        reason: reason.into(),
+    }
+}
+
+fn running(l: &Option<Local>) -> bool {
+    matches!(
+        l,
+        Some(Local {
+            state: LocalState::Running | LocalState::Paused,
+            ..
+        })
+    )
+}
+
+/// Bring the domain down: ACPI first, destroy after the timeout; `hard` destroys at once.
+fn power_off(s: &Situation, hard: bool, then: Vec<Step>) -> Plan {
+    if !running(&s.local) {
+        return plan(then);
+    }
+    if hard {
+        let mut steps = vec![Step::Destroy];
+        steps.extend(then);
+        return plan(steps);
+    }
+    match s.shutdown_elapsed {
+        Some(e) if e >= s.shutdown_timeout => {
+            let mut steps = vec![
+                Step::Destroy,
+                report(
+                    "stopped",
+                    format!(
+                        "guest ignored ACPI shutdown for {}s; destroyed",
+                        e.as_secs()
+                    ),
+                ),
+            ];
+            steps.extend(
+                then.into_iter()
+                    .filter(|x| !matches!(x, Step::Report { .. })),
+            );
+            plan(steps)
+        }
+        Some(e) => Plan {
+            steps: vec![],
+            recheck: Some((s.shutdown_timeout - e).min(Duration::from_secs(5))),
+        },
+        None => Plan {
+            steps: vec![
+                Step::Shutdown,
+                report("shutting-down", "ACPI shutdown sent"),
+            ],
+            recheck: Some(Duration::from_secs(1)),
+        },
+    }
+}
+
+/// Plan the next steps for one VM on this node.
+pub fn plan_vm(s: &Situation) -> Plan {
+    let Some(vm) = s.vm else {
+        // Removed from etcd: take down and forget our copy.
+        let mut then = vec![];
+        if s.local.is_some() {
+            then.push(Step::Undefine);
+        }
+        return power_off(s, true, then);
+    };
+    let lock_ours = vm
+        .lock
+        .as_ref()
+        .map(|l| l.node == s.me && l.lease == s.my_lease)
+        .unwrap_or(false);
+    let lock_other = vm
+        .lock
+        .as_ref()
+        .filter(|l| !(l.node == s.me && l.lease == s.my_lease));
+    let target_me = vm.node.as_deref() == Some(s.me);
+
+    // Split-brain guard: running here while another node holds the lock.
+    if let Some(other) = lock_other {
+        if running(&s.local) && other.lease != 0 {
+            return plan(vec![
+                Step::Destroy,
+                report(
+                    "stopped",
+                    format!(
+                        "split-brain guard: lock held by {} (lease {:x}); stopped here",
+                        other.node, other.lease
+                    ),
+                ),
+            ]);
+        }
+    }
+
+    if !target_me {
+        // Not ours to run: make sure it does not run here, then leave nothing behind.
+        let mut then = Vec::new();
+        if lock_ours {
+            then.push(Step::ReleaseLock);
+        }
+        if s.local.is_some() {
+            then.push(Step::Undefine);
+        }
+        return power_off(s, false, then);
+    }
+
+    match vm.state {
+        DesiredState::Start
+        | DesiredState::Restart
+        | DesiredState::Migrate
+        | DesiredState::MigrateLive
+        | DesiredState::Unmigrate => {
+            if let Some(other) = lock_other {
+                if other.lease != 0 {
+                    return plan(vec![report(
+                        "waiting",
+                        format!("lock held by {}", other.node),
+                    )]);
+                }
+            }
+            if !lock_ours {
+                // A lock without a lease (hand-written) or none at all: take it by transaction.
+                return Plan {
+                    steps: vec![Step::AcquireLock],
+                    recheck: Some(Duration::from_millis(0)),
+                };
+            }
+            if s.failed_starts >= s.max_failed_starts && !running(&s.local) {
+                return plan(vec![report(
+                    "fail",
+                    format!(
+                        "{} failed starts in a row; set state again to retry",
+                        s.failed_starts
+                    ),
+                )]);
+            }
+            let mut steps = Vec::new();
+            let current = s
+                .local
+                .as_ref()
+                .map(|l| l.xml_current && l.persistent)
+                .unwrap_or(false);
+            if !current && !running(&s.local) {
+                steps.push(Step::Define);
+            }
+            if !running(&s.local) {
+                steps.push(Step::Start);
+            }
+            steps.push(report(
+                "running",
+                if steps.is_empty() {
+                    "running"
+                } else {
+                    "started"
+                },
+            ));
+            plan(steps)
+        }
+        DesiredState::Shutdown => {
+            let mut then = vec![report("stopped", "shut down")];
+            if lock_ours {
+                then.insert(0, Step::ReleaseLock);
+            }
+            power_off(s, false, then)
+        }
+        DesiredState::Stop | DesiredState::Disable => {
+            let state = if vm.state == DesiredState::Disable {
+                "disabled"
+            } else {
+                "stopped"
+            };
+            let mut then = vec![report(state, format!("state {}", vm.state))];
+            if lock_ours {
+                then.insert(0, Step::ReleaseLock);
+            }
+            if s.local.is_none()
+                || !s
+                    .local
+                    .as_ref()
+                    .map(|l| l.xml_current && l.persistent)
+                    .unwrap_or(false)
+            {
+                // Keep it defined here so an operator sees it in `virsh list --all`.
+                then.insert(0, Step::Define);
+            }
+            power_off(s, true, then)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{LockHolder, Metadata};
+
+    fn vm(state: DesiredState, node: &str, lock: Option<(&str, i64)>) -> Vm {
+        Vm {
+            uuid: "8f3c2a1e-5b7d-4c9a-9e1f-0a2b3c4d5e6f".into(),
+            name: "vm".into(),
+            xml: String::new(),
+            state,
+            node: Some(node.into()),
+            metadata: Metadata::default(),
+            owner: None,
+            lock: lock.map(|(n, l)| LockHolder {
+                node: n.into(),
+                lease: l,
+                revision: 1,
+            }),
+            last_node: None,
+        }
+    }
+
+    fn sit<'a>(v: Option<&'a Vm>, local: Option<LocalState>) -> Situation<'a> {
+        Situation {
+            vm: v,
+            local: local.map(|state| Local {
+                state,
+                persistent: true,
+                xml_current: true,
+            }),
+            me: "hv1",
+            my_lease: 10,
+            shutdown_elapsed: None,
+            shutdown_timeout: Duration::from_secs(180),
+            failed_starts: 0,
+            max_failed_starts: 3,
+        }
+    }
+
+    fn steps(p: &Plan) -> Vec<Step> {
+        p.steps
+            .iter()
+            .filter(|s| !matches!(s, Step::Report { .. }))
+            .cloned()
+            .collect()
+    }
+
+    fn reported(p: &Plan) -> Option<&'static str> {
+        p.steps.iter().find_map(|s| match s {
+            Step::Report { state, .. } => Some(*state),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn start_takes_the_lock_first_then_defines_and_starts() {
+        let v = vm(DesiredState::Start, "hv1", None);
+        assert_eq!(
+            steps(&plan_vm(&sit(Some(&v), None))),
+            vec![Step::AcquireLock]
+        );
+        let v = vm(DesiredState::Start, "hv1", Some(("hv1", 10)));
+        assert_eq!(
+            steps(&plan_vm(&sit(Some(&v), None))),
+            vec![Step::Define, Step::Start]
+        );
+        let mut s = sit(Some(&v), Some(LocalState::ShutOff));
+        assert_eq!(
+            steps(&plan_vm(&s)),
+            vec![Step::Start],
+            "defined and current: just start"
+        );
+        s.local = Some(Local {
+            state: LocalState::ShutOff,
+            persistent: true,
+            xml_current: false,
+        });
+        assert_eq!(
+            steps(&plan_vm(&s)),
+            vec![Step::Define, Step::Start],
+            "changed XML is redefined before start"
+        );
+        let p = plan_vm(&sit(Some(&v), Some(LocalState::Running)));
+        assert_eq!(steps(&p), vec![]);
+        assert_eq!(reported(&p), Some("running"));
+    }
+
+    #[test]
+    fn never_starts_while_another_live_node_holds_the_lock() {
+        let v = vm(DesiredState::Start, "hv1", Some(("hv2", 20)));
+        let p = plan_vm(&sit(Some(&v), None));
+        assert_eq!(steps(&p), vec![]);
+        assert_eq!(reported(&p), Some("waiting"));
+        // Our own lock from a previous lease (we restarted) is another holder too.
+        let v = vm(DesiredState::Start, "hv1", Some(("hv1", 9)));
+        assert_eq!(steps(&plan_vm(&sit(Some(&v), None))), vec![]);
+        // A lock without a lease is stale: take it by transaction.
+        let v = vm(DesiredState::Start, "hv1", Some(("hv2", 0)));
+        assert_eq!(
+            steps(&plan_vm(&sit(Some(&v), None))),
+            vec![Step::AcquireLock]
+        );
+    }
+
+    #[test]
+    fn split_brain_guard_stops_a_vm_locked_elsewhere() {
+        for state in [
+            DesiredState::Start,
+            DesiredState::Stop,
+            DesiredState::Shutdown,
+        ] {
+            for target in ["hv1", "hv2"] {
+                let v = vm(state, target, Some(("hv2", 20)));
+                let p = plan_vm(&sit(Some(&v), Some(LocalState::Running)));
+                assert_eq!(steps(&p), vec![Step::Destroy], "{state} target {target}");
+            }
+        }
+    }
+
+    #[test]
+    fn shutdown_sends_acpi_then_destroys_after_the_timeout() {
+        let v = vm(DesiredState::Shutdown, "hv1", Some(("hv1", 10)));
+        let mut s = sit(Some(&v), Some(LocalState::Running));
+        let p = plan_vm(&s);
+        assert_eq!(steps(&p), vec![Step::Shutdown]);
+        assert!(p.recheck.is_some());
+        s.shutdown_elapsed = Some(Duration::from_secs(60));
+        let p = plan_vm(&s);
+        assert_eq!(steps(&p), vec![], "wait for the guest");
+        assert!(p.recheck.is_some_and(|d| d <= Duration::from_secs(5)));
+        s.shutdown_elapsed = Some(Duration::from_secs(180));
+        let p = plan_vm(&s);
+        assert_eq!(steps(&p), vec![Step::Destroy, Step::ReleaseLock]);
+        assert_eq!(reported(&p), Some("stopped"));
+        // Once off: release the lock and report.
+        let p = plan_vm(&sit(Some(&v), Some(LocalState::ShutOff)));
+        assert_eq!(steps(&p), vec![Step::ReleaseLock]);
+    }
+
+    #[test]
+    fn stop_and_disable_destroy_at_once_and_keep_the_definition() {
+        for (state, rep) in [
+            (DesiredState::Stop, "stopped"),
+            (DesiredState::Disable, "disabled"),
+        ] {
+            let v = vm(state, "hv1", Some(("hv1", 10)));
+            let p = plan_vm(&sit(Some(&v), Some(LocalState::Running)));
+            assert_eq!(steps(&p), vec![Step::Destroy, Step::ReleaseLock]);
+            assert_eq!(reported(&p), Some(rep));
+            let p = plan_vm(&sit(Some(&v), None));
+            assert_eq!(steps(&p), vec![Step::Define, Step::ReleaseLock]);
+        }
+    }
+
+    #[test]
+    fn a_node_that_is_not_the_target_leaves_nothing_behind() {
+        let v = vm(DesiredState::Start, "hv2", Some(("hv1", 10)));
+        let p = plan_vm(&sit(Some(&v), Some(LocalState::Running)));
+        assert_eq!(steps(&p), vec![Step::Shutdown], "graceful first");
+        let p = plan_vm(&sit(Some(&v), Some(LocalState::ShutOff)));
+        assert_eq!(steps(&p), vec![Step::ReleaseLock, Step::Undefine]);
+        let v = vm(DesiredState::Start, "hv2", None);
+        assert_eq!(
+            steps(&plan_vm(&sit(Some(&v), Some(LocalState::ShutOff)))),
+            vec![Step::Undefine]
+        );
+        assert_eq!(steps(&plan_vm(&sit(Some(&v), None))), vec![]);
+    }
+
+    #[test]
+    fn a_vm_removed_from_etcd_is_destroyed_and_undefined() {
+        assert_eq!(
+            steps(&plan_vm(&sit(None, Some(LocalState::Running)))),
+            vec![Step::Destroy, Step::Undefine]
+        );
+        assert_eq!(
+            steps(&plan_vm(&sit(None, Some(LocalState::ShutOff)))),
+            vec![Step::Undefine]
+        );
+        assert_eq!(steps(&plan_vm(&sit(None, None))), vec![]);
+    }
+
+    #[test]
+    fn crash_loops_end_in_fail() {
+        let v = vm(DesiredState::Start, "hv1", Some(("hv1", 10)));
+        let mut s = sit(Some(&v), Some(LocalState::Crashed));
+        s.failed_starts = 2;
+        assert_eq!(steps(&plan_vm(&s)), vec![Step::Start]);
+        s.failed_starts = 3;
+        let p = plan_vm(&s);
+        assert_eq!(steps(&p), vec![]);
+        assert_eq!(reported(&p), Some("fail"));
+    }
+}
