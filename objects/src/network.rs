@@ -583,6 +583,16 @@ pub fn parse_network(id: &str, keys: &BTreeMap<String, KeyEntry>) -> Result<Netw
                     ));
                 }
             }
+            let special = [&ipv4, &ipv6]
+                .into_iter()
+                .flatten()
+                .any(|f| f.gateway == Some(ip) || f.network.addr == ip);
+            if special {
+                return Err(ObjectError::new(
+                    format!("{field}.ip"),
+                    format!("{ip} is the network's gateway or network address"),
+                ));
+            }
             if reservations.iter().any(|x: &Reservation| x.ip == ip) {
                 return Err(ObjectError::new(
                     format!("{field}.ip"),
