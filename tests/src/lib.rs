@@ -9,6 +9,7 @@
 pub mod daemon;
 pub mod error;
 pub mod etcd;
+pub mod libvirt;
 pub mod netns;
 pub mod ports;
 pub mod proxy;
@@ -17,6 +18,7 @@ pub mod tls;
 pub use daemon::{bin_path, ctl, is_message, str_field, DaemonBuilder, DaemonProcess};
 pub use error::{HarnessError, Result};
 pub use etcd::EtcdProcess;
+pub use libvirt::{ensure_libvirtd, kvm_available, tiny_guest_xml, TestDomain};
 pub use netns::{is_root, NetNs};
 pub use ports::free_port;
 pub use proxy::TcpProxy;

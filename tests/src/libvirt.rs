@@ -1,0 +1,352 @@
+//! libvirt for tests: make sure the system libvirtd answers, tiny guests that boot in well
+//! under a second, and a guard that removes a test domain even when the test panics.
+//!
+//! libvirtd and virtlogd are system services: the harness starts them (`-d`) when their
+//! sockets do not answer and leaves them running; it never stops or kills a daemon.
+//! Test domains are named `dvtest-<pid>-<n>-<label>` so [`sweep_stale`] can remove those
+//! left behind by a test process that was killed.
+
+use std::fs::OpenOptions;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use debvisor_daemon::hypervisor::{DomainEvent, Libvirt, Lifecycle};
+use tokio::sync::mpsc;
+
+use crate::error::{HarnessError, IoContext, Result};
+
+/// The system QEMU driver (real guests).
+pub const QEMU_URI: &str = "qemu:///system";
+/// libvirt's in-process test driver.
+pub const TEST_URI: &str = "test:///default";
+/// Prefix of every domain a test creates.
+pub const NAME_PREFIX: &str = "dvtest-";
+
+const LIBVIRT_SOCK: &str = "/run/libvirt/libvirt-sock";
+const VIRTLOGD_SOCK: &str = "/run/libvirt/virtlogd-sock";
+/// Cross-process lock so parallel test binaries do not start two daemons.
+const START_LOCK: &str = "/run/lock/debvisor-test-libvirtd.lock";
+
+/// Whether KVM can be used (`/dev/kvm` opens read-write); without it guests run under TCG.
+pub fn kvm_available() -> bool {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+fn socket_answers(path: &str) -> bool {
+    UnixStream::connect(path).is_ok()
+}
+
+/// Run `cmd` to completion within `timeout`; a command still running then is killed (it
+/// is our child). Output goes through temp files, not pipes, so a daemon that forks into
+/// the background cannot keep us waiting for EOF.
+fn run_bounded(cmd: &mut Command, what: &str, timeout: Duration) -> Result<Output> {
+    use std::io::{Read, Seek};
+    let files = (tempfile::tempfile(), tempfile::tempfile());
+    let (Ok(out_file), Ok(err_file)) = files else {
+        return Err(HarnessError::State(format!("no temp files for `{what}`")));
+    };
+    let mut out_read = out_file
+        .try_clone()
+        .ctx(|| format!("temp file for {what}"))?;
+    let mut err_read = err_file
+        .try_clone()
+        .ctx(|| format!("temp file for {what}"))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out_file))
+        .stderr(Stdio::from(err_file))
+        .spawn()
+        .ctx(|| format!("running `{what}`"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().ctx(|| format!("waiting for `{what}`"))? {
+            let mut out = Output {
+                status,
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+            };
+            let _ = out_read.rewind();
+            let _ = out_read.read_to_end(&mut out.stdout);
+            let _ = err_read.rewind();
+            let _ = err_read.read_to_end(&mut out.stderr);
+            return Ok(out);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(HarnessError::Timeout {
+                what: format!("`{what}` to finish"),
+                timeout,
+                tail: String::new(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn start_daemon(bin: &str, socket: &str) -> Result<()> {
+    let out = run_bounded(
+        Command::new(bin).arg("-d"),
+        &format!("{bin} -d"),
+        Duration::from_secs(20),
+    )?;
+    if !out.status.success() {
+        return Err(HarnessError::Command {
+            command: format!("{bin} -d"),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket_answers(socket) {
+        if Instant::now() >= deadline {
+            return Err(HarnessError::Timeout {
+                what: format!("{bin} to listen on {socket}"),
+                timeout: Duration::from_secs(10),
+                tail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Make sure `virtlogd` and `libvirtd` run (start them with `-d` when their sockets do not
+/// answer) and that `virsh -c qemu:///system version` answers, within 30 s.
+pub fn ensure_libvirtd() -> Result<()> {
+    static IN_PROCESS: Mutex<()> = Mutex::new(());
+    let _guard = IN_PROCESS.lock().unwrap_or_else(|p| p.into_inner());
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(START_LOCK)
+        .ctx(|| format!("opening {START_LOCK}"))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock(2) on a file we hold open; released when `lock` is dropped.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(HarnessError::Io {
+            context: format!("locking {START_LOCK}"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    if !socket_answers(VIRTLOGD_SOCK) {
+        start_daemon("virtlogd", VIRTLOGD_SOCK)?;
+    }
+    if !socket_answers(LIBVIRT_SOCK) {
+        start_daemon("libvirtd", LIBVIRT_SOCK)?;
+    }
+    let timeout = Duration::from_secs(30);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match run_bounded(
+            Command::new("virsh").args(["-c", QEMU_URI, "version"]),
+            "virsh version",
+            Duration::from_secs(5),
+        ) {
+            Ok(out) if out.status.success() => return Ok(()),
+            Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= deadline {
+            return Err(HarnessError::Timeout {
+                what: format!("`virsh -c {QEMU_URI} version` to answer"),
+                timeout,
+                tail: last,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A fresh random UUID, canonical lower case (from the kernel; a time-based one if
+/// `/proc/sys/kernel/random/uuid` cannot be read).
+pub fn random_uuid() -> String {
+    if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/random/uuid") {
+        return s.trim().to_ascii_lowercase();
+    }
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::SeqCst) as u64 & 0xfff;
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!(
+        "{:08x}-{:04x}-4{n:03x}-8000-{:012x}",
+        std::process::id(),
+        t & 0xffff,
+        (t >> 16) & 0xffff_ffff_ffff
+    )
+}
+
+/// A unique test domain name: `dvtest-<pid>-<n>-<label>` (label cut to keep ≤ 64 chars).
+pub fn unique_name(label: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    let label: String = label
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(32)
+        .collect();
+    format!("{NAME_PREFIX}{}-{n}-{label}", std::process::id())
+}
+
+/// A diskless, NIC-less guest that only reaches its firmware (SeaBIOS finds nothing to boot
+/// and waits): 64 MiB, 1 vCPU, ACPI present but unanswered, so it ignores ACPI shutdown.
+/// `type='kvm'` when [`kvm_available`], else `type='qemu'` (TCG).
+pub fn tiny_guest_xml(name: &str, uuid: &str) -> String {
+    let kind = if kvm_available() { "kvm" } else { "qemu" };
+    format!(
+        "<domain type='{kind}'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <memory unit='MiB'>64</memory>
+  <currentMemory unit='MiB'>64</currentMemory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <boot dev='network'/>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"
+    )
+}
+
+/// The same guest for libvirt's test driver (`type='test'`).
+pub fn test_driver_xml(name: &str, uuid: &str) -> String {
+    format!(
+        "<domain type='test'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <memory unit='MiB'>64</memory>
+  <currentMemory unit='MiB'>64</currentMemory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64'>hvm</type></os>
+</domain>
+"
+    )
+}
+
+/// A test domain's identity, destroyed and undefined (by UUID) on drop, also when the test
+/// panics. Creating the guard defines nothing: the test does that through the API it tests.
+pub struct TestDomain {
+    lv: Libvirt,
+    /// Its UUID.
+    pub uuid: String,
+    /// Its name (`dvtest-…`).
+    pub name: String,
+}
+
+impl TestDomain {
+    /// A new identity on `lv`'s host.
+    pub fn new(lv: &Libvirt, label: &str) -> TestDomain {
+        TestDomain {
+            lv: lv.clone(),
+            uuid: random_uuid(),
+            name: unique_name(label),
+        }
+    }
+
+    /// The tiny guest XML for this domain, for the driver behind `lv`.
+    pub fn xml(&self) -> String {
+        if self.lv.uri().starts_with("test:") {
+            test_driver_xml(&self.name, &self.uuid)
+        } else {
+            tiny_guest_xml(&self.name, &self.uuid)
+        }
+    }
+}
+
+impl Drop for TestDomain {
+    fn drop(&mut self) {
+        let lv = self.lv.clone();
+        let uuid = self.uuid.clone();
+        // Drop may run inside a tokio runtime: use a thread with its own runtime.
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                lv.destroy(&uuid).await.map_err(|e| e.to_string())?;
+                lv.undefine(&uuid).await.map_err(|e| e.to_string())?;
+                Ok::<(), String>(())
+            })
+        });
+        match cleanup.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!(
+                "TestDomain {} ({}): cleanup failed: {e}",
+                self.name, self.uuid
+            ),
+            Err(_) => eprintln!("TestDomain {} ({}): cleanup panicked", self.name, self.uuid),
+        }
+    }
+}
+
+/// Remove `dvtest-<pid>-…` domains whose test process is gone (left by a killed run).
+pub async fn sweep_stale(lv: &Libvirt) {
+    let Ok(domains) = lv.list().await else {
+        return;
+    };
+    for d in domains {
+        let Some(rest) = d.name.strip_prefix(NAME_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let _ = lv.destroy(&d.uuid).await;
+        let _ = lv.undefine(&d.uuid).await;
+    }
+}
+
+/// Wait until a lifecycle event of `uuid` satisfying `want` arrives; fails after `timeout`
+/// listing what did arrive for that domain.
+pub async fn wait_event(
+    rx: &mut mpsc::Receiver<DomainEvent>,
+    uuid: &str,
+    timeout: Duration,
+    want: impl Fn(&Lifecycle) -> bool,
+) -> Result<Lifecycle> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(DomainEvent::Lifecycle { uuid: u, event, .. })) if u == uuid => {
+                if want(&event) {
+                    return Ok(event);
+                }
+                seen.push(format!("{event:?}"));
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(HarnessError::State("event subscription ended".into()));
+            }
+            Err(_) => {
+                return Err(HarnessError::Timeout {
+                    what: format!("a lifecycle event of {uuid}"),
+                    timeout,
+                    tail: seen.join("\n"),
+                })
+            }
+        }
+    }
+}
