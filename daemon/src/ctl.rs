@@ -1,11 +1,10 @@
 //! `debvisorctl`: read the cluster state from etcd with the daemon's own config.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use debvisor_objects::node::{parse_node, NodeRecord};
 use debvisor_objects::schema::{self, NODES_PREFIX};
-use debvisor_objects::{KeyEntry, Store};
+use debvisor_objects::Store;
 use serde_json::{json, Value};
 
 use crate::config::Config;
@@ -40,23 +39,7 @@ pub async fn connect(cfg: &Config) -> Result<Store, String> {
 /// Every node under `nodes/`.
 pub async fn nodes(store: &Store) -> Result<Vec<NodeRow>, String> {
     let (kvs, _) = store.list(NODES_PREFIX).await.map_err(|e| e.to_string())?;
-    let mut grouped: BTreeMap<String, BTreeMap<String, KeyEntry>> = BTreeMap::new();
-    for kv in kvs {
-        let Some(rest) = kv.key.strip_prefix(NODES_PREFIX) else {
-            continue;
-        };
-        let Some((name, sub)) = rest.split_once('/') else {
-            continue;
-        };
-        grouped.entry(name.to_string()).or_default().insert(
-            sub.to_string(),
-            KeyEntry {
-                value: kv.value,
-                mod_revision: kv.mod_revision,
-                lease: kv.lease,
-            },
-        );
-    }
+    let grouped = debvisor_objects::reactor::group_keys(NODES_PREFIX, kvs, |_| true);
     Ok(grouped
         .into_iter()
         .map(|(name, keys)| NodeRow {

@@ -422,24 +422,7 @@ type Keys = BTreeMap<String, KeyEntry>;
 
 /// Group keys under `networks/` by network id; sub-keys are relative to `networks/<id>/`.
 fn group(kvs: Vec<Kv>) -> BTreeMap<String, Keys> {
-    let mut out: BTreeMap<String, Keys> = BTreeMap::new();
-    for kv in kvs {
-        let Some(rest) = kv.key.strip_prefix(NETWORKS_PREFIX) else {
-            continue;
-        };
-        let Some((id, sub)) = rest.split_once('/') else {
-            continue;
-        };
-        out.entry(id.to_string()).or_default().insert(
-            sub.to_string(),
-            KeyEntry {
-                value: kv.value,
-                mod_revision: kv.mod_revision,
-                lease: kv.lease,
-            },
-        );
-    }
-    out
+    debvisor_objects::reactor::group_keys(NETWORKS_PREFIX, kvs, |_| true)
 }
 
 /// Sort key of network ids: numbers numerically, then anything else.

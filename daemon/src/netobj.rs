@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use debvisor_firewall::{Firewall, FirewallConfig, NetworkRules, Nft, Ruleset};
 use debvisor_netconf::{AddrOwner, HostNet, Netlink};
-use debvisor_objects::network::{self, AclProto, Direction, Network, NetworkKind, NetworkType};
+use debvisor_objects::network::{self, Direction, Network, NetworkKind, NetworkType};
 use debvisor_objects::network_plan::{self, HostContext, Step};
 use debvisor_objects::{Action, Entry, ObjectError, ReconcileError, Reconciler, Store};
 use serde_json::json;
@@ -189,16 +189,8 @@ pub fn network_rules(net: &Network, primary: bool) -> Result<NetworkRules, Objec
                 };
                 Ok(debvisor_firewall::Acl {
                     order: a.order,
-                    action: match a.rule.action {
-                        network::AclAction::Accept => debvisor_firewall::AclAction::Accept,
-                        network::AclAction::Drop => debvisor_firewall::AclAction::Drop,
-                        network::AclAction::Reject => debvisor_firewall::AclAction::Reject,
-                    },
-                    proto: a.rule.proto.map(|p| match p {
-                        AclProto::Tcp => debvisor_firewall::AclProto::Tcp,
-                        AclProto::Udp => debvisor_firewall::AclProto::Udp,
-                        AclProto::Icmp => debvisor_firewall::AclProto::Icmp,
-                    }),
+                    action: a.rule.action,
+                    proto: a.rule.proto,
                     source: cidr(&a.source, "source")?,
                     dest: cidr(&a.destination, "destination")?,
                     ports: a
@@ -679,24 +671,7 @@ pub async fn network_rules_from_store(
         .list(network::NETWORKS_PREFIX)
         .await
         .map_err(|e| e.to_string())?;
-    let mut grouped: BTreeMap<String, BTreeMap<String, debvisor_objects::KeyEntry>> =
-        BTreeMap::new();
-    for kv in kvs {
-        let Some(rest) = kv.key.strip_prefix(network::NETWORKS_PREFIX) else {
-            continue;
-        };
-        let Some((id, sub)) = rest.split_once('/') else {
-            continue;
-        };
-        grouped.entry(id.to_string()).or_default().insert(
-            sub.to_string(),
-            debvisor_objects::KeyEntry {
-                value: kv.value,
-                mod_revision: kv.mod_revision,
-                lease: kv.lease,
-            },
-        );
-    }
+    let grouped = debvisor_objects::reactor::group_keys(network::NETWORKS_PREFIX, kvs, |_| true);
     Ok(grouped
         .into_iter()
         .filter_map(|(id, keys)| network::parse_network(&id, &keys).ok())

@@ -7,8 +7,6 @@
 //! `lock` (bound to the owner's lease), `last_node`, `status` and `stats` by the owning node.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -86,31 +84,7 @@ pub fn vm_key(uuid: &str, f: VmField) -> String {
     format!("{VMS_PREFIX}{uuid}/{}", f.suffix())
 }
 
-macro_rules! str_enum {
-    ($(#[$m:meta])* $name:ident { $($var:ident = $s:literal),+ $(,)? }) => {
-        $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        pub enum $name { $(#[serde(rename = $s)] $var),+ }
-        impl $name {
-            /// The string form.
-            pub fn as_str(self) -> &'static str { match self { $($name::$var => $s),+ } }
-        }
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
-        }
-        impl FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
-                match s {
-                    $($s => Ok($name::$var),)+
-                    _ => Err(format!("{s:?} is not one of {}", [$($s),+].join("|"))),
-                }
-            }
-        }
-    };
-}
-
-str_enum!(
+state_enum!(
     /// `vms/<uuid>/state`: what the operator wants.
     DesiredState {
         Start = "start",
@@ -124,12 +98,12 @@ str_enum!(
     }
 );
 
-str_enum!(
+state_enum!(
     /// `metadata.migration_method`.
     MigrationMethod { Live = "live", Shutdown = "shutdown", None = "none" }
 );
 
-str_enum!(
+state_enum!(
     /// `metadata.node_selector`: how a target node is chosen.
     NodeSelector { Mem = "mem", Memprov = "memprov", Load = "load", Vcpus = "vcpus", Vms = "vms" }
 );

@@ -1,5 +1,9 @@
 //! `debvisor-objects`: the etcd schema, the store layer, the node lease, the generic reactor
-//! and the cluster objects (Node now; Network, Domain and Ceph in their own issues).
+//! and the cluster objects: Node and Network (with their planners), the Domain spec and its
+//! planner; Ceph comes with its own issue.
+
+#[macro_use]
+mod macros;
 
 pub mod domain;
 pub mod domain_plan;

@@ -212,23 +212,9 @@ impl fmt::Display for Direction {
     }
 }
 
-/// What an ACL rule does with a match.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AclAction {
-    Accept,
-    Drop,
-    Reject,
-}
-
-/// Transport protocol of an ACL rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AclProto {
-    Tcp,
-    Udp,
-    Icmp,
-}
+/// What an ACL rule does and which protocol it matches: the firewall's own types, so the
+/// etcd value and the nft rule cannot disagree.
+pub use debvisor_firewall::{AclAction, AclProto};
 
 /// `networks/<vni>/acl/<dir>/<order>`: one ACL rule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

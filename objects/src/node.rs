@@ -14,32 +14,6 @@ use crate::reactor::{
 };
 use crate::schema::{self, NodeField};
 
-macro_rules! state_enum {
-    ($(#[$m:meta])* $name:ident { $($var:ident = $s:literal),+ $(,)? }) => {
-        $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        pub enum $name { $(#[serde(rename = $s)] $var),+ }
-        impl $name {
-            /// Every value, in lifecycle order.
-            pub const ALL: &'static [$name] = &[$($name::$var),+];
-            /// The string stored in etcd.
-            pub fn as_str(self) -> &'static str { match self { $($name::$var => $s),+ } }
-        }
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
-        }
-        impl FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
-                match s {
-                    $($s => Ok($name::$var),)+
-                    _ => Err(format!("{s:?} is not one of {}", [$($s),+].join("|"))),
-                }
-            }
-        }
-    };
-}
-
 state_enum!(
     /// `nodes/<node>/daemon_state`.
     DaemonState { Stop = "stop", Init = "init", Run = "run", Shutdown = "shutdown", Dead = "dead", Fenced = "fenced" }

@@ -352,15 +352,20 @@ impl<K: Kind> Reactor<K> {
     }
 }
 
-fn group_by_object<K: Kind>(
-    kind: &K,
+/// The keys of one object, relative to `<prefix><id>/`.
+pub type ObjectKeys = BTreeMap<String, KeyEntry>;
+
+/// Group a listing under `prefix` into objects (`nodes/n1/info` → `n1` → `info`), keeping
+/// the sub-keys `keep` accepts. Shared by the reactor and the tools that read a prefix once
+/// (`debvisorctl`, the firewall stage).
+pub fn group_keys(
+    prefix: &str,
     kvs: Vec<Kv>,
-) -> BTreeMap<String, BTreeMap<String, KeyEntry>> {
-    let mut out: BTreeMap<String, BTreeMap<String, KeyEntry>> = BTreeMap::new();
+    keep: impl Fn(&str) -> bool,
+) -> BTreeMap<String, ObjectKeys> {
+    let mut out: BTreeMap<String, ObjectKeys> = BTreeMap::new();
     for kv in kvs {
-        if let Some((id, sub)) =
-            split_object_key(kind.prefix(), &kv.key).filter(|(_, sub)| kind.relevant(sub))
-        {
+        if let Some((id, sub)) = split_object_key(prefix, &kv.key).filter(|(_, sub)| keep(sub)) {
             out.entry(id.to_string()).or_default().insert(
                 sub.to_string(),
                 KeyEntry {
@@ -372,6 +377,10 @@ fn group_by_object<K: Kind>(
         }
     }
     out
+}
+
+fn group_by_object<K: Kind>(kind: &K, kvs: Vec<Kv>) -> BTreeMap<String, ObjectKeys> {
+    group_keys(kind.prefix(), kvs, |sub| kind.relevant(sub))
 }
 
 /// `nodes/n1/info/fqdn` with prefix `nodes/` → (`n1`, `info/fqdn`).
