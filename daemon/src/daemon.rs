@@ -553,6 +553,8 @@ pub async fn run(config_path: &Path) -> ExitCode {
         cfg.paths.state_dir.clone(),
         PathBuf::from("/usr/sbin/dnsmasq"),
     ));
+    let tasks = CancellationToken::new();
+    net_host.spawn_firewall_worker(tasks.clone());
     let networks = Arc::new(Reactor::spawn(
         NetworkKind,
         NetworkReconciler(net_host.clone()),
@@ -590,7 +592,7 @@ pub async fn run(config_path: &Path) -> ExitCode {
         netlink,
         primary,
         keepalive: Some(keepalive),
-        tasks: CancellationToken::new(),
+        tasks,
         libvirt,
         services,
         log,

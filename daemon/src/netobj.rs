@@ -44,6 +44,8 @@ pub struct NetworkHost {
     /// applied by the firewall stage (built from the whole etcd list) must not be replaced by
     /// one that knows only the networks reconciled so far.
     fw_ready: AtomicBool,
+    /// Wakes the firewall worker when the applied networks changed.
+    fw_dirty: tokio::sync::Notify,
 }
 
 /// The node firewall, rebuilt from the base config plus every applied network.
@@ -248,6 +250,7 @@ impl NetworkHost {
             status: Mutex::new(BTreeMap::new()),
             leases: Mutex::new(BTreeMap::new()),
             fw_ready: AtomicBool::new(false),
+            fw_dirty: tokio::sync::Notify::new(),
         }
     }
 
@@ -344,13 +347,21 @@ impl NetworkHost {
         Ok(())
     }
 
+    /// A network changed: ask the firewall worker for a new ruleset. Bursts coalesce into
+    /// one atomic apply (100 networks at once cost one batch, not 100; see
+    /// docs/benchmarks.md).
     async fn sync_firewall(&self) -> Result<(), ReconcileError> {
+        if self.firewall.is_some() && self.fw_ready.load(Ordering::SeqCst) {
+            self.fw_dirty.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Build the ruleset from every applied network and make the table match it now.
+    async fn apply_firewall_now(&self) -> Result<(), ReconcileError> {
         let Some(fw) = &self.firewall else {
             return Ok(());
         };
-        if !self.fw_ready.load(Ordering::SeqCst) {
-            return Ok(());
-        }
         let primary = self.ctx().primary;
         let nets: Vec<Network> = self
             .applied
@@ -374,6 +385,30 @@ impl NetworkHost {
             .map_err(ReconcileError::Host)
     }
 
+    /// The worker behind [`NetworkHost::sync_firewall`]: waits for a change, lets the burst
+    /// settle for 100 ms, applies once.
+    pub fn spawn_firewall_worker(self: &Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        if self.firewall.is_none() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = this.fw_dirty.notified() => {}
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                }
+                if let Err(e) = this.apply_firewall_now().await {
+                    warn!(error = %e, "firewall update failed; retrying on the next resync");
+                }
+            }
+        });
+    }
+
     /// Every network of the first list is reconciled: from now on the firewall follows the
     /// applied networks.
     pub async fn firewall_ready(&self) {
@@ -383,7 +418,10 @@ impl NetworkHost {
 
     /// Re-apply the firewall (resync tick): corrects a deleted rule.
     pub async fn resync_firewall(&self) {
-        if let Err(e) = self.sync_firewall().await {
+        if !self.fw_ready.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = self.apply_firewall_now().await {
             warn!(error = %e, "firewall resync failed");
         }
     }

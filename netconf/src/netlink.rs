@@ -659,6 +659,8 @@ async fn repeat_announcement(h: Handle, link: String, addr: Cidr) {
                 }
             }
             Ok(None) => return,
+            // The link went away (network deleted): nothing left to announce.
+            Err(NetconfError::NoSuchLink { .. }) => return,
             Err(e) => {
                 tracing::warn!(%link, %addr, error = %e, "repeating an address announcement failed");
                 return;
@@ -669,7 +671,21 @@ async fn repeat_announcement(h: Handle, link: String, addr: Cidr) {
 
 impl HostNet for Netlink {
     async fn observe(&self) -> Result<Observed, NetconfError> {
-        self.call("observe", "*", observe_on).await
+        // A dump that races with link changes is aborted by the kernel (EBUSY/EINTR): it is
+        // not a failure, just try again at once (bounded).
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.call("observe", "*", observe_on).await {
+                Err(e)
+                    if attempt < 5
+                        && matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EINTR)) =>
+                {
+                    continue
+                }
+                r => return r,
+            }
+        }
     }
 
     async fn ensure_bridge(&self, name: &str) -> Result<Outcome<()>, NetconfError> {
