@@ -3039,11 +3039,11 @@ mod bench_networks {
                  change of the namespace) and waiting; the whole machine was {:.0} % busy over \
                  the phase (a shared VM: that includes other work on it). Deleting \
                  is bounded by the kernel's link teardown ({:.1} s for the same links without \
-                 the daemon). With the firewall on, every network change re-applies the whole \
-                 table: {} applies and {:.1} s of nft wall time during the burst, each apply \
-                 larger than the last; measured directly, one apply per network costs \
-                 **{:.0}× one batch** ({:.1} s against {:.0} ms), so coalescing a burst into \
-                 one apply would take most of the firewall's extra {:.1} s away. In steady \
+                 the daemon). With the firewall on, the daemon re-applies the whole table \
+                 once per burst of changes (100 ms settle): {} applies and {:.1} s of nft wall \
+                 time during the burst; measured directly, one apply per network would cost \
+                 **{:.0}× one batch** ({:.1} s against {:.0} ms), which is why changes are \
+                 coalesced; the firewall adds {:.1} s to the burst. In steady \
                  state each resync tick (every {KEEPALIVE_INTERVAL}) spends **{:.0} ms** on \
                  the no-change `ensure` with {} networks ({:.0} ms with none). Peak RSS of \
                  `debvisord` was {:.1} MiB with the firewall off and {:.1} MiB with it on; \
