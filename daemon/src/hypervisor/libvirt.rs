@@ -568,77 +568,62 @@ impl Libvirt {
         .await
     }
 
+    /// A power operation on an active domain: absent or inactive is `Unchanged`, and so is
+    /// libvirt saying "not running" when the domain indeed went down meanwhile.
+    async fn power<F>(
+        &self,
+        op: Op,
+        uuid: &str,
+        timeout: Duration,
+        act: F,
+    ) -> Result<Outcome, HypervisorError>
+    where
+        F: FnOnce(&Domain) -> Result<(), virt::error::Error> + Send + 'static,
+    {
+        let uuid = check_uuid(op, uuid)?.to_string();
+        self.call(op, DomainRef::uuid(&uuid), timeout, move |c| {
+            let Some(d) = c.lookup(&uuid)? else {
+                return Ok(Outcome::Unchanged);
+            };
+            if !c.is_active(&d)? {
+                return Ok(Outcome::Unchanged);
+            }
+            match act(&d) {
+                Ok(()) => Ok(Outcome::Changed),
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        ErrorNumber::OperationInvalid | ErrorNumber::NoDomain
+                    ) && !d.is_active().unwrap_or(true) =>
+                {
+                    Ok(Outcome::Unchanged)
+                }
+                Err(e) => Err(c.fail(e)),
+            }
+        })
+        .await
+    }
+
     /// Press the ACPI power button (drivers without ACPI get their default shutdown). The
     /// guest may ignore it: the caller destroys after its own timeout. Not active or not
     /// defined: `Unchanged`.
     pub async fn shutdown(&self, uuid: &str) -> Result<Outcome, HypervisorError> {
-        let uuid = check_uuid(Op::Shutdown, uuid)?.to_string();
-        self.call(
-            Op::Shutdown,
-            DomainRef::uuid(&uuid),
-            self.inner.timeout,
-            move |c| {
-                let Some(d) = c.lookup(&uuid)? else {
-                    return Ok(Outcome::Unchanged);
-                };
-                if !c.is_active(&d)? {
-                    return Ok(Outcome::Unchanged);
+        self.power(Op::Shutdown, uuid, self.inner.timeout, |d| {
+            match d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN) {
+                Err(e) if e.code() == ErrorNumber::InvalidArg && e.message().contains("flags") => {
+                    d.shutdown().map(|_| ())
                 }
-                let r = match d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN) {
-                    Err(e)
-                        if e.code() == ErrorNumber::InvalidArg && e.message().contains("flags") =>
-                    {
-                        d.shutdown()
-                    }
-                    r => r,
-                };
-                match r {
-                    Ok(_) => Ok(Outcome::Changed),
-                    Err(e)
-                        if matches!(
-                            e.code(),
-                            ErrorNumber::OperationInvalid | ErrorNumber::NoDomain
-                        ) && !d.is_active().unwrap_or(true) =>
-                    {
-                        Ok(Outcome::Unchanged)
-                    }
-                    Err(e) => Err(c.fail(e)),
-                }
-            },
-        )
+                r => r.map(|_| ()),
+            }
+        })
         .await
     }
 
     /// Power off now (libvirt sends SIGTERM, then SIGKILL). Not active or not defined:
     /// `Unchanged`.
     pub async fn destroy(&self, uuid: &str) -> Result<Outcome, HypervisorError> {
-        let uuid = check_uuid(Op::Destroy, uuid)?.to_string();
-        self.call(
-            Op::Destroy,
-            DomainRef::uuid(&uuid),
-            self.slow_timeout(),
-            move |c| {
-                let Some(d) = c.lookup(&uuid)? else {
-                    return Ok(Outcome::Unchanged);
-                };
-                if !c.is_active(&d)? {
-                    return Ok(Outcome::Unchanged);
-                }
-                match d.destroy() {
-                    Ok(()) => Ok(Outcome::Changed),
-                    Err(e)
-                        if matches!(
-                            e.code(),
-                            ErrorNumber::OperationInvalid | ErrorNumber::NoDomain
-                        ) && !d.is_active().unwrap_or(true) =>
-                    {
-                        Ok(Outcome::Unchanged)
-                    }
-                    Err(e) => Err(c.fail(e)),
-                }
-            },
-        )
-        .await
+        self.power(Op::Destroy, uuid, self.slow_timeout(), |d| d.destroy())
+            .await
     }
 
     /// The domain's current XML (live definition while running; no secrets).
