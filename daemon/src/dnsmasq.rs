@@ -304,7 +304,7 @@ mod tests {
     use debvisor_objects::KeyEntry;
 
     fn net() -> Network {
-        let keys: BTreeMap<String, KeyEntry> = [
+        let keys = KeyEntry::object(&[
             (
                 "spec",
                 r#"{"type":"managed","domain":"t.example","name_servers":["192.0.2.53"],
@@ -315,19 +315,7 @@ mod tests {
                 "reservations/52:54:00:00:00:07",
                 r#"{"ip":"10.1.0.7","hostname":"web"}"#,
             ),
-        ]
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.to_string(),
-                KeyEntry {
-                    value: v.as_bytes().to_vec(),
-                    mod_revision: 1,
-                    lease: 0,
-                },
-            )
-        })
-        .collect();
+        ]);
         parse_network("100", &keys).expect("valid")
     }
 

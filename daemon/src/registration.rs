@@ -110,11 +110,9 @@ pub fn data(
         node: cfg.node_name().to_string(),
         fqdn: cfg.node.fqdn.clone(),
         mode: cfg.node.mode.as_str(),
-        coordinator: if cfg.node.mode == crate::config::NodeMode::Clustered && cfg.is_coordinator()
-        {
-            CoordinatorState::Secondary
-        } else if cfg.node.mode == crate::config::NodeMode::Standalone {
-            // A standalone node is its own coordinator; the election issue makes it primary.
+        // A standalone node counts as a coordinator (`Config::is_coordinator`); the election
+        // makes one coordinator primary.
+        coordinator: if cfg.is_coordinator() {
             CoordinatorState::Secondary
         } else {
             CoordinatorState::Client

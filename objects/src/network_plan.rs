@@ -322,18 +322,9 @@ mod tests {
     use crate::network::parse_network;
     use crate::reactor::KeyEntry;
     use debvisor_netconf::{AddrState, LinkState, VlanInfo};
-    use std::collections::BTreeMap;
 
     fn net(spec: &str) -> Network {
-        let k: BTreeMap<String, KeyEntry> = [(
-            "spec".to_string(),
-            KeyEntry {
-                value: spec.as_bytes().to_vec(),
-                mod_revision: 1,
-                lease: 0,
-            },
-        )]
-        .into();
+        let k = KeyEntry::object(&[("spec", spec)]);
         parse_network("100", &k).expect("valid spec")
     }
 

@@ -334,19 +334,7 @@ mod tests {
     use super::*;
 
     fn keys(pairs: &[(&str, &str)]) -> BTreeMap<String, KeyEntry> {
-        pairs
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    KeyEntry {
-                        value: v.as_bytes().to_vec(),
-                        mod_revision: 1,
-                        lease: 0,
-                    },
-                )
-            })
-            .collect()
+        KeyEntry::object(pairs)
     }
 
     #[test]

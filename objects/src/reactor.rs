@@ -355,6 +355,26 @@ impl<K: Kind> Reactor<K> {
 /// The keys of one object, relative to `<prefix><id>/`.
 pub type ObjectKeys = BTreeMap<String, KeyEntry>;
 
+impl KeyEntry {
+    /// The keys of one object from `(sub-key, value)` pairs, unleased, at revision 1: how
+    /// tests and tools build an object without a store.
+    pub fn object(pairs: &[(&str, &str)]) -> ObjectKeys {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    KeyEntry {
+                        value: v.as_bytes().to_vec(),
+                        mod_revision: 1,
+                        lease: 0,
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
 /// Group a listing under `prefix` into objects (`nodes/n1/info` → `n1` → `info`), keeping
 /// the sub-keys `keep` accepts. Shared by the reactor and the tools that read a prefix once
 /// (`debvisorctl`, the firewall stage).
