@@ -101,6 +101,7 @@ impl Keepalive {
             load: hostinfo::load(),
             memory: hostinfo::memory(),
             vms,
+            alloc: Default::default(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_s: hostinfo::uptime_s(),
             daemon_uptime_s: self.started.elapsed().as_secs(),

@@ -85,6 +85,19 @@ pub struct VmCounts {
     pub running: u32,
 }
 
+/// What the domains on a node take from it (placement: `memprov`, `vcpus`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Allocation {
+    /// Memory of running domains, MiB.
+    pub memory_mib: u64,
+    /// Memory of every defined domain, running or not, MiB.
+    pub memory_provisioned_mib: u64,
+    /// vCPUs of running domains.
+    pub vcpus: u32,
+    /// vCPUs of every defined domain.
+    pub vcpus_provisioned: u32,
+}
+
 /// `nodes/<node>/health`: the keepalive snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Health {
@@ -94,6 +107,9 @@ pub struct Health {
     pub load: [f64; 3],
     pub memory: MemoryStats,
     pub vms: VmCounts,
+    /// Resources allocated to domains (absent from daemons that predate it).
+    #[serde(default)]
+    pub alloc: Allocation,
     /// Daemon version.
     pub version: String,
     /// Host uptime in seconds.
