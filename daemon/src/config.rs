@@ -47,6 +47,8 @@ pub struct Config {
     pub keepalive: KeepaliveConfig,
     /// `hypervisor:`
     pub hypervisor: HypervisorConfig,
+    /// `domains:`
+    pub domains: DomainsConfig,
     /// `networking:` (see [`debvisor_netconf::NetworkingConfig`]).
     pub networking: NetworkingConfig,
     /// `firewall:` (see [`debvisor_firewall::FirewallConfig`]).
@@ -289,6 +291,9 @@ pub struct HypervisorConfig {
     /// Timeout of one libvirt call.
     #[serde(with = "duration_str")]
     pub timeout: Duration,
+    /// URI other nodes' libvirtd use to reach this one for peer-to-peer migration
+    /// (`qemu+tcp://10.0.0.11/system`); published in `info.libvirt_uri`. Unset: `uri`.
+    pub peer_uri: Option<String>,
 }
 
 impl Default for HypervisorConfig {
@@ -296,8 +301,86 @@ impl Default for HypervisorConfig {
         HypervisorConfig {
             uri: "qemu:///system".into(),
             timeout: Duration::from_secs(10),
+            peer_uri: None,
         }
     }
+}
+
+impl HypervisorConfig {
+    /// The URI peers migrate to.
+    pub fn published_uri(&self) -> &str {
+        self.peer_uri.as_deref().unwrap_or(&self.uri)
+    }
+}
+
+/// What the daemon does with its guests when it stops.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnShutdown {
+    /// Leave them running (a restarted daemon adopts them).
+    #[default]
+    Keep,
+    /// Drain the node (like `node flush`) before stopping, bounded by `flush_timeout`.
+    Flush,
+}
+
+/// `domains:` — the Domain object (VMs).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DomainsConfig {
+    /// How long a guest gets to obey an ACPI shutdown before it is destroyed.
+    #[serde(with = "duration_str")]
+    pub shutdown_timeout: Duration,
+    /// Failed starts or crashes within `failure_window` after which a VM goes to `fail`.
+    pub max_failed_starts: u32,
+    /// Window in which failures count towards `max_failed_starts`.
+    #[serde(with = "duration_str")]
+    pub failure_window: Duration,
+    /// First delay before restarting a crashed VM; doubles per failure up to 1 minute.
+    #[serde(with = "duration_str")]
+    pub restart_backoff: Duration,
+    /// `keep` or `flush` the guests when the daemon stops.
+    pub on_shutdown: OnShutdown,
+    /// Longest a flush at daemon shutdown may take before the daemon stops anyway.
+    #[serde(with = "duration_str")]
+    pub flush_timeout: Duration,
+    /// Live migrations running at once from this node.
+    pub migration_max_concurrent: u32,
+    /// Default maximum downtime of a live migration (a VM's metadata can override it).
+    #[serde(with = "duration_str")]
+    pub migration_max_downtime: Duration,
+    /// Give up a migration (and abort the libvirt job) after this long.
+    #[serde(with = "duration_str")]
+    pub migration_timeout: Duration,
+    /// Most per-VM stats keys written per keepalive tick (the stalest first).
+    pub stats_writes_per_tick: u32,
+}
+
+impl Default for DomainsConfig {
+    fn default() -> Self {
+        DomainsConfig {
+            shutdown_timeout: Duration::from_secs(180),
+            max_failed_starts: 3,
+            failure_window: Duration::from_secs(600),
+            restart_backoff: Duration::from_secs(2),
+            on_shutdown: OnShutdown::Keep,
+            flush_timeout: Duration::from_secs(600),
+            migration_max_concurrent: 2,
+            migration_max_downtime: Duration::from_millis(300),
+            migration_timeout: Duration::from_secs(600),
+            stats_writes_per_tick: 64,
+        }
+    }
+}
+
+/// Does `uri` look like a libvirt URI (`scheme://…` with a sane scheme, no whitespace)?
+fn libvirt_uri_ok(uri: &str) -> bool {
+    !uri.contains(char::is_whitespace)
+        && uri.split_once("://").is_some_and(|(s, _)| {
+            s.starts_with(|c: char| c.is_ascii_alphabetic())
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        })
 }
 
 /// What the primary does after a fence attempt.
@@ -1190,6 +1273,15 @@ impl Config {
             ("store.request_timeout", store.request_timeout),
             ("store.startup_deadline", store.startup_deadline),
             ("hypervisor.timeout", self.hypervisor.timeout),
+            ("domains.shutdown_timeout", self.domains.shutdown_timeout),
+            ("domains.failure_window", self.domains.failure_window),
+            ("domains.restart_backoff", self.domains.restart_backoff),
+            ("domains.flush_timeout", self.domains.flush_timeout),
+            (
+                "domains.migration_max_downtime",
+                self.domains.migration_max_downtime,
+            ),
+            ("domains.migration_timeout", self.domains.migration_timeout),
             ("fencing.timeout", self.fencing.timeout),
             ("ceph.interval", self.ceph.interval),
             ("ceph.timeout", self.ceph.timeout),
@@ -1228,15 +1320,49 @@ impl Config {
 
         // hypervisor
         let uri = &self.hypervisor.uri;
-        let scheme_ok = uri.split_once("://").is_some_and(|(s, _)| {
-            s.starts_with(|c: char| c.is_ascii_alphabetic())
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
-        });
+        let scheme_ok = libvirt_uri_ok(uri);
         if !scheme_ok {
             bad(
                 "hypervisor.uri",
                 format!("{uri:?} is not a libvirt URI (e.g. qemu:///system)"),
+            );
+        }
+        if let Some(p) = &self.hypervisor.peer_uri {
+            if !libvirt_uri_ok(p) {
+                bad(
+                    "hypervisor.peer_uri",
+                    format!("{p:?} is not a libvirt URI (e.g. qemu+tcp://10.0.0.11/system)"),
+                );
+            }
+        }
+
+        // domains
+        let d = &self.domains;
+        if d.max_failed_starts == 0 {
+            bad("domains.max_failed_starts", "must be at least 1".into());
+        }
+        if d.migration_max_concurrent == 0 {
+            bad(
+                "domains.migration_max_concurrent",
+                "must be at least 1".into(),
+            );
+        }
+        if d.migration_max_downtime > Duration::from_secs(60) {
+            bad(
+                "domains.migration_max_downtime",
+                format!(
+                    "must be at most 60s, got {}",
+                    format_duration(d.migration_max_downtime)
+                ),
+            );
+        }
+        if !(1..=1000).contains(&d.stats_writes_per_tick) {
+            bad(
+                "domains.stats_writes_per_tick",
+                format!(
+                    "must be between 1 and 1000, got {}",
+                    d.stats_writes_per_tick
+                ),
             );
         }
 

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use debvisor_objects::domain::VmKind;
 use debvisor_objects::lease::{self, LeaseState};
 use debvisor_objects::node::{DaemonState, NodeInfo, NodeKind, NodeReconciler};
 use debvisor_objects::{Reactor, ReactorOptions, Store, StoreOptions};
@@ -24,6 +25,7 @@ use crate::netobj::{FirewallSync, NetworkHost, NetworkReconciler};
 use crate::registration::{self, LocalState, RegisterError};
 use crate::services::{ProcessSpec, Supervised};
 use crate::signals::{self, Signal};
+use crate::vmobj::{DomainHost, DomainReconciler};
 use crate::{logging, notify};
 use debvisor_firewall::Nft;
 use debvisor_netconf::Netlink;
@@ -203,7 +205,7 @@ fn base_info(cfg: &Config, node_id: &str) -> NodeInfo {
     info.fqdn = cfg.node.fqdn.clone();
     info.rack = cfg.node.rack.clone();
     info.node_id = node_id.to_string();
-    info.libvirt_uri = Some(cfg.hypervisor.uri.clone());
+    info.libvirt_uri = Some(cfg.hypervisor.published_uri().to_string());
     info
 }
 
@@ -216,8 +218,10 @@ struct Running {
     lease: Arc<AtomicI64>,
     lease_state: watch::Receiver<LeaseState>,
     lease_cancel: CancellationToken,
-    nodes: Reactor<NodeKind>,
+    nodes: Arc<Reactor<NodeKind>>,
     networks: Arc<Reactor<NetworkKind>>,
+    vms: Arc<Reactor<VmKind>>,
+    domains: Arc<DomainHost>,
     net_host: Arc<NetworkHost>,
     netlink: Arc<Netlink>,
     primary: bool,
@@ -562,14 +566,34 @@ pub async fn run(config_path: &Path) -> ExitCode {
         ReactorOptions::default(),
         CancellationToken::new(),
     ));
-    let nodes = Reactor::spawn(
+    let nodes = Arc::new(Reactor::spawn(
         NodeKind,
         NodeReconciler::default(),
         store.clone(),
         ReactorOptions::default(),
         CancellationToken::new(),
-    );
+    ));
     let lease = Arc::new(AtomicI64::new(lease_id));
+    let domains = Arc::new(DomainHost::new(
+        node.clone(),
+        store.clone(),
+        libvirt.clone(),
+        lease.clone(),
+        cfg.domains.clone(),
+        primary,
+        nodes.clone(),
+    ));
+    let vms = Arc::new(Reactor::spawn(
+        VmKind,
+        DomainReconciler(domains.clone()),
+        store.clone(),
+        ReactorOptions {
+            workers: 8,
+            ..ReactorOptions::default()
+        },
+        CancellationToken::new(),
+    ));
+    crate::vmobj::spawn_event_listener(domains.clone(), vms.clone(), tasks.clone());
     let keepalive = Keepalive::new(
         store.clone(),
         node.clone(),
@@ -588,6 +612,8 @@ pub async fn run(config_path: &Path) -> ExitCode {
         lease_cancel,
         nodes,
         networks,
+        vms,
+        domains,
         net_host,
         netlink,
         primary,
@@ -601,7 +627,11 @@ pub async fn run(config_path: &Path) -> ExitCode {
     };
     let mut signals = signals;
     tokio::select! {
-        _ = async { r.nodes.wait_synced().await; r.networks.wait_synced().await; } => {}
+        _ = async {
+            r.nodes.wait_synced().await;
+            r.networks.wait_synced().await;
+            r.vms.wait_synced().await;
+        } => {}
         sig = signals.recv() => {
             info!(node = %node, signal = ?sig, "termination requested during startup");
             return shutdown(r, DaemonState::Init).await;
@@ -613,9 +643,10 @@ pub async fn run(config_path: &Path) -> ExitCode {
         t,
         "ok",
         &format!(
-            "synced: {} nodes, {} networks",
+            "synced: {} nodes, {} networks, {} vms",
             r.nodes.list().len(),
-            r.networks.list().len()
+            r.networks.list().len(),
+            r.vms.list().len()
         ),
     );
     r.net_host.firewall_ready().await;
@@ -690,6 +721,8 @@ fn spawn_host_resync(r: &Running) {
     let primary = r.primary;
     let net_host = r.net_host.clone();
     let networks = r.networks.clone();
+    let vms = r.vms.clone();
+    let domains = r.domains.clone();
     let cancel = r.tasks.clone();
     let interval = r.cfg.keepalive.interval;
     let node = r.cfg.node_name().to_string();
@@ -709,6 +742,7 @@ fn spawn_host_resync(r: &Running) {
                 Ok(_) => {}
                 Err(e) => warn!(node = %node, error = %e, "host networking resync failed"),
             }
+            domains.resync(&vms).await;
             net_host.resync_firewall().await;
             for vni in net_host.host_vnis().await {
                 let id = vni.to_string();
@@ -836,6 +870,7 @@ async fn shutdown(r: Running, from: DaemonState) -> ExitCode {
             "termination requested",
         )
         .await;
+        r.vms.shutdown().await;
         r.nodes.shutdown().await;
         r.networks.shutdown().await;
         r.net_host.stop_all().await;

@@ -15,3 +15,4 @@ pub mod notify;
 pub mod registration;
 pub mod services;
 pub mod signals;
+pub mod vmobj;

@@ -237,6 +237,92 @@ pub fn xml_identity(xml: &str) -> Result<(String, String), ObjectError> {
     Ok((uuid, name))
 }
 
+/// XML namespace of the element the daemon adds to every domain it defines: it tells our
+/// domains from foreign ones, and carries a digest of the etcd XML so a changed definition
+/// is noticed without comparing libvirt's rewritten XML.
+pub const MARK_NS: &str = "urn:debvisor:vm:1";
+
+/// What the daemon's mark on a defined domain says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    /// Node that defined it.
+    pub node: String,
+    /// [`xml_digest`] of the etcd XML it was defined from.
+    pub digest: String,
+}
+
+/// A stable digest (FNV-1a, 64 bit, hex) of a desired XML text.
+pub fn xml_digest(xml: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in xml.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The desired XML with our mark inside `<metadata>` (added when absent; an existing mark is
+/// replaced). `node` must be a valid node name (it goes into an attribute unescaped).
+pub fn mark_xml(xml: &str, node: &str) -> Result<String, ObjectError> {
+    let doc = roxmltree::Document::parse(xml)
+        .map_err(|e| ObjectError::new("xml", format!("not well-formed XML: {e}")))?;
+    let root = doc.root_element();
+    let mark = format!(
+        "<dv:vm xmlns:dv=\"{MARK_NS}\" node=\"{node}\" digest=\"{}\"/>",
+        xml_digest(xml)
+    );
+    let meta = root.children().find(|c| c.has_tag_name("metadata"));
+    let Some(meta) = meta else {
+        // Insert before the root's closing tag.
+        let end = root.range().end;
+        let close = xml[..end]
+            .rfind("</")
+            .ok_or_else(|| ObjectError::new("xml", "<domain> has no closing tag"))?;
+        return Ok(format!(
+            "{}<metadata>{mark}</metadata>{}",
+            &xml[..close],
+            &xml[close..]
+        ));
+    };
+    if let Some(old) = meta
+        .children()
+        .find(|c| c.is_element() && c.tag_name().namespace() == Some(MARK_NS))
+    {
+        let r = old.range();
+        return Ok(format!("{}{mark}{}", &xml[..r.start], &xml[r.end..]));
+    }
+    let r = meta.range();
+    let text = &xml[r.clone()];
+    if text.trim_end().ends_with("/>") {
+        return Ok(format!(
+            "{}<metadata>{mark}</metadata>{}",
+            &xml[..r.start],
+            &xml[r.end..]
+        ));
+    }
+    let close = r.start
+        + text
+            .rfind("</")
+            .ok_or_else(|| ObjectError::new("xml", "<metadata> has no closing tag"))?;
+    Ok(format!("{}{mark}{}", &xml[..close], &xml[close..]))
+}
+
+/// Our mark in a domain's XML as libvirt returns it, if the daemon defined the domain.
+pub fn read_mark(xml: &str) -> Option<Mark> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let meta = doc
+        .root_element()
+        .children()
+        .find(|c| c.has_tag_name("metadata"))?;
+    let m = meta
+        .children()
+        .find(|c| c.is_element() && c.tag_name().namespace() == Some(MARK_NS))?;
+    Some(Mark {
+        node: m.attribute("node")?.to_string(),
+        digest: m.attribute("digest")?.to_string(),
+    })
+}
+
 fn text<'a>(field: &str, v: &'a [u8]) -> Result<&'a str, ObjectError> {
     std::str::from_utf8(v)
         .map(str::trim)
@@ -539,6 +625,39 @@ mod tests {
             let e = parse_vm(id, &k).expect_err(field);
             assert_eq!(e.field, field, "{id}: {e}");
         }
+    }
+
+    #[test]
+    fn marks_go_into_metadata_and_read_back() {
+        let plain = xml(UUID, "web");
+        let m = mark_xml(&plain, "hv1").expect("mark");
+        assert_eq!(
+            xml_identity(&m).expect("still valid"),
+            (UUID.to_string(), "web".into())
+        );
+        assert_eq!(
+            read_mark(&m),
+            Some(Mark {
+                node: "hv1".into(),
+                digest: xml_digest(&plain)
+            })
+        );
+        assert_eq!(read_mark(&plain), None, "foreign domains carry no mark");
+        // Existing metadata is kept; an existing mark is replaced, not duplicated.
+        let with_meta = plain.replace(
+            "</domain>",
+            "<metadata><app:x xmlns:app='urn:app'>1</app:x></metadata></domain>",
+        );
+        let m = mark_xml(&with_meta, "hv2").expect("mark");
+        assert!(m.contains("<app:x xmlns:app='urn:app'>1</app:x>"), "{m}");
+        let again = mark_xml(&m, "hv3").expect("re-mark");
+        assert_eq!(again.matches(MARK_NS).count(), 1, "{again}");
+        assert_eq!(read_mark(&again).map(|k| k.node), Some("hv3".into()));
+        let empty_meta = plain.replace("</domain>", "<metadata/></domain>");
+        let m = mark_xml(&empty_meta, "hv1").expect("mark");
+        assert_eq!(m.matches("<metadata").count(), 1, "{m}");
+        assert!(read_mark(&m).is_some());
+        assert_ne!(xml_digest("a"), xml_digest("b"));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::domain::{DesiredState, Vm};
+use crate::domain::{DesiredState, MigrationMethod, Vm};
 
 /// What this host reports about one domain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +46,11 @@ pub struct Situation<'a> {
     pub failed_starts: u32,
     /// Failed starts after which the VM goes to `fail`.
     pub max_failed_starts: u32,
+    /// For `restart`: the guest has been down since the request (now it may start again).
+    pub restart_done: bool,
+    /// A live migration for the current request failed here (fall back, or give up when
+    /// `migrate-live` forced it).
+    pub live_failed: bool,
 }
 
 /// One action; the executor runs them in order and stops at the first failure.
@@ -64,6 +69,16 @@ pub enum Step {
     Destroy,
     /// Remove the definition from this host.
     Undefine,
+    /// Migrate the running domain live, peer-to-peer, to the target node.
+    LiveMigrate,
+    /// Give the VM to its target: drop our lock, set `owner` to the target and `last_node`
+    /// to us, in one transaction guarded on our lock.
+    Handover,
+    /// `unmigrate`: set the target `node` to `last_node` (guarded on `node`).
+    Retarget,
+    /// The requested transition (restart, migrate*, unmigrate) is complete: `state` back to
+    /// `start` (guarded on `state`); `unmigrate` also clears `last_node`.
+    Settle,
     /// Report the VM's state (written only when it changes).
     Report {
         state: &'static str,
@@ -99,6 +114,13 @@ fn running(l: &Option<Local>) -> bool {
             state: LocalState::Running | LocalState::Paused,
             ..
         })
+    )
+}
+
+fn is_migration(state: DesiredState) -> bool {
+    matches!(
+        state,
+        DesiredState::Migrate | DesiredState::MigrateLive | DesiredState::Unmigrate
     )
 }
 
@@ -165,9 +187,11 @@ pub fn plan_vm(s: &Situation) -> Plan {
         .filter(|l| !(l.node == s.me && l.lease == s.my_lease));
     let target_me = vm.node.as_deref() == Some(s.me);
 
-    // Split-brain guard: running here while another node holds the lock.
+    // Split-brain guard: running here while another node holds the lock. Not for an
+    // incoming migration: the holder is moving it here and hands the lock over after.
+    let incoming = target_me && is_migration(vm.state);
     if let Some(other) = lock_other {
-        if running(&s.local) && other.lease != 0 {
+        if running(&s.local) && other.lease != 0 && !incoming {
             return plan(vec![
                 Step::Destroy,
                 report(
@@ -181,11 +205,52 @@ pub fn plan_vm(s: &Situation) -> Plan {
         }
     }
 
+    if target_me && vm.state == DesiredState::Unmigrate {
+        match vm.last_node.as_deref() {
+            Some(last) if last != s.me => {
+                return plan(vec![
+                    Step::Retarget,
+                    report("migrating", format!("returning to {last}")),
+                ])
+            }
+            Some(_) => {} // already back on its last node: settle below
+            None => {
+                return plan(vec![report(
+                    "fail",
+                    "unmigrate: the VM has no last_node to return to",
+                )])
+            }
+        }
+    }
+
     if !target_me {
-        // Not ours to run: make sure it does not run here, then leave nothing behind.
+        // Not ours to run: hand it over (live when allowed), or make sure it does not run
+        // here; then leave nothing behind.
+        let target = vm.node.as_deref().unwrap_or("-");
+        let migrating = is_migration(vm.state);
+        let live_allowed = vm.state == DesiredState::MigrateLive
+            || vm.metadata.migration_method == MigrationMethod::Live;
+        if migrating && lock_ours && running(&s.local) && live_allowed {
+            if !s.live_failed {
+                return plan(vec![
+                    report("migrating", format!("live migration to {target}")),
+                    Step::LiveMigrate,
+                ]);
+            }
+            if vm.state == DesiredState::MigrateLive {
+                return plan(vec![report(
+                    "fail",
+                    format!("live migration to {target} failed; migrate-live forbids the shutdown fallback"),
+                )]);
+            }
+        }
         let mut then = Vec::new();
         if lock_ours {
-            then.push(Step::ReleaseLock);
+            then.push(if migrating {
+                Step::Handover
+            } else {
+                Step::ReleaseLock
+            });
         }
         if s.local.is_some() {
             then.push(Step::Undefine);
@@ -201,11 +266,13 @@ pub fn plan_vm(s: &Situation) -> Plan {
         | DesiredState::Unmigrate => {
             if let Some(other) = lock_other {
                 if other.lease != 0 {
-                    return plan(vec![report(
-                        "waiting",
-                        format!("lock held by {}", other.node),
-                    )]);
+                    // Its holder reports the VM (e.g. while migrating it here); we wait
+                    // for the lock to be released or its lease to expire.
+                    return plan(vec![]);
                 }
+            }
+            if vm.state == DesiredState::Restart && !s.restart_done {
+                return power_off(s, false, vec![]);
             }
             if !lock_ours {
                 // A lock without a lease (hand-written) or none at all: take it by transaction.
@@ -235,14 +302,22 @@ pub fn plan_vm(s: &Situation) -> Plan {
             if !running(&s.local) {
                 steps.push(Step::Start);
             }
+            let settle = vm.state != DesiredState::Start && running(&s.local);
             steps.push(report(
                 "running",
-                if steps.is_empty() {
-                    "running"
-                } else {
+                if !steps.is_empty() {
                     "started"
+                } else if is_migration(vm.state) {
+                    "migrated"
+                } else if vm.state == DesiredState::Restart {
+                    "restarted"
+                } else {
+                    "running"
                 },
             ));
+            if settle {
+                steps.push(Step::Settle);
+            }
             plan(steps)
         }
         DesiredState::Shutdown => {
@@ -314,6 +389,8 @@ mod tests {
             shutdown_timeout: Duration::from_secs(180),
             failed_starts: 0,
             max_failed_starts: 3,
+            restart_done: false,
+            live_failed: false,
         }
     }
 
@@ -370,7 +447,7 @@ mod tests {
         let v = vm(DesiredState::Start, "hv1", Some(("hv2", 20)));
         let p = plan_vm(&sit(Some(&v), None));
         assert_eq!(steps(&p), vec![]);
-        assert_eq!(reported(&p), Some("waiting"));
+        assert_eq!(reported(&p), None, "the lock holder reports the VM");
         // Our own lock from a previous lease (we restarted) is another holder too.
         let v = vm(DesiredState::Start, "hv1", Some(("hv1", 9)));
         assert_eq!(steps(&plan_vm(&sit(Some(&v), None))), vec![]);
@@ -458,6 +535,90 @@ mod tests {
             vec![Step::Undefine]
         );
         assert_eq!(steps(&plan_vm(&sit(None, None))), vec![]);
+    }
+
+    #[test]
+    fn restart_powers_off_then_starts_then_settles() {
+        let v = vm(DesiredState::Restart, "hv1", Some(("hv1", 10)));
+        let mut s = sit(Some(&v), Some(LocalState::Running));
+        assert_eq!(steps(&plan_vm(&s)), vec![Step::Shutdown]);
+        s.restart_done = true;
+        s.local = Some(Local {
+            state: LocalState::ShutOff,
+            persistent: true,
+            xml_current: true,
+        });
+        assert_eq!(steps(&plan_vm(&s)), vec![Step::Start]);
+        s.local = Some(Local {
+            state: LocalState::Running,
+            persistent: true,
+            xml_current: true,
+        });
+        assert_eq!(steps(&plan_vm(&s)), vec![Step::Settle]);
+    }
+
+    #[test]
+    fn migration_source_goes_live_or_falls_back() {
+        let mut v = vm(DesiredState::Migrate, "hv2", Some(("hv1", 10)));
+        let mut s = sit(Some(&v), Some(LocalState::Running));
+        let p = plan_vm(&s);
+        assert_eq!(steps(&p), vec![Step::LiveMigrate]);
+        assert_eq!(reported(&p), Some("migrating"));
+        // Live failed: shutdown migration, then hand over.
+        s.live_failed = true;
+        assert_eq!(steps(&plan_vm(&s)), vec![Step::Shutdown]);
+        s.local = Some(Local {
+            state: LocalState::ShutOff,
+            persistent: true,
+            xml_current: true,
+        });
+        assert_eq!(steps(&plan_vm(&s)), vec![Step::Handover, Step::Undefine]);
+        // migrate-live forbids the fallback.
+        v.state = DesiredState::MigrateLive;
+        let mut s = sit(Some(&v), Some(LocalState::Running));
+        s.live_failed = true;
+        let p = plan_vm(&s);
+        assert_eq!(steps(&p), vec![]);
+        assert_eq!(reported(&p), Some("fail"));
+        // Method shutdown never tries live.
+        v.state = DesiredState::Migrate;
+        v.metadata.migration_method = MigrationMethod::Shutdown;
+        let s = sit(Some(&v), Some(LocalState::Running));
+        assert_eq!(steps(&plan_vm(&s)), vec![Step::Shutdown]);
+        // A plain retarget (state start) releases instead of handing over.
+        let v = vm(DesiredState::Start, "hv2", Some(("hv1", 10)));
+        let s = sit(Some(&v), Some(LocalState::ShutOff));
+        assert_eq!(steps(&plan_vm(&s)), vec![Step::ReleaseLock, Step::Undefine]);
+    }
+
+    #[test]
+    fn migration_target_adopts_and_settles() {
+        let v = vm(DesiredState::Migrate, "hv1", Some(("hv1", 10)));
+        let p = plan_vm(&sit(Some(&v), Some(LocalState::Running)));
+        assert_eq!(steps(&p), vec![Step::Settle]);
+        assert_eq!(reported(&p), Some("running"));
+        let v = vm(DesiredState::Migrate, "hv1", Some(("hv2", 20)));
+        assert_eq!(steps(&plan_vm(&sit(Some(&v), None))), vec![]);
+        // The incoming domain runs here before the source hands the lock over: no guard.
+        let p = plan_vm(&sit(Some(&v), Some(LocalState::Paused)));
+        assert_eq!(steps(&p), vec![]);
+        let p = plan_vm(&sit(Some(&v), Some(LocalState::Running)));
+        assert_eq!(steps(&p), vec![]);
+    }
+
+    #[test]
+    fn unmigrate_retargets_to_last_node() {
+        let mut v = vm(DesiredState::Unmigrate, "hv1", Some(("hv1", 10)));
+        v.last_node = Some("hv2".into());
+        let p = plan_vm(&sit(Some(&v), Some(LocalState::Running)));
+        assert_eq!(steps(&p), vec![Step::Retarget]);
+        v.last_node = None;
+        let p = plan_vm(&sit(Some(&v), Some(LocalState::Running)));
+        assert_eq!(reported(&p), Some("fail"));
+        // Back home: settle.
+        v.last_node = Some("hv1".into());
+        let p = plan_vm(&sit(Some(&v), Some(LocalState::Running)));
+        assert_eq!(steps(&p), vec![Step::Settle]);
     }
 
     #[test]

@@ -138,6 +138,60 @@ impl EtcdProcess {
         })
     }
 
+    /// Put `value` at `/debvisor/<rel>` (playing an operator in tests).
+    pub fn put_key(&self, rel: &str, value: &str) -> Result<()> {
+        let (k, v) = (format!("/debvisor/{rel}"), value.to_owned());
+        self.with_client(|mut c| async move {
+            c.put(k.clone(), v, None)
+                .await
+                .etcd_ctx(|| format!("put {k}"))?;
+            Ok(())
+        })
+    }
+
+    /// Put several `/debvisor/<rel>` keys in one transaction (as `debvisorctl` writes a
+    /// request: a daemon never sees half of it).
+    pub fn put_keys(&self, pairs: &[(&str, &str)]) -> Result<()> {
+        let ops: Vec<etcd_client::TxnOp> = pairs
+            .iter()
+            .map(|(k, v)| etcd_client::TxnOp::put(format!("/debvisor/{k}"), *v, None))
+            .collect();
+        self.with_client(|mut c| async move {
+            c.txn(etcd_client::Txn::new().and_then(ops))
+                .await
+                .etcd_ctx(|| "put_keys transaction".to_owned())?;
+            Ok(())
+        })
+    }
+
+    /// The value at `/debvisor/<rel>`, if present.
+    pub fn get_key(&self, rel: &str) -> Result<Option<String>> {
+        let k = format!("/debvisor/{rel}");
+        self.with_client(|mut c| async move {
+            let r = c
+                .get(k.clone(), None)
+                .await
+                .etcd_ctx(|| format!("get {k}"))?;
+            Ok(r.kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+        })
+    }
+
+    /// Delete every key under `/debvisor/<rel_prefix>`.
+    pub fn delete_prefix(&self, rel_prefix: &str) -> Result<()> {
+        let p = format!("/debvisor/{rel_prefix}");
+        self.with_client(|mut c| async move {
+            c.delete(
+                p.clone(),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
+            .await
+            .etcd_ctx(|| format!("delete {p}"))?;
+            Ok(())
+        })
+    }
+
     fn prepare_with(tls: Option<CertSet>) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("debvisor-etcd-")

@@ -23,3 +23,23 @@ pub use netns::{is_root, NetNs};
 pub use ports::free_port;
 pub use proxy::TcpProxy;
 pub use tls::CertSet;
+
+/// Poll `f` every 50 ms until it returns `Some`, or panic naming `what` after `within`
+/// (a generous deadline for a condition, never a speed assertion).
+pub fn eventually<T>(
+    what: &str,
+    within: std::time::Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let until = std::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "timed out after {within:?} waiting for: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,800 @@
+//! The Domain object's host side: executes the pure plan of `objects::domain_plan` through
+//! libvirt and the store — the run lock won by transaction before any start, status reports
+//! written only when they change, crash restarts with backoff, live migration with its
+//! handover, and the periodic resync that spots crashes, orphans and foreign domains.
+//!
+//! The invariant: a domain is started here only while this node holds the VM's lease-bound
+//! lock, and a domain of ours running here while another live node holds the lock is stopped.
+//! An invalid VM (bad XML, metadata, state …) gets an `invalid` status naming the field and
+//! nothing is done on the host for it — a running guest keeps running.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use debvisor_objects::domain::{self, DesiredState, Vm, VmField, VmKind};
+use debvisor_objects::domain_plan::{self, Local, LocalState, Situation, Step};
+use debvisor_objects::node::NodeKind;
+use debvisor_objects::reactor::{backoff, KeyEntry};
+use debvisor_objects::store::TxnBuilder;
+use debvisor_objects::{Action, Entry, ObjectError, Reactor, ReconcileError, Reconciler, Store};
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::DomainsConfig;
+use crate::hypervisor::{DomainInfo, DomainState, Libvirt, MigrateOptions};
+
+/// Longest crash-restart delay.
+const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(60);
+
+/// What this node remembers about one VM between reconciles (never written anywhere).
+#[derive(Debug, Default)]
+struct Runtime {
+    /// Mod revision of the `state` key the counters below belong to: a new request resets
+    /// them (an operator setting `start` again retries a failed VM).
+    state_rev: i64,
+    /// When we sent the ACPI shutdown.
+    shutdown_since: Option<Instant>,
+    /// Failed starts and crashes, within `failure_window`.
+    failures: VecDeque<Instant>,
+    /// Earliest next start after a failure.
+    next_start: Option<Instant>,
+    /// The last failure's description (goes into the `fail` status).
+    last_failure: Option<String>,
+    /// We started it (or found it running) and did not stop it: a stop now is a crash.
+    expect_running: bool,
+    /// `restart`: the guest went down since the request.
+    restart_done: bool,
+    /// A live migration for this request failed.
+    live_failed: bool,
+    /// The local state the last reconcile saw (resync enqueues on a difference).
+    observed: Option<DomainState>,
+    /// Last status written: (state, reason, error) and its `since`.
+    status: Option<(String, String, Option<String>, String)>,
+}
+
+/// Everything the Domain reconciler needs on this node.
+pub struct DomainHost {
+    node: String,
+    store: Store,
+    hv: Libvirt,
+    lease: Arc<AtomicI64>,
+    cfg: DomainsConfig,
+    /// Writes `invalid` statuses of VMs whose target cannot be read.
+    primary: bool,
+    /// Node records (migration URIs of targets).
+    nodes: Arc<Reactor<NodeKind>>,
+    runtime: Mutex<HashMap<String, Runtime>>,
+    migrations: Semaphore,
+    /// Domains on this host that are not ours: uuid → name (health, logs).
+    foreign: Mutex<BTreeMap<String, String>>,
+    /// Marks read from domains not in etcd (uuid → defined by us?), so resync asks once.
+    marks: Mutex<HashMap<String, bool>>,
+    /// Running orphans already warned about.
+    orphans: Mutex<std::collections::HashSet<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn local_state(s: DomainState) -> LocalState {
+    match s {
+        DomainState::Shutoff => LocalState::ShutOff,
+        DomainState::Crashed => LocalState::Crashed,
+        DomainState::Paused | DomainState::PmSuspended => LocalState::Paused,
+        DomainState::Running
+        | DomainState::Blocked
+        | DomainState::ShuttingDown
+        | DomainState::NoState => LocalState::Running,
+    }
+}
+
+fn host_err(e: impl std::fmt::Display) -> ReconcileError {
+    ReconcileError::Host(e.to_string())
+}
+
+fn rev(keys: &BTreeMap<String, KeyEntry>, f: VmField) -> i64 {
+    keys.get(f.suffix()).map(|k| k.mod_revision).unwrap_or(0)
+}
+
+impl DomainHost {
+    /// A Domain host for node `node`.
+    pub fn new(
+        node: String,
+        store: Store,
+        hv: Libvirt,
+        lease: Arc<AtomicI64>,
+        cfg: DomainsConfig,
+        primary: bool,
+        nodes: Arc<Reactor<NodeKind>>,
+    ) -> DomainHost {
+        let permits = cfg.migration_max_concurrent.max(1) as usize;
+        DomainHost {
+            node,
+            store,
+            hv,
+            lease,
+            cfg,
+            primary,
+            nodes,
+            runtime: Mutex::new(HashMap::new()),
+            migrations: Semaphore::new(permits),
+            foreign: Mutex::new(BTreeMap::new()),
+            marks: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(Default::default()),
+        }
+    }
+
+    /// Domains on this host that the daemon did not create, by UUID (names as values).
+    pub fn foreign(&self) -> BTreeMap<String, String> {
+        lock(&self.foreign).clone()
+    }
+
+    fn with_rt<T>(&self, uuid: &str, f: impl FnOnce(&mut Runtime) -> T) -> T {
+        let mut m = lock(&self.runtime);
+        f(m.entry(uuid.to_string()).or_default())
+    }
+
+    /// Write `status` when (state, reason, error) differ from the last write; guarded on the
+    /// VM's `xml` so a deleted VM is not resurrected by its report.
+    async fn report(
+        &self,
+        uuid: &str,
+        name: &str,
+        keys: &BTreeMap<String, KeyEntry>,
+        state: &str,
+        reason: &str,
+        error: Option<String>,
+    ) -> Result<(), ReconcileError> {
+        let prev = self.with_rt(uuid, |rt| rt.status.clone());
+        if let Some((s, r, e, _)) = &prev {
+            // Same state: a new reason is worth a write, the steady one ("running" while
+            // running) is not — the reason of the last change stays readable.
+            if s == state && *e == error && (r == reason || reason == state) {
+                return Ok(());
+            }
+        }
+        let since = match &prev {
+            Some((s, _, _, since)) if s == state => since.clone(),
+            _ => now_rfc3339(),
+        };
+        let value = json!({
+            "state": state, "since": since, "reason": reason, "error": error, "node": self.node,
+        })
+        .to_string();
+        let Some((guard_key, guard)) = keys
+            .get(VmField::Xml.suffix())
+            .map(|k| (VmField::Xml, k))
+            .or_else(|| {
+                keys.iter()
+                    .find_map(|(k, v)| VmField::from_suffix(k).map(|f| (f, v)))
+            })
+        else {
+            return Ok(());
+        };
+        let t = TxnBuilder::new()
+            .mod_revision_is(&domain::vm_key(uuid, guard_key), guard.mod_revision)
+            .put(&domain::vm_key(uuid, VmField::Status), value);
+        let resp = self.store.txn(t).await?;
+        if !resp.succeeded() {
+            debug!(vm = %name, uuid, "status not written: the VM changed meanwhile");
+            return Ok(());
+        }
+        let from = prev.as_ref().map(|p| p.0.as_str()).unwrap_or("-");
+        if from != state {
+            match &error {
+                Some(e) => {
+                    warn!(vm = %name, uuid, node = %self.node, from, to = state, reason, error = %e, "vm state changed")
+                }
+                None => {
+                    info!(vm = %name, uuid, node = %self.node, from, to = state, reason, "vm state changed")
+                }
+            }
+        } else {
+            debug!(vm = %name, uuid, state, reason, "vm status updated");
+        }
+        self.with_rt(uuid, |rt| {
+            rt.status = Some((state.into(), reason.into(), error, since))
+        });
+        Ok(())
+    }
+
+    /// An invalid VM: report the field once, touch nothing on the host.
+    async fn reconcile_invalid(
+        &self,
+        uuid: &str,
+        keys: &BTreeMap<String, KeyEntry>,
+        err: &ObjectError,
+    ) -> Result<Action, ReconcileError> {
+        let target = keys
+            .get(VmField::Node.suffix())
+            .and_then(|k| std::str::from_utf8(&k.value).ok())
+            .map(str::trim)
+            .filter(|n| debvisor_objects::schema::valid_node_name(n));
+        let here = if domain::valid_uuid(uuid) {
+            self.hv.get(uuid).await.ok().flatten().is_some()
+        } else {
+            false
+        };
+        let mine = match target {
+            Some(t) => t == self.node,
+            None => self.primary,
+        };
+        if !(mine || here) {
+            return Ok(Action::AwaitChange);
+        }
+        let error = format!("{}: {}", err.field, err.reason);
+        let reason = if here {
+            "definition invalid; the domain on this host is left as it is"
+        } else {
+            "definition invalid; nothing done"
+        };
+        self.report(uuid, uuid, keys, "invalid", reason, Some(error))
+            .await?;
+        Ok(Action::AwaitChange)
+    }
+
+    /// Is the host's definition the one etcd asks for (our mark carries its digest)?
+    async fn xml_current(&self, vm: &Vm) -> bool {
+        match self.hv.xml(&vm.uuid).await {
+            Ok(x) => domain::read_mark(&x)
+                .map(|m| m.digest == domain::xml_digest(&vm.xml))
+                .unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
+    async fn local(&self, vm: &Vm) -> Result<(Option<DomainInfo>, Option<Local>), ReconcileError> {
+        let info = self.hv.get(&vm.uuid).await.map_err(host_err)?;
+        let local = match &info {
+            None => None,
+            Some(i) => {
+                let state = local_state(i.state);
+                let running = matches!(state, LocalState::Running | LocalState::Paused);
+                Some(Local {
+                    state,
+                    persistent: i.persistent,
+                    // Only consulted before a (re)start; a running guest keeps its config.
+                    xml_current: running || (i.persistent && self.xml_current(vm).await),
+                })
+            }
+        };
+        Ok((info, local))
+    }
+
+    /// Record a crash or failed start; returns the failures in the window.
+    fn record_failure(&self, uuid: &str, what: String) -> (u32, Duration) {
+        let window = self.cfg.failure_window;
+        let base = self.cfg.restart_backoff;
+        self.with_rt(uuid, |rt| {
+            let now = Instant::now();
+            rt.failures.push_back(now);
+            while rt
+                .failures
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > window)
+            {
+                rt.failures.pop_front();
+            }
+            let n = rt.failures.len() as u32;
+            let delay = backoff(base * 2, MAX_RESTART_BACKOFF, n);
+            rt.next_start = Some(now + delay);
+            rt.last_failure = Some(what);
+            (n, delay)
+        })
+    }
+
+    async fn reconcile_vm(
+        &self,
+        vm: &Vm,
+        keys: &BTreeMap<String, KeyEntry>,
+    ) -> Result<Action, ReconcileError> {
+        let me = self.node.as_str();
+        let uuid = vm.uuid.as_str();
+        let state_rev = rev(keys, VmField::State);
+        self.with_rt(uuid, |rt| {
+            if rt.state_rev != state_rev {
+                let keep_expect = rt.expect_running;
+                *rt = Runtime {
+                    state_rev,
+                    expect_running: keep_expect,
+                    status: rt.status.take(),
+                    observed: rt.observed,
+                    ..Runtime::default()
+                };
+            }
+        });
+        let mut vm = vm.clone();
+        // At most a few plan → act rounds per reconcile (lock won → start at once).
+        for _ in 0..4 {
+            let (info, local) = self.local(&vm).await?;
+            let running = local
+                .as_ref()
+                .is_some_and(|l| matches!(l.state, LocalState::Running | LocalState::Paused));
+            let lock_ours = vm
+                .lock
+                .as_ref()
+                .is_some_and(|l| l.node == me && l.lease == self.lease.load(Ordering::SeqCst));
+            let wants_run = vm.node.as_deref() == Some(me)
+                && matches!(
+                    vm.state,
+                    DesiredState::Start
+                        | DesiredState::Restart
+                        | DesiredState::Migrate
+                        | DesiredState::MigrateLive
+                        | DesiredState::Unmigrate
+                );
+            // Crash detection: it ran here under our lock and stopped without us.
+            let crashed = self.with_rt(uuid, |rt| {
+                rt.observed = info.as_ref().map(|i| i.state);
+                if running {
+                    rt.expect_running = true;
+                    None
+                } else {
+                    rt.shutdown_since = None;
+                    if vm.state == DesiredState::Restart {
+                        rt.restart_done = true;
+                    }
+                    let was = std::mem::take(&mut rt.expect_running);
+                    (was && wants_run && lock_ours)
+                        .then(|| info.as_ref().map(|i| i.reason.clone()).unwrap_or_default())
+                }
+            });
+            if let Some(reason) = crashed {
+                let reason = if reason.is_empty() {
+                    "domain vanished".to_string()
+                } else {
+                    reason
+                };
+                let (n, delay) =
+                    self.record_failure(uuid, format!("stopped unexpectedly ({reason})"));
+                warn!(vm = %vm.name, uuid, node = %me, reason = %reason, failures = n, restart_in_ms = delay.as_millis() as u64, "vm stopped unexpectedly; restarting after backoff");
+            }
+            let (shutdown_elapsed, failed, restart_done, live_failed, next_start, last_failure) =
+                self.with_rt(uuid, |rt| {
+                    let now = Instant::now();
+                    while rt
+                        .failures
+                        .front()
+                        .is_some_and(|t| now.duration_since(*t) > self.cfg.failure_window)
+                    {
+                        rt.failures.pop_front();
+                    }
+                    (
+                        rt.shutdown_since.map(|t| t.elapsed()),
+                        rt.failures.len() as u32,
+                        rt.restart_done,
+                        rt.live_failed,
+                        rt.next_start,
+                        rt.last_failure.clone(),
+                    )
+                });
+            let sit = Situation {
+                vm: Some(&vm),
+                local: local.clone(),
+                me,
+                my_lease: self.lease.load(Ordering::SeqCst),
+                shutdown_elapsed,
+                shutdown_timeout: self.cfg.shutdown_timeout,
+                failed_starts: failed,
+                max_failed_starts: self.cfg.max_failed_starts,
+                restart_done,
+                live_failed,
+            };
+            let plan = domain_plan::plan_vm(&sit);
+            debug!(vm = %vm.name, uuid, steps = ?plan.steps, "plan");
+            let mut replan = false;
+            for step in &plan.steps {
+                match step {
+                    Step::Report { state, reason } => {
+                        let reason = if *state == "fail" {
+                            match &last_failure {
+                                Some(f) => format!("{reason}; last: {f}"),
+                                None => reason.clone(),
+                            }
+                        } else {
+                            reason.clone()
+                        };
+                        self.report(uuid, &vm.name, keys, state, &reason, None)
+                            .await?;
+                    }
+                    Step::AcquireLock => {
+                        match self.acquire_lock(&vm, keys).await? {
+                            Some(lockrev) => {
+                                vm.lock = Some(domain::LockHolder {
+                                    node: me.to_string(),
+                                    lease: self.lease.load(Ordering::SeqCst),
+                                    revision: lockrev,
+                                });
+                                vm.owner = Some(me.to_string());
+                                replan = true;
+                            }
+                            // Someone else changed the VM: its watch event brings us back.
+                            None => return Ok(Action::AwaitChange),
+                        }
+                        break;
+                    }
+                    Step::ReleaseLock => self.release_lock(&vm, None).await?,
+                    Step::Handover => {
+                        self.release_lock(&vm, vm.node.as_deref()).await?;
+                    }
+                    Step::Define => {
+                        let marked = domain::mark_xml(&vm.xml, me).map_err(host_err)?;
+                        if let Err(e) = self.hv.define(&marked).await {
+                            let msg = e.to_string();
+                            self.report(
+                                uuid,
+                                &vm.name,
+                                keys,
+                                "fail",
+                                "libvirt refused the definition",
+                                Some(format!("xml: {msg}")),
+                            )
+                            .await?;
+                            return Ok(Action::AwaitChange);
+                        }
+                        info!(vm = %vm.name, uuid, node = %me, "domain defined from etcd");
+                    }
+                    Step::Start => {
+                        if let Some(at) = next_start {
+                            let now = Instant::now();
+                            if at > now {
+                                self.report(
+                                    uuid,
+                                    &vm.name,
+                                    keys,
+                                    "starting",
+                                    &format!(
+                                        "restart {} of {} after: {}",
+                                        failed + 1,
+                                        self.cfg.max_failed_starts,
+                                        last_failure.clone().unwrap_or_default()
+                                    ),
+                                    None,
+                                )
+                                .await?;
+                                return Ok(Action::RequeueAfter(at - now));
+                            }
+                        }
+                        match self.hv.start(uuid).await {
+                            Ok(_) => {
+                                self.with_rt(uuid, |rt| {
+                                    rt.expect_running = true;
+                                    rt.next_start = None;
+                                });
+                                info!(vm = %vm.name, uuid, node = %me, lock_revision = vm.lock.as_ref().map(|l| l.revision).unwrap_or(0), "domain started");
+                            }
+                            Err(e) => {
+                                let (n, delay) =
+                                    self.record_failure(uuid, format!("start failed: {e}"));
+                                warn!(vm = %vm.name, uuid, node = %me, error = %e, failures = n, retry_in_ms = delay.as_millis() as u64, "domain start failed");
+                                replan = true;
+                                break;
+                            }
+                        }
+                    }
+                    Step::Shutdown => {
+                        self.hv.shutdown(uuid).await.map_err(host_err)?;
+                        self.with_rt(uuid, |rt| {
+                            rt.shutdown_since = Some(Instant::now());
+                            rt.expect_running = false;
+                        });
+                        info!(vm = %vm.name, uuid, node = %me, timeout_s = self.cfg.shutdown_timeout.as_secs(), "ACPI shutdown sent");
+                    }
+                    Step::Destroy => {
+                        self.with_rt(uuid, |rt| rt.expect_running = false);
+                        self.hv.destroy(uuid).await.map_err(host_err)?;
+                        info!(vm = %vm.name, uuid, node = %me, "domain destroyed");
+                    }
+                    Step::Undefine => {
+                        self.hv.undefine(uuid).await.map_err(host_err)?;
+                        info!(vm = %vm.name, uuid, node = %me, "definition removed from this host");
+                    }
+                    Step::LiveMigrate => {
+                        self.live_migrate(&vm).await?;
+                        replan = true;
+                        break;
+                    }
+                    Step::Retarget => {
+                        let last = vm.last_node.clone().unwrap_or_default();
+                        let t = TxnBuilder::new()
+                            .mod_revision_is(
+                                &domain::vm_key(uuid, VmField::Node),
+                                rev(keys, VmField::Node),
+                            )
+                            .put(&domain::vm_key(uuid, VmField::Node), last.clone());
+                        if self.store.txn(t).await?.succeeded() {
+                            info!(vm = %vm.name, uuid, node = %me, target = %last, "unmigrate: target set back to the last node");
+                        }
+                        return Ok(Action::AwaitChange);
+                    }
+                    Step::Settle => {
+                        let mut t = TxnBuilder::new()
+                            .mod_revision_is(&domain::vm_key(uuid, VmField::State), state_rev)
+                            .put(&domain::vm_key(uuid, VmField::State), "start");
+                        if vm.state == DesiredState::Unmigrate {
+                            t = t.delete(&domain::vm_key(uuid, VmField::LastNode));
+                        }
+                        if self.store.txn(t).await?.succeeded() {
+                            info!(vm = %vm.name, uuid, node = %me, from = %vm.state, "request complete; state back to start");
+                        }
+                    }
+                }
+            }
+            if !replan {
+                return Ok(match plan.recheck {
+                    Some(d) => Action::RequeueAfter(d),
+                    None => Action::AwaitChange,
+                });
+            }
+        }
+        Ok(Action::RequeueAfter(Duration::from_millis(100)))
+    }
+
+    /// Win the run lock (absent, or stale/ours by revision) and become owner. `Some(rev)` of
+    /// the lock key on success — the fencing token.
+    async fn acquire_lock(
+        &self,
+        vm: &Vm,
+        keys: &BTreeMap<String, KeyEntry>,
+    ) -> Result<Option<i64>, ReconcileError> {
+        let uuid = &vm.uuid;
+        let lock_key = domain::vm_key(uuid, VmField::Lock);
+        let lease = self.lease.load(Ordering::SeqCst);
+        let mut t = match &vm.lock {
+            None => TxnBuilder::new().absent(&lock_key),
+            Some(l) => TxnBuilder::new().mod_revision_is(&lock_key, l.revision),
+        };
+        // Still the target, and the same request.
+        t = t
+            .mod_revision_is(
+                &domain::vm_key(uuid, VmField::Node),
+                rev(keys, VmField::Node),
+            )
+            .mod_revision_is(
+                &domain::vm_key(uuid, VmField::State),
+                rev(keys, VmField::State),
+            )
+            .put_leased(&lock_key, self.node.clone(), lease)
+            .put(&domain::vm_key(uuid, VmField::Owner), self.node.clone());
+        let resp = self.store.txn(t).await?;
+        if !resp.succeeded() {
+            debug!(vm = %vm.name, uuid, "lock not won: the VM changed meanwhile");
+            return Ok(None);
+        }
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        info!(vm = %vm.name, uuid, node = %self.node, lease = format!("{lease:x}"), fencing_token = revision, "run lock acquired");
+        Ok(Some(revision))
+    }
+
+    /// Drop our lock; with `handover_to`, also make that node the owner and (unless this is
+    /// an unmigrate) us its `last_node`.
+    async fn release_lock(&self, vm: &Vm, handover_to: Option<&str>) -> Result<(), ReconcileError> {
+        let Some(l) = &vm.lock else { return Ok(()) };
+        let uuid = &vm.uuid;
+        let mut t = TxnBuilder::new()
+            .mod_revision_is(&domain::vm_key(uuid, VmField::Lock), l.revision)
+            .delete(&domain::vm_key(uuid, VmField::Lock));
+        if let Some(to) = handover_to {
+            t = t.put(&domain::vm_key(uuid, VmField::Owner), to.to_string());
+            // An unmigrate returns the VM to its last node, which stays recorded until the
+            // VM runs there (the target then clears it).
+            if vm.state != DesiredState::Unmigrate {
+                t = t.put(&domain::vm_key(uuid, VmField::LastNode), self.node.clone());
+            }
+        }
+        if self.store.txn(t).await?.succeeded() {
+            match handover_to {
+                Some(to) => {
+                    info!(vm = %vm.name, uuid, node = %self.node, to = %to, "lock released; ownership handed over")
+                }
+                None => info!(vm = %vm.name, uuid, node = %self.node, "lock released"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Live-migrate to the target node's published libvirt URI; on success hand the VM over.
+    /// A failure marks this request `live_failed` (the plan then falls back or fails).
+    async fn live_migrate(&self, vm: &Vm) -> Result<(), ReconcileError> {
+        let uuid = vm.uuid.as_str();
+        let target = vm.node.clone().unwrap_or_default();
+        let uri = self
+            .nodes
+            .get(&target)
+            .and_then(|e| e.parsed.as_ref().ok().cloned())
+            .and_then(|n| n.info.as_ref().and_then(|i| i.libvirt_uri.clone()));
+        let fail = |msg: String| {
+            self.with_rt(uuid, |rt| {
+                rt.live_failed = true;
+                rt.last_failure = Some(msg.clone());
+            });
+            warn!(vm = %vm.name, uuid, node = %self.node, target = %target, error = %msg, "live migration failed");
+        };
+        let Some(uri) = uri else {
+            fail(format!("node {target} publishes no libvirt URI"));
+            return Ok(());
+        };
+        let _permit = self.migrations.acquire().await.map_err(host_err)?;
+        let opts = MigrateOptions {
+            live: true,
+            max_downtime_ms: Some(
+                vm.metadata
+                    .migration_max_downtime
+                    .unwrap_or(self.cfg.migration_max_downtime.as_millis() as u64),
+            ),
+            timeout: self.cfg.migration_timeout,
+            ..MigrateOptions::default()
+        };
+        let t0 = Instant::now();
+        info!(vm = %vm.name, uuid, node = %self.node, target = %target, uri = %uri, "live migration started");
+        match self.hv.migrate(uuid, &uri, opts).await {
+            Ok(()) => {
+                self.with_rt(uuid, |rt| rt.expect_running = false);
+                info!(vm = %vm.name, uuid, node = %self.node, target = %target, duration_ms = t0.elapsed().as_millis() as u64, "live migration done");
+                self.release_lock(vm, Some(&target)).await?;
+                Ok(())
+            }
+            Err(e) => {
+                fail(e.to_string());
+                Ok(())
+            }
+        }
+    }
+
+    /// A VM deleted from etcd: take its domain down and remove it from this host.
+    async fn reconcile_deleted(&self, uuid: &str) -> Result<Action, ReconcileError> {
+        lock(&self.runtime).remove(uuid);
+        if !domain::valid_uuid(uuid) {
+            return Ok(Action::AwaitChange);
+        }
+        let Some(info) = self.hv.get(uuid).await.map_err(host_err)? else {
+            return Ok(Action::AwaitChange);
+        };
+        if info.state.is_active() {
+            self.hv.destroy(uuid).await.map_err(host_err)?;
+        }
+        self.hv.undefine(uuid).await.map_err(host_err)?;
+        info!(vm = %info.name, uuid, node = %self.node, "vm removed from etcd; domain destroyed and undefined here");
+        Ok(Action::AwaitChange)
+    }
+
+    /// The resync tick: one list of the host's domains; enqueue the VMs whose local state
+    /// changed since their last reconcile (crashes events may have missed) or that were never
+    /// reconciled; note foreign domains; remove shut-off orphans (ours, gone from etcd).
+    pub async fn resync(&self, vms: &Reactor<VmKind>) {
+        let list = match self.hv.list().await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(node = %self.node, error = %e, "domain resync: libvirt list failed");
+                return;
+            }
+        };
+        let known: HashMap<String, Arc<Entry<Vm>>> = vms.list().into_iter().collect();
+        let mut local: HashMap<&str, &DomainInfo> = HashMap::new();
+        let mut foreign = BTreeMap::new();
+        for d in &list {
+            local.insert(d.uuid.as_str(), d);
+            if known.contains_key(&d.uuid) {
+                continue;
+            }
+            let cached = lock(&self.marks).get(&d.uuid).copied();
+            let ours = match cached {
+                Some(o) => o,
+                None => {
+                    let Ok(x) = self.hv.xml(&d.uuid).await else {
+                        continue;
+                    };
+                    let o = domain::read_mark(&x).is_some();
+                    lock(&self.marks).insert(d.uuid.clone(), o);
+                    if !o {
+                        info!(node = %self.node, vm = %d.name, uuid = %d.uuid, state = %d.state, "foreign domain (not created by debvisor) left alone");
+                    }
+                    o
+                }
+            };
+            if !ours {
+                foreign.insert(d.uuid.clone(), d.name.clone());
+            } else if d.state.is_active() {
+                if lock(&self.orphans).insert(d.uuid.clone()) {
+                    warn!(node = %self.node, vm = %d.name, uuid = %d.uuid, "domain defined by debvisor but no longer in etcd is running; left running (define it again or destroy it by hand)");
+                }
+            } else {
+                match self.hv.undefine(&d.uuid).await {
+                    Ok(_) => {
+                        info!(node = %self.node, vm = %d.name, uuid = %d.uuid, "stale definition of a VM no longer in etcd removed")
+                    }
+                    Err(e) => {
+                        warn!(node = %self.node, vm = %d.name, uuid = %d.uuid, error = %e, "stale definition not removed")
+                    }
+                }
+                lock(&self.marks).remove(&d.uuid);
+            }
+        }
+        *lock(&self.foreign) = foreign;
+        let stale: Vec<String> = {
+            let rt = lock(&self.runtime);
+            known
+                .keys()
+                .filter(|id| {
+                    let now = local.get(id.as_str()).map(|d| d.state);
+                    match rt.get(id.as_str()) {
+                        None => true,
+                        Some(r) => r.observed != now || r.next_start.is_some(),
+                    }
+                })
+                .cloned()
+                .collect()
+        };
+        for id in stale {
+            vms.enqueue(&id);
+        }
+    }
+}
+
+/// The Domain reconciler for the reactor.
+pub struct DomainReconciler(pub Arc<DomainHost>);
+
+impl Reconciler<VmKind> for DomainReconciler {
+    async fn reconcile(
+        &self,
+        id: &str,
+        entry: Option<Arc<Entry<Vm>>>,
+    ) -> Result<Action, ReconcileError> {
+        let Some(entry) = entry else {
+            return self.0.reconcile_deleted(id).await;
+        };
+        match &entry.parsed {
+            Err(e) => self.0.reconcile_invalid(id, &entry.keys, e).await,
+            Ok(vm) => self.0.reconcile_vm(vm, &entry.keys).await,
+        }
+    }
+}
+
+/// Lifecycle events → reconcile the VM at once; a `Resync` event → a full resync. Runs until
+/// `cancel`; resubscribes when the event stream ends.
+pub fn spawn_event_listener(
+    host: Arc<DomainHost>,
+    vms: Arc<Reactor<VmKind>>,
+    cancel: CancellationToken,
+) {
+    tokio::spawn(async move {
+        loop {
+            let mut rx = match host.hv.events().await {
+                Ok(rx) => rx,
+                Err(e) => {
+                    warn!(node = %host.node, error = %e, "libvirt events unavailable; relying on the resync tick");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                    }
+                }
+            };
+            loop {
+                let ev = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    ev = rx.recv() => ev,
+                };
+                let Some(ev) = ev else { break };
+                match ev.uuid() {
+                    Some(uuid) if vms.get(uuid).is_some() => {
+                        debug!(uuid, event = ?ev, "libvirt event");
+                        vms.enqueue(uuid);
+                    }
+                    Some(_) => {}
+                    None => host.resync(&vms).await,
+                }
+            }
+        }
+    });
+}

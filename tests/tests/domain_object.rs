@@ -1,0 +1,343 @@
+//! The Domain object through real daemons on libvirt's test driver (`test:///default`, one
+//! in-process host per daemon) and a real etcd: the lock-first lifecycle, status reports,
+//! restart, bad input isolated to its VM, a lock held by another live lease, foreign
+//! domains, VMs removed from etcd, and a shutdown migration with unmigrate between two
+//! daemons. Real guests are in `domain_qemu.rs`.
+
+use std::time::Duration;
+
+use debvisor_tests::libvirt::{random_uuid, test_driver_xml, unique_name};
+use debvisor_tests::{
+    eventually, is_message, str_field, DaemonBuilder, DaemonProcess, EtcdProcess,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn daemon(etcd: &EtcdProcess, node: &str) -> DaemonProcess {
+    let mut d = DaemonBuilder::new(node)
+        .endpoints(&[etcd.endpoint()])
+        .env("DEBVISOR_DOMAINS_SHUTDOWN_TIMEOUT", "3s")
+        .env("DEBVISOR_DOMAINS_RESTART_BACKOFF", "200ms")
+        .spawn()
+        .expect("spawn daemon");
+    d.wait_run(WAIT).expect("daemon reaches run");
+    d
+}
+
+struct Vm {
+    uuid: String,
+    name: String,
+}
+
+impl Vm {
+    fn new(label: &str) -> Vm {
+        Vm {
+            uuid: random_uuid(),
+            name: unique_name(label),
+        }
+    }
+    fn key(&self, f: &str) -> String {
+        format!("vms/{}/{f}", self.uuid)
+    }
+    fn define(&self, etcd: &EtcdProcess, node: &str, state: &str) {
+        let xml = test_driver_xml(&self.name, &self.uuid);
+        etcd.put_keys(&[
+            (&self.key("xml"), &xml),
+            (&self.key("node"), node),
+            (&self.key("state"), state),
+        ])
+        .expect("define");
+    }
+    /// A request as `debvisorctl` writes it: target and state together.
+    fn request(&self, etcd: &EtcdProcess, node: &str, state: &str) {
+        etcd.put_keys(&[(&self.key("node"), node), (&self.key("state"), state)])
+            .expect("request");
+    }
+    fn status(&self, etcd: &EtcdProcess) -> Option<Value> {
+        etcd.get_key(&self.key("status"))
+            .expect("get status")
+            .and_then(|s| serde_json::from_str(&s).ok())
+    }
+    /// Wait until the status says `state` (written by `node`), return it.
+    fn wait_status(&self, etcd: &EtcdProcess, state: &str, node: &str) -> Value {
+        eventually(
+            &format!("{} status {state} from {node}", self.name),
+            WAIT,
+            || {
+                self.status(etcd)
+                    .filter(|s| s["state"] == state && s["node"] == node)
+            },
+        )
+    }
+    fn get(&self, etcd: &EtcdProcess, f: &str) -> Option<String> {
+        etcd.get_key(&self.key(f)).expect("get")
+    }
+}
+
+fn logged(d: &DaemonProcess, msg: &str, vm: &str) -> bool {
+    d.json_lines()
+        .iter()
+        .any(|l| is_message(l, msg) && (vm.is_empty() || str_field(l, "vm") == Some(vm)))
+}
+
+#[test]
+fn lifecycle_lock_first_with_status_reports() {
+    let etcd = EtcdProcess::start().expect("etcd");
+    let d = daemon(&etcd, "dom1");
+    let vm = Vm::new("life");
+    vm.define(&etcd, "dom1", "start");
+
+    let s = vm.wait_status(&etcd, "running", "dom1");
+    assert_eq!(s["error"], Value::Null, "{s}");
+    assert_eq!(vm.get(&etcd, "lock").as_deref(), Some("dom1"));
+    assert_eq!(vm.get(&etcd, "owner").as_deref(), Some("dom1"));
+    let lines = d.json_lines();
+    let pos = |m: &str| {
+        lines
+            .iter()
+            .position(|l| is_message(l, m) && str_field(l, "vm") == Some(vm.name.as_str()))
+            .unwrap_or_else(|| panic!("no {m:?} line for {}", vm.name))
+    };
+    assert!(
+        pos("run lock acquired") < pos("domain started"),
+        "the lock is won before the start"
+    );
+    let lock_line = &lines[pos("run lock acquired")];
+    assert!(
+        lock_line["fencing_token"].as_i64().unwrap_or(0) > 0,
+        "{lock_line}"
+    );
+
+    etcd.put_key(&vm.key("state"), "stop").expect("stop");
+    vm.wait_status(&etcd, "stopped", "dom1");
+    eventually("lock released after stop", WAIT, || {
+        vm.get(&etcd, "lock").is_none().then_some(())
+    });
+
+    etcd.put_key(&vm.key("state"), "start").expect("start");
+    let running = vm.wait_status(&etcd, "running", "dom1");
+
+    etcd.put_key(&vm.key("state"), "restart").expect("restart");
+    eventually("restart settles back to start", WAIT, || {
+        (vm.get(&etcd, "state").as_deref() == Some("start")).then_some(())
+    });
+    let after = vm.wait_status(&etcd, "running", "dom1");
+    assert_eq!(after["reason"], "restarted", "{after}");
+    assert!(after["since"].as_str() >= running["since"].as_str());
+
+    etcd.put_key(&vm.key("state"), "shutdown")
+        .expect("shutdown");
+    vm.wait_status(&etcd, "stopped", "dom1");
+
+    etcd.put_key(&vm.key("state"), "disable").expect("disable");
+    vm.wait_status(&etcd, "disabled", "dom1");
+
+    // Removed from etcd: the domain goes, and no report resurrects the VM's keys.
+    etcd.put_key(&vm.key("state"), "start").expect("start");
+    vm.wait_status(&etcd, "running", "dom1");
+    etcd.delete_prefix(&format!("vms/{}/", vm.uuid))
+        .expect("delete");
+    eventually("removal logged", WAIT, || {
+        logged(
+            &d,
+            "vm removed from etcd; domain destroyed and undefined here",
+            "",
+        )
+        .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(vm.get(&etcd, "status").is_none(), "status not rewritten");
+    assert!(vm.get(&etcd, "lock").is_none(), "lock not rewritten");
+}
+
+#[test]
+fn bad_input_names_the_field_and_touches_nothing_else() {
+    let etcd = EtcdProcess::start().expect("etcd");
+    let mut d = daemon(&etcd, "dom2");
+    let good = Vm::new("good");
+    good.define(&etcd, "dom2", "start");
+    good.wait_status(&etcd, "running", "dom2");
+
+    /// A VM, the bad values written over a valid definition, the field its error names.
+    type Case<'a> = (Vm, Vec<(&'a str, String)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            Vm::new("badxml"),
+            vec![("xml", "<domain type='test'><name>x".into())],
+            "xml",
+        ),
+        (
+            Vm::new("mismatch"),
+            vec![("xml", test_driver_xml("other", &random_uuid()))],
+            "xml",
+        ),
+        (
+            Vm::new("badstate"),
+            vec![("state", "running".into())],
+            "state",
+        ),
+        (
+            Vm::new("badmeta"),
+            vec![("metadata", "{\"autostart\":\"yes\"}".into())],
+            "metadata",
+        ),
+        (
+            Vm::new("badlimit"),
+            vec![("metadata", "{\"node_limit\":[\"dom2\",\"NO SUCH\"]}".into())],
+            "metadata.node_limit[1]",
+        ),
+    ];
+    for (vm, kv, _) in &cases {
+        vm.define(&etcd, "dom2", "start");
+        for (k, v) in kv {
+            etcd.put_key(&vm.key(k), v).expect("put bad value");
+        }
+    }
+    for (vm, _, field) in &cases {
+        let s = eventually(&format!("{} invalid", vm.name), WAIT, || {
+            vm.status(&etcd).filter(|s| s["state"] == "invalid")
+        });
+        let err = s["error"].as_str().unwrap_or_default();
+        assert!(err.starts_with(&format!("{field}: ")), "{}: {s}", vm.name);
+    }
+    // The good VM is untouched; the daemon is alive.
+    let s = good.status(&etcd).expect("good status");
+    assert_eq!(s["state"], "running", "{s}");
+    assert!(d.is_running(), "daemon still running");
+
+    // Repairing a VM heals it.
+    let (fixed, _, _) = &cases[2];
+    etcd.put_key(&fixed.key("state"), "start").expect("repair");
+    fixed.wait_status(&etcd, "running", "dom2");
+
+    // A running VM whose metadata turns bad keeps running.
+    etcd.put_key(&good.key("metadata"), "{\"migration_method\":\"teleport\"}")
+        .expect("break");
+    let s = eventually("good vm invalid", WAIT, || {
+        good.status(&etcd).filter(|s| s["state"] == "invalid")
+    });
+    assert!(
+        s["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("left as it is"),
+        "{s}"
+    );
+    etcd.put_key(&good.key("metadata"), "{}").expect("repair");
+    let s = good.wait_status(&etcd, "running", "dom2");
+    assert_eq!(s["reason"], "running", "not restarted: {s}");
+    let _ = d.wait_for(|l| is_message(l, "vm state changed"), WAIT);
+}
+
+#[test]
+fn never_starts_while_another_live_lease_holds_the_lock() {
+    let etcd = EtcdProcess::start().expect("etcd");
+    let _d = daemon(&etcd, "dom3");
+    let vm = Vm::new("locked");
+    // Another node's lock on a live lease.
+    let lease = etcd
+        .with_client(|mut c| async move {
+            let l = c
+                .lease_grant(60, None)
+                .await
+                .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
+            Ok(l.id())
+        })
+        .expect("lease");
+    let key = format!("/debvisor/{}", vm.key("lock"));
+    etcd.with_client(|mut c| async move {
+        c.put(
+            key,
+            "other",
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
+        Ok(())
+    })
+    .expect("foreign lock");
+    vm.define(&etcd, "dom3", "start");
+    // Several resync ticks pass: no start, no status of ours claiming it runs.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        vm.status(&etcd).is_none_or(|s| s["state"] != "running"),
+        "started under another node's lock"
+    );
+    assert_eq!(vm.get(&etcd, "lock").as_deref(), Some("other"));
+    // The holder's lease ends: the lock vanishes and this node takes it.
+    etcd.with_client(|mut c| async move {
+        c.lease_revoke(lease)
+            .await
+            .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
+        Ok(())
+    })
+    .expect("revoke");
+    vm.wait_status(&etcd, "running", "dom3");
+    assert_eq!(vm.get(&etcd, "lock").as_deref(), Some("dom3"));
+}
+
+#[test]
+fn foreign_domains_are_listed_and_left_alone() {
+    let etcd = EtcdProcess::start().expect("etcd");
+    let d = daemon(&etcd, "dom4");
+    // The test driver's own domain "test" was not created by debvisor.
+    eventually("foreign domain logged", WAIT, || {
+        logged(
+            &d,
+            "foreign domain (not created by debvisor) left alone",
+            "test",
+        )
+        .then_some(())
+    });
+}
+
+#[test]
+fn shutdown_migration_and_unmigrate_between_two_daemons() {
+    let etcd = EtcdProcess::start().expect("etcd");
+    let a = daemon(&etcd, "mig-a");
+    let b = daemon(&etcd, "mig-b");
+    let vm = Vm::new("mover");
+    vm.define(&etcd, "mig-a", "start");
+    vm.wait_status(&etcd, "running", "mig-a");
+
+    // The test driver cannot migrate live: the source falls back to a shutdown migration.
+    vm.request(&etcd, "mig-b", "migrate");
+    eventually("state settles to start", WAIT, || {
+        (vm.get(&etcd, "state").as_deref() == Some("start")).then_some(())
+    });
+    let s = vm.wait_status(&etcd, "running", "mig-b");
+    assert_eq!(s["reason"], "migrated", "{s}");
+    assert_eq!(vm.get(&etcd, "last_node").as_deref(), Some("mig-a"));
+    assert_eq!(vm.get(&etcd, "owner").as_deref(), Some("mig-b"));
+    assert_eq!(vm.get(&etcd, "lock").as_deref(), Some("mig-b"));
+    assert!(
+        logged(&a, "live migration failed", &vm.name),
+        "live tried first"
+    );
+    assert!(logged(&a, "lock released; ownership handed over", &vm.name));
+    assert!(
+        logged(&a, "definition removed from this host", &vm.name),
+        "no stale definition"
+    );
+
+    etcd.put_key(&vm.key("state"), "unmigrate")
+        .expect("unmigrate");
+    vm.wait_status(&etcd, "running", "mig-a");
+    eventually("unmigrate settles", WAIT, || {
+        (vm.get(&etcd, "state").as_deref() == Some("start")
+            && vm.get(&etcd, "node").as_deref() == Some("mig-a")
+            && vm.get(&etcd, "last_node").is_none())
+        .then_some(())
+    });
+    assert!(logged(&b, "definition removed from this host", &vm.name));
+
+    // migrate-live forbids the fallback: the VM stays where it runs, with the reason.
+    vm.request(&etcd, "mig-b", "migrate-live");
+    let s = vm.wait_status(&etcd, "fail", "mig-a");
+    assert!(
+        s["reason"].as_str().unwrap_or_default().contains("forbids"),
+        "{s}"
+    );
+    assert_eq!(vm.get(&etcd, "lock").as_deref(), Some("mig-a"));
+}
