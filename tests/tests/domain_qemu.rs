@@ -1,0 +1,217 @@
+//! The Domain object end to end with real KVM guests (`qemu:///system`, TCG without
+//! /dev/kvm): etcd → running qemu; stop; a guest that ignores ACPI destroyed after the
+//! timeout; a killed qemu restarted; a daemon killed with SIGKILL and restarted adopts the
+//! running guest (same qemu PID); a bad definition reported without touching the host.
+//!
+//! Needs root. Every guest is removed by its guard, also when a test fails.
+
+use std::time::Duration;
+
+use debvisor_daemon::hypervisor::{DomainState, Libvirt};
+use debvisor_tests::libvirt::{ensure_libvirtd, sweep_stale, TestDomain, QEMU_URI};
+use debvisor_tests::{
+    eventually, is_message, skip_unless_root, str_field, DaemonBuilder, DaemonProcess, EtcdProcess,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn libvirt() -> (tokio::runtime::Runtime, Libvirt) {
+    ensure_libvirtd().expect("libvirtd running");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let lv = Libvirt::new(QEMU_URI, Duration::from_secs(20));
+    rt.block_on(sweep_stale(&lv));
+    (rt, lv)
+}
+
+fn daemon(etcd: &EtcdProcess, node: &str, state_dir: &std::path::Path) -> DaemonProcess {
+    let mut d = DaemonBuilder::new(node)
+        .endpoints(&[etcd.endpoint()])
+        .env("DEBVISOR_HYPERVISOR_URI", QEMU_URI)
+        .env("DEBVISOR_DOMAINS_SHUTDOWN_TIMEOUT", "3s")
+        .env("DEBVISOR_DOMAINS_RESTART_BACKOFF", "200ms")
+        .state_dir(state_dir)
+        .spawn()
+        .expect("spawn daemon");
+    d.wait_run(WAIT).expect("daemon reaches run");
+    d
+}
+
+fn key(d: &TestDomain, f: &str) -> String {
+    format!("vms/{}/{f}", d.uuid)
+}
+
+fn status(etcd: &EtcdProcess, d: &TestDomain) -> Option<Value> {
+    etcd.get_key(&key(d, "status"))
+        .expect("get status")
+        .and_then(|s| serde_json::from_str(&s).ok())
+}
+
+fn wait_status(etcd: &EtcdProcess, d: &TestDomain, state: &str) -> Value {
+    eventually(&format!("{} status {state}", d.name), WAIT, || {
+        status(etcd, d).filter(|s| s["state"] == state)
+    })
+}
+
+fn qemu_pid(rt: &tokio::runtime::Runtime, lv: &Libvirt, d: &TestDomain) -> Option<u32> {
+    rt.block_on(lv.get(&d.uuid))
+        .ok()
+        .flatten()
+        .filter(|i| i.state == DomainState::Running)
+        .and_then(|i| i.pid)
+}
+
+fn define(etcd: &EtcdProcess, d: &TestDomain, node: &str) {
+    let xml = d.xml();
+    etcd.put_keys(&[
+        (&key(d, "xml"), &xml),
+        (&key(d, "node"), node),
+        (&key(d, "state"), "start"),
+    ])
+    .expect("define");
+}
+
+#[test]
+fn real_guest_lifecycle_crash_restart_and_acpi_timeout() {
+    skip_unless_root!();
+    let (rt, lv) = libvirt();
+    let etcd = EtcdProcess::start().expect("etcd");
+    let state = tempfile::tempdir().expect("state dir");
+    let dmn = daemon(&etcd, "kvm1", state.path());
+    let g = TestDomain::new(&lv, "e2e");
+    define(&etcd, &g, "kvm1");
+    wait_status(&etcd, &g, "running");
+    let pid = qemu_pid(&rt, &lv, &g).expect("a qemu process runs the guest");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("qemu cmdline");
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains(&g.uuid),
+        "the qemu process is our guest's"
+    );
+
+    // qemu killed under libvirt: restarted with a new process, the reason logged.
+    // SAFETY: kill(2) of the qemu process of the guest this test started.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    let new_pid = eventually("guest restarted after its qemu was killed", WAIT, || {
+        qemu_pid(&rt, &lv, &g).filter(|p| *p != pid)
+    });
+    assert_ne!(new_pid, pid);
+    let line = eventually("crash logged", WAIT, || {
+        dmn.json_lines().into_iter().find(|l| {
+            is_message(l, "vm stopped unexpectedly; restarting after backoff")
+                && str_field(l, "vm") == Some(g.name.as_str())
+        })
+    });
+    // libvirt's shut-off reason for a qemu that died under it.
+    assert_eq!(line["reason"], "crashed", "{line}");
+    wait_status(&etcd, &g, "running");
+
+    // The guest has no OS and ignores ACPI: destroyed after the 3 s timeout.
+    etcd.put_key(&key(&g, "state"), "shutdown")
+        .expect("shutdown");
+    wait_status(&etcd, &g, "shutting-down");
+    let s = wait_status(&etcd, &g, "stopped");
+    assert!(
+        s["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("ignored ACPI"),
+        "{s}"
+    );
+    assert_eq!(qemu_pid(&rt, &lv, &g), None);
+
+    // stop of a running guest destroys it at once; the definition stays.
+    etcd.put_key(&key(&g, "state"), "start").expect("start");
+    wait_status(&etcd, &g, "running");
+    etcd.put_key(&key(&g, "state"), "stop").expect("stop");
+    wait_status(&etcd, &g, "stopped");
+    let info = rt
+        .block_on(lv.get(&g.uuid))
+        .expect("get")
+        .expect("still defined");
+    assert_eq!(info.state, DomainState::Shutoff);
+    assert!(info.persistent);
+}
+
+#[test]
+fn restarted_daemon_adopts_running_guests() {
+    skip_unless_root!();
+    let (rt, lv) = libvirt();
+    let etcd = EtcdProcess::start().expect("etcd");
+    let state = tempfile::tempdir().expect("state dir");
+    let mut first = daemon(&etcd, "kvm2", state.path());
+    let g = TestDomain::new(&lv, "adopt");
+    define(&etcd, &g, "kvm2");
+    wait_status(&etcd, &g, "running");
+    let pid = qemu_pid(&rt, &lv, &g).expect("qemu pid");
+
+    first.kill().expect("SIGKILL the daemon");
+    let _ = first.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        qemu_pid(&rt, &lv, &g),
+        Some(pid),
+        "guest survives the daemon"
+    );
+
+    let second = daemon(&etcd, "kvm2", state.path());
+    eventually("lock taken by the new daemon", WAIT, || {
+        second
+            .json_lines()
+            .into_iter()
+            .find(|l| is_message(l, "run lock acquired") && str_field(l, "vm") == Some(&g.name))
+    });
+    wait_status(&etcd, &g, "running");
+    assert_eq!(qemu_pid(&rt, &lv, &g), Some(pid), "same qemu process");
+    assert!(
+        !second
+            .json_lines()
+            .iter()
+            .any(|l| is_message(l, "domain started") && str_field(l, "vm") == Some(&g.name)),
+        "the new daemon did not start the guest again"
+    );
+
+    // Graceful daemon stop keeps guests running (on_shutdown: keep).
+    drop(second);
+    assert_eq!(qemu_pid(&rt, &lv, &g), Some(pid));
+}
+
+#[test]
+fn bad_definition_reports_the_field() {
+    skip_unless_root!();
+    let (_rt, lv) = libvirt();
+    let etcd = EtcdProcess::start().expect("etcd");
+    let state = tempfile::tempdir().expect("state dir");
+    let _d = daemon(&etcd, "kvm3", state.path());
+    let g = TestDomain::new(&lv, "bad");
+    // Well-formed for us, refused by libvirt (unknown machine type).
+    let xml = g.xml().replace("machine='pc'", "machine='no-such-machine'");
+    etcd.put_keys(&[
+        (&key(&g, "xml"), &xml),
+        (&key(&g, "node"), "kvm3"),
+        (&key(&g, "state"), "start"),
+    ])
+    .expect("define");
+    let s = eventually("libvirt's refusal reported", WAIT, || {
+        status(&etcd, &g).filter(|s| s["error"].is_string())
+    });
+    let err = s["error"].as_str().unwrap_or_default();
+    assert!(err.starts_with("xml: "), "{s}");
+    assert!(err.contains("define domain"), "libvirt's own message: {s}");
+    assert_eq!(s["state"], "fail", "{s}");
+
+    // Not XML at all: invalid before libvirt is asked.
+    let h = TestDomain::new(&lv, "worse");
+    etcd.put_keys(&[
+        (&key(&h, "xml"), "<domain"),
+        (&key(&h, "node"), "kvm3"),
+        (&key(&h, "state"), "start"),
+    ])
+    .expect("define");
+    let s = eventually("invalid xml reported", WAIT, || {
+        status(&etcd, &h).filter(|s| s["state"] == "invalid")
+    });
+    assert!(s["error"].as_str().unwrap_or_default().starts_with("xml: "));
+}
