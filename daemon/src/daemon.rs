@@ -601,7 +601,8 @@ pub async fn run(config_path: &Path) -> ExitCode {
         libvirt.clone(),
         registered_info,
         info.clone(),
-    );
+    )
+    .with_domains(domains.clone(), cfg.domains.stats_writes_per_tick as usize);
     let mut r = Running {
         cfg,
         store,

@@ -5,17 +5,20 @@
 //!
 //! Liveness is the lease, refreshed by its own task: a slow tick never costs the lease.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use debvisor_objects::node::{Health, NodeInfo, VmCounts};
+use debvisor_objects::domain::{self, VmField};
+use debvisor_objects::node::{Allocation, Health, NodeInfo, VmCounts};
 use debvisor_objects::schema::{self, NodeField};
 use debvisor_objects::{Store, TxnBuilder};
 use tracing::{debug, info, warn};
 
 use crate::hostinfo;
-use crate::hypervisor::Libvirt;
+use crate::hypervisor::{DomainStats, Libvirt};
+use crate::vmobj::DomainHost;
 
 /// Outcome of one tick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +42,42 @@ pub struct Keepalive {
     written_info: NodeInfo,
     base_info: NodeInfo,
     outage_since: Option<Instant>,
+    /// The Domain object: which domains are ours (per-VM stats) and which are foreign.
+    domains: Option<Arc<DomainHost>>,
+    /// Most per-VM stats keys per tick.
+    stats_budget: usize,
+    /// Per VM: the stats last written and when.
+    stats_written: HashMap<String, (String, Instant)>,
+}
+
+/// The per-VM `stats` value (counters only: no timestamp, so an idle VM writes nothing).
+fn stats_json(s: &DomainStats) -> String {
+    serde_json::json!({
+        "active": s.active,
+        "cpu_time_ns": s.cpu_time_ns,
+        "memory_kib": s.memory_kib,
+        "max_memory_kib": s.max_memory_kib,
+        "vcpus": s.vcpus,
+        "block_rd_bytes": s.block_rd_bytes,
+        "block_wr_bytes": s.block_wr_bytes,
+        "net_rx_bytes": s.net_rx_bytes,
+        "net_tx_bytes": s.net_tx_bytes,
+    })
+    .to_string()
+}
+
+/// What the domains on this host take from it.
+fn allocation(stats: &[DomainStats]) -> Allocation {
+    let mut a = Allocation::default();
+    for s in stats {
+        a.memory_provisioned_mib += s.max_memory_kib / 1024;
+        a.vcpus_provisioned += s.vcpus;
+        if s.active {
+            a.memory_mib += s.memory_kib / 1024;
+            a.vcpus += s.vcpus;
+        }
+    }
+    a
 }
 
 /// Current `info` of this host from the registration base plus fresh kernel facts.
@@ -75,7 +114,42 @@ impl Keepalive {
             written_info: written,
             base_info: base,
             outage_since: None,
+            domains: None,
+            stats_budget: 64,
+            stats_written: HashMap::new(),
         }
+    }
+
+    /// Report per-VM stats of the Domain object's VMs (at most `budget` keys per tick, the
+    /// stalest first) and its foreign domains.
+    pub fn with_domains(mut self, domains: Arc<DomainHost>, budget: usize) -> Keepalive {
+        self.domains = Some(domains);
+        self.stats_budget = budget.max(1);
+        self
+    }
+
+    /// Changed per-VM stats to write this tick: only VMs we manage, only values that
+    /// differ from the last write, the longest-unwritten first, at most the budget.
+    fn stats_due(&self, stats: &[DomainStats]) -> Vec<(String, String)> {
+        let Some(domains) = &self.domains else {
+            return Vec::new();
+        };
+        let managed = domains.managed();
+        let mut due: Vec<(Option<Instant>, String, String)> = stats
+            .iter()
+            .filter(|s| managed.contains(&s.uuid))
+            .filter_map(|s| {
+                let v = stats_json(s);
+                match self.stats_written.get(&s.uuid) {
+                    Some((old, _)) if *old == v => None,
+                    Some((_, at)) => Some((Some(*at), s.uuid.clone(), v)),
+                    None => Some((None, s.uuid.clone(), v)),
+                }
+            })
+            .collect();
+        due.sort_by_key(|(at, uuid, _)| (*at, uuid.clone()));
+        due.truncate(self.stats_budget);
+        due.into_iter().map(|(_, u, v)| (u, v)).collect()
     }
 
     /// Collect health (libvirt probe bounded by its timeout) and write it.
@@ -96,12 +170,29 @@ impl Keepalive {
                 (false, VmCounts::default(), None)
             }
         };
+        let stats = if libvirt_ok {
+            match self.libvirt.all_stats().await {
+                Ok(s) => s,
+                Err(e) => {
+                    problems.push(e.to_string());
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let foreign = self
+            .domains
+            .as_ref()
+            .map(|d| d.foreign().into_values().collect())
+            .unwrap_or_default();
         let health = Health {
             libvirt: libvirt_ok,
             load: hostinfo::load(),
             memory: hostinfo::memory(),
             vms,
-            alloc: Default::default(),
+            alloc: allocation(&stats),
+            foreign,
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_s: hostinfo::uptime_s(),
             daemon_uptime_s: self.started.elapsed().as_secs(),
@@ -130,8 +221,19 @@ impl Keepalive {
                 serde_json::to_vec(&info).unwrap_or_default(),
             );
         }
+        let due = self.stats_due(&stats);
+        for (uuid, v) in &due {
+            t = t.put(&domain::vm_key(uuid, VmField::Stats), v.clone());
+        }
         match self.store.txn(t).await {
             Ok(r) if r.succeeded() => {
+                let now = Instant::now();
+                let live: std::collections::HashSet<&str> =
+                    stats.iter().map(|s| s.uuid.as_str()).collect();
+                self.stats_written.retain(|u, _| live.contains(u.as_str()));
+                for (uuid, v) in due {
+                    self.stats_written.insert(uuid, (v, now));
+                }
                 if let Some(since) = self.outage_since.take() {
                     info!(node = %self.node, outage_ms = since.elapsed().as_millis() as u64, "store reachable again; keepalive resumed");
                 }

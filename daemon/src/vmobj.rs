@@ -140,6 +140,15 @@ impl DomainHost {
         lock(&self.foreign).clone()
     }
 
+    /// UUIDs of the VMs in etcd whose domain exists on this host (per-VM stats).
+    pub fn managed(&self) -> std::collections::HashSet<String> {
+        lock(&self.runtime)
+            .iter()
+            .filter(|(_, rt)| rt.observed.is_some())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     fn with_rt<T>(&self, uuid: &str, f: impl FnOnce(&mut Runtime) -> T) -> T {
         let mut m = lock(&self.runtime);
         f(m.entry(uuid.to_string()).or_default())
@@ -658,6 +667,12 @@ impl DomainHost {
         if !domain::valid_uuid(uuid) {
             return Ok(Action::AwaitChange);
         }
+        // Reports written just before the deletion would otherwise linger as a half VM.
+        let t = TxnBuilder::new()
+            .absent(&domain::vm_key(uuid, VmField::Xml))
+            .delete(&domain::vm_key(uuid, VmField::Status))
+            .delete(&domain::vm_key(uuid, VmField::Stats));
+        self.store.txn(t).await?;
         let Some(info) = self.hv.get(uuid).await.map_err(host_err)? else {
             return Ok(Action::AwaitChange);
         };

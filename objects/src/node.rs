@@ -120,6 +120,9 @@ pub struct Health {
     /// Problems this node sees in itself (empty = healthy).
     #[serde(default)]
     pub problems: Vec<String>,
+    /// Names of domains on this host that debvisor did not create (left alone).
+    #[serde(default)]
+    pub foreign: Vec<String>,
 }
 
 /// `nodes/<node>/alive`: who holds the node name.

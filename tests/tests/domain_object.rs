@@ -341,3 +341,85 @@ fn shutdown_migration_and_unmigrate_between_two_daemons() {
     );
     assert_eq!(vm.get(&etcd, "lock").as_deref(), Some("mig-a"));
 }
+
+#[test]
+fn per_vm_stats_are_bounded_per_tick_and_health_shows_allocation() {
+    let etcd = EtcdProcess::start().expect("etcd");
+    let mut d = DaemonBuilder::new("stat1")
+        .endpoints(&[etcd.endpoint()])
+        .env("DEBVISOR_DOMAINS_STATS_WRITES_PER_TICK", "2")
+        .spawn()
+        .expect("spawn daemon");
+    d.wait_run(WAIT).expect("run");
+    let vms: Vec<Vm> = (0..5).map(|i| Vm::new(&format!("st{i}"))).collect();
+    for vm in &vms {
+        vm.define(&etcd, "stat1", "start");
+    }
+    for vm in &vms {
+        vm.wait_status(&etcd, "running", "stat1");
+    }
+    // Watch the stats keys for a few ticks: every keepalive transaction (one revision)
+    // carries at most 2 of them, and every VM gets its turn.
+    let per_rev = etcd
+        .with_client(|mut c| async move {
+            let mut stream = c
+                .watch(
+                    "/debvisor/vms/",
+                    Some(etcd_client::WatchOptions::new().with_prefix()),
+                )
+                .await
+                .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
+            let mut per_rev: std::collections::BTreeMap<i64, Vec<String>> = Default::default();
+            let until = tokio::time::Instant::now() + Duration::from_secs(6);
+            while let Ok(Ok(Some(resp))) = tokio::time::timeout_at(until, stream.message()).await {
+                for ev in resp.events() {
+                    if let Some(kv) = ev.kv() {
+                        let k = String::from_utf8_lossy(kv.key()).into_owned();
+                        if k.ends_with("/stats") {
+                            per_rev.entry(kv.mod_revision()).or_default().push(k);
+                        }
+                    }
+                }
+            }
+            Ok(per_rev)
+        })
+        .expect("watch stats");
+    assert!(!per_rev.is_empty(), "stats written");
+    for (rev, keys) in &per_rev {
+        assert!(
+            keys.len() <= 2,
+            "revision {rev} wrote {} stats keys",
+            keys.len()
+        );
+    }
+    for vm in &vms {
+        let s: Value = serde_json::from_str(&vm.get(&etcd, "stats").expect("stats of every VM"))
+            .expect("stats JSON");
+        assert_eq!(s["active"], true, "{s}");
+        assert!(s["vcpus"].as_u64().unwrap_or(0) >= 1, "{s}");
+    }
+    let health: Value = serde_json::from_str(
+        &etcd
+            .get_key("nodes/stat1/health")
+            .expect("get")
+            .expect("health"),
+    )
+    .expect("health JSON");
+    assert!(
+        health["alloc"]["vcpus"].as_u64().unwrap_or(0) >= 5,
+        "{health}"
+    );
+    assert!(
+        health["alloc"]["memory_provisioned_mib"]
+            .as_u64()
+            .unwrap_or(0)
+            >= health["alloc"]["memory_mib"].as_u64().unwrap_or(u64::MAX),
+        "{health}"
+    );
+    assert!(
+        health["foreign"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|n| n == "test")),
+        "the test driver's own domain is listed as foreign: {health}"
+    );
+}

@@ -57,7 +57,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            rt.block_on(debvisor_daemon::daemon::run(&cli.config))
+            let code = rt.block_on(debvisor_daemon::daemon::run(&cli.config));
+            // A libvirt call still running on the blocking pool (bounded by its own timeout)
+            // must not hold up an exit that has already been logged.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            code
         }
     }
 }
