@@ -37,11 +37,13 @@ pub enum VmField {
     Status,
     /// Per-VM statistics (owner).
     Stats,
+    /// Node whose drain shut the VM down (method `none`); its unflush starts it again.
+    FlushedFrom,
 }
 
 impl VmField {
     /// Every field.
-    pub const ALL: [VmField; 9] = [
+    pub const ALL: [VmField; 10] = [
         VmField::Xml,
         VmField::State,
         VmField::Node,
@@ -51,6 +53,7 @@ impl VmField {
         VmField::LastNode,
         VmField::Status,
         VmField::Stats,
+        VmField::FlushedFrom,
     ];
 
     /// The key suffix.
@@ -65,6 +68,7 @@ impl VmField {
             VmField::LastNode => "last_node",
             VmField::Status => "status",
             VmField::Stats => "stats",
+            VmField::FlushedFrom => "flushed_from",
         }
     }
 
@@ -180,6 +184,8 @@ pub struct Vm {
     pub owner: Option<String>,
     pub lock: Option<LockHolder>,
     pub last_node: Option<String>,
+    /// Set by a drain that shut the VM down (method `none`): that node's unflush restarts it.
+    pub flushed_from: Option<String>,
 }
 
 /// Is `s` a canonical lower-case UUID (`8-4-4-4-12` hex)?
@@ -379,6 +385,7 @@ pub fn parse_vm(id: &str, keys: &BTreeMap<String, KeyEntry>) -> Result<Vm, Objec
     let node = node_field(VmField::Node)?;
     let owner = node_field(VmField::Owner)?;
     let last_node = node_field(VmField::LastNode)?;
+    let flushed_from = node_field(VmField::FlushedFrom)?;
     let metadata = match get(VmField::Metadata) {
         None => Metadata::default(),
         Some(e) => serde_json::from_slice(&e.value)
@@ -427,6 +434,7 @@ pub fn parse_vm(id: &str, keys: &BTreeMap<String, KeyEntry>) -> Result<Vm, Objec
         owner,
         lock,
         last_node,
+        flushed_from,
     })
 }
 

@@ -372,6 +372,7 @@ mod tests {
                 revision: 1,
             }),
             last_node: None,
+            flushed_from: None,
         }
     }
 
