@@ -284,7 +284,18 @@ pub async fn run(store: &Store, cmd: VmCommand, output: Output) -> Result<String
         }
         VmCommand::List => {
             let (rows, _) = read_vms(store).await?;
-            let v = Value::Array(rows.iter().map(vm_json).collect());
+            // The XML stays in `vm show`: a list of many VMs would be mostly XML.
+            let v = Value::Array(
+                rows.iter()
+                    .map(|r| {
+                        let mut v = vm_json(r);
+                        if let Value::Object(m) = &mut v {
+                            m.remove("xml");
+                        }
+                        v
+                    })
+                    .collect(),
+            );
             Ok(done(v, list_table(&rows)))
         }
         VmCommand::Show { vm } => {
@@ -966,37 +977,36 @@ impl Verb {
     }
 }
 
-/// What a `--wait` waits for.
+/// What a `--wait` waits for: `status.state` is `state`, written by `node` when given (and
+/// `owner` is `node` when `owner` is set), the desired state reads `desired` when given, and
+/// `status.since` is later than `since_after` when given (restart).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Goal {
-    /// `status.state` is `state`, written by `node` when given (and `owner` is `node`
-    /// when `owner` is set), and the desired state reads `desired` when given.
-    Status {
-        state: &'static str,
-        node: Option<String>,
-        owner: bool,
-        desired: Option<DesiredState>,
-        /// `status.since` must be later than this (restart).
-        since_after: Option<OffsetDateTime>,
-    },
+pub struct Goal {
+    /// Wanted `status.state`.
+    pub state: &'static str,
+    /// Node that must have written the status.
+    pub node: Option<String>,
+    /// `owner` must be `node` too (migrations).
+    pub owner: bool,
+    /// Wanted desired state (the node rewrites `restart` to `start`).
+    pub desired: Option<DesiredState>,
+    /// `status.since` must be later than this.
+    pub since_after: Option<OffsetDateTime>,
 }
 
 impl Goal {
     fn describe(&self) -> String {
-        match self {
-            Goal::Status {
-                state, node, owner, ..
-            } => match (node, owner) {
-                (Some(n), true) => format!("be {state} on {n} (owner {n})"),
-                (Some(n), false) => format!("be {state} on {n}"),
-                (None, _) => format!("be {state}"),
-            },
+        let state = self.state;
+        match (&self.node, self.owner) {
+            (Some(n), true) => format!("be {state} on {n} (owner {n})"),
+            (Some(n), false) => format!("be {state} on {n}"),
+            (None, _) => format!("be {state}"),
         }
     }
 
     /// Has the VM reached the goal?
     pub fn reached(&self, keys: &Keys) -> bool {
-        let Goal::Status {
+        let Goal {
             state,
             node,
             owner,
@@ -1107,28 +1117,28 @@ async fn set_state(
         if r.succeeded() {
             let rev = r.header().map_or(0, |h| h.revision());
             let goal = match verb {
-                Verb::Start => Goal::Status {
+                Verb::Start => Goal {
                     state: "running",
                     node: target,
                     owner: false,
                     desired: None,
                     since_after: None,
                 },
-                Verb::Restart => Goal::Status {
+                Verb::Restart => Goal {
                     state: "running",
                     node: target,
                     owner: false,
                     desired: Some(DesiredState::Start),
                     since_after,
                 },
-                Verb::Stop | Verb::Shutdown => Goal::Status {
+                Verb::Stop | Verb::Shutdown => Goal {
                     state: "stopped",
                     node: None,
                     owner: false,
                     desired: None,
                     since_after: None,
                 },
-                Verb::Disable => Goal::Status {
+                Verb::Disable => Goal {
                     state: "disabled",
                     node: None,
                     owner: false,
@@ -1512,7 +1522,7 @@ async fn migrate(
         "target": plan.target,
         "revision": rev,
     });
-    let goal = Goal::Status {
+    let goal = Goal {
         state: "running",
         node: Some(plan.target.clone()),
         owner: true,
@@ -1579,7 +1589,7 @@ async fn unmigrate(
         "target": back,
         "revision": rev,
     });
-    let goal = Goal::Status {
+    let goal = Goal {
         state: "running",
         node: Some(back.clone()),
         owner: true,
@@ -1856,7 +1866,7 @@ mod tests {
                 r#"{{"state":"{s}","since":"{since}","reason":"","error":null,"node":"{node}"}}"#
             )
         };
-        let goal = Goal::Status {
+        let goal = Goal {
             state: "running",
             node: Some("hv2".into()),
             owner: true,
@@ -1873,7 +1883,7 @@ mod tests {
             &[("status", &status("running", "hv2", t0)), ("owner", "hv2")],
             5
         )));
-        let restart = Goal::Status {
+        let restart = Goal {
             state: "running",
             node: None,
             owner: false,

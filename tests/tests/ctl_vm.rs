@@ -530,6 +530,7 @@ async fn list_and_show_in_table_and_json_including_an_invalid_vm() {
     assert_eq!(arr[2]["valid"], false);
     assert_eq!(arr[2]["error_field"], "state");
     assert_eq!(arr[2]["state"], "running");
+    assert!(arr[0].get("xml").is_none(), "XML only in vm show");
 
     let table = cl.ok(&["vm", "list"]);
     let mut lines = table.lines();
