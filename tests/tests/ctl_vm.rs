@@ -1055,3 +1055,50 @@ async fn node_flush_and_unflush_write_domain_state_and_wait_for_the_node() {
     cl.refused(&["node", "flush", "hv2"], "node hv2 is not alive")
         .await;
 }
+
+/// `vm define` keeps names unique with a ranged guard "no key under `vms/` created after
+/// R"; prove this etcd honours it: a new key fails it, a changed existing key does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_honours_the_ranged_create_guard_of_define() {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    let cl = Cluster::start();
+    let mut c = cl.client().await;
+    let txn = |rev: i64| {
+        Txn::new()
+            .when(vec![Compare::create_revision(
+                format!("{P}vms/"),
+                CompareOp::Less,
+                rev + 1,
+            )
+            .with_prefix()])
+            .and_then(vec![TxnOp::put(format!("{P}probe"), "x", None)])
+    };
+    let r0 = cl.etcd.current_revision().await.expect("revision");
+    assert!(
+        c.txn(txn(r0)).await.expect("txn").succeeded(),
+        "empty range"
+    );
+    put(&mut c, &format!("vms/{U1}/xml"), "a").await;
+    let r1 = cl.etcd.current_revision().await.expect("revision");
+    assert!(
+        !c.txn(txn(r0)).await.expect("txn").succeeded(),
+        "created after R"
+    );
+    put(&mut c, &format!("vms/{U1}/xml"), "b").await;
+    put(&mut c, &format!("vms/{U1}/status"), "{}").await;
+    assert!(
+        !c.txn(txn(r1)).await.expect("txn").succeeded(),
+        "status created"
+    );
+    let r2 = cl.etcd.current_revision().await.expect("revision");
+    put(
+        &mut c,
+        &format!("vms/{U1}/status"),
+        "{\"state\":\"running\"}",
+    )
+    .await;
+    assert!(
+        c.txn(txn(r2)).await.expect("txn").succeeded(),
+        "a status rewrite does not trip the guard"
+    );
+}
