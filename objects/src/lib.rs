@@ -11,6 +11,7 @@ pub mod lease;
 pub mod network;
 pub mod network_plan;
 pub mod node;
+pub mod placement;
 pub mod reactor;
 pub mod schema;
 pub mod store;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use debvisor_daemon::ctl::{self, Output};
 use debvisor_daemon::ctl_network::{self, NetworkCommand};
+use debvisor_daemon::ctl_vm::{self, Drain, VmCommand, WaitArgs};
 
 /// DebVisor cluster CLI. Reads the same configuration (and DEBVISOR_* overrides) as debvisord.
 #[derive(Parser)]
@@ -35,6 +36,11 @@ enum Command {
         #[command(subcommand)]
         command: Box<NetworkCommand>,
     },
+    /// Virtual machines: define, start/stop, migrate, list, show, undefine.
+    Vm {
+        #[command(subcommand)]
+        command: Box<VmCommand>,
+    },
     /// Print the etcd schema as markdown (docs/schema.md).
     Schema,
 }
@@ -43,11 +49,39 @@ enum Command {
 enum NodeCommand {
     /// Everything known about one node.
     Show { name: String },
+    /// Drain a node: its daemon moves its VMs away and reports `flushed`.
+    Flush {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Undrain a node: its daemon takes its VMs back and reports `ready`.
+    Unflush {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
 }
 
 fn fail(msg: &str) -> ExitCode {
     eprintln!("debvisorctl: {msg}");
     ExitCode::from(1)
+}
+
+/// Print a VM/drain command's outcome; on failure its stdout document (if any) and the error.
+fn report(r: Result<String, ctl_vm::Failure>) -> ExitCode {
+    match r {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            if let Some(out) = &f.stdout {
+                print!("{out}");
+            }
+            fail(&f.message)
+        }
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -82,7 +116,20 @@ async fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
+    let json_out = cli.output == Output::Json;
     let command = match cli.command {
+        Command::Vm { command } => return report(ctl_vm::run(&store, *command, cli.output).await),
+        Command::Node {
+            command: NodeCommand::Flush { name, wait },
+        } => return report(ctl_vm::node_drain(&store, &name, Drain::Flush, &wait, json_out).await),
+        Command::Node {
+            command: NodeCommand::Unflush { name, wait },
+        } => {
+            return report(ctl_vm::node_drain(&store, &name, Drain::Unflush, &wait, json_out).await)
+        }
+        other => other,
+    };
+    let command = match command {
         Command::Network { command } => {
             return match ctl_network::run(&store, *command, cli.output).await {
                 Ok(out) => {
@@ -120,7 +167,12 @@ async fn main() -> ExitCode {
                 Output::Table => print!("{}", ctl::node_text(row)),
             }
         }
-        Command::Schema | Command::Network { .. } => {}
+        Command::Schema
+        | Command::Network { .. }
+        | Command::Vm { .. }
+        | Command::Node {
+            command: NodeCommand::Flush { .. } | NodeCommand::Unflush { .. },
+        } => {}
     }
     ExitCode::SUCCESS
 }

@@ -1,0 +1,1920 @@
+//! `debvisorctl vm …` and `debvisorctl node flush|unflush`: operate VMs under
+//! `vms/<uuid>/…` and the drain state of nodes.
+//!
+//! The CLI writes only operator keys (`xml`, `state`, `node`, `metadata`, and a node's
+//! `domain_state` request); the nodes do the work and report in `owner`, `status`,
+//! `last_node` and `domain_state`. Every write is validated locally first with the same
+//! parser the nodes use ([`parse_vm`]), so the CLI refuses what a node would mark invalid,
+//! naming the field, and writes nothing. Every write is one etcd transaction guarded on the
+//! mod revisions it read: a concurrent change makes it fail instead of being overwritten.
+//!
+//! `--wait` follows the object with an etcd watch (plus a relist every few seconds in case
+//! the watch breaks) until the node reports the outcome, a `fail`/`invalid` status written
+//! after the request (exit 1 at once), or the timeout (exit 1 with the current status).
+//!
+//! Known limit: a VM's name is unique only by a check at define time, guarded by "no key
+//! created under `vms/` since the read"; etcd has no unique index, so the guard is coarse
+//! and a busy cluster can make a define retry (three times) before it commits.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use debvisor_objects::domain::{
+    parse_vm, valid_uuid, vm_key, xml_identity, DesiredState, Metadata, MigrationMethod,
+    NodeSelector, Vm, VmField, VMS_PREFIX,
+};
+use debvisor_objects::node::{parse_node, DomainState, NodeRecord};
+use debvisor_objects::placement;
+use debvisor_objects::schema::{self, NodeField};
+use debvisor_objects::{KeyEntry, ObjectError, Store, TxnBuilder};
+use etcd_client::{Compare, CompareOp, DeleteOptions, EventType, Txn, TxnOp};
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::ctl::{self, Output};
+
+// ---------------------------------------------------------------------------------------
+// Command line
+// ---------------------------------------------------------------------------------------
+
+/// `--method`: `metadata.migration_method`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MethodArg {
+    /// Live migration.
+    Live,
+    /// Shut down, move, start.
+    Shutdown,
+    /// No migration method preference.
+    None,
+}
+
+impl From<MethodArg> for MigrationMethod {
+    fn from(m: MethodArg) -> Self {
+        match m {
+            MethodArg::Live => MigrationMethod::Live,
+            MethodArg::Shutdown => MigrationMethod::Shutdown,
+            MethodArg::None => MigrationMethod::None,
+        }
+    }
+}
+
+/// `--selector`: `metadata.node_selector`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SelectorArg {
+    /// Most free memory.
+    Mem,
+    /// Least memory provisioned to domains.
+    Memprov,
+    /// Lowest 1-minute load.
+    Load,
+    /// Fewest vCPUs of running domains.
+    Vcpus,
+    /// Fewest domains.
+    Vms,
+}
+
+impl From<SelectorArg> for NodeSelector {
+    fn from(s: SelectorArg) -> Self {
+        match s {
+            SelectorArg::Mem => NodeSelector::Mem,
+            SelectorArg::Memprov => NodeSelector::Memprov,
+            SelectorArg::Load => NodeSelector::Load,
+            SelectorArg::Vcpus => NodeSelector::Vcpus,
+            SelectorArg::Vms => NodeSelector::Vms,
+        }
+    }
+}
+
+/// Parse a duration like `90s`, `3m`, `500ms`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 3m, 500ms)"))?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    if d.is_zero() {
+        return Err(format!("{s:?}: a timeout must be positive"));
+    }
+    Ok(d)
+}
+
+/// `--wait` and `--timeout`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WaitArgs {
+    /// Block until the node reports the outcome (exit 1 on failure or timeout).
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits, e.g. 90s, 3m.
+    #[arg(long, value_parser = parse_duration, default_value = "180s", value_name = "DURATION")]
+    pub timeout: Duration,
+}
+
+/// `vm define`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DefineArgs {
+    /// libvirt domain XML; a missing <uuid> is generated and inserted.
+    pub file: PathBuf,
+    /// Node to run it on (default: chosen by --selector among eligible nodes).
+    #[arg(long, value_name = "NODE")]
+    pub node: Option<String>,
+    /// Start it when its node boots or recovers it.
+    #[arg(long)]
+    pub autostart: bool,
+    /// Migration method.
+    #[arg(long, value_enum)]
+    pub method: Option<MethodArg>,
+    /// How a target node is chosen (define without --node, migrate, recovery).
+    #[arg(long, value_enum)]
+    pub selector: Option<SelectorArg>,
+    /// Node the VM may run on (repeatable; none: any).
+    #[arg(long = "limit", value_name = "NODE")]
+    pub limit: Vec<String>,
+    /// Define it with state stop instead of start.
+    #[arg(long)]
+    pub stopped: bool,
+    /// Replace the XML of an existing VM (found by the XML's <uuid>, or by its <name> when
+    /// the XML has no <uuid>); nothing else changes.
+    #[arg(long, conflicts_with_all = ["node", "autostart", "method", "selector", "limit", "stopped"])]
+    pub replace: bool,
+}
+
+/// `vm …`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum VmCommand {
+    /// Define a VM from a libvirt domain XML (refused if it exists; see --replace).
+    Define(DefineArgs),
+    /// Every VM: desired state, reported status, node, owner, problems.
+    List,
+    /// Everything about one VM.
+    Show {
+        /// Name or UUID.
+        vm: String,
+    },
+    /// Desired state start (on its node).
+    Start {
+        vm: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Desired state stop (power off).
+    Stop {
+        vm: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Desired state shutdown (ACPI shutdown, then stopped).
+    Shutdown {
+        vm: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Reboot a VM that is meant to run; the node sets state back to start.
+    Restart {
+        vm: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Stop it and keep it off (no autostart, no recovery).
+    Disable {
+        vm: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Move a running VM to another node.
+    Migrate {
+        vm: String,
+        /// Force a live migration (state migrate-live).
+        #[arg(long)]
+        live: bool,
+        /// Target node (default: chosen by the VM's node_selector).
+        #[arg(long, value_name = "NODE")]
+        target: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Move a migrated VM back to its last_node.
+    Unmigrate {
+        vm: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Delete the VM's keys; its node destroys and undefines it.
+    Undefine {
+        vm: String,
+        /// Even while it is running.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Which drain request `node flush|unflush` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Move every VM off the node (`flush` → `flushed`).
+    Flush,
+    /// Take the VMs back (`unflush` → `ready`).
+    Unflush,
+}
+
+/// A failed command: the message for stderr, and for `--output json` a document for stdout
+/// (the current status when a wait failed).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    /// What went wrong.
+    pub message: String,
+    /// What to print on stdout anyway.
+    pub stdout: Option<String>,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure {
+            message,
+            stdout: None,
+        }
+    }
+}
+
+/// Run one `vm` command; returns what to print on stdout.
+pub async fn run(store: &Store, cmd: VmCommand, output: Output) -> Result<String, Failure> {
+    let json_out = output == Output::Json;
+    let done = |v: Value, text: String| -> String {
+        if json_out {
+            format!("{v}\n")
+        } else {
+            text
+        }
+    };
+    match cmd {
+        VmCommand::Define(a) => {
+            let v = define(store, &a).await?;
+            let text = if a.replace {
+                format!(
+                    "VM {} ({}): xml replaced\n",
+                    str_of(&v["name"]),
+                    str_of(&v["uuid"])
+                )
+            } else {
+                format!(
+                    "VM {} defined: uuid {}{}, node {}, state {}\n",
+                    str_of(&v["name"]),
+                    str_of(&v["uuid"]),
+                    if v["uuid_generated"] == true {
+                        " (generated)"
+                    } else {
+                        ""
+                    },
+                    str_of(&v["node"]),
+                    str_of(&v["state"])
+                )
+            };
+            Ok(done(v, text))
+        }
+        VmCommand::List => {
+            let (rows, _) = read_vms(store).await?;
+            // The XML stays in `vm show`: a list of many VMs would be mostly XML.
+            let v = Value::Array(
+                rows.iter()
+                    .map(|r| {
+                        let mut v = vm_json(r);
+                        if let Value::Object(m) = &mut v {
+                            m.remove("xml");
+                        }
+                        v
+                    })
+                    .collect(),
+            );
+            Ok(done(v, list_table(&rows)))
+        }
+        VmCommand::Show { vm } => {
+            let (rows, _) = read_vms(store).await?;
+            let row = resolve(&rows, &vm)?;
+            let v = vm_json(row);
+            let text = show_text(&v);
+            Ok(done(v, text))
+        }
+        VmCommand::Start { vm, wait } => set_state(store, &vm, Verb::Start, &wait, json_out).await,
+        VmCommand::Stop { vm, wait } => set_state(store, &vm, Verb::Stop, &wait, json_out).await,
+        VmCommand::Shutdown { vm, wait } => {
+            set_state(store, &vm, Verb::Shutdown, &wait, json_out).await
+        }
+        VmCommand::Restart { vm, wait } => {
+            set_state(store, &vm, Verb::Restart, &wait, json_out).await
+        }
+        VmCommand::Disable { vm, wait } => {
+            set_state(store, &vm, Verb::Disable, &wait, json_out).await
+        }
+        VmCommand::Migrate {
+            vm,
+            live,
+            target,
+            wait,
+        } => migrate(store, &vm, live, target.as_deref(), &wait, json_out).await,
+        VmCommand::Unmigrate { vm, wait } => unmigrate(store, &vm, &wait, json_out).await,
+        VmCommand::Undefine { vm, force } => {
+            let v = undefine(store, &vm, force).await?;
+            let text = format!(
+                "VM {} ({}) undefined ({} keys deleted)\n",
+                str_of(&v["name"]),
+                str_of(&v["uuid"]),
+                v["deleted"]
+            );
+            Ok(done(v, text))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading
+// ---------------------------------------------------------------------------------------
+
+/// Keys of one object, relative to its prefix (`vms/<uuid>/`, `nodes/<node>/`).
+pub type Keys = BTreeMap<String, KeyEntry>;
+
+/// One VM as the CLI sees it: its raw keys, parsed or why not, and its name when the XML
+/// at least declares one.
+#[derive(Debug, Clone)]
+pub struct VmRow {
+    /// Key id (`vms/<uuid>/`).
+    pub uuid: String,
+    /// Raw keys.
+    pub keys: Keys,
+    /// Parsed, or the field that is wrong.
+    pub vm: Result<Vm, ObjectError>,
+    /// Domain name from the XML, also for an invalid VM when the XML names one.
+    pub name: Option<String>,
+}
+
+impl VmRow {
+    fn new(uuid: String, keys: Keys) -> VmRow {
+        let vm = parse_vm(&uuid, &keys);
+        let name = match &vm {
+            Ok(v) => Some(v.name.clone()),
+            Err(_) => keys
+                .get(VmField::Xml.suffix())
+                .and_then(|e| std::str::from_utf8(&e.value).ok())
+                .and_then(|x| xml_identity(x).ok())
+                .map(|(_, n)| n),
+        };
+        VmRow {
+            uuid,
+            keys,
+            vm,
+            name,
+        }
+    }
+
+    /// Name for messages: the domain name, or the UUID.
+    pub fn label(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.uuid.clone())
+    }
+
+    fn raw(&self, f: VmField) -> Option<String> {
+        self.keys
+            .get(f.suffix())
+            .map(|e| String::from_utf8_lossy(&e.value).trim().to_string())
+    }
+
+    fn rev(&self, f: VmField) -> i64 {
+        self.keys.get(f.suffix()).map_or(0, |e| e.mod_revision)
+    }
+
+    fn status(&self) -> Option<Value> {
+        status_of(&self.keys)
+    }
+}
+
+fn status_of(keys: &Keys) -> Option<Value> {
+    keys.get(VmField::Status.suffix())
+        .map(|e| json_or_string(&e.value))
+}
+
+/// Every VM under `vms/`, sorted by name then UUID, with the revision of the read.
+pub async fn read_vms(store: &Store) -> Result<(Vec<VmRow>, i64), String> {
+    let (kvs, rev) = store.list(VMS_PREFIX).await.map_err(|e| e.to_string())?;
+    let grouped = debvisor_objects::reactor::group_keys(VMS_PREFIX, kvs, |_| true);
+    let mut rows: Vec<VmRow> = grouped
+        .into_iter()
+        .map(|(uuid, keys)| VmRow::new(uuid, keys))
+        .collect();
+    rows.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
+    Ok((rows, rev))
+}
+
+/// Find a VM by UUID (any case) or by name; an ambiguous name lists the UUIDs.
+pub fn resolve<'a>(rows: &'a [VmRow], arg: &str) -> Result<&'a VmRow, String> {
+    let lower = arg.trim().to_ascii_lowercase();
+    if let Some(r) = rows.iter().find(|r| r.uuid == lower) {
+        return Ok(r);
+    }
+    let named: Vec<&VmRow> = rows
+        .iter()
+        .filter(|r| r.name.as_deref() == Some(arg))
+        .collect();
+    match named.as_slice() {
+        [] => Err(format!(
+            "VM {arg:?} not found (no VM with that name or UUID under {VMS_PREFIX})"
+        )),
+        [one] => Ok(one),
+        many => Err(format!(
+            "VM name {arg:?} is ambiguous: used by {}; give the UUID",
+            many.iter()
+                .map(|r| r.uuid.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// The valid nodes (invalid records cannot take VMs) and the names of all nodes.
+async fn read_nodes(store: &Store) -> Result<(Vec<NodeRecord>, Vec<String>), String> {
+    let rows = ctl::nodes(store).await?;
+    let names = rows.iter().map(|r| r.name.clone()).collect();
+    Ok((
+        rows.into_iter().filter_map(|r| r.node.ok()).collect(),
+        names,
+    ))
+}
+
+fn json_or_string(v: &[u8]) -> Value {
+    serde_json::from_slice(v).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(v).into()))
+}
+
+fn str_of(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) if s.is_empty() => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn opt_str(v: Option<String>) -> Value {
+    v.map(Value::String).unwrap_or(Value::Null)
+}
+
+/// JSON of one VM (`vm list` items, `vm show`).
+pub fn vm_json(row: &VmRow) -> Value {
+    let lock = row.keys.get(VmField::Lock.suffix()).map(|e| {
+        json!({
+            "node": String::from_utf8_lossy(&e.value).trim(),
+            "lease": format!("{:x}", e.lease),
+            "revision": e.mod_revision,
+        })
+    });
+    let metadata = match &row.vm {
+        Ok(v) => serde_json::to_value(&v.metadata).unwrap_or(Value::Null),
+        Err(_) => row
+            .keys
+            .get(VmField::Metadata.suffix())
+            .map(|e| json_or_string(&e.value))
+            .unwrap_or(Value::Null),
+    };
+    let (field, reason) = match &row.vm {
+        Ok(_) => (Value::Null, Value::Null),
+        Err(e) => (Value::from(e.field.clone()), Value::from(e.reason.clone())),
+    };
+    json!({
+        "uuid": row.uuid,
+        "name": row.name,
+        "valid": row.vm.is_ok(),
+        "error": row.vm.as_ref().err().map(|e| e.to_string()),
+        "error_field": field,
+        "error_reason": reason,
+        "state": opt_str(row.raw(VmField::State)),
+        "node": opt_str(row.raw(VmField::Node)),
+        "owner": opt_str(row.raw(VmField::Owner)),
+        "last_node": opt_str(row.raw(VmField::LastNode)),
+        "metadata": metadata,
+        "lock": lock,
+        "status": row.status(),
+        "stats": row.keys.get(VmField::Stats.suffix()).map(|e| json_or_string(&e.value)),
+        "xml": opt_str(row.raw(VmField::Xml)),
+    })
+}
+
+/// The `vm list` table.
+pub fn list_table(rows: &[VmRow]) -> String {
+    let mut t = vec![[
+        "NAME", "UUID", "STATE", "STATUS", "NODE", "OWNER", "PROBLEM",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for r in rows {
+        let v = vm_json(r);
+        let problem = if r.vm.is_err() {
+            format!("INVALID {}", str_of(&v["error"]))
+        } else {
+            match v["status"].get("error") {
+                Some(e) if !e.is_null() => str_of(e),
+                _ => String::new(),
+            }
+        };
+        let status = v["status"]
+            .get("state")
+            .map(str_of)
+            .unwrap_or_else(|| "-".into());
+        t.push(vec![
+            str_of(&v["name"]),
+            r.uuid.clone(),
+            str_of(&v["state"]),
+            status,
+            str_of(&v["node"]),
+            str_of(&v["owner"]),
+            problem,
+        ]);
+    }
+    table(&t)
+}
+
+/// `vm show` as text.
+pub fn show_text(v: &Value) -> String {
+    let mut out = format!("VM {} ({})\n", str_of(&v["name"]), str_of(&v["uuid"]));
+    let valid = if v["valid"] == true {
+        "yes".to_string()
+    } else {
+        format!("NO: {}", str_of(&v["error"]))
+    };
+    let lock = if v["lock"].is_null() {
+        "-".to_string()
+    } else {
+        format!(
+            "{} (lease {}, revision {})",
+            str_of(&v["lock"]["node"]),
+            str_of(&v["lock"]["lease"]),
+            v["lock"]["revision"]
+        )
+    };
+    let status = &v["status"];
+    let status_text = match status {
+        Value::Object(_) => {
+            let mut s = format!(
+                "{} on {}",
+                str_of(&status["state"]),
+                str_of(&status["node"])
+            );
+            if !status["since"].is_null() {
+                s.push_str(&format!(" since {}", str_of(&status["since"])));
+            }
+            if !status["reason"].is_null() && status["reason"] != "" {
+                s.push_str(&format!(" ({})", str_of(&status["reason"])));
+            }
+            if !status["error"].is_null() {
+                s.push_str(&format!(", error: {}", str_of(&status["error"])));
+            }
+            s
+        }
+        other => str_of(other),
+    };
+    for (k, val) in [
+        ("valid", valid),
+        ("state", str_of(&v["state"])),
+        ("status", status_text),
+        ("node", str_of(&v["node"])),
+        ("owner", str_of(&v["owner"])),
+        ("lock", lock),
+        ("last_node", str_of(&v["last_node"])),
+        ("metadata", str_of(&v["metadata"])),
+        ("stats", str_of(&v["stats"])),
+    ] {
+        out.push_str(&format!("  {:<10} {val}\n", format!("{k}:")));
+    }
+    out.push_str("xml:\n");
+    for l in str_of(&v["xml"]).lines() {
+        out.push_str(&format!("  {l}\n"));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// define / undefine
+// ---------------------------------------------------------------------------------------
+
+/// Does the domain XML declare a `<uuid>`? (Well-formedness and the rest are checked by
+/// [`xml_identity`] afterwards.)
+fn xml_has_uuid(xml: &str) -> bool {
+    roxmltree::Document::parse(xml)
+        .map(|d| d.root_element().children().any(|c| c.has_tag_name("uuid")))
+        .unwrap_or(true)
+}
+
+/// Insert `<uuid>` right after the domain's `<name>` element, indented like it.
+pub fn insert_uuid(xml: &str, uuid: &str) -> Result<String, String> {
+    let doc = roxmltree::Document::parse(xml)
+        .map_err(|e| format!("invalid xml: not well-formed XML: {e}"))?;
+    let name = doc
+        .root_element()
+        .children()
+        .find(|c| c.has_tag_name("name"))
+        .ok_or("invalid xml: no <name>")?;
+    let indent = name
+        .prev_sibling()
+        .and_then(|s| s.text())
+        .filter(|t| t.trim().is_empty())
+        .unwrap_or("");
+    let end = name.range().end;
+    let mut out = String::with_capacity(xml.len() + 64);
+    out.push_str(&xml[..end]);
+    out.push_str(indent);
+    out.push_str(&format!("<uuid>{uuid}</uuid>"));
+    out.push_str(&xml[end..]);
+    Ok(out)
+}
+
+/// A random (version 4) UUID from the kernel's generator.
+pub fn new_uuid() -> Result<String, String> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| format!("generating a UUID: /dev/urandom: {e}"))?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
+}
+
+/// The option that sets a validated VM field.
+fn flag_of(field: &str) -> &'static str {
+    match field {
+        "xml" | "uuid" => "FILE",
+        "node" => "--node",
+        "state" => "--stopped",
+        "metadata.migration_method" => "--method",
+        "metadata.node_selector" => "--selector",
+        f if f.starts_with("metadata.node_limit") => "--limit",
+        _ => "",
+    }
+}
+
+/// A VM validation error as the operator reads it.
+fn invalid(e: &ObjectError) -> String {
+    match flag_of(&e.field) {
+        "" => format!("invalid {}: {}", e.field, e.reason),
+        flag => format!("invalid {} ({flag}): {}", e.field, e.reason),
+    }
+}
+
+fn entry(value: &[u8]) -> KeyEntry {
+    KeyEntry {
+        value: value.to_vec(),
+        mod_revision: 0,
+        lease: 0,
+    }
+}
+
+/// `vm define`: returns `{uuid, name, node, state, metadata, uuid_generated}` (or
+/// `{uuid, name, replaced}` with `--replace`).
+pub async fn define(store: &Store, a: &DefineArgs) -> Result<Value, String> {
+    let text = std::fs::read_to_string(&a.file)
+        .map_err(|e| format!("FILE {}: cannot read: {e}", a.file.display()))?;
+    // Without a <uuid> a new one is inserted (`--replace` uses the replaced VM's instead).
+    let generated = !xml_has_uuid(&text);
+    let xml = if generated {
+        insert_uuid(&text, &new_uuid()?)?
+    } else {
+        text.clone()
+    };
+    let (uuid, name) = xml_identity(&xml).map_err(|e| invalid(&e))?;
+    if !valid_uuid(&uuid) {
+        return Err(format!(
+            "invalid xml (FILE): <uuid> {uuid} is not a canonical UUID (8-4-4-4-12 hex digits)"
+        ));
+    }
+    if a.replace {
+        return replace(store, &text, generated, &name, &uuid).await;
+    }
+    let mut metadata = Metadata {
+        autostart: a.autostart,
+        node_limit: a.limit.clone(),
+        ..Metadata::default()
+    };
+    if let Some(m) = a.method {
+        metadata.migration_method = m.into();
+    }
+    if let Some(s) = a.selector {
+        metadata.node_selector = s.into();
+    }
+    for (i, n) in a.limit.iter().enumerate() {
+        if !schema::valid_node_name(n) {
+            return Err(format!(
+                "invalid metadata.node_limit[{i}] (--limit): {n:?} is not a node name"
+            ));
+        }
+    }
+    let (nodes, names) = read_nodes(store).await?;
+    let node = match &a.node {
+        Some(n) => {
+            ctl::check_node_name(n).map_err(|e| format!("--node: {e}"))?;
+            if !names.iter().any(|x| x == n) {
+                return Err(format!(
+                    "invalid node (--node): node {n:?} not found under {}/{} (known: {})",
+                    store.prefix(),
+                    schema::NODES_PREFIX,
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                ));
+            }
+            if !a.limit.is_empty() && !a.limit.contains(n) {
+                return Err(format!(
+                    "invalid node (--node): {n} is not in --limit [{}]",
+                    a.limit.join(", ")
+                ));
+            }
+            n.clone()
+        }
+        None => placement::select_target(&metadata, None, &nodes)
+            .map_err(|e| format!("no --node given and none can be chosen: {e}"))?,
+    };
+    let metadata_json = serde_json::to_string(&metadata).map_err(|e| e.to_string())?;
+    let state = if a.stopped {
+        DesiredState::Stop
+    } else {
+        DesiredState::Start
+    };
+    let puts: Vec<(VmField, Vec<u8>)> = vec![
+        (VmField::Xml, xml.clone().into_bytes()),
+        (VmField::Node, node.clone().into_bytes()),
+        (VmField::Metadata, metadata_json.clone().into_bytes()),
+        (VmField::State, state.as_str().as_bytes().to_vec()),
+    ];
+    let would_be: Keys = puts
+        .iter()
+        .map(|(f, v)| (f.suffix().to_string(), entry(v)))
+        .collect();
+    parse_vm(&uuid, &would_be).map_err(|e| invalid(&e))?;
+    for _ in 0..3 {
+        let (rows, rev) = read_vms(store).await?;
+        if let Some(r) = rows.iter().find(|r| r.uuid == uuid) {
+            return Err(format!(
+                "VM {} ({uuid}) already exists; to change its XML use `vm define --replace {}`",
+                r.label(),
+                a.file.display()
+            ));
+        }
+        if let Some(r) = rows.iter().find(|r| r.name.as_deref() == Some(&name)) {
+            return Err(format!(
+                "invalid xml (FILE): name {name:?} is already used by VM {}; rename the domain",
+                r.uuid
+            ));
+        }
+        // Guard: the VM does not exist, and no VM key was created since the read (no VM
+        // with this name appeared meanwhile).
+        let compares = vec![
+            Compare::create_revision(store.abs(&vm_key(&uuid, VmField::Xml)), CompareOp::Equal, 0),
+            Compare::create_revision(store.abs(VMS_PREFIX), CompareOp::Less, rev + 1).with_prefix(),
+        ];
+        let ops = puts
+            .iter()
+            .map(|(f, v)| TxnOp::put(store.abs(&vm_key(&uuid, *f)), v.clone(), None))
+            .collect::<Vec<_>>();
+        if raw_txn(store, Txn::new().when(compares).and_then(ops))
+            .await?
+            .is_some()
+        {
+            return Ok(json!({
+                "uuid": uuid,
+                "name": name,
+                "node": node,
+                "state": state.as_str(),
+                "metadata": metadata,
+                "uuid_generated": generated,
+            }));
+        }
+    }
+    Err(
+        "VMs were defined by someone else while this command ran (three times); run it again"
+            .to_string(),
+    )
+}
+
+/// `vm define --replace`: only `xml` changes, guarded on its mod revision.
+async fn replace(
+    store: &Store,
+    text: &str,
+    generated: bool,
+    name: &str,
+    uuid: &str,
+) -> Result<Value, String> {
+    let (rows, _) = read_vms(store).await?;
+    let target = if generated {
+        resolve(&rows, name).map_err(|e| format!("--replace: {e}"))?
+    } else {
+        match rows.iter().find(|r| r.uuid == uuid) {
+            Some(r) => r,
+            None => {
+                return Err(match rows.iter().find(|r| r.name.as_deref() == Some(name)) {
+                    Some(r) => format!(
+                        "invalid xml (FILE): <uuid> {uuid} does not match the UUID {} of VM {name}; a VM's UUID cannot change",
+                        r.uuid
+                    ),
+                    None => format!(
+                        "--replace: VM {uuid} does not exist; define it without --replace"
+                    ),
+                })
+            }
+        }
+    };
+    let xml = if generated {
+        insert_uuid(text, &target.uuid)?
+    } else {
+        text.to_string()
+    };
+    if let Some(other) = rows
+        .iter()
+        .find(|r| r.uuid != target.uuid && r.name.as_deref() == Some(name))
+    {
+        return Err(format!(
+            "invalid xml (FILE): name {name:?} is already used by VM {}",
+            other.uuid
+        ));
+    }
+    let mut would_be = target.keys.clone();
+    would_be.insert(VmField::Xml.suffix().into(), entry(xml.as_bytes()));
+    if let Err(e) = parse_vm(&target.uuid, &would_be) {
+        return Err(if e.field == "xml" || e.field == "uuid" {
+            invalid(&e)
+        } else {
+            let key = e.field.split(['.', '[']).next().unwrap_or(&e.field);
+            format!(
+                "VM {} would stay invalid: {e} (existing key {VMS_PREFIX}{}/{key}; fix it first)",
+                target.label(),
+                target.uuid
+            )
+        });
+    }
+    let t = TxnBuilder::new()
+        .mod_revision_is(
+            &vm_key(&target.uuid, VmField::Xml),
+            target.rev(VmField::Xml),
+        )
+        .put(&vm_key(&target.uuid, VmField::Xml), xml.into_bytes());
+    let r = store.txn(t).await.map_err(|e| e.to_string())?;
+    if !r.succeeded() {
+        return Err(format!(
+            "VM {}: its xml was changed or removed by someone else while this command ran; nothing written",
+            target.label()
+        ));
+    }
+    Ok(json!({ "uuid": target.uuid, "name": name, "replaced": true }))
+}
+
+/// Status states during which a VM counts as running for `undefine`.
+const RUNNING: [&str; 4] = ["running", "starting", "migrating", "shutting-down"];
+
+/// `vm undefine`: returns `{uuid, name, deleted}`.
+pub async fn undefine(store: &Store, arg: &str, force: bool) -> Result<Value, String> {
+    let (rows, _) = read_vms(store).await?;
+    let row = resolve(&rows, arg)?;
+    let status = row.status();
+    let st = status
+        .as_ref()
+        .and_then(|s| s.get("state"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if !force && RUNNING.contains(&st) {
+        return Err(format!(
+            "VM {} is {st} on {} (status); stop it first (`vm stop {} --wait`) or use --force",
+            row.label(),
+            status
+                .as_ref()
+                .map(|s| str_of(&s["node"]))
+                .unwrap_or_default(),
+            row.label()
+        ));
+    }
+    let prefix = format!("{VMS_PREFIX}{}/", row.uuid);
+    let mut compares = vec![];
+    for f in [VmField::Xml, VmField::Status, VmField::State] {
+        compares.push(Compare::mod_revision(
+            store.abs(&vm_key(&row.uuid, f)),
+            CompareOp::Equal,
+            row.rev(f),
+        ));
+    }
+    let txn = Txn::new().when(compares).and_then(vec![TxnOp::delete(
+        store.abs(&prefix),
+        Some(DeleteOptions::new().with_prefix()),
+    )]);
+    if raw_txn(store, txn).await?.is_none() {
+        return Err(format!(
+            "VM {} changed while this command ran (xml, state or status); nothing deleted; run it again",
+            row.label()
+        ));
+    }
+    Ok(json!({ "uuid": row.uuid, "name": row.name, "deleted": row.keys.len() }))
+}
+
+/// Run a raw transaction; the revision it committed at, or `None` when a compare failed.
+async fn raw_txn(store: &Store, txn: Txn) -> Result<Option<i64>, String> {
+    let mut client = store.client();
+    let timeout = store.request_timeout();
+    match tokio::time::timeout(timeout, client.txn(txn)).await {
+        Ok(Ok(r)) if r.succeeded() => Ok(Some(r.header().map_or(0, |h| h.revision()))),
+        Ok(Ok(_)) => Ok(None),
+        Ok(Err(e)) => Err(format!(
+            "etcd request txn failed: {}",
+            debvisor_objects::store::error_chain(&e)
+        )),
+        Err(_) => Err(format!("etcd request txn timed out after {timeout:?}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// State changes
+// ---------------------------------------------------------------------------------------
+
+/// A desired-state verb.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Start,
+    Stop,
+    Shutdown,
+    Restart,
+    Disable,
+}
+
+impl Verb {
+    fn state(self) -> DesiredState {
+        match self {
+            Verb::Start => DesiredState::Start,
+            Verb::Stop => DesiredState::Stop,
+            Verb::Shutdown => DesiredState::Shutdown,
+            Verb::Restart => DesiredState::Restart,
+            Verb::Disable => DesiredState::Disable,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Verb::Start => "start",
+            Verb::Stop => "stop",
+            Verb::Shutdown => "shutdown",
+            Verb::Restart => "restart",
+            Verb::Disable => "disable",
+        }
+    }
+}
+
+/// What a `--wait` waits for: `status.state` is `state`, written by `node` when given (and
+/// `owner` is `node` when `owner` is set), the desired state reads `desired` when given, and
+/// `status.since` is later than `since_after` when given (restart).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Goal {
+    /// Wanted `status.state`.
+    pub state: &'static str,
+    /// Node that must have written the status.
+    pub node: Option<String>,
+    /// `owner` must be `node` too (migrations).
+    pub owner: bool,
+    /// Wanted desired state (the node rewrites `restart` to `start`).
+    pub desired: Option<DesiredState>,
+    /// `status.since` must be later than this.
+    pub since_after: Option<OffsetDateTime>,
+}
+
+impl Goal {
+    fn describe(&self) -> String {
+        let state = self.state;
+        match (&self.node, self.owner) {
+            (Some(n), true) => format!("be {state} on {n} (owner {n})"),
+            (Some(n), false) => format!("be {state} on {n}"),
+            (None, _) => format!("be {state}"),
+        }
+    }
+
+    /// Has the VM reached the goal?
+    pub fn reached(&self, keys: &Keys) -> bool {
+        let Goal {
+            state,
+            node,
+            owner,
+            desired,
+            since_after,
+        } = self;
+        let Some(status) = status_of(keys) else {
+            return false;
+        };
+        if status.get("state").and_then(Value::as_str) != Some(state) {
+            return false;
+        }
+        if let Some(n) = node {
+            if status.get("node").and_then(Value::as_str) != Some(n.as_str()) {
+                return false;
+            }
+            if *owner && raw_of(keys, VmField::Owner).as_deref() != Some(n.as_str()) {
+                return false;
+            }
+        }
+        if let Some(d) = desired {
+            if raw_of(keys, VmField::State).as_deref() != Some(d.as_str()) {
+                return false;
+            }
+        }
+        if let Some(t) = since_after {
+            match since(&status) {
+                Some(s) if s > *t => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
+fn raw_of(keys: &Keys, f: VmField) -> Option<String> {
+    keys.get(f.suffix())
+        .map(|e| String::from_utf8_lossy(&e.value).trim().to_string())
+}
+
+fn since(status: &Value) -> Option<OffsetDateTime> {
+    status
+        .get("since")
+        .and_then(Value::as_str)
+        .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
+}
+
+/// Refuse to ask a node to run an invalid VM: it would only report it invalid.
+fn require_valid<'a>(row: &'a VmRow, what: &str) -> Result<&'a Vm, String> {
+    row.vm.as_ref().map_err(|e| {
+        format!(
+            "VM {} is invalid: {e}; fix it before `vm {what}` (`vm define --replace`)",
+            row.label()
+        )
+    })
+}
+
+async fn set_state(
+    store: &Store,
+    arg: &str,
+    verb: Verb,
+    wait: &WaitArgs,
+    json_out: bool,
+) -> Result<String, Failure> {
+    let mut committed = None;
+    for _ in 0..3 {
+        let (rows, _) = read_vms(store).await?;
+        let row = resolve(&rows, arg)?.clone();
+        let mut target = row.raw(VmField::Node).filter(|n| !n.is_empty());
+        let mut since_after = None;
+        match verb {
+            Verb::Start | Verb::Restart => {
+                let vm = require_valid(&row, verb.name())?;
+                target = vm.node.clone();
+                if verb == Verb::Restart {
+                    if vm.state != DesiredState::Start {
+                        return Err(format!(
+                            "VM {} is not meant to run (state {}); use `vm start`",
+                            row.label(),
+                            vm.state
+                        )
+                        .into());
+                    }
+                    since_after = Some(
+                        row.status()
+                            .as_ref()
+                            .and_then(since)
+                            .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+                    );
+                }
+                if target.is_none() {
+                    return Err(format!(
+                        "VM {} has no node to run on ({} is empty)",
+                        row.label(),
+                        vm_key(&row.uuid, VmField::Node)
+                    )
+                    .into());
+                }
+            }
+            Verb::Stop | Verb::Shutdown | Verb::Disable => {}
+        }
+        let state_key = vm_key(&row.uuid, VmField::State);
+        let t = TxnBuilder::new()
+            .mod_revision_is(&vm_key(&row.uuid, VmField::Xml), row.rev(VmField::Xml))
+            .mod_revision_is(&state_key, row.rev(VmField::State))
+            .put(&state_key, verb.state().as_str());
+        let r = store.txn(t).await.map_err(|e| e.to_string())?;
+        if r.succeeded() {
+            let rev = r.header().map_or(0, |h| h.revision());
+            let goal = match verb {
+                Verb::Start => Goal {
+                    state: "running",
+                    node: target,
+                    owner: false,
+                    desired: None,
+                    since_after: None,
+                },
+                Verb::Restart => Goal {
+                    state: "running",
+                    node: target,
+                    owner: false,
+                    desired: Some(DesiredState::Start),
+                    since_after,
+                },
+                Verb::Stop | Verb::Shutdown => Goal {
+                    state: "stopped",
+                    node: None,
+                    owner: false,
+                    desired: None,
+                    since_after: None,
+                },
+                Verb::Disable => Goal {
+                    state: "disabled",
+                    node: None,
+                    owner: false,
+                    desired: None,
+                    since_after: None,
+                },
+            };
+            committed = Some((row, rev, goal));
+            break;
+        }
+    }
+    let Some((row, rev, goal)) = committed else {
+        return Err(format!(
+            "VM {arg}: its xml or state changed while this command ran (three times); run it again"
+        )
+        .into());
+    };
+    let requested = json!({
+        "uuid": row.uuid,
+        "name": row.name,
+        "state": verb.state().as_str(),
+        "revision": rev,
+    });
+    finish(
+        store,
+        &row,
+        rev,
+        goal,
+        wait,
+        json_out,
+        requested,
+        format!("state {} requested", verb.state()),
+    )
+    .await
+}
+
+/// Print the request, or wait for the goal and print the outcome.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    store: &Store,
+    row: &VmRow,
+    rev: i64,
+    goal: Goal,
+    wait: &WaitArgs,
+    json_out: bool,
+    requested: Value,
+    what: String,
+) -> Result<String, Failure> {
+    let label = row.label();
+    if !wait.wait {
+        return Ok(if json_out {
+            format!("{requested}\n")
+        } else {
+            format!("VM {label}: {what}\n")
+        });
+    }
+    let keys = wait_vm(store, &row.uuid, &label, rev, &goal, wait.timeout, json_out).await?;
+    let status = status_of(&keys).unwrap_or(Value::Null);
+    let mut v = requested;
+    v["status"] = status.clone();
+    v["owner"] = opt_str(raw_of(&keys, VmField::Owner));
+    Ok(if json_out {
+        format!("{v}\n")
+    } else {
+        format!(
+            "VM {label}: {} on {}\n",
+            str_of(&status["state"]),
+            str_of(&status["node"])
+        )
+    })
+}
+
+/// Why a status written after the request ends the wait at once.
+fn failed(keys: &Keys, rev: i64) -> Option<String> {
+    let e = keys.get(VmField::Status.suffix())?;
+    if e.mod_revision <= rev {
+        return None;
+    }
+    let s = json_or_string(&e.value);
+    let state = s.get("state").and_then(Value::as_str)?;
+    if state != "fail" && state != "invalid" {
+        return None;
+    }
+    let mut msg = format!("status {state} on {}", str_of(&s["node"]));
+    if !s["reason"].is_null() && s["reason"] != "" {
+        msg.push_str(&format!(": {}", str_of(&s["reason"])));
+    }
+    if !s["error"].is_null() {
+        msg.push_str(&format!(" (error: {})", str_of(&s["error"])));
+    }
+    Some(msg)
+}
+
+/// Follow `vms/<uuid>/` until `goal`, a failure written after `rev`, removal, or timeout.
+#[allow(clippy::too_many_arguments)]
+async fn wait_vm(
+    store: &Store,
+    uuid: &str,
+    label: &str,
+    rev: i64,
+    goal: &Goal,
+    timeout: Duration,
+    json_out: bool,
+) -> Result<Keys, Failure> {
+    let prefix = format!("{VMS_PREFIX}{uuid}/");
+    let r = follow(store, &prefix, timeout, |keys| {
+        if !keys.contains_key(VmField::Xml.suffix()) {
+            return Some(Err(format!(
+                "VM {label} was undefined while waiting for it to {}",
+                goal.describe()
+            )));
+        }
+        if goal.reached(keys) {
+            return Some(Ok(()));
+        }
+        failed(keys, rev).map(|m| Err(format!("VM {label} failed: {m}")))
+    })
+    .await?;
+    let report = |keys: &Keys| {
+        json!({
+            "uuid": uuid,
+            "name": label,
+            "state": opt_str(raw_of(keys, VmField::State)),
+            "owner": opt_str(raw_of(keys, VmField::Owner)),
+            "status": status_of(keys),
+        })
+    };
+    match r {
+        Followed::Done(Ok(()), keys) => Ok(keys),
+        Followed::Done(Err(msg), keys) => Err(Failure {
+            message: msg,
+            stdout: json_out.then(|| format!("{}\n", report(&keys))),
+        }),
+        Followed::TimedOut(keys) => {
+            let v = report(&keys);
+            Err(Failure {
+                message: format!(
+                    "timed out after {} waiting for VM {label} to {}; now: state {}, owner {}, status {}",
+                    humantime(timeout),
+                    goal.describe(),
+                    str_of(&v["state"]),
+                    str_of(&v["owner"]),
+                    str_of(&v["status"])
+                ),
+                stdout: json_out.then(|| format!("{v}\n")),
+            })
+        }
+    }
+}
+
+fn humantime(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// How following an object ended.
+enum Followed<T> {
+    /// The check returned a verdict; with the keys it saw.
+    Done(T, Keys),
+    /// The deadline passed; with the last keys seen.
+    TimedOut(Keys),
+}
+
+/// Follow the keys under `prefix` (relative names) with a watch, calling `check` on every
+/// change until it returns a verdict or `timeout` passes. The watch starts right after a
+/// list, so nothing between the two is missed; it is re-established (with a fresh list)
+/// when it breaks, and a relist every few seconds covers a silently stalled stream.
+async fn follow<T>(
+    store: &Store,
+    prefix: &str,
+    timeout: Duration,
+    mut check: impl FnMut(&Keys) -> Option<T>,
+) -> Result<Followed<T>, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let relist_every = Duration::from_secs(5);
+    let mut keys = Keys::new();
+    loop {
+        let (kvs, rev) = match tokio::time::timeout_at(deadline, store.list(prefix)).await {
+            Ok(r) => r.map_err(|e| e.to_string())?,
+            Err(_) => return Ok(Followed::TimedOut(keys)),
+        };
+        keys = kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let sub = kv.key.strip_prefix(prefix)?.to_string();
+                Some((
+                    sub,
+                    KeyEntry {
+                        value: kv.value,
+                        mod_revision: kv.mod_revision,
+                        lease: kv.lease,
+                    },
+                ))
+            })
+            .collect();
+        if let Some(v) = check(&keys) {
+            return Ok(Followed::Done(v, keys));
+        }
+        let mut stream = match tokio::time::timeout_at(deadline, store.watch(prefix, rev + 1)).await
+        {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(_)) => None,
+            Err(_) => return Ok(Followed::TimedOut(keys)),
+        };
+        let relist_at = (tokio::time::Instant::now() + relist_every).min(deadline);
+        while let Some(s) = stream.as_mut() {
+            let msg = match tokio::time::timeout_at(relist_at, s.message()).await {
+                Ok(Ok(Some(m))) => m,
+                // Broken or ended stream, or time for a relist.
+                _ => break,
+            };
+            if msg.canceled() {
+                break;
+            }
+            for ev in msg.events() {
+                let Some(kv) = ev.kv().and_then(|kv| store.convert(kv)) else {
+                    continue;
+                };
+                let Some(sub) = kv.key.strip_prefix(prefix) else {
+                    continue;
+                };
+                match ev.event_type() {
+                    EventType::Put => {
+                        keys.insert(
+                            sub.to_string(),
+                            KeyEntry {
+                                value: kv.value,
+                                mod_revision: kv.mod_revision,
+                                lease: kv.lease,
+                            },
+                        );
+                    }
+                    EventType::Delete => {
+                        keys.remove(sub);
+                    }
+                }
+            }
+            if let Some(v) = check(&keys) {
+                return Ok(Followed::Done(v, keys));
+            }
+        }
+        if stream.is_none() {
+            tokio::time::sleep_until(
+                (tokio::time::Instant::now() + Duration::from_millis(200)).min(deadline),
+            )
+            .await;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(Followed::TimedOut(keys));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Migration
+// ---------------------------------------------------------------------------------------
+
+/// A migration decided from one read: what to write and what it is guarded on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigratePlan {
+    /// The VM.
+    pub uuid: String,
+    /// Its name.
+    pub name: String,
+    /// Node it is leaving (its `node` key).
+    pub from: Option<String>,
+    /// Node it goes to.
+    pub target: String,
+    /// `migrate` or `migrate-live`.
+    pub state: DesiredState,
+    /// Mod revision of `node` at the read (0: absent).
+    pub node_rev: i64,
+    /// Mod revision of `state` at the read.
+    pub state_rev: i64,
+}
+
+fn check_running_for_move(row: &VmRow, vm: &Vm, what: &str) -> Result<(), String> {
+    match vm.state {
+        DesiredState::Start => Ok(()),
+        DesiredState::Migrate | DesiredState::MigrateLive | DesiredState::Unmigrate => {
+            Err(format!(
+                "VM {} is already moving (state {}); wait for it to finish",
+                row.label(),
+                vm.state
+            ))
+        }
+        s => Err(format!(
+            "VM {} is not running (state {s}); `vm {what}` moves running VMs",
+            row.label()
+        )),
+    }
+}
+
+/// Decide a migration from a read of the VMs and nodes (pure).
+pub fn plan_migrate(
+    rows: &[VmRow],
+    nodes: &[NodeRecord],
+    node_names: &[String],
+    arg: &str,
+    live: bool,
+    target: Option<&str>,
+) -> Result<MigratePlan, String> {
+    let row = resolve(rows, arg)?;
+    let vm = require_valid(row, "migrate")?;
+    check_running_for_move(row, vm, "migrate")?;
+    let current = vm.node.as_deref().or(vm.owner.as_deref());
+    let target = match target {
+        Some(t) => {
+            ctl::check_node_name(t).map_err(|e| format!("--target: {e}"))?;
+            let Some(n) = nodes.iter().find(|n| n.name == t) else {
+                return Err(if node_names.iter().any(|n| n == t) {
+                    format!("--target {t}: the node's record is invalid (see `node show {t}`)")
+                } else {
+                    format!("--target {t}: no such node")
+                });
+            };
+            placement::check(&vm.metadata, current, n, false)
+                .map_err(|e| format!("--target {t}: {e}"))?;
+            t.to_string()
+        }
+        None => placement::select_target(&vm.metadata, current, nodes)
+            .map_err(|e| format!("no target node for VM {}: {e}", row.label()))?,
+    };
+    Ok(MigratePlan {
+        uuid: row.uuid.clone(),
+        name: row.label(),
+        from: current.map(str::to_string),
+        target,
+        state: if live {
+            DesiredState::MigrateLive
+        } else {
+            DesiredState::Migrate
+        },
+        node_rev: row.rev(VmField::Node),
+        state_rev: row.rev(VmField::State),
+    })
+}
+
+/// Write `node` = target and `state` = migrate[-live] in one transaction guarded on the
+/// revisions the plan read. `Ok(None)`: someone changed `node` or `state` in between.
+pub async fn commit_migrate(store: &Store, p: &MigratePlan) -> Result<Option<i64>, String> {
+    let node_key = vm_key(&p.uuid, VmField::Node);
+    let state_key = vm_key(&p.uuid, VmField::State);
+    let t = TxnBuilder::new()
+        .mod_revision_is(&node_key, p.node_rev)
+        .mod_revision_is(&state_key, p.state_rev)
+        .put(&node_key, p.target.as_str())
+        .put(&state_key, p.state.as_str());
+    let r = store.txn(t).await.map_err(|e| e.to_string())?;
+    Ok(r.succeeded()
+        .then(|| r.header().map_or(0, |h| h.revision())))
+}
+
+async fn migrate(
+    store: &Store,
+    arg: &str,
+    live: bool,
+    target: Option<&str>,
+    wait: &WaitArgs,
+    json_out: bool,
+) -> Result<String, Failure> {
+    let (rows, _) = read_vms(store).await?;
+    let (nodes, names) = read_nodes(store).await?;
+    let plan = plan_migrate(&rows, &nodes, &names, arg, live, target)?;
+    let Some(rev) = commit_migrate(store, &plan).await? else {
+        return Err(format!(
+            "VM {}: its node or state changed while this command ran; nothing written; check `vm show {}` and run it again",
+            plan.name, plan.name
+        )
+        .into());
+    };
+    let row = resolve(&rows, arg)?;
+    let requested = json!({
+        "uuid": plan.uuid,
+        "name": plan.name,
+        "state": plan.state.as_str(),
+        "from": plan.from,
+        "target": plan.target,
+        "revision": rev,
+    });
+    let goal = Goal {
+        state: "running",
+        node: Some(plan.target.clone()),
+        owner: true,
+        desired: None,
+        since_after: None,
+    };
+    let what = format!(
+        "{} from {} to {} requested",
+        plan.state,
+        plan.from.as_deref().unwrap_or("-"),
+        plan.target
+    );
+    finish(store, row, rev, goal, wait, json_out, requested, what).await
+}
+
+async fn unmigrate(
+    store: &Store,
+    arg: &str,
+    wait: &WaitArgs,
+    json_out: bool,
+) -> Result<String, Failure> {
+    let (rows, _) = read_vms(store).await?;
+    let row = resolve(&rows, arg)?;
+    let vm = require_valid(row, "unmigrate")?;
+    let Some(back) = vm.last_node.clone() else {
+        return Err(format!(
+            "VM {} has no last_node: it has not been migrated, there is nowhere to return it to",
+            row.label()
+        )
+        .into());
+    };
+    check_running_for_move(row, vm, "unmigrate")?;
+    if vm.node.as_deref() == Some(back.as_str()) {
+        return Err(format!("VM {} is already on its last_node {back}", row.label()).into());
+    }
+    let (nodes, _) = read_nodes(store).await?;
+    let Some(n) = nodes.iter().find(|n| n.name == back) else {
+        return Err(format!("VM {}: last_node {back} is not a valid node", row.label()).into());
+    };
+    placement::check(&vm.metadata, vm.node.as_deref(), n, false)
+        .map_err(|e| format!("VM {}: last_node {back}: {e}", row.label()))?;
+    let state_key = vm_key(&row.uuid, VmField::State);
+    let t = TxnBuilder::new()
+        .mod_revision_is(&state_key, row.rev(VmField::State))
+        .mod_revision_is(&vm_key(&row.uuid, VmField::Node), row.rev(VmField::Node))
+        .mod_revision_is(
+            &vm_key(&row.uuid, VmField::LastNode),
+            row.rev(VmField::LastNode),
+        )
+        .put(&state_key, DesiredState::Unmigrate.as_str());
+    let r = store.txn(t).await.map_err(|e| e.to_string())?;
+    if !r.succeeded() {
+        return Err(format!(
+            "VM {}: its state, node or last_node changed while this command ran; nothing written",
+            row.label()
+        )
+        .into());
+    }
+    let rev = r.header().map_or(0, |h| h.revision());
+    let requested = json!({
+        "uuid": row.uuid,
+        "name": row.name,
+        "state": "unmigrate",
+        "target": back,
+        "revision": rev,
+    });
+    let goal = Goal {
+        state: "running",
+        node: Some(back.clone()),
+        owner: true,
+        desired: None,
+        since_after: None,
+    };
+    let what = format!("unmigrate back to {back} requested");
+    finish(store, row, rev, goal, wait, json_out, requested, what).await
+}
+
+// ---------------------------------------------------------------------------------------
+// Node drain
+// ---------------------------------------------------------------------------------------
+
+/// `node flush|unflush NAME`: request the drain state change on a live node and optionally
+/// wait for the node to complete it.
+pub async fn node_drain(
+    store: &Store,
+    name: &str,
+    drain: Drain,
+    wait: &WaitArgs,
+    json_out: bool,
+) -> Result<String, Failure> {
+    ctl::check_node_name(name)?;
+    let prefix = schema::node_prefix(name);
+    let (kvs, _) = store.list(&prefix).await.map_err(|e| e.to_string())?;
+    let keys: Keys = debvisor_objects::reactor::group_keys(schema::NODES_PREFIX, kvs, |_| true)
+        .remove(name)
+        .unwrap_or_default();
+    if keys.is_empty() {
+        return Err(format!("node {name:?} not found under {}/{prefix}", store.prefix()).into());
+    }
+    let rec = parse_node(name, &keys).map_err(|e| format!("node {name} is invalid: {e}"))?;
+    if !rec.alive {
+        return Err(format!(
+            "node {name} is not alive (no {}): nobody would carry out the request",
+            schema::node_key(name, NodeField::Alive)
+        )
+        .into());
+    }
+    let (request, goal) = match drain {
+        Drain::Flush => (DomainState::Flush, DomainState::Flushed),
+        Drain::Unflush => (DomainState::Unflush, DomainState::Ready),
+    };
+    let cur = rec.domain_state;
+    if cur == Some(DomainState::FenceFlush) {
+        return Err(format!("node {name} is being fence-flushed; nothing to request").into());
+    }
+    let already = cur == Some(goal) || (goal == DomainState::Ready && cur.is_none());
+    let mut rev = 0;
+    let mut wrote = false;
+    if !already && cur != Some(request) {
+        let ds_key = schema::node_key(name, NodeField::DomainState);
+        let alive_key = schema::node_key(name, NodeField::Alive);
+        let rev_of = |k: &str| keys.get(k).map_or(0, |e| e.mod_revision);
+        let t = TxnBuilder::new()
+            .mod_revision_is(&ds_key, rev_of(NodeField::DomainState.suffix()))
+            .mod_revision_is(&alive_key, rev_of(NodeField::Alive.suffix()))
+            .put(&ds_key, request.as_str());
+        let r = store.txn(t).await.map_err(|e| e.to_string())?;
+        if !r.succeeded() {
+            return Err(format!(
+                "node {name}: its domain_state or liveness changed while this command ran; nothing written; run it again"
+            )
+            .into());
+        }
+        rev = r.header().map_or(0, |h| h.revision());
+        wrote = true;
+    }
+    let mut v = json!({
+        "node": name,
+        "requested": request.as_str(),
+        "written": wrote,
+        "domain_state": if wrote { request.as_str() } else { cur.map_or("ready", |s| s.as_str()) },
+        "revision": rev,
+    });
+    if !wait.wait || already {
+        let text = if already {
+            format!("node {name} is already {goal}\n")
+        } else if wrote {
+            format!("node {name}: domain_state {request} requested\n")
+        } else {
+            format!("node {name}: {request} already in progress\n")
+        };
+        return Ok(if json_out { format!("{v}\n") } else { text });
+    }
+    let r = follow(store, &prefix, wait.timeout, |keys| {
+        let Ok(n) = parse_node(name, keys) else {
+            return None;
+        };
+        if !n.alive {
+            return Some(Err(format!("node {name} lost its lease while draining")));
+        }
+        (n.domain_state == Some(goal)).then_some(Ok(()))
+    })
+    .await?;
+    let ds = |keys: &Keys| {
+        keys.get(NodeField::DomainState.suffix())
+            .map(|e| String::from_utf8_lossy(&e.value).trim().to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    match r {
+        Followed::Done(Ok(()), _) => {
+            v["domain_state"] = Value::from(goal.as_str());
+            Ok(if json_out {
+                format!("{v}\n")
+            } else {
+                format!("node {name} {goal}\n")
+            })
+        }
+        Followed::Done(Err(m), keys) => {
+            v["domain_state"] = Value::from(ds(&keys));
+            Err(Failure {
+                message: m,
+                stdout: json_out.then(|| format!("{v}\n")),
+            })
+        }
+        Followed::TimedOut(keys) => {
+            v["domain_state"] = Value::from(ds(&keys));
+            Err(Failure {
+                message: format!(
+                    "timed out after {} waiting for node {name} to be {goal}; domain_state is {}",
+                    humantime(wait.timeout),
+                    ds(&keys)
+                ),
+                stdout: json_out.then(|| format!("{v}\n")),
+            })
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tables
+// ---------------------------------------------------------------------------------------
+
+/// Left-aligned columns separated by two spaces.
+fn table(rows: &[Vec<String>]) -> String {
+    let ncol = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..ncol)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(c);
+            if i + 1 < r.len() {
+                let w = widths.get(i).copied().unwrap_or(0);
+                line.push_str(&" ".repeat(w.saturating_sub(c.chars().count())));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const U1: &str = "8f3c2a1e-5b7d-4c9a-9e1f-0a2b3c4d5e6f";
+    const U2: &str = "00000000-0000-4000-8000-000000000002";
+
+    fn xml(uuid: &str, name: &str) -> String {
+        format!("<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid></domain>")
+    }
+
+    fn keys(pairs: &[(&str, &str)], rev: i64) -> Keys {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    KeyEntry {
+                        value: v.as_bytes().to_vec(),
+                        mod_revision: rev,
+                        lease: 0,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("3m"), Ok(Duration::from_secs(180)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "s", "0s", "1.5s", "10d", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn uuids_are_generated_v4_and_inserted_after_the_name() {
+        let u = new_uuid().expect("uuid");
+        assert!(valid_uuid(&u), "{u}");
+        assert_eq!(&u[14..15], "4");
+        assert!("89ab".contains(&u[19..20]), "{u}");
+        assert_ne!(u, new_uuid().expect("uuid"));
+        let x = "<domain type='kvm'>\n  <name>web</name>\n  <memory>1</memory>\n</domain>";
+        assert!(!xml_has_uuid(x));
+        let with = insert_uuid(x, U1).expect("insert");
+        assert_eq!(
+            with,
+            format!(
+                "<domain type='kvm'>\n  <name>web</name>\n  <uuid>{U1}</uuid>\n  <memory>1</memory>\n</domain>"
+            )
+        );
+        assert!(xml_has_uuid(&with));
+        assert_eq!(
+            xml_identity(&with).expect("valid"),
+            (U1.to_string(), "web".to_string())
+        );
+        assert!(insert_uuid("<domain type='kvm'/>", U1)
+            .expect_err("no name")
+            .contains("<name>"));
+        assert!(insert_uuid("<domain", U1)
+            .expect_err("broken")
+            .contains("well-formed"));
+    }
+
+    #[test]
+    fn vms_resolve_by_uuid_or_unique_name() {
+        let rows = vec![
+            VmRow::new(U1.into(), keys(&[("xml", &xml(U1, "web"))], 1)),
+            VmRow::new(U2.into(), keys(&[("xml", &xml(U2, "db"))], 1)),
+        ];
+        assert_eq!(resolve(&rows, "web").map(|r| r.uuid.as_str()), Ok(U1));
+        assert_eq!(
+            resolve(&rows, &U2.to_ascii_uppercase()).map(|r| r.uuid.as_str()),
+            Ok(U2)
+        );
+        assert!(resolve(&rows, "nope")
+            .expect_err("none")
+            .contains("not found"));
+        // Two VMs with one name (only possible by writing etcd by hand): ambiguous.
+        let u3 = "00000000-0000-4000-8000-000000000003";
+        let mut rows = rows;
+        rows.push(VmRow::new(u3.into(), keys(&[("xml", &xml(u3, "web"))], 1)));
+        let e = resolve(&rows, "web").expect_err("ambiguous");
+        assert!(
+            e.contains("ambiguous") && e.contains(U1) && e.contains(u3),
+            "{e}"
+        );
+        // An invalid VM still has its name when the XML declares one.
+        let bad = VmRow::new(
+            U1.into(),
+            keys(&[("xml", &xml(U1, "web")), ("state", "running")], 1),
+        );
+        assert_eq!(bad.name.as_deref(), Some("web"));
+        assert_eq!(
+            bad.vm.as_ref().map_err(|e| e.field.as_str()).err(),
+            Some("state")
+        );
+    }
+
+    #[test]
+    fn goals_and_failures() {
+        let status = |s: &str, node: &str, since: &str| {
+            format!(
+                r#"{{"state":"{s}","since":"{since}","reason":"","error":null,"node":"{node}"}}"#
+            )
+        };
+        let goal = Goal {
+            state: "running",
+            node: Some("hv2".into()),
+            owner: true,
+            desired: None,
+            since_after: None,
+        };
+        let t0 = "2026-11-23T10:00:00Z";
+        assert!(!goal.reached(&keys(&[("status", &status("running", "hv1", t0))], 5)));
+        assert!(!goal.reached(&keys(
+            &[("status", &status("running", "hv2", t0)), ("owner", "hv1")],
+            5
+        )));
+        assert!(goal.reached(&keys(
+            &[("status", &status("running", "hv2", t0)), ("owner", "hv2")],
+            5
+        )));
+        let restart = Goal {
+            state: "running",
+            node: None,
+            owner: false,
+            desired: Some(DesiredState::Start),
+            since_after: OffsetDateTime::parse(t0, &Rfc3339).ok(),
+        };
+        let k = |since: &str, state: &str| {
+            keys(
+                &[
+                    ("status", &status("running", "hv1", since)),
+                    ("state", state),
+                ],
+                5,
+            )
+        };
+        assert!(!restart.reached(&k(t0, "start")), "same since");
+        assert!(!restart.reached(&k("2026-11-23T10:00:05Z", "restart")));
+        assert!(restart.reached(&k("2026-11-23T10:00:05Z", "start")));
+        // Fail-fast only on a failure written after the request.
+        let f = keys(&[("status", &status("fail", "hv1", t0))], 5);
+        assert_eq!(failed(&f, 5), None);
+        assert!(failed(&f, 4).is_some_and(|m| m.contains("status fail on hv1")));
+        let inv = keys(
+            &[(
+                "status",
+                r#"{"state":"invalid","error":"xml: no <name>","node":"hv1"}"#,
+            )],
+            9,
+        );
+        assert!(failed(&inv, 4).is_some_and(|m| m.contains("xml: no <name>")));
+        let ok = keys(&[("status", &status("stopped", "hv1", t0))], 9);
+        assert_eq!(failed(&ok, 4), None);
+    }
+}
