@@ -12,13 +12,15 @@ use std::time::{Duration, Instant};
 
 use debvisor_objects::domain::VmKind;
 use debvisor_objects::lease::{self, LeaseState};
-use debvisor_objects::node::{DaemonState, NodeInfo, NodeKind, NodeReconciler};
+use debvisor_objects::node::{
+    DaemonState, DomainState as DomainStateValue, NodeInfo, NodeKind, NodeReconciler,
+};
 use debvisor_objects::{Reactor, ReactorOptions, Store, StoreOptions};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, NodeMode, ServiceBackend};
+use crate::config::{Config, NodeMode, OnShutdown, ServiceBackend};
 use crate::hypervisor::Libvirt;
 use crate::keepalive::{Keepalive, TickOutcome};
 use crate::netobj::{FirewallSync, NetworkHost, NetworkReconciler};
@@ -678,6 +680,44 @@ pub async fn run(config_path: &Path) -> ExitCode {
     run_loop(r, signals).await
 }
 
+/// `domains.on_shutdown: flush`: drain this node before the daemon stops, bounded by
+/// `domains.flush_timeout`; past it the daemon stops anyway and says what stayed.
+async fn flush_before_stop(r: &Running) {
+    let node = r.cfg.node_name().to_string();
+    let key =
+        debvisor_objects::schema::node_key(&node, debvisor_objects::schema::NodeField::DomainState);
+    let t = debvisor_objects::TxnBuilder::new()
+        .value_is(&key, "ready")
+        .put(&key, "flush");
+    match r.store.txn(t).await {
+        Ok(resp) if resp.succeeded() => {
+            info!(node = %node, from = "ready", to = "flush", reason = "on_shutdown: flush", "domain_state changed")
+        }
+        Ok(_) => {}
+        Err(e) => {
+            warn!(node = %node, error = %e, "on_shutdown flush: cannot request the drain; guests stay here");
+            return;
+        }
+    }
+    let drain = crate::drain::Drain::new(node.clone(), r.store.clone());
+    let deadline = Instant::now() + r.cfg.domains.flush_timeout;
+    loop {
+        match drain.pass(&r.nodes, &r.vms).await {
+            Ok(Some(DomainStateValue::Flushed)) => {
+                info!(node = %node, "on_shutdown flush complete");
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => warn!(node = %node, error = %e, "on_shutdown flush: drain pass failed"),
+        }
+        if Instant::now() >= deadline {
+            warn!(node = %node, timeout_s = r.cfg.domains.flush_timeout.as_secs(), "on_shutdown flush did not finish in time; stopping with guests still here");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 async fn stop_services(services: &[Supervised]) {
     for s in services {
         s.stop(Duration::from_secs(10)).await;
@@ -723,7 +763,9 @@ fn spawn_host_resync(r: &Running) {
     let net_host = r.net_host.clone();
     let networks = r.networks.clone();
     let vms = r.vms.clone();
+    let nodes = r.nodes.clone();
     let domains = r.domains.clone();
+    let drain = crate::drain::Drain::new(r.cfg.node_name().to_string(), r.store.clone());
     let cancel = r.tasks.clone();
     let interval = r.cfg.keepalive.interval;
     let node = r.cfg.node_name().to_string();
@@ -744,6 +786,9 @@ fn spawn_host_resync(r: &Running) {
                 Err(e) => warn!(node = %node, error = %e, "host networking resync failed"),
             }
             domains.resync(&vms).await;
+            if let Err(e) = drain.pass(&nodes, &vms).await {
+                warn!(node = %node, error = %e, "drain pass failed; retrying on the next tick");
+            }
             net_host.resync_firewall().await;
             for vni in net_host.host_vnis().await {
                 let id = vni.to_string();
@@ -861,8 +906,15 @@ fn reload(r: &Running) {
 async fn shutdown(r: Running, from: DaemonState) -> ExitCode {
     notify::stopping();
     let node = r.cfg.node_name().to_string();
-    let budget = r.cfg.store.request_timeout * 3 + Duration::from_secs(15);
+    let flush = r.cfg.domains.on_shutdown == OnShutdown::Flush && from == DaemonState::Run;
+    let mut budget = r.cfg.store.request_timeout * 3 + Duration::from_secs(15);
+    if flush {
+        budget += r.cfg.domains.flush_timeout;
+    }
     let work = async {
+        if flush {
+            flush_before_stop(&r).await;
+        }
         let _ = registration::set_daemon_state(
             &r.store,
             &node,

@@ -6,6 +6,7 @@ pub mod ctl_network;
 pub mod ctl_vm;
 pub mod daemon;
 pub mod dnsmasq;
+pub mod drain;
 pub mod hostinfo;
 pub mod hostnet;
 pub mod hypervisor;

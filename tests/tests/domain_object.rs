@@ -423,3 +423,88 @@ fn per_vm_stats_are_bounded_per_tick_and_health_shows_allocation() {
         "the test driver's own domain is listed as foreign: {health}"
     );
 }
+
+/// Run `debvisorctl` with the config and environment of daemon `d`.
+fn ctl(d: &DaemonProcess, args: &[&str]) -> std::process::Output {
+    let env: Vec<(&str, &str)> = d
+        .env()
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    debvisor_tests::ctl(d.config_path(), &env, args)
+}
+
+#[test]
+fn flush_and_unflush_move_every_vm_by_its_method() {
+    let etcd = EtcdProcess::start().expect("etcd");
+    let a = daemon(&etcd, "drain-a");
+    let _b = daemon(&etcd, "drain-b");
+    let methods = ["live", "shutdown", "none"];
+    let vms: Vec<Vm> = methods
+        .iter()
+        .map(|m| Vm::new(&format!("dr-{m}")))
+        .collect();
+    for (vm, m) in vms.iter().zip(methods) {
+        vm.define(&etcd, "drain-a", "start");
+        etcd.put_key(
+            &vm.key("metadata"),
+            &format!("{{\"migration_method\":\"{m}\"}}"),
+        )
+        .expect("metadata");
+    }
+    for vm in &vms {
+        vm.wait_status(&etcd, "running", "drain-a");
+    }
+    // Both nodes must have reported health before placement can rank them.
+    eventually("health of drain-b", WAIT, || {
+        etcd.get_key("nodes/drain-b/health").ok().flatten()
+    });
+
+    let out = ctl(
+        &a,
+        &["node", "flush", "drain-a", "--wait", "--timeout", "60s"],
+    );
+    assert!(
+        out.status.success(),
+        "flush --wait: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        etcd.get_key("nodes/drain-a/domain_state")
+            .expect("get")
+            .as_deref(),
+        Some("flushed")
+    );
+    // live and shutdown methods run on drain-b now; `none` is shut down and marked.
+    for vm in &vms[..2] {
+        vm.wait_status(&etcd, "running", "drain-b");
+        assert_eq!(vm.get(&etcd, "last_node").as_deref(), Some("drain-a"));
+    }
+    let none = &vms[2];
+    assert_eq!(none.get(&etcd, "state").as_deref(), Some("shutdown"));
+    assert_eq!(none.get(&etcd, "flushed_from").as_deref(), Some("drain-a"));
+    none.wait_status(&etcd, "stopped", "drain-a");
+
+    let out = ctl(
+        &a,
+        &["node", "unflush", "drain-a", "--wait", "--timeout", "60s"],
+    );
+    assert!(
+        out.status.success(),
+        "unflush --wait: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        etcd.get_key("nodes/drain-a/domain_state")
+            .expect("get")
+            .as_deref(),
+        Some("ready")
+    );
+    for vm in &vms {
+        vm.wait_status(&etcd, "running", "drain-a");
+        assert_eq!(vm.get(&etcd, "lock").as_deref(), Some("drain-a"));
+    }
+    assert!(none.get(&etcd, "flushed_from").is_none());
+}

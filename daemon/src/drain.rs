@@ -1,0 +1,226 @@
+//! Node drain through `nodes/<node>/domain_state`: `flush` moves every VM off this node by
+//! its migration method (targets chosen by `node_selector` among nodes in `run` + `ready`,
+//! honouring `node_limit`; method `none` shuts the VM down and marks it `flushed_from`), then
+//! `flushed`; `unflush` brings back the VMs whose `last_node` is this node and starts the
+//! marked ones, then `ready`.
+//!
+//! Each pass is level-triggered and idempotent (run on every resync tick): it issues the
+//! requests still missing, each a transaction guarded on the VM's keys, and moves the state
+//! on once nothing is left. The Domain object does the actual moving.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
+
+use debvisor_objects::domain::{self, DesiredState, MigrationMethod, Vm, VmField, VmKind};
+use debvisor_objects::node::{DomainState, NodeKind, NodeRecord};
+use debvisor_objects::placement;
+use debvisor_objects::reactor::KeyEntry;
+use debvisor_objects::schema::{self, NodeField};
+use debvisor_objects::{Reactor, Store, StoreError, TxnBuilder};
+use tracing::{info, warn};
+
+/// Drain bookkeeping of one node (what was already logged).
+pub struct Drain {
+    node: String,
+    store: Store,
+    /// VMs whose "no target" problem was logged in this drain (logged once each).
+    warned: Mutex<HashSet<String>>,
+}
+
+fn wants_run(vm: &Vm) -> bool {
+    matches!(
+        vm.state,
+        DesiredState::Start
+            | DesiredState::Restart
+            | DesiredState::Migrate
+            | DesiredState::MigrateLive
+            | DesiredState::Unmigrate
+    )
+}
+
+fn rev(keys: &BTreeMap<String, KeyEntry>, f: VmField) -> i64 {
+    keys.get(f.suffix()).map(|k| k.mod_revision).unwrap_or(0)
+}
+
+impl Drain {
+    /// Drain handling for `node`.
+    pub fn new(node: String, store: Store) -> Drain {
+        Drain {
+            node,
+            store,
+            warned: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn warn_once(&self, uuid: &str) -> bool {
+        self.warned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uuid.to_string())
+    }
+
+    /// One pass: act on this node's `domain_state`. Returns the state after the pass.
+    pub async fn pass(
+        &self,
+        nodes: &Reactor<NodeKind>,
+        vms: &Reactor<VmKind>,
+    ) -> Result<Option<DomainState>, StoreError> {
+        let me = self.node.as_str();
+        let records: Vec<NodeRecord> = nodes
+            .list()
+            .into_iter()
+            .filter_map(|(_, e)| e.parsed.as_ref().ok().map(|n| (**n).clone()))
+            .collect();
+        let state = records
+            .iter()
+            .find(|n| n.name == me)
+            .and_then(|n| n.domain_state);
+        let vms: Vec<(Vm, BTreeMap<String, KeyEntry>)> = vms
+            .list()
+            .into_iter()
+            .filter_map(|(_, e)| {
+                e.parsed
+                    .as_ref()
+                    .ok()
+                    .map(|v| ((**v).clone(), e.keys.clone()))
+            })
+            .collect();
+        match state {
+            Some(DomainState::Flush) => self.flush(&records, &vms).await,
+            Some(DomainState::Unflush) => self.unflush(&vms).await,
+            other => {
+                self.warned
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
+                Ok(other)
+            }
+        }
+    }
+
+    async fn flush(
+        &self,
+        records: &[NodeRecord],
+        vms: &[(Vm, BTreeMap<String, KeyEntry>)],
+    ) -> Result<Option<DomainState>, StoreError> {
+        let me = self.node.as_str();
+        let mut remaining = 0usize;
+        for (vm, keys) in vms {
+            let here = vm.node.as_deref() == Some(me) && wants_run(vm);
+            let locked_here = vm.lock.as_ref().is_some_and(|l| l.node == me);
+            if !here && !locked_here {
+                continue;
+            }
+            remaining += 1;
+            if !here {
+                continue; // already requested; the Domain object is moving it
+            }
+            let uuid = vm.uuid.as_str();
+            let node_key = domain::vm_key(uuid, VmField::Node);
+            let state_key = domain::vm_key(uuid, VmField::State);
+            if vm.metadata.migration_method == MigrationMethod::None {
+                let t = TxnBuilder::new()
+                    .mod_revision_is(&state_key, rev(keys, VmField::State))
+                    .mod_revision_is(&node_key, rev(keys, VmField::Node))
+                    .put(&state_key, "shutdown")
+                    .put(&domain::vm_key(uuid, VmField::FlushedFrom), me.to_string());
+                if self.store.txn(t).await?.succeeded() {
+                    info!(node = %me, vm = %vm.name, uuid, "flush: migration_method none; shutting the VM down until unflush");
+                }
+                continue;
+            }
+            match placement::select_target(&vm.metadata, Some(me), records) {
+                Ok(target) => {
+                    let t = TxnBuilder::new()
+                        .mod_revision_is(&state_key, rev(keys, VmField::State))
+                        .mod_revision_is(&node_key, rev(keys, VmField::Node))
+                        .put(&node_key, target.clone())
+                        .put(&state_key, "migrate");
+                    if self.store.txn(t).await?.succeeded() {
+                        info!(node = %me, vm = %vm.name, uuid, target = %target, method = %vm.metadata.migration_method, "flush: migrating the VM away");
+                    }
+                }
+                Err(e) => {
+                    if self.warn_once(uuid) {
+                        warn!(node = %me, vm = %vm.name, uuid, reason = %e, "flush: no node can take the VM; it keeps running here");
+                    }
+                }
+            }
+        }
+        if remaining > 0 {
+            return Ok(Some(DomainState::Flush));
+        }
+        self.advance(
+            DomainState::Flush,
+            DomainState::Flushed,
+            "every VM moved off",
+        )
+        .await
+    }
+
+    async fn unflush(
+        &self,
+        vms: &[(Vm, BTreeMap<String, KeyEntry>)],
+    ) -> Result<Option<DomainState>, StoreError> {
+        let me = self.node.as_str();
+        let mut remaining = 0usize;
+        for (vm, keys) in vms {
+            let uuid = vm.uuid.as_str();
+            let state_key = domain::vm_key(uuid, VmField::State);
+            if vm.flushed_from.as_deref() == Some(me) {
+                remaining += 1;
+                let t = TxnBuilder::new()
+                    .mod_revision_is(&state_key, rev(keys, VmField::State))
+                    .put(&state_key, "start")
+                    .delete(&domain::vm_key(uuid, VmField::FlushedFrom));
+                if self.store.txn(t).await?.succeeded() {
+                    info!(node = %me, vm = %vm.name, uuid, "unflush: starting the VM the flush shut down");
+                }
+                continue;
+            }
+            let away = vm.last_node.as_deref() == Some(me) && vm.node.as_deref() != Some(me);
+            if !away {
+                continue;
+            }
+            match vm.state {
+                DesiredState::Start => {
+                    remaining += 1;
+                    let t = TxnBuilder::new()
+                        .mod_revision_is(&state_key, rev(keys, VmField::State))
+                        .put(&state_key, "unmigrate");
+                    if self.store.txn(t).await?.succeeded() {
+                        info!(node = %me, vm = %vm.name, uuid, "unflush: bringing the VM back");
+                    }
+                }
+                DesiredState::Migrate | DesiredState::MigrateLive | DesiredState::Unmigrate => {
+                    remaining += 1; // on its way
+                }
+                _ => {} // stopped meanwhile: stays where it is
+            }
+        }
+        if remaining > 0 {
+            return Ok(Some(DomainState::Unflush));
+        }
+        self.advance(DomainState::Unflush, DomainState::Ready, "every VM is back")
+            .await
+    }
+
+    /// Move `domain_state` from `from` to `to` unless someone changed it meanwhile.
+    async fn advance(
+        &self,
+        from: DomainState,
+        to: DomainState,
+        why: &str,
+    ) -> Result<Option<DomainState>, StoreError> {
+        let key = schema::node_key(&self.node, NodeField::DomainState);
+        let t = TxnBuilder::new()
+            .value_is(&key, from.as_str())
+            .put(&key, to.as_str());
+        if self.store.txn(t).await?.succeeded() {
+            info!(node = %self.node, from = %from, to = %to, reason = why, "domain_state changed");
+            Ok(Some(to))
+        } else {
+            Ok(None)
+        }
+    }
+}
