@@ -248,6 +248,31 @@ fn write_config(etc: &Path, addr: Ipv4Addr, host_uuid: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where the host's libvirtd caches what it probed of each qemu binary.
+const HOST_CAPS_CACHE: &str = "/var/cache/libvirt/qemu/capabilities";
+
+/// Copy the host's qemu capabilities cache into the instance's `/var/cache/libvirt`:
+/// probing every qemu binary takes seconds per instance. libvirt checks each entry against
+/// the binaries, itself and the host CPU and re-probes whatever is stale, so a copy is
+/// never wrong, only possibly useless.
+fn seed_capabilities_cache(cache: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(HOST_CAPS_CACHE) else {
+        return Ok(());
+    };
+    let to_dir = cache.join("qemu").join("capabilities");
+    std::fs::create_dir_all(&to_dir).ctx(|| format!("creating {}", to_dir.display()))?;
+    for e in entries.flatten() {
+        let from = e.path();
+        if e.file_type().is_ok_and(|t| t.is_file()) && from.extension().is_some_and(|x| x == "xml")
+        {
+            let to = to_dir.join(e.file_name());
+            std::fs::copy(&from, &to)
+                .ctx(|| format!("copying {} to {}", from.display(), to.display()))?;
+        }
+    }
+    Ok(())
+}
+
 impl IsolatedLibvirt {
     /// Start a libvirtd named `label` (also its hostname: `dvlv-<label>`) in network
     /// namespace `ns`, listening on TCP at `addr` (which must already be configured on an
@@ -273,6 +298,7 @@ impl IsolatedLibvirt {
             binds.push((path_c_string(&dir)?, c_string(target)?));
         }
         write_config(&root.path().join("etc"), addr, &host_uuid)?;
+        seed_capabilities_cache(&root.path().join("cache"))?;
 
         let ns_path = format!("/run/netns/{}", ns.name());
         let ns_file = File::open(&ns_path).ctx(|| format!("opening {ns_path}"))?;
