@@ -36,8 +36,8 @@ use crate::netns::NetNs;
 
 /// libvirtd's TCP port (`listen_tcp`).
 pub const LIBVIRT_TCP_PORT: u16 = 16509;
-/// The /24 a [`LibvirtPair`] lives in: A is `.1`, B is `.2`. Every pair has its own two
-/// namespaces, so pairs of parallel tests do not collide.
+/// The /24 a [`LibvirtPair`] (A is `.1`, B is `.2`) or a [`LibvirtCluster`] lives in. Each
+/// has namespaces of its own, so those of parallel tests do not collide.
 pub const PAIR_SUBNET: [u8; 3] = [10, 231, 0];
 /// An address in [`PAIR_SUBNET`] that no instance has: migrating there fails.
 pub const PAIR_UNREACHABLE: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 99);
@@ -685,6 +685,87 @@ impl LibvirtPair {
     }
 
     /// A peer URI in the pair's subnet where nothing listens (no host at that address).
+    pub fn unreachable_peer_uri(&self) -> String {
+        format!("qemu+tcp://{PAIR_UNREACHABLE}/system")
+    }
+}
+
+/// Most instances in a [`LibvirtCluster`] (addresses `.1` to `.50` of [`PAIR_SUBNET`]).
+pub const CLUSTER_MAX: usize = 50;
+
+/// `count` [`IsolatedLibvirt`] instances labelled `n0`, `n1`, … at `10.231.0.1`, `.2`, …,
+/// each in its own network namespace, all on one bridge in a further namespace (for
+/// drain/placement tests with more than two hosts). Dropping it stops every instance, then
+/// deletes the namespaces.
+pub struct LibvirtCluster {
+    nodes: Vec<IsolatedLibvirt>,
+    // Dropped after the instances (field order).
+    node_ns: Vec<NetNs>,
+    bridge_ns: NetNs,
+}
+
+impl LibvirtCluster {
+    /// Create the bridge namespace, one namespace per node wired to the bridge by a veth,
+    /// and start the instances (2 to [`CLUSTER_MAX`]).
+    pub fn start(count: usize) -> Result<LibvirtCluster> {
+        if !(2..=CLUSTER_MAX).contains(&count) {
+            return Err(HarnessError::State(format!(
+                "a libvirt cluster has 2 to {CLUSTER_MAX} nodes, not {count}"
+            )));
+        }
+        sweep_stale();
+        let bridge_ns = NetNs::create(NETNS_PREFIX)?;
+        bridge_ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        bridge_ns.ip(&["link", "set", "br0", "up"])?;
+        let mut cluster = LibvirtCluster {
+            nodes: Vec::new(),
+            node_ns: Vec::new(),
+            bridge_ns,
+        };
+        let [x, y, z] = PAIR_SUBNET;
+        for i in 0..count {
+            let ns = NetNs::create(NETNS_PREFIX)?;
+            let port = format!("p{i}");
+            ns.ip(&[
+                "link",
+                "add",
+                "mig0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                cluster.bridge_ns.name(),
+            ])?;
+            cluster
+                .bridge_ns
+                .ip(&["link", "set", &port, "master", "br0", "up"])?;
+            // `i < CLUSTER_MAX`, so the host part fits.
+            let addr = Ipv4Addr::new(x, y, z, i as u8 + 1);
+            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "mig0"])?;
+            ns.ip(&["link", "set", "mig0", "up"])?;
+            cluster.node_ns.push(ns);
+        }
+        for (i, ns) in cluster.node_ns.iter().enumerate() {
+            let addr = Ipv4Addr::new(x, y, z, i as u8 + 1);
+            let node = IsolatedLibvirt::start(&format!("n{i}"), ns, addr)?;
+            cluster.nodes.push(node);
+        }
+        Ok(cluster)
+    }
+
+    /// The instances, in label order (`n0` first).
+    pub fn nodes(&self) -> &[IsolatedLibvirt] {
+        &self.nodes
+    }
+
+    /// The namespace of node `i`.
+    pub fn netns(&self, i: usize) -> Option<&NetNs> {
+        self.node_ns.get(i)
+    }
+
+    /// A peer URI in the cluster's subnet where nothing listens.
     pub fn unreachable_peer_uri(&self) -> String {
         format!("qemu+tcp://{PAIR_UNREACHABLE}/system")
     }

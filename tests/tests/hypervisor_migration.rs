@@ -2,7 +2,7 @@
 //! each in its own network, mount and UTS namespace (harness `LibvirtPair`): the guest keeps
 //! running while its qemu process moves from one namespace to the other, both live and as a
 //! paused copy, and back; an unreachable destination fails cleanly leaving the guest where
-//! it was; nothing is left behind afterwards.
+//! it was; a guest hops across three nodes on a bridge; nothing is left behind afterwards.
 //!
 //! Needs root, libvirtd and qemu (KVM, else TCG). Durations are printed, never asserted.
 
@@ -12,7 +12,9 @@ use debvisor_daemon::hypervisor::{
     DomainEvent, DomainInfo, DomainState, Libvirt, Lifecycle, MigrateOptions, StopReason,
 };
 use debvisor_tests::libvirt::TestDomain;
-use debvisor_tests::libvirt_pair::{process_netns_inode, IsolatedLibvirt, LibvirtPair};
+use debvisor_tests::libvirt_pair::{
+    process_netns_inode, IsolatedLibvirt, LibvirtCluster, LibvirtPair,
+};
 use debvisor_tests::skip_unless_root;
 use tokio::sync::mpsc;
 
@@ -345,4 +347,50 @@ async fn unreachable_destination_fails_and_the_guest_stays() {
     migrate_and_check((a, &lv_a), (b, &lv_b), &d.uuid, live_opts()).await;
     drop_blocking(d).await;
     drop_blocking(pair).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_hops_across_a_three_node_bridge() {
+    skip_unless_root!();
+    let cluster = tokio::task::spawn_blocking(|| LibvirtCluster::start(3))
+        .await
+        .expect("cluster start thread")
+        .expect("three isolated libvirtd instances");
+    let nodes = cluster.nodes();
+    let lvs: Vec<Libvirt> = nodes.iter().map(|n| n.libvirt(CALL_TIMEOUT)).collect();
+    let d = TestDomain::new(&lvs[0], "hops");
+    lvs[0].define(&d.xml()).await.expect("define on n0");
+    lvs[0].start(&d.uuid).await.expect("start on n0");
+
+    migrate_and_check(
+        (&nodes[0], &lvs[0]),
+        (&nodes[2], &lvs[2]),
+        &d.uuid,
+        live_opts(),
+    )
+    .await;
+    let pid = migrate_and_check(
+        (&nodes[2], &lvs[2]),
+        (&nodes[1], &lvs[1]),
+        &d.uuid,
+        live_opts(),
+    )
+    .await;
+    assert_eq!(nodes[1].qemu_pids(), vec![(d.name.clone(), pid)]);
+    assert!(nodes[0].qemu_pids().is_empty() && nodes[2].qemu_pids().is_empty());
+
+    // libvirt refuses a migration to the host it runs on (same host UUID).
+    let e = lvs[1]
+        .migrate(&d.uuid, &nodes[1].peer_uri(), live_opts())
+        .await
+        .expect_err("migration to itself");
+    eprintln!("migration to itself: {e}");
+    assert!(
+        e.to_string().contains(nodes[1].host_uuid()),
+        "libvirt names the configured host UUID: {e}"
+    );
+    let (_, still) = running_on(&lvs[1], &nodes[1], &d.uuid).await;
+    assert_eq!(still, pid, "still the same qemu on n1");
+    drop_blocking(d).await;
+    drop_blocking(cluster).await;
 }
