@@ -1,5 +1,6 @@
 //! Test harness for `debvisor-daemon`: private etcd processes, a cuttable TCP proxy, a test
-//! PKI, the real `debvisord`/`debvisorctl` binaries and network namespaces.
+//! PKI, the real `debvisord`/`debvisorctl` binaries, network namespaces and isolated libvirtd
+//! instances (own network, mount and UTS namespaces) for real migration.
 //!
 //! Everything spawned is killed by PID and every temp directory removed on drop, including
 //! when a test panics.
