@@ -17,6 +17,17 @@
 //! and libvirtd by PID, and removes its temp directory. [`sweep_stale`] removes what a killed
 //! test process left behind.
 //!
+//! Typical use (root; the constructors block, so call them through `spawn_blocking` in
+//! async tests):
+//!
+//! ```text
+//! let pair = LibvirtPair::start()?;
+//! let lv_a = pair.a.libvirt(timeout);            // driver on A's socket, PIDs from A's pid files
+//! lv_a.migrate(uuid, &pair.b.peer_uri(), opts);  // A's libvirtd reaches B over the veth
+//! // a debvisord for node A: hypervisor.uri = pair.a.local_uri(),
+//! //                         hypervisor.peer_uri = pair.a.peer_uri()
+//! ```
+//!
 //! Modules: `instance` (one libvirtd), `config` (its configuration), `procs` (process and
 //! pid-file helpers), `sweep` (leftovers of killed test processes); this file wires
 //! instances into a [`LibvirtPair`] or a [`LibvirtCluster`].
