@@ -1,5 +1,6 @@
 //! Test harness for `debvisor-daemon`: private etcd processes, a cuttable TCP proxy, a test
-//! PKI, the real `debvisord`/`debvisorctl` binaries and network namespaces.
+//! PKI, the real `debvisord`/`debvisorctl` binaries, network namespaces and isolated libvirtd
+//! instances (own network, mount and UTS namespaces) for real migration.
 //!
 //! Everything spawned is killed by PID and every temp directory removed on drop, including
 //! when a test panics.
@@ -10,6 +11,7 @@ pub mod daemon;
 pub mod error;
 pub mod etcd;
 pub mod libvirt;
+pub mod libvirt_pair;
 pub mod netns;
 pub mod ports;
 pub mod proxy;
@@ -19,6 +21,7 @@ pub use daemon::{bin_path, ctl, is_message, str_field, DaemonBuilder, DaemonProc
 pub use error::{HarnessError, Result};
 pub use etcd::EtcdProcess;
 pub use libvirt::{ensure_libvirtd, kvm_available, tiny_guest_xml, TestDomain};
+pub use libvirt_pair::{IsolatedLibvirt, LibvirtCluster, LibvirtPair};
 pub use netns::{is_root, NetNs};
 pub use ports::free_port;
 pub use proxy::TcpProxy;

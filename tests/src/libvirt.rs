@@ -46,7 +46,7 @@ fn socket_answers(path: &str) -> bool {
 /// Run `cmd` to completion within `timeout`; a command still running then is killed (it
 /// is our child). Output goes through temp files, not pipes, so a daemon that forks into
 /// the background cannot keep us waiting for EOF.
-fn run_bounded(cmd: &mut Command, what: &str, timeout: Duration) -> Result<Output> {
+pub(crate) fn run_bounded(cmd: &mut Command, what: &str, timeout: Duration) -> Result<Output> {
     use std::io::{Read, Seek};
     let files = (tempfile::tempfile(), tempfile::tempfile());
     let (Ok(out_file), Ok(err_file)) = files else {

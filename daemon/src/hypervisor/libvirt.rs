@@ -167,6 +167,21 @@ impl Call<'_> {
         self.error(kind, e.message().to_string())
     }
 
+    /// Like [`fail`](Self::fail) for a failed migration, naming the destination. libvirt
+    /// reports trouble reaching the destination's libvirtd as an RPC error: while our own
+    /// connection is alive that is not a broken connection here, so it is kept and the
+    /// error is `Other`, not `Connection`.
+    fn fail_migration(&self, e: virt::error::Error, dest: &str) -> HypervisorError {
+        let kind = match ErrorKind::of(&e) {
+            ErrorKind::Connection if self.conn.is_alive().unwrap_or(false) => ErrorKind::Other,
+            k => k,
+        };
+        if kind == ErrorKind::Connection {
+            self.inner.forget(self.conn);
+        }
+        self.error(kind, format!("to {dest}: {}", e.message()))
+    }
+
     fn error(&self, kind: ErrorKind, message: String) -> HypervisorError {
         HypervisorError::Domain {
             uri: self.inner.uri.clone(),
@@ -736,7 +751,7 @@ impl Libvirt {
                     ..Default::default()
                 };
                 d.migrate_to_uri3(Some(&dest), params, flags)
-                    .map_err(|e| c.fail(e))
+                    .map_err(|e| c.fail_migration(e, &dest))
             })
             .await;
         if let Err(HypervisorError::DomainTimeout { .. }) = &r {
