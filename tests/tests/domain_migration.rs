@@ -1,0 +1,211 @@
+//! Migration and drain through the daemons with real KVM guests: two `debvisord` nodes,
+//! each driving its own isolated libvirtd (own network, mount and UTS namespaces, reached
+//! over a veth pair), one etcd. `debvisorctl vm migrate --live --wait` moves a running guest
+//! (its qemu process moves, the target adopts it without booting it); `node flush --wait`
+//! drains a node by each VM's method and `node unflush --wait` brings the VMs back.
+//!
+//! Needs root. The harness removes every libvirtd, qemu, namespace and directory on drop.
+
+use std::time::Duration;
+
+use debvisor_daemon::hypervisor::{DomainState, Libvirt};
+use debvisor_tests::libvirt::{random_uuid, tiny_guest_xml, unique_name};
+use debvisor_tests::libvirt_pair::process_netns_inode;
+use debvisor_tests::{
+    eventually, is_message, skip_unless_root, str_field, DaemonBuilder, DaemonProcess, EtcdProcess,
+    IsolatedLibvirt, LibvirtPair,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn daemon(etcd: &EtcdProcess, node: &str, lv: &IsolatedLibvirt) -> DaemonProcess {
+    let mut d = DaemonBuilder::new(node)
+        .endpoints(&[etcd.endpoint()])
+        .env("DEBVISOR_HYPERVISOR_URI", &lv.local_uri())
+        .env("DEBVISOR_HYPERVISOR_PEER_URI", &lv.peer_uri())
+        .env("DEBVISOR_DOMAINS_SHUTDOWN_TIMEOUT", "3s")
+        .spawn()
+        .expect("spawn daemon");
+    d.wait_run(WAIT).expect("daemon reaches run");
+    d
+}
+
+struct Guest {
+    uuid: String,
+    name: String,
+}
+
+impl Guest {
+    fn new(label: &str) -> Guest {
+        Guest {
+            uuid: random_uuid(),
+            name: unique_name(label),
+        }
+    }
+    fn key(&self, f: &str) -> String {
+        format!("vms/{}/{f}", self.uuid)
+    }
+    fn define(&self, etcd: &EtcdProcess, node: &str, method: &str) {
+        let xml = tiny_guest_xml(&self.name, &self.uuid);
+        let meta = format!("{{\"migration_method\":\"{method}\"}}");
+        etcd.put_keys(&[
+            (&self.key("xml"), &xml),
+            (&self.key("node"), node),
+            (&self.key("metadata"), &meta),
+            (&self.key("state"), "start"),
+        ])
+        .expect("define");
+    }
+    fn status(&self, etcd: &EtcdProcess) -> Option<Value> {
+        etcd.get_key(&self.key("status"))
+            .expect("get")
+            .and_then(|s| serde_json::from_str(&s).ok())
+    }
+    fn wait_running_on(&self, etcd: &EtcdProcess, node: &str) -> Value {
+        eventually(&format!("{} running on {node}", self.name), WAIT, || {
+            self.status(etcd)
+                .filter(|s| s["state"] == "running" && s["node"] == node)
+        })
+    }
+    fn get(&self, etcd: &EtcdProcess, f: &str) -> Option<String> {
+        etcd.get_key(&self.key(f)).expect("get")
+    }
+}
+
+fn qemu_pid(rt: &tokio::runtime::Runtime, lv: &Libvirt, uuid: &str) -> Option<u32> {
+    rt.block_on(lv.get(uuid))
+        .ok()
+        .flatten()
+        .filter(|i| i.state == DomainState::Running)
+        .and_then(|i| i.pid)
+}
+
+fn ctl(d: &DaemonProcess, args: &[&str]) {
+    let env: Vec<(&str, &str)> = d
+        .env()
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let out = debvisor_tests::ctl(d.config_path(), &env, args);
+    assert!(
+        out.status.success(),
+        "debvisorctl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn started_here(d: &DaemonProcess, g: &Guest) -> bool {
+    d.json_lines()
+        .iter()
+        .any(|l| is_message(l, "domain started") && str_field(l, "vm") == Some(g.name.as_str()))
+}
+
+#[test]
+fn live_migration_and_a_two_node_drain_with_real_guests() {
+    skip_unless_root!();
+    let pair = LibvirtPair::start().expect("two isolated libvirtds");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (lva, lvb) = (
+        pair.a.libvirt(Duration::from_secs(30)),
+        pair.b.libvirt(Duration::from_secs(30)),
+    );
+    let etcd = EtcdProcess::start().expect("etcd");
+    let a = daemon(&etcd, "kvm-a", &pair.a);
+    let b = daemon(&etcd, "kvm-b", &pair.b);
+
+    // Live migration requested with the CLI, waited for with the CLI.
+    let g = Guest::new("live");
+    g.define(&etcd, "kvm-a", "live");
+    g.wait_running_on(&etcd, "kvm-a");
+    let pid_a = qemu_pid(&rt, &lva, &g.uuid).expect("qemu on a");
+    assert_eq!(process_netns_inode(pid_a), Some(pair.a.netns_inode()));
+    ctl(
+        &a,
+        &[
+            "vm",
+            "migrate",
+            &g.name,
+            "--live",
+            "--target",
+            "kvm-b",
+            "--wait",
+            "--timeout",
+            "60s",
+        ],
+    );
+    let s = g.wait_running_on(&etcd, "kvm-b");
+    assert_eq!(s["reason"], "migrated", "{s}");
+    let pid_b = qemu_pid(&rt, &lvb, &g.uuid).expect("qemu on b");
+    assert_ne!(pid_b, pid_a);
+    assert_eq!(process_netns_inode(pid_b), Some(pair.b.netns_inode()));
+    assert!(
+        rt.block_on(lva.get(&g.uuid)).expect("get on a").is_none(),
+        "nothing left on the source"
+    );
+    assert!(
+        !started_here(&b, &g),
+        "the target adopted the guest, it did not boot it"
+    );
+    assert!(a
+        .json_lines()
+        .iter()
+        .any(|l| is_message(l, "live migration done") && str_field(l, "vm") == Some(&g.name)));
+    assert_eq!(g.get(&etcd, "owner").as_deref(), Some("kvm-b"));
+    assert_eq!(g.get(&etcd, "lock").as_deref(), Some("kvm-b"));
+    assert_eq!(g.get(&etcd, "last_node").as_deref(), Some("kvm-a"));
+    assert_eq!(g.get(&etcd, "state").as_deref(), Some("start"));
+
+    // Back with unmigrate; then drain kvm-a with one live and one shutdown-method guest.
+    ctl(
+        &a,
+        &["vm", "unmigrate", &g.name, "--wait", "--timeout", "60s"],
+    );
+    g.wait_running_on(&etcd, "kvm-a");
+    assert!(g.get(&etcd, "last_node").is_none());
+    let h = Guest::new("cold");
+    h.define(&etcd, "kvm-a", "shutdown");
+    h.wait_running_on(&etcd, "kvm-a");
+    let live_pid = qemu_pid(&rt, &lva, &g.uuid).expect("live guest on a");
+
+    ctl(
+        &a,
+        &["node", "flush", "kvm-a", "--wait", "--timeout", "90s"],
+    );
+    g.wait_running_on(&etcd, "kvm-b");
+    h.wait_running_on(&etcd, "kvm-b");
+    assert!(
+        rt.block_on(lva.list()).expect("list a").is_empty(),
+        "kvm-a is empty"
+    );
+    let moved = qemu_pid(&rt, &lvb, &g.uuid).expect("live guest on b");
+    assert_ne!(moved, live_pid);
+    assert!(
+        b.json_lines()
+            .iter()
+            .any(|l| is_message(l, "domain started") && str_field(l, "vm") == Some(&h.name)),
+        "the shutdown-method guest was booted on the target"
+    );
+
+    ctl(
+        &a,
+        &["node", "unflush", "kvm-a", "--wait", "--timeout", "90s"],
+    );
+    g.wait_running_on(&etcd, "kvm-a");
+    h.wait_running_on(&etcd, "kvm-a");
+    assert!(
+        rt.block_on(lvb.list()).expect("list b").is_empty(),
+        "kvm-b is empty again"
+    );
+    assert_eq!(
+        etcd.get_key("nodes/kvm-a/domain_state")
+            .expect("get")
+            .as_deref(),
+        Some("ready")
+    );
+}
