@@ -181,10 +181,10 @@ pub fn plan_vm(s: &Situation) -> Plan {
         .as_ref()
         .map(|l| l.node == s.me && l.lease == s.my_lease)
         .unwrap_or(false);
-    let lock_other = vm
-        .lock
-        .as_ref()
-        .filter(|l| !(l.node == s.me && l.lease == s.my_lease));
+    // A lock in our name from an earlier lease of ours (node names are unique among live
+    // daemons) is ours to release or take over by revision, never another holder.
+    let lock_mine = vm.lock.as_ref().is_some_and(|l| l.node == s.me);
+    let lock_other = vm.lock.as_ref().filter(|l| l.node != s.me);
     let target_me = vm.node.as_deref() == Some(s.me);
 
     // Split-brain guard: running here while another node holds the lock. Not for an
@@ -230,7 +230,7 @@ pub fn plan_vm(s: &Situation) -> Plan {
         let migrating = is_migration(vm.state);
         let live_allowed = vm.state == DesiredState::MigrateLive
             || vm.metadata.migration_method == MigrationMethod::Live;
-        if migrating && lock_ours && running(&s.local) && live_allowed {
+        if migrating && lock_mine && running(&s.local) && live_allowed {
             if !s.live_failed {
                 return plan(vec![
                     report("migrating", format!("live migration to {target}")),
@@ -245,7 +245,7 @@ pub fn plan_vm(s: &Situation) -> Plan {
             }
         }
         let mut then = Vec::new();
-        if lock_ours {
+        if lock_mine {
             then.push(if migrating {
                 Step::Handover
             } else {
@@ -322,7 +322,7 @@ pub fn plan_vm(s: &Situation) -> Plan {
         }
         DesiredState::Shutdown => {
             let mut then = vec![report("stopped", "shut down")];
-            if lock_ours {
+            if lock_mine {
                 then.insert(0, Step::ReleaseLock);
             }
             power_off(s, false, then)
@@ -334,7 +334,7 @@ pub fn plan_vm(s: &Situation) -> Plan {
                 "stopped"
             };
             let mut then = vec![report(state, format!("state {}", vm.state))];
-            if lock_ours {
+            if lock_mine {
                 then.insert(0, Step::ReleaseLock);
             }
             if s.local.is_none()
@@ -449,9 +449,20 @@ mod tests {
         let p = plan_vm(&sit(Some(&v), None));
         assert_eq!(steps(&p), vec![]);
         assert_eq!(reported(&p), None, "the lock holder reports the VM");
-        // Our own lock from a previous lease (we restarted) is another holder too.
+        // Our own lock from an earlier lease is taken over by revision, not waited for —
+        // and a guest running under it is never stopped by the split-brain guard.
         let v = vm(DesiredState::Start, "hv1", Some(("hv1", 9)));
-        assert_eq!(steps(&plan_vm(&sit(Some(&v), None))), vec![]);
+        assert_eq!(
+            steps(&plan_vm(&sit(Some(&v), None))),
+            vec![Step::AcquireLock]
+        );
+        let p = plan_vm(&sit(Some(&v), Some(LocalState::Running)));
+        assert_eq!(steps(&p), vec![Step::AcquireLock]);
+        let v = vm(DesiredState::Stop, "hv1", Some(("hv1", 9)));
+        assert_eq!(
+            steps(&plan_vm(&sit(Some(&v), Some(LocalState::Running)))),
+            vec![Step::Destroy, Step::ReleaseLock]
+        );
         // A lock without a lease is stale: take it by transaction.
         let v = vm(DesiredState::Start, "hv1", Some(("hv2", 0)));
         assert_eq!(
