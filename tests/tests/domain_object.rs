@@ -275,6 +275,37 @@ fn never_starts_while_another_live_lease_holds_the_lock() {
     .expect("revoke");
     vm.wait_status(&etcd, "running", "dom3");
     assert_eq!(vm.get(&etcd, "lock").as_deref(), Some("dom3"));
+
+    // Split-brain guard: another live node takes the lock of the running VM → stopped here.
+    let lease = etcd
+        .with_client(|mut c| async move {
+            let l = c
+                .lease_grant(60, None)
+                .await
+                .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
+            Ok(l.id())
+        })
+        .expect("lease");
+    let key = format!("/debvisor/{}", vm.key("lock"));
+    etcd.with_client(|mut c| async move {
+        c.put(
+            key,
+            "intruder",
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
+        Ok(())
+    })
+    .expect("intruding lock");
+    let s = vm.wait_status(&etcd, "stopped", "dom3");
+    assert!(
+        s["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("split-brain guard: lock held by intruder"),
+        "{s}"
+    );
 }
 
 #[test]
@@ -421,6 +452,39 @@ fn per_vm_stats_are_bounded_per_tick_and_health_shows_allocation() {
             .as_array()
             .is_some_and(|f| f.iter().any(|n| n == "test")),
         "the test driver's own domain is listed as foreign: {health}"
+    );
+}
+
+#[test]
+fn on_shutdown_flush_drains_before_the_daemon_stops() {
+    let etcd = EtcdProcess::start().expect("etcd");
+    let mut a = DaemonBuilder::new("osf-a")
+        .endpoints(&[etcd.endpoint()])
+        .env("DEBVISOR_DOMAINS_ON_SHUTDOWN", "flush")
+        .spawn()
+        .expect("spawn");
+    a.wait_run(WAIT).expect("run");
+    let _b = daemon(&etcd, "osf-b");
+    let vm = Vm::new("osf");
+    vm.define(&etcd, "osf-a", "start");
+    vm.wait_status(&etcd, "running", "osf-a");
+    eventually("health of osf-b", WAIT, || {
+        etcd.get_key("nodes/osf-b/health").ok().flatten()
+    });
+    a.signal(libc::SIGTERM).expect("SIGTERM");
+    let status = a.wait_exit(Duration::from_secs(60)).expect("exit");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        logged(&a, "on_shutdown flush complete", ""),
+        "{}",
+        a.tail(20)
+    );
+    vm.wait_status(&etcd, "running", "osf-b");
+    assert_eq!(
+        etcd.get_key("nodes/osf-a/domain_state")
+            .expect("get")
+            .as_deref(),
+        Some("flushed")
     );
 }
 

@@ -176,6 +176,18 @@ fn restarted_daemon_adopts_running_guests() {
     // Graceful daemon stop keeps guests running (on_shutdown: keep).
     drop(second);
     assert_eq!(qemu_pid(&rt, &lv, &g), Some(pid));
+
+    // "Host reboot": the guest is off when the daemon comes up; its state is start, so it
+    // comes back.
+    rt.block_on(lv.destroy(&g.uuid))
+        .expect("power the guest off");
+    let third = daemon(&etcd, "kvm2", state.path());
+    let back = eventually("guest started again after the 'reboot'", WAIT, || {
+        qemu_pid(&rt, &lv, &g)
+    });
+    assert_ne!(back, pid);
+    wait_status(&etcd, &g, "running");
+    drop(third);
 }
 
 #[test]
@@ -214,4 +226,27 @@ fn bad_definition_reports_the_field() {
         status(&etcd, &h).filter(|s| s["state"] == "invalid")
     });
     assert!(s["error"].as_str().unwrap_or_default().starts_with("xml: "));
+
+    // Defined fine, but every start fails (its disk does not exist): retried with backoff,
+    // then `fail` with the last error.
+    let k = TestDomain::new(&lv, "nodisk");
+    let xml = k.xml().replace(
+        "</devices>",
+        "<disk type='file' device='disk'><source file='/nonexistent/debvisor-test.img'/>\
+         <target dev='vda' bus='virtio'/></disk></devices>",
+    );
+    assert!(
+        xml.contains("nonexistent"),
+        "the tiny guest XML has a <devices> element"
+    );
+    etcd.put_keys(&[
+        (&key(&k, "xml"), &xml),
+        (&key(&k, "node"), "kvm3"),
+        (&key(&k, "state"), "start"),
+    ])
+    .expect("define");
+    let s = wait_status(&etcd, &k, "fail");
+    let reason = s["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("3 failed starts"), "{s}");
+    assert!(reason.contains("start failed"), "{s}");
 }
