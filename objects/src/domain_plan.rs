@@ -320,6 +320,13 @@ pub fn plan_vm(s: &Situation) -> Plan {
             }
             plan(steps)
         }
+        // Another live node still holds the lock (e.g. a failed migrate-live left the VM
+        // there): it stops the VM and reports it; the target neither defines nor reports.
+        DesiredState::Shutdown | DesiredState::Stop | DesiredState::Disable
+            if lock_other.is_some_and(|o| o.lease != 0) =>
+        {
+            plan(vec![])
+        }
         DesiredState::Shutdown => {
             let mut then = vec![report("stopped", "shut down")];
             if lock_mine {
@@ -518,6 +525,19 @@ mod tests {
             assert_eq!(reported(&p), Some(rep));
             let p = plan_vm(&sit(Some(&v), None));
             assert_eq!(steps(&p), vec![Step::Define, Step::ReleaseLock]);
+        }
+    }
+
+    #[test]
+    fn the_target_leaves_a_vm_locked_elsewhere_to_its_holder() {
+        for state in [
+            DesiredState::Stop,
+            DesiredState::Shutdown,
+            DesiredState::Disable,
+        ] {
+            let v = vm(state, "hv1", Some(("hv2", 20)));
+            let p = plan_vm(&sit(Some(&v), None));
+            assert_eq!(p.steps, vec![], "{state}: no define, no report");
         }
     }
 

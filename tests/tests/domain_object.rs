@@ -230,33 +230,31 @@ fn bad_input_names_the_field_and_touches_nothing_else() {
     let _ = d.wait_for(|l| is_message(l, "vm state changed"), WAIT);
 }
 
+/// Write `vm`'s run lock as node `holder` would: bound to a fresh live lease (returned).
+fn lock_elsewhere(etcd: &EtcdProcess, vm: &Vm, holder: &'static str) -> i64 {
+    let key = format!("/debvisor/{}", vm.key("lock"));
+    etcd.with_client(|mut c| async move {
+        let err = |e: etcd_client::Error| debvisor_tests::HarnessError::State(e.to_string());
+        let lease = c.lease_grant(60, None).await.map_err(err)?.id();
+        c.put(
+            key,
+            holder,
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .map_err(err)?;
+        Ok(lease)
+    })
+    .expect("lock held elsewhere")
+}
+
 #[test]
 fn never_starts_while_another_live_lease_holds_the_lock() {
     let etcd = EtcdProcess::start().expect("etcd");
     let _d = daemon(&etcd, "dom3");
     let vm = Vm::new("locked");
     // Another node's lock on a live lease.
-    let lease = etcd
-        .with_client(|mut c| async move {
-            let l = c
-                .lease_grant(60, None)
-                .await
-                .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
-            Ok(l.id())
-        })
-        .expect("lease");
-    let key = format!("/debvisor/{}", vm.key("lock"));
-    etcd.with_client(|mut c| async move {
-        c.put(
-            key,
-            "other",
-            Some(etcd_client::PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
-        Ok(())
-    })
-    .expect("foreign lock");
+    let lease = lock_elsewhere(&etcd, &vm, "other");
     vm.define(&etcd, "dom3", "start");
     // Several resync ticks pass: no start, no status of ours claiming it runs.
     std::thread::sleep(Duration::from_secs(3));
@@ -277,27 +275,7 @@ fn never_starts_while_another_live_lease_holds_the_lock() {
     assert_eq!(vm.get(&etcd, "lock").as_deref(), Some("dom3"));
 
     // Split-brain guard: another live node takes the lock of the running VM → stopped here.
-    let lease = etcd
-        .with_client(|mut c| async move {
-            let l = c
-                .lease_grant(60, None)
-                .await
-                .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
-            Ok(l.id())
-        })
-        .expect("lease");
-    let key = format!("/debvisor/{}", vm.key("lock"));
-    etcd.with_client(|mut c| async move {
-        c.put(
-            key,
-            "intruder",
-            Some(etcd_client::PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
-        Ok(())
-    })
-    .expect("intruding lock");
+    lock_elsewhere(&etcd, &vm, "intruder");
     let s = vm.wait_status(&etcd, "stopped", "dom3");
     assert!(
         s["reason"]
