@@ -904,9 +904,16 @@ pub async fn undefine(store: &Store, arg: &str, force: bool) -> Result<Value, St
             row.label()
         ));
     }
+    if let (false, Some(holder)) = (force, row.raw(VmField::Lock)) {
+        return Err(format!(
+            "VM {} holds the run lock of {holder} (it may be running there); stop it first (`vm stop {} --wait`) or use --force",
+            row.label(),
+            row.label()
+        ));
+    }
     let prefix = format!("{VMS_PREFIX}{}/", row.uuid);
     let mut compares = vec![];
-    for f in [VmField::Xml, VmField::Status, VmField::State] {
+    for f in [VmField::Xml, VmField::Status, VmField::State, VmField::Lock] {
         compares.push(Compare::mod_revision(
             store.abs(&vm_key(&row.uuid, f)),
             CompareOp::Equal,

@@ -648,8 +648,17 @@ async fn every_state_verb_writes_its_value_through_its_guard_and_undefine_delete
     put(&mut c, &format!("vms/{U1}/owner"), "hv1").await;
     cl.refused(&["vm", "undefine", "alpha"], "is running on hv1")
         .await;
+    put(
+        &mut c,
+        &format!("vms/{U1}/status"),
+        &status("stopped", "hv1", "2026-11-23T10:00:00Z"),
+    )
+    .await;
+    put(&mut c, &format!("vms/{U1}/lock"), "hv1").await;
+    cl.refused(&["vm", "undefine", "alpha"], "holds the run lock of hv1")
+        .await;
     let v = cl.json(&["vm", "undefine", "alpha", "--force"]);
-    assert_eq!(v["deleted"], 6);
+    assert_eq!(v["deleted"], 7);
     let r = c
         .get(
             format!("{P}vms/{U1}/"),
