@@ -1169,6 +1169,16 @@ fn waits_end_on_what_real_daemons_report() {
         Some("e2e-a")
     );
     ok(&["unmigrate"], "running on e2e-a");
+    // Drain e2e-a and take the VM back: the CLI waits for the node's own verdicts.
+    for (verb, done) in [("flush", "flushed"), ("unflush", "ready")] {
+        let out = cl.run(&["node", verb, "e2e-a", "--wait", "--timeout", "90s"]);
+        assert!(out.status.success(), "node {verb}: {}", stderr(&out));
+        assert_eq!(stdout(&out), format!("node e2e-a {done}\n"));
+        let shown = cl.json(&["vm", "show", &name]);
+        let want = if verb == "flush" { "e2e-b" } else { "e2e-a" };
+        assert_eq!(shown["owner"], want, "after {verb}: {shown}");
+    }
+    ok(&["start"], "running on e2e-a");
     // The test driver cannot migrate live and migrate-live forbids the fallback.
     let out = run(&["migrate", "--live"]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
