@@ -904,9 +904,16 @@ pub async fn undefine(store: &Store, arg: &str, force: bool) -> Result<Value, St
             row.label()
         ));
     }
+    if let (false, Some(holder)) = (force, row.raw(VmField::Lock)) {
+        return Err(format!(
+            "VM {} holds the run lock of {holder} (it may be running there); stop it first (`vm stop {} --wait`) or use --force",
+            row.label(),
+            row.label()
+        ));
+    }
     let prefix = format!("{VMS_PREFIX}{}/", row.uuid);
     let mut compares = vec![];
-    for f in [VmField::Xml, VmField::Status, VmField::State] {
+    for f in [VmField::Xml, VmField::Status, VmField::State, VmField::Lock] {
         compares.push(Compare::mod_revision(
             store.abs(&vm_key(&row.uuid, f)),
             CompareOp::Equal,
@@ -978,8 +985,10 @@ impl Verb {
 }
 
 /// What a `--wait` waits for: `status.state` is `state`, written by `node` when given (and
-/// `owner` is `node` when `owner` is set), the desired state reads `desired` when given, and
-/// `status.since` is later than `since_after` when given (restart).
+/// `owner` is `node` when `owner` is set), the desired state reads `desired` when given,
+/// `status.since` is later than `since_after` when given (restart), and no node holds the
+/// run lock when `unlocked` is set (stop: a "stopped" from a node that does not own the VM
+/// says nothing about the node that runs it; the owner releases the lock once it is down).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Goal {
     /// Wanted `status.state`.
@@ -992,6 +1001,8 @@ pub struct Goal {
     pub desired: Option<DesiredState>,
     /// `status.since` must be later than this.
     pub since_after: Option<OffsetDateTime>,
+    /// The run lock must be gone.
+    pub unlocked: bool,
 }
 
 impl Goal {
@@ -1012,7 +1023,11 @@ impl Goal {
             owner,
             desired,
             since_after,
+            unlocked,
         } = self;
+        if *unlocked && keys.contains_key(VmField::Lock.suffix()) {
+            return false;
+        }
         let Some(status) = status_of(keys) else {
             return false;
         };
@@ -1123,6 +1138,7 @@ async fn set_state(
                     owner: false,
                     desired: None,
                     since_after: None,
+                    unlocked: false,
                 },
                 Verb::Restart => Goal {
                     state: "running",
@@ -1130,6 +1146,7 @@ async fn set_state(
                     owner: false,
                     desired: Some(DesiredState::Start),
                     since_after,
+                    unlocked: false,
                 },
                 Verb::Stop | Verb::Shutdown => Goal {
                     state: "stopped",
@@ -1137,6 +1154,7 @@ async fn set_state(
                     owner: false,
                     desired: None,
                     since_after: None,
+                    unlocked: true,
                 },
                 Verb::Disable => Goal {
                     state: "disabled",
@@ -1144,6 +1162,7 @@ async fn set_state(
                     owner: false,
                     desired: None,
                     since_after: None,
+                    unlocked: true,
                 },
             };
             committed = Some((row, rev, goal));
@@ -1528,6 +1547,7 @@ async fn migrate(
         owner: true,
         desired: None,
         since_after: None,
+        unlocked: false,
     };
     let what = format!(
         "{} from {} to {} requested",
@@ -1595,6 +1615,7 @@ async fn unmigrate(
         owner: true,
         desired: None,
         since_after: None,
+        unlocked: false,
     };
     let what = format!("unmigrate back to {back} requested");
     finish(store, row, rev, goal, wait, json_out, requested, what).await
@@ -1872,6 +1893,7 @@ mod tests {
             owner: true,
             desired: None,
             since_after: None,
+            unlocked: false,
         };
         let t0 = "2026-11-23T10:00:00Z";
         assert!(!goal.reached(&keys(&[("status", &status("running", "hv1", t0))], 5)));
@@ -1889,6 +1911,7 @@ mod tests {
             owner: false,
             desired: Some(DesiredState::Start),
             since_after: OffsetDateTime::parse(t0, &Rfc3339).ok(),
+            unlocked: false,
         };
         let k = |since: &str, state: &str| {
             keys(
@@ -1902,6 +1925,17 @@ mod tests {
         assert!(!restart.reached(&k(t0, "start")), "same since");
         assert!(!restart.reached(&k("2026-11-23T10:00:05Z", "restart")));
         assert!(restart.reached(&k("2026-11-23T10:00:05Z", "start")));
+        let stop = Goal {
+            state: "stopped",
+            node: None,
+            owner: false,
+            desired: None,
+            since_after: None,
+            unlocked: true,
+        };
+        let stopped = status("stopped", "hv2", t0);
+        assert!(!stop.reached(&keys(&[("status", &stopped), ("lock", "hv1")], 5)));
+        assert!(stop.reached(&keys(&[("status", &stopped)], 5)));
         // Fail-fast only on a failure written after the request.
         let f = keys(&[("status", &status("fail", "hv1", t0))], 5);
         assert_eq!(failed(&f, 5), None);

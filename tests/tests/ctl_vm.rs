@@ -648,8 +648,17 @@ async fn every_state_verb_writes_its_value_through_its_guard_and_undefine_delete
     put(&mut c, &format!("vms/{U1}/owner"), "hv1").await;
     cl.refused(&["vm", "undefine", "alpha"], "is running on hv1")
         .await;
+    put(
+        &mut c,
+        &format!("vms/{U1}/status"),
+        &status("stopped", "hv1", "2026-11-23T10:00:00Z"),
+    )
+    .await;
+    put(&mut c, &format!("vms/{U1}/lock"), "hv1").await;
+    cl.refused(&["vm", "undefine", "alpha"], "holds the run lock of hv1")
+        .await;
     let v = cl.json(&["vm", "undefine", "alpha", "--force"]);
-    assert_eq!(v["deleted"], 6);
+    assert_eq!(v["deleted"], 7);
     let r = c
         .get(
             format!("{P}vms/{U1}/"),
@@ -1101,4 +1110,94 @@ async fn etcd_honours_the_ranged_create_guard_of_define() {
         c.txn(txn(r2)).await.expect("txn").succeeded(),
         "a status rewrite does not trip the guard"
     );
+}
+
+/// End to end with real daemons on libvirt's test driver: every `--wait` of the CLI ends on
+/// what the daemons actually report (start, restart, a shutdown migration chosen by
+/// placement, unmigrate, a live migration the test driver cannot do failing fast, stop).
+#[test]
+fn waits_end_on_what_real_daemons_report() {
+    use debvisor_tests::libvirt::{random_uuid, test_driver_xml, unique_name};
+    use debvisor_tests::{eventually, DaemonBuilder};
+    let cl = Cluster::start();
+    let daemon = |node: &str| {
+        let mut d = DaemonBuilder::new(node)
+            .endpoints(std::slice::from_ref(&cl.endpoint))
+            .env("DEBVISOR_DOMAINS_SHUTDOWN_TIMEOUT", "3s")
+            .spawn()
+            .expect("spawn daemon");
+        d.wait_run(Duration::from_secs(30))
+            .expect("daemon reaches run");
+        d
+    };
+    let _a = daemon("e2e-a");
+    let _b = daemon("e2e-b");
+    for n in ["e2e-a", "e2e-b"] {
+        eventually(
+            &format!("{n} reports health"),
+            Duration::from_secs(60),
+            || cl.etcd.get_key(&format!("nodes/{n}/health")).ok().flatten(),
+        );
+    }
+    let name = unique_name("ctl");
+    let f = cl.xml_file("e2e.xml", &test_driver_xml(&name, &random_uuid()));
+    cl.ok(&["vm", "define", &f, "--node", "e2e-a", "--stopped"]);
+    let run = |verb: &[&str]| {
+        let mut args = vec!["vm"];
+        args.extend_from_slice(verb);
+        args.extend([name.as_str(), "--wait", "--timeout", "90s"]);
+        cl.run(&args)
+    };
+    let ok = |verb: &[&'static str], want: &str| {
+        let out = run(verb);
+        assert!(out.status.success(), "{verb:?}: {}", stderr(&out));
+        assert_eq!(stdout(&out), format!("VM {name}: {want}\n"), "{verb:?}");
+    };
+    ok(&["start"], "running on e2e-a");
+    ok(&["restart"], "running on e2e-a");
+    ok(&["migrate"], "running on e2e-b");
+    assert_eq!(
+        cl.etcd
+            .get_key(&format!(
+                "vms/{}/last_node",
+                cl.json(&["vm", "show", &name])["uuid"]
+                    .as_str()
+                    .unwrap_or_default()
+            ))
+            .expect("get")
+            .as_deref(),
+        Some("e2e-a")
+    );
+    ok(&["unmigrate"], "running on e2e-a");
+    // Drain e2e-a and take the VM back: the CLI waits for the node's own verdicts.
+    for (verb, done) in [("flush", "flushed"), ("unflush", "ready")] {
+        let out = cl.run(&["node", verb, "e2e-a", "--wait", "--timeout", "90s"]);
+        assert!(out.status.success(), "node {verb}: {}", stderr(&out));
+        assert_eq!(stdout(&out), format!("node e2e-a {done}\n"));
+        let shown = cl.json(&["vm", "show", &name]);
+        let want = if verb == "flush" { "e2e-b" } else { "e2e-a" };
+        assert_eq!(shown["owner"], want, "after {verb}: {shown}");
+    }
+    ok(&["start"], "running on e2e-a");
+    // The test driver cannot migrate live and migrate-live forbids the fallback.
+    let out = run(&["migrate", "--live"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("failed: status fail on e2e-a") && !e.contains("timed out"),
+        "{e}"
+    );
+    // After the failed migrate-live, node is e2e-b but e2e-a runs the VM: the wait ends
+    // only when the owner released the run lock, whichever node wrote "stopped".
+    let out = run(&["stop"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with(&format!("VM {name}: stopped on e2e-")),
+        "{}",
+        stdout(&out)
+    );
+    let shown = cl.json(&["vm", "show", &name]);
+    assert_eq!(shown["lock"], Value::Null, "{shown}");
+    let out = cl.ok(&["vm", "undefine", &name]);
+    assert!(out.contains("undefined"), "{out}");
 }
