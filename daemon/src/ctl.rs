@@ -176,3 +176,34 @@ pub fn check_node_name(name: &str) -> Result<(), String> {
         ))
     }
 }
+
+/// Left-aligned columns separated by two spaces.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let ncol = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..ncol)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(c);
+            if i + 1 < r.len() {
+                let w = widths.get(i).copied().unwrap_or(0);
+                line.push_str(&" ".repeat(w.saturating_sub(c.chars().count())));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}

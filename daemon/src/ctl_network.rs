@@ -1285,7 +1285,7 @@ pub fn list_table(v: &Value) -> String {
             str_of(&n["description"]),
         ]);
     }
-    table(&rows)
+    crate::ctl::table(&rows)
 }
 
 /// Sorted ACL rules of a network as JSON (direction, numeric order).
@@ -1470,7 +1470,7 @@ pub fn show_text(v: &Value) -> String {
                 r["report"].to_string(),
             ]);
         }
-        table(&t)
+        crate::ctl::table(&t)
     }));
     out.push_str(&section("leases", &v["leases"], lease_table));
     out
@@ -1500,7 +1500,7 @@ fn reservation_table(v: &Value) -> String {
             str_of(&r["hostname"]),
         ]);
     }
-    table(&rows)
+    crate::ctl::table(&rows)
 }
 
 fn lease_table(v: &Value) -> String {
@@ -1521,7 +1521,7 @@ fn lease_table(v: &Value) -> String {
             reserved,
         ]);
     }
-    table(&rows)
+    crate::ctl::table(&rows)
 }
 
 /// The `network dhcp list` tables.
@@ -1574,7 +1574,7 @@ pub fn acl_table(v: &Value) -> String {
             str_of(&r["description"]),
         ]);
     }
-    table(&rows)
+    crate::ctl::table(&rows)
 }
 
 /// At most `n` characters, with "…" when cut.
@@ -1586,37 +1586,6 @@ fn clip(s: &str, n: usize) -> String {
         c.push('…');
         c
     }
-}
-
-/// Left-aligned columns separated by two spaces.
-fn table(rows: &[Vec<String>]) -> String {
-    let ncol = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..ncol)
-        .map(|i| {
-            rows.iter()
-                .filter_map(|r| r.get(i))
-                .map(|c| c.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let mut line = String::new();
-        for (i, c) in r.iter().enumerate() {
-            if i > 0 {
-                line.push_str("  ");
-            }
-            line.push_str(c);
-            if i + 1 < r.len() {
-                let w = widths.get(i).copied().unwrap_or(0);
-                line.push_str(&" ".repeat(w.saturating_sub(c.chars().count())));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
 }
 
 #[cfg(test)]
@@ -1733,7 +1702,7 @@ mod tests {
 
     #[test]
     fn tables_align() {
-        let t = table(&[
+        let t = crate::ctl::table(&[
             vec!["A".into(), "BB".into(), "C".into()],
             vec!["aaa".into(), "b".into(), "c".into()],
         ]);

@@ -90,19 +90,7 @@ impl From<SelectorArg> for NodeSelector {
 
 /// Parse a duration like `90s`, `3m`, `500ms`, `1h` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 3m, 500ms)"))?;
-    let d = match unit {
-        "" | "s" => Duration::from_secs(n),
-        "ms" => Duration::from_millis(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    };
+    let d = crate::config::parse_duration(s)?;
     if d.is_zero() {
         return Err(format!("{s:?}: a timeout must be positive"));
     }
@@ -536,7 +524,7 @@ pub fn list_table(rows: &[VmRow]) -> String {
             problem,
         ]);
     }
-    table(&t)
+    crate::ctl::table(&t)
 }
 
 /// `vm show` as text.
@@ -1740,41 +1728,6 @@ pub async fn node_drain(
             })
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// Tables
-// ---------------------------------------------------------------------------------------
-
-/// Left-aligned columns separated by two spaces.
-fn table(rows: &[Vec<String>]) -> String {
-    let ncol = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..ncol)
-        .map(|i| {
-            rows.iter()
-                .filter_map(|r| r.get(i))
-                .map(|c| c.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let mut line = String::new();
-        for (i, c) in r.iter().enumerate() {
-            if i > 0 {
-                line.push_str("  ");
-            }
-            line.push_str(c);
-            if i + 1 < r.len() {
-                let w = widths.get(i).copied().unwrap_or(0);
-                line.push_str(&" ".repeat(w.saturating_sub(c.chars().count())));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
 }
 
 #[cfg(test)]
