@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::DomainsConfig;
-use crate::hypervisor::{DomainInfo, DomainState, Libvirt, MigrateOptions};
+use crate::hypervisor::{DomainInfo, DomainState, ErrorKind, Libvirt, MigrateOptions};
 
 /// Longest crash-restart delay.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(60);
@@ -440,6 +440,10 @@ impl DomainHost {
                     Step::Define => {
                         let marked = domain::mark_xml(&vm.xml, me).map_err(host_err)?;
                         if let Err(e) = self.hv.define(&marked).await {
+                            if matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout) {
+                                // libvirt away, not the definition's fault: retry later.
+                                return Err(host_err(e));
+                            }
                             let msg = e.to_string();
                             self.report(
                                 uuid,
@@ -482,6 +486,15 @@ impl DomainHost {
                                     rt.next_start = None;
                                 });
                                 info!(vm = %vm.name, uuid, node = %me, lock_revision = vm.lock.as_ref().map(|l| l.revision).unwrap_or(0), "domain started");
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    ErrorKind::Connection | ErrorKind::Timeout
+                                ) =>
+                            {
+                                // libvirt away: not a failure of the guest.
+                                return Err(host_err(e));
                             }
                             Err(e) => {
                                 let (n, delay) =
