@@ -166,10 +166,10 @@ impl DomainHost {
         error: Option<String>,
     ) -> Result<(), ReconcileError> {
         let prev = self.with_rt(uuid, |rt| rt.status.clone());
-        if let Some((s, r, e, _)) = &prev {
-            // Same state: a new reason is worth a write, the steady one ("running" while
-            // running) is not — the reason of the last change stays readable.
-            if s == state && *e == error && (r == reason || reason == state) {
+        if let Some((s, _, e, _)) = &prev {
+            // Same state and error: keep the reason of the transition readable (a later
+            // pass's generic reason must not overwrite "guest ignored ACPI …").
+            if s == state && *e == error {
                 return Ok(());
             }
         }
@@ -723,10 +723,12 @@ impl DomainHost {
                     let Ok(x) = self.hv.xml(&d.uuid).await else {
                         continue;
                     };
-                    let o = domain::read_mark(&x).is_some();
+                    // Ours only if this node defined it: another daemon sharing this
+                    // libvirtd (or a node that migrated it here) owns its own marks.
+                    let o = domain::read_mark(&x).is_some_and(|m| m.node == self.node);
                     lock(&self.marks).insert(d.uuid.clone(), o);
                     if !o {
-                        info!(node = %self.node, vm = %d.name, uuid = %d.uuid, state = %d.state, "foreign domain (not created by debvisor) left alone");
+                        info!(node = %self.node, vm = %d.name, uuid = %d.uuid, state = %d.state, "foreign domain (not defined by this node) left alone");
                     }
                     o
                 }

@@ -305,7 +305,7 @@ pub fn plan_vm(s: &Situation) -> Plan {
             let settle = vm.state != DesiredState::Start && running(&s.local);
             steps.push(report(
                 "running",
-                if !steps.is_empty() {
+                if !steps.is_empty() && vm.state == DesiredState::Start {
                     "started"
                 } else if is_migration(vm.state) {
                     "migrated"

@@ -294,7 +294,7 @@ fn foreign_domains_are_listed_and_left_alone() {
     eventually("foreign domain logged", WAIT, || {
         logged(
             &d,
-            "foreign domain (not created by debvisor) left alone",
+            "foreign domain (not defined by this node) left alone",
             "test",
         )
         .then_some(())
