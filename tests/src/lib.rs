@@ -1,5 +1,5 @@
 //! Test harness for `debvisor-daemon`: private etcd processes, a cuttable TCP proxy, a test
-//! PKI, the real `debvisord`/`debvisorctl` binaries and network namespaces.
+//! PKI, the real `debvisord`/`debvisorctl` binaries, network namespaces and systemd containers.
 //!
 //! Everything spawned is killed by PID and every temp directory removed on drop, including
 //! when a test panics.
@@ -11,6 +11,7 @@ pub mod error;
 pub mod etcd;
 pub mod libvirt;
 pub mod netns;
+pub mod nspawn;
 pub mod ports;
 pub mod proxy;
 pub mod tls;
