@@ -2,7 +2,7 @@
 //! `scripts/package.sh` and lint it, boot Debian 12 in `systemd-nspawn`, and drive the whole
 //! package life: install (enabled, not started), start against the container's etcd (returns
 //! after READY), every startup stage in the journal, reload of the log level, graceful stop,
-//! restart after SIGKILL, store outage and lease loss, an invalid network found by its journal
+//! restart after SIGKILL, the watchdog, store outage and lease loss, an invalid network found by its journal
 //! field, upgrade keeping the edited conffile, remove and purge. A second test applies the
 //! Ansible role twice to a fresh container and lints it.
 //!
@@ -485,6 +485,43 @@ fn package_lifecycle_under_systemd() {
         &["ActiveState", "NRestarts", "MainPID"],
         |s| s["ActiveState"] == "active" && s["NRestarts"] == "1" && s["MainPID"] != pid,
     );
+    wait_state(&c, "pkgnode", "run");
+
+    // Watchdog: the keepalive tick pings systemd (WatchdogTimestamp moves); a frozen daemon
+    // is killed and restarted. A drop-in shortens the limit and kills with SIGKILL (SIGABRT
+    // would stay pending on a stopped process).
+    c.write_file(
+        "/etc/systemd/system/debvisord.service.d/watchdog.conf",
+        "[Service]\nWatchdogSec=3s\nWatchdogSignal=SIGKILL\n",
+    )
+    .expect("writing the drop-in");
+    run(&c, &["systemctl", "daemon-reload"]);
+    run(&c, &["systemctl", "restart", "debvisord"]);
+    let first = show(&c, &["WatchdogTimestampMonotonic"])["WatchdogTimestampMonotonic"].clone();
+    let s = wait_show(&c, "watchdog pings", &["WatchdogTimestampMonotonic"], |s| {
+        s["WatchdogTimestampMonotonic"] != first
+    });
+    let second = s["WatchdogTimestampMonotonic"].clone();
+    wait_show(
+        &c,
+        "more watchdog pings",
+        &["WatchdogTimestampMonotonic"],
+        |s| s["WatchdogTimestampMonotonic"] != second,
+    );
+    let s = show(&c, &["MainPID", "NRestarts"]);
+    let (pid, restarts) = (s["MainPID"].clone(), s["NRestarts"].clone());
+    run(&c, &["kill", "-STOP", &pid]);
+    wait_message(&c, "Watchdog timeout", 0);
+    wait_show(
+        &c,
+        "restart after the watchdog",
+        &["ActiveState", "NRestarts", "MainPID"],
+        |s| s["ActiveState"] == "active" && s["NRestarts"] != restarts && s["MainPID"] != pid,
+    );
+    std::fs::remove_dir_all(c.host_path("/etc/systemd/system/debvisord.service.d"))
+        .expect("removing the drop-in");
+    run(&c, &["systemctl", "daemon-reload"]);
+    run(&c, &["systemctl", "restart", "debvisord"]);
     wait_state(&c, "pkgnode", "run");
 
     // Store outage: the daemon keeps running and resumes when etcd is back.
