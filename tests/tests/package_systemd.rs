@@ -2,9 +2,9 @@
 //! `scripts/package.sh` and lint it, boot Debian 12 in `systemd-nspawn`, and drive the whole
 //! package life: install (enabled, not started), start against the container's etcd (returns
 //! after READY), every startup stage in the journal, reload of the log level, graceful stop,
-//! restart after SIGKILL, the watchdog, store outage and lease loss, an invalid network found by its journal
-//! field, upgrade keeping the edited conffile, remove and purge. A second test applies the
-//! Ansible role twice to a fresh container and lints it.
+//! restart after SIGKILL, the watchdog, store outage and lease loss, an invalid network found
+//! by its journal field, upgrade keeping the edited conffile, remove and purge. A second test
+//! lints the Ansible role and applies it twice to a fresh container.
 //!
 //! The package is built from the binaries of the running test's profile (`--prebuilt`), so
 //! the test adds no release build to CI; `scripts/package.sh` without it builds the release
