@@ -3,7 +3,10 @@
 set -euo pipefail
 PKGS=(etcd-server etcd-client protobuf-compiler pkg-config libvirt-dev libvirt-daemon-system
       libvirt-clients qemu-system-x86 nftables iproute2 ipmitool openssl dnsmasq-base busybox
-      procps)
+      procps
+      # packaging and its tests: Debian tooling, man pages from --help, lintian, a systemd
+      # container (debootstrap + systemd-nspawn), Python venvs for ansible-core/ansible-lint
+      debhelper dpkg-dev help2man lintian debootstrap systemd-container python3-venv)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,6 +1,7 @@
 //! Test harness for `debvisor-daemon`: private etcd processes, a cuttable TCP proxy, a test
-//! PKI, the real `debvisord`/`debvisorctl` binaries, network namespaces and isolated libvirtd
-//! instances (own network, mount and UTS namespaces) for real migration.
+//! PKI, the real `debvisord`/`debvisorctl` binaries, network namespaces, isolated libvirtd
+//! instances (own network, mount and UTS namespaces) for real migration, and systemd
+//! containers.
 //!
 //! Everything spawned is killed by PID and every temp directory removed on drop, including
 //! when a test panics.
@@ -13,6 +14,7 @@ pub mod etcd;
 pub mod libvirt;
 pub mod libvirt_pair;
 pub mod netns;
+pub mod nspawn;
 pub mod ports;
 pub mod proxy;
 pub mod tls;

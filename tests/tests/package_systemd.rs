@@ -1,0 +1,830 @@
+//! The Debian package `debvisor-daemon` under a real systemd (issue 5): build the .deb with
+//! `scripts/package.sh` and lint it, boot Debian 12 in `systemd-nspawn`, and drive the whole
+//! package life: install (enabled, not started), start against the container's etcd (returns
+//! after READY), every startup stage in the journal, reload of the log level, graceful stop,
+//! restart after SIGKILL, the watchdog, store outage and lease loss, an invalid network found
+//! by its journal field, upgrade keeping the edited conffile, remove and purge. A second test
+//! lints the Ansible role and applies it twice to a fresh container.
+//!
+//! The package is built from the binaries of the running test's profile (`--prebuilt`), so
+//! the test adds no release build to CI; `scripts/package.sh` without it builds the release
+//! profile. The journal of the lifecycle test is written to
+//! `<target>/<profile>/package-test/journal.txt` (docs/troubleshooting.md quotes it).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use debvisor_tests::nspawn::{cache_dir, last_lines, Bind, Container};
+use debvisor_tests::{bin_path, skip_unless_root};
+use serde_json::Value;
+
+/// Version of the upgrade package (higher than the changelog's 0.1.0).
+const V2: &str = "0.1.0+rebuild1";
+/// Where the packages are copied inside containers (not /tmp: a tmpfs there).
+const DEB_DIR: &str = "/var/cache/debvisor-test";
+/// Generous deadline of the waits below.
+const WAIT: Duration = Duration::from_secs(90);
+
+/// The two packages the tests install, built once per test process.
+struct Debs {
+    /// Output directory (also gets the journal excerpt).
+    dir: PathBuf,
+    /// Version 0.1.0 (the changelog's).
+    v1: PathBuf,
+    /// Version [`V2`].
+    v2: PathBuf,
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Run `scripts/package.sh` with `args`; panics with its output unless it succeeds.
+fn package(args: &[&str]) -> String {
+    let script = repo_root().join("scripts/package.sh");
+    let out = Command::new(&script)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "package.sh {args:?} failed ({}):\n{text}",
+        out.status
+    );
+    text
+}
+
+fn debs() -> &'static Debs {
+    static DEBS: OnceLock<Debs> = OnceLock::new();
+    DEBS.get_or_init(|| {
+        let bins = bin_path("debvisord")
+            .parent()
+            .expect("binary has a parent")
+            .to_path_buf();
+        let dir = bins.join("package-test");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the package output directory");
+        let (b, d) = (bins.to_string_lossy(), dir.to_string_lossy());
+        let t = Instant::now();
+        let out = package(&["--prebuilt", &b, "--out", &d, "--fast"]);
+        eprintln!(
+            "package.sh (with lintian) took {:.1} s:\n{out}",
+            t.elapsed().as_secs_f64()
+        );
+        assert!(
+            out.contains("lintian found no errors"),
+            "lintian did not pass:\n{out}"
+        );
+        assert!(
+            !out.lines().any(|l| l.starts_with("E: ")),
+            "lintian errors:\n{out}"
+        );
+        package(&[
+            "--prebuilt",
+            &b,
+            "--out",
+            &d,
+            "--fast",
+            "--version",
+            V2,
+            "--no-lintian",
+        ]);
+        let arch = Command::new("dpkg")
+            .arg("--print-architecture")
+            .output()
+            .expect("dpkg --print-architecture");
+        let arch = String::from_utf8_lossy(&arch.stdout).trim().to_owned();
+        let v1 = dir.join(format!("debvisor-daemon_0.1.0_{arch}.deb"));
+        let v2 = dir.join(format!("debvisor-daemon_{V2}_{arch}.deb"));
+        assert!(v1.is_file() && v2.is_file(), "packages missing in {d}");
+        Debs { dir, v1, v2 }
+    })
+}
+
+/// Copy a package into the container; returns its path inside.
+fn copy_in(c: &Container, deb: &Path) -> String {
+    let name = deb.file_name().expect("deb has a name").to_string_lossy();
+    let inside = format!("{DEB_DIR}/{name}");
+    let host = c.host_path(&inside);
+    std::fs::create_dir_all(host.parent().expect("has a parent")).expect("creating DEB_DIR");
+    std::fs::copy(deb, &host).expect("copying the package into the container");
+    inside
+}
+
+/// Run in the container and require success.
+fn run(c: &Container, args: &[&str]) -> String {
+    c.run(args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `systemctl show -p …` as a map.
+fn show(c: &Container, props: &[&str]) -> BTreeMap<String, String> {
+    let mut args = vec!["systemctl", "show", "debvisord.service"];
+    let joined = props.join(",");
+    args.extend(["-p", &joined]);
+    run(c, &args)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// Every journal entry of the unit (daemon and systemd's lines about it), oldest first.
+fn journal(c: &Container) -> Vec<Value> {
+    run(
+        c,
+        &[
+            "journalctl",
+            "-u",
+            "debvisord.service",
+            "-o",
+            "json",
+            "--no-pager",
+        ],
+    )
+    .lines()
+    .filter_map(|l| serde_json::from_str(l).ok())
+    .collect()
+}
+
+fn field<'a>(e: &'a Value, k: &str) -> &'a str {
+    e.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+fn message(e: &Value) -> &str {
+    field(e, "MESSAGE")
+}
+
+/// Number of journal entries whose message contains `text`.
+fn count(c: &Container, text: &str) -> usize {
+    journal(c)
+        .iter()
+        .filter(|e| message(e).contains(text))
+        .count()
+}
+
+/// The readable journal of the unit (for failure messages and the docs excerpt).
+fn journal_text(c: &Container) -> String {
+    c.exec(&[
+        "journalctl",
+        "-u",
+        "debvisord.service",
+        "-o",
+        "short-iso",
+        "--no-pager",
+    ])
+    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    .unwrap_or_default()
+}
+
+/// Wait until more than `before` entries match `pred`; returns the newest match.
+fn wait_entry(c: &Container, what: &str, before: usize, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let matches: Vec<Value> = journal(c).into_iter().filter(|e| pred(e)).collect();
+        if matches.len() > before {
+            return matches.last().cloned().expect("non-empty");
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "no journal entry for {what} within {WAIT:?}:\n{}",
+                last_lines(&journal_text(c), 60)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Wait until the message `text` appears once more than `before` times.
+fn wait_message(c: &Container, text: &str, before: usize) -> Value {
+    wait_entry(c, text, before, |e| message(e).contains(text))
+}
+
+/// Wait until `systemctl show` reports what `ok` accepts.
+fn wait_show(
+    c: &Container,
+    what: &str,
+    props: &[&str],
+    ok: impl Fn(&BTreeMap<String, String>) -> bool,
+) -> BTreeMap<String, String> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = show(c, props);
+        if ok(&s) {
+            return s;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{what}: not reached within {WAIT:?} (last {s:?}):\n{}",
+                last_lines(&journal_text(c), 60)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `daemon_state` of `node` as `debvisorctl node show` reports it.
+fn daemon_state(c: &Container, node: &str) -> Option<String> {
+    let out = c
+        .exec(&["debvisorctl", "node", "show", node, "-o", "json"])
+        .ok()?;
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    v.get("daemon_state")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
+fn wait_state(c: &Container, node: &str, want: &str) {
+    let deadline = Instant::now() + WAIT;
+    while daemon_state(c, node).as_deref() != Some(want) {
+        if Instant::now() > deadline {
+            panic!(
+                "{node} never reached daemon_state {want} (last {:?}):\n{}",
+                daemon_state(c, node),
+                last_lines(&journal_text(c), 60)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Files and directories of the container outside the volatile places (journal, etcd data,
+/// dpkg bookkeeping, our copied packages), to compare before install and after purge.
+fn file_set(c: &Container) -> BTreeSet<String> {
+    let out = run(
+        c,
+        &[
+            "find",
+            "/",
+            "-xdev",
+            "(",
+            "-path",
+            "/proc",
+            "-o",
+            "-path",
+            "/sys",
+            "-o",
+            "-path",
+            "/dev",
+            "-o",
+            "-path",
+            "/run",
+            "-o",
+            "-path",
+            "/tmp",
+            "-o",
+            "-path",
+            "/var/log",
+            "-o",
+            "-path",
+            "/var/lib/etcd",
+            "-o",
+            "-path",
+            "/var/lib/dpkg",
+            "-o",
+            "-path",
+            DEB_DIR,
+            "-o",
+            "-path",
+            "/var/cache/debconf",
+            "-o",
+            "-path",
+            "/root",
+            ")",
+            "-prune",
+            "-o",
+            "-print",
+        ],
+    );
+    out.lines().map(str::to_owned).collect()
+}
+
+/// The configuration the test edits into the conffile: standalone against the container's
+/// etcd, started by the daemon through systemd; libvirt's test driver; firewall and sysctl in
+/// the container's own network namespace.
+fn node_config(level: &str) -> String {
+    format!(
+        "# Edited by the package test: this conffile must survive upgrades.\n\
+         node:\n  name: pkgnode\n  mode: standalone\n\
+         logging:\n  level: {level}\n\
+         store:\n  endpoints: [http://127.0.0.1:2379]\n\
+         keepalive:\n  interval: 1s\n  lease_ttl: 4s\n\
+         hypervisor:\n  uri: test:///default\n\
+         firewall:\n  enabled: true\n\
+         services:\n  coordinator_units: [etcd.service]\n"
+    )
+}
+
+const STAGES: &[&str] = &[
+    "config",
+    "directories",
+    "logging",
+    "host-networking",
+    "sysctl",
+    "coordinator-services",
+    "store-connection",
+    "termination-handling",
+    "self-registration",
+    "hypervisor-check",
+    "firewall",
+    "objects",
+    "keepalive",
+];
+
+#[test]
+fn package_lifecycle_under_systemd() {
+    skip_unless_root!();
+    let t0 = Instant::now();
+    let debs = debs();
+    let t_pkg = t0.elapsed();
+    let t = Instant::now();
+    let c = Container::boot("dvpkg", &[]).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("container booted in {:.1} s", t.elapsed().as_secs_f64());
+    let v1 = copy_in(&c, &debs.v1);
+    let v2 = copy_in(&c, &debs.v2);
+    let files_before = file_set(&c);
+
+    // Install: enabled, not started (the shipped configuration is the reference).
+    let out = run(&c, &["dpkg", "-i", &v1]);
+    assert!(
+        out.contains("enabled but not started"),
+        "dpkg -i said:\n{out}"
+    );
+    assert_eq!(
+        run(&c, &["systemctl", "is-enabled", "debvisord"]).trim(),
+        "enabled"
+    );
+    let s = show(&c, &["ActiveState"]);
+    assert_eq!(
+        s["ActiveState"], "inactive",
+        "started although unconfigured"
+    );
+    for p in [
+        "/usr/sbin/debvisord",
+        "/usr/bin/debvisorctl",
+        "/lib/systemd/system/debvisord.service",
+        "/etc/debvisor/debvisord.yaml",
+        "/usr/share/debvisor-daemon/debvisord.yaml",
+        "/usr/share/man/man8/debvisord.8.gz",
+        "/usr/share/man/man1/debvisorctl.1.gz",
+        "/usr/share/doc/debvisor-daemon/changelog.gz",
+        "/usr/share/doc/debvisor-daemon/copyright",
+    ] {
+        assert!(c.host_path(p).is_file(), "{p} not installed");
+    }
+    assert!(c.host_path("/var/lib/debvisor").is_dir());
+    let conffiles = run(
+        &c,
+        &["dpkg-query", "-W", "-f=${Conffiles}", "debvisor-daemon"],
+    );
+    assert!(
+        conffiles.contains("/etc/debvisor/debvisord.yaml"),
+        "not a conffile: {conffiles:?}"
+    );
+    // The manual page is the --help text: every long option of --help is in it.
+    let help = run(&c, &["debvisord", "--help"]);
+    let man = run(&c, &["zcat", "/usr/share/man/man8/debvisord.8.gz"]);
+    for opt in help
+        .split_whitespace()
+        .filter(|w| w.starts_with("--"))
+        .map(|w| w.trim_end_matches(|ch: char| !ch.is_alphanumeric()))
+    {
+        let escaped = opt.replace('-', "\\-");
+        assert!(man.contains(&escaped), "man page lacks {opt}:\n{man}");
+    }
+    assert!(
+        man.contains("check\\-config"),
+        "man page lacks check-config"
+    );
+
+    // Configure and start: the daemon starts etcd.service itself (systemd backend), and
+    // `systemctl start` returns only after READY=1, i.e. after the last stage.
+    run(&c, &["systemctl", "stop", "etcd.service"]);
+    c.write_file("/etc/debvisor/debvisord.yaml", &node_config("info"))
+        .expect("writing the configuration");
+    run(&c, &["systemctl", "start", "debvisord"]);
+    let s = show(&c, &["ActiveState", "SubState", "MainPID", "StatusText"]);
+    assert_eq!(s["ActiveState"], "active", "{s:?}");
+    assert_eq!(s["SubState"], "running", "{s:?}");
+    assert_eq!(s["StatusText"], "run: node pkgnode", "{s:?}");
+    let entries = journal(&c);
+    for stage in STAGES {
+        let e = entries
+            .iter()
+            .find(|e| field(e, "STAGE") == *stage && message(e) == "stage complete")
+            .unwrap_or_else(|| {
+                panic!(
+                    "stage {stage} not in the journal when start returned:\n{}",
+                    journal_text(&c)
+                )
+            });
+        assert_eq!(field(e, "NODE"), "pkgnode");
+        assert_ne!(field(e, "OUTCOME"), "failed", "{e}");
+    }
+    assert_eq!(
+        run(&c, &["systemctl", "is-active", "etcd.service"]).trim(),
+        "active"
+    );
+    assert_eq!(daemon_state(&c, "pkgnode").as_deref(), Some("run"));
+    let status = run(&c, &["systemctl", "status", "debvisord", "--no-pager"]);
+    assert!(status.contains("active (running)"), "{status}");
+    let table = run(&c, &["nft", "list", "table", "inet", "debvisor"]);
+    assert!(table.contains("chain"), "firewall table missing: {table}");
+
+    // Reload: the log level becomes debug (keepalive lines are debug).
+    assert_eq!(
+        count(&c, "keepalive written"),
+        0,
+        "debug lines at info level"
+    );
+    c.write_file("/etc/debvisor/debvisord.yaml", &node_config("debug"))
+        .expect("writing the configuration");
+    run(&c, &["systemctl", "reload", "debvisord"]);
+    let e = wait_message(&c, "SIGHUP: log level reloaded", 0);
+    assert_eq!(field(&e, "LOG_LEVEL"), "debug", "{e}");
+    // tracing-journald maps debug to priority 6 (info) and info to 5 (notice).
+    let e = wait_message(&c, "keepalive written", 0);
+    assert_eq!(field(&e, "PRIORITY"), "6", "{e}");
+    c.write_file("/etc/debvisor/debvisord.yaml", &node_config("info"))
+        .expect("writing the configuration");
+    run(&c, &["systemctl", "reload", "debvisord"]);
+    wait_message(&c, "SIGHUP: log level reloaded", 1);
+
+    // Stop: graceful shutdown, the node's state is `stop` in etcd.
+    run(&c, &["systemctl", "stop", "debvisord"]);
+    for m in [
+        "termination requested; shutting down gracefully",
+        "lease revoked; peers see this node gone",
+        "debvisord stopped",
+    ] {
+        assert_eq!(count(&c, m), 1, "{m:?} missing:\n{}", journal_text(&c));
+    }
+    let s = show(&c, &["ActiveState", "Result"]);
+    assert_eq!(s["ActiveState"], "inactive", "{s:?}");
+    assert_eq!(s["Result"], "success", "{s:?}");
+    assert_eq!(daemon_state(&c, "pkgnode").as_deref(), Some("stop"));
+
+    // SIGKILL: systemd restarts it (Restart=on-failure) and it comes back to run.
+    run(&c, &["systemctl", "start", "debvisord"]);
+    let pid = show(&c, &["MainPID"])["MainPID"].clone();
+    run(&c, &["kill", "-9", &pid]);
+    wait_show(
+        &c,
+        "restart after SIGKILL",
+        &["ActiveState", "NRestarts", "MainPID"],
+        |s| s["ActiveState"] == "active" && s["NRestarts"] == "1" && s["MainPID"] != pid,
+    );
+    wait_state(&c, "pkgnode", "run");
+
+    // Watchdog: the keepalive tick pings systemd (WatchdogTimestamp moves); a frozen daemon
+    // is killed and restarted. A drop-in shortens the limit and kills with SIGKILL (SIGABRT
+    // would stay pending on a stopped process).
+    c.write_file(
+        "/etc/systemd/system/debvisord.service.d/watchdog.conf",
+        "[Service]\nWatchdogSec=3s\nWatchdogSignal=SIGKILL\n",
+    )
+    .expect("writing the drop-in");
+    run(&c, &["systemctl", "daemon-reload"]);
+    run(&c, &["systemctl", "restart", "debvisord"]);
+    let first = show(&c, &["WatchdogTimestampMonotonic"])["WatchdogTimestampMonotonic"].clone();
+    let s = wait_show(&c, "watchdog pings", &["WatchdogTimestampMonotonic"], |s| {
+        s["WatchdogTimestampMonotonic"] != first
+    });
+    let second = s["WatchdogTimestampMonotonic"].clone();
+    wait_show(
+        &c,
+        "more watchdog pings",
+        &["WatchdogTimestampMonotonic"],
+        |s| s["WatchdogTimestampMonotonic"] != second,
+    );
+    let s = show(&c, &["MainPID", "NRestarts"]);
+    let (pid, restarts) = (s["MainPID"].clone(), s["NRestarts"].clone());
+    run(&c, &["kill", "-STOP", &pid]);
+    wait_message(&c, "Watchdog timeout", 0);
+    wait_show(
+        &c,
+        "restart after the watchdog",
+        &["ActiveState", "NRestarts", "MainPID"],
+        |s| s["ActiveState"] == "active" && s["NRestarts"] != restarts && s["MainPID"] != pid,
+    );
+    std::fs::remove_dir_all(c.host_path("/etc/systemd/system/debvisord.service.d"))
+        .expect("removing the drop-in");
+    run(&c, &["systemctl", "daemon-reload"]);
+    run(&c, &["systemctl", "restart", "debvisord"]);
+    wait_state(&c, "pkgnode", "run");
+
+    // Store outage: the daemon keeps running and resumes when etcd is back.
+    let outage = count(&c, "store unreachable; keepalive skipped");
+    run(&c, &["systemctl", "stop", "etcd.service"]);
+    wait_message(&c, "store unreachable; keepalive skipped", outage);
+    let back = count(&c, "store reachable again; keepalive resumed");
+    run(&c, &["systemctl", "start", "etcd.service"]);
+    wait_message(&c, "store reachable again; keepalive resumed", back);
+    assert_eq!(show(&c, &["ActiveState"])["ActiveState"], "active");
+
+    // Lease loss: revoking the node's lease behind its back makes it re-register.
+    let shown = run(
+        &c,
+        &["debvisorctl", "node", "show", "pkgnode", "-o", "json"],
+    );
+    let v: Value = serde_json::from_str(&shown).expect("node show JSON");
+    let lease = v["lease"].as_str().expect("lease while alive").to_owned();
+    run(
+        &c,
+        &[
+            "etcdctl",
+            "--endpoints=http://127.0.0.1:2379",
+            "lease",
+            "revoke",
+            &lease,
+        ],
+    );
+    wait_message(&c, "node lease lost; re-registering", 0);
+    wait_message(&c, "re-registered with a fresh lease", 0);
+
+    // An invalid network is reported with its VNI as a journal field.
+    run(
+        &c,
+        &[
+            "etcdctl",
+            "--endpoints=http://127.0.0.1:2379",
+            "put",
+            "/debvisor/networks/300/spec",
+            r#"{"type":"managed","mtu":99}"#,
+        ],
+    );
+    let e = wait_entry(&c, "network 300 invalid", 0, |e| {
+        field(e, "NETWORK") == "300" && message(e).contains("network invalid")
+    });
+    assert!(!field(&e, "FIELD").is_empty(), "no FIELD in {e}");
+    let by_field = run(
+        &c,
+        &[
+            "journalctl",
+            "-u",
+            "debvisord",
+            "NETWORK=300",
+            "--no-pager",
+            "-o",
+            "cat",
+        ],
+    );
+    assert!(by_field.contains("network invalid"), "{by_field}");
+
+    // Upgrade: the edited conffile stays, the running daemon is restarted on the new binary.
+    let pid = show(&c, &["MainPID"])["MainPID"].clone();
+    let starts = count(&c, "debvisord starting");
+    run(&c, &["dpkg", "-i", &v2]);
+    assert_eq!(
+        run(
+            &c,
+            &["dpkg-query", "-W", "-f=${Version}", "debvisor-daemon"]
+        ),
+        V2
+    );
+    let conf = std::fs::read_to_string(c.host_path("/etc/debvisor/debvisord.yaml"))
+        .expect("reading the conffile");
+    assert_eq!(conf, node_config("info"), "conffile changed by the upgrade");
+    wait_message(&c, "debvisord starting", starts);
+    wait_show(
+        &c,
+        "running after upgrade",
+        &["ActiveState", "MainPID"],
+        |s| s["ActiveState"] == "active" && s["MainPID"] != pid && s["MainPID"] != "0",
+    );
+    wait_state(&c, "pkgnode", "run");
+
+    // Remove stops it gracefully; purge leaves nothing behind.
+    let stopped = count(&c, "debvisord stopped");
+    run(&c, &["dpkg", "-r", "debvisor-daemon"]);
+    assert_eq!(count(&c, "debvisord stopped"), stopped + 1);
+    assert_eq!(show(&c, &["ActiveState"])["ActiveState"], "inactive");
+    assert!(c.host_path("/etc/debvisor/debvisord.yaml").is_file());
+    let excerpt = journal_text(&c);
+    let excerpt_json = run(
+        &c,
+        &[
+            "journalctl",
+            "-u",
+            "debvisord.service",
+            "-o",
+            "json",
+            "--no-pager",
+        ],
+    );
+    run(&c, &["dpkg", "-P", "debvisor-daemon"]);
+    for p in [
+        "/etc/debvisor",
+        "/var/lib/debvisor",
+        "/run/debvisor",
+        "/usr/sbin/debvisord",
+        "/lib/systemd/system/debvisord.service",
+        "/etc/systemd/system/multi-user.target.wants/debvisord.service",
+        "/var/lib/systemd/deb-systemd-helper-enabled/debvisord.service",
+    ] {
+        assert!(!c.host_path(p).exists(), "{p} left after purge");
+    }
+    let files_after = file_set(&c);
+    let added: Vec<_> = files_after.difference(&files_before).collect();
+    let removed: Vec<_> = files_before.difference(&files_after).collect();
+    assert!(
+        added.is_empty() && removed.is_empty(),
+        "purge left a different file system: added {added:?}, removed {removed:?}"
+    );
+
+    let path = debs.dir.join("journal.txt");
+    std::fs::write(&path, &excerpt).expect("writing the journal excerpt");
+    std::fs::write(debs.dir.join("journal.json"), &excerpt_json)
+        .expect("writing the journal excerpt");
+    eprintln!(
+        "journal of the run written to {}\npackages built in {:.1} s; test total {:.1} s",
+        path.display(),
+        t_pkg.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// The cached venv with the pinned ansible-core and ansible-lint of
+/// packaging/ansible/requirements.txt (rebuilt when that file changes). It is made from
+/// Debian's /usr/bin/python3, the same interpreter as in the container, where it is bound.
+fn ansible_venv() -> PathBuf {
+    let req_path = repo_root().join("packaging/ansible/requirements.txt");
+    let req = std::fs::read_to_string(&req_path).expect("reading requirements.txt");
+    let tag: String = req
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.replace("==", "-"))
+        .collect::<Vec<_>>()
+        .join("_");
+    let venv = cache_dir().join(format!("venv-{tag}"));
+    let debian_python = std::fs::read_to_string(venv.join("pyvenv.cfg"))
+        .is_ok_and(|cfg| cfg.lines().any(|l| l.trim() == "home = /usr/bin"));
+    if debian_python
+        && venv.join("bin/ansible-playbook").is_file()
+        && venv.join("bin/ansible-lint").is_file()
+    {
+        return venv;
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    std::fs::create_dir_all(cache_dir()).expect("creating the cache directory");
+    let step = |cmd: &mut Command| {
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    step(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(&venv),
+    );
+    step(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "-r"])
+            .arg(&req_path),
+    );
+    venv
+}
+
+/// `(ok, changed, failed)` of the PLAY RECAP line of `host`.
+fn recap(output: &str, host: &str) -> (u32, u32, u32) {
+    let line = output
+        .lines()
+        .rev()
+        .find(|l| l.starts_with(host) && l.contains("changed="))
+        .unwrap_or_else(|| panic!("no PLAY RECAP line for {host}:\n{output}"));
+    let num = |k: &str| -> u32 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+    };
+    (num("ok="), num("changed="), num("failed="))
+}
+
+#[test]
+fn ansible_role_is_idempotent() {
+    skip_unless_root!();
+    let t0 = Instant::now();
+    let venv = ansible_venv();
+    let ansible_dir = repo_root().join("packaging/ansible");
+
+    // The role and the example 3-node playbook pass ansible-lint (production profile).
+    let lint = Command::new(venv.join("bin/ansible-lint"))
+        .current_dir(&ansible_dir)
+        .env(
+            "PATH",
+            format!(
+                "{}:/usr/sbin:/usr/bin:/sbin:/bin",
+                venv.join("bin").display()
+            ),
+        )
+        .stdin(Stdio::null())
+        .output()
+        .expect("running ansible-lint");
+    let lint_out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+    assert!(lint.status.success(), "ansible-lint failed:\n{lint_out}");
+    assert!(lint_out.contains("Passed"), "{lint_out}");
+
+    let debs = debs();
+    let c = Container::boot(
+        "dvansible",
+        &[
+            Bind {
+                host: venv.clone(),
+                container: venv.clone(),
+                read_only: true,
+            },
+            Bind {
+                host: ansible_dir,
+                container: PathBuf::from("/srv/debvisor-ansible"),
+                read_only: true,
+            },
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let deb = copy_in(&c, &debs.v1);
+    c.write_file(
+        "/root/inventory.yml",
+        &format!(
+            "debvisor:\n  hosts:\n    localhost:\n      ansible_connection: local\n\
+             \x20     ansible_python_interpreter: /usr/bin/python3\n\
+             \x20     debvisor_daemon_deb: {deb}\n\
+             \x20     debvisor_daemon_node_name: ansnode\n\
+             \x20     debvisor_daemon_mode: standalone\n\
+             \x20     debvisor_daemon_hypervisor_uri: \"test:///default\"\n\
+             \x20     debvisor_daemon_keepalive_interval: 1s\n\
+             \x20     debvisor_daemon_lease_ttl: 4s\n\
+             \x20     debvisor_daemon_firewall_enabled: true\n\
+             \x20     debvisor_daemon_coordinator_units: [etcd.service]\n"
+        ),
+    )
+    .expect("writing the inventory");
+    let playbook = venv.join("bin/ansible-playbook");
+    let playbook = playbook.to_string_lossy();
+    let apply = || -> String {
+        let out = c
+            .exec(&[
+                &playbook,
+                "-i",
+                "/root/inventory.yml",
+                "/srv/debvisor-ansible/site.yml",
+            ])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "ansible-playbook failed ({}):\n{text}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let first = apply();
+    let (_, changed, failed) = recap(&first, "localhost");
+    assert_eq!(failed, 0);
+    assert!(changed > 0, "first run changed nothing:\n{first}");
+    assert_eq!(daemon_state(&c, "ansnode").as_deref(), Some("run"));
+    let second = apply();
+    let (ok, changed, failed) = recap(&second, "localhost");
+    assert_eq!(
+        (changed, failed),
+        (0, 0),
+        "second run not idempotent:\n{second}"
+    );
+    assert!(ok > 0);
+    assert_eq!(
+        run(&c, &["systemctl", "is-active", "debvisord"]).trim(),
+        "active"
+    );
+    assert_eq!(
+        run(&c, &["systemctl", "is-enabled", "debvisord"]).trim(),
+        "enabled"
+    );
+    eprintln!(
+        "first run:\n{}\nsecond run:\n{}\nansible test total {:.1} s",
+        last_lines(&first, 30),
+        last_lines(&second, 8),
+        t0.elapsed().as_secs_f64()
+    );
+}
