@@ -10,6 +10,7 @@ pub mod drain;
 pub mod hostinfo;
 pub mod hostnet;
 pub mod hypervisor;
+pub mod journal;
 pub mod keepalive;
 pub mod logging;
 pub mod netobj;

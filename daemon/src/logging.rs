@@ -2,7 +2,8 @@
 //! with a level filter that SIGHUP can reload.
 //!
 //! Events carry the object they are about as a field (`node=`, `vm=`, `network=`, `stage=`);
-//! on journald those become journal fields (`journalctl -u debvisord NODE=hv1`).
+//! on journald those become journal fields (`journalctl -u debvisord NODE=hv1`) and are also
+//! appended to the message text (see [`crate::journal`]).
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -38,11 +39,11 @@ pub fn init(cfg: &LoggingConfig) -> Result<LogHandle, String> {
     };
     let mut fallback_note = None;
     let journald = if want_journald {
-        match tracing_journald::layer() {
-            Ok(l) => Some(
-                l.with_field_prefix(None)
-                    .with_syslog_identifier("debvisord".into()),
-            ),
+        match crate::journal::JournalLayer::connect(
+            std::path::Path::new(crate::journal::JOURNAL_SOCKET),
+            "debvisord",
+        ) {
+            Ok(l) => Some(l),
             Err(e) => {
                 fallback_note = Some(format!("journald unavailable ({e}); logging to stderr"));
                 None
