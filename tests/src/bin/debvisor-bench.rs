@@ -20,11 +20,17 @@
 //! (create, then delete), with the firewall off and on, and the nft apply cost of that many
 //! networks' chains in one batch versus one change per network.
 //!
+//! Then the issue-3 figures (module `bench_vms`, `bench/vms.rs`): the Domain object's start
+//! latency (etcd write → libvirt start) and convergence of `--vms` VMs on the test driver,
+//! etcd requests per keepalive tick with those VMs running against none, and write →
+//! `running` of `--guests` real guests on `qemu:///system` (root).
+//!
 //! Run with `cargo run --release -p debvisor-tests --bin debvisor-bench` (the daemon is built
-//! in the profile of this executable); `--networks-only` / `--skip-networks` run one part.
+//! in the profile of this executable); `--networks-only` / `--skip-networks` and
+//! `--vms-only` / `--skip-vms` select parts.
 //! Tables go to stdout and, unless `--no-write`, into `docs/benchmarks.md` between
 //! `<!-- bench:foundation:start -->` and `<!-- bench:foundation:end -->` (and the
-//! `bench:networks` markers). The daemons' own log lines are echoed on stderr by the harness.
+//! `bench:networks` and `bench:vms` markers). The daemons' own log lines are echoed on stderr by the harness.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -87,19 +93,35 @@ struct Args {
     networks_only: bool,
     /// Skip the issue-4 (networks) figures.
     skip_networks: bool,
+    /// VMs of the issue-3 (Domain object) figures.
+    vms: usize,
+    /// Real guests of the issue-3 figure 4.
+    guests: usize,
+    /// Writes per second of the issue-3 latency figure.
+    vm_rate: u32,
+    /// Run only the issue-3 (VMs) figures.
+    vms_only: bool,
+    /// Skip the issue-3 (VMs) figures.
+    skip_vms: bool,
     /// The arguments as given, for the report.
     raw: Vec<String>,
 }
 
 const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N] [--networks N]
-                      [--networks-only | --skip-networks] [--no-write]
+                      [--networks-only | --skip-networks] [--vms N] [--vm-rate R] [--guests N]
+                      [--vms-only | --skip-vms] [--no-write]
 
   --runs N          startup runs (default 10)
   --idle-secs S     idle RSS/CPU window in seconds (default 60)
   --ticks N         keepalive ticks in the etcd request window (default 20)
   --networks N      managed networks of the issue-4 figures (default 100; needs root)
   --networks-only   run only the issue-4 (networks) figures
-  --skip-networks   run only the foundation figures
+  --skip-networks   skip the issue-4 (networks) figures
+  --vms N           VMs of the issue-3 (Domain object) figures (default 1000)
+  --vm-rate R       writes per second of the VM start-latency figure (default 100)
+  --guests N        real KVM guests of the issue-3 figure 4 (default 10; needs root)
+  --vms-only        run only the issue-3 (VMs) figures
+  --skip-vms        skip the issue-3 (VMs) figures
   --no-write        print only; do not update docs/benchmarks.md";
 
 /// Parse `std::env::args()`; `Ok(None)` for `--help`.
@@ -113,6 +135,11 @@ fn parse_args() -> BenchResult<Option<Args>> {
         networks: 100,
         networks_only: false,
         skip_networks: false,
+        vms: 1000,
+        guests: 10,
+        vm_rate: 100,
+        vms_only: false,
+        skip_vms: false,
         raw: raw.clone(),
     };
     let mut it = raw.iter();
@@ -142,6 +169,15 @@ fn parse_args() -> BenchResult<Option<Args>> {
                 args.networks = usize::try_from(value("--networks")?).map_err(|e| e.to_string())?
             }
             "--networks-only" => args.networks_only = true,
+            "--vms" => args.vms = usize::try_from(value("--vms")?).map_err(|e| e.to_string())?,
+            "--guests" => {
+                args.guests = usize::try_from(value("--guests")?).map_err(|e| e.to_string())?
+            }
+            "--vm-rate" => {
+                args.vm_rate = u32::try_from(value("--vm-rate")?).map_err(|e| e.to_string())?
+            }
+            "--vms-only" => args.vms_only = true,
+            "--skip-vms" => args.skip_vms = true,
             "--skip-networks" => args.skip_networks = true,
             "--no-write" => args.write = false,
             "-h" | "--help" => return Ok(None),
@@ -156,6 +192,21 @@ fn parse_args() -> BenchResult<Option<Args>> {
     if args.networks_only && args.skip_networks {
         return Err(format!(
             "--networks-only and --skip-networks exclude each other\n{USAGE}"
+        ));
+    }
+    if args.vms_only && (args.skip_vms || args.networks_only) {
+        return Err(format!(
+            "--vms-only excludes --skip-vms and --networks-only\n{USAGE}"
+        ));
+    }
+    if !(1..=bench_vms::MAX_VMS).contains(&args.vms)
+        || args.guests == 0
+        || !(1..=1000).contains(&args.vm_rate)
+    {
+        return Err(format!(
+            "--vms must be between 1 and {}, --vm-rate between 1 and 1000, --guests at \
+             least 1\n{USAGE}",
+            bench_vms::MAX_VMS
         ));
     }
     if !(1..=bench_networks::MAX_NETWORKS).contains(&args.networks) {
@@ -191,7 +242,8 @@ fn main() -> ExitCode {
 /// Run the selected parts, print each report and (unless `--no-write`) write it to the docs.
 /// Every spawned process is owned by a local and killed by its `Drop` on every return path.
 fn run(args: &Args) -> BenchResult<()> {
-    if !args.skip_networks && !debvisor_tests::is_root() {
+    let networks = !args.skip_networks && !args.vms_only;
+    if networks && !debvisor_tests::is_root() {
         return Err(
             "the networks figures need root (network namespaces); run as root or pass \
              --skip-networks"
@@ -202,11 +254,14 @@ fn run(args: &Args) -> BenchResult<()> {
     // Build the daemon (same profile as this executable) before any timing starts.
     let daemon_bin = debvisor_tests::bin_path("debvisord");
     eprintln!("debvisor-bench: daemon binary {}", daemon_bin.display());
-    if !args.networks_only {
+    if !args.networks_only && !args.vms_only {
         run_foundation(args, &machine)?;
     }
-    if !args.skip_networks {
+    if networks {
         bench_networks::run(args, &machine)?;
+    }
+    if !args.skip_vms && !args.networks_only {
+        bench_vms::run(args, &machine)?;
     }
     Ok(())
 }
@@ -1439,16 +1494,25 @@ const DOCS_HEADER: &str = "# Benchmarks\n\n\
      Foundation figures: startup time to `run` (and where it goes, per stage), idle RSS \
      and CPU at a 5 s keepalive tick, and etcd requests per keepalive tick. Issue-4 \
      figures (root): converging managed networks from etcd, and nft apply cost per \
-     network.\n\n\
+     network. Issue-3 figures: VM start latency and convergence, requests per tick with \
+     VMs, real guests (root).\n\n\
      Run:\n\n\
      ```sh\n\
      cargo run --release -p debvisor-tests --bin debvisor-bench \
      # --runs 10 --idle-secs 60 --ticks 20 --networks 100 \
-     [--networks-only | --skip-networks] [--no-write]\n\
+     [--networks-only | --skip-networks] --vms 1000 --guests 10 \
+     [--vms-only | --skip-vms] [--no-write]\n\
      ```\n\n\
-     The sections between the `bench:foundation` and `bench:networks` markers are \
+     The sections between the `bench:foundation`, `bench:networks` and `bench:vms` markers are \
      rewritten by each run; keep other notes outside them.\n\n\
      Numbers are from a shared, noisy 2-core VM; compare ratios within one run.\n";
+
+// ---------------------------------------------------------------------------------------
+// Issue-3 figures: VMs (the Domain object), in their own file
+// ---------------------------------------------------------------------------------------
+
+#[path = "bench/vms.rs"]
+mod bench_vms;
 
 // ---------------------------------------------------------------------------------------
 // Issue-4 figures: managed networks
