@@ -294,6 +294,9 @@ pub struct HypervisorConfig {
     /// URI other nodes' libvirtd use to reach this one for peer-to-peer migration
     /// (`qemu+tcp://10.0.0.11/system`); published in `info.libvirt_uri`. Unset: `uri`.
     pub peer_uri: Option<String>,
+    /// libvirt validates each VM definition against its schema (unknown elements refused
+    /// instead of ignored; costs libvirt a schema load per define).
+    pub validate_xml: bool,
 }
 
 impl Default for HypervisorConfig {
@@ -302,6 +305,7 @@ impl Default for HypervisorConfig {
             uri: "qemu:///system".into(),
             timeout: Duration::from_secs(10),
             peer_uri: None,
+            validate_xml: false,
         }
     }
 }

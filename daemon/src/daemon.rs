@@ -472,7 +472,8 @@ pub async fn run(config_path: &Path) -> ExitCode {
     );
 
     let t = Instant::now();
-    let libvirt = Libvirt::new(&cfg.hypervisor.uri, cfg.hypervisor.timeout);
+    let libvirt = Libvirt::new(&cfg.hypervisor.uri, cfg.hypervisor.timeout)
+        .with_validation(cfg.hypervisor.validate_xml);
     let registered_info = info.clone();
     let info = match libvirt.probe().await {
         Ok(p) => {

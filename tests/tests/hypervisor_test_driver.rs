@@ -241,9 +241,10 @@ async fn bad_xml_is_refused_with_a_reason() {
         assert!(e.to_string().contains(want), "{e}");
     }
 
-    // Well-formed but wrong for libvirt: libvirt's schema validation says why.
+    // Well-formed but wrong for libvirt: with validation on, libvirt's schema says why.
     let unknown_element = d.xml().replace("<vcpu>1</vcpu>", "<vcpu>1</vcpu><bogus/>");
-    let e = lv.define(&unknown_element).await.expect_err("schema");
+    let strict = lv.clone().with_validation(true);
+    let e = strict.define(&unknown_element).await.expect_err("schema");
     let HypervisorError::Domain {
         op,
         domain,

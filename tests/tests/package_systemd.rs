@@ -422,9 +422,7 @@ fn package_lifecycle_under_systemd() {
     for stage in STAGES {
         let e = entries
             .iter()
-            .find(|e| {
-                field(e, "STAGE") == *stage && message(e).starts_with("stage complete ")
-            })
+            .find(|e| field(e, "STAGE") == *stage && message(e).starts_with("stage complete "))
             .unwrap_or_else(|| {
                 panic!(
                     "stage {stage} not in the journal when start returned:\n{}",
