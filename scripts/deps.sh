@@ -3,7 +3,7 @@
 set -euo pipefail
 PKGS=(etcd-server etcd-client protobuf-compiler pkg-config libvirt-dev libvirt-daemon-system
       libvirt-clients qemu-system-x86 nftables iproute2 ipmitool openssl dnsmasq-base busybox
-      procps)
+      procps ceph-mon ceph-osd ceph-mgr ceph-common qemu-block-extra)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
