@@ -122,6 +122,16 @@ impl CephCluster {
         "admin"
     }
 
+    /// The daemon's driver for this cluster as `client.admin`, with `timeout` per call.
+    pub fn cli(&self, timeout: Duration) -> debvisor_daemon::ceph::CephCli {
+        debvisor_daemon::ceph::CephCli::new(
+            self.conf_path(),
+            self.client(),
+            Some(self.keyring_path()),
+            timeout,
+        )
+    }
+
     /// The cluster fsid.
     pub fn fsid(&self) -> &str {
         &self.fsid

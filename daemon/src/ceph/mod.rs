@@ -129,7 +129,8 @@ pub trait Ceph: Send + Sync {
         pool: &str,
         size: u32,
     ) -> impl Future<Output = Result<(), CephError>> + Send;
-    /// Delete a pool and all its data (the caller decides whether that is allowed).
+    /// Delete a pool and all its data (the caller decides whether that is allowed); a pool
+    /// that does not exist counts as deleted (Ceph answers success).
     fn pool_delete(&self, pool: &str) -> impl Future<Output = Result<(), CephError>> + Send;
     /// `rbd pool init` (slow, ≈3 s; [`Ceph::pool_create`] already enables `rbd`).
     fn rbd_pool_init(&self, pool: &str) -> impl Future<Output = Result<(), CephError>> + Send;
