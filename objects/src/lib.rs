@@ -6,6 +6,7 @@
 mod macros;
 
 pub mod ceph;
+pub mod ceph_plan;
 pub mod domain;
 pub mod domain_plan;
 pub mod lease;
