@@ -13,6 +13,9 @@ use debvisor_daemon::ceph::{
 };
 use debvisor_tests::CephCluster;
 
+#[path = "ceph_driver/reconcile.rs"]
+mod reconcile;
+
 const POOL: &str = "dv-test";
 const MIB: u64 = 1 << 20;
 /// A generous deadline for cluster state to settle (not a speed claim).
@@ -75,6 +78,7 @@ async fn ceph_driver_against_a_real_cluster() {
     snapshot_rollback_restores_data(&cluster, &cli, &mut lat).await;
     lock_hygiene(&cluster, &cli, &mut lat).await;
     errors_name_the_object(&cli).await;
+    reconcile::etcd_to_ceph_and_back(&cluster, &cli).await;
     timeout_against_a_frozen_mon(&cluster).await;
     lat.report();
 }
@@ -200,8 +204,12 @@ fn rbd_info_size(cluster: &CephCluster, spec: &str) -> u64 {
 }
 
 fn rbd_names(cluster: &CephCluster) -> Vec<String> {
+    rbd_names_in(cluster, POOL)
+}
+
+fn rbd_names_in(cluster: &CephCluster, pool: &str) -> Vec<String> {
     let out = cluster
-        .rbd(&["ls", "--pool", POOL, "--format", "json"])
+        .rbd(&["ls", "--pool", pool, "--format", "json"])
         .expect("rbd ls");
     serde_json::from_str(&out).expect("json")
 }

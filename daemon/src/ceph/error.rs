@@ -54,6 +54,12 @@ pub enum CephError {
         /// The tool's stderr, trimmed (progress noise removed).
         stderr: String,
     },
+    /// Something a step needs is not there (e.g. the snapshot a clone is made from).
+    #[error("{object} does not exist")]
+    Missing {
+        /// The missing object (`snapshot rbd/base@golden`).
+        object: String,
+    },
     /// The tool succeeded but its output did not parse.
     #[error("`{command}` for {object}: unexpected output: {reason}")]
     Parse {
@@ -80,7 +86,8 @@ impl CephError {
 
     /// The object (pool, image, snapshot) does not exist.
     pub fn is_not_found(&self) -> bool {
-        self.code() == Some(ENOENT)
+        matches!(self, CephError::Missing { .. })
+            || self.code() == Some(ENOENT)
             || self.stderr_has("does not exist")
             || self.stderr_has("No such file or directory")
     }

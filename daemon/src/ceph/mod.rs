@@ -7,6 +7,7 @@
 //! Every name is validated before a command runs (see `debvisor_objects::ceph`); every call
 //! has a timeout and runs outside the liveness path.
 
+pub mod apply;
 pub mod cli;
 pub mod error;
 pub mod locks;
@@ -15,6 +16,9 @@ pub mod types;
 use std::fmt;
 use std::future::Future;
 
+pub use apply::{
+    apply_pool_step, apply_volume_step, observe_volume, observed_pools, volume_in_use,
+};
 pub use cli::CephCli;
 pub use error::CephError;
 pub use locks::{plan_lock_hygiene, release_stale_locks, LockVerdict, NodeAddrs};
