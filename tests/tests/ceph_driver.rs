@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use debvisor_daemon::ceph::{
-    plan_lock_hygiene, purge_and_remove, release_stale_locks, Ceph, CephCli, CephError,
-    HealthStatus, ImageRef, LockVerdict, NodeAddrs,
+    collect_state, diff, local_osds, plan_lock_hygiene, purge_and_remove, release_stale_locks,
+    Ceph, CephCli, CephError, HealthStatus, ImageRef, KeyChange, LockVerdict, NodeAddrs,
 };
 use debvisor_tests::CephCluster;
 
@@ -77,6 +77,7 @@ async fn ceph_driver_against_a_real_cluster() {
     volume_lifecycle_and_clone(&cluster, &cli, &mut lat).await;
     snapshot_rollback_restores_data(&cluster, &cli, &mut lat).await;
     lock_hygiene(&cluster, &cli, &mut lat).await;
+    state_collection(&cli, &mut lat).await;
     errors_name_the_object(&cli).await;
     reconcile::etcd_to_ceph_and_back(&cluster, &cli).await;
     timeout_against_a_frozen_mon(&cluster).await;
@@ -469,6 +470,61 @@ async fn lock_hygiene(cluster: &CephCluster, cli: &CephCli, lat: &mut Latencies)
         .expect("lock ls");
     assert_eq!(out.trim(), "[]", "the lock is gone for rbd too");
     purge_and_remove(cli, &vol).await.expect("remove vol3");
+}
+
+async fn state_collection(cli: &CephCli, lat: &mut Latencies) {
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    let meta = cli.osd_metadata().await.expect("metadata");
+    assert_eq!(local_osds(&meta, hostname.trim()), [0, 1]);
+    assert!(local_osds(&meta, "some-other-node").is_empty());
+
+    let before = lat
+        .time("collect state", collect_state(cli))
+        .await
+        .expect("collect");
+    let json = |m: &BTreeMap<String, String>, k: &str| -> serde_json::Value {
+        serde_json::from_str(m.get(k).unwrap_or_else(|| panic!("{k} collected"))).expect("json")
+    };
+    assert_eq!(json(&before, "ceph/health")["status"], "HEALTH_OK");
+    assert!(json(&before, "ceph/usage")["total_bytes"].as_u64() > Some(0));
+    for id in [0, 1] {
+        let osd = json(&before, &format!("ceph/observed/osds/{id}"));
+        assert_eq!(
+            (osd["up"].as_bool(), osd["in"].as_bool()),
+            (Some(true), Some(true)),
+            "{osd}"
+        );
+        assert_eq!(osd["node"], hostname.trim());
+    }
+    let pool = json(&before, "ceph/observed/pools/dv-test");
+    assert_eq!(
+        (pool["size"].as_u64(), pool["pg_num"].as_u64()),
+        (Some(1), Some(8))
+    );
+
+    // A new volume with a snapshot shows up, and only it (and usage) changes.
+    let vol = ImageRef::new(POOL, "observed1");
+    cli.rbd_create(&vol, 16 * MIB).await.expect("create");
+    cli.rbd_snap_create(&vol, "s1").await.expect("snap");
+    let after = collect_state(cli).await.expect("collect");
+    let v = json(&after, "ceph/observed/volumes/dv-test:observed1");
+    assert_eq!(v["size"], 16 * MIB);
+    assert_eq!(v["snapshots"][0]["name"], "s1");
+    assert_eq!(v["parent"], serde_json::Value::Null);
+    let changes = diff(&before, &after);
+    assert!(changes.contains(&KeyChange::Put(
+        "ceph/observed/volumes/dv-test:observed1".into(),
+        after["ceph/observed/volumes/dv-test:observed1"].clone()
+    )));
+    assert!(
+        changes.iter().all(|c| !matches!(c, KeyChange::Delete(_))),
+        "{changes:?}"
+    );
+    purge_and_remove(cli, &vol).await.expect("remove");
+    let gone = collect_state(cli).await.expect("collect");
+    assert!(diff(&after, &gone).contains(&KeyChange::Delete(
+        "ceph/observed/volumes/dv-test:observed1".into()
+    )));
 }
 
 async fn errors_name_the_object(cli: &CephCli) {

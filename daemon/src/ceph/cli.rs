@@ -10,8 +10,8 @@ use serde::de::DeserializeOwned;
 
 use super::error::CephError;
 use super::types::{
-    ClusterStatus, Df, Health, ImageInfo, ImageLock, ImageUsage, OsdDf, OsdMetadata, OsdTree,
-    PoolInfo, RawDu, RawStatus, Snapshot, Watcher,
+    ClusterStatus, Df, Health, ImageInfo, ImageListEntry, ImageLock, ImageUsage, OsdDf,
+    OsdMetadata, OsdTree, PoolInfo, RawDu, RawStatus, Snapshot, Watcher,
 };
 use super::{check_image, check_lock, check_pool, check_snap, Ceph, ImageRef};
 use crate::config::CephConfig;
@@ -267,6 +267,16 @@ impl Ceph for CephCli {
         check_pool(pool)?;
         self.json(Tool::Rbd, &["ls", "--pool", pool], &format!("pool {pool}"))
             .await
+    }
+
+    async fn rbd_list_long(&self, pool: &str) -> Result<Vec<ImageListEntry>, CephError> {
+        check_pool(pool)?;
+        self.json(
+            Tool::Rbd,
+            &["ls", "-l", "--pool", pool],
+            &format!("pool {pool}"),
+        )
+        .await
     }
 
     async fn rbd_info(&self, image: &ImageRef) -> Result<ImageInfo, CephError> {

@@ -9,6 +9,7 @@
 
 pub mod apply;
 pub mod cli;
+pub mod collect;
 pub mod error;
 pub mod locks;
 pub mod types;
@@ -20,11 +21,12 @@ pub use apply::{
     apply_pool_step, apply_volume_step, observe_volume, observed_pools, volume_in_use,
 };
 pub use cli::CephCli;
+pub use collect::{batches, collect_state, diff, local_osds, KeyChange};
 pub use error::CephError;
 pub use locks::{plan_lock_hygiene, release_stale_locks, LockVerdict, NodeAddrs};
 pub use types::{
-    ClusterStatus, Df, Health, HealthCheck, HealthStatus, ImageInfo, ImageLock, ImageUsage, OsdDf,
-    OsdMetadata, OsdTree, PoolInfo, Snapshot, Watcher,
+    ClusterStatus, Df, Health, HealthCheck, HealthStatus, ImageInfo, ImageListEntry, ImageLock,
+    ImageUsage, OsdDf, OsdMetadata, OsdTree, PoolInfo, Snapshot, Watcher,
 };
 
 use debvisor_objects::ceph::{validate_image_name, validate_pool_name, validate_snapshot_name};
@@ -140,6 +142,11 @@ pub trait Ceph: Send + Sync {
     fn rbd_pool_init(&self, pool: &str) -> impl Future<Output = Result<(), CephError>> + Send;
     /// Image names in a pool.
     fn rbd_list(&self, pool: &str) -> impl Future<Output = Result<Vec<String>, CephError>> + Send;
+    /// `rbd ls -l`: every image head and snapshot with sizes, parents, protection.
+    fn rbd_list_long(
+        &self,
+        pool: &str,
+    ) -> impl Future<Output = Result<Vec<ImageListEntry>, CephError>> + Send;
     /// `rbd info`.
     fn rbd_info(
         &self,

@@ -350,6 +350,24 @@ pub struct ImageInfo {
     pub parent: Option<ImageParent>,
 }
 
+/// One row of `rbd ls -l`: an image head, or one of its snapshots (`snapshot` set).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageListEntry {
+    /// Image name.
+    pub image: String,
+    /// Snapshot name; `None` for the image head.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// Size in bytes.
+    pub size: u64,
+    /// Set for clones (image heads only).
+    #[serde(default)]
+    pub parent: Option<ImageParent>,
+    /// Protected (snapshot rows only).
+    #[serde(deserialize_with = "bool_or_string", default)]
+    pub protected: bool,
+}
+
 /// One line of `rbd du` (an image head or one of its snapshots).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageUsage {
@@ -546,6 +564,16 @@ mod tests {
         assert_eq!(locks[0].ip(), Some([127, 0, 0, 1].into()));
         let st: RawStatus = fixture("status.json");
         assert!(st.watchers.is_empty());
+        let long: Vec<ImageListEntry> = fixture("lsl_snaps.json");
+        assert_eq!(long.len(), 3);
+        assert_eq!(
+            (long[1].snapshot.as_deref(), long[1].protected),
+            (Some("s1"), true)
+        );
+        assert_eq!(
+            long[2].parent.as_ref().map(|p| p.image.as_str()),
+            Some("img1")
+        );
         let names: Vec<String> = fixture("ls.json");
         assert_eq!(names, ["img1"]);
     }
