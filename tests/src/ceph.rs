@@ -142,6 +142,20 @@ impl CephCluster {
         self.started_in
     }
 
+    /// Resident memory of all daemons in bytes (for the report; never asserted).
+    pub fn rss_bytes(&self) -> u64 {
+        self.daemons
+            .iter()
+            .filter_map(|d| std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).ok())
+            .filter_map(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map(|kb| kb * 1024)
+            .sum()
+    }
+
     /// The temp directory holding everything of this cluster.
     pub fn dir(&self) -> &Path {
         &self.root

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use debvisor_daemon::ceph::{
     collect_state, diff, local_osds, plan_lock_hygiene, purge_and_remove, release_stale_locks,
-    Ceph, CephCli, CephError, HealthStatus, ImageRef, KeyChange, LockVerdict, NodeAddrs,
+    volume_in_use, Ceph, CephCli, CephError, HealthStatus, ImageRef, KeyChange, LockVerdict,
+    NodeAddrs,
 };
 use debvisor_tests::CephCluster;
 
@@ -82,6 +83,10 @@ async fn ceph_driver_against_a_real_cluster() {
     reconcile::etcd_to_ceph_and_back(&cluster, &cli).await;
     timeout_against_a_frozen_mon(&cluster).await;
     lat.report();
+    eprintln!(
+        "ceph daemons RSS at the end: {} MiB",
+        cluster.rss_bytes() >> 20
+    );
 }
 
 async fn health_ok_then_warn_with_noout(cluster: &CephCluster, cli: &CephCli, lat: &mut Latencies) {
@@ -447,6 +452,33 @@ async fn lock_hygiene(cluster: &CephCluster, cli: &CephCli, lat: &mut Latencies)
         }
     );
     assert_eq!(cli.rbd_lock_list(&vol).await.expect("ls").len(), 1, "kept");
+
+    // While another client's advisory lock stands, `rbd rm` waits for it: the call times
+    // out (its child killed) and the image stays.
+    let e = cluster
+        .cli(Duration::from_secs(3))
+        .rbd_remove(&vol)
+        .await
+        .expect_err("rm waits for the foreign lock");
+    assert!(e.is_timeout(), "{e}");
+    assert!(rbd_names(cluster).contains(&"vol3".to_string()));
+    // The killed client's watch lingers (osd_client_watch_timeout, 30 s): the image looks in
+    // use until it expires or the client is blocklisted.
+    let stale = eventually("the killed rm's watch", SETTLE, || async {
+        let w = cli.rbd_watchers(&vol).await.ok()?;
+        (!w.is_empty()).then_some(w)
+    })
+    .await;
+    assert!(volume_in_use(cli, &vol).await.expect("rbd status"));
+    for w in &stale {
+        lat.time("blocklist add", cli.blocklist_add(&w.address))
+            .await
+            .expect("blocklist the killed client");
+    }
+    eventually("the stale watch is gone", SETTLE, || async {
+        cli.rbd_watchers(&vol).await.ok()?.is_empty().then_some(())
+    })
+    .await;
 
     // Seen from the holder itself: stale, released.
     let here = NodeAddrs {

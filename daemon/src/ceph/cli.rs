@@ -193,6 +193,23 @@ impl Ceph for CephCli {
             .map(drop)
     }
 
+    async fn blocklist_add(&self, address: &str) -> Result<(), CephError> {
+        if super::types::address_ip(address).is_none() || address.starts_with('-') {
+            return Err(CephError::InvalidName {
+                what: "client address",
+                name: address.to_owned(),
+                reason: "not ip:port/nonce".into(),
+            });
+        }
+        self.run(
+            Tool::Ceph,
+            &["osd", "blocklist", "add", address],
+            &format!("client {address}"),
+        )
+        .await
+        .map(drop)
+    }
+
     async fn pool_list(&self) -> Result<Vec<PoolInfo>, CephError> {
         self.json(Tool::Ceph, &["osd", "pool", "ls", "detail"], CLUSTER)
             .await
@@ -490,6 +507,8 @@ mod tests {
             ),
             "{e}"
         );
+        let e = cli.blocklist_add("--all").await.expect_err("refused");
+        assert!(matches!(e, CephError::InvalidName { .. }), "{e}");
         let e = cli.osd_flag("pause", true).await.expect_err("refused");
         assert!(matches!(e, CephError::InvalidName { .. }), "{e}");
     }

@@ -120,6 +120,9 @@ pub trait Ceph: Send + Sync {
     /// `ceph osd set|unset <flag>` (maintenance flags such as `noout`).
     fn osd_flag(&self, flag: &str, set: bool)
         -> impl Future<Output = Result<(), CephError>> + Send;
+    /// `ceph osd blocklist add <address>`: cut off a client (a killed or fenced one whose
+    /// watch would otherwise linger for `osd_client_watch_timeout`, 30 s by default).
+    fn blocklist_add(&self, address: &str) -> impl Future<Output = Result<(), CephError>> + Send;
     /// `ceph osd pool ls detail`.
     fn pool_list(&self) -> impl Future<Output = Result<Vec<PoolInfo>, CephError>> + Send;
     /// Create a replicated pool with `pg_num` PGs and `size` replicas, application `rbd`.
@@ -236,7 +239,9 @@ pub trait Ceph: Send + Sync {
 }
 
 /// Remove an image with its snapshots: unprotect protected ones (fails naming the snapshot
-/// while clones of it exist), purge, then remove. A missing image counts as removed.
+/// while clones of it exist), purge, then remove. A missing image counts as removed. An
+/// advisory lock of another client (`rbd lock add`) makes `rbd rm` wait for it until the
+/// call's timeout: release stale locks first (see [`release_stale_locks`]).
 pub async fn purge_and_remove<C: Ceph>(ceph: &C, image: &ImageRef) -> Result<(), CephError> {
     let snaps = match ceph.rbd_snap_list(image).await {
         Ok(s) => s,
