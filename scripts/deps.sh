@@ -6,7 +6,9 @@ PKGS=(etcd-server etcd-client protobuf-compiler pkg-config libvirt-dev libvirt-d
       procps
       # packaging and its tests: Debian tooling, man pages from --help, lintian, a systemd
       # container (debootstrap + systemd-nspawn), Python venvs for ansible-core/ansible-lint
-      debhelper dpkg-dev help2man lintian debootstrap systemd-container python3-venv)
+      debhelper dpkg-dev help2man lintian debootstrap systemd-container python3-venv
+      # a one-host Ceph for the storage tests, qemu's rbd block driver
+      ceph-mon ceph-osd ceph-mgr ceph-common qemu-block-extra)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

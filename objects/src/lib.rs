@@ -1,10 +1,12 @@
 //! `debvisor-objects`: the etcd schema, the store layer, the node lease, the generic reactor
 //! and the cluster objects: Node and Network (with their planners), the Domain spec and its
-//! planner; Ceph comes with its own issue.
+//! planner, and Ceph's desired state (pools, volumes, snapshots, templates) with its planner.
 
 #[macro_use]
 mod macros;
 
+pub mod ceph;
+pub mod ceph_plan;
 pub mod domain;
 pub mod domain_plan;
 pub mod lease;

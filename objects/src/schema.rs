@@ -84,6 +84,18 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec { pattern: "networks/<vni>/acl/<in|out>/<order>", writer: Writer::Operator, format: "JSON {action, proto, source, destination, port, description}", leased: false, doc: "Per-network firewall rule; applied in numeric order of <order>." },
     KeySpec { pattern: "networks/<vni>/status/<node>", writer: Writer::OwningNode, format: "JSON {state ready|error, error, field, bridge, link, mtu, clamped, gateway, dhcp, since}", leased: false, doc: "How the network stands on that node; an invalid spec is reported here with the field named." },
     KeySpec { pattern: "networks/<vni>/leases/<mac>", writer: Writer::Primary, format: "JSON {mac, ip, hostname, expires}", leased: false, doc: "DHCP leases handed out by the primary's dnsmasq." },
+    KeySpec { pattern: "ceph/pools/<pool>/spec", writer: Writer::Operator, format: "JSON {pg_num, size, protected, delete}", leased: false, doc: "Desired Ceph pool: pg_num (power of two, at creation), replica size 1-10, protected (refuses delete), delete." },
+    KeySpec { pattern: "ceph/pools/<pool>/status", writer: Writer::Primary, format: "JSON CephStatus {state ready|pending|error|deleted, field, error, since}", leased: false, doc: "How the pool stands; an invalid spec is reported here with the field named." },
+    KeySpec { pattern: "ceph/volumes/<pool>:<image>/spec", writer: Writer::Operator, format: "JSON {size, clone_from {template}|{pool, image, snapshot}, allow_shrink, delete}", leased: false, doc: "Desired RBD volume: size like 10G/512M (grows; shrinks only with allow_shrink), clone source at creation, delete (snapshots purged first)." },
+    KeySpec { pattern: "ceph/volumes/<pool>:<image>/status", writer: Writer::Primary, format: "JSON CephStatus", leased: false, doc: "How the volume stands, with the field named on error." },
+    KeySpec { pattern: "ceph/volumes/<pool>:<image>/snapshots/<snap>/spec", writer: Writer::Operator, format: "JSON {rollback, delete}", leased: false, doc: "Desired snapshot (labels like auto-YYYYmmdd-HHMMSS); a new rollback token asks for one rollback (refused while a VM uses the volume)." },
+    KeySpec { pattern: "ceph/volumes/<pool>:<image>/snapshots/<snap>/status", writer: Writer::Primary, format: "JSON CephStatus {…, rolled_back}", leased: false, doc: "How the snapshot stands; rolled_back is the last rollback token done." },
+    KeySpec { pattern: "templates/<name>", writer: Writer::Operator, format: "JSON {backend rbd, pool, image, snapshot}", leased: false, doc: "A clone source for volumes (clone_from.template)." },
+    KeySpec { pattern: "ceph/health", writer: Writer::Primary, format: "JSON {status HEALTH_OK|HEALTH_WARN|HEALTH_ERR, checks {name: {severity, message, detail}}}", leased: false, doc: "Cluster health from `ceph health detail`, written when it changes." },
+    KeySpec { pattern: "ceph/usage", writer: Writer::Primary, format: "JSON", leased: false, doc: "Cluster capacity and usage (`ceph df` totals)." },
+    KeySpec { pattern: "ceph/observed/pools/<pool>", writer: Writer::Primary, format: "JSON", leased: false, doc: "Observed pool: id, size, pg_num, stored, objects, bytes used, max_avail." },
+    KeySpec { pattern: "ceph/observed/osds/<id>", writer: Writer::Primary, format: "JSON", leased: false, doc: "Observed OSD: up, in, node (from OSD metadata), utilisation, capacity, PGs." },
+    KeySpec { pattern: "ceph/observed/volumes/<pool>:<image>", writer: Writer::Primary, format: "JSON", leased: false, doc: "Observed volume: size, used bytes, parent, snapshots (name, size, protected, time)." },
     KeySpec { pattern: "election/primary", writer: Writer::AnyNodeTxn, format: "etcd election", leased: true, doc: "Primary coordinator election (etcd election API)." },
 ];
 

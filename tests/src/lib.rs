@@ -1,13 +1,14 @@
 //! Test harness for `debvisor-daemon`: private etcd processes, a cuttable TCP proxy, a test
 //! PKI, the real `debvisord`/`debvisorctl` binaries, network namespaces, isolated libvirtd
-//! instances (own network, mount and UTS namespaces) for real migration, and systemd
-//! containers.
+//! instances (own network, mount and UTS namespaces) for real migration, systemd containers,
+//! and a real one-host Ceph cluster (mon, mgr, memstore OSDs) for the storage driver.
 //!
 //! Everything spawned is killed by PID and every temp directory removed on drop, including
 //! when a test panics.
 
 #![warn(missing_docs)]
 
+pub mod ceph;
 pub mod daemon;
 pub mod error;
 pub mod etcd;
@@ -19,6 +20,7 @@ pub mod ports;
 pub mod proxy;
 pub mod tls;
 
+pub use ceph::{ceph_installed, CephCluster, MonPause};
 pub use daemon::{bin_path, ctl, is_message, str_field, DaemonBuilder, DaemonProcess};
 pub use error::{HarnessError, Result};
 pub use etcd::EtcdProcess;

@@ -1,0 +1,234 @@
+//! State collection by the primary: health, usage, per-pool, per-OSD and per-volume state as
+//! `ceph/…` key → JSON value, the difference to what was written last (only changes are
+//! written), and bounded transactions. Runs on its own interval, never in the liveness path.
+
+use std::collections::BTreeMap;
+
+use debvisor_objects::ceph::{
+    health_key, observed_osd_key, observed_pool_key, observed_volume_key, usage_key,
+};
+use serde_json::json;
+
+use super::{Ceph, CephError, OsdMetadata};
+
+/// One write of the collector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyChange {
+    /// Put `value` at key.
+    Put(String, String),
+    /// Delete the key (the pool, OSD or volume is gone).
+    Delete(String),
+}
+
+/// The OSD ids whose metadata names `hostname` (how a node finds its own OSDs).
+pub fn local_osds(meta: &[OsdMetadata], hostname: &str) -> Vec<i64> {
+    let short = hostname.split('.').next().unwrap_or(hostname);
+    meta.iter()
+        .filter(|m| m.hostname == hostname || m.hostname.split('.').next() == Some(short))
+        .map(|m| m.id)
+        .collect()
+}
+
+/// Collect the observed state: `ceph/health`, `ceph/usage`, `ceph/observed/pools/<pool>`,
+/// `ceph/observed/osds/<id>` and `ceph/observed/volumes/<pool>:<image>` (images of pools with
+/// the `rbd` application), as key → compact JSON.
+pub async fn collect_state<C: Ceph>(ceph: &C) -> Result<BTreeMap<String, String>, CephError> {
+    let mut out = BTreeMap::new();
+    let mut put = |k: String, v: serde_json::Value| {
+        out.insert(k, v.to_string());
+    };
+    let health = ceph.health().await?;
+    put(
+        health_key(),
+        serde_json::to_value(&health).unwrap_or_default(),
+    );
+
+    let df = ceph.df().await?;
+    put(
+        usage_key(),
+        json!({
+            "total_bytes": df.stats.total_bytes,
+            "avail_bytes": df.stats.total_avail_bytes,
+            "used_bytes": df.stats.total_used_raw_bytes,
+            "used_ratio": df.stats.total_used_raw_ratio,
+        }),
+    );
+
+    let pools = ceph.pool_list().await?;
+    let usage: BTreeMap<&str, _> = df
+        .pools
+        .iter()
+        .map(|p| (p.name.as_str(), &p.stats))
+        .collect();
+    for p in &pools {
+        let u = usage.get(p.pool_name.as_str());
+        put(
+            observed_pool_key(&p.pool_name),
+            json!({
+                "id": p.pool_id,
+                "size": p.size,
+                "min_size": p.min_size,
+                "pg_num": p.pg_num,
+                "applications": p.application_metadata.keys().collect::<Vec<_>>(),
+                "stored": u.map(|s| s.stored),
+                "objects": u.map(|s| s.objects),
+                "bytes_used": u.map(|s| s.bytes_used),
+                "max_avail": u.map(|s| s.max_avail),
+            }),
+        );
+    }
+
+    let tree = ceph.osd_tree().await?;
+    let osd_df = ceph.osd_df().await?;
+    let meta = ceph.osd_metadata().await?;
+    let host: BTreeMap<i64, &str> = meta.iter().map(|m| (m.id, m.hostname.as_str())).collect();
+    for n in tree.nodes.iter().filter(|n| n.kind == "osd") {
+        let Ok(id) = u32::try_from(n.id) else {
+            continue;
+        };
+        let d = osd_df.nodes.iter().find(|o| o.id == n.id);
+        put(
+            observed_osd_key(id),
+            json!({
+                "up": n.status.as_deref() == Some("up"),
+                "in": n.reweight.unwrap_or(0.0) > 0.0,
+                "node": host.get(&n.id),
+                "crush_host": tree.host_of(n.id),
+                "kb": d.map(|d| d.kb),
+                "kb_used": d.map(|d| d.kb_used),
+                "utilization": d.map(|d| d.utilization),
+                "pgs": d.map(|d| d.pgs),
+            }),
+        );
+    }
+
+    for p in pools
+        .iter()
+        .filter(|p| p.application_metadata.contains_key("rbd"))
+    {
+        let rows = ceph.rbd_list_long(&p.pool_name).await?;
+        let du = ceph.rbd_du(&p.pool_name).await?;
+        let used = |image: &str, snap: Option<&str>| {
+            du.iter()
+                .find(|u| u.name == image && u.snapshot.as_deref() == snap)
+                .map(|u| u.used_size)
+        };
+        for head in rows.iter().filter(|r| r.snapshot.is_none()) {
+            let snaps: Vec<_> = rows
+                .iter()
+                .filter(|r| r.image == head.image)
+                .filter_map(|r| {
+                    let name = r.snapshot.as_deref()?;
+                    Some(json!({
+                        "name": name,
+                        "size": r.size,
+                        "protected": r.protected,
+                        "used": used(&head.image, Some(name)),
+                    }))
+                })
+                .collect();
+            put(
+                observed_volume_key(&p.pool_name, &head.image),
+                json!({
+                    "size": head.size,
+                    "used": used(&head.image, None),
+                    "parent": head.parent.as_ref().map(|pa| format!("{}/{}@{}", pa.pool, pa.image, pa.snapshot)),
+                    "snapshots": snaps,
+                }),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// What to write to go from `previous` (last written) to `current`: changed or new keys, and
+/// deletions of keys that are gone.
+pub fn diff(
+    previous: &BTreeMap<String, String>,
+    current: &BTreeMap<String, String>,
+) -> Vec<KeyChange> {
+    let mut out: Vec<KeyChange> = current
+        .iter()
+        .filter(|(k, v)| previous.get(*k) != Some(*v))
+        .map(|(k, v)| KeyChange::Put(k.clone(), v.clone()))
+        .collect();
+    out.extend(
+        previous
+            .keys()
+            .filter(|k| !current.contains_key(*k))
+            .map(|k| KeyChange::Delete(k.clone())),
+    );
+    out
+}
+
+/// Split changes into transactions of at most `max_ops` operations (etcd's default limit is
+/// 128 per transaction).
+pub fn batches(changes: Vec<KeyChange>, max_ops: usize) -> Vec<Vec<KeyChange>> {
+    let max = max_ops.max(1);
+    let mut out = Vec::new();
+    let mut it = changes.into_iter().peekable();
+    while it.peek().is_some() {
+        out.push(it.by_ref().take(max).collect());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn only_changes_are_written() {
+        let a = map(&[
+            ("ceph/health", "ok"),
+            ("ceph/observed/osds/0", "x"),
+            ("ceph/usage", "1"),
+        ]);
+        assert!(diff(&a, &a).is_empty());
+        let b = map(&[
+            ("ceph/health", "warn"),
+            ("ceph/usage", "1"),
+            ("ceph/observed/osds/1", "y"),
+        ]);
+        assert_eq!(
+            diff(&a, &b),
+            [
+                KeyChange::Put("ceph/health".into(), "warn".into()),
+                KeyChange::Put("ceph/observed/osds/1".into(), "y".into()),
+                KeyChange::Delete("ceph/observed/osds/0".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn transactions_are_bounded() {
+        let changes: Vec<KeyChange> = (0..300)
+            .map(|i| KeyChange::Delete(format!("k{i}")))
+            .collect();
+        let b = batches(changes, 128);
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [128, 128, 44]);
+        assert!(batches(vec![], 128).is_empty());
+    }
+
+    #[test]
+    fn local_osds_by_hostname() {
+        let m = |id, h: &str| OsdMetadata {
+            id,
+            hostname: h.into(),
+            osd_objectstore: String::new(),
+            ceph_version_short: String::new(),
+            front_addr: String::new(),
+        };
+        let meta = [m(0, "n1"), m(1, "n2.example"), m(2, "n1.example")];
+        assert_eq!(local_osds(&meta, "n1"), [0, 2]);
+        assert_eq!(local_osds(&meta, "n2"), [1]);
+        assert!(local_osds(&meta, "n3").is_empty());
+    }
+}
