@@ -37,13 +37,20 @@ pub async fn collect_state<C: Ceph>(ceph: &C) -> Result<BTreeMap<String, String>
     let mut put = |k: String, v: serde_json::Value| {
         out.insert(k, v.to_string());
     };
-    let health = ceph.health().await?;
+    // Independent calls run together: one collection takes about the slowest call, not the sum.
+    let (health, df, pools, tree, osd_df, meta) = futures::try_join!(
+        ceph.health(),
+        ceph.df(),
+        ceph.pool_list(),
+        ceph.osd_tree(),
+        ceph.osd_df(),
+        ceph.osd_metadata()
+    )?;
     put(
         health_key(),
         serde_json::to_value(&health).unwrap_or_default(),
     );
 
-    let df = ceph.df().await?;
     put(
         usage_key(),
         json!({
@@ -54,7 +61,6 @@ pub async fn collect_state<C: Ceph>(ceph: &C) -> Result<BTreeMap<String, String>
         }),
     );
 
-    let pools = ceph.pool_list().await?;
     let usage: BTreeMap<&str, _> = df
         .pools
         .iter()
@@ -78,9 +84,6 @@ pub async fn collect_state<C: Ceph>(ceph: &C) -> Result<BTreeMap<String, String>
         );
     }
 
-    let tree = ceph.osd_tree().await?;
-    let osd_df = ceph.osd_df().await?;
-    let meta = ceph.osd_metadata().await?;
     let host: BTreeMap<i64, &str> = meta.iter().map(|m| (m.id, m.hostname.as_str())).collect();
     for n in tree.nodes.iter().filter(|n| n.kind == "osd") {
         let Ok(id) = u32::try_from(n.id) else {
@@ -106,8 +109,8 @@ pub async fn collect_state<C: Ceph>(ceph: &C) -> Result<BTreeMap<String, String>
         .iter()
         .filter(|p| p.application_metadata.contains_key("rbd"))
     {
-        let rows = ceph.rbd_list_long(&p.pool_name).await?;
-        let du = ceph.rbd_du(&p.pool_name).await?;
+        let (rows, du) =
+            futures::try_join!(ceph.rbd_list_long(&p.pool_name), ceph.rbd_du(&p.pool_name))?;
         let used = |image: &str, snap: Option<&str>| {
             du.iter()
                 .find(|u| u.name == image && u.snapshot.as_deref() == snap)
