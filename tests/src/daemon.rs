@@ -539,6 +539,31 @@ impl DaemonProcess {
     pub fn env(&self) -> &BTreeMap<String, String> {
         &self.env
     }
+
+    /// Run `debvisorctl` with this daemon's config and environment.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        ctl(&self.config_path, &env, args)
+    }
+
+    /// [`DaemonProcess::ctl`] that must succeed; returns its stdout.
+    ///
+    /// # Panics
+    /// If `debvisorctl` exits non-zero (its output is in the message).
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "debvisorctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 impl Drop for DaemonProcess {

@@ -81,21 +81,6 @@ fn qemu_pid(rt: &tokio::runtime::Runtime, lv: &Libvirt, uuid: &str) -> Option<u3
         .and_then(|i| i.pid)
 }
 
-fn ctl(d: &DaemonProcess, args: &[&str]) {
-    let env: Vec<(&str, &str)> = d
-        .env()
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let out = debvisor_tests::ctl(d.config_path(), &env, args);
-    assert!(
-        out.status.success(),
-        "debvisorctl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn started_here(d: &DaemonProcess, g: &Guest) -> bool {
     d.json_lines()
         .iter()
@@ -125,20 +110,17 @@ fn live_migration_and_a_two_node_drain_with_real_guests() {
     g.wait_running_on(&etcd, "kvm-a");
     let pid_a = qemu_pid(&rt, &lva, &g.uuid).expect("qemu on a");
     assert_eq!(process_netns_inode(pid_a), Some(pair.a.netns_inode()));
-    ctl(
-        &a,
-        &[
-            "vm",
-            "migrate",
-            &g.name,
-            "--live",
-            "--target",
-            "kvm-b",
-            "--wait",
-            "--timeout",
-            "60s",
-        ],
-    );
+    a.ctl_ok(&[
+        "vm",
+        "migrate",
+        &g.name,
+        "--live",
+        "--target",
+        "kvm-b",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
     let s = g.wait_running_on(&etcd, "kvm-b");
     assert_eq!(s["reason"], "migrated", "{s}");
     let pid_b = qemu_pid(&rt, &lvb, &g.uuid).expect("qemu on b");
@@ -162,10 +144,7 @@ fn live_migration_and_a_two_node_drain_with_real_guests() {
     assert_eq!(g.get(&etcd, "state").as_deref(), Some("start"));
 
     // Back with unmigrate; then drain kvm-a with one live and one shutdown-method guest.
-    ctl(
-        &a,
-        &["vm", "unmigrate", &g.name, "--wait", "--timeout", "60s"],
-    );
+    a.ctl_ok(&["vm", "unmigrate", &g.name, "--wait", "--timeout", "60s"]);
     g.wait_running_on(&etcd, "kvm-a");
     assert!(g.get(&etcd, "last_node").is_none());
     let h = Guest::new("cold");
@@ -173,10 +152,7 @@ fn live_migration_and_a_two_node_drain_with_real_guests() {
     h.wait_running_on(&etcd, "kvm-a");
     let live_pid = qemu_pid(&rt, &lva, &g.uuid).expect("live guest on a");
 
-    ctl(
-        &a,
-        &["node", "flush", "kvm-a", "--wait", "--timeout", "90s"],
-    );
+    a.ctl_ok(&["node", "flush", "kvm-a", "--wait", "--timeout", "90s"]);
     g.wait_running_on(&etcd, "kvm-b");
     h.wait_running_on(&etcd, "kvm-b");
     assert!(
@@ -192,10 +168,7 @@ fn live_migration_and_a_two_node_drain_with_real_guests() {
         "the shutdown-method guest was booted on the target"
     );
 
-    ctl(
-        &a,
-        &["node", "unflush", "kvm-a", "--wait", "--timeout", "90s"],
-    );
+    a.ctl_ok(&["node", "unflush", "kvm-a", "--wait", "--timeout", "90s"]);
     g.wait_running_on(&etcd, "kvm-a");
     h.wait_running_on(&etcd, "kvm-a");
     assert!(

@@ -466,16 +466,6 @@ fn on_shutdown_flush_drains_before_the_daemon_stops() {
     );
 }
 
-/// Run `debvisorctl` with the config and environment of daemon `d`.
-fn ctl(d: &DaemonProcess, args: &[&str]) -> std::process::Output {
-    let env: Vec<(&str, &str)> = d
-        .env()
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    debvisor_tests::ctl(d.config_path(), &env, args)
-}
-
 #[test]
 fn flush_and_unflush_move_every_vm_by_its_method() {
     let etcd = EtcdProcess::start().expect("etcd");
@@ -502,16 +492,7 @@ fn flush_and_unflush_move_every_vm_by_its_method() {
         etcd.get_key("nodes/drain-b/health").ok().flatten()
     });
 
-    let out = ctl(
-        &a,
-        &["node", "flush", "drain-a", "--wait", "--timeout", "60s"],
-    );
-    assert!(
-        out.status.success(),
-        "flush --wait: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    a.ctl_ok(&["node", "flush", "drain-a", "--wait", "--timeout", "60s"]);
     assert_eq!(
         etcd.get_key("nodes/drain-a/domain_state")
             .expect("get")
@@ -528,16 +509,7 @@ fn flush_and_unflush_move_every_vm_by_its_method() {
     assert_eq!(none.get(&etcd, "flushed_from").as_deref(), Some("drain-a"));
     none.wait_status(&etcd, "stopped", "drain-a");
 
-    let out = ctl(
-        &a,
-        &["node", "unflush", "drain-a", "--wait", "--timeout", "60s"],
-    );
-    assert!(
-        out.status.success(),
-        "unflush --wait: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    a.ctl_ok(&["node", "unflush", "drain-a", "--wait", "--timeout", "60s"]);
     assert_eq!(
         etcd.get_key("nodes/drain-a/domain_state")
             .expect("get")
