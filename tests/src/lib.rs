@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod ceph;
+pub mod ctl_env;
 pub mod daemon;
 pub mod error;
 pub mod etcd;
@@ -21,6 +22,7 @@ pub mod proxy;
 pub mod tls;
 
 pub use ceph::{ceph_installed, CephCluster, MonPause};
+pub use ctl_env::CtlCluster;
 pub use daemon::{bin_path, ctl, is_message, str_field, DaemonBuilder, DaemonProcess};
 pub use error::{HarnessError, Result};
 pub use etcd::EtcdProcess;

@@ -1,96 +1,11 @@
 //! `debvisorctl network …` against a real etcd: the real binary, the keys it writes, what it
 //! refuses (with the field named and nothing written), and what it prints.
 
-use std::path::PathBuf;
-use std::process::Output;
-
-use debvisor_tests::{ctl, EtcdProcess};
+use debvisor_tests::CtlCluster as Cluster;
 use etcd_client::Client;
 use serde_json::Value;
 
 const PREFIX: &str = "/debvisor/networks/";
-
-/// An etcd, a config file `{}` and the environment that points `debvisorctl` at the etcd.
-struct Cluster {
-    etcd: EtcdProcess,
-    _dir: tempfile::TempDir,
-    config: PathBuf,
-    endpoint: String,
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let etcd = EtcdProcess::start().expect("etcd");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("debvisord.yaml");
-        std::fs::write(&config, "{}\n").expect("config");
-        let endpoint = etcd.endpoint();
-        Cluster {
-            etcd,
-            _dir: dir,
-            config,
-            endpoint,
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        ctl(
-            &self.config,
-            &[
-                ("DEBVISOR_STORE_ENDPOINTS", self.endpoint.as_str()),
-                ("DEBVISOR_NODE_NAME", "ctl"),
-            ],
-            args,
-        )
-    }
-
-    /// Run and require success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "debvisorctl {args:?} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Run with `-o json` and parse stdout.
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["-o", "json"]);
-        let out = self.ok(&a);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
-    }
-
-    /// Run, require exit code 1 and a message naming `needle` on stderr, and nothing
-    /// written to etcd; returns stderr.
-    async fn refused(&self, args: &[&str], needle: &str) -> String {
-        let before = self.etcd.current_revision().await.expect("revision");
-        let out = self.run(args);
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "debvisorctl {args:?}: expected exit 1, got {}\nstdout: {}\nstderr: {err}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout)
-        );
-        assert!(
-            err.contains(needle),
-            "debvisorctl {args:?}: stderr does not name {needle:?}: {err}"
-        );
-        assert!(out.stdout.is_empty(), "{args:?} printed on stdout");
-        let after = self.etcd.current_revision().await.expect("revision");
-        assert_eq!(before, after, "debvisorctl {args:?} wrote to etcd: {err}");
-        err
-    }
-
-    async fn client(&self) -> Client {
-        self.etcd.client().await.expect("etcd client")
-    }
-}
 
 async fn get_json(c: &mut Client, key: &str) -> Option<Value> {
     let r = c.get(format!("{PREFIX}{key}"), None).await.expect("get");

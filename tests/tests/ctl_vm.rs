@@ -2,13 +2,12 @@
 //! it writes and the guards it writes them through, what it refuses (field named, nothing
 //! written), what it prints, and `--wait` with the test playing the node's part in etcd.
 
-use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
 use debvisor_daemon::ctl_vm;
 use debvisor_objects::{Store, StoreOptions};
-use debvisor_tests::{ctl, EtcdProcess};
+use debvisor_tests::CtlCluster as Cluster;
 use etcd_client::{Client, PutOptions};
 use serde_json::{json, Value};
 
@@ -17,109 +16,24 @@ const U1: &str = "11111111-1111-4111-8111-111111111111";
 const U2: &str = "22222222-2222-4222-8222-222222222222";
 const U3: &str = "33333333-3333-4333-8333-333333333333";
 
-/// An etcd, a config file, a directory for XML files, and the environment for `debvisorctl`.
-struct Cluster {
-    etcd: EtcdProcess,
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    endpoint: String,
-}
-
-fn run_ctl(config: &Path, endpoint: &str, args: &[&str]) -> Output {
-    ctl(
-        config,
-        &[
-            ("DEBVISOR_STORE_ENDPOINTS", endpoint),
-            ("DEBVISOR_NODE_NAME", "ctl"),
-        ],
-        args,
-    )
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let etcd = EtcdProcess::start().expect("etcd");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("debvisord.yaml");
-        std::fs::write(&config, "{}\n").expect("config");
-        let endpoint = etcd.endpoint();
-        Cluster {
-            etcd,
-            dir,
-            config,
-            endpoint,
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        run_ctl(&self.config, &self.endpoint, args)
-    }
-
-    /// Run `debvisorctl` on a blocking thread (for `--wait` while the test acts as a node).
-    fn spawn(&self, args: &[&str]) -> tokio::task::JoinHandle<Output> {
-        let config = self.config.clone();
-        let endpoint = self.endpoint.clone();
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        tokio::task::spawn_blocking(move || {
-            let a: Vec<&str> = args.iter().map(String::as_str).collect();
-            run_ctl(&config, &endpoint, &a)
-        })
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "debvisorctl {args:?} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["-o", "json"]);
-        let out = self.ok(&a);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
-    }
-
-    /// Exit 1, `needle` on stderr, nothing on stdout, nothing written to etcd.
-    async fn refused(&self, args: &[&str], needle: &str) -> String {
-        let before = self.etcd.current_revision().await.expect("revision");
-        let out = self.run(args);
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "debvisorctl {args:?}: expected exit 1, got {}\nstdout: {}\nstderr: {err}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout)
-        );
-        assert!(
-            err.contains(needle),
-            "debvisorctl {args:?}: stderr does not name {needle:?}: {err}"
-        );
-        assert!(out.stdout.is_empty(), "{args:?} printed on stdout");
-        let after = self.etcd.current_revision().await.expect("revision");
-        assert_eq!(before, after, "debvisorctl {args:?} wrote to etcd: {err}");
-        err
-    }
-
+/// What the VM tests add to the shared `debvisorctl` bench.
+trait VmBench {
     /// Write an XML file; returns its path as a string.
+    fn xml_file(&self, file: &str, xml: &str) -> String;
+    /// A store on the bench's etcd.
+    async fn store(&self) -> Store;
+}
+
+impl VmBench for Cluster {
     fn xml_file(&self, file: &str, xml: &str) -> String {
-        let p = self.dir.path().join(file);
+        let p = self.dir().join(file);
         std::fs::write(&p, xml).expect("xml file");
         p.to_string_lossy().into_owned()
     }
 
-    async fn client(&self) -> Client {
-        self.etcd.client().await.expect("etcd client")
-    }
-
     async fn store(&self) -> Store {
         Store::connect(&StoreOptions {
-            endpoints: vec![self.endpoint.clone()],
+            endpoints: vec![self.endpoint().to_string()],
             prefix: "/debvisor".into(),
             ca: None,
             cert: None,
@@ -408,7 +322,7 @@ async fn bad_inputs_are_refused_with_the_field_named_and_nothing_written() {
             "no --node given and none can be chosen: no eligible node",
         ),
         (
-            cl.dir.path().join("missing.xml").to_string_lossy().into(),
+            cl.dir().join("missing.xml").to_string_lossy().into(),
             vec![],
             "cannot read",
         ),
@@ -1122,7 +1036,7 @@ fn waits_end_on_what_real_daemons_report() {
     let cl = Cluster::start();
     let daemon = |node: &str| {
         let mut d = DaemonBuilder::new(node)
-            .endpoints(std::slice::from_ref(&cl.endpoint))
+            .endpoints(&[cl.endpoint().to_string()])
             .env("DEBVISOR_DOMAINS_SHUTDOWN_TIMEOUT", "3s")
             .spawn()
             .expect("spawn daemon");
