@@ -195,12 +195,6 @@ fn embedded_etcd_spec(cfg: &Config) -> ProcessSpec {
     }
 }
 
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
 fn base_info(cfg: &Config, node_id: &str) -> NodeInfo {
     let mut info = crate::keepalive::refresh_info(&NodeInfo::default(), None);
     info.version = env!("CARGO_PKG_VERSION").to_string();
@@ -442,7 +436,7 @@ pub async fn run(config_path: &Path) -> ExitCode {
         info.clone(),
         DaemonState::Init,
         &node_id,
-        &now_rfc3339(),
+        &crate::hostinfo::now_rfc3339(),
     );
     let lease_id = match registration::register(&store, &local, &data).await {
         Ok(l) => l,
@@ -685,22 +679,18 @@ pub async fn run(config_path: &Path) -> ExitCode {
 /// `domains.flush_timeout`; past it the daemon stops anyway and says what stayed.
 async fn flush_before_stop(r: &Running) {
     let node = r.cfg.node_name().to_string();
-    let key =
-        debvisor_objects::schema::node_key(&node, debvisor_objects::schema::NodeField::DomainState);
-    let t = debvisor_objects::TxnBuilder::new()
-        .value_is(&key, "ready")
-        .put(&key, "flush");
-    match r.store.txn(t).await {
-        Ok(resp) if resp.succeeded() => {
-            info!(node = %node, from = "ready", to = "flush", reason = "on_shutdown: flush", "domain_state changed")
-        }
-        Ok(_) => {}
-        Err(e) => {
-            warn!(node = %node, error = %e, "on_shutdown flush: cannot request the drain; guests stay here");
-            return;
-        }
-    }
     let drain = crate::drain::Drain::new(node.clone(), r.store.clone());
+    if let Err(e) = drain
+        .advance(
+            DomainStateValue::Ready,
+            DomainStateValue::Flush,
+            "on_shutdown: flush",
+        )
+        .await
+    {
+        warn!(node = %node, error = %e, "on_shutdown flush: cannot request the drain; guests stay here");
+        return;
+    }
     let deadline = Instant::now() + r.cfg.domains.flush_timeout;
     loop {
         match drain.pass(&r.nodes, &r.vms).await {
@@ -872,7 +862,7 @@ async fn reregister(r: &mut Running) -> Result<(), RegisterError> {
         info.clone(),
         DaemonState::Run,
         &r.node_id,
-        &now_rfc3339(),
+        &crate::hostinfo::now_rfc3339(),
     );
     let lease_id = registration::register(&r.store, &r.local, &data).await?;
     r.lease.store(lease_id, Ordering::SeqCst);

@@ -11,7 +11,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 
-use debvisor_objects::domain::{self, DesiredState, MigrationMethod, Vm, VmField, VmKind};
+use debvisor_objects::domain::{
+    self, key_revision, DesiredState, MigrationMethod, Vm, VmField, VmKind,
+};
 use debvisor_objects::node::{DomainState, NodeKind, NodeRecord};
 use debvisor_objects::placement;
 use debvisor_objects::reactor::KeyEntry;
@@ -25,21 +27,6 @@ pub struct Drain {
     store: Store,
     /// VMs whose "no target" problem was logged in this drain (logged once each).
     warned: Mutex<HashSet<String>>,
-}
-
-fn wants_run(vm: &Vm) -> bool {
-    matches!(
-        vm.state,
-        DesiredState::Start
-            | DesiredState::Restart
-            | DesiredState::Migrate
-            | DesiredState::MigrateLive
-            | DesiredState::Unmigrate
-    )
-}
-
-fn rev(keys: &BTreeMap<String, KeyEntry>, f: VmField) -> i64 {
-    keys.get(f.suffix()).map(|k| k.mod_revision).unwrap_or(0)
 }
 
 impl Drain {
@@ -106,7 +93,7 @@ impl Drain {
         let me = self.node.as_str();
         let mut remaining = 0usize;
         for (vm, keys) in vms {
-            let here = vm.node.as_deref() == Some(me) && wants_run(vm);
+            let here = vm.node.as_deref() == Some(me) && vm.state.runs();
             let locked_here = vm.lock.as_ref().is_some_and(|l| l.node == me);
             if !here && !locked_here {
                 continue;
@@ -120,8 +107,8 @@ impl Drain {
             let state_key = domain::vm_key(uuid, VmField::State);
             if vm.metadata.migration_method == MigrationMethod::None {
                 let t = TxnBuilder::new()
-                    .mod_revision_is(&state_key, rev(keys, VmField::State))
-                    .mod_revision_is(&node_key, rev(keys, VmField::Node))
+                    .mod_revision_is(&state_key, key_revision(keys, VmField::State))
+                    .mod_revision_is(&node_key, key_revision(keys, VmField::Node))
                     .put(&state_key, "shutdown")
                     .put(&domain::vm_key(uuid, VmField::FlushedFrom), me.to_string());
                 if self.store.txn(t).await?.succeeded() {
@@ -132,8 +119,8 @@ impl Drain {
             match placement::select_target(&vm.metadata, Some(me), records) {
                 Ok(target) => {
                     let t = TxnBuilder::new()
-                        .mod_revision_is(&state_key, rev(keys, VmField::State))
-                        .mod_revision_is(&node_key, rev(keys, VmField::Node))
+                        .mod_revision_is(&state_key, key_revision(keys, VmField::State))
+                        .mod_revision_is(&node_key, key_revision(keys, VmField::Node))
                         .put(&node_key, target.clone())
                         .put(&state_key, "migrate");
                     if self.store.txn(t).await?.succeeded() {
@@ -170,7 +157,7 @@ impl Drain {
             if vm.flushed_from.as_deref() == Some(me) {
                 remaining += 1;
                 let t = TxnBuilder::new()
-                    .mod_revision_is(&state_key, rev(keys, VmField::State))
+                    .mod_revision_is(&state_key, key_revision(keys, VmField::State))
                     .put(&state_key, "start")
                     .delete(&domain::vm_key(uuid, VmField::FlushedFrom));
                 if self.store.txn(t).await?.succeeded() {
@@ -186,7 +173,7 @@ impl Drain {
                 DesiredState::Start => {
                     remaining += 1;
                     let t = TxnBuilder::new()
-                        .mod_revision_is(&state_key, rev(keys, VmField::State))
+                        .mod_revision_is(&state_key, key_revision(keys, VmField::State))
                         .put(&state_key, "unmigrate");
                     if self.store.txn(t).await?.succeeded() {
                         info!(node = %me, vm = %vm.name, uuid, "unflush: bringing the VM back");
@@ -205,8 +192,9 @@ impl Drain {
             .await
     }
 
-    /// Move `domain_state` from `from` to `to` unless someone changed it meanwhile.
-    async fn advance(
+    /// Move `domain_state` from `from` to `to` unless someone changed it meanwhile
+    /// (`Ok(None)` then).
+    pub async fn advance(
         &self,
         from: DomainState,
         to: DomainState,

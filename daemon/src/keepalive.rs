@@ -203,9 +203,7 @@ impl Keepalive {
             version.or_else(|| self.written_info.libvirt_version.clone()),
         );
         let info_changed = info != self.written_info;
-        let now = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
+        let now = hostinfo::now_rfc3339();
         let lease = self.lease.load(Ordering::SeqCst);
         let alive = schema::node_key(&self.node, NodeField::Alive);
         let mut t = TxnBuilder::new()

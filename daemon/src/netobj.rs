@@ -217,12 +217,6 @@ pub fn network_rules(net: &Network, primary: bool) -> Result<NetworkRules, Objec
     })
 }
 
-fn now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
 impl NetworkHost {
     /// A reconciler host for `node`.
     #[allow(clippy::too_many_arguments)]
@@ -295,7 +289,7 @@ impl NetworkHost {
         warn!(network = vni, field = %e.field, reason = %e.reason, "network invalid; nothing changed on the host for it");
         self.write_status(
             vni,
-            json!({"state": "error", "error": e.to_string(), "field": e.field, "since": now()}),
+            json!({"state": "error", "error": e.to_string(), "field": e.field, "since": crate::hostinfo::now_rfc3339()}),
         )
         .await?;
         Ok(Action::AwaitChange)
@@ -654,7 +648,7 @@ impl NetworkHost {
                 "clamped": plan.clamped,
                 "gateway": ctx.primary && net.kind == NetworkType::Managed,
                 "dhcp": dhcp,
-                "since": now(),
+                "since": crate::hostinfo::now_rfc3339(),
             }),
         )
         .await?;

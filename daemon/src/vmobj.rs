@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use debvisor_objects::domain::{self, DesiredState, Vm, VmField, VmKind};
+use debvisor_objects::domain::{self, key_revision, DesiredState, Vm, VmField, VmKind};
 use debvisor_objects::domain_plan::{self, Local, LocalState, Situation, Step};
 use debvisor_objects::node::NodeKind;
 use debvisor_objects::reactor::{backoff, KeyEntry};
@@ -56,6 +56,20 @@ struct Runtime {
     status: Option<(String, String, Option<String>, String)>,
 }
 
+impl Runtime {
+    /// Forget failures older than `window`; the count of those left.
+    fn failures_within(&mut self, window: Duration, now: Instant) -> u32 {
+        while self
+            .failures
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
+            self.failures.pop_front();
+        }
+        self.failures.len() as u32
+    }
+}
+
 /// Everything the Domain reconciler needs on this node.
 pub struct DomainHost {
     node: String,
@@ -81,12 +95,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
 fn local_state(s: DomainState) -> LocalState {
     match s {
         DomainState::Shutoff => LocalState::ShutOff,
@@ -101,10 +109,6 @@ fn local_state(s: DomainState) -> LocalState {
 
 fn host_err(e: impl std::fmt::Display) -> ReconcileError {
     ReconcileError::Host(e.to_string())
-}
-
-fn rev(keys: &BTreeMap<String, KeyEntry>, f: VmField) -> i64 {
-    keys.get(f.suffix()).map(|k| k.mod_revision).unwrap_or(0)
 }
 
 impl DomainHost {
@@ -175,7 +179,7 @@ impl DomainHost {
         }
         let since = match &prev {
             Some((s, _, _, since)) if s == state => since.clone(),
-            _ => now_rfc3339(),
+            _ => crate::hostinfo::now_rfc3339(),
         };
         let value = json!({
             "state": state, "since": since, "reason": reason, "error": error, "node": self.node,
@@ -288,14 +292,7 @@ impl DomainHost {
         self.with_rt(uuid, |rt| {
             let now = Instant::now();
             rt.failures.push_back(now);
-            while rt
-                .failures
-                .front()
-                .is_some_and(|t| now.duration_since(*t) > window)
-            {
-                rt.failures.pop_front();
-            }
-            let n = rt.failures.len() as u32;
+            let n = rt.failures_within(window, now);
             let delay = backoff(base * 2, MAX_RESTART_BACKOFF, n);
             rt.next_start = Some(now + delay);
             rt.last_failure = Some(what);
@@ -310,7 +307,7 @@ impl DomainHost {
     ) -> Result<Action, ReconcileError> {
         let me = self.node.as_str();
         let uuid = vm.uuid.as_str();
-        let state_rev = rev(keys, VmField::State);
+        let state_rev = key_revision(keys, VmField::State);
         self.with_rt(uuid, |rt| {
             if rt.state_rev != state_rev {
                 let keep_expect = rt.expect_running;
@@ -334,15 +331,7 @@ impl DomainHost {
                 .lock
                 .as_ref()
                 .is_some_and(|l| l.node == me && l.lease == self.lease.load(Ordering::SeqCst));
-            let wants_run = vm.node.as_deref() == Some(me)
-                && matches!(
-                    vm.state,
-                    DesiredState::Start
-                        | DesiredState::Restart
-                        | DesiredState::Migrate
-                        | DesiredState::MigrateLive
-                        | DesiredState::Unmigrate
-                );
+            let wants_run = vm.node.as_deref() == Some(me) && vm.state.runs();
             // Crash detection: it ran here under our lock and stopped without us.
             let crashed = self.with_rt(uuid, |rt| {
                 rt.observed = info.as_ref().map(|i| i.state);
@@ -371,17 +360,10 @@ impl DomainHost {
             }
             let (shutdown_elapsed, failed, restart_done, live_failed, next_start, last_failure) =
                 self.with_rt(uuid, |rt| {
-                    let now = Instant::now();
-                    while rt
-                        .failures
-                        .front()
-                        .is_some_and(|t| now.duration_since(*t) > self.cfg.failure_window)
-                    {
-                        rt.failures.pop_front();
-                    }
+                    let failed = rt.failures_within(self.cfg.failure_window, Instant::now());
                     (
                         rt.shutdown_since.map(|t| t.elapsed()),
-                        rt.failures.len() as u32,
+                        failed,
                         rt.restart_done,
                         rt.live_failed,
                         rt.next_start,
@@ -532,7 +514,7 @@ impl DomainHost {
                         let t = TxnBuilder::new()
                             .mod_revision_is(
                                 &domain::vm_key(uuid, VmField::Node),
-                                rev(keys, VmField::Node),
+                                key_revision(keys, VmField::Node),
                             )
                             .put(&domain::vm_key(uuid, VmField::Node), last.clone());
                         if self.store.txn(t).await?.succeeded() {
@@ -581,11 +563,11 @@ impl DomainHost {
         t = t
             .mod_revision_is(
                 &domain::vm_key(uuid, VmField::Node),
-                rev(keys, VmField::Node),
+                key_revision(keys, VmField::Node),
             )
             .mod_revision_is(
                 &domain::vm_key(uuid, VmField::State),
-                rev(keys, VmField::State),
+                key_revision(keys, VmField::State),
             )
             .put_leased(&lock_key, self.node.clone(), lease)
             .put(&domain::vm_key(uuid, VmField::Owner), self.node.clone());

@@ -102,6 +102,27 @@ state_enum!(
     }
 );
 
+impl DesiredState {
+    /// A move to another node is requested (`migrate`, `migrate-live`, `unmigrate`).
+    pub fn is_migration(self) -> bool {
+        matches!(
+            self,
+            DesiredState::Migrate | DesiredState::MigrateLive | DesiredState::Unmigrate
+        )
+    }
+
+    /// The VM should be running on its target node (start, restart or on the move).
+    pub fn runs(self) -> bool {
+        self == DesiredState::Start || self == DesiredState::Restart || self.is_migration()
+    }
+}
+
+/// Mod revision of one VM key among an object's keys (0 when absent): the guard of a
+/// transaction that must not act on a stale view.
+pub fn key_revision(keys: &BTreeMap<String, KeyEntry>, f: VmField) -> i64 {
+    keys.get(f.suffix()).map(|k| k.mod_revision).unwrap_or(0)
+}
+
 state_enum!(
     /// `metadata.migration_method`.
     MigrationMethod { Live = "live", Shutdown = "shutdown", None = "none" }

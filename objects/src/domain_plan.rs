@@ -117,13 +117,6 @@ fn running(l: &Option<Local>) -> bool {
     )
 }
 
-fn is_migration(state: DesiredState) -> bool {
-    matches!(
-        state,
-        DesiredState::Migrate | DesiredState::MigrateLive | DesiredState::Unmigrate
-    )
-}
-
 /// Bring the domain down: ACPI first, destroy after the timeout; `hard` destroys at once.
 fn power_off(s: &Situation, hard: bool, then: Vec<Step>) -> Plan {
     if !running(&s.local) {
@@ -189,7 +182,7 @@ pub fn plan_vm(s: &Situation) -> Plan {
 
     // Split-brain guard: running here while another node holds the lock. Not for an
     // incoming migration: the holder is moving it here and hands the lock over after.
-    let incoming = target_me && is_migration(vm.state);
+    let incoming = target_me && vm.state.is_migration();
     if let Some(other) = lock_other {
         if running(&s.local) && other.lease != 0 && !incoming {
             return plan(vec![
@@ -227,7 +220,7 @@ pub fn plan_vm(s: &Situation) -> Plan {
         // Not ours to run: hand it over (live when allowed), or make sure it does not run
         // here; then leave nothing behind.
         let target = vm.node.as_deref().unwrap_or("-");
-        let migrating = is_migration(vm.state);
+        let migrating = vm.state.is_migration();
         let live_allowed = vm.state == DesiredState::MigrateLive
             || vm.metadata.migration_method == MigrationMethod::Live;
         if migrating && lock_mine && running(&s.local) && live_allowed {
@@ -307,7 +300,7 @@ pub fn plan_vm(s: &Situation) -> Plan {
                 "running",
                 if !steps.is_empty() && vm.state == DesiredState::Start {
                     "started"
-                } else if is_migration(vm.state) {
+                } else if vm.state.is_migration() {
                     "migrated"
                 } else if vm.state == DesiredState::Restart {
                     "restarted"
