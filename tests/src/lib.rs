@@ -20,6 +20,7 @@ pub mod nspawn;
 pub mod ports;
 pub mod proxy;
 pub mod tls;
+pub mod vm;
 
 pub use ceph::{ceph_installed, CephCluster, MonPause};
 pub use ctl_env::CtlCluster;
@@ -32,6 +33,7 @@ pub use netns::{is_root, NetNs};
 pub use ports::free_port;
 pub use proxy::TcpProxy;
 pub use tls::CertSet;
+pub use vm::TestVm;
 
 /// Poll `f` every 50 ms until it returns `Some`, or panic naming `what` after `within`
 /// (a generous deadline for a condition, never a speed assertion).

@@ -9,11 +9,11 @@
 use std::time::Duration;
 
 use debvisor_daemon::hypervisor::{DomainState, Libvirt};
-use debvisor_tests::libvirt::{random_uuid, tiny_guest_xml, unique_name};
+use debvisor_tests::libvirt::tiny_guest_xml;
 use debvisor_tests::libvirt_pair::process_netns_inode;
 use debvisor_tests::{
-    eventually, is_message, skip_unless_root, str_field, DaemonBuilder, DaemonProcess, EtcdProcess,
-    IsolatedLibvirt, LibvirtPair,
+    is_message, skip_unless_root, str_field, DaemonBuilder, DaemonProcess, EtcdProcess,
+    IsolatedLibvirt, LibvirtPair, TestVm,
 };
 use serde_json::Value;
 
@@ -31,46 +31,23 @@ fn daemon(etcd: &EtcdProcess, node: &str, lv: &IsolatedLibvirt) -> DaemonProcess
     d
 }
 
-struct Guest {
-    uuid: String,
-    name: String,
+/// A tiny KVM guest with its migration method, written in one transaction.
+fn define(g: &TestVm, etcd: &EtcdProcess, node: &str, method: &str) {
+    let xml = tiny_guest_xml(&g.name, &g.uuid);
+    let meta = format!("{{\"migration_method\":\"{method}\"}}");
+    g.put(
+        etcd,
+        &[
+            ("xml", &xml),
+            ("node", node),
+            ("metadata", &meta),
+            ("state", "start"),
+        ],
+    );
 }
 
-impl Guest {
-    fn new(label: &str) -> Guest {
-        Guest {
-            uuid: random_uuid(),
-            name: unique_name(label),
-        }
-    }
-    fn key(&self, f: &str) -> String {
-        format!("vms/{}/{f}", self.uuid)
-    }
-    fn define(&self, etcd: &EtcdProcess, node: &str, method: &str) {
-        let xml = tiny_guest_xml(&self.name, &self.uuid);
-        let meta = format!("{{\"migration_method\":\"{method}\"}}");
-        etcd.put_keys(&[
-            (&self.key("xml"), &xml),
-            (&self.key("node"), node),
-            (&self.key("metadata"), &meta),
-            (&self.key("state"), "start"),
-        ])
-        .expect("define");
-    }
-    fn status(&self, etcd: &EtcdProcess) -> Option<Value> {
-        etcd.get_key(&self.key("status"))
-            .expect("get")
-            .and_then(|s| serde_json::from_str(&s).ok())
-    }
-    fn wait_running_on(&self, etcd: &EtcdProcess, node: &str) -> Value {
-        eventually(&format!("{} running on {node}", self.name), WAIT, || {
-            self.status(etcd)
-                .filter(|s| s["state"] == "running" && s["node"] == node)
-        })
-    }
-    fn get(&self, etcd: &EtcdProcess, f: &str) -> Option<String> {
-        etcd.get_key(&self.key(f)).expect("get")
-    }
+fn wait_running_on(g: &TestVm, etcd: &EtcdProcess, node: &str) -> Value {
+    g.wait_status(etcd, "running", node)
 }
 
 fn qemu_pid(rt: &tokio::runtime::Runtime, lv: &Libvirt, uuid: &str) -> Option<u32> {
@@ -81,7 +58,7 @@ fn qemu_pid(rt: &tokio::runtime::Runtime, lv: &Libvirt, uuid: &str) -> Option<u3
         .and_then(|i| i.pid)
 }
 
-fn started_here(d: &DaemonProcess, g: &Guest) -> bool {
+fn started_here(d: &DaemonProcess, g: &TestVm) -> bool {
     d.json_lines()
         .iter()
         .any(|l| is_message(l, "domain started") && str_field(l, "vm") == Some(g.name.as_str()))
@@ -105,9 +82,9 @@ fn live_migration_and_a_two_node_drain_with_real_guests() {
     let b = daemon(&etcd, "kvm-b", &pair.b);
 
     // Live migration requested with the CLI, waited for with the CLI.
-    let g = Guest::new("live");
-    g.define(&etcd, "kvm-a", "live");
-    g.wait_running_on(&etcd, "kvm-a");
+    let g = TestVm::new("live", WAIT);
+    define(&g, &etcd, "kvm-a", "live");
+    wait_running_on(&g, &etcd, "kvm-a");
     let pid_a = qemu_pid(&rt, &lva, &g.uuid).expect("qemu on a");
     assert_eq!(process_netns_inode(pid_a), Some(pair.a.netns_inode()));
     a.ctl_ok(&[
@@ -121,7 +98,7 @@ fn live_migration_and_a_two_node_drain_with_real_guests() {
         "--timeout",
         "60s",
     ]);
-    let s = g.wait_running_on(&etcd, "kvm-b");
+    let s = wait_running_on(&g, &etcd, "kvm-b");
     assert_eq!(s["reason"], "migrated", "{s}");
     let pid_b = qemu_pid(&rt, &lvb, &g.uuid).expect("qemu on b");
     assert_ne!(pid_b, pid_a);
@@ -145,16 +122,16 @@ fn live_migration_and_a_two_node_drain_with_real_guests() {
 
     // Back with unmigrate; then drain kvm-a with one live and one shutdown-method guest.
     a.ctl_ok(&["vm", "unmigrate", &g.name, "--wait", "--timeout", "60s"]);
-    g.wait_running_on(&etcd, "kvm-a");
+    wait_running_on(&g, &etcd, "kvm-a");
     assert!(g.get(&etcd, "last_node").is_none());
-    let h = Guest::new("cold");
-    h.define(&etcd, "kvm-a", "shutdown");
-    h.wait_running_on(&etcd, "kvm-a");
+    let h = TestVm::new("cold", WAIT);
+    define(&h, &etcd, "kvm-a", "shutdown");
+    wait_running_on(&h, &etcd, "kvm-a");
     let live_pid = qemu_pid(&rt, &lva, &g.uuid).expect("live guest on a");
 
     a.ctl_ok(&["node", "flush", "kvm-a", "--wait", "--timeout", "90s"]);
-    g.wait_running_on(&etcd, "kvm-b");
-    h.wait_running_on(&etcd, "kvm-b");
+    wait_running_on(&g, &etcd, "kvm-b");
+    wait_running_on(&h, &etcd, "kvm-b");
     assert!(
         rt.block_on(lva.list()).expect("list a").is_empty(),
         "kvm-a is empty"
@@ -169,8 +146,8 @@ fn live_migration_and_a_two_node_drain_with_real_guests() {
     );
 
     a.ctl_ok(&["node", "unflush", "kvm-a", "--wait", "--timeout", "90s"]);
-    g.wait_running_on(&etcd, "kvm-a");
-    h.wait_running_on(&etcd, "kvm-a");
+    wait_running_on(&g, &etcd, "kvm-a");
+    wait_running_on(&h, &etcd, "kvm-a");
     assert!(
         rt.block_on(lvb.list()).expect("list b").is_empty(),
         "kvm-b is empty again"

@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use debvisor_tests::libvirt::{random_uuid, test_driver_xml, unique_name};
+use debvisor_tests::libvirt::{random_uuid, test_driver_xml};
 use debvisor_tests::{
-    eventually, is_message, str_field, DaemonBuilder, DaemonProcess, EtcdProcess,
+    eventually, is_message, str_field, DaemonBuilder, DaemonProcess, EtcdProcess, TestVm,
 };
 use serde_json::Value;
 
@@ -25,54 +25,14 @@ fn daemon(etcd: &EtcdProcess, node: &str) -> DaemonProcess {
     d
 }
 
-struct Vm {
-    uuid: String,
-    name: String,
+/// A VM on the test driver: its definition written in one transaction.
+fn define(vm: &TestVm, etcd: &EtcdProcess, node: &str, state: &str) {
+    let xml = test_driver_xml(&vm.name, &vm.uuid);
+    vm.put(etcd, &[("xml", &xml), ("node", node), ("state", state)]);
 }
 
-impl Vm {
-    fn new(label: &str) -> Vm {
-        Vm {
-            uuid: random_uuid(),
-            name: unique_name(label),
-        }
-    }
-    fn key(&self, f: &str) -> String {
-        format!("vms/{}/{f}", self.uuid)
-    }
-    fn define(&self, etcd: &EtcdProcess, node: &str, state: &str) {
-        let xml = test_driver_xml(&self.name, &self.uuid);
-        etcd.put_keys(&[
-            (&self.key("xml"), &xml),
-            (&self.key("node"), node),
-            (&self.key("state"), state),
-        ])
-        .expect("define");
-    }
-    /// A request as `debvisorctl` writes it: target and state together.
-    fn request(&self, etcd: &EtcdProcess, node: &str, state: &str) {
-        etcd.put_keys(&[(&self.key("node"), node), (&self.key("state"), state)])
-            .expect("request");
-    }
-    fn status(&self, etcd: &EtcdProcess) -> Option<Value> {
-        etcd.get_key(&self.key("status"))
-            .expect("get status")
-            .and_then(|s| serde_json::from_str(&s).ok())
-    }
-    /// Wait until the status says `state` (written by `node`), return it.
-    fn wait_status(&self, etcd: &EtcdProcess, state: &str, node: &str) -> Value {
-        eventually(
-            &format!("{} status {state} from {node}", self.name),
-            WAIT,
-            || {
-                self.status(etcd)
-                    .filter(|s| s["state"] == state && s["node"] == node)
-            },
-        )
-    }
-    fn get(&self, etcd: &EtcdProcess, f: &str) -> Option<String> {
-        etcd.get_key(&self.key(f)).expect("get")
-    }
+fn new_vm(label: &str) -> TestVm {
+    TestVm::new(label, WAIT)
 }
 
 fn logged(d: &DaemonProcess, msg: &str, vm: &str) -> bool {
@@ -85,8 +45,8 @@ fn logged(d: &DaemonProcess, msg: &str, vm: &str) -> bool {
 fn lifecycle_lock_first_with_status_reports() {
     let etcd = EtcdProcess::start().expect("etcd");
     let d = daemon(&etcd, "dom1");
-    let vm = Vm::new("life");
-    vm.define(&etcd, "dom1", "start");
+    let vm = new_vm("life");
+    define(&vm, &etcd, "dom1", "start");
 
     let s = vm.wait_status(&etcd, "running", "dom1");
     assert_eq!(s["error"], Value::Null, "{s}");
@@ -155,41 +115,41 @@ fn lifecycle_lock_first_with_status_reports() {
 fn bad_input_names_the_field_and_touches_nothing_else() {
     let etcd = EtcdProcess::start().expect("etcd");
     let mut d = daemon(&etcd, "dom2");
-    let good = Vm::new("good");
-    good.define(&etcd, "dom2", "start");
+    let good = new_vm("good");
+    define(&good, &etcd, "dom2", "start");
     good.wait_status(&etcd, "running", "dom2");
 
     /// A VM, the bad values written over a valid definition, the field its error names.
-    type Case<'a> = (Vm, Vec<(&'a str, String)>, &'a str);
+    type Case<'a> = (TestVm, Vec<(&'a str, String)>, &'a str);
     let cases: Vec<Case> = vec![
         (
-            Vm::new("badxml"),
+            new_vm("badxml"),
             vec![("xml", "<domain type='test'><name>x".into())],
             "xml",
         ),
         (
-            Vm::new("mismatch"),
+            new_vm("mismatch"),
             vec![("xml", test_driver_xml("other", &random_uuid()))],
             "xml",
         ),
         (
-            Vm::new("badstate"),
+            new_vm("badstate"),
             vec![("state", "running".into())],
             "state",
         ),
         (
-            Vm::new("badmeta"),
+            new_vm("badmeta"),
             vec![("metadata", "{\"autostart\":\"yes\"}".into())],
             "metadata",
         ),
         (
-            Vm::new("badlimit"),
+            new_vm("badlimit"),
             vec![("metadata", "{\"node_limit\":[\"dom2\",\"NO SUCH\"]}".into())],
             "metadata.node_limit[1]",
         ),
     ];
     for (vm, kv, _) in &cases {
-        vm.define(&etcd, "dom2", "start");
+        define(vm, &etcd, "dom2", "start");
         for (k, v) in kv {
             etcd.put_key(&vm.key(k), v).expect("put bad value");
         }
@@ -231,7 +191,7 @@ fn bad_input_names_the_field_and_touches_nothing_else() {
 }
 
 /// Write `vm`'s run lock as node `holder` would: bound to a fresh live lease (returned).
-fn lock_elsewhere(etcd: &EtcdProcess, vm: &Vm, holder: &'static str) -> i64 {
+fn lock_elsewhere(etcd: &EtcdProcess, vm: &TestVm, holder: &'static str) -> i64 {
     let key = format!("/debvisor/{}", vm.key("lock"));
     etcd.with_client(|mut c| async move {
         let err = |e: etcd_client::Error| debvisor_tests::HarnessError::State(e.to_string());
@@ -252,10 +212,10 @@ fn lock_elsewhere(etcd: &EtcdProcess, vm: &Vm, holder: &'static str) -> i64 {
 fn never_starts_while_another_live_lease_holds_the_lock() {
     let etcd = EtcdProcess::start().expect("etcd");
     let _d = daemon(&etcd, "dom3");
-    let vm = Vm::new("locked");
+    let vm = new_vm("locked");
     // Another node's lock on a live lease.
     let lease = lock_elsewhere(&etcd, &vm, "other");
-    vm.define(&etcd, "dom3", "start");
+    define(&vm, &etcd, "dom3", "start");
     // Several resync ticks pass: no start, no status of ours claiming it runs.
     std::thread::sleep(Duration::from_secs(3));
     assert!(
@@ -306,8 +266,8 @@ fn shutdown_migration_and_unmigrate_between_two_daemons() {
     let etcd = EtcdProcess::start().expect("etcd");
     let a = daemon(&etcd, "mig-a");
     let b = daemon(&etcd, "mig-b");
-    let vm = Vm::new("mover");
-    vm.define(&etcd, "mig-a", "start");
+    let vm = new_vm("mover");
+    define(&vm, &etcd, "mig-a", "start");
     vm.wait_status(&etcd, "running", "mig-a");
 
     // The test driver cannot migrate live: the source falls back to a shutdown migration.
@@ -360,9 +320,9 @@ fn per_vm_stats_are_bounded_per_tick_and_health_shows_allocation() {
         .spawn()
         .expect("spawn daemon");
     d.wait_run(WAIT).expect("run");
-    let vms: Vec<Vm> = (0..5).map(|i| Vm::new(&format!("st{i}"))).collect();
+    let vms: Vec<TestVm> = (0..5).map(|i| new_vm(&format!("st{i}"))).collect();
     for vm in &vms {
-        vm.define(&etcd, "stat1", "start");
+        define(vm, &etcd, "stat1", "start");
     }
     for vm in &vms {
         vm.wait_status(&etcd, "running", "stat1");
@@ -443,8 +403,8 @@ fn on_shutdown_flush_drains_before_the_daemon_stops() {
         .expect("spawn");
     a.wait_run(WAIT).expect("run");
     let _b = daemon(&etcd, "osf-b");
-    let vm = Vm::new("osf");
-    vm.define(&etcd, "osf-a", "start");
+    let vm = new_vm("osf");
+    define(&vm, &etcd, "osf-a", "start");
     vm.wait_status(&etcd, "running", "osf-a");
     eventually("health of osf-b", WAIT, || {
         etcd.get_key("nodes/osf-b/health").ok().flatten()
@@ -472,12 +432,9 @@ fn flush_and_unflush_move_every_vm_by_its_method() {
     let a = daemon(&etcd, "drain-a");
     let _b = daemon(&etcd, "drain-b");
     let methods = ["live", "shutdown", "none"];
-    let vms: Vec<Vm> = methods
-        .iter()
-        .map(|m| Vm::new(&format!("dr-{m}")))
-        .collect();
+    let vms: Vec<TestVm> = methods.iter().map(|m| new_vm(&format!("dr-{m}"))).collect();
     for (vm, m) in vms.iter().zip(methods) {
-        vm.define(&etcd, "drain-a", "start");
+        define(vm, &etcd, "drain-a", "start");
         etcd.put_key(
             &vm.key("metadata"),
             &format!("{{\"migration_method\":\"{m}\"}}"),

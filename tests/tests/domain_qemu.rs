@@ -11,6 +11,7 @@ use debvisor_daemon::hypervisor::{DomainState, Libvirt};
 use debvisor_tests::libvirt::{ensure_libvirtd, sweep_stale, TestDomain, QEMU_URI};
 use debvisor_tests::{
     eventually, is_message, skip_unless_root, str_field, DaemonBuilder, DaemonProcess, EtcdProcess,
+    TestVm,
 };
 use serde_json::Value;
 
@@ -41,16 +42,24 @@ fn daemon(etcd: &EtcdProcess, node: &str, state_dir: &std::path::Path) -> Daemon
     d
 }
 
+/// The etcd side of a test guest (the `TestDomain` guard removes it from libvirt).
+fn vm(d: &TestDomain) -> TestVm {
+    TestVm {
+        uuid: d.uuid.clone(),
+        name: d.name.clone(),
+        wait: WAIT,
+    }
+}
+
 fn key(d: &TestDomain, f: &str) -> String {
-    format!("vms/{}/{f}", d.uuid)
+    vm(d).key(f)
 }
 
 fn status(etcd: &EtcdProcess, d: &TestDomain) -> Option<Value> {
-    etcd.get_key(&key(d, "status"))
-        .expect("get status")
-        .and_then(|s| serde_json::from_str(&s).ok())
+    vm(d).status(etcd)
 }
 
+/// Wait for `state`, whichever node writes it (each test here has one node).
 fn wait_status(etcd: &EtcdProcess, d: &TestDomain, state: &str) -> Value {
     eventually(&format!("{} status {state}", d.name), WAIT, || {
         status(etcd, d).filter(|s| s["state"] == state)
@@ -67,12 +76,7 @@ fn qemu_pid(rt: &tokio::runtime::Runtime, lv: &Libvirt, d: &TestDomain) -> Optio
 
 fn define(etcd: &EtcdProcess, d: &TestDomain, node: &str) {
     let xml = d.xml();
-    etcd.put_keys(&[
-        (&key(d, "xml"), &xml),
-        (&key(d, "node"), node),
-        (&key(d, "state"), "start"),
-    ])
-    .expect("define");
+    vm(d).put(etcd, &[("xml", &xml), ("node", node), ("state", "start")]);
 }
 
 #[test]
