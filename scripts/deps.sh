@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages debvisord and its tests need (idempotent; Debian 12, root).
 set -euo pipefail
-PKGS=(etcd-server etcd-client protobuf-compiler pkg-config libvirt-dev libvirt-daemon-system
+PKGS=(etcd-server etcd-client protobuf-compiler libprotobuf-dev pkg-config libvirt-dev libvirt-daemon-system
       libvirt-clients qemu-system-x86 nftables iproute2 ipmitool openssl dnsmasq-base busybox
       procps
       # packaging and its tests: Debian tooling, man pages from --help, lintian, a systemd

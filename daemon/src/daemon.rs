@@ -23,6 +23,7 @@ use tracing::{error, info, warn};
 use crate::config::{Config, NodeMode, OnShutdown, ServiceBackend};
 use crate::hypervisor::Libvirt;
 use crate::keepalive::{Keepalive, TickOutcome};
+use crate::ceph::CephCli;
 use crate::netobj::{FirewallSync, NetworkHost, NetworkReconciler};
 use crate::registration::{self, LocalState, RegisterError};
 use crate::services::{ProcessSpec, Supervised};
@@ -226,6 +227,10 @@ struct Running {
     /// Cancels the ticker task at shutdown.
     tasks: CancellationToken,
     libvirt: Libvirt,
+    /// The Ceph driver when `ceph.enabled` (the Ceph objects, the collector and the Domain
+    /// object's RBD lock hygiene share it).
+    #[allow(dead_code)] // read once the Ceph objects are wired in
+    ceph: Option<Arc<CephCli>>,
     services: Vec<Supervised>,
     log: logging::LogHandle,
     config_path: std::path::PathBuf,
@@ -544,6 +549,10 @@ pub async fn run(config_path: &Path) -> ExitCode {
     };
 
     let t = Instant::now();
+    let ceph = cfg
+        .ceph
+        .enabled
+        .then(|| Arc::new(CephCli::from_config(&cfg.ceph)));
     let net_host = Arc::new(NetworkHost::new(
         node.clone(),
         store.clone(),
@@ -618,6 +627,7 @@ pub async fn run(config_path: &Path) -> ExitCode {
         keepalive: Some(keepalive),
         tasks,
         libvirt,
+        ceph,
         services,
         log,
         config_path: config_path.to_path_buf(),
