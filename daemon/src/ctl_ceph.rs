@@ -33,11 +33,23 @@ use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
 
 use crate::ctl::{self, Output};
-use crate::ctl_vm::{Failure, Followed, WaitArgs};
+use crate::ctl_vm::{parse_duration, Failure, Followed};
 
 // ---------------------------------------------------------------------------------------
 // Command line
 // ---------------------------------------------------------------------------------------
+
+/// `--wait` and `--timeout` of the writing verbs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WaitArgs {
+    /// Block until the primary reports the outcome in the object's status (ready or deleted;
+    /// exit 1 on error or timeout).
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits, e.g. 90s, 3m.
+    #[arg(long, value_parser = parse_duration, default_value = "180s", value_name = "DURATION")]
+    pub timeout: std::time::Duration,
+}
 
 /// `ceph pool …`.
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -576,7 +588,14 @@ pub async fn pool_list(store: &Store) -> Result<Value, String> {
 
 /// `ceph pool show POOL`.
 pub async fn pool_show(store: &Store, pool: &str) -> Result<Value, String> {
-    check_pool("POOL", pool)?;
+    if let Err(e) = check_pool("POOL", pool) {
+        // Ceph's own pools (`.mgr`) have names nobody can declare; show them as observed.
+        let obs = observed(store, "pools").await?;
+        return obs
+            .get(pool)
+            .map(|o| pool_json(pool, None, Some(o)))
+            .ok_or(e);
+    }
     let prefix = format!("{POOLS_PREFIX}{pool}/");
     let mut groups =
         debvisor_objects::reactor::group_keys(POOLS_PREFIX, list(store, &prefix).await?, |_| true);
