@@ -20,10 +20,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::ceph::CephCli;
 use crate::config::{Config, NodeMode, OnShutdown, ServiceBackend};
 use crate::hypervisor::Libvirt;
 use crate::keepalive::{Keepalive, TickOutcome};
+use crate::ceph::CephCli;
 use crate::netobj::{FirewallSync, NetworkHost, NetworkReconciler};
 use crate::registration::{self, LocalState, RegisterError};
 use crate::services::{ProcessSpec, Supervised};
