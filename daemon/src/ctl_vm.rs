@@ -1305,7 +1305,7 @@ fn humantime(d: Duration) -> String {
 }
 
 /// How following an object ended.
-enum Followed<T> {
+pub(crate) enum Followed<T> {
     /// The check returned a verdict; with the keys it saw.
     Done(T, Keys),
     /// The deadline passed; with the last keys seen.
@@ -1316,7 +1316,7 @@ enum Followed<T> {
 /// change until it returns a verdict or `timeout` passes. The watch starts right after a
 /// list, so nothing between the two is missed; it is re-established (with a fresh list)
 /// when it breaks, and a relist every few seconds covers a silently stalled stream.
-async fn follow<T>(
+pub(crate) async fn follow<T>(
     store: &Store,
     prefix: &str,
     timeout: Duration,

@@ -3,6 +3,7 @@
 pub mod ceph;
 pub mod config;
 pub mod ctl;
+pub mod ctl_ceph;
 pub mod ctl_network;
 pub mod ctl_vm;
 pub mod daemon;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use debvisor_daemon::ctl::{self, Output};
+use debvisor_daemon::ctl_ceph::{self, CephCommand};
 use debvisor_daemon::ctl_network::{self, NetworkCommand};
 use debvisor_daemon::ctl_vm::{self, Drain, VmCommand, WaitArgs};
 
@@ -40,6 +41,11 @@ enum Command {
     Vm {
         #[command(subcommand)]
         command: Box<VmCommand>,
+    },
+    /// Ceph storage: pools, RBD volumes, snapshots, templates; cluster health and usage.
+    Ceph {
+        #[command(subcommand)]
+        command: Box<CephCommand>,
     },
     /// Print the etcd schema as markdown (docs/schema.md).
     Schema,
@@ -119,6 +125,9 @@ async fn main() -> ExitCode {
     let json_out = cli.output == Output::Json;
     let command = match cli.command {
         Command::Vm { command } => return report(ctl_vm::run(&store, *command, cli.output).await),
+        Command::Ceph { command } => {
+            return report(ctl_ceph::run(&store, *command, cli.output).await)
+        }
         Command::Node {
             command: NodeCommand::Flush { name, wait },
         } => return report(ctl_vm::node_drain(&store, &name, Drain::Flush, &wait, json_out).await),
@@ -170,6 +179,7 @@ async fn main() -> ExitCode {
         Command::Schema
         | Command::Network { .. }
         | Command::Vm { .. }
+        | Command::Ceph { .. }
         | Command::Node {
             command: NodeCommand::Flush { .. } | NodeCommand::Unflush { .. },
         } => {}
