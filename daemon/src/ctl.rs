@@ -207,3 +207,19 @@ pub fn table(rows: &[Vec<String>]) -> String {
     }
     out
 }
+
+/// A stored value as JSON, or as a string when it is not JSON (what `show` prints of a key
+/// an operator may have written by hand).
+pub(crate) fn json_or_string(v: &[u8]) -> Value {
+    serde_json::from_slice(v).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(v).into()))
+}
+
+/// One table cell from a JSON value: `-` for null or empty, strings unquoted.
+pub(crate) fn str_of(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) if s.is_empty() => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}

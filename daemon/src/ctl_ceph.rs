@@ -33,6 +33,7 @@ use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
 
 use crate::ctl::{self, Output};
+use crate::ctl::{json_or_string, str_of};
 use crate::ctl_vm::{parse_duration, Failure, Followed};
 
 // ---------------------------------------------------------------------------------------
@@ -462,20 +463,6 @@ fn invalid(e: &ObjectError, flag: impl Fn(&str) -> Option<&'static str>) -> Stri
 // ---------------------------------------------------------------------------------------
 
 type Keys = BTreeMap<String, KeyEntry>;
-
-/// A value as JSON, or as a string when it is not JSON.
-fn json_or_string(v: &[u8]) -> Value {
-    serde_json::from_slice(v).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(v).into()))
-}
-
-fn str_of(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) if s.is_empty() => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
 
 fn entry(kv: Kv) -> KeyEntry {
     KeyEntry {

@@ -35,6 +35,7 @@ use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp};
 use serde_json::{json, Map, Value};
 
 use crate::ctl::Output;
+use crate::ctl::{json_or_string, str_of};
 
 // ---------------------------------------------------------------------------------------
 // Command line
@@ -444,20 +445,6 @@ async fn read_network(store: &Store, vni: u32) -> Result<(Keys, i64), String> {
 
 fn not_found(vni: u32) -> String {
     format!("network {vni} not found (no {})", spec_key(vni))
-}
-
-/// A value as JSON, or as a string when it is not JSON.
-fn json_or_string(v: &[u8]) -> Value {
-    serde_json::from_slice(v).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(v).into()))
-}
-
-fn str_of(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) if s.is_empty() => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 /// Sub-keys under `<kind>/` (e.g. `reservations/`), with the rest of the key.

@@ -35,6 +35,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::ctl::{self, Output};
+use crate::ctl::{json_or_string, str_of};
 
 // ---------------------------------------------------------------------------------------
 // Command line
@@ -434,19 +435,6 @@ async fn read_nodes(store: &Store) -> Result<(Vec<NodeRecord>, Vec<String>), Str
         rows.into_iter().filter_map(|r| r.node.ok()).collect(),
         names,
     ))
-}
-
-fn json_or_string(v: &[u8]) -> Value {
-    serde_json::from_slice(v).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(v).into()))
-}
-
-fn str_of(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) if s.is_empty() => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 fn opt_str(v: Option<String>) -> Value {

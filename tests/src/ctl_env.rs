@@ -4,6 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::time::Duration;
+
+use debvisor_objects::{Store, StoreOptions};
 
 use etcd_client::Client;
 use serde_json::Value;
@@ -53,6 +56,28 @@ impl CtlCluster {
     /// The etcd endpoint.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// A daemon-side store on this etcd (prefix `/debvisor`), for what a test reads or
+    /// writes through the same code as the daemon and `debvisorctl`.
+    ///
+    /// # Panics
+    /// If etcd does not answer.
+    pub async fn store(&self) -> Store {
+        Store::connect(&StoreOptions {
+            endpoints: vec![self.endpoint.clone()],
+            prefix: "/debvisor".into(),
+            ca: None,
+            cert: None,
+            key: None,
+            server_name: None,
+            user: None,
+            password_file: None,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+        })
+        .await
+        .expect("store")
     }
 
     /// The scratch directory (for input files).

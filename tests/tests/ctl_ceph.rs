@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use debvisor_daemon::ctl_ceph;
 use debvisor_objects::ceph::{parse_pool, parse_template, parse_volume, CloneSource};
-use debvisor_objects::{KeyEntry, Store, StoreOptions};
+use debvisor_objects::KeyEntry;
 use debvisor_tests::CtlCluster as Cluster;
 use etcd_client::Client;
 use serde_json::{json, Value};
@@ -59,23 +59,6 @@ async fn object(c: &mut Client, prefix: &str) -> BTreeMap<String, KeyEntry> {
             )
         })
         .collect()
-}
-
-async fn store(cl: &Cluster) -> Store {
-    Store::connect(&StoreOptions {
-        endpoints: vec![cl.endpoint().to_string()],
-        prefix: "/debvisor".into(),
-        ca: None,
-        cert: None,
-        key: None,
-        server_name: None,
-        user: None,
-        password_file: None,
-        connect_timeout: Duration::from_secs(5),
-        request_timeout: Duration::from_secs(5),
-    })
-    .await
-    .expect("store")
 }
 
 fn stdout(o: &Output) -> String {
@@ -541,7 +524,7 @@ async fn writes_are_compare_and_swap_on_the_revision_read() {
     let cl = Cluster::start();
     let mut c = cl.client().await;
     cl.ok(&["ceph", "pool", "add", "rbd", "--size", "2"]);
-    let st = store(&cl).await;
+    let st = cl.store().await;
     let key = "ceph/pools/rbd/spec";
     let (_, stale) = raw(&mut c, key).await.expect("spec");
     // Someone else protects the pool between our read and our write.

@@ -6,7 +6,6 @@ use std::process::Output;
 use std::time::Duration;
 
 use debvisor_daemon::ctl_vm;
-use debvisor_objects::{Store, StoreOptions};
 use debvisor_tests::CtlCluster as Cluster;
 use etcd_client::{Client, PutOptions};
 use serde_json::{json, Value};
@@ -20,8 +19,6 @@ const U3: &str = "33333333-3333-4333-8333-333333333333";
 trait VmBench {
     /// Write an XML file; returns its path as a string.
     fn xml_file(&self, file: &str, xml: &str) -> String;
-    /// A store on the bench's etcd.
-    async fn store(&self) -> Store;
 }
 
 impl VmBench for Cluster {
@@ -29,23 +26,6 @@ impl VmBench for Cluster {
         let p = self.dir().join(file);
         std::fs::write(&p, xml).expect("xml file");
         p.to_string_lossy().into_owned()
-    }
-
-    async fn store(&self) -> Store {
-        Store::connect(&StoreOptions {
-            endpoints: vec![self.endpoint().to_string()],
-            prefix: "/debvisor".into(),
-            ca: None,
-            cert: None,
-            key: None,
-            server_name: None,
-            user: None,
-            password_file: None,
-            connect_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(5),
-        })
-        .await
-        .expect("store")
     }
 }
 
