@@ -634,9 +634,11 @@ pub async fn run(config_path: &Path) -> ExitCode {
     .with_domains(domains.clone(), cfg.domains.stats_writes_per_tick as usize);
     // Ceph health and state on its own timer, off the keepalive and lease path.
     let keepalive = match &ceph {
-        Some(c) => {
+        Some(_) => {
+            // Its own handle: the monitor reports a timeout once per outage, not per call.
+            let cli = Arc::new(CephCli::from_config(&cfg.ceph).with_quiet_timeouts());
             let (mon, rx) =
-                crate::cephmon::CephMonitor::new(c.clone(), store.clone(), node.clone(), primary);
+                crate::cephmon::CephMonitor::new(cli, store.clone(), node.clone(), primary);
             mon.spawn(cfg.ceph.interval, tasks.clone());
             keepalive.with_ceph(rx)
         }
