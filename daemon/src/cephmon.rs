@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::ceph::{batches, collect_state, diff, local_osds, Ceph, CephError, KeyChange};
-use crate::ceph::{OsdMetadata, OsdTree};
+use crate::ceph::{Health, OsdMetadata, OsdTree};
 use crate::hostinfo;
 
 /// Most operations in one collector transaction (etcd's default limit is 128).
@@ -204,10 +204,18 @@ pub fn summary_from_state(state: &BTreeMap<String, String>, hostname: &str) -> C
 /// The node-level summary of a node that does not collect: `ceph health detail`, OSD
 /// metadata (which OSDs are ours) and the OSD tree (up/in), asked together.
 pub async fn node_summary<C: Ceph>(ceph: &C, hostname: &str) -> Result<CephNodeHealth, CephError> {
-    let (health, meta, tree): (_, _, OsdTree) =
+    node_view(ceph, hostname).await.map(|(_, s)| s)
+}
+
+/// Cluster health and the node-level summary (see [`node_summary`]).
+async fn node_view<C: Ceph>(
+    ceph: &C,
+    hostname: &str,
+) -> Result<(Health, CephNodeHealth), CephError> {
+    let (health, meta, tree): (Health, _, OsdTree) =
         futures::try_join!(ceph.health(), ceph.osd_metadata(), ceph.osd_tree())?;
     let mine = local_osds(&meta, hostname);
-    Ok(CephNodeHealth {
+    let summary = CephNodeHealth {
         status: health.status.as_str().to_string(),
         checks: health.checks.keys().cloned().collect(),
         osds: tree
@@ -222,7 +230,8 @@ pub async fn node_summary<C: Ceph>(ceph: &C, hostname: &str) -> Result<CephNodeH
             .collect(),
         error: None,
         since: String::new(),
-    })
+    };
+    Ok((health, summary))
 }
 
 /// The monitor's state from pass to pass.
@@ -240,6 +249,8 @@ pub struct CephMonitor<C> {
     unreachable: Option<(String, String, Instant)>,
     /// The store refused the last write (logged once per outage).
     store_failing: bool,
+    /// The last full collection failed while Ceph answered (logged once until it works).
+    collect_failing: bool,
 }
 
 impl<C: Ceph + 'static> CephMonitor<C> {
@@ -256,6 +267,7 @@ impl<C: Ceph + 'static> CephMonitor<C> {
             status: None,
             unreachable: None,
             store_failing: false,
+            collect_failing: false,
         };
         (m, rx)
     }
@@ -280,18 +292,46 @@ impl<C: Ceph + 'static> CephMonitor<C> {
 
     /// One pass: ask Ceph, publish the summary, and on the primary write what changed.
     pub async fn pass(&mut self) {
-        let answer = if self.primary {
-            collect_state(&*self.ceph)
-                .await
-                .map(|state| (summary_from_state(&state, &self.hostname), Some(state)))
-        } else {
-            node_summary(&*self.ceph, &self.hostname)
-                .await
-                .map(|s| (s, None))
-        };
-        match answer {
-            Ok((summary, state)) => self.answered(summary, state).await,
-            Err(e) => self.unanswered(e).await,
+        if !self.primary {
+            match node_summary(&*self.ceph, &self.hostname).await {
+                Ok(s) => self.answered(s, None).await,
+                Err(e) => self.unanswered(e).await,
+            }
+            return;
+        }
+        match collect_state(&*self.ceph).await {
+            Ok(state) => {
+                if self.collect_failing {
+                    self.collect_failing = false;
+                    info!(node = %self.node, "ceph state collection works again");
+                }
+                let summary = summary_from_state(&state, &self.hostname);
+                self.answered(summary, Some(state)).await
+            }
+            // No answer within the timeout: Ceph is away; do not spend another timeout.
+            Err(e) if e.is_timeout() => self.unanswered(e).await,
+            // One call failed (a tool crashed, a pool vanished mid-pass): Ceph may still
+            // answer. Report its health and leave the observed state as it is.
+            Err(e) => match node_view(&*self.ceph, &self.hostname).await {
+                Ok((health, summary)) => {
+                    if !self.collect_failing {
+                        self.collect_failing = true;
+                        warn!(node = %self.node, error = %e,
+                            "ceph state collection failed; health still reported, observed state kept");
+                    }
+                    self.answered(summary, None).await;
+                    // Same form as collect_state's (a Value, so the same key order).
+                    let value = serde_json::to_value(&health)
+                        .unwrap_or_default()
+                        .to_string();
+                    let r = self.writer.write_health(value).await;
+                    self.store_result(r);
+                }
+                Err(e2) => {
+                    debug!(node = %self.node, error = %e, "ceph state collection failed");
+                    self.unanswered(e2).await
+                }
+            },
         }
     }
 

@@ -57,6 +57,32 @@ struct CephResult {
     keys: usize,
     bytes: usize,
     writes: Vec<Writes>,
+    /// Collections that failed (and were retried), with the first error.
+    failures: Vec<String>,
+}
+
+/// Tries of one collection (a failed `rbd` call is retried and counted).
+const TRIES: usize = 4;
+
+/// [`collect_state`], retried up to [`TRIES`] times; failures are recorded.
+async fn collect(
+    cli: &CephCli,
+    failures: &mut Vec<String>,
+) -> BenchResult<(BTreeMap<String, String>, Duration)> {
+    let mut last = String::new();
+    for _ in 0..TRIES {
+        let t = Instant::now();
+        match collect_state(cli).await {
+            Ok(s) => return Ok((s, t.elapsed())),
+            Err(e) => {
+                last = e.to_string();
+                let short: String = last.chars().take(200).collect();
+                eprintln!("debvisor-bench: ceph: collection failed (retrying): {short}");
+                failures.push(short);
+            }
+        }
+    }
+    Err(format!("collect_state failed {TRIES} times; last: {last}"))
 }
 
 /// Run the Ceph figures, print the report and (unless `--no-write`) write its section.
@@ -203,18 +229,17 @@ async fn measure(
     etcd: &EtcdProcess,
     cli: &CephCli,
 ) -> BenchResult<CephResult> {
-    let mut collect = Vec::new();
+    let mut times = Vec::new();
+    let mut failures = Vec::new();
     let mut state = BTreeMap::new();
     for i in 0..RUNS {
-        let t = Instant::now();
-        state = collect_state(cli)
-            .await
-            .map_err(|e| format!("collect_state: {e}"))?;
-        collect.push(t.elapsed());
+        let (s, took) = collect(cli, &mut failures).await?;
+        state = s;
+        times.push(took);
         eprintln!(
             "debvisor-bench: ceph: collection {}/{RUNS}: {:.0} ms, {} keys",
             i + 1,
-            ms(t.elapsed()),
+            ms(took),
             state.len()
         );
     }
@@ -242,9 +267,7 @@ async fn measure(
     let mut writes = Vec::new();
     let mut w = StateWriter::new(store.clone());
     writes.push(timed_write("first collection (empty etcd)", &mut w, &state).await?);
-    let again = collect_state(cli)
-        .await
-        .map_err(|e| format!("collect_state: {e}"))?;
+    let (again, _) = collect(cli, &mut failures).await?;
     writes.push(timed_write("second collection, nothing changed", &mut w, &again).await?);
     let mut fresh = StateWriter::new(store);
     writes.push(
@@ -258,17 +281,16 @@ async fn measure(
     cluster
         .rbd(&["resize", &image(0), "--size", "128M"])
         .map_err(|e| format!("rbd resize: {e}"))?;
-    let changed = collect_state(cli)
-        .await
-        .map_err(|e| format!("collect_state: {e}"))?;
+    let (changed, _) = collect(cli, &mut failures).await?;
     writes.push(timed_write("after one `rbd resize`", &mut w, &changed).await?);
     Ok(CephResult {
         fill: Duration::ZERO,
         cluster_start: Duration::ZERO,
         keys: state.len(),
         bytes: state.iter().map(|(k, v)| k.len() + v.len()).sum(),
-        collect,
+        collect: times,
         writes,
+        failures,
     })
 }
 
@@ -325,6 +347,14 @@ fn render(args: &Args, m: &Machine, started: &str, r: &CephResult) -> String {
             w.stats.deletes,
             w.stats.txns,
             ms(w.elapsed)
+        );
+    }
+    if !r.failures.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n{} collection(s) failed and were retried (not in the times): `{}`",
+            r.failures.len(),
+            r.failures[0].replace('`', "'")
         );
     }
     let _ = writeln!(
