@@ -146,7 +146,7 @@ pub struct CephNodeHealth {
     /// Why Ceph is unreachable (only with `status: unreachable`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// RFC3339 time of the last answer or, while unreachable, since when it is.
+    /// RFC3339 time since when `status` holds (the first pass that saw it).
     #[serde(default)]
     pub since: String,
 }
