@@ -460,7 +460,13 @@ pub struct CephConfig {
     /// Timeout of one `ceph`/`rbd` command.
     #[serde(with = "duration_str")]
     pub timeout: Duration,
+    /// Ceph systemd units started on coordinators (mon, mgr) by the coordinator-services
+    /// stage; `{node}` is replaced by the node name (see [`Config::ceph_coordinator_units`]).
+    pub coordinator_units: Vec<String>,
 }
+
+/// Placeholder for the node name in `ceph.coordinator_units`.
+pub const NODE_PLACEHOLDER: &str = "{node}";
 
 impl Default for CephConfig {
     fn default() -> Self {
@@ -471,6 +477,10 @@ impl Default for CephConfig {
             keyring: None,
             interval: Duration::from_secs(10),
             timeout: Duration::from_secs(30),
+            coordinator_units: vec![
+                "ceph-mon@{node}.service".into(),
+                "ceph-mgr@{node}.service".into(),
+            ],
         }
     }
 }
@@ -1067,6 +1077,16 @@ impl Config {
         &self.node.name
     }
 
+    /// `ceph.coordinator_units` with `{node}` replaced by this node's name (validated by
+    /// [`load`]: each is a systemd unit name).
+    pub fn ceph_coordinator_units(&self) -> Vec<String> {
+        self.ceph
+            .coordinator_units
+            .iter()
+            .map(|u| u.replace(NODE_PLACEHOLDER, self.node_name()))
+            .collect()
+    }
+
     /// Is this node a coordinator (listed in `node.coordinators`, or standalone)?
     pub fn is_coordinator(&self) -> bool {
         self.node.mode == NodeMode::Standalone
@@ -1411,6 +1431,15 @@ impl Config {
             );
         }
 
+        for (i, u) in self.ceph_coordinator_units().iter().enumerate() {
+            if let Err(e) = check_unit_name(u) {
+                bad(
+                    &format!("ceph.coordinator_units[{i}]"),
+                    format!("{} (from {:?})", e, self.ceph.coordinator_units[i]),
+                );
+            }
+        }
+
         // services
         for (i, u) in self.services.coordinator_units.iter().enumerate() {
             if let Err(e) = check_unit_name(u) {
@@ -1741,6 +1770,32 @@ mod tests {
     }
 
     #[test]
+    fn ceph_units_name_the_node() {
+        let c = parse("", &[]).expect("defaults");
+        assert_eq!(
+            c.ceph_coordinator_units(),
+            ["ceph-mon@t1.service", "ceph-mgr@t1.service"]
+        );
+        let c = parse(
+            "ceph:\n  coordinator_units: [\"ceph-osd.target\", \"ceph-mds@{node}-a.service\"]\n",
+            &[("DEBVISOR_NODE_NAME", "hv-02")],
+        )
+        .expect("valid units");
+        assert_eq!(
+            c.ceph_coordinator_units(),
+            ["ceph-osd.target", "ceph-mds@hv-02-a.service"]
+        );
+        let c = parse("ceph:\n  coordinator_units: []\n", &[]).expect("none");
+        assert!(c.ceph_coordinator_units().is_empty());
+        let c = parse(
+            "",
+            &[("DEBVISOR_CEPH_COORDINATOR_UNITS", "ceph-mon@{node}.service")],
+        )
+        .expect("env list");
+        assert_eq!(c.ceph_coordinator_units(), ["ceph-mon@t1.service"]);
+    }
+
+    #[test]
     fn consistency_rules() {
         let cases: &[(&str, &str)] = &[
             ("node:\n  mode: clustered\n", "node.coordinators: must name at least one node"),
@@ -1760,6 +1815,8 @@ mod tests {
             ("fencing:\n  max_concurrent: 0\n", "fencing.max_concurrent: must be at least 1"),
             ("ceph:\n  client: client.admin\n", "ceph.client:"),
             ("services:\n  coordinator_units: [etcd]\n", "services.coordinator_units[0]:"),
+            ("ceph:\n  coordinator_units: [\"ceph-mon@{node}\"]\n", "ceph.coordinator_units[0]: \"ceph-mon@t1\" is not a systemd unit name"),
+            ("ceph:\n  coordinator_units: [\"ok.service\", \"ceph-mgr@{name}.service\"]\n", "ceph.coordinator_units[1]:"),
             ("networking:\n  host_networks:\n    storage:\n      device: eth0\n      vlan: 5000\n", "networking.host_networks.storage.vlan:"),
             ("firewall:\n  migration_ports: 2-1\n", "firewall.migration_ports:"),
         ];

@@ -382,6 +382,29 @@ pub async fn run(config_path: &Path) -> ExitCode {
                 "coordinator units configured but systemd is not PID 1; not started");
         }
     }
+    let ceph_units = cfg.ceph_coordinator_units();
+    if cfg.is_coordinator() && cfg.ceph.enabled && !ceph_units.is_empty() {
+        let systemd = match cfg.services.backend {
+            ServiceBackend::Systemd => true,
+            ServiceBackend::Process => false,
+            ServiceBackend::Auto => crate::services::systemd_is_pid1(),
+        };
+        if systemd {
+            // A Ceph unit that does not start costs storage, not the node: VMs still run.
+            for unit in &ceph_units {
+                match crate::services::systemctl("start", unit, Duration::from_secs(90)).await {
+                    Ok(()) => svc_detail.push(format!("{unit} started")),
+                    Err(e) => {
+                        warn!(node = %node, stage = Stage::CoordinatorServices.name(), unit = %unit, error = %e,
+                            "ceph unit did not start; continuing without it");
+                        svc_detail.push(format!("{unit} failed to start (warning: {e})"));
+                    }
+                }
+            }
+        } else {
+            svc_detail.push("ceph units not started: systemd is not PID 1".into());
+        }
+    }
     let svc_outcome = if svc_detail.is_empty() {
         "skipped"
     } else {
@@ -609,6 +632,18 @@ pub async fn run(config_path: &Path) -> ExitCode {
         info.clone(),
     )
     .with_domains(domains.clone(), cfg.domains.stats_writes_per_tick as usize);
+    // Ceph health and state on its own timer, off the keepalive and lease path.
+    let keepalive = match &ceph {
+        Some(_) => {
+            // Its own handle: the monitor reports a timeout once per outage, not per call.
+            let cli = Arc::new(CephCli::from_config(&cfg.ceph).with_quiet_timeouts());
+            let (mon, rx) =
+                crate::cephmon::CephMonitor::new(cli, store.clone(), node.clone(), primary);
+            mon.spawn(cfg.ceph.interval, tasks.clone());
+            keepalive.with_ceph(rx)
+        }
+        None => keepalive,
+    };
     let mut r = Running {
         cfg,
         store,

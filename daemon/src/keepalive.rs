@@ -4,6 +4,7 @@
 //! watchdog and triggers the reactors' resync.
 //!
 //! Liveness is the lease, refreshed by its own task: a slow tick never costs the lease.
+//! Ceph is reported from the Ceph monitor's watch channel (see `cephmon`), never asked here.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -48,6 +49,8 @@ pub struct Keepalive {
     stats_budget: usize,
     /// Per VM: the stats last written and when.
     stats_written: HashMap<String, (String, Instant)>,
+    /// The Ceph monitor's latest node summary (`ceph.enabled`); read, never waited for.
+    ceph: Option<crate::cephmon::CephHealthRx>,
 }
 
 /// The per-VM `stats` value (counters only: no timestamp, so an idle VM writes nothing).
@@ -117,7 +120,15 @@ impl Keepalive {
             domains: None,
             stats_budget: 64,
             stats_written: HashMap::new(),
+            ceph: None,
         }
+    }
+
+    /// Report Ceph as the Ceph monitor last saw it (`health.ceph`, and a `problems` line
+    /// when it is not `HEALTH_OK`). The tick only reads the channel: it never calls Ceph.
+    pub fn with_ceph(mut self, rx: crate::cephmon::CephHealthRx) -> Keepalive {
+        self.ceph = Some(rx);
+        self
     }
 
     /// Report per-VM stats of the Domain object's VMs (at most `budget` keys per tick, the
@@ -186,7 +197,12 @@ impl Keepalive {
             .as_ref()
             .map(|d| d.foreign().into_values().collect())
             .unwrap_or_default();
+        let ceph = self.ceph.as_ref().and_then(|rx| rx.borrow().clone());
+        if let Some(line) = ceph.as_ref().and_then(|c| c.problem()) {
+            problems.push(line);
+        }
         let health = Health {
+            ceph,
             libvirt: libvirt_ok,
             load: hostinfo::load(),
             memory: hostinfo::memory(),

@@ -14,7 +14,7 @@
 //! | `ceph/volumes/<pool>:<image>/snapshots/<snap>/spec` | operator | [`SnapshotSpec`] JSON |
 //! | `ceph/volumes/<pool>:<image>/snapshots/<snap>/status` | primary | [`CephStatus`] JSON |
 //! | `templates/<name>` | operator | [`Template`] JSON |
-//! | `ceph/health` | primary | health JSON (status, checks) |
+//! | `ceph/health` | primary | health JSON (status, checks), or `{status: unreachable, error, since}` |
 //! | `ceph/usage` | primary | cluster usage JSON |
 //! | `ceph/observed/pools/<pool>` | primary | pool stats JSON |
 //! | `ceph/observed/osds/<id>` | primary | OSD stats JSON (up, in, node, utilisation) |

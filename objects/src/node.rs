@@ -123,6 +123,77 @@ pub struct Health {
     /// Names of domains on this host that debvisor did not create (left alone).
     #[serde(default)]
     pub foreign: Vec<String>,
+    /// Ceph as this node last saw it (only with `ceph.enabled`; absent otherwise and from
+    /// daemons that predate it, so older readers ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceph: Option<CephNodeHealth>,
+}
+
+/// The node-level Ceph summary in `nodes/<node>/health`: cluster status as this node sees
+/// it, the failing checks, and this node's OSDs. Lets an operator (and placement) see a
+/// node whose storage is in trouble without reading `ceph/…`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CephNodeHealth {
+    /// `HEALTH_OK`, `HEALTH_WARN`, `HEALTH_ERR`, or `unreachable` (no answer within
+    /// `ceph.timeout`).
+    pub status: String,
+    /// Names of the failing health checks (`OSDMAP_FLAGS`, …).
+    #[serde(default)]
+    pub checks: Vec<String>,
+    /// OSDs whose metadata names this host.
+    #[serde(default)]
+    pub osds: Vec<CephNodeOsd>,
+    /// Why Ceph is unreachable (only with `status: unreachable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// RFC3339 time since when `status` holds (the first pass that saw it).
+    #[serde(default)]
+    pub since: String,
+}
+
+impl CephNodeHealth {
+    /// The `status` of a node that cannot reach Ceph.
+    pub const UNREACHABLE: &'static str = "unreachable";
+
+    /// Is the cluster fine from this node (`HEALTH_OK`)?
+    pub fn is_ok(&self) -> bool {
+        self.status == "HEALTH_OK"
+    }
+
+    /// The line for `problems` when Ceph is not fine, `None` when it is.
+    pub fn problem(&self) -> Option<String> {
+        if self.is_ok() {
+            return None;
+        }
+        let mut line = format!("ceph {}", self.status);
+        if let Some(e) = &self.error {
+            line.push_str(&format!(": {e}"));
+        } else if !self.checks.is_empty() {
+            line.push_str(&format!(": {}", self.checks.join(", ")));
+        }
+        let down: Vec<String> = self
+            .osds
+            .iter()
+            .filter(|o| !o.up || !o.r#in)
+            .map(|o| format!("osd.{}", o.id))
+            .collect();
+        if !down.is_empty() {
+            line.push_str(&format!(" (local down/out: {})", down.join(", ")));
+        }
+        Some(line)
+    }
+}
+
+/// One of this node's OSDs in [`CephNodeHealth`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CephNodeOsd {
+    /// OSD id.
+    pub id: i64,
+    /// Up (the daemon answers).
+    pub up: bool,
+    /// In (holds data).
+    #[serde(rename = "in")]
+    pub r#in: bool,
 }
 
 /// `nodes/<node>/alive`: who holds the node name.
@@ -420,6 +491,48 @@ mod tests {
             parse_node("Bad_Name", &keys(&[])).map_err(|e| e.field),
             Err("name".to_string())
         );
+    }
+
+    #[test]
+    fn health_ceph_is_optional_both_ways() {
+        // Without Ceph the field is not written: an older reader sees the same JSON as before.
+        let plain = serde_json::to_value(Health::default()).expect("serialize");
+        assert!(plain.get("ceph").is_none(), "{plain}");
+        // A health written before the field existed still parses.
+        let old = r#"{"libvirt":true,"load":[0,0,0],"memory":{"total_mib":1,"used_mib":0,"free_mib":1},
+            "vms":{"total":0,"running":0},"version":"0.1","uptime_s":5}"#;
+        let h: Health = serde_json::from_str(old).expect("old health parses");
+        assert_eq!(h.ceph, None);
+        // With Ceph it round-trips, and an unknown extra field is ignored.
+        let warn = CephNodeHealth {
+            status: "HEALTH_WARN".into(),
+            checks: vec!["OSDMAP_FLAGS".into()],
+            osds: vec![CephNodeOsd {
+                id: 0,
+                up: true,
+                r#in: false,
+            }],
+            error: None,
+            since: "2026-12-05T10:00:00Z".into(),
+        };
+        let h = Health {
+            ceph: Some(warn.clone()),
+            ..Health::default()
+        };
+        let mut v = serde_json::to_value(&h).expect("serialize");
+        assert_eq!(v["ceph"]["osds"][0]["in"], false);
+        v["future_field"] = serde_json::json!(1);
+        let back: Health = serde_json::from_value(v).expect("parse");
+        assert_eq!(back.ceph.as_ref(), Some(&warn));
+        assert_eq!(
+            warn.problem().as_deref(),
+            Some("ceph HEALTH_WARN: OSDMAP_FLAGS (local down/out: osd.0)")
+        );
+        let ok = CephNodeHealth {
+            status: "HEALTH_OK".into(),
+            ..CephNodeHealth::default()
+        };
+        assert_eq!(ok.problem(), None);
     }
 
     #[test]

@@ -406,6 +406,10 @@ keyring = {d}/mon/$cluster-$id/keyring
 keyring = {d}/mgr/$cluster-$id/keyring
 [osd]
 keyring = {d}/osd/$cluster-$id/keyring
+[client]
+# One socket per client process (Ceph's own default is per process too): concurrent rbd
+# calls of one client sharing $name.asok abort (`rbd du` beside `rbd ls -l` did).
+admin_socket = {d}/run/$name.$pid.$cctid.asok
 ",
             fsid = self.fsid,
             port = self.mon_port,

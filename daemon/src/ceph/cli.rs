@@ -39,6 +39,8 @@ pub struct CephCli {
     client: String,
     keyring: Option<PathBuf>,
     timeout: Duration,
+    /// Log timeouts at debug: the caller reports them (once per outage, not per call).
+    quiet_timeouts: bool,
 }
 
 impl CephCli {
@@ -54,6 +56,7 @@ impl CephCli {
             client: client.into(),
             keyring,
             timeout,
+            quiet_timeouts: false,
         }
     }
 
@@ -70,6 +73,13 @@ impl CephCli {
     /// The same driver with another per-call timeout.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// The same driver logging timeouts at debug, for a caller that reports them itself
+    /// (the Ceph monitor warns once when Ceph stops answering, not every interval).
+    pub fn with_quiet_timeouts(mut self) -> Self {
+        self.quiet_timeouts = true;
         self
     }
 
@@ -104,7 +114,11 @@ impl CephCli {
                 source,
             })?,
             Err(_) => {
-                tracing::warn!(command = %command, object, timeout = ?self.timeout, "ceph call timed out; killed");
+                if self.quiet_timeouts {
+                    tracing::debug!(command = %command, object, timeout = ?self.timeout, "ceph call timed out; killed");
+                } else {
+                    tracing::warn!(command = %command, object, timeout = ?self.timeout, "ceph call timed out; killed");
+                }
                 return Err(CephError::Timeout {
                     command,
                     object: object.to_owned(),

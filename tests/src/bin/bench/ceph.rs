@@ -1,0 +1,368 @@
+//! Ceph figures of `debvisor-bench` (`--ceph`): the cost of one state collection by the
+//! primary's Ceph monitor (`daemon/src/cephmon.rs`) on a real one-host Ceph
+//! ([`CephCluster`]: 1 mon, 1 mgr, 2 memstore OSDs) holding [`POOLS`] pools (pg_num 8,
+//! size 1, application `rbd`), [`VOLUMES`] RBD images and [`SNAPSHOTS`] snapshots, all made
+//! with the `ceph`/`rbd` tools before any timing.
+//!
+//! 1. **Collection time**: [`collect_state`] through the daemon's driver ([`CephCli`],
+//!    the same calls the monitor makes each `ceph.interval`), median of 5.
+//! 2. **etcd writes** of [`StateWriter`] against a private etcd: the first collection
+//!    (every key new), an unchanged second collection (expected: nothing), a fresh writer
+//!    with the same state (a restarted daemon reads back what etcd holds: expected nothing),
+//!    and a collection after one change (`rbd resize` of one image).
+//!
+//! The cluster and etcd are owned by locals (killed on drop, on every return path).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use debvisor_daemon::ceph::{collect_state, CephCli};
+use debvisor_daemon::cephmon::{StateWriter, WriteStats, MAX_TXN_OPS};
+use debvisor_objects::{Store, StoreOptions};
+use debvisor_tests::{CephCluster, EtcdProcess};
+
+use super::{
+    bench_command, docs_path, ms, now_utc_string, write_marked, Args, BenchResult, Machine,
+};
+
+/// Start marker of the generated section in `docs/benchmarks.md`.
+const MARK_START: &str = "<!-- bench:ceph:start -->";
+/// End marker of the generated section in `docs/benchmarks.md`.
+const MARK_END: &str = "<!-- bench:ceph:end -->";
+/// Pools made.
+const POOLS: usize = 10;
+/// RBD images made (spread evenly over the pools).
+const VOLUMES: usize = 100;
+/// Snapshots made (spread evenly over the images).
+const SNAPSHOTS: usize = 300;
+/// Collections timed.
+const RUNS: usize = 5;
+/// Tool invocations at once while filling the cluster.
+const FILL_THREADS: usize = 4;
+/// Per-call timeout of the driver (generous: the figure is the time, not a limit).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One write figure.
+struct Writes {
+    what: &'static str,
+    stats: WriteStats,
+    elapsed: Duration,
+}
+
+/// Everything measured.
+struct CephResult {
+    fill: Duration,
+    cluster_start: Duration,
+    collect: Vec<Duration>,
+    keys: usize,
+    bytes: usize,
+    writes: Vec<Writes>,
+    /// Collections that failed (and were retried), with the first error.
+    failures: Vec<String>,
+}
+
+/// Tries of one collection (a failed `rbd` call is retried and counted).
+const TRIES: usize = 4;
+
+/// [`collect_state`], retried up to [`TRIES`] times; failures are recorded.
+async fn collect(
+    cli: &CephCli,
+    failures: &mut Vec<String>,
+) -> BenchResult<(BTreeMap<String, String>, Duration)> {
+    let mut last = String::new();
+    for _ in 0..TRIES {
+        let t = Instant::now();
+        match collect_state(cli).await {
+            Ok(s) => return Ok((s, t.elapsed())),
+            Err(e) => {
+                last = e.to_string();
+                let short: String = last.chars().take(200).collect();
+                eprintln!("debvisor-bench: ceph: collection failed (retrying): {short}");
+                failures.push(short);
+            }
+        }
+    }
+    Err(format!("collect_state failed {TRIES} times; last: {last}"))
+}
+
+/// Run the Ceph figures, print the report and (unless `--no-write`) write its section.
+pub(crate) fn run(args: &Args, machine: &Machine) -> BenchResult<()> {
+    if !debvisor_tests::ceph_installed() {
+        return Err("the Ceph figures need the Ceph binaries (scripts/deps.sh)".into());
+    }
+    let started = now_utc_string();
+    let cluster = CephCluster::start().map_err(|e| format!("starting Ceph: {e}"))?;
+    let etcd = EtcdProcess::start().map_err(|e| format!("starting etcd: {e}"))?;
+    eprintln!(
+        "debvisor-bench: ceph: making {POOLS} pools, {VOLUMES} volumes, {SNAPSHOTS} snapshots"
+    );
+    let t = Instant::now();
+    fill(&cluster)?;
+    let fill_time = t.elapsed();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    let cli = cluster.cli(CALL_TIMEOUT);
+    let r = rt.block_on(measure(&cluster, &etcd, &cli))?;
+    let r = CephResult {
+        fill: fill_time,
+        cluster_start: cluster.started_in(),
+        ..r
+    };
+    let report = render(args, machine, &started, &r);
+    println!("{report}");
+    if args.write {
+        let path = docs_path();
+        write_marked(&path, MARK_START, MARK_END, &report)?;
+        eprintln!("debvisor-bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Run `jobs` (tool argument vectors) on [`FILL_THREADS`] threads.
+fn parallel(cluster: &CephCluster, tool: &str, jobs: Vec<Vec<String>>) -> BenchResult<()> {
+    let chunks: Vec<Vec<Vec<String>>> = (0..FILL_THREADS)
+        .map(|i| jobs.iter().skip(i).step_by(FILL_THREADS).cloned().collect())
+        .collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                s.spawn(move || -> BenchResult<()> {
+                    for job in chunk {
+                        let a: Vec<&str> = job.iter().map(String::as_str).collect();
+                        let r = if tool == "rbd" {
+                            cluster.rbd(&a)
+                        } else {
+                            cluster.ceph(&a)
+                        };
+                        r.map_err(|e| format!("{tool} {job:?}: {e}"))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().map_err(|_| "fill thread panicked".to_string())?)
+    })
+}
+
+fn pool(i: usize) -> String {
+    format!("bench{i:02}")
+}
+
+fn image(v: usize) -> String {
+    format!("{}/vol{v:03}", pool(v % POOLS))
+}
+
+fn own(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Make the pools, images and snapshots with the tools.
+fn fill(cluster: &CephCluster) -> BenchResult<()> {
+    let pools: Vec<String> = (0..POOLS).map(pool).collect();
+    parallel(
+        cluster,
+        "ceph",
+        pools
+            .iter()
+            .map(|p| own(&["osd", "pool", "create", p, "8", "8", "replicated"]))
+            .collect(),
+    )?;
+    let mut follow = Vec::new();
+    for p in &pools {
+        follow.push(own(&[
+            "osd",
+            "pool",
+            "set",
+            p,
+            "size",
+            "1",
+            "--yes-i-really-mean-it",
+        ]));
+        follow.push(own(&["osd", "pool", "application", "enable", p, "rbd"]));
+    }
+    // One after the other per pool: size before application is not required, but cheap.
+    parallel(cluster, "ceph", follow)?;
+    parallel(
+        cluster,
+        "rbd",
+        (0..VOLUMES)
+            .map(|v| own(&["create", &image(v), "--size", "64M"]))
+            .collect(),
+    )?;
+    parallel(
+        cluster,
+        "rbd",
+        (0..SNAPSHOTS)
+            .map(|s| {
+                let spec = format!("{}@snap{}", image(s % VOLUMES), s / VOLUMES);
+                own(&["snap", "create", &spec])
+            })
+            .collect(),
+    )
+}
+
+async fn timed_write(
+    what: &'static str,
+    w: &mut StateWriter,
+    state: &BTreeMap<String, String>,
+) -> BenchResult<Writes> {
+    let t = Instant::now();
+    let stats = w
+        .write_state(state)
+        .await
+        .map_err(|e| format!("{what}: writing to etcd: {e}"))?;
+    Ok(Writes {
+        what,
+        stats,
+        elapsed: t.elapsed(),
+    })
+}
+
+async fn measure(
+    cluster: &CephCluster,
+    etcd: &EtcdProcess,
+    cli: &CephCli,
+) -> BenchResult<CephResult> {
+    let mut times = Vec::new();
+    let mut failures = Vec::new();
+    let mut state = BTreeMap::new();
+    for i in 0..RUNS {
+        let (s, took) = collect(cli, &mut failures).await?;
+        state = s;
+        times.push(took);
+        eprintln!(
+            "debvisor-bench: ceph: collection {}/{RUNS}: {:.0} ms, {} keys",
+            i + 1,
+            ms(took),
+            state.len()
+        );
+    }
+    let volumes = state
+        .keys()
+        .filter(|k| k.starts_with("ceph/observed/volumes/"))
+        .count();
+    if volumes != VOLUMES {
+        return Err(format!("collected {volumes} volumes, made {VOLUMES}"));
+    }
+    let store = Store::connect(&StoreOptions {
+        endpoints: vec![etcd.endpoint()],
+        prefix: "/debvisor".into(),
+        ca: None,
+        cert: None,
+        key: None,
+        server_name: None,
+        user: None,
+        password_file: None,
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(10),
+    })
+    .await
+    .map_err(|e| format!("connecting to etcd: {e}"))?;
+    let mut writes = Vec::new();
+    let mut w = StateWriter::new(store.clone());
+    writes.push(timed_write("first collection (empty etcd)", &mut w, &state).await?);
+    let (again, _) = collect(cli, &mut failures).await?;
+    writes.push(timed_write("second collection, nothing changed", &mut w, &again).await?);
+    let mut fresh = StateWriter::new(store);
+    writes.push(
+        timed_write(
+            "restarted daemon (reads back etcd), nothing changed",
+            &mut fresh,
+            &again,
+        )
+        .await?,
+    );
+    cluster
+        .rbd(&["resize", &image(0), "--size", "128M"])
+        .map_err(|e| format!("rbd resize: {e}"))?;
+    let (changed, _) = collect(cli, &mut failures).await?;
+    writes.push(timed_write("after one `rbd resize`", &mut w, &changed).await?);
+    Ok(CephResult {
+        fill: Duration::ZERO,
+        cluster_start: Duration::ZERO,
+        keys: state.len(),
+        bytes: state.iter().map(|(k, v)| k.len() + v.len()).sum(),
+        collect: times,
+        writes,
+        failures,
+    })
+}
+
+fn render(args: &Args, m: &Machine, started: &str, r: &CephResult) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let mut sorted: Vec<f64> = r.collect.iter().map(|d| ms(*d)).collect();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let _ = writeln!(o, "### Ceph state collection ({started})\n");
+    let _ = writeln!(o, "- command: `{}`", bench_command(args, m));
+    let _ = writeln!(
+        o,
+        "- machine: {} CPUs (`nproc`), {}, kernel {}, {} RAM; profile `{}`",
+        m.nproc, m.cpu_model, m.kernel, m.mem_total, m.profile
+    );
+    let _ = writeln!(
+        o,
+        "- cluster: `CephCluster` (Ceph 16.2, 1 mon, 1 mgr, 2 memstore OSDs on loopback), \
+         up in {:.1} s; filled with {POOLS} pools (pg_num 8, size 1, `rbd`), {VOLUMES} images \
+         of 64 MiB and {SNAPSHOTS} snapshots in {:.1} s ({FILL_THREADS} tool calls at once)",
+        r.cluster_start.as_secs_f64(),
+        r.fill.as_secs_f64()
+    );
+    let _ = writeln!(
+        o,
+        "- etcd 3.4 (`/usr/bin/etcd`) on loopback; transactions of at most {MAX_TXN_OPS} \
+         operations\n"
+    );
+    let _ = writeln!(o, "| figure | value |\n| --- | --- |");
+    let _ = writeln!(
+        o,
+        "| `collect_state` (6 cluster calls at once, then `rbd ls -l` + `rbd du` per pool), \
+         median of {RUNS} | {median:.0} ms (min {:.0}, max {:.0}) |",
+        sorted[0],
+        sorted[sorted.len() - 1]
+    );
+    let _ = writeln!(
+        o,
+        "| keys collected (health, usage, pools, OSDs, volumes) | {} ({:.1} KiB) |",
+        r.keys,
+        r.bytes as f64 / 1024.0
+    );
+    let _ = writeln!(
+        o,
+        "\n| etcd writes | keys put | keys deleted | transactions | time |\n| --- | --- | --- | --- | --- |"
+    );
+    for w in &r.writes {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {:.1} ms |",
+            w.what,
+            w.stats.puts,
+            w.stats.deletes,
+            w.stats.txns,
+            ms(w.elapsed)
+        );
+    }
+    if !r.failures.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n{} collection(s) failed and were retried (not in the times): `{}`",
+            r.failures.len(),
+            r.failures[0].replace('`', "'")
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nAn unchanged collection writes nothing, also right after a restart (the writer \
+         compares with what etcd holds). The time of a collection is dominated by the \
+         `ceph`/`rbd` tools (a Python or C++ process per call); it runs on `ceph.interval` \
+         in its own task, never in the keepalive."
+    );
+    o
+}

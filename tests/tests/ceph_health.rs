@@ -1,0 +1,274 @@
+//! Ceph health and state in the running daemon (`daemon/src/cephmon.rs`) against a real
+//! one-host Ceph: `ceph/health` and the node's own health follow Ceph's health checks, the
+//! observed pools/OSDs/volumes follow changes made with the `ceph`/`rbd` tools, a restart
+//! rewrites nothing unchanged, and a frozen mon is reported as unreachable while the node's
+//! lease and keepalive go on untouched.
+
+use std::time::Duration;
+
+use debvisor_tests::{
+    ceph_installed, eventually, is_message, CephCluster, DaemonBuilder, DaemonProcess, EtcdProcess,
+};
+use serde_json::Value;
+
+const NODE: &str = "cephmon";
+const POOL: &str = "dvh";
+const IMAGE: &str = "img1";
+const MIB: u64 = 1 << 20;
+/// A generous deadline for the daemon to notice a change (interval 1 s; not a speed claim).
+const SEE: Duration = Duration::from_secs(60);
+
+fn json_key(etcd: &EtcdProcess, key: &str) -> Option<Value> {
+    let v = etcd.get_key(key).expect("etcd get")?;
+    Some(serde_json::from_str(&v).unwrap_or_else(|e| panic!("{key}: invalid JSON {v:?}: {e}")))
+}
+
+/// `mod_revision` of `/debvisor/<key>`, if present.
+fn mod_revision(etcd: &EtcdProcess, key: &str) -> Option<i64> {
+    let k = format!("/debvisor/{key}");
+    etcd.with_client(|mut c| async move {
+        let r = c
+            .get(k, None)
+            .await
+            .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
+        Ok(r.kvs().first().map(|kv| kv.mod_revision()))
+    })
+    .expect("etcd get")
+}
+
+fn health_key() -> String {
+    format!("nodes/{NODE}/health")
+}
+
+/// The `ceph` field of this node's health, when its status is `status`.
+fn node_ceph(etcd: &EtcdProcess, status: &str) -> Option<Value> {
+    let h = json_key(etcd, &health_key())?;
+    (h["ceph"]["status"] == status).then_some(h)
+}
+
+fn spawn(etcd: &EtcdProcess, cluster: &CephCluster) -> DaemonProcess {
+    let yaml = format!(
+        "ceph:\n  enabled: true\n  conf: {}\n  client: {}\n  keyring: {}\n  interval: 1s\n  \
+         timeout: 3s\n  coordinator_units: []\n",
+        cluster.conf_path().display(),
+        cluster.client(),
+        cluster.keyring_path().display()
+    );
+    let mut d = DaemonBuilder::new(NODE)
+        .endpoints(&[etcd.endpoint()])
+        .yaml(&yaml)
+        .spawn()
+        .expect("spawn debvisord");
+    d.wait_run(Duration::from_secs(60))
+        .expect("daemon reaches run");
+    d
+}
+
+fn ceph_health_is(etcd: &EtcdProcess, status: &str) -> Option<Value> {
+    json_key(etcd, "ceph/health").filter(|h| h["status"] == status)
+}
+
+#[test]
+fn ceph_health_state_and_outage_in_the_running_daemon() {
+    if !ceph_installed() {
+        eprintln!("skip: Ceph binaries not installed (scripts/deps.sh installs them)");
+        return;
+    }
+    let cluster = CephCluster::start().expect("ceph cluster");
+    let etcd = EtcdProcess::start().expect("etcd");
+    let mut d = spawn(&etcd, &cluster);
+
+    // Healthy: ceph/health and the node's health agree; this host's two OSDs are up and in.
+    eventually("ceph/health HEALTH_OK", SEE, || {
+        ceph_health_is(&etcd, "HEALTH_OK")
+    });
+    let h = eventually("node health with ceph HEALTH_OK", SEE, || {
+        node_ceph(&etcd, "HEALTH_OK")
+    });
+    let osds = h["ceph"]["osds"].as_array().cloned().unwrap_or_default();
+    assert_eq!(osds.len(), 2, "this host's OSDs in {h}");
+    assert!(
+        osds.iter().all(|o| o["up"] == true && o["in"] == true),
+        "{h}"
+    );
+    assert!(
+        !h["problems"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p.as_str().is_some_and(|p| p.contains("ceph"))),
+        "no ceph problem while healthy: {h}"
+    );
+
+    // noout → HEALTH_WARN with OSDMAP_FLAGS, in ceph/health and in the node's health/problems.
+    cluster.ceph(&["osd", "set", "noout"]).expect("set noout");
+    let ch = eventually("ceph/health HEALTH_WARN", SEE, || {
+        ceph_health_is(&etcd, "HEALTH_WARN")
+    });
+    assert!(ch["checks"]["OSDMAP_FLAGS"].is_object(), "{ch}");
+    let h = eventually("node health HEALTH_WARN", SEE, || {
+        node_ceph(&etcd, "HEALTH_WARN")
+    });
+    assert!(
+        h["ceph"]["checks"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c == "OSDMAP_FLAGS")),
+        "{h}"
+    );
+    assert!(
+        h["problems"].as_array().is_some_and(|p| p.iter().any(|p| p
+            .as_str()
+            .is_some_and(|p| p.contains("HEALTH_WARN") && p.contains("OSDMAP_FLAGS")))),
+        "problems name the check: {h}"
+    );
+    cluster
+        .ceph(&["osd", "unset", "noout"])
+        .expect("unset noout");
+    eventually("ceph/health back to HEALTH_OK", SEE, || {
+        ceph_health_is(&etcd, "HEALTH_OK")
+    });
+    eventually("node health back to HEALTH_OK", SEE, || {
+        node_ceph(&etcd, "HEALTH_OK")
+    });
+
+    // Stats: usage and OSDs, then a pool and an image made with the tools, followed.
+    let usage = eventually("ceph/usage", SEE, || json_key(&etcd, "ceph/usage"));
+    assert!(usage["total_bytes"].as_u64().unwrap_or(0) > 0, "{usage}");
+    for id in ["0", "1"] {
+        let o = eventually("observed OSD", SEE, || {
+            json_key(&etcd, &format!("ceph/observed/osds/{id}"))
+        });
+        assert_eq!(o["up"], true, "osd.{id}: {o}");
+    }
+    cluster
+        .ceph(&["osd", "pool", "create", POOL, "8"])
+        .expect("pool create");
+    cluster
+        .ceph(&["osd", "pool", "application", "enable", POOL, "rbd"])
+        .expect("application rbd");
+    cluster
+        .rbd(&["create", &format!("{POOL}/{IMAGE}"), "--size", "16M"])
+        .expect("rbd create");
+    let pool_key = format!("ceph/observed/pools/{POOL}");
+    let vol_key = format!("ceph/observed/volumes/{POOL}:{IMAGE}");
+    let p = eventually("observed pool", SEE, || json_key(&etcd, &pool_key));
+    assert_eq!(p["pg_num"], 8, "{p}");
+    eventually("observed volume of 16 MiB", SEE, || {
+        json_key(&etcd, &vol_key).filter(|v| v["size"] == 16 * MIB)
+    });
+    cluster
+        .rbd(&["resize", &format!("{POOL}/{IMAGE}"), "--size", "32M"])
+        .expect("rbd resize");
+    eventually("observed volume resized to 32 MiB", SEE, || {
+        json_key(&etcd, &vol_key).filter(|v| v["size"] == 32 * MIB)
+    });
+    cluster
+        .rbd(&["snap", "create", &format!("{POOL}/{IMAGE}@s1")])
+        .expect("rbd snap create");
+    eventually("observed snapshot", SEE, || {
+        json_key(&etcd, &vol_key).filter(|v| v["snapshots"][0]["name"] == "s1")
+    });
+    cluster
+        .rbd(&["snap", "purge", &format!("{POOL}/{IMAGE}")])
+        .expect("rbd snap purge");
+    cluster
+        .rbd(&["rm", &format!("{POOL}/{IMAGE}")])
+        .expect("rbd rm");
+    eventually("observed volume deleted", SEE, || {
+        json_key(&etcd, &vol_key).is_none().then_some(())
+    });
+    // Keep one image for the restart and outage checks.
+    cluster
+        .rbd(&["create", &format!("{POOL}/keep"), "--size", "8M"])
+        .expect("rbd create keep");
+    let keep_key = format!("ceph/observed/volumes/{POOL}:keep");
+    eventually("observed volume keep", SEE, || json_key(&etcd, &keep_key));
+
+    // A restarted daemon compares with what etcd holds: the unchanged volume is not rewritten.
+    let rev_before = mod_revision(&etcd, &keep_key).expect("keep key");
+    d.signal(libc::SIGTERM).expect("SIGTERM");
+    d.wait_exit(Duration::from_secs(30)).expect("graceful stop");
+    drop(d);
+    let mut d = spawn(&etcd, &cluster);
+    eventually("restarted daemon reports ceph", SEE, || {
+        node_ceph(&etcd, "HEALTH_OK")
+    });
+    // The node summary comes from the primary's first pass; give it a few more passes.
+    eventually("a few more passes", SEE, || {
+        let h = json_key(&etcd, &health_key())?;
+        (h["daemon_uptime_s"].as_u64()? >= 3).then_some(())
+    });
+    assert_eq!(
+        mod_revision(&etcd, &keep_key),
+        Some(rev_before),
+        "an unchanged volume is not rewritten after a restart"
+    );
+
+    // The mon frozen: unreachable reported, observed keys kept, lease and keepalive go on.
+    let pause = cluster.pause_mon().expect("pause mon");
+    let ch = eventually("ceph/health unreachable", SEE, || {
+        ceph_health_is(&etcd, "unreachable")
+    });
+    assert!(
+        ch["error"].as_str().is_some_and(|e| !e.is_empty()) && ch["since"].is_string(),
+        "{ch}"
+    );
+    let h = eventually("node health unreachable", SEE, || {
+        node_ceph(&etcd, "unreachable")
+    });
+    assert!(
+        h["problems"].as_array().is_some_and(|p| p.iter().any(|p| p
+            .as_str()
+            .is_some_and(|p| p.starts_with("ceph unreachable")))),
+        "{h}"
+    );
+    let rev0 = mod_revision(&etcd, &health_key()).expect("health key");
+    let up0 = h["daemon_uptime_s"].as_u64().expect("daemon_uptime_s");
+    // Several keepalive ticks while Ceph calls hang for their whole timeout.
+    eventually("keepalive ticks go on while ceph hangs", SEE, || {
+        let h = json_key(&etcd, &health_key())?;
+        let rev = mod_revision(&etcd, &health_key())?;
+        (rev >= rev0 + 5 && h["daemon_uptime_s"].as_u64()? >= up0 + 5).then_some(())
+    });
+    assert!(
+        etcd.get_key(&format!("nodes/{NODE}/alive"))
+            .expect("get alive")
+            .is_some(),
+        "the lease still holds alive"
+    );
+    assert!(
+        json_key(&etcd, &pool_key).is_some() && json_key(&etcd, &keep_key).is_some(),
+        "observed keys are kept while Ceph is unreachable"
+    );
+    assert!(d.is_running());
+    drop(pause);
+
+    eventually(
+        "ceph/health recovers to HEALTH_OK",
+        Duration::from_secs(180),
+        || ceph_health_is(&etcd, "HEALTH_OK"),
+    );
+    eventually("node health recovers", Duration::from_secs(60), || {
+        node_ceph(&etcd, "HEALTH_OK")
+    });
+    let lines = d.json_lines();
+    let count = |m: &str| lines.iter().filter(|v| is_message(v, m)).count();
+    assert_eq!(
+        count("ceph unreachable; reporting it and keeping the observed state"),
+        1,
+        "one warning per outage"
+    );
+    assert_eq!(count("ceph reachable again"), 1, "one line on recovery");
+    assert!(
+        !lines
+            .iter()
+            .any(|v| is_message(v, "ceph call timed out; killed") && v["level"] == "WARN"),
+        "the monitor's timed-out calls are not a warning each"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|v| is_message(v, "node lease lost; re-registering")),
+        "the lease never lapsed"
+    );
+}
