@@ -460,6 +460,10 @@ pub struct CephConfig {
     /// Timeout of one `ceph`/`rbd` command.
     #[serde(with = "duration_str")]
     pub timeout: Duration,
+    /// Addresses this node's Ceph clients (qemu, `rbd`) may appear as besides the node's own
+    /// interface addresses, e.g. `127.0.0.1` when this node reaches a local mon over
+    /// loopback: RBD locks held from them are this node's (stale before a VM start).
+    pub client_addresses: Vec<std::net::IpAddr>,
 }
 
 impl Default for CephConfig {
@@ -471,6 +475,7 @@ impl Default for CephConfig {
             keyring: None,
             interval: Duration::from_secs(10),
             timeout: Duration::from_secs(30),
+            client_addresses: Vec::new(),
         }
     }
 }
@@ -1759,6 +1764,7 @@ mod tests {
             ("hypervisor:\n  uri: qemu\n", "hypervisor.uri:"),
             ("fencing:\n  max_concurrent: 0\n", "fencing.max_concurrent: must be at least 1"),
             ("ceph:\n  client: client.admin\n", "ceph.client:"),
+            ("ceph:\n  client_addresses: [10.0.0.1, nope]\n", "ceph.client_addresses[1]"),
             ("services:\n  coordinator_units: [etcd]\n", "services.coordinator_units[0]:"),
             ("networking:\n  host_networks:\n    storage:\n      device: eth0\n      vlan: 5000\n", "networking.host_networks.storage.vlan:"),
             ("firewall:\n  migration_ports: 2-1\n", "firewall.migration_ports:"),

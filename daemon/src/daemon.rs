@@ -20,10 +20,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::ceph::CephCli;
 use crate::config::{Config, NodeMode, OnShutdown, ServiceBackend};
 use crate::hypervisor::Libvirt;
 use crate::keepalive::{Keepalive, TickOutcome};
-use crate::ceph::CephCli;
 use crate::netobj::{FirewallSync, NetworkHost, NetworkReconciler};
 use crate::registration::{self, LocalState, RegisterError};
 use crate::services::{ProcessSpec, Supervised};
@@ -580,15 +580,18 @@ pub async fn run(config_path: &Path) -> ExitCode {
         CancellationToken::new(),
     ));
     let lease = Arc::new(AtomicI64::new(lease_id));
-    let domains = Arc::new(DomainHost::new(
-        node.clone(),
-        store.clone(),
-        libvirt.clone(),
-        lease.clone(),
-        cfg.domains.clone(),
-        primary,
-        nodes.clone(),
-    ));
+    let domains = Arc::new(
+        DomainHost::new(
+            node.clone(),
+            store.clone(),
+            libvirt.clone(),
+            lease.clone(),
+            cfg.domains.clone(),
+            primary,
+            nodes.clone(),
+        )
+        .with_ceph(ceph.clone(), cfg.ceph.client_addresses.clone()),
+    );
     let vms = Arc::new(Reactor::spawn(
         VmKind,
         DomainReconciler(domains.clone()),
