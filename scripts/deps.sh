@@ -19,6 +19,14 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# Without udev (a container, a machine not booted by systemd) /dev/kvm stays root-only: give
+# it the group and mode Debian's udev rules give it, so libvirt's qemu (user libvirt-qemu,
+# group kvm) runs guests with KVM instead of falling back to TCG.
+if [[ -c /dev/kvm ]] && getent group kvm >/dev/null && [[ "$(stat -c %G /dev/kvm)" != kvm ]]; then
+  echo "deps: /dev/kvm → group kvm, mode 0660 (what udev does on a booted Debian)"
+  chgrp kvm /dev/kvm
+  chmod 0660 /dev/kvm
+fi
 if ! command -v cargo >/dev/null; then
   echo "deps: cargo not found: install a Rust toolchain (rustup, Rust >= 1.85) first" >&2
   exit 1

@@ -463,6 +463,10 @@ pub struct CephConfig {
     /// Ceph systemd units started on coordinators (mon, mgr) by the coordinator-services
     /// stage; `{node}` is replaced by the node name (see [`Config::ceph_coordinator_units`]).
     pub coordinator_units: Vec<String>,
+    /// Addresses this node's Ceph clients (qemu, `rbd`) may appear as besides the node's own
+    /// interface addresses, e.g. `127.0.0.1` when this node reaches a local mon over
+    /// loopback: RBD locks held from them are this node's (stale before a VM start).
+    pub client_addresses: Vec<std::net::IpAddr>,
 }
 
 /// Placeholder for the node name in `ceph.coordinator_units`.
@@ -481,6 +485,7 @@ impl Default for CephConfig {
                 "ceph-mon@{node}.service".into(),
                 "ceph-mgr@{node}.service".into(),
             ],
+            client_addresses: Vec::new(),
         }
     }
 }
@@ -1814,6 +1819,7 @@ mod tests {
             ("hypervisor:\n  uri: qemu\n", "hypervisor.uri:"),
             ("fencing:\n  max_concurrent: 0\n", "fencing.max_concurrent: must be at least 1"),
             ("ceph:\n  client: client.admin\n", "ceph.client:"),
+            ("ceph:\n  client_addresses: [10.0.0.1, nope]\n", "ceph.client_addresses[1]"),
             ("services:\n  coordinator_units: [etcd]\n", "services.coordinator_units[0]:"),
             ("ceph:\n  coordinator_units: [\"ceph-mon@{node}\"]\n", "ceph.coordinator_units[0]: \"ceph-mon@t1\" is not a systemd unit name"),
             ("ceph:\n  coordinator_units: [\"ok.service\", \"ceph-mgr@{name}.service\"]\n", "ceph.coordinator_units[1]:"),

@@ -603,15 +603,18 @@ pub async fn run(config_path: &Path) -> ExitCode {
         CancellationToken::new(),
     ));
     let lease = Arc::new(AtomicI64::new(lease_id));
-    let domains = Arc::new(DomainHost::new(
-        node.clone(),
-        store.clone(),
-        libvirt.clone(),
-        lease.clone(),
-        cfg.domains.clone(),
-        primary,
-        nodes.clone(),
-    ));
+    let domains = Arc::new(
+        DomainHost::new(
+            node.clone(),
+            store.clone(),
+            libvirt.clone(),
+            lease.clone(),
+            cfg.domains.clone(),
+            primary,
+            nodes.clone(),
+        )
+        .with_ceph(ceph.clone(), cfg.ceph.client_addresses.clone()),
+    );
     let vms = Arc::new(Reactor::spawn(
         VmKind,
         DomainReconciler(domains.clone()),

@@ -1,5 +1,6 @@
 //! The Domain object's host side: executes the pure plan of `objects::domain_plan` through
-//! libvirt and the store — the run lock won by transaction before any start, status reports
+//! libvirt and the store — the run lock won by transaction before any start, the RBD lock
+//! check of its Ceph volumes before a start (`ceph::start_check`), status reports
 //! written only when they change, crash restarts with backoff, live migration with its
 //! handover, and the periodic resync that spots crashes, orphans and foreign domains.
 //!
@@ -9,6 +10,7 @@
 //! nothing is done on the host for it — a running guest keeps running.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,11 +26,14 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::ceph::{check_rbd_start, CephCli};
 use crate::config::DomainsConfig;
 use crate::hypervisor::{DomainInfo, DomainState, ErrorKind, Libvirt, MigrateOptions};
 
-/// Longest crash-restart delay.
+/// Longest crash-restart delay (also the longest wait between RBD lock checks).
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(60);
+/// First wait before checking a refused VM's RBD locks again (doubles up to the maximum).
+const RBD_RECHECK: Duration = Duration::from_secs(2);
 
 /// What this node remembers about one VM between reconciles (never written anywhere).
 #[derive(Debug, Default)]
@@ -54,6 +59,12 @@ struct Runtime {
     observed: Option<DomainState>,
     /// Last status written: (state, reason, error) and its `since`.
     status: Option<(String, String, Option<String>, String)>,
+    /// Starts refused by the RBD lock check in a row (backoff of the next check).
+    rbd_refusals: u32,
+    /// The last refusal's error (logged once per distinct refusal).
+    rbd_refusal: Option<String>,
+    /// Warned that RBD disks start unchecked (Ceph disabled).
+    rbd_unchecked_warned: bool,
 }
 
 impl Runtime {
@@ -89,6 +100,10 @@ pub struct DomainHost {
     marks: Mutex<HashMap<String, bool>>,
     /// Running orphans already warned about.
     orphans: Mutex<std::collections::HashSet<String>>,
+    /// The Ceph driver when Ceph is enabled: RBD lock check before a start.
+    ceph: Option<Arc<CephCli>>,
+    /// Extra addresses this node's Ceph clients appear as (`ceph.client_addresses`).
+    ceph_client_addresses: Vec<IpAddr>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -136,6 +151,87 @@ impl DomainHost {
             foreign: Mutex::new(BTreeMap::new()),
             marks: Mutex::new(HashMap::new()),
             orphans: Mutex::new(Default::default()),
+            ceph: None,
+            ceph_client_addresses: Vec::new(),
+        }
+    }
+
+    /// Check RBD disks' locks through `ceph` before every start here (the split-brain guard
+    /// on volumes); `client_addresses` also count as this node's Ceph client addresses.
+    pub fn with_ceph(mut self, ceph: Option<Arc<CephCli>>, client_addresses: Vec<IpAddr>) -> Self {
+        self.ceph = ceph;
+        self.ceph_client_addresses = client_addresses;
+        self
+    }
+
+    /// The RBD lock check before a start: `None` to go ahead, `Some(delay)` when the start is
+    /// refused (status and log written; check again after `delay`).
+    async fn rbd_gate(
+        &self,
+        vm: &Vm,
+        keys: &BTreeMap<String, KeyEntry>,
+    ) -> Result<Option<Duration>, ReconcileError> {
+        let uuid = vm.uuid.as_str();
+        let Some(ceph) = &self.ceph else {
+            let rbd = crate::ceph::rbd_disks(&vm.xml)
+                .map(|d| !d.is_empty())
+                .unwrap_or(false);
+            if rbd
+                && !self.with_rt(uuid, |rt| {
+                    std::mem::replace(&mut rt.rbd_unchecked_warned, true)
+                })
+            {
+                warn!(vm = %vm.name, uuid, node = %self.node, "vm has RBD disks but ceph is disabled: starting without the RBD lock check");
+            }
+            return Ok(None);
+        };
+        let records: Vec<_> = self
+            .nodes
+            .list()
+            .into_iter()
+            .filter_map(|(_, e)| e.parsed.as_ref().ok().cloned())
+            .collect();
+        let addrs = crate::ceph::start_check::node_addrs(
+            &self.node,
+            crate::ceph::start_check::local_addrs(&self.ceph_client_addresses),
+            records.iter().map(|r| r.as_ref()),
+        );
+        match check_rbd_start(ceph.as_ref(), &vm.xml, &addrs).await {
+            Ok(checked) => {
+                for (image, released) in checked.iter().filter(|(_, n)| *n > 0) {
+                    info!(vm = %vm.name, uuid, node = %self.node, volume = %image, released, "stale RBD locks of this node released before the start");
+                }
+                let was = self.with_rt(uuid, |rt| {
+                    rt.rbd_refusals = 0;
+                    rt.rbd_refusal.take()
+                });
+                if was.is_some() {
+                    info!(vm = %vm.name, uuid, node = %self.node, volumes = checked.len(), "RBD volumes free again; starting");
+                }
+                Ok(None)
+            }
+            Err(r) => {
+                let (n, first) = self.with_rt(uuid, |rt| {
+                    rt.rbd_refusals = rt.rbd_refusals.saturating_add(1);
+                    let first = rt.rbd_refusal.as_deref() != Some(r.error.as_str());
+                    rt.rbd_refusal = Some(r.error.clone());
+                    (rt.rbd_refusals, first)
+                });
+                let delay = backoff(RBD_RECHECK, MAX_RESTART_BACKOFF, n);
+                if first {
+                    warn!(vm = %vm.name, uuid, node = %self.node, volume = %r.volume, error = %r.error, "vm start refused by the RBD lock check; retrying");
+                }
+                self.report(
+                    uuid,
+                    &vm.name,
+                    keys,
+                    "starting",
+                    "start refused: RBD volume held elsewhere or unchecked; retrying",
+                    Some(r.error),
+                )
+                .await?;
+                Ok(Some(delay))
+            }
         }
     }
 
@@ -460,6 +556,9 @@ impl DomainHost {
                                 .await?;
                                 return Ok(Action::RequeueAfter(at - now));
                             }
+                        }
+                        if let Some(delay) = self.rbd_gate(&vm, keys).await? {
+                            return Ok(Action::RequeueAfter(delay));
                         }
                         match self.hv.start(uuid).await {
                             Ok(_) => {

@@ -132,6 +132,11 @@ impl CephCluster {
         )
     }
 
+    /// The mon's (msgr2) port on 127.0.0.1, for clients given the mon address directly.
+    pub fn mon_port(&self) -> u16 {
+        self.mon_port
+    }
+
     /// The cluster fsid.
     pub fn fsid(&self) -> &str {
         &self.fsid

@@ -19,6 +19,7 @@ pub mod netns;
 pub mod nspawn;
 pub mod ports;
 pub mod proxy;
+pub mod rbd_guest;
 pub mod tls;
 pub mod vm;
 

@@ -30,13 +30,25 @@ const VIRTLOGD_SOCK: &str = "/run/libvirt/virtlogd-sock";
 /// Cross-process lock so parallel test binaries do not start two daemons.
 const START_LOCK: &str = "/run/lock/debvisor-test-libvirtd.lock";
 
-/// Whether KVM can be used (`/dev/kvm` opens read-write); without it guests run under TCG.
+/// Whether qemu guests can use KVM: `/dev/kvm` is read-write for libvirt's unprivileged
+/// qemu user (for everyone, or for the `kvm` group that user is in). Root opening it is not
+/// enough: a `crw------- root` node (no udev rule applied) makes a `type='kvm'` guest fail.
+/// Without it guests run under TCG.
 pub fn kvm_available() -> bool {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata("/dev/kvm") else {
+        return false;
+    };
+    let mode = m.mode();
+    if mode & 0o006 == 0o006 {
+        return true;
+    }
+    let kvm_gid = std::fs::read_to_string("/etc/group").ok().and_then(|g| {
+        g.lines()
+            .find_map(|l| l.strip_prefix("kvm:"))
+            .and_then(|rest| rest.split(':').nth(1)?.parse::<u32>().ok())
+    });
+    mode & 0o060 == 0o060 && kvm_gid == Some(m.gid())
 }
 
 fn socket_answers(path: &str) -> bool {
@@ -119,7 +131,7 @@ fn start_daemon(bin: &str, socket: &str) -> Result<()> {
 }
 
 /// Make sure `virtlogd` and `libvirtd` run (start them with `-d` when their sockets do not
-/// answer) and that `virsh -c qemu:///system version` answers, within 30 s.
+/// answer) and that `virsh -c qemu:///system version` answers, within 120 s.
 pub fn ensure_libvirtd() -> Result<()> {
     static IN_PROCESS: Mutex<()> = Mutex::new(());
     let _guard = IN_PROCESS.lock().unwrap_or_else(|p| p.into_inner());
@@ -143,13 +155,15 @@ pub fn ensure_libvirtd() -> Result<()> {
     if !socket_answers(LIBVIRT_SOCK) {
         start_daemon("libvirtd", LIBVIRT_SOCK)?;
     }
-    let timeout = Duration::from_secs(30);
+    // libvirtd re-probing qemu's capabilities answers `version` only after that (≈40 s seen
+    // on a loaded 2-core machine): generous deadlines, not speed claims.
+    let timeout = Duration::from_secs(120);
     let deadline = Instant::now() + timeout;
     loop {
         let last = match run_bounded(
             Command::new("virsh").args(["-c", QEMU_URI, "version"]),
             "virsh version",
-            Duration::from_secs(5),
+            Duration::from_secs(60),
         ) {
             Ok(out) if out.status.success() => return Ok(()),
             Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_string(),

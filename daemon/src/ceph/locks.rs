@@ -1,7 +1,9 @@
 //! RBD lock hygiene before a VM with RBD disks starts on this node: locks this node holds are
-//! stale (the VM is not running here) and released; a lock or an open handle (watcher) of
-//! another live node refuses the start with the holder named; a holder that is no known live
-//! node also refuses (fencing, not a start, breaks a dead node's locks).
+//! stale (the VM is not running here) and released — unless a client on this node still has
+//! the image open (another guest using the volume, or a just-killed one whose watch lingers
+//! ≈30 s), which refuses the start like a lock or an open handle of another live node does
+//! (the holder named); a holder that is no known live node also refuses (fencing, not a
+//! start, breaks a dead node's locks).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -38,6 +40,12 @@ pub enum LockVerdict {
         /// The lock id or `watcher`.
         what: String,
     },
+    /// A client on this node has the image open (a watcher from a local address): releasing
+    /// its lock would let a second writer in.
+    OpenHere {
+        /// The watcher's address as Ceph reports it.
+        address: String,
+    },
     /// A lock or watcher from an address of no known live node.
     UnknownHolder {
         /// The holder's address as Ceph reports it.
@@ -67,10 +75,14 @@ pub fn plan_lock_hygiene(
             };
         };
         if nodes.local.contains(&ip) {
-            if let Some(l) = lock {
-                release.push(l.clone());
+            match lock {
+                Some(l) => release.push(l.clone()),
+                None => {
+                    return LockVerdict::OpenHere {
+                        address: address.to_owned(),
+                    }
+                }
             }
-            // Our own watcher: a leftover handle here (e.g. a tool); not a holder elsewhere.
             continue;
         }
         return match nodes.owner(ip) {
@@ -134,6 +146,22 @@ mod tests {
         assert_eq!(
             plan_lock_hygiene(&[], &[], &nodes()),
             LockVerdict::Release(vec![])
+        );
+    }
+
+    #[test]
+    fn an_open_handle_here_keeps_our_lock() {
+        let l = lock("auto 1", "10.0.0.1:0/99");
+        let w = Watcher {
+            address: "10.0.0.1:0/99".into(),
+            client: Some(4173),
+            cookie: None,
+        };
+        assert_eq!(
+            plan_lock_hygiene(&[l], &[w], &nodes()),
+            LockVerdict::OpenHere {
+                address: "10.0.0.1:0/99".into()
+            }
         );
     }
 

@@ -10,8 +10,10 @@
 pub mod apply;
 pub mod cli;
 pub mod collect;
+pub mod disks;
 pub mod error;
 pub mod locks;
+pub mod start_check;
 pub mod types;
 
 use std::fmt;
@@ -22,8 +24,10 @@ pub use apply::{
 };
 pub use cli::CephCli;
 pub use collect::{batches, collect_state, diff, local_osds, KeyChange};
+pub use disks::{rbd_disks, DiskError, RbdDisk};
 pub use error::CephError;
 pub use locks::{plan_lock_hygiene, release_stale_locks, LockVerdict, NodeAddrs};
+pub use start_check::{check_rbd_start, Refusal};
 pub use types::{
     ClusterStatus, Df, Health, HealthCheck, HealthStatus, ImageInfo, ImageListEntry, ImageLock,
     ImageUsage, OsdDf, OsdMetadata, OsdTree, PoolInfo, Snapshot, Watcher,

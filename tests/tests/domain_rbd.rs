@@ -1,0 +1,378 @@
+//! RBD lock hygiene of the Domain object with real KVM guests whose disks are RBD volumes of
+//! a real one-host Ceph cluster (qemu's rbd block driver, cephx through a libvirt secret):
+//! a guest starts through the Domain object and qemu opens its volume; a lock held by another
+//! live node refuses the start naming that node, then (node gone) naming the address, and the
+//! guest starts once the lock is removed; a stale lock of this node's own address is released
+//! and the guest starts; while Ceph does not answer the start is refused, and made once it
+//! answers again.
+//!
+//! Needs root, Ceph and qemu's rbd driver (guests run under KVM when qemu may use it, else
+//! TCG). Guests, the secret, etcd, the daemons and
+//! the cluster are removed by their guards, also when the test fails.
+
+use std::time::Duration;
+
+use debvisor_daemon::hypervisor::{DomainState, Libvirt};
+use debvisor_tests::libvirt::{ensure_libvirtd, sweep_stale, TestDomain, QEMU_URI};
+use debvisor_tests::rbd_guest::{qemu_rbd_available, with_devices, CephSecret, QEMU_RBD_DRIVER};
+use debvisor_tests::{
+    ceph_installed, eventually, is_message, skip_unless_root, str_field, CephCluster,
+    DaemonBuilder, DaemonProcess, EtcdProcess, TestVm,
+};
+use serde_json::{json, Value};
+
+/// Generous deadline (libvirt answers slowly on a loaded 2-core machine); not a speed claim.
+const WAIT: Duration = Duration::from_secs(120);
+const POOL: &str = "dvrbd";
+
+fn daemon(
+    etcd: &EtcdProcess,
+    cluster: &CephCluster,
+    node: &str,
+    state_dir: &std::path::Path,
+    client_addresses: &str,
+) -> DaemonProcess {
+    let yaml = format!(
+        "ceph:\n  enabled: true\n  conf: {}\n  client: {}\n  keyring: {}\n  timeout: 20s\n  client_addresses: {client_addresses}\n",
+        cluster.conf_path().display(),
+        cluster.client(),
+        cluster.keyring_path().display(),
+    );
+    let mut d = DaemonBuilder::new(node)
+        .endpoints(&[etcd.endpoint()])
+        .env("DEBVISOR_HYPERVISOR_URI", QEMU_URI)
+        .env("DEBVISOR_DOMAINS_SHUTDOWN_TIMEOUT", "3s")
+        .env("DEBVISOR_HYPERVISOR_TIMEOUT", "60s")
+        .yaml(&yaml)
+        .state_dir(state_dir)
+        .spawn()
+        .expect("spawn daemon");
+    d.wait_run(WAIT).expect("daemon reaches run");
+    d
+}
+
+fn vm(d: &TestDomain) -> TestVm {
+    TestVm {
+        uuid: d.uuid.clone(),
+        name: d.name.clone(),
+        wait: WAIT,
+    }
+}
+
+/// Define `d` in etcd on `node` with `disk` added to the tiny guest, state start.
+fn define(etcd: &EtcdProcess, d: &TestDomain, node: &str, disk: &str) {
+    let xml = with_devices(&d.xml(), disk);
+    vm(d).put(etcd, &[("xml", &xml), ("node", node), ("state", "start")]);
+}
+
+fn active(rt: &tokio::runtime::Runtime, lv: &Libvirt, d: &TestDomain) -> bool {
+    rt.block_on(lv.get(&d.uuid))
+        .ok()
+        .flatten()
+        .is_some_and(|i| i.state == DomainState::Running)
+}
+
+fn rbd_json(cluster: &CephCluster, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.extend(["--format", "json"]);
+    let out = cluster.rbd(&a).expect("rbd");
+    serde_json::from_str(&out).expect("rbd json")
+}
+
+fn watchers(cluster: &CephCluster, image: &str) -> Vec<Value> {
+    rbd_json(cluster, &["status", &format!("{POOL}/{image}")])["watchers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// `(id, locker)` of each lock on the image.
+fn locks(cluster: &CephCluster, image: &str) -> Vec<(String, String)> {
+    let v = rbd_json(cluster, &["lock", "ls", &format!("{POOL}/{image}")]);
+    // Ceph 16 prints an array of {id, locker, address}.
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|l| {
+                    (
+                        l["id"].as_str().unwrap_or_default().to_string(),
+                        l["locker"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Register node `name` as its daemon would (alive on a lease, info with `addresses`);
+/// returns the lease (revoke it to make the node dead).
+fn add_node(etcd: &EtcdProcess, name: &str, addresses: &[&str]) -> i64 {
+    let info = json!({
+        "hostname": name, "addresses": addresses, "version": "0.1.0",
+        "cpus": 1, "memory_mib": 1024,
+    })
+    .to_string();
+    let (alive_key, info_key) = (
+        format!("/debvisor/nodes/{name}/alive"),
+        format!("/debvisor/nodes/{name}/info"),
+    );
+    etcd.with_client(|mut c| async move {
+        let err = |e: etcd_client::Error| debvisor_tests::HarnessError::State(e.to_string());
+        let lease = c.lease_grant(120, None).await.map_err(err)?.id();
+        c.put(info_key, info, None).await.map_err(err)?;
+        c.put(
+            alive_key,
+            r#"{"hostname":"other","pid":1}"#,
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .map_err(err)?;
+        Ok(lease)
+    })
+    .expect("register the other node")
+}
+
+fn revoke(etcd: &EtcdProcess, lease: i64) {
+    etcd.with_client(|mut c| async move {
+        c.lease_revoke(lease)
+            .await
+            .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
+        Ok(())
+    })
+    .expect("revoke lease");
+}
+
+fn skip_reason() -> Option<String> {
+    if !ceph_installed() {
+        return Some("ceph not installed (scripts/deps.sh)".into());
+    }
+    if !qemu_rbd_available() {
+        return Some(format!(
+            "qemu rbd driver {QEMU_RBD_DRIVER} missing (qemu-block-extra)"
+        ));
+    }
+    None
+}
+
+#[test]
+fn rbd_guest_starts_and_foreign_locks_refuse_the_start() {
+    skip_unless_root!();
+    if let Some(why) = skip_reason() {
+        eprintln!("skip: {why}");
+        return;
+    }
+    ensure_libvirtd().expect("libvirtd running");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let lv = Libvirt::new(QEMU_URI, Duration::from_secs(20));
+    rt.block_on(sweep_stale(&lv));
+
+    let cluster = CephCluster::start_with_osds(1).expect("ceph cluster");
+    cluster
+        .ceph(&["osd", "pool", "create", POOL, "8"])
+        .expect("pool");
+    cluster
+        .ceph(&["osd", "pool", "application", "enable", POOL, "rbd"])
+        .expect("pool application");
+    for img in ["disk1", "disk2", "disk3"] {
+        cluster
+            .rbd(&["create", &format!("{POOL}/{img}"), "--size", "16M"])
+            .expect("image");
+    }
+    let secret = CephSecret::new(&cluster).expect("libvirt ceph secret");
+    let etcd = EtcdProcess::start().expect("etcd");
+    let state = tempfile::tempdir().expect("state dir");
+    // This node's Ceph clients appear as 127.0.0.1, but only the node's interface addresses
+    // count as its own: a lock from 127.0.0.1 is someone else's.
+    let mut d1 = daemon(&etcd, &cluster, "rbd1", state.path(), "[]");
+
+    // 1. A guest with an RBD data disk starts through the Domain object; qemu opens it.
+    let g1 = TestDomain::new(&lv, "rbd");
+    define(
+        &etcd,
+        &g1,
+        "rbd1",
+        &secret.disk_xml(&cluster, POOL, "disk1", "vdb"),
+    );
+    let s = vm(&g1).wait_status(&etcd, "running", "rbd1");
+    assert!(s["error"].is_null(), "{s}");
+    assert!(active(&rt, &lv, &g1), "the guest runs");
+    let w = eventually("qemu watches disk1", WAIT, || {
+        Some(watchers(&cluster, "disk1")).filter(|w| !w.is_empty())
+    });
+    assert_eq!(w.len(), 1, "one client (qemu) has disk1 open: {w:?}");
+
+    // 2. Another live node (its published address is where the lock comes from) holds an
+    // advisory lock on disk2: the start is refused naming the node.
+    let other = add_node(&etcd, "rbd-other", &["127.0.0.1/8"]);
+    cluster
+        .rbd(&["lock", "add", &format!("{POOL}/disk2"), "dvtest-held"])
+        .expect("lock add");
+    let g2 = TestDomain::new(&lv, "rbdheld");
+    define(
+        &etcd,
+        &g2,
+        "rbd1",
+        &secret.disk_xml(&cluster, POOL, "disk2", "vdb"),
+    );
+    let s = eventually("refusal names the holder node", WAIT, || {
+        vm(&g2).status(&etcd).filter(|s| {
+            s["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("live node rbd-other"))
+        })
+    });
+    assert_eq!(s["state"], "starting", "{s}");
+    assert!(
+        s["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("dvrbd/disk2"),
+        "{s}"
+    );
+    assert!(
+        !active(&rt, &lv, &g2),
+        "not started under another node's lock"
+    );
+    let line = d1
+        .wait_for(
+            |l| {
+                is_message(l, "vm start refused by the RBD lock check; retrying")
+                    && str_field(l, "vm") == Some(g2.name.as_str())
+            },
+            WAIT,
+        )
+        .expect("refusal logged");
+    assert_eq!(str_field(&line, "volume"), Some("dvrbd/disk2"), "{line}");
+
+    // The node dies: its address belongs to no live node any more, still refused, now
+    // naming the address.
+    revoke(&etcd, other);
+    let s = eventually("refusal names the unknown holder", WAIT, || {
+        vm(&g2).status(&etcd).filter(|s| {
+            s["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("no live node"))
+        })
+    });
+    assert!(
+        s["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("127.0.0.1:"),
+        "{s}"
+    );
+    assert!(
+        !active(&rt, &lv, &g2),
+        "not started under an unknown holder's lock"
+    );
+
+    // The lock goes away: the retry starts the guest.
+    let (id, locker) = locks(&cluster, "disk2")
+        .into_iter()
+        .find(|(id, _)| id == "dvtest-held")
+        .expect("our lock is listed");
+    cluster
+        .rbd(&["lock", "rm", &format!("{POOL}/disk2"), &id, &locker])
+        .expect("lock rm");
+    let s = vm(&g2).wait_status(&etcd, "running", "rbd1");
+    assert!(s["error"].is_null(), "{s}");
+    assert!(active(&rt, &lv, &g2));
+    // Logged once per distinct refusal, not once per retry.
+    let refusals: Vec<String> = d1
+        .json_lines()
+        .into_iter()
+        .filter(|l| {
+            is_message(l, "vm start refused by the RBD lock check; retrying")
+                && str_field(l, "vm") == Some(g2.name.as_str())
+        })
+        .map(|l| str_field(&l, "error").unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        refusals.len() >= 2 && refusals.windows(2).all(|w| w[0] != w[1]),
+        "{refusals:#?}"
+    );
+
+    // 3. The same node restarted knowing that its Ceph clients appear as 127.0.0.1 (one
+    // libvirtd: a second daemon would fight over its domains) finds its own stale lock on
+    // disk3: released, and the guest starts. The running guests are adopted.
+    cluster
+        .rbd(&["lock", "add", &format!("{POOL}/disk3"), "dvtest-stale"])
+        .expect("lock add");
+    drop(d1);
+    let mut d1 = daemon(&etcd, &cluster, "rbd1", state.path(), "[127.0.0.1]");
+    let g3 = TestDomain::new(&lv, "rbdstale");
+    define(
+        &etcd,
+        &g3,
+        "rbd1",
+        &secret.disk_xml(&cluster, POOL, "disk3", "vdb"),
+    );
+    let line = d1
+        .wait_for(
+            |l| {
+                is_message(l, "stale RBD locks of this node released before the start")
+                    && str_field(l, "vm") == Some(g3.name.as_str())
+            },
+            WAIT,
+        )
+        .expect("release logged");
+    assert_eq!(str_field(&line, "volume"), Some("dvrbd/disk3"), "{line}");
+    let s = eventually("rbdstale running", WAIT, || {
+        vm(&g3)
+            .status(&etcd)
+            .filter(|s| s["state"] == "running" && s["node"] == "rbd1")
+    });
+    assert!(s["error"].is_null(), "{s}");
+    assert!(active(&rt, &lv, &g3));
+    assert!(
+        !locks(&cluster, "disk3")
+            .iter()
+            .any(|(id, _)| id == "dvtest-stale"),
+        "the stale lock was released"
+    );
+    assert!(
+        active(&rt, &lv, &g1) && active(&rt, &lv, &g2),
+        "adopted, still running"
+    );
+
+    // 4. Ceph does not answer (mon frozen): the start is refused with the reason, never made
+    // without the check; once the mon is back the retry starts the guest.
+    cluster
+        .rbd(&["create", &format!("{POOL}/disk4"), "--size", "16M"])
+        .expect("image");
+    let pause = cluster.pause_mon().expect("freeze the mon");
+    let g4 = TestDomain::new(&lv, "rbdnomon");
+    define(
+        &etcd,
+        &g4,
+        "rbd1",
+        &secret.disk_xml(&cluster, POOL, "disk4", "vdb"),
+    );
+    let s = eventually("refusal while Ceph does not answer", WAIT, || {
+        vm(&g4).status(&etcd).filter(|s| {
+            s["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("not started unchecked"))
+        })
+    });
+    assert_eq!(s["state"], "starting", "{s}");
+    assert!(
+        s["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("dvrbd/disk4"),
+        "{s}"
+    );
+    assert!(!active(&rt, &lv, &g4), "not started without the check");
+    drop(pause);
+    vm(&g4).wait_status(&etcd, "running", "rbd1");
+    assert!(active(&rt, &lv, &g4));
+
+    // Guests go before the cluster their qemu processes have open.
+    drop((g1, g2, g3, g4));
+    drop(d1);
+}
