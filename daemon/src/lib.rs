@@ -1,6 +1,7 @@
 //! `debvisor-daemon`: the per-node daemon of a DebVisor KVM cluster and its CLI.
 
 pub mod ceph;
+pub mod cephobj;
 pub mod config;
 pub mod ctl;
 pub mod ctl_network;
