@@ -297,6 +297,23 @@ impl<C: Ceph + 'static> CephObjects<C> {
             .collect())
     }
 
+    /// Ceph did not answer while observing volume `id`: error status naming `ceph`, retry.
+    async fn ceph_unavailable(
+        &self,
+        id: &str,
+        status_key: String,
+        e: CephError,
+    ) -> Result<Action, ReconcileError> {
+        warn!(node = %self.node, volume = id, error = %e, "ceph unavailable; volume not reconciled");
+        self.write_statuses(
+            "volume",
+            id,
+            vec![(status_key, ceph_error_status("ceph".into(), &e, None))],
+        )
+        .await?;
+        Err(host_err("ceph observe", &e))
+    }
+
     /// One pass over volume `id` (`<pool>:<image>`) and its declared snapshots.
     pub async fn reconcile_volume(
         &self,
@@ -332,32 +349,30 @@ impl<C: Ceph + 'static> CephObjects<C> {
         let templates = self.templates().await?;
         let rolled_back = self.rolled_back(id).await?;
         let img = ImageRef::new(pool, image);
-        let observed = async {
-            let in_use = volume_in_use(&*self.ceph, &img).await?;
-            let observed = observe_volume(&*self.ceph, &img).await?;
-            Ok::<_, CephError>((in_use, observed))
-        }
-        .await;
-        let (in_use, observed) = match observed {
+        let observed = match observe_volume(&*self.ceph, &img).await {
             Ok(o) => o,
-            Err(e) => {
-                warn!(node = %self.node, volume = id, error = %e, "ceph unavailable; volume not reconciled");
-                self.write_statuses(
-                    "volume",
-                    id,
-                    vec![(status_key, ceph_error_status("ceph".into(), &e, None))],
-                )
-                .await?;
-                return Err(host_err("ceph observe", &e));
-            }
+            Err(e) => return self.ceph_unavailable(id, status_key, e).await,
         };
-        let ctx = VolumeContext {
+        // Whether a VM uses the volume (`rbd status`) only matters to a rollback or a
+        // removal: plan without it first and ask Ceph only when one of those is planned.
+        let mut ctx = VolumeContext {
             templates: Some(&templates),
-            in_use,
+            in_use: false,
             rolled_back: Some(&rolled_back),
         };
-        let plan = plan_volume(&parsed, observed.as_ref(), &ctx);
-        let mut done = rolled_back;
+        let mut plan = plan_volume(&parsed, observed.as_ref(), &ctx);
+        let needs_in_use = plan
+            .steps
+            .iter()
+            .any(|s| matches!(s, VolumeStep::Rollback { .. } | VolumeStep::PurgeAndRemove));
+        if needs_in_use {
+            ctx.in_use = match volume_in_use(&*self.ceph, &img).await {
+                Ok(u) => u,
+                Err(e) => return self.ceph_unavailable(id, status_key, e).await,
+            };
+            plan = plan_volume(&parsed, observed.as_ref(), &ctx);
+        }
+        let mut done = rolled_back.clone();
         let mut failure = None;
         for step in &plan.steps {
             match apply_volume_step(&*self.ceph, &img, step).await {

@@ -107,6 +107,7 @@ fn ceph_objects_reconciled_by_the_daemon() {
         eprintln!("skip: the Ceph binaries are not installed (scripts/deps.sh installs them)");
         return;
     }
+    let t0 = Instant::now();
     let cluster = CephCluster::start().expect("starting a one-host Ceph");
     let etcd = EtcdProcess::start().expect("etcd");
     let yaml = format!(
@@ -121,6 +122,10 @@ fn ceph_objects_reconciled_by_the_daemon() {
         .spawn()
         .expect("spawn daemon");
     let run = daemon.wait_run(SETTLE).expect("daemon reaches run");
+    eprintln!(
+        "ceph_object: Ceph, etcd and daemon up: {:.1?}",
+        t0.elapsed()
+    );
     eprintln!("ceph_object: daemon in run: {run}");
     let objects_stage = daemon
         .json_lines()
@@ -149,6 +154,7 @@ fn ceph_objects_reconciled_by_the_daemon() {
     timed("protected pool", || protected_pool(&env));
     timed("volume delete", || volume_delete(&env));
     timed("spec removed", || spec_removed(&mut env));
+    timed("teardown (daemon, etcd, Ceph)", || drop(env));
 }
 
 fn pool_created(env: &Env) {
