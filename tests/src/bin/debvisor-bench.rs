@@ -103,6 +103,8 @@ struct Args {
     vms_only: bool,
     /// Skip the issue-3 (VMs) figures.
     skip_vms: bool,
+    /// Run only the Ceph-object figure (`bench/ceph_objects.rs`).
+    ceph_objects: bool,
     /// The arguments as given, for the report.
     raw: Vec<String>,
 }
@@ -122,6 +124,7 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
   --guests N        real KVM guests of the issue-3 figure 4 (default 10; needs root)
   --vms-only        run only the issue-3 (VMs) figures
   --skip-vms        skip the issue-3 (VMs) figures
+  --ceph-objects    run only the Ceph-object figure (snapshot request → in Ceph)
   --no-write        print only; do not update docs/benchmarks.md";
 
 /// Parse `std::env::args()`; `Ok(None)` for `--help`.
@@ -140,6 +143,7 @@ fn parse_args() -> BenchResult<Option<Args>> {
         vm_rate: 100,
         vms_only: false,
         skip_vms: false,
+        ceph_objects: false,
         raw: raw.clone(),
     };
     let mut it = raw.iter();
@@ -178,6 +182,7 @@ fn parse_args() -> BenchResult<Option<Args>> {
             }
             "--vms-only" => args.vms_only = true,
             "--skip-vms" => args.skip_vms = true,
+            "--ceph-objects" => args.ceph_objects = true,
             "--skip-networks" => args.skip_networks = true,
             "--no-write" => args.write = false,
             "-h" | "--help" => return Ok(None),
@@ -242,6 +247,9 @@ fn main() -> ExitCode {
 /// Run the selected parts, print each report and (unless `--no-write`) write it to the docs.
 /// Every spawned process is owned by a local and killed by its `Drop` on every return path.
 fn run(args: &Args) -> BenchResult<()> {
+    if args.ceph_objects {
+        return bench_ceph_objects::run(args, &Machine::probe());
+    }
     let networks = !args.skip_networks && !args.vms_only;
     if networks && !debvisor_tests::is_root() {
         return Err(
@@ -1513,6 +1521,9 @@ const DOCS_HEADER: &str = "# Benchmarks\n\n\
 
 #[path = "bench/vms.rs"]
 mod bench_vms;
+
+#[path = "bench/ceph_objects.rs"]
+mod bench_ceph_objects;
 
 // ---------------------------------------------------------------------------------------
 // Issue-4 figures: managed networks
