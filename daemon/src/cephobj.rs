@@ -97,6 +97,53 @@ fn host_err(what: &str, e: &CephError) -> ReconcileError {
     ReconcileError::Host(format!("{what}: {e}"))
 }
 
+/// One log line per state change of a status key, with the object as `pool=`/`volume=`.
+fn log_transition(
+    node: &str,
+    object: &'static str,
+    id: &str,
+    key: &str,
+    from: Option<CephState>,
+    st: &CephStatus,
+) {
+    let key = key.strip_suffix("/status").unwrap_or(key);
+    let field = st.field.as_deref().unwrap_or("");
+    let reason = st.error.as_deref().unwrap_or("");
+    let name = |s: CephState| format!("{s:?}").to_lowercase();
+    let (from, to) = (from.map_or_else(|| "none".into(), name), name(st.state));
+    match (object, st.state) {
+        ("pool", CephState::Error) => warn!(
+            node,
+            pool = id,
+            key,
+            from,
+            to,
+            field,
+            reason,
+            "ceph object state changed"
+        ),
+        ("pool", _) => info!(node, pool = id, key, from, to, "ceph object state changed"),
+        (_, CephState::Error) => warn!(
+            node,
+            volume = id,
+            key,
+            from,
+            to,
+            field,
+            reason,
+            "ceph object state changed"
+        ),
+        _ => info!(
+            node,
+            volume = id,
+            key,
+            from,
+            to,
+            "ceph object state changed"
+        ),
+    }
+}
+
 /// The parsed object out of a reactor entry, as the planner takes it.
 fn parsed<O: Clone>(entry: &Entry<O>) -> Result<O, ObjectError> {
     entry
@@ -182,14 +229,7 @@ impl<C: Ceph + 'static> CephObjects<C> {
         let mut written = self.written();
         for (key, st, from) in changed {
             if from != Some(st.state) {
-                let sub = key.rsplit_once("/status").map_or(key.as_str(), |(k, _)| k);
-                match (object, st.state) {
-                    (_, CephState::Error) => warn!(node = %self.node, object, id, key = %sub,
-                        from = ?from, to = ?st.state, field = st.field.as_deref().unwrap_or(""),
-                        reason = st.error.as_deref().unwrap_or(""), "ceph object state changed"),
-                    _ => info!(node = %self.node, object, id, key = %sub, from = ?from,
-                        to = ?st.state, "ceph object state changed"),
-                }
+                log_transition(&self.node, object, id, &key, from, &st);
             }
             written.insert(key, st);
         }

@@ -44,6 +44,20 @@ impl Env {
         )
     }
 
+    /// `mod_revision` of `/debvisor/<key>` (0 when absent).
+    fn mod_rev(&self, key: &str) -> i64 {
+        let k = format!("/debvisor/{key}");
+        self.etcd
+            .with_client(|mut c| async move {
+                let r = c
+                    .get(k, None)
+                    .await
+                    .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
+                Ok(r.kvs().first().map_or(0, |kv| kv.mod_revision()))
+            })
+            .expect("etcd get")
+    }
+
     fn image_size(&self, spec: &str) -> Option<u64> {
         let out = self.cluster.rbd(&["info", spec, "--format", "json"]).ok()?;
         let v: serde_json::Value = serde_json::from_str(&out).expect("rbd info json");
@@ -146,18 +160,20 @@ fn ceph_objects_reconciled_by_the_daemon() {
         daemon,
     };
 
-    timed("pool", || pool_created(&env));
+    let mut pool_rev = 0;
+    timed("pool", || pool_rev = pool_created(&env));
     timed("volume create/grow/shrink", || volume_sizes(&env));
     timed("snapshot and rollback", || snapshot_and_rollback(&env));
     timed("template clone", || template_clone(&env));
     timed("bad input", || bad_input(&env));
-    timed("protected pool", || protected_pool(&env));
+    timed("protected pool", || protected_pool(&env, pool_rev));
     timed("volume delete", || volume_delete(&env));
     timed("spec removed", || spec_removed(&mut env));
     timed("teardown (daemon, etcd, Ceph)", || drop(env));
 }
 
-fn pool_created(env: &Env) {
+/// Returns the `mod_revision` of the ready pool status.
+fn pool_created(env: &Env) -> i64 {
     env.put(
         &format!("ceph/pools/{POOL}/spec"),
         r#"{"pg_num":8,"size":1,"protected":true}"#,
@@ -169,6 +185,7 @@ fn pool_created(env: &Env) {
         .ceph_json(&["osd", "pool", "get", POOL, "size"])
         .expect("pool get");
     assert_eq!(size["size"], 1);
+    env.mod_rev(&format!("ceph/pools/{POOL}/status"))
 }
 
 fn volume_sizes(env: &Env) {
@@ -336,7 +353,14 @@ fn bad_input(env: &Env) {
     env.wait_status("ceph/volumes/dv-obj:v1/status", CephState::Ready, None);
 }
 
-fn protected_pool(env: &Env) {
+fn protected_pool(env: &Env, ready_rev: i64) {
+    // Resynced every second since it became ready, never rewritten: statuses are written
+    // only when they change.
+    assert_eq!(
+        env.mod_rev(&format!("ceph/pools/{POOL}/status")),
+        ready_rev,
+        "pool status rewritten without a change"
+    );
     env.put(
         &format!("ceph/pools/{POOL}/spec"),
         r#"{"pg_num":8,"size":1,"protected":true,"delete":true}"#,
