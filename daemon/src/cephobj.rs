@@ -43,6 +43,10 @@ pub struct CephObjects<C: Ceph> {
     interval: Duration,
     /// The statuses this process last wrote, by key (writes only on change).
     written: Mutex<BTreeMap<String, CephStatus>>,
+    /// Rollback tokens done by this process, by volume id and snapshot, kept from the moment
+    /// the rollback returned: if writing the status fails, the retry must not roll back a
+    /// second time (the store only learns the token with the status).
+    tokens: Mutex<BTreeMap<String, BTreeMap<String, String>>>,
 }
 
 /// A short name of a pool step for status fields and logs.
@@ -170,6 +174,7 @@ impl<C: Ceph + 'static> CephObjects<C> {
             primary: AtomicBool::new(primary),
             interval,
             written: Mutex::new(BTreeMap::new()),
+            tokens: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -180,6 +185,10 @@ impl<C: Ceph + 'static> CephObjects<C> {
 
     fn is_primary(&self) -> bool {
         self.primary.load(Ordering::SeqCst)
+    }
+
+    fn tokens(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeMap<String, String>>> {
+        self.tokens.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn written(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, CephStatus>> {
@@ -366,6 +375,7 @@ impl<C: Ceph + 'static> CephObjects<C> {
         let Some(entry) = entry else {
             info!(node = %self.node, volume = id, "volume spec removed; forgetting it (nothing deleted in Ceph)");
             self.forget(&format!("{VOLUMES_PREFIX}{id}/"));
+            self.tokens().remove(id);
             return Ok(Action::AwaitChange);
         };
         let parsed = parsed(&entry);
@@ -387,7 +397,10 @@ impl<C: Ceph + 'static> CephObjects<C> {
         let (pool, image) = (vol.pool.as_str(), vol.image.as_str());
         let status_key = volume_status_key(pool, image);
         let templates = self.templates().await?;
-        let rolled_back = self.rolled_back(id).await?;
+        let mut rolled_back = self.rolled_back(id).await?;
+        if let Some(t) = self.tokens().get(id) {
+            rolled_back.extend(t.clone());
+        }
         let img = ImageRef::new(pool, image);
         let observed = match observe_volume(&*self.ceph, &img).await {
             Ok(o) => o,
@@ -418,6 +431,10 @@ impl<C: Ceph + 'static> CephObjects<C> {
             match apply_volume_step(&*self.ceph, &img, step).await {
                 Ok(Some(token)) => {
                     if let VolumeStep::Rollback { snapshot, .. } = step {
+                        self.tokens()
+                            .entry(id.to_owned())
+                            .or_default()
+                            .insert(snapshot.clone(), token.clone());
                         done.insert(snapshot.clone(), token);
                     }
                 }

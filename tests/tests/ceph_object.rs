@@ -123,7 +123,9 @@ fn ceph_objects_reconciled_by_the_daemon() {
     }
     let t0 = Instant::now();
     let cluster = CephCluster::start().expect("starting a one-host Ceph");
+    eprintln!("ceph_object: Ceph up: {:.1?}", t0.elapsed());
     let etcd = EtcdProcess::start().expect("etcd");
+    eprintln!("ceph_object: etcd up: {:.1?}", t0.elapsed());
     let yaml = format!(
         "ceph:\n  enabled: true\n  conf: {}\n  client: {}\n  keyring: {}\n  interval: 1s\n  timeout: 10s\n",
         cluster.conf_path().display(),
