@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::ceph::CephCli;
+use crate::cephobj::{CephObjects, CephReactors};
 use crate::config::{Config, NodeMode, OnShutdown, ServiceBackend};
 use crate::hypervisor::Libvirt;
 use crate::keepalive::{Keepalive, TickOutcome};
@@ -229,8 +230,9 @@ struct Running {
     libvirt: Libvirt,
     /// The Ceph driver when `ceph.enabled` (the Ceph objects, the collector and the Domain
     /// object's RBD lock hygiene share it).
-    #[allow(dead_code)] // read once the Ceph objects are wired in
     ceph: Option<Arc<CephCli>>,
+    /// The pool and volume reactors when `ceph` is `Some`.
+    ceph_objects: Option<CephReactors>,
     services: Vec<Supervised>,
     log: logging::LogHandle,
     config_path: std::path::PathBuf,
@@ -666,17 +668,31 @@ pub async fn run(config_path: &Path) -> ExitCode {
         tasks,
         libvirt,
         ceph,
+        ceph_objects: None,
         services,
         log,
         config_path: config_path.to_path_buf(),
         info,
     };
+    r.ceph_objects = r.ceph.as_ref().map(|c| {
+        let objects = CephObjects::new(
+            node.clone(),
+            r.store.clone(),
+            c.clone(),
+            r.primary,
+            r.cfg.ceph.interval,
+        );
+        CephReactors::spawn(Arc::new(objects), r.tasks.clone())
+    });
     let mut signals = signals;
     tokio::select! {
         _ = async {
             r.nodes.wait_synced().await;
             r.networks.wait_synced().await;
             r.vms.wait_synced().await;
+            if let Some(c) = &r.ceph_objects {
+                c.wait_synced().await;
+            }
         } => {}
         sig = signals.recv() => {
             info!(node = %node, signal = ?sig, "termination requested during startup");
@@ -689,10 +705,14 @@ pub async fn run(config_path: &Path) -> ExitCode {
         t,
         "ok",
         &format!(
-            "synced: {} nodes, {} networks, {} vms",
+            "synced: {} nodes, {} networks, {} vms{}",
             r.nodes.list().len(),
             r.networks.list().len(),
-            r.vms.list().len()
+            r.vms.list().len(),
+            r.ceph_objects
+                .as_ref()
+                .map(|c| format!(", {}", c.describe()))
+                .unwrap_or_default()
         ),
     );
     r.net_host.firewall_ready().await;
@@ -965,6 +985,9 @@ async fn shutdown(r: Running, from: DaemonState) -> ExitCode {
         r.vms.shutdown().await;
         r.nodes.shutdown().await;
         r.networks.shutdown().await;
+        if let Some(c) = &r.ceph_objects {
+            c.shutdown().await;
+        }
         r.net_host.stop_all().await;
         let _ = registration::set_daemon_state(
             &r.store,

@@ -2,6 +2,7 @@
 
 pub mod ceph;
 pub mod cephmon;
+pub mod cephobj;
 pub mod config;
 pub mod ctl;
 pub mod ctl_ceph;

@@ -14,9 +14,6 @@ use debvisor_daemon::ceph::{
 };
 use debvisor_tests::CephCluster;
 
-#[path = "ceph_driver/reconcile.rs"]
-mod reconcile;
-
 const POOL: &str = "dv-test";
 const MIB: u64 = 1 << 20;
 /// A generous deadline for cluster state to settle (not a speed claim).
@@ -80,7 +77,6 @@ async fn ceph_driver_against_a_real_cluster() {
     lock_hygiene(&cluster, &cli, &mut lat).await;
     state_collection(&cli, &mut lat).await;
     errors_name_the_object(&cli).await;
-    reconcile::etcd_to_ceph_and_back(&cluster, &cli).await;
     timeout_against_a_frozen_mon(&cluster).await;
     lat.report();
     eprintln!(

@@ -105,6 +105,8 @@ struct Args {
     skip_vms: bool,
     /// Run only the Ceph state-collection figures (`bench/ceph.rs`).
     ceph: bool,
+    /// Run only the Ceph-object figure (`bench/ceph_objects.rs`).
+    ceph_objects: bool,
     /// The arguments as given, for the report.
     raw: Vec<String>,
 }
@@ -125,6 +127,7 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
   --vms-only        run only the issue-3 (VMs) figures
   --skip-vms        skip the issue-3 (VMs) figures
   --ceph            run only the Ceph state-collection figures (bench/ceph.rs)
+  --ceph-objects    run only the Ceph-object figure (snapshot request → in Ceph)
   --no-write        print only; do not update docs/benchmarks.md";
 
 /// Parse `std::env::args()`; `Ok(None)` for `--help`.
@@ -144,6 +147,7 @@ fn parse_args() -> BenchResult<Option<Args>> {
         vms_only: false,
         skip_vms: false,
         ceph: false,
+        ceph_objects: false,
         raw: raw.clone(),
     };
     let mut it = raw.iter();
@@ -182,6 +186,7 @@ fn parse_args() -> BenchResult<Option<Args>> {
             }
             "--vms-only" => args.vms_only = true,
             "--skip-vms" => args.skip_vms = true,
+            "--ceph-objects" => args.ceph_objects = true,
             "--skip-networks" => args.skip_networks = true,
             "--ceph" => args.ceph = true,
             "--no-write" => args.write = false,
@@ -249,6 +254,9 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> BenchResult<()> {
     if args.ceph {
         return bench_ceph::run(args, &Machine::probe());
+    }
+    if args.ceph_objects {
+        return bench_ceph_objects::run(args, &Machine::probe());
     }
     let networks = !args.skip_networks && !args.vms_only;
     if networks && !debvisor_tests::is_root() {
@@ -1524,6 +1532,8 @@ mod bench_vms;
 
 #[path = "bench/ceph.rs"]
 mod bench_ceph;
+#[path = "bench/ceph_objects.rs"]
+mod bench_ceph_objects;
 
 // ---------------------------------------------------------------------------------------
 // Issue-4 figures: managed networks
