@@ -160,7 +160,14 @@ async fn pool_images<C: Ceph>(
     ceph: &C,
     pool: &str,
 ) -> Result<(Vec<ImageListEntry>, Vec<ImageUsage>), CephError> {
-    futures::try_join!(ceph.rbd_list_long(pool), ceph.rbd_du(pool))
+    let (rows, du) = futures::join!(ceph.rbd_list_long(pool), ceph.rbd_du(pool));
+    let du = match du {
+        // Ceph 16.2's `rbd du` now and then aborts (a mutex assertion, killed by SIGABRT):
+        // once more before the whole collection counts as failed.
+        Err(CephError::Failed { code: None, .. }) => ceph.rbd_du(pool).await,
+        r => r,
+    };
+    Ok((rows?, du?))
 }
 
 /// What to write to go from `previous` (last written) to `current`: changed or new keys, and
