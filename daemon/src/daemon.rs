@@ -385,6 +385,8 @@ pub async fn run(config_path: &Path) -> ExitCode {
         }
     }
     let ceph_units = cfg.ceph_coordinator_units();
+    // A Ceph unit that failed makes the stage `degraded` (found by `OUTCOME=degraded`).
+    let mut ceph_unit_failed = false;
     if cfg.is_coordinator() && cfg.ceph.enabled && !ceph_units.is_empty() {
         let systemd = match cfg.services.backend {
             ServiceBackend::Systemd => true,
@@ -400,6 +402,7 @@ pub async fn run(config_path: &Path) -> ExitCode {
                         warn!(node = %node, stage = Stage::CoordinatorServices.name(), unit = %unit, error = %e,
                             "ceph unit did not start; continuing without it");
                         svc_detail.push(format!("{unit} failed to start (warning: {e})"));
+                        ceph_unit_failed = true;
                     }
                 }
             }
@@ -409,6 +412,8 @@ pub async fn run(config_path: &Path) -> ExitCode {
     }
     let svc_outcome = if svc_detail.is_empty() {
         "skipped"
+    } else if ceph_unit_failed {
+        "degraded"
     } else {
         "ok"
     };

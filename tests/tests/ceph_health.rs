@@ -2,7 +2,9 @@
 //! one-host Ceph: `ceph/health` and the node's own health follow Ceph's health checks, the
 //! observed pools/OSDs/volumes follow changes made with the `ceph`/`rbd` tools, a restart
 //! rewrites nothing unchanged, and a frozen mon is reported as unreachable while the node's
-//! lease and keepalive go on untouched.
+//! lease and keepalive go on untouched. Two clustered nodes without a primary (no election
+//! yet) each report Ceph in their node health but write no cluster state and reconcile no
+//! Ceph object.
 
 use std::time::Duration;
 
@@ -46,17 +48,44 @@ fn node_ceph(etcd: &EtcdProcess, status: &str) -> Option<Value> {
     (h["ceph"]["status"] == status).then_some(h)
 }
 
-fn spawn(etcd: &EtcdProcess, cluster: &CephCluster) -> DaemonProcess {
-    let yaml = format!(
+/// Keys under `/debvisor/<prefix>` (relative names).
+fn keys_under(etcd: &EtcdProcess, prefix: &str) -> Vec<String> {
+    let p = format!("/debvisor/{prefix}");
+    etcd.with_client(|mut c| async move {
+        let r = c
+            .get(
+                p,
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only(),
+                ),
+            )
+            .await
+            .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
+        Ok(r.kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .collect())
+    })
+    .expect("etcd get prefix")
+}
+
+/// The `ceph:` section of a daemon against `cluster` (interval 1 s, no units).
+fn ceph_yaml(cluster: &CephCluster) -> String {
+    format!(
         "ceph:\n  enabled: true\n  conf: {}\n  client: {}\n  keyring: {}\n  interval: 1s\n  \
          timeout: 3s\n  coordinator_units: []\n",
         cluster.conf_path().display(),
         cluster.client(),
         cluster.keyring_path().display()
-    );
+    )
+}
+
+fn spawn(etcd: &EtcdProcess, cluster: &CephCluster) -> DaemonProcess {
     let mut d = DaemonBuilder::new(NODE)
         .endpoints(&[etcd.endpoint()])
-        .yaml(&yaml)
+        .yaml(&ceph_yaml(cluster))
         .spawn()
         .expect("spawn debvisord");
     d.wait_run(Duration::from_secs(60))
@@ -270,5 +299,122 @@ fn ceph_health_state_and_outage_in_the_running_daemon() {
             .iter()
             .any(|v| is_message(v, "node lease lost; re-registering")),
         "the lease never lapsed"
+    );
+}
+
+/// The `ceph` field of `node`'s health when its status is `status`.
+fn ceph_of(etcd: &EtcdProcess, node: &str, status: &str) -> Option<Value> {
+    let h = json_key(etcd, &format!("nodes/{node}/health"))?;
+    (h["ceph"]["status"] == status).then(|| h["ceph"].clone())
+}
+
+#[test]
+fn clustered_nodes_without_a_primary_report_but_neither_write_nor_reconcile() {
+    if !ceph_installed() {
+        eprintln!("skip: Ceph binaries not installed (scripts/deps.sh installs them)");
+        return;
+    }
+    const NODES: [&str; 2] = ["cephsec1", "cephsec2"];
+    const SPEC_POOL: &str = "dvsec";
+    let cluster = CephCluster::start().expect("ceph cluster");
+    let etcd = EtcdProcess::start().expect("etcd");
+    // Clustered nodes register as secondaries: no election exists yet, so no primary.
+    let _daemons: Vec<DaemonProcess> = NODES
+        .iter()
+        .map(|n| {
+            let mut d = DaemonBuilder::new(n)
+                .endpoints(&[etcd.endpoint()])
+                .env("DEBVISOR_NODE_MODE", "clustered")
+                .env("DEBVISOR_NODE_COORDINATORS", &NODES.join(","))
+                .yaml(&ceph_yaml(&cluster))
+                .spawn()
+                .expect("spawn debvisord");
+            d.wait_run(Duration::from_secs(60))
+                .expect("daemon reaches run");
+            d
+        })
+        .collect();
+    etcd.put_key(
+        &format!("ceph/pools/{SPEC_POOL}/spec"),
+        r#"{"pg_num":8,"size":1}"#,
+    )
+    .expect("put pool spec");
+
+    // Each node reports Ceph in its own health, with this host's OSDs (the cluster's OSDs
+    // run on this host, so both nodes see the same two as theirs: the hostname matches).
+    for n in NODES {
+        let c = eventually(&format!("{n}: ceph HEALTH_OK"), SEE, || {
+            ceph_of(&etcd, n, "HEALTH_OK")
+        });
+        let mut ids: Vec<i64> = c["osds"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o["id"].as_i64())
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(ids, [0, 1], "{n}: this host's OSDs in {c}");
+    }
+    // Several passes that a primary would have written: both nodes follow HEALTH_WARN (noout)
+    // and back to HEALTH_OK, so each has asked Ceph at least twice after the spec was put.
+    cluster.ceph(&["osd", "set", "noout"]).expect("set noout");
+    for n in NODES {
+        let c = eventually(&format!("{n}: ceph HEALTH_WARN"), SEE, || {
+            ceph_of(&etcd, n, "HEALTH_WARN")
+        });
+        assert!(
+            c["checks"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c == "OSDMAP_FLAGS")),
+            "{n}: {c}"
+        );
+    }
+    cluster
+        .ceph(&["osd", "unset", "noout"])
+        .expect("unset noout");
+    for n in NODES {
+        eventually(&format!("{n}: ceph back to HEALTH_OK"), SEE, || {
+            ceph_of(&etcd, n, "HEALTH_OK")
+        });
+    }
+    // Three more health writes of each node with the summary in them (seen revisions: a
+    // lower bound of the writes).
+    for n in NODES {
+        let key = format!("nodes/{n}/health");
+        let mut seen = std::collections::BTreeSet::new();
+        eventually(
+            &format!("{n}: three more health writes with ceph"),
+            SEE,
+            || {
+                let rev = mod_revision(&etcd, &key)?;
+                if ceph_of(&etcd, n, "HEALTH_OK").is_some()
+                    && mod_revision(&etcd, &key) == Some(rev)
+                {
+                    seen.insert(rev);
+                }
+                (seen.len() > 3).then_some(())
+            },
+        );
+    }
+
+    // No primary: no cluster state written, the pool spec not reconciled.
+    for key in ["ceph/health", "ceph/usage"] {
+        assert_eq!(etcd.get_key(key).expect("etcd get"), None, "{key} written");
+    }
+    assert_eq!(
+        keys_under(&etcd, "ceph/observed/"),
+        Vec::<String>::new(),
+        "observed keys written without a primary"
+    );
+    assert_eq!(
+        etcd.get_key(&format!("ceph/pools/{SPEC_POOL}/status"))
+            .expect("etcd get"),
+        None,
+        "pool status written without a primary"
+    );
+    let pools = cluster.ceph(&["osd", "pool", "ls"]).expect("pool ls");
+    assert!(
+        !pools.lines().any(|l| l.trim() == SPEC_POOL),
+        "pool {SPEC_POOL} created without a primary: {pools}"
     );
 }

@@ -3,7 +3,8 @@
 //! package life: install (enabled, not started), start against the container's etcd (returns
 //! after READY), every startup stage in the journal, reload of the log level, graceful stop,
 //! restart after SIGKILL, the watchdog, store outage and lease loss, an invalid network found
-//! by its journal field, upgrade keeping the edited conffile, remove and purge. A second test
+//! by its journal field, upgrade keeping the edited conffile, Ceph units started on a
+//! coordinator (a failing one only a warning), remove and purge. A second test
 //! lints the Ansible role and applies it twice to a fresh container.
 //!
 //! The package is built from the binaries of the running test's profile (`--prebuilt`), so
@@ -645,6 +646,111 @@ fn package_lifecycle_under_systemd() {
         &["ActiveState", "MainPID"],
         |s| s["ActiveState"] == "active" && s["MainPID"] != pid && s["MainPID"] != "0",
     );
+    wait_state(&c, "pkgnode", "run");
+
+    // Ceph units on a coordinator: the coordinator-services stage starts them through
+    // systemd; a unit that does not start is a warning and the node still reaches run.
+    // Ceph itself is not in the container: the template units are stand-ins that only sleep,
+    // and Ceph calls fail (no `ceph` tool), which the primary reports as unreachable.
+    let units = ["ceph-mon@.service", "ceph-mgr@.service"];
+    for u in units {
+        c.write_file(
+            &format!("/etc/systemd/system/{u}"),
+            "[Unit]\nDescription=stand-in for a Ceph daemon (package test)\n\
+             [Service]\nType=simple\nExecStart=/bin/sleep infinity\n",
+        )
+        .expect("writing a stand-in unit");
+    }
+    run(&c, &["systemctl", "daemon-reload"]);
+    let ceph_start = |units_yaml: &str| -> Value {
+        let stage = |e: &Value| {
+            field(e, "STAGE") == "coordinator-services" && message(e).starts_with("stage complete")
+        };
+        let before = journal(&c).iter().filter(|e| stage(e)).count();
+        c.write_file(
+            "/etc/debvisor/debvisord.yaml",
+            &format!(
+                "{}ceph:\n  enabled: true\n  conf: /etc/ceph/ceph.conf\n  interval: 2s\n{units_yaml}",
+                node_config("info")
+            ),
+        )
+        .expect("writing the configuration");
+        run(&c, &["systemctl", "restart", "debvisord"]);
+        let e = wait_entry(&c, "coordinator-services stage", before, stage);
+        assert_ne!(field(&e, "OUTCOME"), "failed", "{e}");
+        assert_eq!(show(&c, &["StatusText"])["StatusText"], "run: node pkgnode");
+        wait_state(&c, "pkgnode", "run");
+        e
+    };
+    // The default units, `{node}` replaced by the node name.
+    let e = ceph_start("");
+    assert_eq!(field(&e, "OUTCOME"), "ok", "{e}");
+    for u in ["ceph-mon@pkgnode.service", "ceph-mgr@pkgnode.service"] {
+        assert_eq!(run(&c, &["systemctl", "is-active", u]).trim(), "active");
+        assert!(
+            field(&e, "DETAIL").contains(&format!("{u} started")),
+            "{u} not in {e}"
+        );
+    }
+    let health = wait_entry(&c, "ceph unreachable", 0, |e| {
+        message(e).contains("ceph unreachable; reporting it")
+    });
+    assert_eq!(field(&health, "NODE"), "pkgnode", "{health}");
+    let etcd_get = |k: &str| {
+        run(
+            &c,
+            &[
+                "etcdctl",
+                "--endpoints=http://127.0.0.1:2379",
+                "get",
+                "--print-value-only",
+                &format!("/debvisor/{k}"),
+            ],
+        )
+    };
+    // The primary (a standalone node) writes it right after the line above.
+    let deadline = Instant::now() + WAIT;
+    while !etcd_get("ceph/health").contains("\"unreachable\"") {
+        assert!(
+            Instant::now() < deadline,
+            "ceph/health: {:?}",
+            etcd_get("ceph/health")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A unit that does not exist: a warning in the stage's detail, the node still runs.
+    let e = ceph_start(
+        "  coordinator_units: [\"ceph-mon@{node}.service\", \"ceph-mds@{node}.service\"]\n",
+    );
+    assert_eq!(field(&e, "OUTCOME"), "degraded", "{e}");
+    let detail = field(&e, "DETAIL");
+    assert!(
+        detail.contains("ceph-mon@pkgnode.service started")
+            && detail.contains("ceph-mds@pkgnode.service failed to start (warning"),
+        "{e}"
+    );
+    wait_entry(&c, "ceph unit warning", 0, |e| {
+        field(e, "UNIT") == "ceph-mds@pkgnode.service"
+            && message(e).contains("ceph unit did not start")
+    });
+    // Back to the plain configuration; the stand-ins go (purge compares the file system).
+    run(
+        &c,
+        &[
+            "systemctl",
+            "stop",
+            "ceph-mon@pkgnode.service",
+            "ceph-mgr@pkgnode.service",
+        ],
+    );
+    for u in units {
+        std::fs::remove_file(c.host_path(&format!("/etc/systemd/system/{u}")))
+            .expect("removing a stand-in unit");
+    }
+    run(&c, &["systemctl", "daemon-reload"]);
+    c.write_file("/etc/debvisor/debvisord.yaml", &node_config("info"))
+        .expect("writing the configuration");
+    run(&c, &["systemctl", "restart", "debvisord"]);
     wait_state(&c, "pkgnode", "run");
 
     // Remove stops it gracefully; purge leaves nothing behind.
