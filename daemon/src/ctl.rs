@@ -16,6 +16,17 @@ pub enum Output {
     Json,
 }
 
+impl Output {
+    /// What a command prints: the JSON document on one line with `--output json`, else
+    /// `text` (one place for the choice every `run` of a command group makes).
+    pub fn render(self, doc: &Value, text: String) -> String {
+        match self {
+            Output::Json => format!("{doc}\n"),
+            Output::Table => text,
+        }
+    }
+}
+
 /// A node as `debvisorctl` shows it: parsed, or why it is invalid.
 pub struct NodeRow {
     pub name: String,

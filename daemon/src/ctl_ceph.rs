@@ -270,29 +270,22 @@ struct Written {
 /// Run one `ceph` command; returns what to print on stdout.
 pub async fn run(store: &Store, cmd: CephCommand, output: Output) -> Result<String, Failure> {
     let json_out = output == Output::Json;
-    let done = |v: Value, text: String| -> String {
-        if json_out {
-            format!("{v}\n")
-        } else {
-            text
-        }
-    };
     let (written, wait) = match cmd {
         CephCommand::Status => {
             let v = status(store).await?;
             let text = status_text(&v);
-            return Ok(done(v, text));
+            return Ok(output.render(&v, text));
         }
         CephCommand::Pool { command } => match command {
             PoolCommand::List => {
                 let v = pool_list(store).await?;
                 let text = pool_table(&v);
-                return Ok(done(v, text));
+                return Ok(output.render(&v, text));
             }
             PoolCommand::Show { pool } => {
                 let v = pool_show(store, &pool).await?;
                 let text = pretty(&v);
-                return Ok(done(v, text));
+                return Ok(output.render(&v, text));
             }
             PoolCommand::Add {
                 pool,
@@ -313,12 +306,12 @@ pub async fn run(store: &Store, cmd: CephCommand, output: Output) -> Result<Stri
             VolumeCommand::List { pool } => {
                 let v = volume_list(store, pool.as_deref()).await?;
                 let text = volume_table(&v);
-                return Ok(done(v, text));
+                return Ok(output.render(&v, text));
             }
             VolumeCommand::Show { volume } => {
                 let v = volume_show(store, &volume).await?;
                 let text = pretty(&v);
-                return Ok(done(v, text));
+                return Ok(output.render(&v, text));
             }
             VolumeCommand::Add {
                 volume,
@@ -345,7 +338,7 @@ pub async fn run(store: &Store, cmd: CephCommand, output: Output) -> Result<Stri
             SnapshotCommand::List { volume } => {
                 let v = snapshot_list(store, &volume).await?;
                 let text = snapshot_table(&v);
-                return Ok(done(v, text));
+                return Ok(output.render(&v, text));
             }
             SnapshotCommand::Add {
                 volume,
@@ -371,12 +364,12 @@ pub async fn run(store: &Store, cmd: CephCommand, output: Output) -> Result<Stri
             TemplateCommand::List => {
                 let v = template_list(store).await?;
                 let text = template_table(&v);
-                return Ok(done(v, text));
+                return Ok(output.render(&v, text));
             }
             TemplateCommand::Show { name } => {
                 let v = template_show(store, &name).await?;
                 let text = pretty(&v);
-                return Ok(done(v, text));
+                return Ok(output.render(&v, text));
             }
             TemplateCommand::Add {
                 name,
@@ -385,11 +378,11 @@ pub async fn run(store: &Store, cmd: CephCommand, output: Output) -> Result<Stri
                 snapshot,
             } => {
                 let w = template_add(store, &name, &pool, &image, &snapshot).await?;
-                return Ok(done(w.doc, w.text));
+                return Ok(output.render(&w.doc, w.text));
             }
             TemplateCommand::Remove { name } => {
                 let w = template_remove(store, &name).await?;
-                return Ok(done(w.doc, w.text));
+                return Ok(output.render(&w.doc, w.text));
             }
         },
     };

@@ -287,24 +287,16 @@ pub enum NetworkCommand {
 
 /// Run one `network` command; returns what to print on stdout.
 pub async fn run(store: &Store, cmd: NetworkCommand, output: Output) -> Result<String, String> {
-    let json_out = output == Output::Json;
-    let done = |v: Value, text: String| -> String {
-        if json_out {
-            format!("{v}\n")
-        } else {
-            text
-        }
-    };
     Ok(match cmd {
         NetworkCommand::Add(a) => {
             let v = add(store, &a).await?;
             let text = format!("network {} added\n", v["vni"]);
-            done(v, text)
+            output.render(&v, text)
         }
         NetworkCommand::Set(a) => {
             let v = set(store, &a).await?;
             let text = format!("network {} updated\n", v["vni"]);
-            done(v, text)
+            output.render(&v, text)
         }
         NetworkCommand::Remove { vni } => {
             let v = remove(store, &vni).await?;
@@ -314,17 +306,17 @@ pub async fn run(store: &Store, cmd: NetworkCommand, output: Output) -> Result<S
                 v["vni"],
                 if n == 1 { "" } else { "s" }
             );
-            done(v, text)
+            output.render(&v, text)
         }
         NetworkCommand::List => {
             let v = list(store).await?;
             let text = list_table(&v);
-            done(v, text)
+            output.render(&v, text)
         }
         NetworkCommand::Show { vni } => {
             let v = show(store, &vni).await?;
             let text = show_text(&v);
-            done(v, text)
+            output.render(&v, text)
         }
         NetworkCommand::Dhcp { command } => match command {
             DhcpCommand::Add {
@@ -340,7 +332,7 @@ pub async fn run(store: &Store, cmd: NetworkCommand, output: Output) -> Result<S
                     str_of(&v["ip"]),
                     str_of(&v["mac"])
                 );
-                done(v, text)
+                output.render(&v, text)
             }
             DhcpCommand::Remove { vni, mac } => {
                 let v = dhcp_remove(store, &vni, &mac).await?;
@@ -349,12 +341,12 @@ pub async fn run(store: &Store, cmd: NetworkCommand, output: Output) -> Result<S
                     v["vni"],
                     str_of(&v["mac"])
                 );
-                done(v, text)
+                output.render(&v, text)
             }
             DhcpCommand::List { vni } => {
                 let v = dhcp_list(store, &vni).await?;
                 let text = dhcp_table(&v);
-                done(v, text)
+                output.render(&v, text)
             }
         },
         NetworkCommand::Acl { command } => match command {
@@ -366,7 +358,7 @@ pub async fn run(store: &Store, cmd: NetworkCommand, output: Output) -> Result<S
                     str_of(&v["direction"]),
                     v["order"]
                 );
-                done(v, text)
+                output.render(&v, text)
             }
             AclCommand::Remove {
                 vni,
@@ -380,12 +372,12 @@ pub async fn run(store: &Store, cmd: NetworkCommand, output: Output) -> Result<S
                     str_of(&v["direction"]),
                     v["order"]
                 );
-                done(v, text)
+                output.render(&v, text)
             }
             AclCommand::List { vni, direction } => {
                 let v = acl_list(store, &vni, direction.map(Into::into)).await?;
                 let text = acl_table(&v);
-                done(v, text)
+                output.render(&v, text)
             }
         },
     })

@@ -239,13 +239,6 @@ impl From<String> for Failure {
 /// Run one `vm` command; returns what to print on stdout.
 pub async fn run(store: &Store, cmd: VmCommand, output: Output) -> Result<String, Failure> {
     let json_out = output == Output::Json;
-    let done = |v: Value, text: String| -> String {
-        if json_out {
-            format!("{v}\n")
-        } else {
-            text
-        }
-    };
     match cmd {
         VmCommand::Define(a) => {
             let v = define(store, &a).await?;
@@ -269,7 +262,7 @@ pub async fn run(store: &Store, cmd: VmCommand, output: Output) -> Result<String
                     str_of(&v["state"])
                 )
             };
-            Ok(done(v, text))
+            Ok(output.render(&v, text))
         }
         VmCommand::List => {
             let (rows, _) = read_vms(store).await?;
@@ -285,14 +278,14 @@ pub async fn run(store: &Store, cmd: VmCommand, output: Output) -> Result<String
                     })
                     .collect(),
             );
-            Ok(done(v, list_table(&rows)))
+            Ok(output.render(&v, list_table(&rows)))
         }
         VmCommand::Show { vm } => {
             let (rows, _) = read_vms(store).await?;
             let row = resolve(&rows, &vm)?;
             let v = vm_json(row);
             let text = show_text(&v);
-            Ok(done(v, text))
+            Ok(output.render(&v, text))
         }
         VmCommand::Start { vm, wait } => set_state(store, &vm, Verb::Start, &wait, json_out).await,
         VmCommand::Stop { vm, wait } => set_state(store, &vm, Verb::Stop, &wait, json_out).await,
@@ -320,7 +313,7 @@ pub async fn run(store: &Store, cmd: VmCommand, output: Output) -> Result<String
                 str_of(&v["uuid"]),
                 v["deleted"]
             );
-            Ok(done(v, text))
+            Ok(output.render(&v, text))
         }
     }
 }

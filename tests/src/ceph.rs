@@ -47,6 +47,23 @@ pub fn ceph_installed() -> bool {
     .all(|b| Path::new("/usr/bin").join(b).exists())
 }
 
+/// Write `<dir>/<name>`: `len` pseudo-random bytes (xorshift; no two seeds alike), data to
+/// import into an image whose export must then match byte for byte.
+pub fn data_file(dir: &Path, name: &str, len: usize, seed: u64) -> Result<PathBuf> {
+    let mut x = seed | 1;
+    let bytes: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).ctx(|| format!("writing test data {}", path.display()))?;
+    Ok(path)
+}
+
 /// One daemon we spawned.
 #[derive(Debug)]
 struct Daemon {
@@ -199,6 +216,35 @@ impl CephCluster {
     /// Run `rbd <args>` as `client.admin` and return its stdout (see [`CephCluster::ceph`]).
     pub fn rbd(&self, args: &[&str]) -> Result<String> {
         self.tool("rbd", args)
+    }
+
+    /// The whole content of image `spec` (`<pool>/<image>[@snap]`), exported with
+    /// `rbd export` to `<cluster dir>/<name>` (replaced if present): what tests compare to
+    /// see data written, rolled back or cloned.
+    pub fn export(&self, spec: &str, name: &str) -> Result<Vec<u8>> {
+        let path = self.root.join(name);
+        let _ = std::fs::remove_file(&path);
+        self.rbd(&["export", "--no-progress", spec, &path.to_string_lossy()])?;
+        std::fs::read(&path).ctx(|| format!("reading the export {}", path.display()))
+    }
+
+    /// Overwrite the first `total` (`rbd` size syntax, e.g. `4M`) of image `spec` with
+    /// sequential 64 KiB writes (`rbd bench`): other data than the image held, to see a
+    /// rollback or a clone by its export.
+    pub fn overwrite(&self, spec: &str, total: &str) -> Result<()> {
+        self.rbd(&[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "65536",
+            "--io-total",
+            total,
+            "--io-pattern",
+            "seq",
+            spec,
+        ])?;
+        Ok(())
     }
 
     /// `ceph <args> --format json`, parsed.

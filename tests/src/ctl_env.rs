@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use debvisor_objects::{Store, StoreOptions};
+use debvisor_objects::Store;
 
 use etcd_client::Client;
 use serde_json::Value;
 
 use crate::daemon::ctl;
-use crate::etcd::EtcdProcess;
+use crate::etcd::{store_for, EtcdProcess};
 
 /// An etcd, a config file and a scratch directory for `debvisorctl` tests.
 pub struct CtlCluster {
@@ -64,20 +64,9 @@ impl CtlCluster {
     /// # Panics
     /// If etcd does not answer.
     pub async fn store(&self) -> Store {
-        Store::connect(&StoreOptions {
-            endpoints: vec![self.endpoint.clone()],
-            prefix: "/debvisor".into(),
-            ca: None,
-            cert: None,
-            key: None,
-            server_name: None,
-            user: None,
-            password_file: None,
-            connect_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(5),
-        })
-        .await
-        .expect("store")
+        store_for(self.endpoint.as_str(), Duration::from_secs(5))
+            .await
+            .expect("store")
     }
 
     /// The scratch directory (for input files).

@@ -132,6 +132,17 @@ impl DaemonBuilder {
         }
     }
 
+    /// A daemon for node `node_name` on `etcd` driving real guests on `qemu:///system`
+    /// (shutdown timeout 3 s, state kept in `state_dir` across restarts): the common setup of
+    /// the tests with real KVM guests, which add their own settings.
+    pub fn qemu(node_name: &str, etcd: &crate::etcd::EtcdProcess, state_dir: &Path) -> Self {
+        DaemonBuilder::new(node_name)
+            .endpoints(&[etcd.endpoint()])
+            .env("DEBVISOR_HYPERVISOR_URI", crate::libvirt::QEMU_URI)
+            .env("DEBVISOR_DOMAINS_SHUTDOWN_TIMEOUT", "3s")
+            .state_dir(state_dir)
+    }
+
     /// Run the daemon inside network namespace `name` (`ip netns exec`, which execs, so the
     /// PID is the daemon's).
     pub fn netns(mut self, name: &str) -> Self {

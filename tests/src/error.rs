@@ -24,6 +24,15 @@ pub enum HarnessError {
         #[source]
         source: etcd_client::Error,
     },
+    /// A daemon-side store (`debvisor_objects::Store`) could not connect.
+    #[error("{context}: {source}")]
+    Store {
+        /// What the harness was doing.
+        context: String,
+        /// The store's error.
+        #[source]
+        source: debvisor_objects::StoreError,
+    },
     /// etcd did not come up (exited early or never answered).
     #[error("etcd failed to start: {reason}\n--- last lines of {} ---\n{tail}", log.display())]
     EtcdStart {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use debvisor_objects::{Store, StoreOptions};
 use etcd_client::{Client, CompactionOptions, ConnectOptions};
 
 use crate::error::{file_tail, EtcdContext, HarnessError, IoContext, Result};
@@ -65,6 +66,35 @@ where
             Err(p) => std::panic::resume_unwind(p),
         }
     })
+}
+
+/// Options of a daemon-side store on the plain etcd at `endpoint` (no TLS, no auth, prefix
+/// `/debvisor`), with `timeout` to connect and per request: tests and the bench read and
+/// write through the same code as the daemon and `debvisorctl`.
+pub fn store_options(endpoint: impl Into<String>, timeout: Duration) -> StoreOptions {
+    StoreOptions {
+        endpoints: vec![endpoint.into()],
+        prefix: "/debvisor".into(),
+        ca: None,
+        cert: None,
+        key: None,
+        server_name: None,
+        user: None,
+        password_file: None,
+        connect_timeout: timeout,
+        request_timeout: timeout,
+    }
+}
+
+/// A daemon-side store on the plain etcd at `endpoint` (see [`store_options`]).
+pub async fn store_for(endpoint: impl Into<String>, timeout: Duration) -> Result<Store> {
+    let opts = store_options(endpoint, timeout);
+    Store::connect(&opts)
+        .await
+        .map_err(|source| HarnessError::Store {
+            context: format!("connecting a store to {:?}", opts.endpoints),
+            source,
+        })
 }
 
 impl EtcdProcess {
@@ -166,15 +196,27 @@ impl EtcdProcess {
 
     /// The value at `/debvisor/<rel>`, if present.
     pub fn get_key(&self, rel: &str) -> Result<Option<String>> {
+        self.get_kv(rel, |kv| String::from_utf8_lossy(kv.value()).into_owned())
+    }
+
+    /// `mod_revision` of `/debvisor/<rel>`, if present (whether a key was rewritten).
+    pub fn mod_revision(&self, rel: &str) -> Result<Option<i64>> {
+        self.get_kv(rel, etcd_client::KeyValue::mod_revision)
+    }
+
+    /// `what` of the key-value at `/debvisor/<rel>`, if present.
+    fn get_kv<T: Send>(
+        &self,
+        rel: &str,
+        what: impl FnOnce(&etcd_client::KeyValue) -> T + Send,
+    ) -> Result<Option<T>> {
         let k = format!("/debvisor/{rel}");
         self.with_client(|mut c| async move {
             let r = c
                 .get(k.clone(), None)
                 .await
                 .etcd_ctx(|| format!("get {k}"))?;
-            Ok(r.kvs()
-                .first()
-                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+            Ok(r.kvs().first().map(what))
         })
     }
 

@@ -312,6 +312,20 @@ impl Drop for TestDomain {
     }
 }
 
+/// The system libvirtd (`qemu:///system`, started by [`ensure_libvirtd`] if needed) with
+/// stale test guests swept, and a 2-worker runtime to drive it from a synchronous test.
+pub fn system_libvirt() -> Result<(tokio::runtime::Runtime, Libvirt)> {
+    ensure_libvirtd()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .ctx(|| "building a tokio runtime".to_owned())?;
+    let lv = Libvirt::new(QEMU_URI, Duration::from_secs(20));
+    rt.block_on(sweep_stale(&lv));
+    Ok((rt, lv))
+}
+
 /// Remove `dvtest-<pid>-…` domains whose test process is gone (left by a killed run).
 pub async fn sweep_stale(lv: &Libvirt) {
     let Ok(domains) = lv.list().await else {

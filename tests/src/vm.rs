@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::etcd::EtcdProcess;
-use crate::libvirt::{random_uuid, unique_name};
+use crate::libvirt::{random_uuid, unique_name, TestDomain};
 
 /// A test VM: a fresh UUID and a unique `dvtest-…` name.
 #[derive(Debug, Clone)]
@@ -25,6 +25,16 @@ impl TestVm {
         TestVm {
             uuid: random_uuid(),
             name: unique_name(label),
+            wait,
+        }
+    }
+
+    /// The etcd side of libvirt test guest `d` (same UUID and name; its `TestDomain` guard
+    /// removes it from libvirt); waits last `wait`.
+    pub fn of_domain(d: &TestDomain, wait: Duration) -> TestVm {
+        TestVm {
+            uuid: d.uuid.clone(),
+            name: d.name.clone(),
             wait,
         }
     }

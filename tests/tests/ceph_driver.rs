@@ -12,6 +12,7 @@ use debvisor_daemon::ceph::{
     volume_in_use, Ceph, CephCli, CephError, HealthStatus, ImageRef, KeyChange, LockVerdict,
     NodeAddrs,
 };
+use debvisor_tests::ceph::data_file;
 use debvisor_tests::CephCluster;
 
 const POOL: &str = "dv-test";
@@ -216,31 +217,6 @@ fn rbd_names_in(cluster: &CephCluster, pool: &str) -> Vec<String> {
     serde_json::from_str(&out).expect("json")
 }
 
-/// A file of `len` pseudo-random bytes (xorshift; no two seeds alike).
-fn data_file(dir: &Path, name: &str, len: usize, seed: u64) -> std::path::PathBuf {
-    let mut x = seed | 1;
-    let bytes: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    let path = dir.join(name);
-    std::fs::write(&path, bytes).expect("writing test data");
-    path
-}
-
-fn export(cluster: &CephCluster, spec: &str, name: &str) -> Vec<u8> {
-    let path = cluster.dir().join(name);
-    let _ = std::fs::remove_file(&path);
-    cluster
-        .rbd(&["export", "--no-progress", spec, &path.to_string_lossy()])
-        .expect("rbd export");
-    std::fs::read(&path).expect("reading the export")
-}
-
 async fn volume_lifecycle_and_clone(cluster: &CephCluster, cli: &CephCli, lat: &mut Latencies) {
     let vol = ImageRef::new(POOL, "vol1");
     lat.time("rbd create", cli.rbd_create(&vol, 64 * MIB))
@@ -278,7 +254,8 @@ async fn volume_lifecycle_and_clone(cluster: &CephCluster, cli: &CephCli, lat: &
     assert_eq!(rbd_info_size(cluster, "dv-test/vol1"), 32 * MIB);
 
     // A template: data imported, snapshot, protected; a clone shows the same bytes.
-    let src = data_file(cluster.dir(), "template.img", 6 * MIB as usize, 7);
+    let src =
+        data_file(cluster.dir(), "template.img", 6 * MIB as usize, 7).expect("writing test data");
     cluster
         .rbd(&[
             "import",
@@ -306,7 +283,10 @@ async fn volume_lifecycle_and_clone(cluster: &CephCluster, cli: &CephCli, lat: &
     );
     let original = std::fs::read(&src).expect("read template data");
     assert!(
-        export(cluster, "dv-test/vol2", "vol2.export") == original,
+        cluster
+            .export("dv-test/vol2", "vol2.export")
+            .expect("rbd export")
+            == original,
         "clone differs"
     );
 
@@ -348,7 +328,8 @@ async fn snapshot_rollback_restores_data(
     cli: &CephCli,
     lat: &mut Latencies,
 ) {
-    let src = data_file(cluster.dir(), "vol3.img", 4 * MIB as usize, 11);
+    let src =
+        data_file(cluster.dir(), "vol3.img", 4 * MIB as usize, 11).expect("writing test data");
     cluster
         .rbd(&[
             "import",
@@ -358,7 +339,9 @@ async fn snapshot_rollback_restores_data(
         ])
         .expect("rbd import");
     let vol = ImageRef::new(POOL, "vol3");
-    let original = export(cluster, "dv-test/vol3", "vol3.a");
+    let original = cluster
+        .export("dv-test/vol3", "vol3.a")
+        .expect("rbd export");
     assert!(original == std::fs::read(&src).expect("read"));
     cli.rbd_snap_create(&vol, "auto-20261123-180000")
         .await
@@ -373,20 +356,11 @@ async fn snapshot_rollback_restores_data(
 
     // Overwrite the head with other data.
     cluster
-        .rbd(&[
-            "bench",
-            "--io-type",
-            "write",
-            "--io-size",
-            "65536",
-            "--io-total",
-            "4M",
-            "--io-pattern",
-            "seq",
-            "dv-test/vol3",
-        ])
+        .overwrite("dv-test/vol3", "4M")
         .expect("rbd bench write");
-    let overwritten = export(cluster, "dv-test/vol3", "vol3.b");
+    let overwritten = cluster
+        .export("dv-test/vol3", "vol3.b")
+        .expect("rbd export");
     assert!(overwritten != original, "the bench write changed the image");
 
     lat.time(
@@ -395,7 +369,9 @@ async fn snapshot_rollback_restores_data(
     )
     .await
     .expect("rollback");
-    let restored = export(cluster, "dv-test/vol3", "vol3.c");
+    let restored = cluster
+        .export("dv-test/vol3", "vol3.c")
+        .expect("rbd export");
     assert!(
         restored == original,
         "rollback restores the snapshot's bytes"

@@ -27,15 +27,7 @@ fn json_key(etcd: &EtcdProcess, key: &str) -> Option<Value> {
 
 /// `mod_revision` of `/debvisor/<key>`, if present.
 fn mod_revision(etcd: &EtcdProcess, key: &str) -> Option<i64> {
-    let k = format!("/debvisor/{key}");
-    etcd.with_client(|mut c| async move {
-        let r = c
-            .get(k, None)
-            .await
-            .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
-        Ok(r.kvs().first().map(|kv| kv.mod_revision()))
-    })
-    .expect("etcd get")
+    etcd.mod_revision(key).expect("etcd get")
 }
 
 fn health_key() -> String {

@@ -3,10 +3,10 @@
 //! to etcd as an operator would; every effect is checked with `ceph`/`rbd` themselves and
 //! the status keys. One cluster serves the sections (a cluster start is the expensive part).
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use debvisor_objects::ceph::{CephState, CephStatus};
+use debvisor_tests::ceph::data_file;
 use debvisor_tests::{eventually, CephCluster, DaemonBuilder, DaemonProcess, EtcdProcess};
 
 const POOL: &str = "dv-obj";
@@ -46,16 +46,7 @@ impl Env {
 
     /// `mod_revision` of `/debvisor/<key>` (0 when absent).
     fn mod_rev(&self, key: &str) -> i64 {
-        let k = format!("/debvisor/{key}");
-        self.etcd
-            .with_client(|mut c| async move {
-                let r = c
-                    .get(k, None)
-                    .await
-                    .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
-                Ok(r.kvs().first().map_or(0, |kv| kv.mod_revision()))
-            })
-            .expect("etcd get")
+        self.etcd.mod_revision(key).expect("etcd get").unwrap_or(0)
     }
 
     fn image_size(&self, spec: &str) -> Option<u64> {
@@ -84,29 +75,8 @@ impl Env {
     }
 
     fn export(&self, spec: &str, name: &str) -> Vec<u8> {
-        let path = self.cluster.dir().join(name);
-        let _ = std::fs::remove_file(&path);
-        self.cluster
-            .rbd(&["export", "--no-progress", spec, &path.to_string_lossy()])
-            .expect("rbd export");
-        std::fs::read(&path).expect("reading the export")
+        self.cluster.export(spec, name).expect("rbd export")
     }
-}
-
-/// A file of `len` pseudo-random bytes (xorshift).
-fn data_file(dir: &Path, name: &str, len: usize, seed: u64) -> std::path::PathBuf {
-    let mut x = seed | 1;
-    let bytes: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    let path = dir.join(name);
-    std::fs::write(&path, bytes).expect("writing test data");
-    path
 }
 
 fn timed(what: &str, f: impl FnOnce()) {
@@ -218,7 +188,7 @@ fn volume_sizes(env: &Env) {
 
 fn snapshot_and_rollback(env: &Env) {
     // An image with known bytes (the operator imports it), then declared: adopted as is.
-    let data = data_file(env.cluster.dir(), "v2.img", 8 << 20, 41);
+    let data = data_file(env.cluster.dir(), "v2.img", 8 << 20, 41).expect("writing test data");
     env.cluster
         .rbd(&[
             "import",
@@ -242,20 +212,7 @@ fn snapshot_and_rollback(env: &Env) {
     assert!(env.snaps("dv-obj/v2").contains(&"s1".to_string()));
     let original = std::fs::read(&data).expect("read data");
 
-    env.cluster
-        .rbd(&[
-            "bench",
-            "--io-type",
-            "write",
-            "--io-size",
-            "65536",
-            "--io-total",
-            "2M",
-            "--io-pattern",
-            "seq",
-            "dv-obj/v2",
-        ])
-        .expect("overwrite");
+    env.cluster.overwrite("dv-obj/v2", "2M").expect("overwrite");
     assert!(env.export("dv-obj/v2", "v2.a") != original, "overwritten");
 
     env.put(
@@ -270,7 +227,7 @@ fn snapshot_and_rollback(env: &Env) {
 }
 
 fn template_clone(env: &Env) {
-    let data = data_file(env.cluster.dir(), "base.img", 6 << 20, 7);
+    let data = data_file(env.cluster.dir(), "base.img", 6 << 20, 7).expect("writing test data");
     env.cluster
         .rbd(&[
             "import",

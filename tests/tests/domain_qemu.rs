@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use debvisor_daemon::hypervisor::{DomainState, Libvirt};
-use debvisor_tests::libvirt::{ensure_libvirtd, sweep_stale, TestDomain, QEMU_URI};
+use debvisor_tests::libvirt::{system_libvirt, TestDomain};
 use debvisor_tests::{
     eventually, is_message, skip_unless_root, str_field, DaemonBuilder, DaemonProcess, EtcdProcess,
     TestVm,
@@ -18,24 +18,12 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(30);
 
 fn libvirt() -> (tokio::runtime::Runtime, Libvirt) {
-    ensure_libvirtd().expect("libvirtd running");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let lv = Libvirt::new(QEMU_URI, Duration::from_secs(20));
-    rt.block_on(sweep_stale(&lv));
-    (rt, lv)
+    system_libvirt().expect("libvirtd running")
 }
 
 fn daemon(etcd: &EtcdProcess, node: &str, state_dir: &std::path::Path) -> DaemonProcess {
-    let mut d = DaemonBuilder::new(node)
-        .endpoints(&[etcd.endpoint()])
-        .env("DEBVISOR_HYPERVISOR_URI", QEMU_URI)
-        .env("DEBVISOR_DOMAINS_SHUTDOWN_TIMEOUT", "3s")
+    let mut d = DaemonBuilder::qemu(node, etcd, state_dir)
         .env("DEBVISOR_DOMAINS_RESTART_BACKOFF", "200ms")
-        .state_dir(state_dir)
         .spawn()
         .expect("spawn daemon");
     d.wait_run(WAIT).expect("daemon reaches run");
@@ -44,11 +32,7 @@ fn daemon(etcd: &EtcdProcess, node: &str, state_dir: &std::path::Path) -> Daemon
 
 /// The etcd side of a test guest (the `TestDomain` guard removes it from libvirt).
 fn vm(d: &TestDomain) -> TestVm {
-    TestVm {
-        uuid: d.uuid.clone(),
-        name: d.name.clone(),
-        wait: WAIT,
-    }
+    TestVm::of_domain(d, WAIT)
 }
 
 fn key(d: &TestDomain, f: &str) -> String {

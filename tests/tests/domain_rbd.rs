@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use debvisor_daemon::hypervisor::{DomainState, Libvirt};
-use debvisor_tests::libvirt::{ensure_libvirtd, sweep_stale, TestDomain, QEMU_URI};
+use debvisor_tests::libvirt::{system_libvirt, TestDomain};
 use debvisor_tests::rbd_guest::{qemu_rbd_available, with_devices, CephSecret, QEMU_RBD_DRIVER};
 use debvisor_tests::{
     ceph_installed, eventually, is_message, skip_unless_root, str_field, CephCluster,
@@ -38,13 +38,9 @@ fn daemon(
         cluster.client(),
         cluster.keyring_path().display(),
     );
-    let mut d = DaemonBuilder::new(node)
-        .endpoints(&[etcd.endpoint()])
-        .env("DEBVISOR_HYPERVISOR_URI", QEMU_URI)
-        .env("DEBVISOR_DOMAINS_SHUTDOWN_TIMEOUT", "3s")
+    let mut d = DaemonBuilder::qemu(node, etcd, state_dir)
         .env("DEBVISOR_HYPERVISOR_TIMEOUT", "60s")
         .yaml(&yaml)
-        .state_dir(state_dir)
         .spawn()
         .expect("spawn daemon");
     d.wait_run(WAIT).expect("daemon reaches run");
@@ -52,11 +48,7 @@ fn daemon(
 }
 
 fn vm(d: &TestDomain) -> TestVm {
-    TestVm {
-        uuid: d.uuid.clone(),
-        name: d.name.clone(),
-        wait: WAIT,
-    }
+    TestVm::of_domain(d, WAIT)
 }
 
 /// Define `d` in etcd on `node` with `disk` added to the tiny guest, state start.
@@ -161,14 +153,7 @@ fn rbd_guest_starts_and_foreign_locks_refuse_the_start() {
         eprintln!("skip: {why}");
         return;
     }
-    ensure_libvirtd().expect("libvirtd running");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let lv = Libvirt::new(QEMU_URI, Duration::from_secs(20));
-    rt.block_on(sweep_stale(&lv));
+    let (rt, lv) = system_libvirt().expect("libvirtd running");
 
     let cluster = CephCluster::start_with_osds(1).expect("ceph cluster");
     cluster

@@ -30,28 +30,11 @@ fn put(etcd: &EtcdProcess, key: &str, value: &str) {
 }
 
 fn delete_prefix(etcd: &EtcdProcess, prefix: &str) {
-    let p = format!("/debvisor/{prefix}");
-    etcd.with_client(|mut c| async move {
-        c.delete(p, Some(etcd_client::DeleteOptions::new().with_prefix()))
-            .await
-            .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
-        Ok(())
-    })
-    .expect("etcd delete");
+    etcd.delete_prefix(prefix).expect("etcd delete");
 }
 
 fn get(etcd: &EtcdProcess, key: &str) -> Option<String> {
-    let k = format!("/debvisor/{key}");
-    etcd.with_client(|mut c| async move {
-        let r = c
-            .get(k, None)
-            .await
-            .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
-        Ok(r.kvs()
-            .first()
-            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
-    })
-    .expect("etcd get")
+    etcd.get_key(key).expect("etcd get")
 }
 
 fn keys(etcd: &EtcdProcess, prefix: &str) -> Vec<String> {

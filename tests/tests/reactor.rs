@@ -10,23 +10,13 @@ use debvisor_objects::node::{DaemonState, NodeKind, NodeReconciler};
 use debvisor_objects::{
     Action, Entry, Kind, Reactor, ReactorOptions, ReconcileError, Reconciler, Store, StoreOptions,
 };
+use debvisor_tests::etcd::store_options;
 use debvisor_tests::{DaemonBuilder, EtcdProcess, TcpProxy};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 fn options(endpoint: String) -> StoreOptions {
-    StoreOptions {
-        endpoints: vec![endpoint],
-        prefix: "/debvisor".into(),
-        ca: None,
-        cert: None,
-        key: None,
-        server_name: None,
-        user: None,
-        password_file: None,
-        connect_timeout: Duration::from_secs(2),
-        request_timeout: Duration::from_secs(2),
-    }
+    store_options(endpoint, Duration::from_secs(2))
 }
 
 async fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {

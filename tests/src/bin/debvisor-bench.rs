@@ -302,13 +302,7 @@ fn run_foundation(args: &Args, machine: &Machine) -> BenchResult<()> {
     drop(etcd);
 
     let report = render(args, machine, &started, &startup, &idle, &ticks);
-    println!("{report}");
-    if args.write {
-        let path = docs_path();
-        write_section(&path, &report)?;
-        eprintln!("debvisor-bench: wrote {}", path.display());
-    }
-    Ok(())
+    publish(args, MARK_START, MARK_END, &report)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1474,10 +1468,16 @@ fn bench_command(args: &Args, m: &Machine) -> String {
     cmd
 }
 
-/// Put `section` between the foundation markers of `path`, creating the file with a header if
-/// missing and keeping everything outside the markers.
-fn write_section(path: &Path, section: &str) -> BenchResult<()> {
-    write_marked(path, MARK_START, MARK_END, section)
+/// Print `report` and, unless `--no-write`, put it between `start` and `end` in
+/// [`docs_path`]: how every figure set of the bench ends.
+fn publish(args: &Args, start: &str, end: &str, report: &str) -> BenchResult<()> {
+    println!("{report}");
+    if args.write {
+        let path = docs_path();
+        write_marked(&path, start, end, report)?;
+        eprintln!("debvisor-bench: wrote {}", path.display());
+    }
+    Ok(())
 }
 
 /// Put `section` between `start` and `end` in `path` (appended at the end when the markers are
@@ -1580,8 +1580,8 @@ mod bench_networks {
     use serde_json::Value;
 
     use super::{
-        bench_command, clk_tck, docs_path, ms, now_utc_string, num_field, parse_rfc3339_micros,
-        status_kib, str_field, summarize, write_marked, Args, BenchResult, Machine,
+        bench_command, clk_tck, ms, now_utc_string, num_field, parse_rfc3339_micros, publish,
+        status_kib, str_field, summarize, Args, BenchResult, Machine,
     };
 
     /// Start marker of the generated section in `docs/benchmarks.md`.
@@ -1640,13 +1640,7 @@ mod bench_networks {
         eprintln!("debvisor-bench: [networks 4/4] nft apply cost of {n} networks' chains");
         let fw = bench_nft(n)?;
         let report = render(args, machine, &started, &cases, &floor, &fw);
-        println!("{report}");
-        if args.write {
-            let path = docs_path();
-            write_marked(&path, MARK_START, MARK_END, &report)?;
-            eprintln!("debvisor-bench: wrote {}", path.display());
-        }
-        Ok(())
+        publish(args, MARK_START, MARK_END, &report)
     }
 
     // ---------------------------------------------------------------------------------------
@@ -3299,7 +3293,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("b.md");
         std::fs::write(&p, format!("head\n{MARK_START}\nold\n{MARK_END}\ntail\n")).expect("write");
-        write_section(&p, "new\n").expect("write_section");
+        write_marked(&p, MARK_START, MARK_END, "new\n").expect("write_marked");
         let s = std::fs::read_to_string(&p).expect("read");
         assert_eq!(s, format!("head\n{MARK_START}\nnew\n{MARK_END}\ntail\n"));
     }

@@ -19,11 +19,10 @@ use std::time::{Duration, Instant};
 use debvisor_daemon::ceph::{collect_state, CephCli};
 use debvisor_daemon::cephmon::{StateWriter, WriteStats, MAX_TXN_OPS};
 use debvisor_objects::{Store, StoreOptions};
+use debvisor_tests::etcd::store_options;
 use debvisor_tests::{CephCluster, EtcdProcess};
 
-use super::{
-    bench_command, docs_path, ms, now_utc_string, write_marked, Args, BenchResult, Machine,
-};
+use super::{bench_command, ms, now_utc_string, publish, Args, BenchResult, Machine};
 
 /// Start marker of the generated section in `docs/benchmarks.md`.
 const MARK_START: &str = "<!-- bench:ceph:start -->";
@@ -112,13 +111,7 @@ pub(crate) fn run(args: &Args, machine: &Machine) -> BenchResult<()> {
         ..r
     };
     let report = render(args, machine, &started, &r);
-    println!("{report}");
-    if args.write {
-        let path = docs_path();
-        write_marked(&path, MARK_START, MARK_END, &report)?;
-        eprintln!("debvisor-bench: wrote {}", path.display());
-    }
-    Ok(())
+    publish(args, MARK_START, MARK_END, &report)
 }
 
 /// Run `jobs` (tool argument vectors) on [`FILL_THREADS`] threads.
@@ -251,16 +244,8 @@ async fn measure(
         return Err(format!("collected {volumes} volumes, made {VOLUMES}"));
     }
     let store = Store::connect(&StoreOptions {
-        endpoints: vec![etcd.endpoint()],
-        prefix: "/debvisor".into(),
-        ca: None,
-        cert: None,
-        key: None,
-        server_name: None,
-        user: None,
-        password_file: None,
-        connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(10),
+        ..store_options(etcd.endpoint(), Duration::from_secs(5))
     })
     .await
     .map_err(|e| format!("connecting to etcd: {e}"))?;

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use debvisor_tests::{CephCluster, DaemonBuilder, DaemonProcess, EtcdProcess};
 
 use super::{
-    bench_command, docs_path, now_utc_string, parse_rfc3339_micros, str_field, summarize,
-    write_marked, Args, BenchResult, Machine,
+    bench_command, now_utc_string, parse_rfc3339_micros, publish, str_field, summarize, Args,
+    BenchResult, Machine,
 };
 
 /// Start marker of the generated section in `docs/benchmarks.md`.
@@ -216,13 +216,7 @@ pub(crate) fn run(args: &Args, machine: &Machine) -> BenchResult<()> {
     let (s, ceph_start) = measure()?;
     let load = format!("{load_start} / {}", load1());
     let report = render(args, machine, &started, &s, ceph_start, &load);
-    println!("{report}");
-    if args.write {
-        let path = docs_path();
-        write_marked(&path, MARK_START, MARK_END, &report)?;
-        eprintln!("debvisor-bench: wrote {}", path.display());
-    }
-    Ok(())
+    publish(args, MARK_START, MARK_END, &report)
 }
 
 fn render(

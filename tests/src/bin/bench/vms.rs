@@ -33,9 +33,9 @@ use etcd_client::{Client, DeleteOptions, EventType, Txn, TxnOp, WatchOptions};
 use serde_json::Value;
 
 use super::{
-    bench_command, clk_tck, count_window, cpu_ticks, docs_path, fetch_metrics, ms, next_put,
-    now_utc_string, parse_rfc3339_micros, status_kib, str_field, watch_key, write_marked, Args,
-    BenchResult, Machine, Metrics, WatchMsg, TICK_INTERVAL, TICK_TTL,
+    bench_command, clk_tck, count_window, cpu_ticks, fetch_metrics, ms, next_put, now_utc_string,
+    parse_rfc3339_micros, publish, status_kib, str_field, watch_key, Args, BenchResult, Machine,
+    Metrics, WatchMsg, TICK_INTERVAL, TICK_TTL,
 };
 
 /// Start marker of the generated section in `docs/benchmarks.md`.
@@ -112,13 +112,7 @@ pub(crate) fn run(args: &Args, machine: &Machine) -> BenchResult<()> {
     };
     rt.shutdown_timeout(Duration::from_secs(5));
     let report = render(args, machine, &started, &lat, &conv, &kvm);
-    println!("{report}");
-    if args.write {
-        let path = docs_path();
-        write_marked(&path, MARK_START, MARK_END, &report)?;
-        eprintln!("debvisor-bench: wrote {}", path.display());
-    }
-    Ok(())
+    publish(args, MARK_START, MARK_END, &report)
 }
 
 // ---------------------------------------------------------------------------------------
