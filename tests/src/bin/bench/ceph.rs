@@ -308,7 +308,7 @@ fn render(args: &Args, m: &Machine, started: &str, r: &CephResult) -> String {
     let _ = writeln!(o, "| figure | value |\n| --- | --- |");
     let _ = writeln!(
         o,
-        "| `collect_state` (6 cluster calls at once, then `rbd ls -l` + `rbd du` per pool), \
+        "| `collect_state` (6 cluster calls at once, then `rbd ls -l` + `rbd du` per pool, 3 pools at a time), \
          median of {RUNS} | {median:.0} ms (min {:.0}, max {:.0}) |",
         sorted[0],
         sorted[sorted.len() - 1]
