@@ -30,7 +30,7 @@
 //! `--vms-only` / `--skip-vms` select parts.
 //! Tables go to stdout and, unless `--no-write`, into `docs/benchmarks.md` between
 //! `<!-- bench:foundation:start -->` and `<!-- bench:foundation:end -->` (and the
-//! `bench:networks` and `bench:vms` markers). The daemons' own log lines are echoed on stderr by the harness.
+//! `bench:networks`, `bench:vms`, `bench:ceph` and `bench:ceph-objects` markers). The daemons' own log lines are echoed on stderr by the harness.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -1517,10 +1517,10 @@ const DOCS_HEADER: &str = "# Benchmarks\n\n\
      cargo run --release -p debvisor-tests --bin debvisor-bench \
      # --runs 10 --idle-secs 60 --ticks 20 --networks 100 \
      [--networks-only | --skip-networks] --vms 1000 --guests 10 \
-     [--vms-only | --skip-vms] [--no-write]\n\
+     [--vms-only | --skip-vms] [--ceph | --ceph-objects] [--no-write]\n\
      ```\n\n\
-     The sections between the `bench:foundation`, `bench:networks` and `bench:vms` markers are \
-     rewritten by each run; keep other notes outside them.\n\n\
+     The sections between the `bench:foundation`, `bench:networks`, `bench:vms`, `bench:ceph` \
+     and `bench:ceph-objects` markers are rewritten by each run; keep other notes outside them.\n\n\
      Numbers are from a shared, noisy 2-core VM; compare ratios within one run.\n";
 
 // ---------------------------------------------------------------------------------------
