@@ -1,6 +1,8 @@
 //! RBD lock hygiene of the Domain object with real KVM guests whose disks are RBD volumes of
 //! a real one-host Ceph cluster (qemu's rbd block driver, cephx through a libvirt secret):
-//! a guest starts through the Domain object and qemu opens its volume; a lock held by another
+//! a guest starts through the Domain object and qemu opens its volume; while it is open, a
+//! rollback or a removal of that volume declared as a Ceph object is refused on that object
+//! only (error status naming the field; the data and the guest unaffected); a lock held by another
 //! live node refuses the start naming that node, then (node gone) naming the address, and the
 //! guest starts once the lock is removed; a stale lock of this node's own address is released
 //! and the guest starts; while Ceph does not answer the start is refused, and made once it
@@ -134,6 +136,119 @@ fn revoke(etcd: &EtcdProcess, lease: i64) {
     .expect("revoke lease");
 }
 
+/// `/debvisor/<rel>` parsed as a Ceph object status.
+fn ceph_status(etcd: &EtcdProcess, rel: &str) -> Option<Value> {
+    let raw = etcd.get_key(rel).expect("etcd get")?;
+    serde_json::from_str(&raw).ok()
+}
+
+/// Wait for the status at `rel` to have `state` (and, for an error, `field`).
+fn wait_ceph_status(etcd: &EtcdProcess, rel: &str, state: &str, field: Option<&str>) -> Value {
+    eventually(&format!("{rel} {state} {field:?}"), WAIT, || {
+        ceph_status(etcd, rel)
+            .filter(|s| s["state"] == state && field.is_none_or(|f| s["field"] == f))
+    })
+}
+
+fn snapshots(cluster: &CephCluster, image: &str) -> Vec<String> {
+    rbd_json(cluster, &["snap", "ls", &format!("{POOL}/{image}")])
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// disk1 (16M, open by the running guest `g`) declared as `ceph/volumes/dvrbd:disk1` with
+/// snapshot s1, made by the daemon; then data other than s1 is written. A rollback to s1 is
+/// refused (the snapshot's status names `snapshots/s1/spec.rollback`, the volume stays
+/// ready, the token is not recorded, the data and the guest are unchanged); `delete: true`
+/// is refused naming `spec.delete` and the image stays. Both requests are withdrawn after.
+fn volume_in_use_refuses_rollback_and_delete(
+    etcd: &EtcdProcess,
+    cluster: &CephCluster,
+    rt: &tokio::runtime::Runtime,
+    lv: &Libvirt,
+    g: &TestDomain,
+) {
+    let vol = format!("ceph/volumes/{POOL}:disk1");
+    let (spec, status) = (format!("{vol}/spec"), format!("{vol}/status"));
+    let (snap_spec, snap_status) = (
+        format!("{vol}/snapshots/s1/spec"),
+        format!("{vol}/snapshots/s1/status"),
+    );
+    // The image's current size: nothing to resize.
+    etcd.put_keys(&[(&spec, r#"{"size":"16M"}"#), (&snap_spec, "{}")])
+        .expect("declare the volume and its snapshot");
+    wait_ceph_status(etcd, &snap_status, "ready", None);
+    wait_ceph_status(etcd, &status, "ready", None);
+    assert_eq!(snapshots(cluster, "disk1"), ["s1"], "the daemon took s1");
+    let image = format!("{POOL}/disk1");
+    cluster.overwrite(&image, "1M").expect("write past s1");
+    let at_s1 = cluster
+        .export(&format!("{image}@s1"), "disk1-s1")
+        .expect("export s1");
+    let before = cluster.export(&image, "disk1-before").expect("export");
+    assert!(before != at_s1, "a rollback to s1 would change the data");
+
+    // Rollback while qemu has the disk open: refused on the snapshot only.
+    etcd.put_key(&snap_spec, r#"{"rollback":"t1"}"#)
+        .expect("request a rollback");
+    let s = wait_ceph_status(
+        etcd,
+        &snap_status,
+        "error",
+        Some("snapshots/s1/spec.rollback"),
+    );
+    assert!(
+        s["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("in use by a running VM")),
+        "{s}"
+    );
+    assert_ne!(s["rolled_back"], "t1", "not recorded as done: {s}");
+    let v = ceph_status(etcd, &status).expect("volume status");
+    assert_eq!(v["state"], "ready", "the volume itself is fine: {v}");
+    assert!(active(rt, lv, g), "the guest still runs");
+    assert!(
+        !watchers(cluster, "disk1").is_empty(),
+        "qemu still has disk1 open"
+    );
+    let after = cluster.export(&image, "disk1-after").expect("export");
+    assert!(after == before, "the refused rollback changed disk1's data");
+    assert_eq!(snapshots(cluster, "disk1"), ["s1"]);
+    // Withdrawn: the snapshot is ready again, nothing rolled back.
+    etcd.put_key(&snap_spec, "{}")
+        .expect("withdraw the rollback");
+    let s = wait_ceph_status(etcd, &snap_status, "ready", None);
+    assert!(s["rolled_back"].is_null(), "{s}");
+
+    // Removal while in use: refused naming spec.delete; the image and s1 stay.
+    etcd.put_key(&spec, r#"{"size":"16M","delete":true}"#)
+        .expect("request the removal");
+    let v = wait_ceph_status(etcd, &status, "error", Some("spec.delete"));
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("in use by a running VM")),
+        "{v}"
+    );
+    assert_eq!(
+        snapshots(cluster, "disk1"),
+        ["s1"],
+        "image and snapshot stay"
+    );
+    assert!(active(rt, lv, g), "the guest still runs");
+    let after = cluster.export(&image, "disk1-after").expect("export");
+    assert!(after == before, "the refused removal changed disk1's data");
+    etcd.put_key(&spec, r#"{"size":"16M"}"#)
+        .expect("withdraw the removal");
+    wait_ceph_status(etcd, &status, "ready", None);
+    wait_ceph_status(etcd, &snap_status, "ready", None);
+}
+
 fn skip_reason() -> Option<String> {
     if !ceph_installed() {
         return Some("ceph not installed (scripts/deps.sh)".into());
@@ -190,7 +305,11 @@ fn rbd_guest_starts_and_foreign_locks_refuse_the_start() {
     });
     assert_eq!(w.len(), 1, "one client (qemu) has disk1 open: {w:?}");
 
-    // 2. Another live node (its published address is where the lock comes from) holds an
+    // 2. disk1 declared as a volume object with a snapshot: while the guest has it open a
+    // rollback and a removal are refused on that object only, and its data stays.
+    volume_in_use_refuses_rollback_and_delete(&etcd, &cluster, &rt, &lv, &g1);
+
+    // 3. Another live node (its published address is where the lock comes from) holds an
     // advisory lock on disk2: the start is refused naming the node.
     let other = add_node(&etcd, "rbd-other", &["127.0.0.1/8"]);
     cluster
@@ -281,7 +400,7 @@ fn rbd_guest_starts_and_foreign_locks_refuse_the_start() {
         "{refusals:#?}"
     );
 
-    // 3. The same node restarted knowing that its Ceph clients appear as 127.0.0.1 (one
+    // 4. The same node restarted knowing that its Ceph clients appear as 127.0.0.1 (one
     // libvirtd: a second daemon would fight over its domains) finds its own stale lock on
     // disk3: released, and the guest starts. The running guests are adopted.
     cluster
@@ -324,7 +443,7 @@ fn rbd_guest_starts_and_foreign_locks_refuse_the_start() {
         "adopted, still running"
     );
 
-    // 4. Ceph does not answer (mon frozen): the start is refused with the reason, never made
+    // 5. Ceph does not answer (mon frozen): the start is refused with the reason, never made
     // without the check; once the mon is back the retry starts the guest.
     cluster
         .rbd(&["create", &format!("{POOL}/disk4"), "--size", "16M"])
