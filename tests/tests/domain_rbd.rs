@@ -287,10 +287,15 @@ fn rbd_guest_starts_and_foreign_locks_refuse_the_start() {
     let state = tempfile::tempdir().expect("state dir");
     // This node's Ceph clients appear as 127.0.0.1, but only the node's interface addresses
     // count as its own: a lock from 127.0.0.1 is someone else's.
+    // Guests before the daemon: on a failure the daemon (declared later) is dropped first, so
+    // it cannot define a guest again after the guest's guard removed it.
+    let g1 = TestDomain::new(&lv, "rbd");
+    let g2 = TestDomain::new(&lv, "rbdheld");
+    let g3 = TestDomain::new(&lv, "rbdstale");
+    let g4 = TestDomain::new(&lv, "rbdnomon");
     let mut d1 = daemon(&etcd, &cluster, "rbd1", state.path(), "[]");
 
     // 1. A guest with an RBD data disk starts through the Domain object; qemu opens it.
-    let g1 = TestDomain::new(&lv, "rbd");
     define(
         &etcd,
         &g1,
@@ -315,7 +320,6 @@ fn rbd_guest_starts_and_foreign_locks_refuse_the_start() {
     cluster
         .rbd(&["lock", "add", &format!("{POOL}/disk2"), "dvtest-held"])
         .expect("lock add");
-    let g2 = TestDomain::new(&lv, "rbdheld");
     define(
         &etcd,
         &g2,
@@ -408,7 +412,6 @@ fn rbd_guest_starts_and_foreign_locks_refuse_the_start() {
         .expect("lock add");
     drop(d1);
     let mut d1 = daemon(&etcd, &cluster, "rbd1", state.path(), "[127.0.0.1]");
-    let g3 = TestDomain::new(&lv, "rbdstale");
     define(
         &etcd,
         &g3,
@@ -449,7 +452,6 @@ fn rbd_guest_starts_and_foreign_locks_refuse_the_start() {
         .rbd(&["create", &format!("{POOL}/disk4"), "--size", "16M"])
         .expect("image");
     let pause = cluster.pause_mon().expect("freeze the mon");
-    let g4 = TestDomain::new(&lv, "rbdnomon");
     define(
         &etcd,
         &g4,
@@ -477,6 +479,6 @@ fn rbd_guest_starts_and_foreign_locks_refuse_the_start() {
     assert!(active(&rt, &lv, &g4));
 
     // Guests go before the cluster their qemu processes have open.
-    drop((g1, g2, g3, g4));
     drop(d1);
+    drop((g1, g2, g3, g4));
 }
