@@ -220,6 +220,24 @@ impl EtcdProcess {
         })
     }
 
+    /// The full names of the keys under `/debvisor/<rel_prefix>` (keys only, sorted).
+    pub fn keys_under(&self, rel_prefix: &str) -> Result<Vec<String>> {
+        let p = format!("/debvisor/{rel_prefix}");
+        self.with_client(|mut c| async move {
+            let opts = etcd_client::GetOptions::new()
+                .with_prefix()
+                .with_keys_only();
+            let r = c
+                .get(p.clone(), Some(opts))
+                .await
+                .etcd_ctx(|| format!("get prefix {p}"))?;
+            Ok(r.kvs()
+                .iter()
+                .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+                .collect())
+        })
+    }
+
     /// Delete every key under `/debvisor/<rel_prefix>`.
     pub fn delete_prefix(&self, rel_prefix: &str) -> Result<()> {
         let p = format!("/debvisor/{rel_prefix}");

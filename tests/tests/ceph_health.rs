@@ -40,29 +40,6 @@ fn node_ceph(etcd: &EtcdProcess, status: &str) -> Option<Value> {
     (h["ceph"]["status"] == status).then_some(h)
 }
 
-/// Keys under `/debvisor/<prefix>` (relative names).
-fn keys_under(etcd: &EtcdProcess, prefix: &str) -> Vec<String> {
-    let p = format!("/debvisor/{prefix}");
-    etcd.with_client(|mut c| async move {
-        let r = c
-            .get(
-                p,
-                Some(
-                    etcd_client::GetOptions::new()
-                        .with_prefix()
-                        .with_keys_only(),
-                ),
-            )
-            .await
-            .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
-        Ok(r.kvs()
-            .iter()
-            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
-            .collect())
-    })
-    .expect("etcd get prefix")
-}
-
 /// The `ceph:` section of a daemon against `cluster` (interval 1 s, no units).
 fn ceph_yaml(cluster: &CephCluster) -> String {
     format!(
@@ -394,7 +371,7 @@ fn clustered_nodes_without_a_primary_report_but_neither_write_nor_reconcile() {
         assert_eq!(etcd.get_key(key).expect("etcd get"), None, "{key} written");
     }
     assert_eq!(
-        keys_under(&etcd, "ceph/observed/"),
+        etcd.keys_under("ceph/observed/").expect("etcd keys"),
         Vec::<String>::new(),
         "observed keys written without a primary"
     );

@@ -37,28 +37,6 @@ fn get(etcd: &EtcdProcess, key: &str) -> Option<String> {
     etcd.get_key(key).expect("etcd get")
 }
 
-fn keys(etcd: &EtcdProcess, prefix: &str) -> Vec<String> {
-    let p = format!("/debvisor/{prefix}");
-    etcd.with_client(|mut c| async move {
-        let r = c
-            .get(
-                p,
-                Some(
-                    etcd_client::GetOptions::new()
-                        .with_prefix()
-                        .with_keys_only(),
-                ),
-            )
-            .await
-            .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
-        Ok(r.kvs()
-            .iter()
-            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
-            .collect())
-    })
-    .expect("etcd keys")
-}
-
 fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let until = Instant::now() + within;
     while !f() {
@@ -233,7 +211,7 @@ fn managed_network_on_a_standalone_node_serves_dhcp_and_reports_leases() {
         "{ip2} in the range"
     );
     eventually("leases reported to etcd", Duration::from_secs(15), || {
-        let k = keys(&etcd, "networks/100/leases/");
+        let k = etcd.keys_under("networks/100/leases/").expect("etcd keys");
         k.iter().any(|x| x.ends_with("52:54:00:00:00:07"))
             && k.iter().any(|x| x.ends_with("52:54:00:00:00:42"))
     });
@@ -304,9 +282,11 @@ fn managed_network_on_a_standalone_node_serves_dhcp_and_reports_leases() {
         "the guests' own veths stay"
     );
     assert!(
-        keys(&etcd, "networks/100/").is_empty(),
+        etcd.keys_under("networks/100/")
+            .expect("etcd keys")
+            .is_empty(),
         "status and leases cleaned up: {:?}",
-        keys(&etcd, "networks/100/")
+        etcd.keys_under("networks/100/").expect("etcd keys")
     );
 }
 
