@@ -207,6 +207,15 @@ fn base_info(cfg: &Config, node_id: &str) -> NodeInfo {
     info
 }
 
+/// Whether coordinator units (etcd, Ceph) are started through systemd (`services.backend`).
+fn units_by_systemd(cfg: &Config) -> bool {
+    match cfg.services.backend {
+        ServiceBackend::Systemd => true,
+        ServiceBackend::Process => false,
+        ServiceBackend::Auto => crate::services::systemd_is_pid1(),
+    }
+}
+
 /// Everything the run loop and the shutdown need.
 struct Running {
     cfg: Config,
@@ -365,12 +374,7 @@ pub async fn run(config_path: &Path) -> ExitCode {
         }
     }
     if cfg.is_coordinator() && !cfg.services.coordinator_units.is_empty() {
-        let systemd = match cfg.services.backend {
-            ServiceBackend::Systemd => true,
-            ServiceBackend::Process => false,
-            ServiceBackend::Auto => crate::services::systemd_is_pid1(),
-        };
-        if systemd {
+        if units_by_systemd(&cfg) {
             for unit in &cfg.services.coordinator_units {
                 if let Err(e) =
                     crate::services::systemctl("start", unit, Duration::from_secs(90)).await
@@ -388,12 +392,7 @@ pub async fn run(config_path: &Path) -> ExitCode {
     // A Ceph unit that failed makes the stage `degraded` (found by `OUTCOME=degraded`).
     let mut ceph_unit_failed = false;
     if cfg.is_coordinator() && cfg.ceph.enabled && !ceph_units.is_empty() {
-        let systemd = match cfg.services.backend {
-            ServiceBackend::Systemd => true,
-            ServiceBackend::Process => false,
-            ServiceBackend::Auto => crate::services::systemd_is_pid1(),
-        };
-        if systemd {
+        if units_by_systemd(&cfg) {
             // A Ceph unit that does not start costs storage, not the node: VMs still run.
             for unit in &ceph_units {
                 match crate::services::systemctl("start", unit, Duration::from_secs(90)).await {
