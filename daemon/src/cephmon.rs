@@ -20,8 +20,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::ceph::{batches, collect_state, diff, local_osds, Ceph, CephError, KeyChange};
-use crate::ceph::{Health, OsdMetadata, OsdTree};
+use crate::ceph::{
+    batches, collect_state, diff, local_osds, same_host, Ceph, CephError, KeyChange,
+};
+use crate::ceph::{Health, OsdTree};
 use crate::hostinfo;
 
 /// Most operations in one collector transaction (etcd's default limit is 128).
@@ -173,23 +175,12 @@ pub fn summary_from_state(state: &BTreeMap<String, String>, hostname: &str) -> C
             Some((id, serde_json::from_str(v).ok()?))
         })
         .collect();
-    let meta: Vec<OsdMetadata> = osds
-        .iter()
-        .map(|(id, v)| OsdMetadata {
-            id: *id,
-            hostname: v["node"].as_str().unwrap_or_default().to_string(),
-            osd_objectstore: String::new(),
-            ceph_version_short: String::new(),
-            front_addr: String::new(),
-        })
-        .collect();
-    let mine = local_osds(&meta, hostname);
     CephNodeHealth {
         status,
         checks,
         osds: osds
             .iter()
-            .filter(|(id, _)| mine.contains(id))
+            .filter(|(_, v)| same_host(v["node"].as_str().unwrap_or_default(), hostname))
             .map(|(id, v)| CephNodeOsd {
                 id: *id,
                 up: v["up"].as_bool().unwrap_or(false),
@@ -224,8 +215,8 @@ async fn node_view<C: Ceph>(
             .filter(|n| n.kind == "osd" && mine.contains(&n.id))
             .map(|n| CephNodeOsd {
                 id: n.id,
-                up: n.status.as_deref() == Some("up"),
-                r#in: n.reweight.unwrap_or(0.0) > 0.0,
+                up: n.is_up(),
+                r#in: n.is_in(),
             })
             .collect(),
         error: None,

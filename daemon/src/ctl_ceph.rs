@@ -457,14 +457,6 @@ fn invalid(e: &ObjectError, flag: impl Fn(&str) -> Option<&'static str>) -> Stri
 
 type Keys = BTreeMap<String, KeyEntry>;
 
-fn entry(kv: Kv) -> KeyEntry {
-    KeyEntry {
-        value: kv.value,
-        mod_revision: kv.mod_revision,
-        lease: kv.lease,
-    }
-}
-
 async fn list(store: &Store, prefix: &str) -> Result<Vec<Kv>, String> {
     store
         .list(prefix)
@@ -474,7 +466,11 @@ async fn list(store: &Store, prefix: &str) -> Result<Vec<Kv>, String> {
 }
 
 async fn get(store: &Store, key: &str) -> Result<Option<KeyEntry>, String> {
-    Ok(store.get(key).await.map_err(|e| e.to_string())?.map(entry))
+    Ok(store
+        .get(key)
+        .await
+        .map_err(|e| e.to_string())?
+        .map(KeyEntry::from))
 }
 
 /// Observed values under `ceph/observed/<kind>/`, by id.
@@ -1213,10 +1209,6 @@ fn lost(what: &str) -> Failure {
     ))
 }
 
-fn spec_value(bytes: &[u8]) -> Value {
-    json_or_string(bytes)
-}
-
 // --- pools ---
 
 async fn pool_add(
@@ -1237,7 +1229,7 @@ async fn pool_add(
     }
     match put_guarded(store, &key, 0, bytes.clone(), &[]).await? {
         Some(revision) => Ok(Written {
-            doc: json!({ "pool": pool, "spec": spec_value(&bytes), "revision": revision }),
+            doc: json!({ "pool": pool, "spec": json_or_string(&bytes), "revision": revision }),
             text: format!("pool {pool} added\n"),
             revision,
             goal: Some(Goal::pool(pool, &["ready", "error"])),
@@ -1268,7 +1260,7 @@ async fn pool_set(
             put_guarded(store, &key, cur.mod_revision, bytes.clone(), &[]).await?
         {
             return Ok(Written {
-                doc: json!({ "pool": pool, "spec": spec_value(&bytes), "revision": revision }),
+                doc: json!({ "pool": pool, "spec": json_or_string(&bytes), "revision": revision }),
                 text: format!("pool {pool} updated\n"),
                 revision,
                 goal: Some(Goal::pool(pool, &["ready", "error"])),
@@ -1285,7 +1277,7 @@ async fn pool_remove(store: &Store, pool: &str) -> Result<Written, Failure> {
         let cur = get(store, &key).await?.ok_or_else(|| {
             format!("pool {pool} not found (no {key}); only declared pools can be removed")
         })?;
-        let spec = spec_value(&cur.value);
+        let spec = json_or_string(&cur.value);
         if spec["protected"] == true {
             return Err(format!(
                 "pool {pool} is protected ({key}: protected = true); unprotect it first with `ceph pool set {pool} --protected false`"
@@ -1312,7 +1304,7 @@ async fn pool_remove(store: &Store, pool: &str) -> Result<Written, Failure> {
             put_guarded(store, &key, cur.mod_revision, bytes.clone(), &[]).await?
         {
             return Ok(Written {
-                doc: json!({ "pool": pool, "spec": spec_value(&bytes), "revision": revision }),
+                doc: json!({ "pool": pool, "spec": json_or_string(&bytes), "revision": revision }),
                 text: format!("pool {pool}: removal requested\n"),
                 revision,
                 goal: Some(Goal::pool(pool, &["deleted", "error"])),
@@ -1360,7 +1352,7 @@ async fn volume_add(
         }
         if pool_spec
             .as_ref()
-            .is_some_and(|e| spec_value(&e.value)["delete"] == true)
+            .is_some_and(|e| json_or_string(&e.value)["delete"] == true)
         {
             return Err(format!("pool {pool} of VOLUME {volume} is being removed").into());
         }
@@ -1377,7 +1369,7 @@ async fn volume_add(
         }
         if let Some(revision) = put_guarded(store, &key, 0, bytes.clone(), &also).await? {
             return Ok(Written {
-                doc: json!({ "volume": format!("{pool}/{image}"), "spec": spec_value(&bytes), "revision": revision }),
+                doc: json!({ "volume": format!("{pool}/{image}"), "spec": json_or_string(&bytes), "revision": revision }),
                 text: format!("volume {pool}/{image} added\n"),
                 revision,
                 goal: Some(Goal::volume(pool, image, None, &["ready", "error"], None)),
@@ -1401,7 +1393,7 @@ async fn volume_resize(
         let cur = keys.get("spec").ok_or_else(|| {
             format!("volume {pool}/{image} not found (no {key}); `ceph volume add` declares it")
         })?;
-        let spec = spec_value(&cur.value);
+        let spec = json_or_string(&cur.value);
         if spec["delete"] == true {
             return Err(
                 format!("volume {pool}/{image} is being removed ({key}: delete = true)").into(),
@@ -1432,7 +1424,7 @@ async fn volume_resize(
             put_guarded(store, &key, cur.mod_revision, bytes.clone(), &[]).await?
         {
             return Ok(Written {
-                doc: json!({ "volume": format!("{pool}/{image}"), "spec": spec_value(&bytes), "revision": revision }),
+                doc: json!({ "volume": format!("{pool}/{image}"), "spec": json_or_string(&bytes), "revision": revision }),
                 text: format!("volume {pool}/{image}: size {} requested\n", size.trim()),
                 revision,
                 goal: Some(Goal::volume(pool, image, None, &["ready", "error"], None)),
@@ -1456,7 +1448,7 @@ async fn volume_remove(store: &Store, volume: &str) -> Result<Written, Failure> 
             put_guarded(store, &key, cur.mod_revision, bytes.clone(), &[]).await?
         {
             return Ok(Written {
-                doc: json!({ "volume": format!("{pool}/{image}"), "spec": spec_value(&bytes), "revision": revision }),
+                doc: json!({ "volume": format!("{pool}/{image}"), "spec": json_or_string(&bytes), "revision": revision }),
                 text: format!("volume {pool}/{image}: removal requested\n"),
                 revision,
                 goal: Some(Goal::volume(pool, image, None, &["deleted", "error"], None)),
@@ -1493,7 +1485,7 @@ async fn snapshot_write(
                 "volume {pool}/{image} (VOLUME) has no spec ({vkey}); snapshots need their volume declared (`ceph volume add`)"
             )
         })?;
-        if spec_value(&vspec.value)["delete"] == true {
+        if json_or_string(&vspec.value)["delete"] == true {
             return Err(
                 format!("volume {pool}/{image} is being removed ({vkey}: delete = true)").into(),
             );
@@ -1512,7 +1504,7 @@ async fn snapshot_write(
                 )
             }
             (SnapOp::Rollback(t), Some(c)) => {
-                if spec_value(&c.value)["delete"] == true {
+                if json_or_string(&c.value)["delete"] == true {
                     return Err(
                         format!("snapshot {snap} of {pool}/{image} is being removed").into(),
                     );
@@ -1548,7 +1540,7 @@ async fn snapshot_write(
                 doc: json!({
                     "volume": format!("{pool}/{image}"),
                     "snapshot": snap,
-                    "spec": spec_value(&bytes),
+                    "spec": json_or_string(&bytes),
                     "revision": revision,
                 }),
                 text,
@@ -1579,7 +1571,9 @@ pub fn rollback_token(previous: Option<&str>, now: OffsetDateTime) -> String {
 async fn snapshot_rollback(store: &Store, volume: &str, snap: &str) -> Result<Written, Failure> {
     let (pool, image) = parse_volume_arg("VOLUME", volume)?;
     let previous = match get(store, &snapshot_spec_key(pool, image, snap)).await? {
-        Some(e) => spec_value(&e.value)["rollback"].as_str().map(String::from),
+        Some(e) => json_or_string(&e.value)["rollback"]
+            .as_str()
+            .map(String::from),
         None => None,
     };
     let token = rollback_token(previous.as_deref(), OffsetDateTime::now_utc());
@@ -1618,7 +1612,7 @@ async fn template_add(
     }
     match put_guarded(store, &key, 0, bytes.clone(), &[]).await? {
         Some(revision) => Ok(Written {
-            doc: json!({ "template": name, "spec": spec_value(&bytes), "revision": revision }),
+            doc: json!({ "template": name, "spec": json_or_string(&bytes), "revision": revision }),
             text: format!("template {name} added ({pool}/{image}@{snapshot})\n"),
             revision,
             goal: None,

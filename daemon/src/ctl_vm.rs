@@ -1315,14 +1315,7 @@ pub(crate) async fn follow<T>(
             .into_iter()
             .filter_map(|kv| {
                 let sub = kv.key.strip_prefix(prefix)?.to_string();
-                Some((
-                    sub,
-                    KeyEntry {
-                        value: kv.value,
-                        mod_revision: kv.mod_revision,
-                        lease: kv.lease,
-                    },
-                ))
+                Some((sub, KeyEntry::from(kv)))
             })
             .collect();
         if let Some(v) = check(&keys) {
@@ -1353,14 +1346,8 @@ pub(crate) async fn follow<T>(
                 };
                 match ev.event_type() {
                     EventType::Put => {
-                        keys.insert(
-                            sub.to_string(),
-                            KeyEntry {
-                                value: kv.value,
-                                mod_revision: kv.mod_revision,
-                                lease: kv.lease,
-                            },
-                        );
+                        let sub = sub.to_string();
+                        keys.insert(sub, KeyEntry::from(kv));
                     }
                     EventType::Delete => {
                         keys.remove(sub);

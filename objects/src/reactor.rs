@@ -355,6 +355,17 @@ impl<K: Kind> Reactor<K> {
 /// The keys of one object, relative to `<prefix><id>/`.
 pub type ObjectKeys = BTreeMap<String, KeyEntry>;
 
+impl From<Kv> for KeyEntry {
+    /// The entry of a key read or watched from the store.
+    fn from(kv: Kv) -> KeyEntry {
+        KeyEntry {
+            value: kv.value,
+            mod_revision: kv.mod_revision,
+            lease: kv.lease,
+        }
+    }
+}
+
 impl KeyEntry {
     /// The keys of one object from `(sub-key, value)` pairs, unleased, at revision 1: how
     /// tests and tools build an object without a store.
@@ -386,14 +397,10 @@ pub fn group_keys(
     let mut out: BTreeMap<String, ObjectKeys> = BTreeMap::new();
     for kv in kvs {
         if let Some((id, sub)) = split_object_key(prefix, &kv.key).filter(|(_, sub)| keep(sub)) {
-            out.entry(id.to_string()).or_default().insert(
-                sub.to_string(),
-                KeyEntry {
-                    value: kv.value,
-                    mod_revision: kv.mod_revision,
-                    lease: kv.lease,
-                },
-            );
+            let sub = sub.to_string();
+            out.entry(id.to_string())
+                .or_default()
+                .insert(sub, KeyEntry::from(kv));
         }
     }
     out

@@ -24,11 +24,17 @@ pub enum KeyChange {
     Delete(String),
 }
 
+/// Does an OSD's host name (from its metadata) name this host? Equal, or equal short names
+/// (`n1` and `n1.example`).
+pub fn same_host(osd_host: &str, hostname: &str) -> bool {
+    let short = |h: &str| h.split('.').next().unwrap_or(h).to_owned();
+    osd_host == hostname || short(osd_host) == short(hostname)
+}
+
 /// The OSD ids whose metadata names `hostname` (how a node finds its own OSDs).
 pub fn local_osds(meta: &[OsdMetadata], hostname: &str) -> Vec<i64> {
-    let short = hostname.split('.').next().unwrap_or(hostname);
     meta.iter()
-        .filter(|m| m.hostname == hostname || m.hostname.split('.').next() == Some(short))
+        .filter(|m| same_host(&m.hostname, hostname))
         .map(|m| m.id)
         .collect()
 }
@@ -97,8 +103,8 @@ pub async fn collect_state<C: Ceph>(ceph: &C) -> Result<BTreeMap<String, String>
         put(
             observed_osd_key(id),
             json!({
-                "up": n.status.as_deref() == Some("up"),
-                "in": n.reweight.unwrap_or(0.0) > 0.0,
+                "up": n.is_up(),
+                "in": n.is_in(),
                 "node": host.get(&n.id),
                 "crush_host": tree.host_of(n.id),
                 "kb": d.map(|d| d.kb),

@@ -23,7 +23,7 @@ pub use apply::{
     apply_pool_step, apply_volume_step, observe_volume, observed_pools, volume_in_use,
 };
 pub use cli::CephCli;
-pub use collect::{batches, collect_state, diff, local_osds, KeyChange};
+pub use collect::{batches, collect_state, diff, local_osds, same_host, KeyChange};
 pub use disks::{rbd_disks, DiskError, RbdDisk};
 pub use error::CephError;
 pub use locks::{plan_lock_hygiene, release_stale_locks, LockVerdict, NodeAddrs};

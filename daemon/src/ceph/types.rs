@@ -253,6 +253,18 @@ pub struct OsdTreeNode {
     pub reweight: Option<f64>,
 }
 
+impl OsdTreeNode {
+    /// The OSD daemon answers (`status: up`).
+    pub fn is_up(&self) -> bool {
+        self.status.as_deref() == Some("up")
+    }
+
+    /// The OSD holds data (`reweight` above 0).
+    pub fn is_in(&self) -> bool {
+        self.reweight.unwrap_or(0.0) > 0.0
+    }
+}
+
 /// `ceph osd tree`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OsdTree {
