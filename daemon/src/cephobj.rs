@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use debvisor_objects::ceph::{
     parse_template, pool_status_key, snapshot_status_key, volume_status_key, CephState, CephStatus,
-    Pool, PoolKind, Volume, VolumeKind, TEMPLATES_PREFIX, VOLUMES_PREFIX,
+    CloneSource, Pool, PoolKind, Volume, VolumeKind, TEMPLATES_PREFIX, VOLUMES_PREFIX,
 };
 use debvisor_objects::ceph_plan::{
     plan_pool, plan_volume, PoolStep, Verdict, VolumeContext, VolumeStep,
@@ -396,7 +396,6 @@ impl<C: Ceph + 'static> CephObjects<C> {
         };
         let (pool, image) = (vol.pool.as_str(), vol.image.as_str());
         let status_key = volume_status_key(pool, image);
-        let templates = self.templates().await?;
         let mut rolled_back = self.rolled_back(id).await?;
         if let Some(t) = self.tokens().get(id) {
             rolled_back.extend(t.clone());
@@ -405,6 +404,12 @@ impl<C: Ceph + 'static> CephObjects<C> {
         let observed = match observe_volume(&*self.ceph, &img).await {
             Ok(o) => o,
             Err(e) => return self.ceph_unavailable(id, status_key, e).await,
+        };
+        // Templates matter only to a volume still to be cloned from one: no prefix read of
+        // `templates/` for every existing volume on every resync.
+        let templates = match (&observed, &vol.spec.clone_from) {
+            (None, Some(CloneSource::Template(_))) => self.templates().await?,
+            _ => BTreeMap::new(),
         };
         // Whether a VM uses the volume (`rbd status`) only matters to a rollback or a
         // removal: plan without it first and ask Ceph only when one of those is planned.
