@@ -1077,6 +1077,23 @@ fn check_unit_name(s: &str) -> Result<(), String> {
 }
 
 impl Config {
+    /// Store options from the `store:` section (the daemon and `debvisorctl` connect alike).
+    pub fn store_options(&self) -> debvisor_objects::StoreOptions {
+        let s = &self.store;
+        debvisor_objects::StoreOptions {
+            endpoints: s.endpoints.clone(),
+            prefix: s.prefix.clone(),
+            ca: s.tls.ca.clone(),
+            cert: s.tls.cert.clone(),
+            key: s.tls.key.clone(),
+            server_name: s.tls.server_name.clone(),
+            user: s.user.clone(),
+            password_file: s.password_file.clone(),
+            connect_timeout: s.connect_timeout,
+            request_timeout: s.request_timeout,
+        }
+    }
+
     /// The node name in effect: the configured one, else (after [`load`]) the short hostname.
     pub fn node_name(&self) -> &str {
         &self.node.name

@@ -15,21 +15,21 @@ use debvisor_objects::lease::{self, LeaseState};
 use debvisor_objects::node::{
     DaemonState, DomainState as DomainStateValue, NodeInfo, NodeKind, NodeReconciler,
 };
-use debvisor_objects::{Reactor, ReactorOptions, Store, StoreOptions};
+use debvisor_objects::{Reactor, ReactorOptions, Store};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::ceph::CephCli;
-use crate::cephobj::{CephObjects, CephReactors};
 use crate::config::{Config, NodeMode, OnShutdown, ServiceBackend};
 use crate::hypervisor::Libvirt;
 use crate::keepalive::{Keepalive, TickOutcome};
-use crate::netobj::{FirewallSync, NetworkHost, NetworkReconciler};
+use crate::reactors::ceph_objects::{CephObjects, CephReactors};
+use crate::reactors::domain::{DomainHost, DomainReconciler};
+use crate::reactors::network::{FirewallSync, NetworkHost, NetworkReconciler};
 use crate::registration::{self, LocalState, RegisterError};
 use crate::services::{ProcessSpec, Supervised};
 use crate::signals::{self, Signal};
-use crate::vmobj::{DomainHost, DomainReconciler};
 use crate::{logging, notify};
 use debvisor_firewall::Nft;
 use debvisor_netconf::Netlink;
@@ -106,26 +106,9 @@ fn stage_failed(node: &str, stage: Stage, started: Instant, err: &str) -> ExitCo
     ExitCode::from(1)
 }
 
-/// Store options from the `store:` section.
-pub fn store_options(cfg: &Config) -> StoreOptions {
-    let s = &cfg.store;
-    StoreOptions {
-        endpoints: s.endpoints.clone(),
-        prefix: s.prefix.clone(),
-        ca: s.tls.ca.clone(),
-        cert: s.tls.cert.clone(),
-        key: s.tls.key.clone(),
-        server_name: s.tls.server_name.clone(),
-        user: s.user.clone(),
-        password_file: s.password_file.clone(),
-        connect_timeout: s.connect_timeout,
-        request_timeout: s.request_timeout,
-    }
-}
-
 /// Connect and probe with backoff until `deadline`; each attempt is logged.
 pub async fn connect_store(cfg: &Config, deadline: Duration) -> Result<Store, String> {
-    let opts = store_options(cfg);
+    let opts = cfg.store_options();
     let until = Instant::now() + deadline;
     let mut attempt: u32 = 0;
     loop {
@@ -536,7 +519,7 @@ pub async fn run(config_path: &Path) -> ExitCode {
         );
         // The first ruleset already carries every network in etcd, so restarting the daemon
         // never drops guest traffic between the base table and the network chains.
-        let nets = match crate::netobj::network_rules_from_store(&store, primary).await {
+        let nets = match crate::reactors::network::network_rules_from_store(&store, primary).await {
             Ok(n) => n,
             Err(e) => {
                 warn!(node = %node, stage = Stage::Firewall.name(), error = %e, "cannot list networks; base ruleset only");
@@ -631,7 +614,7 @@ pub async fn run(config_path: &Path) -> ExitCode {
         },
         CancellationToken::new(),
     ));
-    crate::vmobj::spawn_event_listener(domains.clone(), vms.clone(), tasks.clone());
+    crate::reactors::domain::spawn_event_listener(domains.clone(), vms.clone(), tasks.clone());
     let keepalive = Keepalive::new(
         store.clone(),
         node.clone(),
@@ -646,8 +629,12 @@ pub async fn run(config_path: &Path) -> ExitCode {
         Some(_) => {
             // Its own handle: the monitor reports a timeout once per outage, not per call.
             let cli = Arc::new(CephCli::from_config(&cfg.ceph).with_quiet_timeouts());
-            let (mon, rx) =
-                crate::cephmon::CephMonitor::new(cli, store.clone(), node.clone(), primary);
+            let (mon, rx) = crate::reactors::ceph_monitor::CephMonitor::new(
+                cli,
+                store.clone(),
+                node.clone(),
+                primary,
+            );
             mon.spawn(cfg.ceph.interval, tasks.clone());
             keepalive.with_ceph(rx)
         }
@@ -751,7 +738,7 @@ pub async fn run(config_path: &Path) -> ExitCode {
 /// `domains.flush_timeout`; past it the daemon stops anyway and says what stayed.
 async fn flush_before_stop(r: &Running) {
     let node = r.cfg.node_name().to_string();
-    let drain = crate::drain::Drain::new(node.clone(), r.store.clone());
+    let drain = crate::reactors::drain::Drain::new(node.clone(), r.store.clone());
     if let Err(e) = drain
         .advance(
             DomainStateValue::Ready,
@@ -828,7 +815,7 @@ fn spawn_host_resync(r: &Running) {
     let vms = r.vms.clone();
     let nodes = r.nodes.clone();
     let domains = r.domains.clone();
-    let drain = crate::drain::Drain::new(r.cfg.node_name().to_string(), r.store.clone());
+    let drain = crate::reactors::drain::Drain::new(r.cfg.node_name().to_string(), r.store.clone());
     let cancel = r.tasks.clone();
     let interval = r.cfg.keepalive.interval;
     let node = r.cfg.node_name().to_string();

@@ -186,7 +186,7 @@ mod tests {
         let buf = encode(
             "debvisord",
             &Level::WARN,
-            "debvisor_daemon::vmobj",
+            "debvisor_daemon::reactors::domain",
             "vm state changed",
             &pairs(&[
                 ("vm", "web1"),

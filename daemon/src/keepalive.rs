@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::hostinfo;
 use crate::hypervisor::{DomainStats, Libvirt};
-use crate::vmobj::DomainHost;
+use crate::reactors::domain::DomainHost;
 
 /// Outcome of one tick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +50,7 @@ pub struct Keepalive {
     /// Per VM: the stats last written and when.
     stats_written: HashMap<String, (String, Instant)>,
     /// The Ceph monitor's latest node summary (`ceph.enabled`); read, never waited for.
-    ceph: Option<crate::cephmon::CephHealthRx>,
+    ceph: Option<crate::reactors::ceph_monitor::CephHealthRx>,
 }
 
 /// The per-VM `stats` value (counters only: no timestamp, so an idle VM writes nothing).
@@ -126,7 +126,7 @@ impl Keepalive {
 
     /// Report Ceph as the Ceph monitor last saw it (`health.ceph`, and a `problems` line
     /// when it is not `HEALTH_OK`). The tick only reads the channel: it never calls Ceph.
-    pub fn with_ceph(mut self, rx: crate::cephmon::CephHealthRx) -> Keepalive {
+    pub fn with_ceph(mut self, rx: crate::reactors::ceph_monitor::CephHealthRx) -> Keepalive {
         self.ceph = Some(rx);
         self
     }

@@ -1,25 +1,37 @@
 //! `debvisor-daemon`: the per-node daemon of a DebVisor KVM cluster and its CLI.
+//!
+//! The crate is arranged in rooms by role; an arrow may only point down this list's groups
+//! (the CLI and the drivers never import the daemon's life or the reactors):
+//!
+//! - **the daemon's life** — [`daemon`] (runs the stages, the run loop, shutdown),
+//!   [`stages`] (one file per startup stage), [`keepalive`], [`registration`], [`signals`],
+//!   [`notify`], [`journal`], [`logging`];
+//! - **reactors** — [`reactors`]: the host side of each object kind (domain, network, Ceph
+//!   objects, Ceph monitor, drain);
+//! - **the CLI** — [`ctl`]: `debvisorctl`, which talks to etcd only;
+//! - **drivers** — [`hypervisor`] (libvirt), [`ceph`] (ceph/rbd CLI), [`dnsmasq`],
+//!   [`services`] (supervised processes, systemd units), [`hostinfo`] (host facts),
+//!   [`hostnet`] (the node's own networks through `netconf`): they import nothing above;
+//! - **configuration** — [`config`]: `/etc/debvisor/debvisord.yaml`, shared by all.
+
+pub mod config;
 
 pub mod ceph;
-pub mod cephmon;
-pub mod cephobj;
-pub mod config;
-pub mod ctl;
-pub mod ctl_ceph;
-pub mod ctl_network;
-pub mod ctl_vm;
-pub mod daemon;
 pub mod dnsmasq;
-pub mod drain;
 pub mod hostinfo;
 pub mod hostnet;
 pub mod hypervisor;
+pub mod services;
+
+pub mod ctl;
+
+pub mod reactors;
+
+pub mod daemon;
 pub mod journal;
 pub mod keepalive;
 pub mod logging;
-pub mod netobj;
 pub mod notify;
 pub mod registration;
-pub mod services;
 pub mod signals;
-pub mod vmobj;
+pub mod stages;

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::process::Output;
 use std::time::Duration;
 
-use debvisor_daemon::ctl_ceph;
+use debvisor_daemon::ctl::ceph as ctl_ceph;
 use debvisor_objects::ceph::{parse_pool, parse_template, parse_volume, CloneSource};
 use debvisor_objects::KeyEntry;
 use debvisor_tests::CtlCluster as Cluster;

@@ -5,7 +5,7 @@
 use std::process::Output;
 use std::time::Duration;
 
-use debvisor_daemon::ctl_vm;
+use debvisor_daemon::ctl::vm as ctl_vm;
 use debvisor_tests::CtlCluster as Cluster;
 use etcd_client::{Client, PutOptions};
 use serde_json::{json, Value};

@@ -4,10 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use debvisor_daemon::ctl::ceph::{self as ctl_ceph, CephCommand};
+use debvisor_daemon::ctl::network::{self as ctl_network, NetworkCommand};
+use debvisor_daemon::ctl::node::{self as ctl_node, NodeCommand};
+use debvisor_daemon::ctl::vm::{self as ctl_vm, VmCommand};
+use debvisor_daemon::ctl::Failure;
 use debvisor_daemon::ctl::{self, Output};
-use debvisor_daemon::ctl_ceph::{self, CephCommand};
-use debvisor_daemon::ctl_network::{self, NetworkCommand};
-use debvisor_daemon::ctl_vm::{self, Drain, VmCommand, WaitArgs};
 
 /// DebVisor cluster CLI. Reads the same configuration (and DEBVISOR_* overrides) as debvisord.
 #[derive(Parser)]
@@ -51,31 +53,13 @@ enum Command {
     Schema,
 }
 
-#[derive(Subcommand)]
-enum NodeCommand {
-    /// Everything known about one node.
-    Show { name: String },
-    /// Drain a node: its daemon moves its VMs away and reports `flushed`.
-    Flush {
-        name: String,
-        #[command(flatten)]
-        wait: WaitArgs,
-    },
-    /// Undrain a node: its daemon takes its VMs back and reports `ready`.
-    Unflush {
-        name: String,
-        #[command(flatten)]
-        wait: WaitArgs,
-    },
-}
-
 fn fail(msg: &str) -> ExitCode {
     eprintln!("debvisorctl: {msg}");
     ExitCode::from(1)
 }
 
 /// Print a VM/drain command's outcome; on failure its stdout document (if any) and the error.
-fn report(r: Result<String, ctl_vm::Failure>) -> ExitCode {
+fn report(r: Result<String, Failure>) -> ExitCode {
     match r {
         Ok(out) => {
             print!("{out}");
@@ -110,6 +94,7 @@ async fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    // A bad name is refused before any connection is tried.
     if let Command::Node {
         command: NodeCommand::Show { name },
     } = &cli.command
@@ -122,67 +107,16 @@ async fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
-    let json_out = cli.output == Output::Json;
-    let command = match cli.command {
-        Command::Vm { command } => return report(ctl_vm::run(&store, *command, cli.output).await),
-        Command::Ceph { command } => {
-            return report(ctl_ceph::run(&store, *command, cli.output).await)
-        }
-        Command::Node {
-            command: NodeCommand::Flush { name, wait },
-        } => return report(ctl_vm::node_drain(&store, &name, Drain::Flush, &wait, json_out).await),
-        Command::Node {
-            command: NodeCommand::Unflush { name, wait },
-        } => {
-            return report(ctl_vm::node_drain(&store, &name, Drain::Unflush, &wait, json_out).await)
-        }
-        other => other,
-    };
-    let command = match command {
-        Command::Network { command } => {
-            return match ctl_network::run(&store, *command, cli.output).await {
-                Ok(out) => {
-                    print!("{out}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(&e),
-            };
-        }
-        other => other,
-    };
-    let rows = match ctl::nodes(&store).await {
-        Ok(r) => r,
-        Err(e) => return fail(&e),
-    };
-    match command {
-        Command::Status => match cli.output {
-            Output::Json => {
-                let arr: Vec<serde_json::Value> = rows.iter().map(ctl::node_json).collect();
-                println!("{}", serde_json::Value::Array(arr));
-            }
-            Output::Table => print!("{}", ctl::status_table(&rows)),
-        },
-        Command::Node {
-            command: NodeCommand::Show { name },
-        } => {
-            let Some(row) = rows.iter().find(|r| r.name == name) else {
-                return fail(&format!(
-                    "node {name:?} not found under {}/nodes/",
-                    cfg.store.prefix
-                ));
-            };
-            match cli.output {
-                Output::Json => println!("{}", ctl::node_json(row)),
-                Output::Table => print!("{}", ctl::node_text(row)),
-            }
-        }
-        Command::Schema
-        | Command::Network { .. }
-        | Command::Vm { .. }
-        | Command::Ceph { .. }
-        | Command::Node {
-            command: NodeCommand::Flush { .. } | NodeCommand::Unflush { .. },
-        } => {}
+    match cli.command {
+        Command::Status => report(ctl_node::status(&store, cli.output).await),
+        Command::Node { command } => report(ctl_node::run(&store, command, cli.output).await),
+        Command::Vm { command } => report(ctl_vm::run(&store, *command, cli.output).await),
+        Command::Ceph { command } => report(ctl_ceph::run(&store, *command, cli.output).await),
+        Command::Network { command } => report(
+            ctl_network::run(&store, *command, cli.output)
+                .await
+                .map_err(Failure::from),
+        ),
+        Command::Schema => ExitCode::SUCCESS,
     }
-    ExitCode::SUCCESS
 }

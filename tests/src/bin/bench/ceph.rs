@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use debvisor_daemon::ceph::{collect_state, CephCli};
-use debvisor_daemon::cephmon::{StateWriter, WriteStats, MAX_TXN_OPS};
+use debvisor_daemon::reactors::ceph_monitor::{StateWriter, WriteStats, MAX_TXN_OPS};
 use debvisor_objects::{Store, StoreOptions};
 use debvisor_tests::etcd::store_options;
 use debvisor_tests::{CephCluster, EtcdProcess};

@@ -16,7 +16,6 @@
 //! created under `vms/` since the read"; etcd has no unique index, so the guard is coarse
 //! and a busy cluster can make a define retry (three times) before it commits.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,17 +24,18 @@ use debvisor_objects::domain::{
     parse_vm, valid_uuid, vm_key, xml_identity, DesiredState, Metadata, MigrationMethod,
     NodeSelector, Vm, VmField, VMS_PREFIX,
 };
-use debvisor_objects::node::{parse_node, DomainState, NodeRecord};
+use debvisor_objects::node::NodeRecord;
 use debvisor_objects::placement;
-use debvisor_objects::schema::{self, NodeField};
+use debvisor_objects::schema;
 use debvisor_objects::{KeyEntry, ObjectError, Store, TxnBuilder};
-use etcd_client::{Compare, CompareOp, DeleteOptions, EventType, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp};
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::ctl::wait::{follow, humantime, Failure, Followed, WaitArgs};
 use crate::ctl::{self, Output};
-use crate::ctl::{json_or_string, str_of};
+use crate::ctl::{json_or_string, str_of, Keys};
 
 // ---------------------------------------------------------------------------------------
 // Command line
@@ -87,26 +87,6 @@ impl From<SelectorArg> for NodeSelector {
             SelectorArg::Vms => NodeSelector::Vms,
         }
     }
-}
-
-/// Parse a duration like `90s`, `3m`, `500ms`, `1h` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = crate::config::parse_duration(s)?;
-    if d.is_zero() {
-        return Err(format!("{s:?}: a timeout must be positive"));
-    }
-    Ok(d)
-}
-
-/// `--wait` and `--timeout`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct WaitArgs {
-    /// Block until the node reports the outcome (exit 1 on failure or timeout).
-    #[arg(long)]
-    pub wait: bool,
-    /// How long --wait waits, e.g. 90s, 3m.
-    #[arg(long, value_parser = parse_duration, default_value = "180s", value_name = "DURATION")]
-    pub timeout: Duration,
 }
 
 /// `vm define`.
@@ -207,35 +187,6 @@ pub enum VmCommand {
     },
 }
 
-/// Which drain request `node flush|unflush` writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Drain {
-    /// Move every VM off the node (`flush` → `flushed`).
-    Flush,
-    /// Take the VMs back (`unflush` → `ready`).
-    Unflush,
-}
-
-/// A failed command: the message for stderr, and for `--output json` a document for stdout
-/// (the current status when a wait failed).
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{message}")]
-pub struct Failure {
-    /// What went wrong.
-    pub message: String,
-    /// What to print on stdout anyway.
-    pub stdout: Option<String>,
-}
-
-impl From<String> for Failure {
-    fn from(message: String) -> Self {
-        Failure {
-            message,
-            stdout: None,
-        }
-    }
-}
-
 /// Run one `vm` command; returns what to print on stdout.
 pub async fn run(store: &Store, cmd: VmCommand, output: Output) -> Result<String, Failure> {
     let json_out = output == Output::Json;
@@ -321,9 +272,6 @@ pub async fn run(store: &Store, cmd: VmCommand, output: Output) -> Result<String
 // ---------------------------------------------------------------------------------------
 // Reading
 // ---------------------------------------------------------------------------------------
-
-/// Keys of one object, relative to its prefix (`vms/<uuid>/`, `nodes/<node>/`).
-pub type Keys = BTreeMap<String, KeyEntry>;
 
 /// One VM as the CLI sees it: its raw keys, parsed or why not, and its name when the XML
 /// at least declares one.
@@ -1277,99 +1225,6 @@ async fn wait_vm(
     }
 }
 
-fn humantime(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
-}
-
-/// How following an object ended.
-pub(crate) enum Followed<T> {
-    /// The check returned a verdict; with the keys it saw.
-    Done(T, Keys),
-    /// The deadline passed; with the last keys seen.
-    TimedOut(Keys),
-}
-
-/// Follow the keys under `prefix` (relative names) with a watch, calling `check` on every
-/// change until it returns a verdict or `timeout` passes. The watch starts right after a
-/// list, so nothing between the two is missed; it is re-established (with a fresh list)
-/// when it breaks, and a relist every few seconds covers a silently stalled stream.
-pub(crate) async fn follow<T>(
-    store: &Store,
-    prefix: &str,
-    timeout: Duration,
-    mut check: impl FnMut(&Keys) -> Option<T>,
-) -> Result<Followed<T>, String> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let relist_every = Duration::from_secs(5);
-    let mut keys = Keys::new();
-    loop {
-        let (kvs, rev) = match tokio::time::timeout_at(deadline, store.list(prefix)).await {
-            Ok(r) => r.map_err(|e| e.to_string())?,
-            Err(_) => return Ok(Followed::TimedOut(keys)),
-        };
-        keys = kvs
-            .into_iter()
-            .filter_map(|kv| {
-                let sub = kv.key.strip_prefix(prefix)?.to_string();
-                Some((sub, KeyEntry::from(kv)))
-            })
-            .collect();
-        if let Some(v) = check(&keys) {
-            return Ok(Followed::Done(v, keys));
-        }
-        let mut stream = match tokio::time::timeout_at(deadline, store.watch(prefix, rev + 1)).await
-        {
-            Ok(Ok(s)) => Some(s),
-            Ok(Err(_)) => None,
-            Err(_) => return Ok(Followed::TimedOut(keys)),
-        };
-        let relist_at = (tokio::time::Instant::now() + relist_every).min(deadline);
-        while let Some(s) = stream.as_mut() {
-            let msg = match tokio::time::timeout_at(relist_at, s.message()).await {
-                Ok(Ok(Some(m))) => m,
-                // Broken or ended stream, or time for a relist.
-                _ => break,
-            };
-            if msg.canceled() {
-                break;
-            }
-            for ev in msg.events() {
-                let Some(kv) = ev.kv().and_then(|kv| store.convert(kv)) else {
-                    continue;
-                };
-                let Some(sub) = kv.key.strip_prefix(prefix) else {
-                    continue;
-                };
-                match ev.event_type() {
-                    EventType::Put => {
-                        let sub = sub.to_string();
-                        keys.insert(sub, KeyEntry::from(kv));
-                    }
-                    EventType::Delete => {
-                        keys.remove(sub);
-                    }
-                }
-            }
-            if let Some(v) = check(&keys) {
-                return Ok(Followed::Done(v, keys));
-            }
-        }
-        if stream.is_none() {
-            tokio::time::sleep_until(
-                (tokio::time::Instant::now() + Duration::from_millis(200)).min(deadline),
-            )
-            .await;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Ok(Followed::TimedOut(keys));
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Migration
 // ---------------------------------------------------------------------------------------
@@ -1577,127 +1432,6 @@ async fn unmigrate(
     finish(store, row, rev, goal, wait, json_out, requested, what).await
 }
 
-// ---------------------------------------------------------------------------------------
-// Node drain
-// ---------------------------------------------------------------------------------------
-
-/// `node flush|unflush NAME`: request the drain state change on a live node and optionally
-/// wait for the node to complete it.
-pub async fn node_drain(
-    store: &Store,
-    name: &str,
-    drain: Drain,
-    wait: &WaitArgs,
-    json_out: bool,
-) -> Result<String, Failure> {
-    ctl::check_node_name(name)?;
-    let prefix = schema::node_prefix(name);
-    let (kvs, _) = store.list(&prefix).await.map_err(|e| e.to_string())?;
-    let keys: Keys = debvisor_objects::reactor::group_keys(schema::NODES_PREFIX, kvs, |_| true)
-        .remove(name)
-        .unwrap_or_default();
-    if keys.is_empty() {
-        return Err(format!("node {name:?} not found under {}/{prefix}", store.prefix()).into());
-    }
-    let rec = parse_node(name, &keys).map_err(|e| format!("node {name} is invalid: {e}"))?;
-    if !rec.alive {
-        return Err(format!(
-            "node {name} is not alive (no {}): nobody would carry out the request",
-            schema::node_key(name, NodeField::Alive)
-        )
-        .into());
-    }
-    let (request, goal) = match drain {
-        Drain::Flush => (DomainState::Flush, DomainState::Flushed),
-        Drain::Unflush => (DomainState::Unflush, DomainState::Ready),
-    };
-    let cur = rec.domain_state;
-    if cur == Some(DomainState::FenceFlush) {
-        return Err(format!("node {name} is being fence-flushed; nothing to request").into());
-    }
-    let already = cur == Some(goal) || (goal == DomainState::Ready && cur.is_none());
-    let mut rev = 0;
-    let mut wrote = false;
-    if !already && cur != Some(request) {
-        let ds_key = schema::node_key(name, NodeField::DomainState);
-        let alive_key = schema::node_key(name, NodeField::Alive);
-        let rev_of = |k: &str| keys.get(k).map_or(0, |e| e.mod_revision);
-        let t = TxnBuilder::new()
-            .mod_revision_is(&ds_key, rev_of(NodeField::DomainState.suffix()))
-            .mod_revision_is(&alive_key, rev_of(NodeField::Alive.suffix()))
-            .put(&ds_key, request.as_str());
-        let r = store.txn(t).await.map_err(|e| e.to_string())?;
-        if !r.succeeded() {
-            return Err(format!(
-                "node {name}: its domain_state or liveness changed while this command ran; nothing written; run it again"
-            )
-            .into());
-        }
-        rev = r.header().map_or(0, |h| h.revision());
-        wrote = true;
-    }
-    let mut v = json!({
-        "node": name,
-        "requested": request.as_str(),
-        "written": wrote,
-        "domain_state": if wrote { request.as_str() } else { cur.map_or("ready", |s| s.as_str()) },
-        "revision": rev,
-    });
-    if !wait.wait || already {
-        let text = if already {
-            format!("node {name} is already {goal}\n")
-        } else if wrote {
-            format!("node {name}: domain_state {request} requested\n")
-        } else {
-            format!("node {name}: {request} already in progress\n")
-        };
-        return Ok(if json_out { format!("{v}\n") } else { text });
-    }
-    let r = follow(store, &prefix, wait.timeout, |keys| {
-        let Ok(n) = parse_node(name, keys) else {
-            return None;
-        };
-        if !n.alive {
-            return Some(Err(format!("node {name} lost its lease while draining")));
-        }
-        (n.domain_state == Some(goal)).then_some(Ok(()))
-    })
-    .await?;
-    let ds = |keys: &Keys| {
-        keys.get(NodeField::DomainState.suffix())
-            .map(|e| String::from_utf8_lossy(&e.value).trim().to_string())
-            .unwrap_or_else(|| "-".into())
-    };
-    match r {
-        Followed::Done(Ok(()), _) => {
-            v["domain_state"] = Value::from(goal.as_str());
-            Ok(if json_out {
-                format!("{v}\n")
-            } else {
-                format!("node {name} {goal}\n")
-            })
-        }
-        Followed::Done(Err(m), keys) => {
-            v["domain_state"] = Value::from(ds(&keys));
-            Err(Failure {
-                message: m,
-                stdout: json_out.then(|| format!("{v}\n")),
-            })
-        }
-        Followed::TimedOut(keys) => {
-            v["domain_state"] = Value::from(ds(&keys));
-            Err(Failure {
-                message: format!(
-                    "timed out after {} waiting for node {name} to be {goal}; domain_state is {}",
-                    humantime(wait.timeout),
-                    ds(&keys)
-                ),
-                stdout: json_out.then(|| format!("{v}\n")),
-            })
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1723,18 +1457,6 @@ mod tests {
                 )
             })
             .collect()
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("3m"), Ok(Duration::from_secs(180)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        for bad in ["", "s", "0s", "1.5s", "10d", "-1s"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp};
 use serde_json::{json, Map, Value};
 
 use crate::ctl::Output;
-use crate::ctl::{json_or_string, str_of};
+use crate::ctl::{json_or_string, str_of, Keys};
 
 // ---------------------------------------------------------------------------------------
 // Command line
@@ -410,8 +410,6 @@ fn sub_key(vni: u32, full: &str) -> String {
     let p = net_prefix(vni);
     full.strip_prefix(p.as_str()).unwrap_or(full).to_string()
 }
-
-type Keys = BTreeMap<String, KeyEntry>;
 
 /// Group keys under `networks/` by network id; sub-keys are relative to `networks/<id>/`.
 fn group(kvs: Vec<Kv>) -> BTreeMap<String, Keys> {

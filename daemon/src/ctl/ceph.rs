@@ -32,9 +32,10 @@ use debvisor_objects::{KeyEntry, Kv, ObjectError, Store, TxnBuilder};
 use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
 
+use crate::ctl::wait::{parse_duration, Failure, Followed};
+use crate::ctl::Keys;
 use crate::ctl::{self, Output};
 use crate::ctl::{json_or_string, str_of};
-use crate::ctl_vm::{parse_duration, Failure, Followed};
 
 // ---------------------------------------------------------------------------------------
 // Command line
@@ -454,8 +455,6 @@ fn invalid(e: &ObjectError, flag: impl Fn(&str) -> Option<&'static str>) -> Stri
 // ---------------------------------------------------------------------------------------
 // Reading
 // ---------------------------------------------------------------------------------------
-
-type Keys = BTreeMap<String, KeyEntry>;
 
 async fn list(store: &Store, prefix: &str) -> Result<Vec<Kv>, String> {
     store
@@ -1730,7 +1729,7 @@ async fn finish(
         });
     };
     let rev = w.revision;
-    let r = crate::ctl_vm::follow(store, &goal.prefix, wait.timeout, |keys| {
+    let r = crate::ctl::wait::follow(store, &goal.prefix, wait.timeout, |keys| {
         goal.verdict(keys, rev)
     })
     .await?;

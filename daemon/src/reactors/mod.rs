@@ -1,0 +1,15 @@
+//! Reactors: the host side of each object kind. Each one executes the pure plans of
+//! `debvisor_objects` against the host through the drivers (libvirt, rtnetlink, nft, Ceph,
+//! dnsmasq) and reports back into the keys its node owns.
+//!
+//! - [`domain`]: VMs on this node (lock, start/stop, migration, crash restarts, stats);
+//! - [`network`]: client networks (bridges, VXLAN, gateways, dnsmasq, firewall chains);
+//! - [`ceph_objects`]: Ceph pools, volumes and snapshots (primary only);
+//! - [`ceph_monitor`]: Ceph health and observed state on its own timer;
+//! - [`drain`]: the node's `domain_state` flush/unflush.
+
+pub mod ceph_monitor;
+pub mod ceph_objects;
+pub mod domain;
+pub mod drain;
+pub mod network;

@@ -1,0 +1,1 @@
+//! The startup stages, one file each (filled in by the next step).
