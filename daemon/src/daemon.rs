@@ -1,203 +1,32 @@
-//! The daemon's life: staged startup, the run loop (keepalive tick, lease watch, signals)
-//! and the graceful shutdown.
-//!
-//! Stages run in the fixed order of [`Stage::ALL`]; each is logged with its name, outcome
-//! and duration and reported as sd_notify `STATUS=`. No stage sleeps for a fixed time.
+//! The daemon's life: runs the startup stages in order (see [`crate::stages`]), then the run
+//! loop (keepalive tick, lease watch, signals) and the graceful shutdown.
 
-use std::path::Path;
+use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use debvisor_objects::domain::VmKind;
+use debvisor_netconf::Netlink;
 use debvisor_objects::lease::{self, LeaseState};
-use debvisor_objects::node::{
-    DaemonState, DomainState as DomainStateValue, NodeInfo, NodeKind, NodeReconciler,
-};
-use debvisor_objects::{Reactor, ReactorOptions, Store};
+use debvisor_objects::node::{DaemonState, DomainState as DomainStateValue, NodeInfo};
+use debvisor_objects::Store;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::ceph::CephCli;
-use crate::config::{Config, NodeMode, OnShutdown, ServiceBackend};
+use crate::config::{Config, NodeMode, OnShutdown};
 use crate::hypervisor::Libvirt;
 use crate::keepalive::{Keepalive, TickOutcome};
-use crate::reactors::ceph_objects::{CephObjects, CephReactors};
-use crate::reactors::domain::{DomainHost, DomainReconciler};
-use crate::reactors::network::{FirewallSync, NetworkHost, NetworkReconciler};
+use crate::reactors::network::FirewallSync;
 use crate::registration::{self, LocalState, RegisterError};
-use crate::services::{ProcessSpec, Supervised};
-use crate::signals::{self, Signal};
+use crate::services::Supervised;
+use crate::signals::Signal;
+use crate::stages::objects::{self, Objects};
+use crate::stages::self_registration::Registered;
+use crate::stages::{self, Outcome, Stage, StageClock, StageResult};
 use crate::{logging, notify};
-use debvisor_firewall::Nft;
-use debvisor_netconf::Netlink;
-use debvisor_objects::network::NetworkKind;
-use std::path::PathBuf;
-
-/// The startup stages, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    Config,
-    Directories,
-    Logging,
-    HostNetworking,
-    Sysctl,
-    CoordinatorServices,
-    StoreConnection,
-    TerminationHandling,
-    SelfRegistration,
-    HypervisorCheck,
-    Firewall,
-    Objects,
-    Keepalive,
-}
-
-impl Stage {
-    /// Every stage in startup order.
-    pub const ALL: [Stage; 13] = [
-        Stage::Config,
-        Stage::Directories,
-        Stage::Logging,
-        Stage::HostNetworking,
-        Stage::Sysctl,
-        Stage::CoordinatorServices,
-        Stage::StoreConnection,
-        Stage::TerminationHandling,
-        Stage::SelfRegistration,
-        Stage::HypervisorCheck,
-        Stage::Firewall,
-        Stage::Objects,
-        Stage::Keepalive,
-    ];
-
-    /// The `stage=` field value.
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Config => "config",
-            Stage::Directories => "directories",
-            Stage::Logging => "logging",
-            Stage::HostNetworking => "host-networking",
-            Stage::Sysctl => "sysctl",
-            Stage::CoordinatorServices => "coordinator-services",
-            Stage::StoreConnection => "store-connection",
-            Stage::TerminationHandling => "termination-handling",
-            Stage::SelfRegistration => "self-registration",
-            Stage::HypervisorCheck => "hypervisor-check",
-            Stage::Firewall => "firewall",
-            Stage::Objects => "objects",
-            Stage::Keepalive => "keepalive",
-        }
-    }
-}
-
-/// Log a finished stage and report it to systemd.
-fn stage_done(node: &str, stage: Stage, started: Instant, outcome: &str, detail: &str) {
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    info!(node = %node, stage = stage.name(), outcome, duration_ms = format!("{ms:.1}"), detail, "stage complete");
-    notify::status(&format!("stage {}: {outcome}", stage.name()));
-}
-
-fn stage_failed(node: &str, stage: Stage, started: Instant, err: &str) -> ExitCode {
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    error!(node = %node, stage = stage.name(), outcome = "failed", duration_ms = format!("{ms:.1}"), error = %err, "stage failed; exiting");
-    notify::status(&format!("stage {} failed: {err}", stage.name()));
-    ExitCode::from(1)
-}
-
-/// Connect and probe with backoff until `deadline`; each attempt is logged.
-pub async fn connect_store(cfg: &Config, deadline: Duration) -> Result<Store, String> {
-    let opts = cfg.store_options();
-    let until = Instant::now() + deadline;
-    let mut attempt: u32 = 0;
-    loop {
-        attempt += 1;
-        let res = match Store::connect(&opts).await {
-            Ok(store) => store.probe().await.map(|rev| (store, rev)),
-            Err(e) => Err(e),
-        };
-        let err = match res {
-            Ok((store, rev)) => {
-                info!(node = %cfg.node_name(), stage = Stage::StoreConnection.name(), attempt, revision = rev,
-                    endpoints = %opts.endpoints.join(","), "store answered");
-                return Ok(store);
-            }
-            Err(e) => e,
-        };
-        // A bad local file (TLS key, password) will not fix itself.
-        if matches!(err, debvisor_objects::StoreError::File { .. }) {
-            return Err(err.to_string());
-        }
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!(
-                "no etcd answered at {} within {:?} ({attempt} attempts); last error: {err}",
-                opts.endpoints.join(","),
-                deadline
-            ));
-        }
-        let wait = debvisor_objects::reactor::backoff(
-            Duration::from_millis(250),
-            Duration::from_secs(5),
-            attempt,
-        )
-        .min(left);
-        warn!(node = %cfg.node_name(), stage = Stage::StoreConnection.name(), attempt, error = %err,
-            retry_in_ms = wait.as_millis() as u64, endpoints = %opts.endpoints.join(","), "store not reachable yet; retrying");
-        tokio::time::sleep(wait).await;
-    }
-}
-
-fn embedded_etcd_spec(cfg: &Config) -> ProcessSpec {
-    let e = &cfg.store.embedded;
-    let node = cfg.node_name();
-    let client = format!("http://127.0.0.1:{}", e.client_port);
-    let peer = format!("http://127.0.0.1:{}", e.peer_port);
-    ProcessSpec {
-        name: "etcd".into(),
-        program: e.binary.clone(),
-        args: vec![
-            "--name".into(),
-            node.into(),
-            "--data-dir".into(),
-            cfg.embedded_data_dir().display().to_string(),
-            "--listen-client-urls".into(),
-            client.clone(),
-            "--advertise-client-urls".into(),
-            client,
-            "--listen-peer-urls".into(),
-            peer.clone(),
-            "--initial-advertise-peer-urls".into(),
-            peer.clone(),
-            "--initial-cluster".into(),
-            format!("{node}={peer}"),
-            "--log-level".into(),
-            "warn".into(),
-        ],
-        log_file: cfg.paths.state_dir.join("etcd.log"),
-        pid_file: cfg.paths.run_dir.join("etcd.pid"),
-    }
-}
-
-fn base_info(cfg: &Config, node_id: &str) -> NodeInfo {
-    let mut info = crate::keepalive::refresh_info(&NodeInfo::default(), None);
-    info.version = env!("CARGO_PKG_VERSION").to_string();
-    info.fqdn = cfg.node.fqdn.clone();
-    info.rack = cfg.node.rack.clone();
-    info.node_id = node_id.to_string();
-    info.libvirt_uri = Some(cfg.hypervisor.published_uri().to_string());
-    info
-}
-
-/// Whether coordinator units (etcd, Ceph) are started through systemd (`services.backend`).
-fn units_by_systemd(cfg: &Config) -> bool {
-    match cfg.services.backend {
-        ServiceBackend::Systemd => true,
-        ServiceBackend::Process => false,
-        ServiceBackend::Auto => crate::services::systemd_is_pid1(),
-    }
-}
 
 /// Everything the run loop and the shutdown need.
 struct Running {
@@ -208,530 +37,202 @@ struct Running {
     lease: Arc<AtomicI64>,
     lease_state: watch::Receiver<LeaseState>,
     lease_cancel: CancellationToken,
-    nodes: Arc<Reactor<NodeKind>>,
-    networks: Arc<Reactor<NetworkKind>>,
-    vms: Arc<Reactor<VmKind>>,
-    domains: Arc<DomainHost>,
-    net_host: Arc<NetworkHost>,
+    objects: Objects,
     netlink: Arc<Netlink>,
     primary: bool,
-    /// Taken by the run loop, which moves it into the ticker task.
-    keepalive: Option<Keepalive>,
-    /// Cancels the ticker task at shutdown.
-    tasks: CancellationToken,
     libvirt: Libvirt,
-    /// The Ceph driver when `ceph.enabled` (the Ceph objects, the collector and the Domain
-    /// object's RBD lock hygiene share it).
-    ceph: Option<Arc<CephCli>>,
-    /// The pool and volume reactors when `ceph` is `Some`.
-    ceph_objects: Option<CephReactors>,
     services: Vec<Supervised>,
     log: logging::LogHandle,
-    config_path: std::path::PathBuf,
+    config_path: PathBuf,
     info: NodeInfo,
+}
+
+/// Runs the stages after logging: times each, logs and reports it, and on a failure stops
+/// the services started so far and gives the exit code.
+struct Startup {
+    node: String,
+    services: Vec<Supervised>,
+}
+
+impl Startup {
+    /// Run one stage; its value on success, the exit code on failure.
+    async fn stage<T>(
+        &self,
+        stage: Stage,
+        work: impl Future<Output = StageResult<T>>,
+    ) -> Result<T, ExitCode> {
+        let clock = StageClock::start(stage);
+        match work.await {
+            Ok(done) => {
+                clock.done(&self.node, done.outcome, &done.detail);
+                Ok(done.value)
+            }
+            Err(e) => {
+                stages::coordinator_services::stop(&self.services).await;
+                Err(clock.failed(&self.node, &e))
+            }
+        }
+    }
 }
 
 /// Run the daemon with the config at `config_path`; returns the process exit code.
 pub async fn run(config_path: &Path) -> ExitCode {
-    // Stage 1-2 happen before logging exists: time them and log them once it does.
-    let t_config = Instant::now();
-    let env: Vec<(String, String)> = std::env::vars().collect();
-    let cfg = match crate::config::load(config_path, &env) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!(
-                "debvisord: stage config failed: {}: {e}",
-                config_path.display()
-            );
-            return ExitCode::from(2);
-        }
+    let booted = match start(config_path).await {
+        Ok(b) => b,
+        Err(code) => return code,
     };
-    let d_config = t_config.elapsed();
-    let t_dirs = Instant::now();
-    let mut dir_err = None;
-    for d in [&cfg.paths.state_dir, &cfg.paths.run_dir] {
-        if let Err(e) = std::fs::create_dir_all(d) {
-            dir_err = Some(format!("{}: {e}", d.display()));
-        }
+    match start_objects(booted).await {
+        Ok((r, signals, keepalive)) => run_loop(r, signals, keepalive).await,
+        Err(code) => code,
     }
-    let d_dirs = t_dirs.elapsed();
+}
 
-    let t = Instant::now();
-    let log = match logging::init(&cfg.logging) {
-        Ok(h) => h,
-        Err(e) => {
-            eprintln!("debvisord: stage logging failed: {e}");
-            return ExitCode::from(2);
-        }
+/// What the stages up to the firewall hand to the objects stage.
+struct Booted {
+    cfg: Config,
+    log: logging::LogHandle,
+    config_path: PathBuf,
+    primary: bool,
+    netlink: Arc<Netlink>,
+    services: Vec<Supervised>,
+    store: Store,
+    signals: mpsc::UnboundedReceiver<Signal>,
+    reg: Registered,
+    libvirt: Libvirt,
+    info: NodeInfo,
+    firewall: Option<FirewallSync>,
+}
+
+/// The stages from config to firewall, in order; the exit code of the first that fails.
+async fn start(config_path: &Path) -> Result<Booted, ExitCode> {
+    use stages::*;
+    let (cfg, log) = before_logging(config_path)?;
+    let mut s = Startup {
+        node: cfg.node_name().to_string(),
+        services: Vec::new(),
     };
-    let node = cfg.node_name().to_string();
-    info!(node = %node, version = env!("CARGO_PKG_VERSION"), config = %config_path.display(), pid = std::process::id(), "debvisord starting");
-    info!(node = %node, stage = Stage::Config.name(), outcome = "ok", duration_ms = format!("{:.1}", d_config.as_secs_f64() * 1000.0),
-        detail = format!("mode={} endpoints={}", cfg.node.mode.as_str(), cfg.store.endpoints.join(",")), "stage complete");
-    if let Some(e) = dir_err {
-        return stage_failed(&node, Stage::Directories, t_dirs, &e);
-    }
-    info!(node = %node, stage = Stage::Directories.name(), outcome = "ok", duration_ms = format!("{:.1}", d_dirs.as_secs_f64() * 1000.0),
-        detail = format!("state={} run={}", cfg.paths.state_dir.display(), cfg.paths.run_dir.display()), "stage complete");
-    stage_done(
-        &node,
-        Stage::Logging,
-        t,
-        "ok",
-        &format!("target={} level={}", log.target, cfg.logging.level),
-    );
-
-    // Host networking: cluster/storage/upstream through rtnetlink, floating addresses on the
-    // primary (a standalone node always is one; the election decides in a cluster).
-    let t = Instant::now();
+    // A standalone node is always the primary; the election decides in a cluster.
     let primary = cfg.node.mode == NodeMode::Standalone;
-    let netlink = match Netlink::current() {
-        Ok(n) => Arc::new(n),
-        Err(e) => return stage_failed(&node, Stage::HostNetworking, t, &e.to_string()),
-    };
-    match crate::hostnet::ensure_host(&*netlink, &cfg.networking, primary).await {
-        Ok(changes) => stage_done(
-            &node,
-            Stage::HostNetworking,
-            t,
-            "ok",
-            &format!(
-                "{}; {} changes",
-                crate::hostnet::describe(&cfg.networking),
-                changes.len()
-            ),
-        ),
-        Err(e) => return stage_failed(&node, Stage::HostNetworking, t, &e.to_string()),
-    }
-
-    let t = Instant::now();
-    if cfg.networking.sysctl.apply {
-        let wanted = debvisor_netconf::sysctl::plan(&cfg.networking.sysctl);
-        match debvisor_netconf::sysctl::apply(Path::new("/proc/sys"), &wanted) {
-            Ok(changes) => {
-                for c in &changes {
-                    info!(node = %node, stage = Stage::Sysctl.name(), key = %c.key, before = %c.before, after = %c.after, "sysctl changed");
-                }
-                stage_done(
-                    &node,
-                    Stage::Sysctl,
-                    t,
-                    "ok",
-                    &format!("{} keys verified, {} changed", wanted.len(), changes.len()),
-                );
-            }
-            Err(e) => return stage_failed(&node, Stage::Sysctl, t, &e.to_string()),
-        }
-    } else {
-        stage_done(
-            &node,
-            Stage::Sysctl,
-            t,
-            "skipped",
-            "networking.sysctl.apply is false",
-        );
-    }
-
-    let t = Instant::now();
-    let mut services = Vec::new();
-    let mut svc_detail = Vec::new();
-    if cfg.node.mode == NodeMode::Standalone && cfg.store.embedded.enabled {
-        if let Err(e) = std::fs::create_dir_all(cfg.embedded_data_dir()) {
-            return stage_failed(
-                &node,
-                Stage::CoordinatorServices,
-                t,
-                &format!("{}: {e}", cfg.embedded_data_dir().display()),
-            );
-        }
-        match Supervised::start(embedded_etcd_spec(&cfg)).await {
-            Ok(s) => {
-                svc_detail.push(format!(
-                    "embedded etcd pid {} on 127.0.0.1:{}",
-                    s.pid().unwrap_or(0),
-                    cfg.store.embedded.client_port
-                ));
-                services.push(s);
-            }
-            Err(e) => return stage_failed(&node, Stage::CoordinatorServices, t, &e.to_string()),
-        }
-    }
-    if cfg.is_coordinator() && !cfg.services.coordinator_units.is_empty() {
-        if units_by_systemd(&cfg) {
-            for unit in &cfg.services.coordinator_units {
-                if let Err(e) =
-                    crate::services::systemctl("start", unit, Duration::from_secs(90)).await
-                {
-                    return stage_failed(&node, Stage::CoordinatorServices, t, &e.to_string());
-                }
-                svc_detail.push(format!("{unit} started"));
-            }
-        } else {
-            warn!(node = %node, stage = Stage::CoordinatorServices.name(), units = ?cfg.services.coordinator_units,
-                "coordinator units configured but systemd is not PID 1; not started");
-        }
-    }
-    let ceph_units = cfg.ceph_coordinator_units();
-    // A Ceph unit that failed makes the stage `degraded` (found by `OUTCOME=degraded`).
-    let mut ceph_unit_failed = false;
-    if cfg.is_coordinator() && cfg.ceph.enabled && !ceph_units.is_empty() {
-        if units_by_systemd(&cfg) {
-            // A Ceph unit that does not start costs storage, not the node: VMs still run.
-            for unit in &ceph_units {
-                match crate::services::systemctl("start", unit, Duration::from_secs(90)).await {
-                    Ok(()) => svc_detail.push(format!("{unit} started")),
-                    Err(e) => {
-                        warn!(node = %node, stage = Stage::CoordinatorServices.name(), unit = %unit, error = %e,
-                            "ceph unit did not start; continuing without it");
-                        svc_detail.push(format!("{unit} failed to start (warning: {e})"));
-                        ceph_unit_failed = true;
-                    }
-                }
-            }
-        } else {
-            svc_detail.push("ceph units not started: systemd is not PID 1".into());
-        }
-    }
-    let svc_outcome = if svc_detail.is_empty() {
-        "skipped"
-    } else if ceph_unit_failed {
-        "degraded"
-    } else {
-        "ok"
-    };
-    let svc_detail = if svc_detail.is_empty() {
-        "no coordinator services for this node".to_string()
-    } else {
-        svc_detail.join(", ")
-    };
-    stage_done(
-        &node,
-        Stage::CoordinatorServices,
-        t,
-        svc_outcome,
-        &svc_detail,
-    );
-
-    let t = Instant::now();
-    let store = match connect_store(&cfg, cfg.store.startup_deadline).await {
-        Ok(s) => s,
-        Err(e) => {
-            stop_services(&services).await;
-            return stage_failed(&node, Stage::StoreConnection, t, &e);
-        }
-    };
-    stage_done(
-        &node,
-        Stage::StoreConnection,
-        t,
-        "ok",
-        &cfg.store.endpoints.join(","),
-    );
-
-    let t = Instant::now();
-    let signals = match signals::install() {
-        Ok(rx) => rx,
-        Err(e) => return stage_failed(&node, Stage::TerminationHandling, t, &e.to_string()),
-    };
-    stage_done(
-        &node,
-        Stage::TerminationHandling,
-        t,
-        "ok",
-        "SIGTERM/SIGINT: graceful shutdown; SIGHUP: reload log level",
-    );
-
-    let t = Instant::now();
-    let local = LocalState::new(&cfg.paths.state_dir);
-    let node_id = match local.node_id() {
-        Ok(id) => id,
-        Err(e) => return stage_failed(&node, Stage::SelfRegistration, t, &e.to_string()),
-    };
-    let info = base_info(&cfg, &node_id);
-    let data = registration::data(
-        &cfg,
-        info.clone(),
-        DaemonState::Init,
-        &node_id,
-        &crate::hostinfo::now_rfc3339(),
-    );
-    let lease_id = match registration::register(&store, &local, &data).await {
-        Ok(l) => l,
-        Err(e) => {
-            stop_services(&services).await;
-            return stage_failed(&node, Stage::SelfRegistration, t, &e.to_string());
-        }
-    };
-    info!(node = %node, from = "stop", to = "init", reason = "registered", "daemon_state changed");
-    let lease_cancel = CancellationToken::new();
-    let lease_state = lease::spawn_keeper(
-        store.clone(),
-        node.clone(),
-        lease_id,
-        cfg.keepalive.lease_ttl,
-        lease_cancel.clone(),
-    );
-    stage_done(
-        &node,
-        Stage::SelfRegistration,
-        t,
-        "ok",
-        &format!(
-            "lease {lease_id:x} ttl {:?}, node_id {node_id}",
-            cfg.keepalive.lease_ttl
-        ),
-    );
-
-    let t = Instant::now();
-    let libvirt = Libvirt::new(&cfg.hypervisor.uri, cfg.hypervisor.timeout)
-        .with_validation(cfg.hypervisor.validate_xml);
-    let registered_info = info.clone();
-    let info = match libvirt.probe().await {
-        Ok(p) => {
-            stage_done(
-                &node,
-                Stage::HypervisorCheck,
-                t,
-                "ok",
-                &format!(
-                    "{} libvirt {} ({} running, {} defined)",
-                    cfg.hypervisor.uri, p.version, p.running, p.defined
-                ),
-            );
-            let mut i = info;
-            i.libvirt_version = Some(p.version);
-            i
-        }
-        Err(e) => {
-            // Not fatal: the node keeps its lease and reports libvirt=false in its health.
-            warn!(node = %node, stage = Stage::HypervisorCheck.name(), error = %e, "libvirt not reachable; continuing degraded");
-            stage_done(&node, Stage::HypervisorCheck, t, "degraded", &e.to_string());
-            info
-        }
-    };
-
-    let t = Instant::now();
-    let firewall = if cfg.firewall.enabled {
-        let sync = FirewallSync::new(
-            cfg.firewall.clone(),
-            crate::hostnet::cluster_cidrs(&cfg.networking),
-            Nft::new(),
-        );
-        // The first ruleset already carries every network in etcd, so restarting the daemon
-        // never drops guest traffic between the base table and the network chains.
-        let nets = match crate::reactors::network::network_rules_from_store(&store, primary).await {
-            Ok(n) => n,
-            Err(e) => {
-                warn!(node = %node, stage = Stage::Firewall.name(), error = %e, "cannot list networks; base ruleset only");
-                Vec::new()
-            }
-        };
-        let n = nets.len();
-        match sync.sync(nets).await {
-            Ok(changed) => stage_done(
-                &node,
-                Stage::Firewall,
-                t,
-                "ok",
-                &format!(
-                    "table inet debvisor with {n} networks ({})",
-                    if changed {
-                        "applied"
-                    } else {
-                        "already in place"
-                    }
-                ),
-            ),
-            Err(e) => {
-                // Keep running: the resync tick retries, and the error names nft's complaint.
-                error!(node = %node, stage = Stage::Firewall.name(), error = %e, "firewall not applied; retrying on every resync");
-                stage_done(&node, Stage::Firewall, t, "degraded", &e);
-            }
-        }
-        Some(sync)
-    } else {
-        stage_done(
-            &node,
-            Stage::Firewall,
-            t,
-            "skipped",
-            "firewall.enabled is false",
-        );
-        None
-    };
-
-    let t = Instant::now();
-    let ceph = cfg
-        .ceph
-        .enabled
-        .then(|| Arc::new(CephCli::from_config(&cfg.ceph)));
-    let net_host = Arc::new(NetworkHost::new(
-        node.clone(),
-        store.clone(),
-        netlink.clone(),
-        crate::hostnet::host_context(&cfg.networking, primary),
-        firewall,
-        cfg.paths.run_dir.clone(),
-        cfg.paths.state_dir.clone(),
-        PathBuf::from("/usr/sbin/dnsmasq"),
-    ));
-    let tasks = CancellationToken::new();
-    net_host.spawn_firewall_worker(tasks.clone());
-    let networks = Arc::new(Reactor::spawn(
-        NetworkKind,
-        NetworkReconciler(net_host.clone()),
-        store.clone(),
-        ReactorOptions::default(),
-        CancellationToken::new(),
-    ));
-    let nodes = Arc::new(Reactor::spawn(
-        NodeKind,
-        NodeReconciler::default(),
-        store.clone(),
-        ReactorOptions::default(),
-        CancellationToken::new(),
-    ));
-    let lease = Arc::new(AtomicI64::new(lease_id));
-    let domains = Arc::new(
-        DomainHost::new(
-            node.clone(),
-            store.clone(),
-            libvirt.clone(),
-            lease.clone(),
-            cfg.domains.clone(),
-            primary,
-            nodes.clone(),
+    let netlink = s
+        .stage(Stage::HostNetworking, host_networking::run(&cfg, primary))
+        .await?;
+    s.stage(Stage::Sysctl, async { sysctl::run(&cfg) }).await?;
+    s.services = s
+        .stage(Stage::CoordinatorServices, coordinator_services::run(&cfg))
+        .await?;
+    let store = s
+        .stage(Stage::StoreConnection, store_connection::run(&cfg))
+        .await?;
+    let signals = s
+        .stage(Stage::TerminationHandling, async {
+            termination_handling::run()
+        })
+        .await?;
+    let reg = s
+        .stage(
+            Stage::SelfRegistration,
+            self_registration::run(&cfg, &store),
         )
-        .with_ceph(ceph.clone(), cfg.ceph.client_addresses.clone()),
-    );
-    let vms = Arc::new(Reactor::spawn(
-        VmKind,
-        DomainReconciler(domains.clone()),
-        store.clone(),
-        ReactorOptions {
-            workers: 8,
-            ..ReactorOptions::default()
-        },
-        CancellationToken::new(),
-    ));
-    crate::reactors::domain::spawn_event_listener(domains.clone(), vms.clone(), tasks.clone());
-    let keepalive = Keepalive::new(
-        store.clone(),
-        node.clone(),
-        lease.clone(),
-        libvirt.clone(),
-        registered_info,
-        info.clone(),
-    )
-    .with_domains(domains.clone(), cfg.domains.stats_writes_per_tick as usize);
-    // Ceph health and state on its own timer, off the keepalive and lease path.
-    let keepalive = match &ceph {
-        Some(_) => {
-            // Its own handle: the monitor reports a timeout once per outage, not per call.
-            let cli = Arc::new(CephCli::from_config(&cfg.ceph).with_quiet_timeouts());
-            let (mon, rx) = crate::reactors::ceph_monitor::CephMonitor::new(
-                cli,
-                store.clone(),
-                node.clone(),
-                primary,
-            );
-            mon.spawn(cfg.ceph.interval, tasks.clone());
-            keepalive.with_ceph(rx)
-        }
-        None => keepalive,
-    };
-    let mut r = Running {
+        .await?;
+    let checked = hypervisor_check::run(&cfg, reg.info.clone());
+    let (libvirt, info) = s.stage(Stage::HypervisorCheck, checked).await?;
+    let firewall = s
+        .stage(Stage::Firewall, firewall::run(&cfg, &store, primary))
+        .await?;
+    Ok(Booted {
         cfg,
-        store,
-        local,
-        node_id,
-        lease,
-        lease_state,
-        lease_cancel,
-        nodes,
-        networks,
-        vms,
-        domains,
-        net_host,
-        netlink,
-        primary,
-        keepalive: Some(keepalive),
-        tasks,
-        libvirt,
-        ceph,
-        ceph_objects: None,
-        services,
         log,
         config_path: config_path.to_path_buf(),
+        primary,
+        netlink,
+        services: s.services,
+        store,
+        signals,
+        reg,
+        libvirt,
         info,
-    };
-    r.ceph_objects = r.ceph.as_ref().map(|c| {
-        let objects = CephObjects::new(
-            node.clone(),
-            r.store.clone(),
-            c.clone(),
-            r.primary,
-            r.cfg.ceph.interval,
-        );
-        CephReactors::spawn(Arc::new(objects), r.tasks.clone())
+        firewall,
+    })
+}
+
+/// config → directories → logging: the first two run before logging exists, so they are
+/// timed here and logged once it does; a config or logging failure goes to stderr (exit 2).
+fn before_logging(config_path: &Path) -> Result<(Config, logging::LogHandle), ExitCode> {
+    let t_config = Instant::now();
+    let cfg = stages::config::run(config_path).map_err(|e| {
+        eprintln!("debvisord: stage config failed: {e}");
+        ExitCode::from(2)
+    })?;
+    let config = StageClock::ran(Stage::Config, t_config.elapsed());
+    let t_dirs = Instant::now();
+    let dirs = stages::directories::run(&cfg);
+    let directories = StageClock::ran(Stage::Directories, t_dirs.elapsed());
+    let clock = StageClock::start(Stage::Logging);
+    let (log, detail) = stages::logging::run(&cfg).map_err(|e| {
+        eprintln!("debvisord: stage logging failed: {e}");
+        ExitCode::from(2)
+    })?;
+    let node = cfg.node_name();
+    info!(node = %node, version = env!("CARGO_PKG_VERSION"), config = %config_path.display(), pid = std::process::id(), "debvisord starting");
+    config.done(node, Outcome::Ok, &stages::config::detail(&cfg));
+    match dirs {
+        Ok(d) => directories.done(node, Outcome::Ok, &d),
+        Err(e) => return Err(directories.failed(node, &e)),
+    }
+    clock.done(node, Outcome::Ok, &detail);
+    Ok((cfg, log))
+}
+
+/// The objects stage (every reactor synced), then the keepalive stage; the daemon is then
+/// `run` and ready. A termination requested while the objects sync ends the daemon here.
+async fn start_objects(
+    b: Booted,
+) -> Result<(Running, mpsc::UnboundedReceiver<Signal>, Keepalive), ExitCode> {
+    let node = b.cfg.node_name().to_string();
+    let clock = StageClock::start(Stage::Objects);
+    let lease = Arc::new(AtomicI64::new(b.reg.lease_id));
+    let (objects, mut keepalive) = objects::spawn(objects::Inputs {
+        cfg: &b.cfg,
+        store: &b.store,
+        netlink: b.netlink.clone(),
+        firewall: b.firewall,
+        libvirt: &b.libvirt,
+        lease: lease.clone(),
+        registered_info: b.reg.info.clone(),
+        info: b.info.clone(),
+        primary: b.primary,
     });
-    let mut signals = signals;
+    let mut signals = b.signals;
+    let r = Running {
+        cfg: b.cfg,
+        store: b.store,
+        local: b.reg.local,
+        node_id: b.reg.node_id,
+        lease,
+        lease_state: b.reg.lease_state,
+        lease_cancel: b.reg.lease_cancel,
+        objects,
+        netlink: b.netlink,
+        primary: b.primary,
+        libvirt: b.libvirt,
+        services: b.services,
+        log: b.log,
+        config_path: b.config_path,
+        info: b.info,
+    };
     tokio::select! {
-        _ = async {
-            r.nodes.wait_synced().await;
-            r.networks.wait_synced().await;
-            r.vms.wait_synced().await;
-            if let Some(c) = &r.ceph_objects {
-                c.wait_synced().await;
-            }
-        } => {}
+        detail = r.objects.synced() => clock.done(&node, Outcome::Ok, &detail),
         sig = signals.recv() => {
             info!(node = %node, signal = ?sig, "termination requested during startup");
-            return shutdown(r, DaemonState::Init).await;
+            return Err(shutdown(r, DaemonState::Init).await);
         }
     }
-    stage_done(
-        &node,
-        Stage::Objects,
-        t,
-        "ok",
-        &format!(
-            "synced: {} nodes, {} networks, {} vms{}",
-            r.nodes.list().len(),
-            r.networks.list().len(),
-            r.vms.list().len(),
-            r.ceph_objects
-                .as_ref()
-                .map(|c| format!(", {}", c.describe()))
-                .unwrap_or_default()
-        ),
-    );
-    r.net_host.firewall_ready().await;
-
-    let t = Instant::now();
-    if let Some(ka) = r.keepalive.as_mut() {
-        ka.tick().await;
-    }
-    if let Err(e) = registration::set_daemon_state(
-        &r.store,
-        &node,
-        DaemonState::Init,
-        DaemonState::Run,
-        "every object completed its initial sync",
-    )
-    .await
-    {
-        warn!(node = %node, error = %e, "daemon_state run not written; will retry on the next tick");
-    }
-    stage_done(
-        &node,
-        Stage::Keepalive,
-        t,
-        "ok",
-        &format!("tick every {:?}", r.cfg.keepalive.interval),
-    );
+    r.objects.net_host.firewall_ready().await;
+    let clock = StageClock::start(Stage::Keepalive);
+    let done = stages::keepalive::run(&r.cfg, &r.store, &mut keepalive).await;
+    clock.done(&node, done.outcome, &done.detail);
     notify::ready(&format!("run: node {node}"));
-    run_loop(r, signals).await
+    Ok((r, signals, keepalive))
 }
 
 /// `domains.on_shutdown: flush`: drain this node before the daemon stops, bounded by
@@ -752,7 +253,7 @@ async fn flush_before_stop(r: &Running) {
     }
     let deadline = Instant::now() + r.cfg.domains.flush_timeout;
     loop {
-        match drain.pass(&r.nodes, &r.vms).await {
+        match drain.pass(&r.objects.nodes, &r.objects.vms).await {
             Ok(Some(DomainStateValue::Flushed)) => {
                 info!(node = %node, "on_shutdown flush complete");
                 return;
@@ -765,12 +266,6 @@ async fn flush_before_stop(r: &Running) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-async fn stop_services(services: &[Supervised]) {
-    for s in services {
-        s.stop(Duration::from_secs(10)).await;
     }
 }
 
@@ -810,13 +305,13 @@ fn spawn_host_resync(r: &Running) {
     let cfg = r.cfg.networking.clone();
     let netlink = r.netlink.clone();
     let primary = r.primary;
-    let net_host = r.net_host.clone();
-    let networks = r.networks.clone();
-    let vms = r.vms.clone();
-    let nodes = r.nodes.clone();
-    let domains = r.domains.clone();
+    let net_host = r.objects.net_host.clone();
+    let networks = r.objects.networks.clone();
+    let vms = r.objects.vms.clone();
+    let nodes = r.objects.nodes.clone();
+    let domains = r.objects.domains.clone();
     let drain = crate::reactors::drain::Drain::new(r.cfg.node_name().to_string(), r.store.clone());
-    let cancel = r.tasks.clone();
+    let cancel = r.objects.tasks.clone();
     let interval = r.cfg.keepalive.interval;
     let node = r.cfg.node_name().to_string();
     tokio::spawn(async move {
@@ -851,14 +346,15 @@ fn spawn_host_resync(r: &Running) {
     });
 }
 
-async fn run_loop(mut r: Running, mut signals: mpsc::UnboundedReceiver<Signal>) -> ExitCode {
+/// The run loop: signals, the lease's state and the keepalive's outcomes, until shutdown.
+async fn run_loop(
+    mut r: Running,
+    mut signals: mpsc::UnboundedReceiver<Signal>,
+    keepalive: Keepalive,
+) -> ExitCode {
     let node = r.cfg.node_name().to_string();
     spawn_host_resync(&r);
-    let Some(keepalive) = r.keepalive.take() else {
-        error!(node = %node, "keepalive missing; internal error");
-        return shutdown(r, DaemonState::Run).await;
-    };
-    let mut ticks = spawn_ticker(keepalive, r.cfg.keepalive.interval, r.tasks.clone());
+    let mut ticks = spawn_ticker(keepalive, r.cfg.keepalive.interval, r.objects.tasks.clone());
     // False while daemon_state=run may be missing in the store (after an outage or a failed
     // re-registration); rewritten on the next successful tick.
     let mut state_written = true;
@@ -883,8 +379,8 @@ async fn run_loop(mut r: Running, mut signals: mpsc::UnboundedReceiver<Signal>) 
                     error!(node = %node, "keepalive task ended; shutting down");
                     return shutdown(r, DaemonState::Run).await;
                 };
-                r.nodes.resync();
-                r.networks.resync();
+                r.objects.nodes.resync();
+                r.objects.networks.resync();
                 if outcome == TickOutcome::StoreUnreachable {
                     state_written = false;
                 } else if outcome == TickOutcome::Written && !state_written {
@@ -973,13 +469,7 @@ async fn shutdown(r: Running, from: DaemonState) -> ExitCode {
             "termination requested",
         )
         .await;
-        r.vms.shutdown().await;
-        r.nodes.shutdown().await;
-        r.networks.shutdown().await;
-        if let Some(c) = &r.ceph_objects {
-            c.shutdown().await;
-        }
-        r.net_host.stop_all().await;
+        r.objects.shutdown().await;
         let _ = registration::set_daemon_state(
             &r.store,
             &node,
@@ -1000,7 +490,7 @@ async fn shutdown(r: Running, from: DaemonState) -> ExitCode {
             }
         }
         r.libvirt.close().await;
-        stop_services(&r.services).await;
+        stages::coordinator_services::stop(&r.services).await;
     };
     match tokio::time::timeout(budget, work).await {
         Ok(()) => {

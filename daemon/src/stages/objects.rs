@@ -1,0 +1,202 @@
+//! Stage `objects`: build the Node, Network, Domain and Ceph objects — each a reactor that
+//! lists its etcd prefix, watches it and reconciles the host — and the tasks that serve them
+//! (libvirt events, the firewall worker, the Ceph monitor); the stage is done when every
+//! reactor has completed its initial sync.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
+
+use debvisor_netconf::Netlink;
+use debvisor_objects::domain::VmKind;
+use debvisor_objects::network::NetworkKind;
+use debvisor_objects::node::{NodeInfo, NodeKind, NodeReconciler};
+use debvisor_objects::{Reactor, ReactorOptions, Store};
+use tokio_util::sync::CancellationToken;
+
+use crate::ceph::CephCli;
+use crate::config::Config;
+use crate::hypervisor::Libvirt;
+use crate::keepalive::Keepalive;
+use crate::reactors::ceph_monitor::CephMonitor;
+use crate::reactors::ceph_objects::{CephObjects, CephReactors};
+use crate::reactors::domain::{spawn_event_listener, DomainHost, DomainReconciler};
+use crate::reactors::network::{FirewallSync, NetworkHost, NetworkReconciler};
+
+/// Where dnsmasq is run from for managed networks.
+const DNSMASQ: &str = "/usr/sbin/dnsmasq";
+
+/// What the objects are built from: the results of the earlier stages.
+pub struct Inputs<'a> {
+    /// The configuration.
+    pub cfg: &'a Config,
+    /// The store.
+    pub store: &'a Store,
+    /// The host's netlink handle.
+    pub netlink: Arc<Netlink>,
+    /// The firewall, when enabled.
+    pub firewall: Option<FirewallSync>,
+    /// The libvirt driver.
+    pub libvirt: &'a Libvirt,
+    /// The node lease (replaced on re-registration).
+    pub lease: Arc<AtomicI64>,
+    /// `info` as registered.
+    pub registered_info: NodeInfo,
+    /// `info` after the hypervisor check.
+    pub info: NodeInfo,
+    /// Whether this node is the primary.
+    pub primary: bool,
+}
+
+/// The objects of this node and the tasks that serve them.
+pub struct Objects {
+    /// Every node of the cluster.
+    pub nodes: Arc<Reactor<NodeKind>>,
+    /// Client networks.
+    pub networks: Arc<Reactor<NetworkKind>>,
+    /// VMs.
+    pub vms: Arc<Reactor<VmKind>>,
+    /// The Domain object's host side.
+    pub domains: Arc<DomainHost>,
+    /// The Network object's host side.
+    pub net_host: Arc<NetworkHost>,
+    /// The Ceph driver when `ceph.enabled` (the Ceph objects, the collector and the Domain
+    /// object's RBD lock hygiene share it).
+    pub ceph: Option<Arc<CephCli>>,
+    /// The pool and volume reactors when `ceph` is `Some`.
+    pub ceph_objects: Option<CephReactors>,
+    /// Cancels the tasks that serve the objects (and the run loop's tickers) at shutdown.
+    pub tasks: CancellationToken,
+}
+
+/// Build and start every object; hands on the keepalive that reports them.
+pub fn spawn(i: Inputs<'_>) -> (Objects, Keepalive) {
+    let cfg = i.cfg;
+    let node = cfg.node_name().to_string();
+    let store = i.store;
+    let ceph = cfg
+        .ceph
+        .enabled
+        .then(|| Arc::new(CephCli::from_config(&cfg.ceph)));
+    let net_host = Arc::new(NetworkHost::new(
+        node.clone(),
+        store.clone(),
+        i.netlink,
+        crate::hostnet::host_context(&cfg.networking, i.primary),
+        i.firewall,
+        cfg.paths.run_dir.clone(),
+        cfg.paths.state_dir.clone(),
+        PathBuf::from(DNSMASQ),
+    ));
+    let tasks = CancellationToken::new();
+    net_host.spawn_firewall_worker(tasks.clone());
+    let networks = Arc::new(Reactor::spawn(
+        NetworkKind,
+        NetworkReconciler(net_host.clone()),
+        store.clone(),
+        ReactorOptions::default(),
+        CancellationToken::new(),
+    ));
+    let nodes = Arc::new(Reactor::spawn(
+        NodeKind,
+        NodeReconciler::default(),
+        store.clone(),
+        ReactorOptions::default(),
+        CancellationToken::new(),
+    ));
+    let domains = Arc::new(
+        DomainHost::new(
+            node.clone(),
+            store.clone(),
+            i.libvirt.clone(),
+            i.lease.clone(),
+            cfg.domains.clone(),
+            i.primary,
+            nodes.clone(),
+        )
+        .with_ceph(ceph.clone(), cfg.ceph.client_addresses.clone()),
+    );
+    let vms = Arc::new(Reactor::spawn(
+        VmKind,
+        DomainReconciler(domains.clone()),
+        store.clone(),
+        ReactorOptions {
+            workers: 8,
+            ..ReactorOptions::default()
+        },
+        CancellationToken::new(),
+    ));
+    spawn_event_listener(domains.clone(), vms.clone(), tasks.clone());
+    let mut keepalive = Keepalive::new(
+        store.clone(),
+        node.clone(),
+        i.lease,
+        i.libvirt.clone(),
+        i.registered_info,
+        i.info,
+    )
+    .with_domains(domains.clone(), cfg.domains.stats_writes_per_tick as usize);
+    // Ceph health and state on its own timer, off the keepalive and lease path.
+    if ceph.is_some() {
+        // Its own handle: the monitor reports a timeout once per outage, not per call.
+        let cli = Arc::new(CephCli::from_config(&cfg.ceph).with_quiet_timeouts());
+        let (mon, rx) = CephMonitor::new(cli, store.clone(), node.clone(), i.primary);
+        mon.spawn(cfg.ceph.interval, tasks.clone());
+        keepalive = keepalive.with_ceph(rx);
+    }
+    let ceph_objects = ceph.as_ref().map(|c| {
+        let objects = CephObjects::new(
+            node.clone(),
+            store.clone(),
+            c.clone(),
+            i.primary,
+            cfg.ceph.interval,
+        );
+        CephReactors::spawn(Arc::new(objects), tasks.clone())
+    });
+    let objects = Objects {
+        nodes,
+        networks,
+        vms,
+        domains,
+        net_host,
+        ceph,
+        ceph_objects,
+        tasks,
+    };
+    (objects, keepalive)
+}
+
+impl Objects {
+    /// Wait until every reactor has completed its initial list; returns the stage detail.
+    pub async fn synced(&self) -> String {
+        self.nodes.wait_synced().await;
+        self.networks.wait_synced().await;
+        self.vms.wait_synced().await;
+        if let Some(c) = &self.ceph_objects {
+            c.wait_synced().await;
+        }
+        format!(
+            "synced: {} nodes, {} networks, {} vms{}",
+            self.nodes.list().len(),
+            self.networks.list().len(),
+            self.vms.list().len(),
+            self.ceph_objects
+                .as_ref()
+                .map(|c| format!(", {}", c.describe()))
+                .unwrap_or_default()
+        )
+    }
+
+    /// Stop every reactor (each finishes its running reconcile) and the host side's
+    /// processes of the networks; guests and networks stay as they are.
+    pub async fn shutdown(&self) {
+        self.vms.shutdown().await;
+        self.nodes.shutdown().await;
+        self.networks.shutdown().await;
+        if let Some(c) = &self.ceph_objects {
+            c.shutdown().await;
+        }
+        self.net_host.stop_all().await;
+    }
+}

@@ -1,0 +1,83 @@
+//! Stage `self-registration`: claim the node name with a lease-bound `alive` key, write the
+//! node's static keys (`daemon_state` = `init`), and start the task that keeps the lease
+//! alive. Another live daemon holding the name stops this one.
+
+use debvisor_objects::lease::{self, LeaseState};
+use debvisor_objects::node::{DaemonState, NodeInfo};
+use debvisor_objects::Store;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::{Done, StageResult};
+use crate::config::Config;
+use crate::registration::{self, LocalState};
+
+/// What registration hands on: the node's identity, its lease and what was registered.
+pub struct Registered {
+    /// The state dir's identity files.
+    pub local: LocalState,
+    /// The stable node id.
+    pub node_id: String,
+    /// The node lease.
+    pub lease_id: i64,
+    /// The lease keeper's view of the lease.
+    pub lease_state: watch::Receiver<LeaseState>,
+    /// Stops the lease keeper.
+    pub lease_cancel: CancellationToken,
+    /// The `info` written at registration.
+    pub info: NodeInfo,
+}
+
+/// Register this node; hands on the lease and identity.
+pub async fn run(cfg: &Config, store: &Store) -> StageResult<Registered> {
+    let node = cfg.node_name();
+    let local = LocalState::new(&cfg.paths.state_dir);
+    let node_id = local.node_id().map_err(|e| e.to_string())?;
+    let info = base_info(cfg, &node_id);
+    let data = registration::data(
+        cfg,
+        info.clone(),
+        DaemonState::Init,
+        &node_id,
+        &crate::hostinfo::now_rfc3339(),
+    );
+    let lease_id = registration::register(store, &local, &data)
+        .await
+        .map_err(|e| e.to_string())?;
+    info!(node = %node, from = "stop", to = "init", reason = "registered", "daemon_state changed");
+    let lease_cancel = CancellationToken::new();
+    let lease_state = lease::spawn_keeper(
+        store.clone(),
+        node.to_string(),
+        lease_id,
+        cfg.keepalive.lease_ttl,
+        lease_cancel.clone(),
+    );
+    let detail = format!(
+        "lease {lease_id:x} ttl {:?}, node_id {node_id}",
+        cfg.keepalive.lease_ttl
+    );
+    Ok(Done::ok(
+        Registered {
+            local,
+            node_id,
+            lease_id,
+            lease_state,
+            lease_cancel,
+            info,
+        },
+        detail,
+    ))
+}
+
+/// The node's `info` before the hypervisor check adds libvirt's version.
+fn base_info(cfg: &Config, node_id: &str) -> NodeInfo {
+    let mut info = crate::keepalive::refresh_info(&NodeInfo::default(), None);
+    info.version = env!("CARGO_PKG_VERSION").to_string();
+    info.fqdn = cfg.node.fqdn.clone();
+    info.rack = cfg.node.rack.clone();
+    info.node_id = node_id.to_string();
+    info.libvirt_uri = Some(cfg.hypervisor.published_uri().to_string());
+    info
+}
