@@ -16,7 +16,6 @@
 //! created under `vms/` since the read"; etcd has no unique index, so the guard is coarse
 //! and a busy cluster can make a define retry (three times) before it commits.
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -550,23 +549,10 @@ pub fn insert_uuid(xml: &str, uuid: &str) -> Result<String, String> {
     Ok(out)
 }
 
-/// A random (version 4) UUID from the kernel's generator.
-pub fn new_uuid() -> Result<String, String> {
-    let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(|e| format!("generating a UUID: /dev/urandom: {e}"))?;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    ))
+/// A random (version 4) UUID for a VM whose XML has none, lowercase and hyphenated as
+/// libvirt prints it.
+pub fn new_uuid() -> String {
+    uuid::Uuid::new_v4().hyphenated().to_string()
 }
 
 /// The option that sets a validated VM field.
@@ -606,7 +592,7 @@ pub async fn define(store: &Store, a: &DefineArgs) -> Result<Value, String> {
     // Without a <uuid> a new one is inserted (`--replace` uses the replaced VM's instead).
     let generated = !xml_has_uuid(&text);
     let xml = if generated {
-        insert_uuid(&text, &new_uuid()?)?
+        insert_uuid(&text, &new_uuid())?
     } else {
         text.clone()
     };
@@ -1461,11 +1447,11 @@ mod tests {
 
     #[test]
     fn uuids_are_generated_v4_and_inserted_after_the_name() {
-        let u = new_uuid().expect("uuid");
+        let u = new_uuid();
         assert!(valid_uuid(&u), "{u}");
         assert_eq!(&u[14..15], "4");
         assert!("89ab".contains(&u[19..20]), "{u}");
-        assert_ne!(u, new_uuid().expect("uuid"));
+        assert_ne!(u, new_uuid());
         let x = "<domain type='kvm'>\n  <name>web</name>\n  <memory>1</memory>\n</domain>";
         assert!(!xml_has_uuid(x));
         let with = insert_uuid(x, U1).expect("insert");
