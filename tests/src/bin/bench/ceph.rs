@@ -22,7 +22,10 @@ use debvisor_objects::{Store, StoreOptions};
 use debvisor_tests::etcd::store_options;
 use debvisor_tests::{CephCluster, EtcdProcess};
 
-use super::{bench_command, ms, now_utc_string, publish, Args, BenchResult, Machine};
+use super::clock::now_utc_string;
+use super::report::{bench_command, publish, Machine};
+use super::stats::ms;
+use crate::{Args, BenchResult};
 
 /// Start marker of the generated section in `docs/benchmarks.md`.
 const MARK_START: &str = "<!-- bench:ceph:start -->";
@@ -287,11 +290,7 @@ fn render(args: &Args, m: &Machine, started: &str, r: &CephResult) -> String {
     let median = sorted[sorted.len() / 2];
     let _ = writeln!(o, "### Ceph state collection ({started})\n");
     let _ = writeln!(o, "- command: `{}`", bench_command(args, m));
-    let _ = writeln!(
-        o,
-        "- machine: {} CPUs (`nproc`), {}, kernel {}, {} RAM; profile `{}`",
-        m.nproc, m.cpu_model, m.kernel, m.mem_total, m.profile
-    );
+    let _ = writeln!(o, "- machine: {m}; profile `{}`", m.profile);
     let _ = writeln!(
         o,
         "- cluster: `CephCluster` (Ceph 16.2, 1 mon, 1 mgr, 2 memstore OSDs on loopback), \

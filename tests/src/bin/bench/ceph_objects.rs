@@ -13,14 +13,16 @@
 //!
 //! Every process is owned by a local and killed on drop, on every return path.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use debvisor_tests::{CephCluster, DaemonBuilder, DaemonProcess, EtcdProcess};
 
-use super::{
-    bench_command, now_utc_string, parse_rfc3339_micros, publish, str_field, summarize, Args,
-    BenchResult, Machine,
-};
+use super::clock::{epoch_micros, now_utc_string, parse_rfc3339_micros};
+use super::host::loadavg;
+use super::logs::str_field;
+use super::report::{bench_command, publish, Machine};
+use super::stats::summarize;
+use crate::{Args, BenchResult};
 
 /// Start marker of the generated section in `docs/benchmarks.md`.
 const MARK_START: &str = "<!-- bench:ceph-objects:start -->";
@@ -47,18 +49,15 @@ struct Samples {
     snap_create: Vec<f64>,
 }
 
-/// The 1-minute load average (`/proc/loadavg`), for the report.
+/// The 1-minute load average for the report, as `/proc/loadavg` writes it (two
+/// decimals), `?` if unreadable.
 fn load1() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
-}
-
-fn micros_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
+    let l = loadavg();
+    if l.is_nan() {
+        "?".into()
+    } else {
+        format!("{l:.2}")
+    }
 }
 
 fn wait(what: &str, mut f: impl FnMut() -> BenchResult<bool>) -> BenchResult<()> {
@@ -147,7 +146,7 @@ fn measure() -> BenchResult<(Samples, f64)> {
     let mut s = Samples::default();
     for i in 0..SNAPSHOTS {
         let snap = format!("b{i}");
-        let wall0 = micros_now();
+        let wall0 = epoch_micros(SystemTime::now());
         let t0 = Instant::now();
         put(
             &format!("ceph/volumes/{POOL}:{IMAGE}/snapshots/{snap}/spec"),
@@ -234,11 +233,7 @@ fn render(
         "### Ceph objects: snapshot request → snapshot in Ceph ({started})\n"
     );
     let _ = writeln!(o, "- command: `{}`", bench_command(args, m));
-    let _ = writeln!(
-        o,
-        "- machine: {} CPUs (`nproc`), {}, kernel {}, {} RAM",
-        m.nproc, m.cpu_model, m.kernel, m.mem_total
-    );
+    let _ = writeln!(o, "- machine: {m}");
     let _ = writeln!(
         o,
         "- profile: `{}` (bench and `debvisord`); one-host Ceph from the test harness (1 mon, \

@@ -22,7 +22,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use debvisor_daemon::hypervisor::Libvirt;
 use debvisor_tests::libvirt::{
@@ -32,11 +32,15 @@ use debvisor_tests::{DaemonBuilder, DaemonProcess, EtcdProcess};
 use etcd_client::{Client, DeleteOptions, EventType, Txn, TxnOp, WatchOptions};
 use serde_json::Value;
 
-use super::{
-    bench_command, clk_tck, count_window, cpu_ticks, fetch_metrics, ms, next_put, now_utc_string,
-    parse_rfc3339_micros, publish, status_kib, str_field, watch_key, Args, BenchResult, Machine,
-    Metrics, WatchMsg, TICK_INTERVAL, TICK_TTL,
+use super::clock::{epoch_micros, now_utc_string, parse_rfc3339_micros};
+use super::host::{clk_tck, cpu_ticks, loadavg, status_kib};
+use super::logs::str_field;
+use super::report::{bench_command, publish, Machine};
+use super::stats::{mib, ms, nearest_rank, per_tick, summarize, verdict};
+use super::ticks::{
+    count_window, fetch_metrics, next_put, watch_key, Metrics, WatchMsg, TICK_INTERVAL, TICK_TTL,
 };
+use crate::{Args, BenchResult};
 
 /// Start marker of the generated section in `docs/benchmarks.md`.
 const MARK_START: &str = "<!-- bench:vms:start -->";
@@ -149,12 +153,6 @@ impl VmSpec {
 /// `/debvisor/vms/<uuid>/<field>`.
 fn vm_key(uuid: &str, field: &str) -> String {
     format!("{VMS_PREFIX}{uuid}/{field}")
-}
-
-/// Microseconds since the epoch of `t`.
-fn epoch_micros(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 /// Connect a client to `etcd`.
@@ -382,14 +380,6 @@ fn span_ms(from: i64, to: i64) -> f64 {
 // Statistics
 // ---------------------------------------------------------------------------------------
 
-/// The 1-minute load average (`/proc/loadavg`), NaN if unreadable: the machine is shared.
-fn loadavg() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
 /// An etcd latency histogram's change between two snapshots.
 #[derive(Debug, Clone, Copy)]
 struct HistDelta {
@@ -472,13 +462,7 @@ fn pct(xs: &[f64]) -> Pct {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    let at = |q: f64| -> f64 {
-        if n == 0 {
-            return f64::NAN;
-        }
-        let rank = ((q * n as f64).ceil() as usize).clamp(1, n);
-        v[rank - 1]
-    };
+    let at = |q: f64| nearest_rank(&v, q).unwrap_or(f64::NAN);
     Pct {
         n,
         min: v.first().copied().unwrap_or(f64::NAN),
@@ -486,18 +470,6 @@ fn pct(xs: &[f64]) -> Pct {
         p90: at(0.9),
         p99: at(0.99),
         max: v.last().copied().unwrap_or(f64::NAN),
-    }
-}
-
-/// Median of `xs` (mean of the middle two for even n; NaN when empty).
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => v[n / 2],
-        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 
@@ -1015,18 +987,9 @@ fn disk_rows(d: &Disk) -> String {
     o.trim_end().to_owned()
 }
 
-/// `PASS` / `MISS`.
-fn verdict(ok: bool) -> &'static str {
-    super::verdict(ok)
-}
-
 /// A per-tick value, `n/a` when missing.
 fn fmt_tick(v: Option<f64>) -> String {
-    match v {
-        Some(x) if x == x.trunc() => format!("{x:.0}"),
-        Some(x) => format!("{x:.2}"),
-        None => "n/a".into(),
-    }
+    v.map_or_else(|| "n/a".into(), per_tick)
 }
 
 /// The markdown section (also printed to stdout).
@@ -1043,11 +1006,7 @@ fn render(
     let n = lat.n;
     let _ = writeln!(o, "### VMs (Domain object), issue 3 ({started})\n");
     let _ = writeln!(o, "- command: `{}`", bench_command(args, m));
-    let _ = writeln!(
-        o,
-        "- machine: {} CPUs (`nproc`), {}, kernel {}, {} RAM",
-        m.nproc, m.cpu_model, m.kernel, m.mem_total
-    );
+    let _ = writeln!(o, "- machine: {m}");
     let _ = writeln!(
         o,
         "- profile: `{}` (bench and `debvisord`); etcd 3.4 (`/usr/bin/etcd`) on loopback, a \
@@ -1198,7 +1157,7 @@ fn render(
     let _ = writeln!(
         o,
         "| debvisord VmHWM after convergence (MiB) | {:.1} | - | - |",
-        conv.hwm_kib as f64 / 1024.0
+        mib(conv.hwm_kib)
     );
     let _ = writeln!(
         o,
@@ -1333,7 +1292,6 @@ fn render(
     }
     let cpu =
         |w: &TickWindow, t: u64| t as f64 / conv.clk_tck as f64 / w.window.as_secs_f64() * 100.0;
-    let mib = |k: u64| k as f64 / 1024.0;
     let _ = writeln!(o, "\n| idle daemon | 0 VMs | {} VMs |", conv.n);
     let _ = writeln!(o, "|---|---:|---:|");
     let _ = writeln!(
@@ -1402,7 +1360,7 @@ fn render(
                 let _ = writeln!(
                     o,
                     "| {label} | {:.1} | {:.1} | {:.1} |",
-                    median(xs),
+                    summarize(xs).median,
                     p.min,
                     p.max
                 );
@@ -1426,7 +1384,6 @@ mod tests {
             (50.0, 90.0, 99.0, 100.0, 1.0)
         );
         assert!(pct(&[]).p99.is_nan());
-        assert_eq!(median(&[3.0, 1.0, 2.0, 10.0]), 2.5);
     }
 
     #[test]

@@ -1,0 +1,121 @@
+//! Readers of `/proc`: CPU ticks and memory of processes, the machine's CPU counters and
+//! load, for the figures that measure what a daemon (and etcd, dnsmasq, nft) costs.
+
+use crate::BenchResult;
+
+/// `sysconf(_SC_CLK_TCK)`.
+pub(crate) fn clk_tck() -> BenchResult<u64> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(v)
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("sysconf(_SC_CLK_TCK) returned {v}"))
+}
+
+/// CPU ticks of a process: its own (utime + stime) and its reaped children's
+/// (cutime + cstime), from `/proc/<pid>/stat`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Cpu {
+    pub(crate) own: u64,
+    pub(crate) children: u64,
+}
+
+impl Cpu {
+    /// Read `/proc/<pid>/stat`.
+    pub(crate) fn read(pid: u32) -> BenchResult<Cpu> {
+        let path = format!("/proc/{pid}/stat");
+        let s = std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?;
+        // The command name (field 2) may contain spaces and parentheses: split after the
+        // last ')'.
+        let rest = s
+            .rfind(')')
+            .map(|i| &s[i + 1..])
+            .ok_or_else(|| format!("{path}: no ')' in {s:?}"))?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // f[0] is field 3 (state): utime, stime, cutime, cstime are fields 14–17.
+        let get = |idx: usize| -> BenchResult<u64> {
+            let v = f
+                .get(idx)
+                .ok_or_else(|| format!("{path}: short line"))?
+                .parse::<i64>()
+                .map_err(|e| format!("{path}: field {}: {e}", idx + 3))?;
+            Ok(u64::try_from(v).unwrap_or(0))
+        };
+        Ok(Cpu {
+            own: get(11)? + get(12)?,
+            children: get(13)? + get(14)?,
+        })
+    }
+
+    /// Ticks spent since `before`.
+    pub(crate) fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            own: self.own.saturating_sub(before.own),
+            children: self.children.saturating_sub(before.children),
+        }
+    }
+}
+
+/// utime + stime of `pid` in clock ticks, from `/proc/<pid>/stat`.
+pub(crate) fn cpu_ticks(pid: u32) -> BenchResult<u64> {
+    Ok(Cpu::read(pid)?.own)
+}
+
+/// A numeric line of `/proc/<pid>/status` (`VmRSS`, `VmHWM` in kB; `Threads`).
+pub(crate) fn status_kib(pid: u32, key: &str) -> BenchResult<u64> {
+    let path = format!("/proc/{pid}/status");
+    let s = std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?;
+    let line = s
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .ok_or_else(|| format!("{path}: no {key} line"))?;
+    let num = line.trim().trim_end_matches("kB").trim();
+    num.parse::<u64>()
+        .map_err(|e| format!("{path}: {key} {num:?}: {e}"))
+}
+
+/// Busy and total ticks of all CPUs, from the `cpu` line of `/proc/stat`.
+pub(crate) fn machine_ticks() -> BenchResult<(u64, u64)> {
+    let s =
+        std::fs::read_to_string("/proc/stat").map_err(|e| format!("reading /proc/stat: {e}"))?;
+    let f: Vec<u64> = s
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu "))
+        .ok_or("/proc/stat: no cpu line")?
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let get = |i: usize| f.get(i).copied().unwrap_or(0);
+    let idle = get(3) + get(4);
+    let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
+    Ok((busy, busy + idle))
+}
+
+/// The 1-minute load average (`/proc/loadavg`), NaN if unreadable: the machine is shared.
+pub(crate) fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_process() {
+        let pid = std::process::id();
+        let before = Cpu::read(pid).expect("stat");
+        assert!(Cpu::read(pid).expect("stat").since(before).own < 1_000_000);
+        assert!(cpu_ticks(pid).is_ok());
+        assert!(status_kib(pid, "VmRSS").expect("VmRSS") > 0);
+        assert!(status_kib(pid, "NoSuchKey").is_err());
+        let (busy, total) = machine_ticks().expect("/proc/stat");
+        assert!(busy <= total);
+        assert!(clk_tck().expect("CLK_TCK") > 0);
+        assert!(loadavg() >= 0.0);
+    }
+}
