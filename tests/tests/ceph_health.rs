@@ -1,4 +1,4 @@
-//! Ceph health and state in the running daemon (`daemon/src/cephmon.rs`) against a real
+//! Ceph health and state in the running daemon (`daemon/src/reactors/ceph_monitor.rs`) against a real
 //! one-host Ceph: `ceph/health` and the node's own health follow Ceph's health checks, the
 //! observed pools/OSDs/volumes follow changes made with the `ceph`/`rbd` tools, a restart
 //! rewrites nothing unchanged, and a frozen mon is reported as unreachable while the node's

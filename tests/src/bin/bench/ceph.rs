@@ -1,5 +1,5 @@
 //! Ceph figures of `debvisor-bench` (`--ceph`): the cost of one state collection by the
-//! primary's Ceph monitor (`daemon/src/cephmon.rs`) on a real one-host Ceph
+//! primary's Ceph monitor (`daemon/src/reactors/ceph_monitor.rs`) on a real one-host Ceph
 //! ([`CephCluster`]: 1 mon, 1 mgr, 2 memstore OSDs) holding [`POOLS`] pools (pg_num 8,
 //! size 1, application `rbd`), [`VOLUMES`] RBD images and [`SNAPSHOTS`] snapshots, all made
 //! with the `ceph`/`rbd` tools before any timing.
