@@ -9,7 +9,7 @@ use std::fmt;
 /// Version of this key layout, written to `schema/version` by the first node that registers.
 pub const SCHEMA_VERSION: u32 = 1;
 
-/// The role allowed to write a key ("one owner per key", DESIGN §3).
+/// The role allowed to write a key ("one owner per key", docs/architecture.md §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Writer {
     /// An operator through `debvisorctl` or the API.

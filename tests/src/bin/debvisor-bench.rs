@@ -1,11 +1,11 @@
-//! `debvisor-bench`: the benchmarks of DESIGN.md §7, run against the real `debvisord`, a
+//! `debvisor-bench`: the benchmarks of docs/architecture.md §7, run against the real `debvisord`, a
 //! private etcd 3.4 on loopback and the libvirt test driver (`test:///default`).
 //!
 //! This file holds only the command line (`Args`, [`USAGE`], `parse_args`) and the dispatch
 //! to the figure sets, one module each under `bench/`:
 //!
 //! - `bench/foundation.rs`: startup to `run`, idle RSS and CPU, etcd requests per keepalive
-//!   tick (DESIGN.md §7).
+//!   tick (docs/architecture.md §7).
 //! - `bench/networks.rs` (issue 4, needs root): time for a real daemon in a network
 //!   namespace to converge `--networks` managed networks written to etcd (create, then
 //!   delete), with the firewall off and on, and the nft apply cost of that many networks'

@@ -1,7 +1,7 @@
 //! Foundation figures of `debvisor-bench`: the real `debvisord` against a private etcd 3.4
 //! on loopback and the libvirt test driver (`test:///default`).
 //!
-//! Three figures (DESIGN.md §7):
+//! Three figures (docs/architecture.md §7):
 //!
 //! 1. **Startup to `run`** with etcd up: `--runs` restarts of one node (same name and state
 //!    dir, the previous run stopped gracefully with SIGTERM), timed from spawn to the

@@ -1,4 +1,4 @@
-//! Issue-4 figures of `debvisor-bench` (DESIGN.md §7, "time to converge N"): managed networks.
+//! Issue-4 figures of `debvisor-bench` (docs/architecture.md §7, "time to converge N"): managed networks.
 //!
 //! 1. **Convergence of N managed networks from etcd**, create then delete, on a standalone
 //!    node (so it is the primary: every network gets its VXLAN `dvvx<vni>`, bridge

@@ -138,7 +138,7 @@ fn write_marked(path: &Path, start: &str, end: &str, section: &str) -> BenchResu
 
 /// Header of a new `docs/benchmarks.md`.
 const DOCS_HEADER: &str = "# Benchmarks\n\n\
-     Figures of DESIGN.md §7, measured by `debvisor-bench` \
+     Figures of docs/architecture.md §7, measured by `debvisor-bench` \
      (`tests/src/bin/debvisor-bench.rs`) against the real `debvisord`, a private etcd 3.4 \
      (`/usr/bin/etcd`) on loopback and the libvirt test driver (`test:///default`).\n\n\
      Foundation figures: startup time to `run` (and where it goes, per stage), idle RSS \
