@@ -52,9 +52,9 @@ pub fn host_context(cfg: &NetworkingConfig, primary: bool) -> HostContext {
         let cidrs = c.cidrs();
         cidrs
             .iter()
-            .find(|a| a.addr.is_ipv4())
+            .find(|a| a.addr().is_ipv4())
             .or(cidrs.first())
-            .map(|a| a.addr)
+            .map(|a| a.addr())
     });
     HostContext {
         primary,
@@ -73,7 +73,7 @@ pub fn cluster_cidrs(cfg: &NetworkingConfig) -> Vec<debvisor_firewall::Cidr> {
         .map(|c| {
             c.cidrs()
                 .iter()
-                .filter_map(|a| debvisor_firewall::Cidr::new(a.addr, a.prefix).ok())
+                .filter_map(|a| debvisor_firewall::Cidr::new(a.addr(), a.prefix_len()).ok())
                 .collect()
         })
         .unwrap_or_default()

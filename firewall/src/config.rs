@@ -1,9 +1,9 @@
 //! `firewall:` section of `debvisord.yaml`: the node's own nftables table.
 
 use std::fmt;
-use std::net::IpAddr;
 use std::str::FromStr;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// `firewall:` — what the node's nft table lets in.
@@ -149,15 +149,14 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
-/// Check a CIDR string (`10.0.0.0/24`, `fd00::/64`).
+/// Check a CIDR string (`10.0.0.0/24`, `fd00::/64`; host bits allowed, a bare address is not).
 fn check_cidr(s: &str) -> Result<(), String> {
-    let bad = || format!("{s:?} is not an address/prefix (e.g. 10.0.0.0/24)");
-    let (a, p) = s.split_once('/').ok_or_else(bad)?;
-    let addr: IpAddr = a.parse().map_err(|_| bad())?;
-    let prefix: u8 = p.parse().map_err(|_| bad())?;
-    match prefix <= if addr.is_ipv4() { 32 } else { 128 } {
-        true => Ok(()),
-        false => Err(format!("{s:?}: prefix length {prefix} is too large")),
+    match s.parse::<IpNet>() {
+        Ok(_) => Ok(()),
+        Err(_) => Err(format!(
+            "{s:?} is not an address/prefix (e.g. 10.0.0.0/24; \
+             the prefix length is at most 32 for IPv4, 128 for IPv6)"
+        )),
     }
 }
 

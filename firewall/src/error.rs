@@ -3,7 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::observe::Drift;
+use crate::drift::Drift;
+use crate::table::TABLE;
 
 /// One problem found while validating the model (a field path and what is wrong with it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +45,7 @@ pub enum Location {
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
-            Location::Table => write!(f, "table inet {}", crate::TABLE),
+            Location::Table => write!(f, "table inet {TABLE}"),
             Location::Chain { chain } => write!(f, "chain {chain}"),
             Location::Rule {
                 chain,

@@ -13,20 +13,24 @@
 
 pub mod cidr;
 pub mod config;
+pub mod drift;
 pub mod error;
 pub mod model;
 pub mod nft;
 pub mod observe;
+pub mod table;
 
 pub use cidr::Cidr;
 pub use config::*;
+pub use drift::{Drift, RuleRef};
 pub use error::{FirewallError, Location, Problem};
 pub use model::{
     check_ifname, removal_batch, Acl, AclAction, AclProto, BaseChain, ChainSpec, Hook,
-    NetworkRules, Policy, RuleSpec, Ruleset, LIBVIRT_TLS_PORT, TABLE,
+    NetworkRules, Policy, RuleSpec, Ruleset, LIBVIRT_TLS_PORT,
 };
 pub use nft::{Firewall, Nft, Outcome, DEFAULT_TIMEOUT};
-pub use observe::{Drift, Observed, ObservedChain, ObservedRule, RuleRef};
+pub use observe::{Observed, ObservedChain, ObservedRule};
+pub use table::TABLE;
 
 /// Re-export of the `nftables` crate, for [`Ruleset::add_custom_rule`] statements.
 pub use nftables;

@@ -17,9 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::cidr::Cidr;
 use crate::config::{FirewallConfig, PortRange, Proto};
 use crate::error::{FirewallError, Location, Problem};
-
-/// Name of our table (family `inet`). The driver never touches any other table.
-pub const TABLE: &str = "debvisor";
+use crate::table::TABLE;
 
 /// libvirt's TLS port (`libvirtd --listen`), allowed from the cluster networks for migration.
 pub const LIBVIRT_TLS_PORT: u16 = 16514;
@@ -1002,4 +1000,4 @@ impl Fnv {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+use crate::drift::Drift;
 use crate::error::{FirewallError, Location, Problem};
-use crate::model::{batch_of, removal_batch, Ruleset, TABLE};
-use crate::observe::{Drift, Observed};
+use crate::model::{batch_of, removal_batch, Ruleset};
+use crate::observe::Observed;
+use crate::table::TABLE;
 
 /// What [`Firewall::ensure`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,15 +1,17 @@
-//! What nft says our table holds ([`Observed`]), and how it differs from the model ([`Drift`]).
+//! What nft says our table holds ([`Observed`]), and how it differs from the model
+//! ([`Ruleset::diff`], which reports a [`Drift`]).
 //!
-//! Rules are compared by the content id in their comment (see [`crate::RuleSpec`]), chains by
+//! Rules are compared by the content id in their comment (see [`RuleSpec`]), chains by
 //! name, type, hook, priority and policy; handles are ignored. nft normalises expressions when
 //! it lists them, so comparing expressions would report drift that is not there.
 
 use std::collections::HashMap;
-use std::fmt;
 
 use serde_json::Value;
 
-use crate::model::{parse_comment, Ruleset, TABLE};
+use crate::drift::{Drift, RuleRef};
+use crate::model::{parse_comment, RuleSpec, Ruleset};
+use crate::table::TABLE;
 
 /// Table `inet debvisor` as listed by `nft -j list table inet debvisor`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -140,89 +142,6 @@ impl Observed {
     }
 }
 
-/// A rule named in a [`Drift`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuleRef {
-    /// Its chain.
-    pub chain: String,
-    /// Its description (model) or comment (table), if any.
-    pub description: Option<String>,
-    /// Its content id, when it has one.
-    pub id: Option<String>,
-    /// nft's handle, for rules found in the table.
-    pub handle: Option<u64>,
-}
-
-impl fmt::Display for RuleRef {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "{}", self.chain)?;
-        if let Some(d) = &self.description {
-            write!(f, " {d:?}")?;
-        }
-        if let Some(h) = self.handle {
-            write!(f, " (handle {h})")?;
-        }
-        Ok(())
-    }
-}
-
-/// How the table differs from the model. Empty fields mean "no difference of that kind".
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Drift {
-    /// The whole table is gone.
-    pub table_missing: bool,
-    /// Chains of the model that the table lacks.
-    pub missing_chains: Vec<String>,
-    /// Chains in the table that the model lacks.
-    pub extra_chains: Vec<String>,
-    /// Chains whose type, hook, priority or policy differ (`"input: policy accept, want drop"`).
-    pub changed_chains: Vec<String>,
-    /// Rules of the model that the table lacks.
-    pub missing_rules: Vec<RuleRef>,
-    /// Rules in the table that the model lacks (foreign or stale).
-    pub extra_rules: Vec<RuleRef>,
-    /// Chains holding the right rules in the wrong order.
-    pub reordered_chains: Vec<String>,
-    /// Sets, maps and other objects in the table that the model lacks.
-    pub extra_objects: Vec<String>,
-}
-
-impl Drift {
-    /// No difference at all.
-    pub fn is_empty(&self) -> bool {
-        *self == Drift::default()
-    }
-}
-
-impl fmt::Display for Drift {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        if self.table_missing {
-            return write!(f, "table inet {TABLE} is missing");
-        }
-        let mut parts = Vec::new();
-        let list = |items: Vec<String>| items.join(", ");
-        let rules = |r: &[RuleRef]| r.iter().map(ToString::to_string).collect::<Vec<_>>();
-        for (what, items) in [
-            ("missing chains", self.missing_chains.clone()),
-            ("extra chains", self.extra_chains.clone()),
-            ("changed chains", self.changed_chains.clone()),
-            ("missing rules", rules(&self.missing_rules)),
-            ("extra rules", rules(&self.extra_rules)),
-            ("reordered chains", self.reordered_chains.clone()),
-            ("extra objects", self.extra_objects.clone()),
-        ] {
-            if !items.is_empty() {
-                parts.push(format!("{what}: {}", list(items)));
-            }
-        }
-        if parts.is_empty() {
-            write!(f, "no drift")
-        } else {
-            write!(f, "{}", parts.join("; "))
-        }
-    }
-}
-
 impl Ruleset {
     /// Compare the model with what the table holds; `None` when they match.
     pub fn diff(&self, observed: &Observed) -> Option<Drift> {
@@ -260,7 +179,7 @@ impl Ruleset {
             }
 
             // Multiset difference of ids, then order.
-            let mut unmatched: HashMap<&str, Vec<&crate::RuleSpec>> = HashMap::new();
+            let mut unmatched: HashMap<&str, Vec<&RuleSpec>> = HashMap::new();
             for r in c.rules() {
                 unmatched.entry(r.id()).or_default().push(r);
             }
@@ -307,5 +226,122 @@ impl Ruleset {
         }
         d.extra_objects = observed.other_objects.clone();
         (!d.is_empty()).then_some(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tests::small_ruleset;
+    use serde_json::json;
+
+    /// An `Observed` that is exactly what nft would list for `r`.
+    fn observed_of(r: &Ruleset) -> Observed {
+        let mut handle = 0;
+        Observed {
+            table_present: true,
+            chains: r
+                .chains()
+                .iter()
+                .map(|c| ObservedChain {
+                    name: c.name().to_owned(),
+                    chain_type: c.base_chain().map(|_| "filter".into()),
+                    hook: c.base_chain().map(|b| b.hook.name().into()),
+                    priority: c.base_chain().map(|b| b.priority.into()),
+                    policy: c.base_chain().map(|b| b.policy.name().into()),
+                    rules: c
+                        .rules()
+                        .iter()
+                        .map(|x| {
+                            handle += 1;
+                            ObservedRule {
+                                handle,
+                                comment: Some(x.comment()),
+                            }
+                        })
+                        .collect(),
+                })
+                .collect(),
+            other_objects: vec![],
+        }
+    }
+
+    #[test]
+    fn diff_detects_each_kind_of_drift() {
+        let r = small_ruleset();
+        assert_eq!(r.diff(&observed_of(&r)), None);
+        assert!(r.diff(&Observed::absent()).unwrap().table_missing);
+
+        let mut o = observed_of(&r);
+        let removed = o.chains[0].rules.remove(4);
+        o.chains[0].rules.push(ObservedRule {
+            handle: 999,
+            comment: None,
+        });
+        o.chains[1].policy = Some("accept".into());
+        o.chains.retain(|c| c.name != "net100-out");
+        o.chains.push(ObservedChain {
+            name: "stale".into(),
+            ..Default::default()
+        });
+        o.other_objects.push("set blocked".into());
+        let d = r.diff(&o).unwrap();
+        assert_eq!(d.missing_rules.len(), 1);
+        assert_eq!(d.missing_rules[0].description.as_deref(), Some("ssh"));
+        assert_eq!(d.missing_rules[0].id.as_deref(), removed.id());
+        assert_eq!(d.extra_rules.len(), 1);
+        assert_eq!(d.extra_rules[0].handle, Some(999));
+        assert_eq!(d.changed_chains.len(), 1);
+        assert!(d.changed_chains[0].starts_with("forward: policy"), "{d:?}");
+        assert_eq!(d.missing_chains, ["net100-out"]);
+        assert_eq!(d.extra_chains, ["stale"]);
+        assert_eq!(d.extra_objects, ["set blocked"]);
+        assert!(d.reordered_chains.is_empty());
+        let text = d.to_string();
+        assert!(text.contains("missing rules: input \"ssh\""), "{text}");
+
+        let mut o = observed_of(&r);
+        o.chains[0].rules.swap(0, 1);
+        let d = r.diff(&o).unwrap();
+        assert_eq!(d.reordered_chains, ["input"]);
+        assert!(d.missing_rules.is_empty() && d.extra_rules.is_empty());
+    }
+
+    #[test]
+    fn observed_parses_nft_listing() {
+        let listing = json!({"nftables": [
+            {"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}},
+            {"table": {"family": "inet", "name": "debvisor", "handle": 7}},
+            {"chain": {"family": "inet", "table": "debvisor", "name": "input", "handle": 1,
+                       "type": "filter", "hook": "input", "prio": 0, "policy": "drop"}},
+            {"chain": {"family": "inet", "table": "debvisor", "name": "net1-in", "handle": 2}},
+            {"rule": {"family": "inet", "table": "debvisor", "chain": "input", "handle": 5,
+                      "comment": "ssh #0123456789abcdef",
+                      "expr": [{"somethingnew": {"x": 1}}, {"accept": null}]}},
+            {"rule": {"family": "inet", "table": "debvisor", "chain": "net1-in", "handle": 6,
+                      "expr": [{"drop": null}]}},
+            {"set": {"family": "inet", "table": "debvisor", "name": "s", "type": "ipv4_addr", "handle": 3}},
+            {"table": {"family": "inet", "name": "other", "handle": 9}},
+            {"chain": {"family": "inet", "table": "other", "name": "input", "handle": 1}},
+        ]});
+        let o = Observed::from_nft_json(&listing.to_string()).unwrap();
+        assert!(o.table_present);
+        assert_eq!(o.chains.len(), 2);
+        assert_eq!(o.chains[0].policy.as_deref(), Some("drop"));
+        assert_eq!(o.chains[0].rules[0].id(), Some("0123456789abcdef"));
+        assert_eq!(o.chains[0].rules[0].description(), Some("ssh"));
+        assert_eq!(o.chains[1].rules[0].comment, None);
+        assert_eq!(o.other_objects, ["set s"]);
+        assert_eq!(o.rule_count(), 2);
+
+        let none =
+            json!({"nftables": [{"metainfo": {}}, {"table": {"family": "inet", "name": "other"}}]});
+        assert!(
+            !Observed::from_nft_json(&none.to_string())
+                .unwrap()
+                .table_present
+        );
+        assert!(Observed::from_nft_json("{}").is_err());
+        assert!(Observed::from_nft_json("not json").is_err());
     }
 }

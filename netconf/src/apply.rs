@@ -3,10 +3,13 @@
 
 use std::fmt;
 
+use ipnet::IpNet;
+
+use crate::config::parse_cidr;
 use crate::host::{HostNet, Outcome};
 use crate::model::AddrOwner;
 use crate::plan::{plan, top_link, Action};
-use crate::{Cidr, HostNetwork, HostNetworks, NetconfError};
+use crate::{HostNetwork, HostNetworks, NetconfError};
 
 /// One change made to the host: what it was and what it is now. Each is also logged as one
 /// `info` line with the fields `network`, `link`, `what`, `from`, `to`.
@@ -151,11 +154,11 @@ pub async fn ensure(
     apply(host, &plan(desired, &observed)).await
 }
 
-fn floating_of(network: &str, net: &HostNetwork) -> Result<Option<Cidr>, NetconfError> {
+fn floating_of(network: &str, net: &HostNetwork) -> Result<Option<IpNet>, NetconfError> {
     net.floating
         .as_deref()
         .map(|f| {
-            f.parse::<Cidr>().map_err(|reason| NetconfError::Config {
+            parse_cidr(f).map_err(|reason| NetconfError::Config {
                 network: network.to_owned(),
                 reason: format!("floating: {reason}"),
             })

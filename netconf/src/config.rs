@@ -1,13 +1,13 @@
 //! `networking:` section of `debvisord.yaml`: host networks and sysctl settings.
 //!
 //! The types are plain data (strings as written by the operator); [`NetworkingConfig::validate`]
-//! checks them and [`Cidr`] parses the address strings for the code that applies them.
+//! checks them and [`parse_cidr`] parses the address strings for the code that applies them.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::str::FromStr;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// `networking:` — host networking of this node.
@@ -119,49 +119,19 @@ fn scalar_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String
     Ok(m.into_iter().map(|(k, v)| (k, v.0)).collect())
 }
 
-/// An address with a prefix length: `10.0.0.11/24`, `fd00::1/64`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    /// The address as written (host bits may be set).
-    pub addr: IpAddr,
-    /// Prefix length (0..=32 for IPv4, 0..=128 for IPv6).
-    pub prefix: u8,
-}
-
-impl Cidr {
-    /// Does the network of this address contain `ip`?
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let (a, b, bits) = match (self.addr, ip) {
-            (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) as u128, u32::from(b) as u128, 32),
-            (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
-            _ => return false,
-        };
-        let shift = bits - u32::from(self.prefix);
-        shift >= bits || (a >> shift) == (b >> shift)
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?} is not an address/prefix (e.g. 10.0.0.1/24 or fd00::1/64)");
-        let (a, p) = s.split_once('/').ok_or_else(bad)?;
-        let addr: IpAddr = a.parse().map_err(|_| bad())?;
-        let prefix: u8 = p.parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        if prefix > max {
-            return Err(format!(
-                "{s:?}: prefix length {prefix} is larger than {max}"
-            ));
-        }
-        Ok(Cidr { addr, prefix })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
+/// Parse an address with its prefix length (`10.0.0.11/24`, `fd00::1/64`; a bare address is
+/// refused) into an [`IpNet`] that keeps the host bits: the node's own address, on its network.
+///
+/// A helper rather than `str::parse::<IpNet>()` because ipnet's parse error ("invalid IP address
+/// syntax") names neither the input nor the expected form, and validation reports this message
+/// to the operator next to the field.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    s.parse().map_err(|_| {
+        format!(
+            "{s:?} is not an address/prefix (e.g. 10.0.0.1/24 or fd00::1/64; \
+             the prefix length is at most 32 for IPv4, 128 for IPv6)"
+        )
+    })
 }
 
 /// Check a Linux interface name: 1..=15 bytes, no `/`, `:` or whitespace, not `.` or `..`.
@@ -223,10 +193,10 @@ impl NetworkingConfig {
 
 impl HostNetwork {
     /// The parsed `addresses` (invalid entries skipped; see [`NetworkingConfig::validate`]).
-    pub fn cidrs(&self) -> Vec<Cidr> {
+    pub fn cidrs(&self) -> Vec<IpNet> {
         self.addresses
             .iter()
-            .filter_map(|a| a.parse().ok())
+            .filter_map(|a| parse_cidr(a).ok())
             .collect()
     }
 
@@ -245,14 +215,14 @@ impl HostNetwork {
             push("mtu", format!("must be between 576 and 9216, got {m}"));
         }
         for (i, a) in self.addresses.iter().enumerate() {
-            if let Err(e) = a.parse::<Cidr>() {
+            if let Err(e) = parse_cidr(a) {
                 push(&format!("addresses[{i}]"), e);
             }
         }
         if let Some(g) = &self.gateway {
             match g.parse::<IpAddr>() {
                 Err(_) => push("gateway", format!("{g:?} is not an IP address")),
-                Ok(ip) if !self.cidrs().iter().any(|c| c.contains(ip)) => push(
+                Ok(ip) if !self.cidrs().iter().any(|c| c.contains(&ip)) => push(
                     "gateway",
                     format!(
                         "{g} is not inside any network of addresses {:?}",
@@ -262,7 +232,7 @@ impl HostNetwork {
                 Ok(_) => {}
             }
         }
-        if let Some(Err(e)) = self.floating.as_deref().map(str::parse::<Cidr>) {
+        if let Some(Err(e)) = self.floating.as_deref().map(parse_cidr) {
             push("floating", e);
         }
     }
@@ -295,14 +265,14 @@ mod tests {
 
     #[test]
     fn cidr_parsing_and_containment() {
-        let c: Cidr = "10.0.0.11/24".parse().unwrap();
-        assert!(c.contains("10.0.0.254".parse().unwrap()));
-        assert!(!c.contains("10.0.1.1".parse().unwrap()));
-        assert!(!c.contains("fd00::1".parse().unwrap()));
-        let z: Cidr = "0.0.0.0/0".parse().unwrap();
-        assert!(z.contains("1.2.3.4".parse().unwrap()));
-        let v6: Cidr = "fd00::11/64".parse().unwrap();
-        assert!(v6.contains("fd00::1".parse().unwrap()));
+        let c: IpNet = "10.0.0.11/24".parse().unwrap();
+        assert!(c.contains(&"10.0.0.254".parse::<IpAddr>().unwrap()));
+        assert!(!c.contains(&"10.0.1.1".parse::<IpAddr>().unwrap()));
+        assert!(!c.contains(&"fd00::1".parse::<IpAddr>().unwrap()));
+        let z: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(z.contains(&"1.2.3.4".parse::<IpAddr>().unwrap()));
+        let v6: IpNet = "fd00::11/64".parse().unwrap();
+        assert!(v6.contains(&"fd00::1".parse::<IpAddr>().unwrap()));
         for bad in [
             "10.0.0.1",
             "10.0.0.1/33",
@@ -310,8 +280,14 @@ mod tests {
             "x/24",
             "10.0.0.1/-1",
         ] {
-            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+            assert!(bad.parse::<IpNet>().is_err(), "{bad}");
+            assert!(parse_cidr(bad).is_err_and(|e| e.contains(&format!("{bad:?}"))));
         }
+        // The node's own address: host bits are kept, not truncated to the network.
+        assert_eq!(
+            parse_cidr("10.0.0.11/24").unwrap().to_string(),
+            "10.0.0.11/24"
+        );
     }
 
     #[test]

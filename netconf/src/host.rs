@@ -8,8 +8,10 @@
 use std::future::Future;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 use crate::model::{AddrOwner, DefaultRoute, Observed, VxlanSpec};
-use crate::{Cidr, NetconfError};
+use crate::NetconfError;
 
 /// What an idempotent operation did: nothing, or a change from the given previous value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +85,7 @@ pub trait HostNet: Send + Sync {
     fn ensure_address(
         &self,
         link: &str,
-        addr: Cidr,
+        addr: IpNet,
         owner: AddrOwner,
     ) -> impl Future<Output = Result<Outcome<()>, NetconfError>> + Send;
 
@@ -91,7 +93,7 @@ pub trait HostNet: Send + Sync {
     fn remove_address(
         &self,
         link: &str,
-        addr: Cidr,
+        addr: IpNet,
     ) -> impl Future<Output = Result<Outcome<()>, NetconfError>> + Send;
 
     /// The main table's default route of `gateway`'s family goes via `gateway` on `link`
@@ -117,6 +119,6 @@ pub trait HostNet: Send + Sync {
     fn announce(
         &self,
         link: &str,
-        addr: Cidr,
+        addr: IpNet,
     ) -> impl Future<Output = Result<(), NetconfError>> + Send;
 }

@@ -6,18 +6,20 @@
 use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
 
+use ipnet::IpNet;
+
 use crate::error::check_name;
 use crate::host::{HostNet, Outcome};
 use crate::model::{
     default_metric, AddrOwner, AddrState, DefaultRoute, LinkState, Observed, VlanInfo, VxlanSpec,
 };
-use crate::{Cidr, NetconfError};
+use crate::NetconfError;
 
 /// In-memory host: a mutable [`Observed`] plus a record of announcements.
 #[derive(Debug, Default)]
 pub struct MemoryHost {
     state: Mutex<Observed>,
-    announced: Mutex<Vec<(String, Cidr)>>,
+    announced: Mutex<Vec<(String, IpNet)>>,
     unsupported: Vec<String>,
 }
 
@@ -47,7 +49,7 @@ impl MemoryHost {
     }
 
     /// `(link, address)` of every announcement sent so far.
-    pub fn announced(&self) -> Vec<(String, Cidr)> {
+    pub fn announced(&self) -> Vec<(String, IpNet)> {
         self.announced
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -223,7 +225,7 @@ impl HostNet for MemoryHost {
     async fn ensure_address(
         &self,
         link: &str,
-        addr: Cidr,
+        addr: IpNet,
         owner: AddrOwner,
     ) -> Result<Outcome<()>, NetconfError> {
         const OP: &str = "add address";
@@ -231,11 +233,11 @@ impl HostNet for MemoryHost {
             if l.has_address(&addr) {
                 return Ok(Outcome::Unchanged);
             }
-            if addr.addr.is_ipv6() && l.addresses.iter().any(|a| a.cidr.addr == addr.addr) {
+            if addr.addr().is_ipv6() && l.addresses.iter().any(|a| a.cidr.addr() == addr.addr()) {
                 return Err(conflict(
                     OP,
                     link,
-                    format!("{} is there with another prefix length", addr.addr),
+                    format!("{} is there with another prefix length", addr.addr()),
                 ));
             }
             l.addresses.push(AddrState { cidr: addr, owner });
@@ -243,7 +245,7 @@ impl HostNet for MemoryHost {
         })
     }
 
-    async fn remove_address(&self, link: &str, addr: Cidr) -> Result<Outcome<()>, NetconfError> {
+    async fn remove_address(&self, link: &str, addr: IpNet) -> Result<Outcome<()>, NetconfError> {
         self.with_link("remove address", link, |l| {
             let before = l.addresses.len();
             l.addresses.retain(|a| a.cidr != addr);
@@ -312,7 +314,7 @@ impl HostNet for MemoryHost {
         Ok(Outcome::Changed(()))
     }
 
-    async fn announce(&self, link: &str, addr: Cidr) -> Result<(), NetconfError> {
+    async fn announce(&self, link: &str, addr: IpNet) -> Result<(), NetconfError> {
         self.with_link("announce", link, |_| Ok(()))?;
         self.announced
             .lock()

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::Cidr;
+use ipnet::IpNet;
 
 /// `IFA_PROTO` value marking an address as one of this node's configured addresses (shown by
 /// `ip addr` as `proto 219`). The kernel stores it with the address, so ownership survives a
@@ -52,7 +52,7 @@ impl AddrOwner {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AddrState {
     /// Address and prefix length.
-    pub cidr: Cidr,
+    pub cidr: IpNet,
     /// Who configured it.
     pub owner: AddrOwner,
 }
@@ -130,7 +130,7 @@ impl LinkState {
     }
 
     /// Is `cidr` (exact address and prefix) on this link?
-    pub fn has_address(&self, cidr: &Cidr) -> bool {
+    pub fn has_address(&self, cidr: &IpNet) -> bool {
         self.addresses.iter().any(|a| a.cidr == *cidr)
     }
 }

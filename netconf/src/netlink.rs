@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use futures::future::LocalBoxFuture;
 use futures::TryStreamExt;
+use ipnet::IpNet;
 use rtnetlink::packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol,
 };
@@ -37,7 +38,7 @@ use crate::host::{HostNet, Outcome};
 use crate::model::{
     default_metric, AddrOwner, AddrState, DefaultRoute, LinkState, Observed, VlanInfo, VxlanSpec,
 };
-use crate::{announce, Cidr, NetconfError};
+use crate::{announce, NetconfError};
 
 /// How long one request may take before it fails with [`NetconfError::Timeout`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -414,10 +415,8 @@ fn parse_addr(m: &AddressMessage) -> Option<AddrState> {
         _ => None,
     });
     Some(AddrState {
-        cidr: Cidr {
-            addr,
-            prefix: m.header.prefix_len,
-        },
+        // A prefix length the family cannot have is not an address we could manage.
+        cidr: IpNet::new(addr, m.header.prefix_len).ok()?,
         owner: AddrOwner::from_proto(proto),
     })
 }
@@ -612,8 +611,8 @@ fn mac6(op: &'static str, link: &str, m: &LinkMessage) -> Result<[u8; 6], Netcon
 pub const ANNOUNCE_REPEATS: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(3)];
 
 /// Send one gratuitous ARP (IPv4) or unsolicited NA (IPv6) for `addr` on `link`.
-fn send_announcement(link: &str, index: u32, mac: [u8; 6], addr: Cidr) -> std::io::Result<()> {
-    match addr.addr {
+fn send_announcement(link: &str, index: u32, mac: [u8; 6], addr: IpNet) -> std::io::Result<()> {
+    match addr.addr() {
         IpAddr::V4(ip) => announce::send_garp(index, mac, ip),
         IpAddr::V6(ip) => {
             // Per namespace: read on the namespace thread. Set the Router flag like the
@@ -628,7 +627,7 @@ fn send_announcement(link: &str, index: u32, mac: [u8; 6], addr: Cidr) -> std::i
 
 /// The repeats of [`ANNOUNCE_REPEATS`]; each only while `addr` is still on `link` (after a
 /// release another node may hold it, and announcing it then would steal it back).
-async fn repeat_announcement(h: Handle, link: String, addr: Cidr) {
+async fn repeat_announcement(h: Handle, link: String, addr: IpNet) {
     const OP: &str = "announce";
     let mut waited = Duration::ZERO;
     for at in ANNOUNCE_REPEATS {
@@ -845,7 +844,7 @@ impl HostNet for Netlink {
     async fn ensure_address(
         &self,
         link: &str,
-        addr: Cidr,
+        addr: IpNet,
         owner: AddrOwner,
     ) -> Result<Outcome<()>, NetconfError> {
         const OP: &str = "add address";
@@ -857,9 +856,9 @@ impl HostNet for Netlink {
             if have.iter().filter_map(parse_addr).any(|a| a.cidr == addr) {
                 return Ok(Outcome::Unchanged);
             }
-            let mut req = h.address().add(index, addr.addr, addr.prefix);
+            let mut req = h.address().add(index, addr.addr(), addr.prefix_len());
             let m = req.message_mut();
-            if addr.addr.is_ipv6() {
+            if addr.addr().is_ipv6() {
                 m.header.flags |= AddressHeaderFlags::Nodad;
                 m.attributes
                     .push(AddressAttribute::Flags(AddressFlags::Nodad));
@@ -873,7 +872,10 @@ impl HostNet for Netlink {
                 Err(e) if nl_errno(&e) == Some(libc::EEXIST) => Err(NetconfError::Conflict {
                     op: OP,
                     link: link.clone(),
-                    reason: format!("{} is already there with another prefix length", addr.addr),
+                    reason: format!(
+                        "{} is already there with another prefix length",
+                        addr.addr()
+                    ),
                 }),
                 Err(e) => Err(nl_err(OP, &link, e)),
             }
@@ -881,7 +883,7 @@ impl HostNet for Netlink {
         .await
     }
 
-    async fn remove_address(&self, link: &str, addr: Cidr) -> Result<Outcome<()>, NetconfError> {
+    async fn remove_address(&self, link: &str, addr: IpNet) -> Result<Outcome<()>, NetconfError> {
         const OP: &str = "remove address";
         check_name(OP, link)?;
         let link = link.to_owned();
@@ -968,7 +970,7 @@ impl HostNet for Netlink {
         .await
     }
 
-    async fn announce(&self, link: &str, addr: Cidr) -> Result<(), NetconfError> {
+    async fn announce(&self, link: &str, addr: IpNet) -> Result<(), NetconfError> {
         const OP: &str = "announce";
         check_name(OP, link)?;
         let link = link.to_owned();

@@ -48,9 +48,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::config::check_ifname;
+use ipnet::IpNet;
+
+use crate::config::{check_ifname, parse_cidr};
 use crate::model::{AddrOwner, Observed};
-use crate::{Cidr, HostNetwork, HostNetworks};
+use crate::{HostNetwork, HostNetworks};
 
 /// The MTU a newly created bridge starts with.
 const NEW_BRIDGE_MTU: u32 = 1500;
@@ -86,13 +88,13 @@ pub enum Action {
     AddAddress {
         network: String,
         link: String,
-        addr: Cidr,
+        addr: IpNet,
     },
     /// Remove an address we added earlier from `link`.
     RemoveAddress {
         network: String,
         link: String,
-        addr: Cidr,
+        addr: IpNet,
     },
     /// Point the default route of `gateway`'s family via `gateway` on `link`.
     ReplaceDefaultRoute {
@@ -207,7 +209,7 @@ struct Spec {
     networks: Vec<&'static str>,
     mtu: Option<u32>,
     master: Option<String>,
-    addresses: Vec<Cidr>,
+    addresses: Vec<IpNet>,
 }
 
 impl Spec {
@@ -229,18 +231,14 @@ fn network_specs(
     check_ifname(&net.device).map_err(|r| bad(&net.device, r))?;
     let mut addresses = Vec::new();
     for a in &net.addresses {
-        addresses.push(
-            a.parse::<Cidr>()
-                .map_err(|r| bad(&net.device, format!("address {r}")))?,
-        );
+        addresses.push(parse_cidr(a).map_err(|r| bad(&net.device, format!("address {r}")))?);
     }
     if let Some(g) = &net.gateway {
         g.parse::<IpAddr>()
             .map_err(|_| bad(&net.device, format!("gateway {g:?} is not an IP address")))?;
     }
     if let Some(f) = &net.floating {
-        f.parse::<Cidr>()
-            .map_err(|r| bad(&net.device, format!("floating {r}")))?;
+        parse_cidr(f).map_err(|r| bad(&net.device, format!("floating {r}")))?;
     }
     if !observed.links.contains_key(&net.device) && !created_elsewhere.contains(&net.device) {
         return Err(bad(
@@ -415,14 +413,14 @@ pub fn plan(desired: &HostNetworks, observed: &Observed) -> Vec<Action> {
     let mut blocked: Vec<Action> = Vec::new();
     let mut ok_networks: Vec<(&'static str, &HostNetwork)> = Vec::new();
     // Addresses of blocked networks: kept wherever they are.
-    let mut protected: Vec<Cidr> = Vec::new();
+    let mut protected: Vec<IpNet> = Vec::new();
     for (name, net) in desired.iter() {
         let r = network_specs(name, net, observed, &created).and_then(|s| merge(&mut specs, s));
         match r {
             Ok(()) => ok_networks.push((name, net)),
             Err((link, reason)) => {
-                protected.extend(net.addresses.iter().filter_map(|a| a.parse::<Cidr>().ok()));
-                protected.extend(net.floating.as_deref().and_then(|f| f.parse::<Cidr>().ok()));
+                protected.extend(net.addresses.iter().filter_map(|a| parse_cidr(a).ok()));
+                protected.extend(net.floating.as_deref().and_then(|f| parse_cidr(f).ok()));
                 blocked.push(Action::Blocked {
                     network: name.to_owned(),
                     link,
@@ -538,7 +536,7 @@ pub fn plan(desired: &HostNetworks, observed: &Observed) -> Vec<Action> {
     }
 
     // Stale addresses we own.
-    let floating_wanted: Vec<(String, Cidr)> = ok_networks
+    let floating_wanted: Vec<(String, IpNet)> = ok_networks
         .iter()
         .filter_map(|(_, n)| {
             let f = n.floating.as_deref()?.parse().ok()?;

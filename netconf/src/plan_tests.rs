@@ -23,7 +23,7 @@ fn host() -> Observed {
         .with_link(phys(3, "eth1"))
 }
 
-fn cidr(s: &str) -> Cidr {
+fn cidr(s: &str) -> IpNet {
     s.parse().expect("cidr")
 }
 

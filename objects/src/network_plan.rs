@@ -9,7 +9,8 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use debvisor_netconf::{AddrOwner, Cidr, Observed, VxlanSpec};
+use debvisor_netconf::{AddrOwner, Observed, VxlanSpec};
+use ipnet::IpNet;
 
 use crate::network::{Network, NetworkType};
 use crate::reactor::ObjectError;
@@ -62,11 +63,11 @@ pub enum Step {
     /// Add a gateway address (owned as floating: it moves with the primary).
     AddGateway {
         link: String,
-        addr: Cidr,
+        addr: IpNet,
     },
     RemoveGateway {
         link: String,
-        addr: Cidr,
+        addr: IpNet,
     },
     DeleteLink {
         link: String,
@@ -148,19 +149,15 @@ fn mtu_for(net: &Network, ctx: &HostContext) -> (u32, bool) {
 }
 
 /// Gateway addresses the bridge carries on this node.
-pub fn gateways(net: &Network, ctx: &HostContext) -> Vec<Cidr> {
+pub fn gateways(net: &Network, ctx: &HostContext) -> Vec<IpNet> {
     if !ctx.primary || net.kind != NetworkType::Managed {
         return Vec::new();
     }
     [&net.ipv4, &net.ipv6]
         .into_iter()
         .flatten()
-        .filter_map(|f| {
-            f.gateway.map(|g| Cidr {
-                addr: g,
-                prefix: f.network.len,
-            })
-        })
+        // Validated: the gateway lies inside the network, so the length fits its family.
+        .filter_map(|f| f.gateway.and_then(|g| IpNet::new(g, f.network.len).ok()))
         .collect()
 }
 
@@ -265,7 +262,7 @@ pub fn plan_host(net: &Network, ctx: &HostContext, obs: &Observed) -> Result<Pla
         }
     }
     let want_gw = gateways(net, ctx);
-    let have: Vec<(Cidr, AddrOwner)> = bridge_obs
+    let have: Vec<(IpNet, AddrOwner)> = bridge_obs
         .map(|b| b.addresses.iter().map(|a| (a.cidr, a.owner)).collect())
         .unwrap_or_default();
     for g in &want_gw {
@@ -476,7 +473,7 @@ mod tests {
             .get_mut("dvbr100")
             .expect("br")
             .addresses
-            .retain(|a| !a.cidr.addr.is_ipv4());
+            .retain(|a| !a.cidr.addr().is_ipv4());
         let steps = plan_host(&n, &ctx(true), &d).expect("plan").steps;
         assert_eq!(
             steps,
@@ -490,10 +487,7 @@ mod tests {
                 },
                 Step::AddGateway {
                     link: "dvbr100".into(),
-                    addr: Cidr {
-                        addr: "10.1.0.1".parse().expect("ip"),
-                        prefix: 24
-                    }
+                    addr: IpNet::new("10.1.0.1".parse().expect("ip"), 24).expect("prefix")
                 },
             ]
         );
@@ -554,10 +548,7 @@ mod tests {
             .expect("br")
             .addresses
             .push(AddrState {
-                cidr: Cidr {
-                    addr: "10.1.0.200".parse().expect("ip"),
-                    prefix: 24,
-                },
+                cidr: IpNet::new("10.1.0.200".parse().expect("ip"), 24).expect("prefix"),
                 owner: AddrOwner::Foreign,
             });
         assert_eq!(plan_host(&n, &ctx(true), &g).expect("plan").steps, vec![]);

@@ -1,6 +1,5 @@
 use super::*;
 use crate::config::FirewallAllow;
-use crate::observe::{Observed, ObservedChain, ObservedRule};
 use serde_json::{json, Value};
 
 fn cidr(s: &str) -> Cidr {
@@ -51,7 +50,8 @@ fn small_network() -> NetworkRules {
     }
 }
 
-fn small_ruleset() -> Ruleset {
+/// A ruleset with one network and a few ACLs (also used by the drift tests of `observe`).
+pub(crate) fn small_ruleset() -> Ruleset {
     Ruleset::from_config(
         &small_config(),
         &[cidr("192.0.2.0/24"), cidr("192.0.2.128/25")],
@@ -405,116 +405,6 @@ fn ids_are_stable_and_content_addressed() {
     assert_eq!(parse_comment(&rule.comment()), Some(("ssh", rule.id())));
     assert_eq!(parse_comment("ssh #xyz"), None);
     assert_eq!(parse_comment("someone's rule"), None);
-}
-
-/// An `Observed` that is exactly what nft would list for `r`.
-fn observed_of(r: &Ruleset) -> Observed {
-    let mut handle = 0;
-    Observed {
-        table_present: true,
-        chains: r
-            .chains()
-            .iter()
-            .map(|c| ObservedChain {
-                name: c.name().to_owned(),
-                chain_type: c.base_chain().map(|_| "filter".into()),
-                hook: c.base_chain().map(|b| b.hook.name().into()),
-                priority: c.base_chain().map(|b| b.priority.into()),
-                policy: c.base_chain().map(|b| b.policy.name().into()),
-                rules: c
-                    .rules()
-                    .iter()
-                    .map(|x| {
-                        handle += 1;
-                        ObservedRule {
-                            handle,
-                            comment: Some(x.comment()),
-                        }
-                    })
-                    .collect(),
-            })
-            .collect(),
-        other_objects: vec![],
-    }
-}
-
-#[test]
-fn diff_detects_each_kind_of_drift() {
-    let r = small_ruleset();
-    assert_eq!(r.diff(&observed_of(&r)), None);
-    assert!(r.diff(&Observed::absent()).unwrap().table_missing);
-
-    let mut o = observed_of(&r);
-    let removed = o.chains[0].rules.remove(4);
-    o.chains[0].rules.push(ObservedRule {
-        handle: 999,
-        comment: None,
-    });
-    o.chains[1].policy = Some("accept".into());
-    o.chains.retain(|c| c.name != "net100-out");
-    o.chains.push(ObservedChain {
-        name: "stale".into(),
-        ..Default::default()
-    });
-    o.other_objects.push("set blocked".into());
-    let d = r.diff(&o).unwrap();
-    assert_eq!(d.missing_rules.len(), 1);
-    assert_eq!(d.missing_rules[0].description.as_deref(), Some("ssh"));
-    assert_eq!(d.missing_rules[0].id.as_deref(), removed.id());
-    assert_eq!(d.extra_rules.len(), 1);
-    assert_eq!(d.extra_rules[0].handle, Some(999));
-    assert_eq!(d.changed_chains.len(), 1);
-    assert!(d.changed_chains[0].starts_with("forward: policy"), "{d:?}");
-    assert_eq!(d.missing_chains, ["net100-out"]);
-    assert_eq!(d.extra_chains, ["stale"]);
-    assert_eq!(d.extra_objects, ["set blocked"]);
-    assert!(d.reordered_chains.is_empty());
-    let text = d.to_string();
-    assert!(text.contains("missing rules: input \"ssh\""), "{text}");
-
-    let mut o = observed_of(&r);
-    o.chains[0].rules.swap(0, 1);
-    let d = r.diff(&o).unwrap();
-    assert_eq!(d.reordered_chains, ["input"]);
-    assert!(d.missing_rules.is_empty() && d.extra_rules.is_empty());
-}
-
-#[test]
-fn observed_parses_nft_listing() {
-    let listing = json!({"nftables": [
-        {"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}},
-        {"table": {"family": "inet", "name": "debvisor", "handle": 7}},
-        {"chain": {"family": "inet", "table": "debvisor", "name": "input", "handle": 1,
-                   "type": "filter", "hook": "input", "prio": 0, "policy": "drop"}},
-        {"chain": {"family": "inet", "table": "debvisor", "name": "net1-in", "handle": 2}},
-        {"rule": {"family": "inet", "table": "debvisor", "chain": "input", "handle": 5,
-                  "comment": "ssh #0123456789abcdef",
-                  "expr": [{"somethingnew": {"x": 1}}, {"accept": null}]}},
-        {"rule": {"family": "inet", "table": "debvisor", "chain": "net1-in", "handle": 6,
-                  "expr": [{"drop": null}]}},
-        {"set": {"family": "inet", "table": "debvisor", "name": "s", "type": "ipv4_addr", "handle": 3}},
-        {"table": {"family": "inet", "name": "other", "handle": 9}},
-        {"chain": {"family": "inet", "table": "other", "name": "input", "handle": 1}},
-    ]});
-    let o = Observed::from_nft_json(&listing.to_string()).unwrap();
-    assert!(o.table_present);
-    assert_eq!(o.chains.len(), 2);
-    assert_eq!(o.chains[0].policy.as_deref(), Some("drop"));
-    assert_eq!(o.chains[0].rules[0].id(), Some("0123456789abcdef"));
-    assert_eq!(o.chains[0].rules[0].description(), Some("ssh"));
-    assert_eq!(o.chains[1].rules[0].comment, None);
-    assert_eq!(o.other_objects, ["set s"]);
-    assert_eq!(o.rule_count(), 2);
-
-    let none =
-        json!({"nftables": [{"metainfo": {}}, {"table": {"family": "inet", "name": "other"}}]});
-    assert!(
-        !Observed::from_nft_json(&none.to_string())
-            .unwrap()
-            .table_present
-    );
-    assert!(Observed::from_nft_json("{}").is_err());
-    assert!(Observed::from_nft_json("not json").is_err());
 }
 
 #[test]
