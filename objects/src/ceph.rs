@@ -1,7 +1,7 @@
 //! The Ceph objects' desired state, written by operators under `ceph/…` and `templates/…`:
 //! pools, RBD volumes (with their snapshots as sub-keys, so one reconcile at a time touches a
 //! volume) and templates (clone sources). Parsed with errors naming the field; names and
-//! sizes validated. [`crate::ceph_plan`] turns "desired vs observed" into driver steps.
+//! sizes validated. The `ceph_plan` module turns "desired vs observed" into driver steps.
 //!
 //! Key layout (relative to the prefix):
 //!

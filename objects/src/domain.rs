@@ -482,6 +482,17 @@ impl Kind for VmKind {
 mod tests {
     use super::*;
 
+    #[test]
+    fn every_vm_field_is_documented() {
+        for f in VmField::ALL {
+            let pattern = format!("vms/<vm>/{}", f.suffix());
+            assert!(
+                crate::schema::KEYS.iter().any(|k| k.pattern == pattern),
+                "{pattern} missing from KEYS"
+            );
+        }
+    }
+
     const UUID: &str = "8f3c2a1e-5b7d-4c9a-9e1f-0a2b3c4d5e6f";
 
     fn xml(uuid: &str, name: &str) -> String {

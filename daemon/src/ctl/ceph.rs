@@ -32,10 +32,9 @@ use debvisor_objects::{KeyEntry, Kv, ObjectError, Store, TxnBuilder};
 use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
 
+use crate::ctl::output::{self, json_or_string, str_of, Output};
 use crate::ctl::wait::{parse_duration, Failure, Followed};
-use crate::ctl::Keys;
-use crate::ctl::{self, Output};
-use crate::ctl::{json_or_string, str_of};
+use debvisor_objects::reactor::ObjectKeys as Keys;
 
 // ---------------------------------------------------------------------------------------
 // Command line
@@ -632,7 +631,7 @@ fn pool_table(v: &Value) -> String {
             human_bytes(&o["max_avail"]),
         ]);
     }
-    ctl::table(&rows)
+    output::table(&rows)
 }
 
 // --- volumes ---
@@ -804,7 +803,7 @@ fn volume_table(v: &Value) -> String {
             str_of(&x["snapshots"]),
         ]);
     }
-    ctl::table(&rows)
+    output::table(&rows)
 }
 
 /// `ceph snapshot list POOL/IMAGE`.
@@ -849,7 +848,7 @@ fn snapshot_table(v: &Value) -> String {
             human_bytes(&o["used"]),
         ]);
     }
-    ctl::table(&rows)
+    output::table(&rows)
 }
 
 // --- templates ---
@@ -913,7 +912,7 @@ fn template_table(v: &Value) -> String {
             },
         ]);
     }
-    ctl::table(&rows)
+    output::table(&rows)
 }
 
 // --- status ---

@@ -19,9 +19,7 @@ use debvisor_objects::Store;
 
 use crate::config::Config;
 
-pub use debvisor_objects::reactor::ObjectKeys as Keys;
 pub use node::{check_node_name, node_json, node_text, nodes, status_table, NodeRow};
-pub(crate) use output::{json_or_string, str_of};
 pub use output::{table, Output};
 pub use wait::{parse_duration, Failure, WaitArgs};
 

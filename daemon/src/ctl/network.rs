@@ -34,8 +34,8 @@ use debvisor_objects::{KeyEntry, Kv, ObjectError, Store};
 use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp};
 use serde_json::{json, Map, Value};
 
-use crate::ctl::Output;
-use crate::ctl::{json_or_string, str_of, Keys};
+use crate::ctl::output::{self, json_or_string, str_of, Output};
+use debvisor_objects::reactor::ObjectKeys as Keys;
 
 // ---------------------------------------------------------------------------------------
 // Command line
@@ -1262,7 +1262,7 @@ pub fn list_table(v: &Value) -> String {
             str_of(&n["description"]),
         ]);
     }
-    crate::ctl::table(&rows)
+    output::table(&rows)
 }
 
 /// Sorted ACL rules of a network as JSON (direction, numeric order).
@@ -1447,7 +1447,7 @@ pub fn show_text(v: &Value) -> String {
                 r["report"].to_string(),
             ]);
         }
-        crate::ctl::table(&t)
+        output::table(&t)
     }));
     out.push_str(&section("leases", &v["leases"], lease_table));
     out
@@ -1477,7 +1477,7 @@ fn reservation_table(v: &Value) -> String {
             str_of(&r["hostname"]),
         ]);
     }
-    crate::ctl::table(&rows)
+    output::table(&rows)
 }
 
 fn lease_table(v: &Value) -> String {
@@ -1498,7 +1498,7 @@ fn lease_table(v: &Value) -> String {
             reserved,
         ]);
     }
-    crate::ctl::table(&rows)
+    output::table(&rows)
 }
 
 /// The `network dhcp list` tables.
@@ -1551,7 +1551,7 @@ pub fn acl_table(v: &Value) -> String {
             str_of(&r["description"]),
         ]);
     }
-    crate::ctl::table(&rows)
+    output::table(&rows)
 }
 
 /// At most `n` characters, with "…" when cut.
@@ -1679,7 +1679,7 @@ mod tests {
 
     #[test]
     fn tables_align() {
-        let t = crate::ctl::table(&[
+        let t = output::table(&[
             vec!["A".into(), "BB".into(), "C".into()],
             vec!["aaa".into(), "b".into(), "c".into()],
         ]);

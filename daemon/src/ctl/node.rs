@@ -7,8 +7,9 @@ use debvisor_objects::schema::{self, NodeField, NODES_PREFIX};
 use debvisor_objects::{Store, TxnBuilder};
 use serde_json::{json, Value};
 
+use crate::ctl::output::Output;
 use crate::ctl::wait::{follow, humantime, Failure, Followed, WaitArgs};
-use crate::ctl::{Keys, Output};
+use debvisor_objects::reactor::ObjectKeys as Keys;
 
 /// `node …`.
 #[derive(Debug, Clone, clap::Subcommand)]

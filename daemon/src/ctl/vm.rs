@@ -32,9 +32,10 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::ctl::node::{self, check_node_name};
+use crate::ctl::output::{self, json_or_string, str_of, Output};
 use crate::ctl::wait::{follow, humantime, Failure, Followed, WaitArgs};
-use crate::ctl::{self, Output};
-use crate::ctl::{json_or_string, str_of, Keys};
+use debvisor_objects::reactor::ObjectKeys as Keys;
 
 // ---------------------------------------------------------------------------------------
 // Command line
@@ -369,7 +370,7 @@ pub fn resolve<'a>(rows: &'a [VmRow], arg: &str) -> Result<&'a VmRow, String> {
 
 /// The valid nodes (invalid records cannot take VMs) and the names of all nodes.
 async fn read_nodes(store: &Store) -> Result<(Vec<NodeRecord>, Vec<String>), String> {
-    let rows = ctl::nodes(store).await?;
+    let rows = node::nodes(store).await?;
     let names = rows.iter().map(|r| r.name.clone()).collect();
     Ok((
         rows.into_iter().filter_map(|r| r.node.ok()).collect(),
@@ -452,7 +453,7 @@ pub fn list_table(rows: &[VmRow]) -> String {
             problem,
         ]);
     }
-    crate::ctl::table(&t)
+    output::table(&t)
 }
 
 /// `vm show` as text.
@@ -626,7 +627,7 @@ pub async fn define(store: &Store, a: &DefineArgs) -> Result<Value, String> {
     let (nodes, names) = read_nodes(store).await?;
     let node = match &a.node {
         Some(n) => {
-            ctl::check_node_name(n).map_err(|e| format!("--node: {e}"))?;
+            check_node_name(n).map_err(|e| format!("--node: {e}"))?;
             if !names.iter().any(|x| x == n) {
                 return Err(format!(
                     "invalid node (--node): node {n:?} not found under {}/{} (known: {})",
@@ -1266,7 +1267,7 @@ pub fn plan_migrate(
     let current = vm.node.as_deref().or(vm.owner.as_deref());
     let target = match target {
         Some(t) => {
-            ctl::check_node_name(t).map_err(|e| format!("--target: {e}"))?;
+            check_node_name(t).map_err(|e| format!("--target: {e}"))?;
             let Some(n) = nodes.iter().find(|n| n.name == t) else {
                 return Err(if node_names.iter().any(|n| n == t) {
                     format!("--target {t}: the node's record is invalid (see `node show {t}`)")

@@ -4,9 +4,8 @@
 
 use std::time::Duration;
 
+use debvisor_objects::reactor::ObjectKeys as Keys;
 use debvisor_objects::{KeyEntry, Store};
-
-use crate::ctl::Keys;
 use etcd_client::EventType;
 
 /// Parse a duration like `90s`, `3m`, `500ms`, `1h` or a bare number of seconds.
