@@ -358,6 +358,19 @@ pub struct DomainsConfig {
     pub migration_timeout: Duration,
     /// Most per-VM stats keys written per keepalive tick (the stalest first).
     pub stats_writes_per_tick: u32,
+    /// Mass-removal guard: when more than this percentage of this node's VMs vanish from
+    /// etcd within `removal_window` (and at least `removal_hold_min` of them), nothing is
+    /// destroyed until an operator confirms (`debvisorctl node confirm-removals`).
+    pub removal_hold_percent: u32,
+    /// Fewest vanished VMs that can trip the mass-removal guard.
+    pub removal_hold_min: u32,
+    /// Window in which vanished VMs count together.
+    #[serde(with = "duration_str")]
+    pub removal_window: Duration,
+    /// How long a removal waits before it is carried out, so that a burst of deletions is
+    /// seen whole before anything is destroyed.
+    #[serde(with = "duration_str")]
+    pub removal_settle: Duration,
 }
 
 impl Default for DomainsConfig {
@@ -373,6 +386,10 @@ impl Default for DomainsConfig {
             migration_max_downtime: Duration::from_millis(300),
             migration_timeout: Duration::from_secs(600),
             stats_writes_per_tick: 64,
+            removal_hold_percent: 50,
+            removal_hold_min: 3,
+            removal_window: Duration::from_secs(10),
+            removal_settle: Duration::from_secs(2),
         }
     }
 }
@@ -1399,6 +1416,34 @@ impl Config {
                 format!(
                     "must be at most 60s, got {}",
                     format_duration(d.migration_max_downtime)
+                ),
+            );
+        }
+        if !(1..=100).contains(&d.removal_hold_percent) {
+            bad(
+                "domains.removal_hold_percent",
+                format!("must be between 1 and 100, got {}", d.removal_hold_percent),
+            );
+        }
+        if d.removal_hold_min == 0 {
+            bad("domains.removal_hold_min", "must be at least 1".into());
+        }
+        if d.removal_settle > Duration::from_secs(60) {
+            bad(
+                "domains.removal_settle",
+                format!(
+                    "must be at most 60s, got {}",
+                    format_duration(d.removal_settle)
+                ),
+            );
+        }
+        if d.removal_window < d.removal_settle {
+            bad(
+                "domains.removal_window",
+                format!(
+                    "must be at least domains.removal_settle ({}), got {}",
+                    format_duration(d.removal_settle),
+                    format_duration(d.removal_window)
                 ),
             );
         }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use debvisor_netconf::Netlink;
 use debvisor_objects::lease::{self, LeaseState};
 use debvisor_objects::node::{DaemonState, DomainState as DomainStateValue, NodeInfo};
+use debvisor_objects::witness::StoreMark;
 use debvisor_objects::Store;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +20,7 @@ use tracing::{error, info, warn};
 use crate::config::{Config, NodeMode, OnShutdown};
 use crate::hypervisor::Libvirt;
 use crate::keepalive::{Keepalive, TickOutcome};
+use crate::owned_keys::OwnKeys;
 use crate::reactors::network::FirewallSync;
 use crate::registration::{self, LocalState, RegisterError};
 use crate::services::Supervised;
@@ -45,6 +47,10 @@ struct Running {
     log: logging::LogHandle,
     config_path: PathBuf,
     info: NodeInfo,
+    /// The node's own keys, compared with etcd and repaired on every tick.
+    own: OwnKeys,
+    /// The store mark last saved to the state dir, and when.
+    mark_saved: Option<(StoreMark, Instant)>,
 }
 
 /// Runs the stages after logging: times each, logs and reports it, and on a failure stops
@@ -203,6 +209,13 @@ async fn start_objects(
         primary: b.primary,
     });
     let mut signals = b.signals;
+    let own = OwnKeys::new(
+        &node,
+        b.cfg.node.mode.as_str(),
+        b.cfg.node.fqdn.clone(),
+        registration::coordinator_state(&b.cfg),
+        keepalive.info_handle(),
+    );
     let r = Running {
         cfg: b.cfg,
         store: b.store,
@@ -219,12 +232,14 @@ async fn start_objects(
         log: b.log,
         config_path: b.config_path,
         info: b.info,
+        own,
+        mark_saved: None,
     };
     tokio::select! {
         detail = r.objects.synced() => clock.done(&node, Outcome::Ok, &detail),
         sig = signals.recv() => {
             info!(node = %node, signal = ?sig, "termination requested during startup");
-            return Err(shutdown(r, DaemonState::Init).await);
+            return Err(shutdown(r, Some(DaemonState::Init)).await);
         }
     }
     r.objects.net_host.firewall_ready().await;
@@ -355,15 +370,13 @@ async fn run_loop(
     let node = r.cfg.node_name().to_string();
     spawn_host_resync(&r);
     let mut ticks = spawn_ticker(keepalive, r.cfg.keepalive.interval, r.objects.tasks.clone());
-    // False while daemon_state=run may be missing in the store (after an outage or a failed
-    // re-registration); rewritten on the next successful tick.
-    let mut state_written = true;
     loop {
+        let current = r.lease.load(Ordering::SeqCst);
         let lost = tokio::select! {
             sig = signals.recv() => match sig {
                 Some(Signal::Terminate(name)) => {
                     info!(node = %node, signal = name, "termination requested; shutting down gracefully");
-                    return shutdown(r, DaemonState::Run).await;
+                    return shutdown(r, Some(DaemonState::Run)).await;
                 }
                 Some(Signal::Reload) => {
                     reload(&r);
@@ -372,35 +385,84 @@ async fn run_loop(
                 None => false,
             },
             changed = r.lease_state.changed() => {
-                changed.is_ok() && matches!(*r.lease_state.borrow(), LeaseState::Lost { .. })
+                // Only the loss of the lease we hold now; a stale report is no loss.
+                changed.is_ok()
+                    && matches!(*r.lease_state.borrow(), LeaseState::Lost { id } if id == current)
             }
             outcome = ticks.recv() => {
                 let Some(outcome) = outcome else {
                     error!(node = %node, "keepalive task ended; shutting down");
-                    return shutdown(r, DaemonState::Run).await;
+                    shutdown(r, Some(DaemonState::Run)).await;
+                    return ExitCode::from(1);
                 };
                 r.objects.nodes.resync();
                 r.objects.networks.resync();
-                if outcome == TickOutcome::StoreUnreachable {
-                    state_written = false;
-                } else if outcome == TickOutcome::Written && !state_written {
-                    state_written = registration::ensure_daemon_state(&r.store, &node, DaemonState::Run, "store reachable again").await.is_ok();
+                match outcome {
+                    TickOutcome::Written => {
+                        after_tick(&mut r).await;
+                        false
+                    }
+                    // A tick that ran on an older lease says nothing about the current one.
+                    TickOutcome::NotRegistered { lease } => lease == current,
+                    TickOutcome::StoreUnreachable => false,
                 }
-                outcome == TickOutcome::NotRegistered
             }
         };
         if lost {
             match reregister(&mut r).await {
-                Ok(()) => state_written = true,
+                Ok(()) => {}
                 Err(RegisterError::Duplicate { .. }) => {
-                    error!(node = %node, "another daemon took this node name while our lease was lost; stopping");
-                    return shutdown(r, DaemonState::Run).await;
+                    error!(node = %node, "another daemon took this node name while our lease was lost; stopping (exit 1)");
+                    // The node's keys are the other daemon's now: leave them alone.
+                    shutdown(r, None).await;
+                    return ExitCode::from(1);
                 }
                 Err(e) => {
-                    state_written = false;
                     warn!(node = %node, error = %e, "re-registration failed; retrying on the next tick");
                 }
             }
+        }
+    }
+}
+
+/// After a written tick: repair the node's own keys from the watch's view, act on an
+/// operator's confirmation of held removals, and remember the store's identity.
+async fn after_tick(r: &mut Running) {
+    let node = r.cfg.node_name().to_string();
+    if let Some(entry) = r.objects.nodes.get(&node) {
+        if let Err(e) = r.own.repair(&r.store, &entry.keys).await {
+            warn!(node = %node, error = %e, "own keys not checked; retrying on the next tick");
+        }
+        if r.own.confirm_requested(&entry.keys) {
+            let vms = r.objects.domains.confirm_removals(&r.objects.vms);
+            let nets = r.objects.net_host.release_held();
+            for vni in &nets {
+                r.objects.networks.enqueue(&vni.to_string());
+            }
+            info!(node = %node, vms, networks = nets.len(), "operator confirmed: held removals carried out, the store accepted as it is");
+        }
+    }
+    save_store_mark(r);
+}
+
+/// Keep the store's identity in the state dir (at most every 30 s, or when the cluster
+/// changed), so a restart against a store that went back is noticed at once.
+fn save_store_mark(r: &mut Running) {
+    let Some(mark) = r.store.mark() else { return };
+    let due = match &r.mark_saved {
+        None => true,
+        Some((m, at)) => {
+            m.cluster_id != mark.cluster_id
+                || (m.revision != mark.revision && at.elapsed() >= Duration::from_secs(30))
+        }
+    };
+    if !due {
+        return;
+    }
+    match r.local.save_store_mark(&mark) {
+        Ok(()) => r.mark_saved = Some((mark, Instant::now())),
+        Err(e) => {
+            warn!(node = %r.cfg.node_name(), error = %e, "cannot remember the store's identity")
         }
     }
 }
@@ -419,7 +481,10 @@ async fn reregister(r: &mut Running) -> Result<(), RegisterError> {
         &r.node_id,
         &crate::hostinfo::now_rfc3339(),
     );
-    let lease_id = registration::register(&r.store, &r.local, &data).await?;
+    let lease_id = registration::register(&r.store, &r.local, &data, Some(old)).await?;
+    if lease_id == old {
+        return Ok(());
+    }
     r.lease.store(lease_id, Ordering::SeqCst);
     r.lease_cancel = CancellationToken::new();
     r.lease_state = lease::spawn_keeper(
@@ -448,11 +513,13 @@ fn reload(r: &Running) {
 }
 
 /// Graceful shutdown, bounded in time: `shutdown` → objects stopped → `stop` → lease revoked
-/// → our services stopped. Guests and networks are left as they are.
-async fn shutdown(r: Running, from: DaemonState) -> ExitCode {
+/// → our services stopped. Guests and networks are left as they are. `from` is the
+/// `daemon_state` this daemon holds; `None` when the node's keys are no longer ours (another
+/// daemon took the name): they are then not written.
+async fn shutdown(r: Running, from: Option<DaemonState>) -> ExitCode {
     notify::stopping();
     let node = r.cfg.node_name().to_string();
-    let flush = r.cfg.domains.on_shutdown == OnShutdown::Flush && from == DaemonState::Run;
+    let flush = r.cfg.domains.on_shutdown == OnShutdown::Flush && from == Some(DaemonState::Run);
     let mut budget = r.cfg.store.request_timeout * 3 + Duration::from_secs(15);
     if flush {
         budget += r.cfg.domains.flush_timeout;
@@ -461,23 +528,27 @@ async fn shutdown(r: Running, from: DaemonState) -> ExitCode {
         if flush {
             flush_before_stop(&r).await;
         }
-        let _ = registration::set_daemon_state(
-            &r.store,
-            &node,
-            from,
-            DaemonState::Shutdown,
-            "termination requested",
-        )
-        .await;
+        if let Some(from) = from {
+            let _ = registration::set_daemon_state(
+                &r.store,
+                &node,
+                from,
+                DaemonState::Shutdown,
+                "termination requested",
+            )
+            .await;
+        }
         r.objects.shutdown().await;
-        let _ = registration::set_daemon_state(
-            &r.store,
-            &node,
-            DaemonState::Shutdown,
-            DaemonState::Stop,
-            "objects stopped",
-        )
-        .await;
+        if from.is_some() {
+            let _ = registration::set_daemon_state(
+                &r.store,
+                &node,
+                DaemonState::Shutdown,
+                DaemonState::Stop,
+                "objects stopped",
+            )
+            .await;
+        }
         r.lease_cancel.cancel();
         let lease = r.lease.load(Ordering::SeqCst);
         match r.store.lease_revoke(lease).await {

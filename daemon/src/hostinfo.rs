@@ -26,6 +26,22 @@ pub fn boot_id() -> String {
     read_trim("/proc/sys/kernel/random/boot_id").unwrap_or_default()
 }
 
+/// Start time of process `pid` in clock ticks since boot (`/proc/<pid>/stat` field 22),
+/// `None` when it does not exist or is a zombie. With the boot id and the PID it names one
+/// process for as long as the host runs: a reused PID has another start time.
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After "pid (comm)" — comm may hold spaces and parentheses, so split at the last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    // rest starts at field 3 (state); start time is field 22.
+    let state = fields.next()?;
+    if state == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
 /// Online CPUs.
 pub fn cpus() -> u32 {
     std::thread::available_parallelism()
@@ -152,5 +168,22 @@ mod tests {
             assert!(a.contains('/'), "{a}");
             assert!(!a.starts_with("127."), "{a}");
         }
+    }
+
+    #[test]
+    fn a_process_start_time_names_this_process_and_not_a_reaped_child() {
+        let me = std::process::id();
+        let t = process_start_ticks(me).expect("own start time");
+        assert_eq!(process_start_ticks(me), Some(t), "stable");
+        let mut child = std::process::Command::new("/bin/true")
+            .spawn()
+            .expect("spawn /bin/true");
+        let pid = child.id();
+        child.wait().expect("reap");
+        assert_eq!(
+            process_start_ticks(pid),
+            None,
+            "a reaped process has no start time"
+        );
     }
 }

@@ -26,8 +26,9 @@ use crate::reactors::domain::DomainHost;
 pub enum TickOutcome {
     /// Written in one transaction.
     Written,
-    /// The compare failed: our lease no longer holds `alive` — re-register.
-    NotRegistered,
+    /// The compare failed: `lease` (the one this tick used) no longer holds `alive` —
+    /// re-register, unless the daemon already holds a newer lease.
+    NotRegistered { lease: i64 },
     /// The store did not answer; nothing written.
     StoreUnreachable,
 }
@@ -39,8 +40,9 @@ pub struct Keepalive {
     lease: Arc<AtomicI64>,
     libvirt: Libvirt,
     started: Instant,
-    /// `info` as last written; rewritten when it differs.
-    written_info: NodeInfo,
+    /// `info` as last written; rewritten when it differs (shared with the repair of the
+    /// node's own keys, which compares it with etcd).
+    written_info: Arc<std::sync::Mutex<NodeInfo>>,
     base_info: NodeInfo,
     outage_since: Option<Instant>,
     /// The Domain object: which domains are ours (per-VM stats) and which are foreign.
@@ -114,7 +116,7 @@ impl Keepalive {
             lease,
             libvirt,
             started: Instant::now(),
-            written_info: written,
+            written_info: Arc::new(std::sync::Mutex::new(written)),
             base_info: base,
             outage_since: None,
             domains: None,
@@ -137,6 +139,19 @@ impl Keepalive {
         self.domains = Some(domains);
         self.stats_budget = budget.max(1);
         self
+    }
+
+    /// `info` as this node last wrote it.
+    pub fn info_written(&self) -> NodeInfo {
+        self.written_info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A handle on `info` as last written, for the repair of the node's own keys.
+    pub fn info_handle(&self) -> Arc<std::sync::Mutex<NodeInfo>> {
+        self.written_info.clone()
     }
 
     /// Changed per-VM stats to write this tick: only VMs we manage, only values that
@@ -197,6 +212,13 @@ impl Keepalive {
             .as_ref()
             .map(|d| d.foreign().into_values().collect())
             .unwrap_or_default();
+        let removals_held = self.domains.as_ref().and_then(|d| d.removals_held());
+        if let Some(h) = &removals_held {
+            problems.push(format!(
+                "{} removal(s) held: {} — confirm with `debvisorctl node confirm-removals {}`",
+                h.count, h.reason, self.node
+            ));
+        }
         let ceph = self.ceph.as_ref().and_then(|rx| rx.borrow().clone());
         if let Some(line) = ceph.as_ref().and_then(|c| c.problem()) {
             problems.push(line);
@@ -213,12 +235,13 @@ impl Keepalive {
             uptime_s: hostinfo::uptime_s(),
             daemon_uptime_s: self.started.elapsed().as_secs(),
             problems,
+            removals_held,
         };
         let info = refresh_info(
             &self.base_info,
-            version.or_else(|| self.written_info.libvirt_version.clone()),
+            version.or_else(|| self.info_written().libvirt_version),
         );
-        let info_changed = info != self.written_info;
+        let info_changed = info != self.info_written();
         let now = hostinfo::now_rfc3339();
         let lease = self.lease.load(Ordering::SeqCst);
         let alive = schema::node_key(&self.node, NodeField::Alive);
@@ -254,14 +277,14 @@ impl Keepalive {
                 if info_changed {
                     info!(node = %self.node, hostname = %info.hostname, addresses = ?info.addresses,
                         libvirt_version = ?info.libvirt_version, "node info changed; rewritten");
-                    self.written_info = info;
+                    *self.written_info.lock().unwrap_or_else(|p| p.into_inner()) = info;
                 }
                 debug!(node = %self.node, "keepalive written");
                 TickOutcome::Written
             }
             Ok(_) => {
                 warn!(node = %self.node, lease = format!("{lease:x}"), "keepalive refused: this node's lease no longer holds its alive key");
-                TickOutcome::NotRegistered
+                TickOutcome::NotRegistered { lease }
             }
             Err(e) => {
                 if self.outage_since.is_none() {

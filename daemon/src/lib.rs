@@ -4,7 +4,8 @@
 //! (the CLI and the drivers never import the daemon's life or the reactors):
 //!
 //! - **the daemon's life** — [`daemon`] (runs the stages, the run loop, shutdown),
-//!   [`stages`] (one file per startup stage), [`keepalive`], [`registration`], [`signals`],
+//!   [`stages`] (one file per startup stage), [`keepalive`], [`registration`],
+//!   [`owned_keys`] (the node's own keys, repaired level-triggered), [`signals`],
 //!   [`notify`], [`journal`], [`logging`];
 //! - **reactors** — [`reactors`]: the host side of each object kind (domain, network, Ceph
 //!   objects, Ceph monitor, drain);
@@ -32,6 +33,7 @@ pub mod journal;
 pub mod keepalive;
 pub mod logging;
 pub mod notify;
+pub mod owned_keys;
 pub mod registration;
 pub mod signals;
 pub mod stages;

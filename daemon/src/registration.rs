@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use debvisor_objects::node::{AliveRecord, CoordinatorState, DaemonState, DomainState, NodeInfo};
 use debvisor_objects::schema::{self, NodeField};
+use debvisor_objects::witness::StoreMark;
 use debvisor_objects::{Store, StoreError, TxnBuilder};
 use thiserror::Error;
 use tracing::{info, warn};
@@ -84,6 +85,89 @@ impl LocalState {
     pub fn clear_lease(&self) {
         let _ = std::fs::remove_file(self.dir.join("lease"));
     }
+
+    /// The store's identity as an earlier run last saw it (`store_mark`), if readable.
+    pub fn store_mark(&self) -> Option<StoreMark> {
+        let text = std::fs::read(self.dir.join("store_mark")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Remember the store's identity (written to a temp file, then renamed into place).
+    pub fn save_store_mark(&self, mark: &StoreMark) -> Result<(), RegisterError> {
+        let path = self.dir.join("store_mark");
+        let tmp = self.dir.join("store_mark.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(mark).unwrap_or_default())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| Self::err(&path, e))
+    }
+}
+
+/// This process as its `alive` record names it: boot id, PID and start time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessToken {
+    pub boot_id: String,
+    pub pid: u32,
+    pub start_ticks: u64,
+}
+
+impl ProcessToken {
+    /// The running daemon's own token.
+    pub fn current() -> ProcessToken {
+        let pid = std::process::id();
+        ProcessToken {
+            boot_id: crate::hostinfo::boot_id(),
+            pid,
+            start_ticks: crate::hostinfo::process_start_ticks(pid).unwrap_or(0),
+        }
+    }
+
+    /// Does `holder` name this process?
+    pub fn wrote(&self, holder: &AliveRecord) -> bool {
+        holder.is_process(&self.boot_id, self.pid, self.start_ticks)
+    }
+}
+
+/// Who holds the node name, as far as this daemon can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// This very process (e.g. its registration came back with a restored etcd).
+    ThisProcess,
+    /// An earlier run of this daemon (same state dir): crashed, or this host rebooted.
+    EarlierRun,
+    /// Someone else.
+    Other,
+}
+
+/// Tell who wrote `holder`, with `lease` the lease `alive` is bound to. The token decides
+/// when the record has one; records of daemons that predate it fall back to the lease file.
+fn holder_of(
+    holder: &AliveRecord,
+    lease: i64,
+    me: &ProcessToken,
+    node_id: &str,
+    local: &LocalState,
+) -> Holder {
+    if me.wrote(holder) {
+        return Holder::ThisProcess;
+    }
+    if holder.node_id != node_id {
+        return Holder::Other;
+    }
+    if holder.boot_id.is_empty() {
+        return if local.last_lease() == Some(lease) || lease == 0 {
+            Holder::EarlierRun
+        } else {
+            Holder::Other
+        };
+    }
+    // Our state dir's id: an earlier run unless that process is alive right now.
+    let live = holder.boot_id == me.boot_id
+        && crate::hostinfo::process_start_ticks(holder.pid) == Some(holder.start_ticks);
+    if live {
+        Holder::Other
+    } else {
+        Holder::EarlierRun
+    }
 }
 
 /// What registration writes besides `alive`.
@@ -98,6 +182,16 @@ pub struct RegistrationData {
     pub ttl: Duration,
 }
 
+/// The `coordinator_state` this node holds outside an election: a standalone node counts as
+/// a coordinator (`Config::is_coordinator`); the election makes one coordinator primary.
+pub fn coordinator_state(cfg: &Config) -> CoordinatorState {
+    if cfg.is_coordinator() {
+        CoordinatorState::Secondary
+    } else {
+        CoordinatorState::Client
+    }
+}
+
 /// Build the registration data from config and host facts.
 pub fn data(
     cfg: &Config,
@@ -110,19 +204,18 @@ pub fn data(
         node: cfg.node_name().to_string(),
         fqdn: cfg.node.fqdn.clone(),
         mode: cfg.node.mode.as_str(),
-        // A standalone node counts as a coordinator (`Config::is_coordinator`); the election
-        // makes one coordinator primary.
-        coordinator: if cfg.is_coordinator() {
-            CoordinatorState::Secondary
-        } else {
-            CoordinatorState::Client
-        },
+        coordinator: coordinator_state(cfg),
         daemon_state: state,
-        alive: AliveRecord {
-            hostname: info.hostname.clone(),
-            pid: std::process::id(),
-            node_id: node_id.to_string(),
-            since: since.to_string(),
+        alive: {
+            let me = ProcessToken::current();
+            AliveRecord {
+                hostname: info.hostname.clone(),
+                pid: me.pid,
+                node_id: node_id.to_string(),
+                since: since.to_string(),
+                boot_id: me.boot_id,
+                start_ticks: me.start_ticks,
+            }
         },
         info,
         ttl: cfg.keepalive.lease_ttl,
@@ -133,31 +226,47 @@ fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
-/// Claim the node name and write the node's keys; returns the new lease id.
+/// Claim the node name and write the node's keys; returns the new lease id. `current` is
+/// the lease this process holds now (re-registration): a registration bound to it is
+/// already ours and is kept, never revoked.
 pub async fn register(
     store: &Store,
     local: &LocalState,
     d: &RegistrationData,
+    current: Option<i64>,
 ) -> Result<i64, RegisterError> {
     let alive_key = schema::node_key(&d.node, NodeField::Alive);
     if let Some(kv) = store.get(&alive_key).await? {
         let holder: AliveRecord = serde_json::from_slice(&kv.value).unwrap_or_default();
-        let ours = local.last_lease() == Some(kv.lease)
-            || (kv.lease == 0 && holder.node_id == d.alive.node_id);
-        if ours {
-            info!(node = %d.node, lease = format!("{:x}", kv.lease), "previous run of this daemon still holds the node name; revoking its lease");
-            if kv.lease != 0 {
-                store.lease_revoke(kv.lease).await?;
-            } else {
-                store.delete(&alive_key).await?;
+        if current.is_some_and(|c| c == kv.lease && kv.lease != 0) {
+            info!(node = %d.node, lease = format!("{:x}", kv.lease), "already registered with the current lease; nothing to take over");
+            return Ok(kv.lease);
+        }
+        let me = ProcessToken::current();
+        match holder_of(&holder, kv.lease, &me, &d.alive.node_id, local) {
+            who @ (Holder::ThisProcess | Holder::EarlierRun) => {
+                let whose = if who == Holder::ThisProcess {
+                    "this daemon's own registration (the store went back to an older state)"
+                } else {
+                    "a previous run of this daemon"
+                };
+                info!(node = %d.node, lease = format!("{:x}", kv.lease), holder_pid = holder.pid, "node name held by {whose}; taking it over");
+                if kv.lease != 0 {
+                    store.lease_revoke(kv.lease).await?;
+                } else {
+                    store.delete(&alive_key).await?;
+                }
             }
-        } else if kv.lease == 0 || store.lease_ttl(kv.lease).await? > 0 {
-            return Err(RegisterError::Duplicate {
-                node: d.node.clone(),
-                hostname: holder.hostname,
-                pid: holder.pid,
-                lease: kv.lease,
-            });
+            Holder::Other => {
+                if kv.lease == 0 || store.lease_ttl(kv.lease).await? > 0 {
+                    return Err(RegisterError::Duplicate {
+                        node: d.node.clone(),
+                        hostname: holder.hostname,
+                        pid: holder.pid,
+                        lease: kv.lease,
+                    });
+                }
+            }
         }
     }
     let lease = store.lease_grant(d.ttl).await?;
@@ -239,25 +348,4 @@ pub async fn set_daemon_state(
         }
     }
     r
-}
-
-/// Make sure `daemon_state` is `want` (after a store outage someone, e.g. the primary, may
-/// have changed it); writes and logs only when it differs.
-pub async fn ensure_daemon_state(
-    store: &Store,
-    node: &str,
-    want: DaemonState,
-    reason: &str,
-) -> Result<(), StoreError> {
-    let key = schema::node_key(node, NodeField::DaemonState);
-    let current = store
-        .get(&key)
-        .await?
-        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
-    if current.as_deref() == Some(want.as_str()) {
-        return Ok(());
-    }
-    store.put(&key, want.as_str()).await?;
-    info!(node = %node, from = current.as_deref().unwrap_or("-"), to = %want, reason, "daemon_state corrected");
-    Ok(())
 }

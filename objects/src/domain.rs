@@ -476,6 +476,11 @@ impl Kind for VmKind {
             .map(VmField::drives_reconcile)
             .unwrap_or(false)
     }
+    /// `status` is cached too: its owner compares it with what it wrote (repairs a deleted
+    /// or forged status); `stats` is not (written every few ticks, read by nobody here).
+    fn cached(&self, sub: &str) -> bool {
+        self.relevant(sub) || sub == VmField::Status.suffix()
+    }
 }
 
 #[cfg(test)]

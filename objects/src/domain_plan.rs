@@ -26,6 +26,9 @@ pub struct Local {
     pub persistent: bool,
     /// The host's definition matches the desired XML (the executor decides how to compare).
     pub xml_current: bool,
+    /// Defined by DebVisor (it carries our metadata mark). A domain without the mark is
+    /// someone else's: never defined over, started, stopped, destroyed or undefined.
+    pub ours: bool,
 }
 
 /// Everything the planner looks at for one VM on this node.
@@ -33,7 +36,7 @@ pub struct Local {
 pub struct Situation<'a> {
     /// Desired state; `None` when the VM was removed from etcd.
     pub vm: Option<&'a Vm>,
-    /// The domain on this host, if any (only domains we manage: foreign ones never get here).
+    /// The domain with the VM's UUID on this host, if any.
     pub local: Option<Local>,
     /// This node's name and current lease.
     pub me: &'a str,
@@ -161,6 +164,17 @@ fn power_off(s: &Situation, hard: bool, then: Vec<Step>) -> Plan {
 
 /// Plan the next steps for one VM on this node.
 pub fn plan_vm(s: &Situation) -> Plan {
+    if s.local.as_ref().is_some_and(|l| !l.ours) {
+        // Someone else's domain carries the VM's UUID: touch nothing. Say so when the VM
+        // is meant to run here (it cannot: its UUID is taken on this host).
+        return match s.vm {
+            Some(vm) if vm.node.as_deref() == Some(s.me) => plan(vec![report(
+                "fail",
+                "a domain with this UUID on this host was not defined by DebVisor; left alone",
+            )]),
+            _ => plan(vec![]),
+        };
+    }
     let Some(vm) = s.vm else {
         // Removed from etcd: take down and forget our copy.
         let mut then = vec![];
@@ -383,6 +397,7 @@ mod tests {
                 state,
                 persistent: true,
                 xml_current: true,
+                ours: true,
             }),
             me: "hv1",
             my_lease: 10,
@@ -392,6 +407,51 @@ mod tests {
             max_failed_starts: 3,
             restart_done: false,
             live_failed: false,
+        }
+    }
+
+    #[test]
+    fn a_domain_we_did_not_define_is_never_touched_whatever_etcd_says() {
+        let foreign = |state| Local {
+            state,
+            persistent: true,
+            xml_current: false,
+            ours: false,
+        };
+        let states = [
+            DesiredState::Start,
+            DesiredState::Stop,
+            DesiredState::Shutdown,
+            DesiredState::Disable,
+            DesiredState::Restart,
+            DesiredState::Migrate,
+            DesiredState::MigrateLive,
+            DesiredState::Unmigrate,
+        ];
+        for local in [LocalState::Running, LocalState::ShutOff, LocalState::Paused] {
+            // Removed from etcd (a stray key written and deleted): nothing.
+            let mut s = sit(None, None);
+            s.local = Some(foreign(local));
+            assert_eq!(steps(&plan_vm(&s)), vec![], "removed, {local:?}");
+            for state in states {
+                for (target, lock) in [
+                    ("hv1", None),
+                    ("hv2", Some(("hv2", 20))),
+                    ("hv1", Some(("hv2", 20))),
+                ] {
+                    let v = vm(state, target, lock);
+                    let mut s = sit(Some(&v), None);
+                    s.local = Some(foreign(local));
+                    let p = plan_vm(&s);
+                    assert_eq!(
+                        steps(&p),
+                        vec![],
+                        "{state} on {target} lock {lock:?}, {local:?}"
+                    );
+                    let want = (target == "hv1").then_some("fail");
+                    assert_eq!(reported(&p), want, "{state} on {target}, {local:?}");
+                }
+            }
         }
     }
 
@@ -432,6 +492,7 @@ mod tests {
             state: LocalState::ShutOff,
             persistent: true,
             xml_current: false,
+            ours: true,
         });
         assert_eq!(
             steps(&plan_vm(&s)),
@@ -572,12 +633,14 @@ mod tests {
             state: LocalState::ShutOff,
             persistent: true,
             xml_current: true,
+            ours: true,
         });
         assert_eq!(steps(&plan_vm(&s)), vec![Step::Start]);
         s.local = Some(Local {
             state: LocalState::Running,
             persistent: true,
             xml_current: true,
+            ours: true,
         });
         assert_eq!(steps(&plan_vm(&s)), vec![Step::Settle]);
     }
@@ -596,6 +659,7 @@ mod tests {
             state: LocalState::ShutOff,
             persistent: true,
             xml_current: true,
+            ours: true,
         });
         assert_eq!(steps(&plan_vm(&s)), vec![Step::Handover, Step::Undefine]);
         // migrate-live forbids the fallback.

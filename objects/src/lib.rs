@@ -17,6 +17,7 @@ pub mod placement;
 pub mod reactor;
 pub mod schema;
 pub mod store;
+pub mod witness;
 
 pub use reactor::{
     Action, Entry, KeyEntry, Kind, ObjectError, Reactor, ReactorOptions, ReconcileError, Reconciler,

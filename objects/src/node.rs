@@ -127,6 +127,10 @@ pub struct Health {
     /// daemons that predate it, so older readers ignore it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ceph: Option<CephNodeHealth>,
+    /// Removals this node holds until an operator confirms (`debvisorctl node
+    /// confirm-removals`); absent when none are held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removals_held: Option<HeldRemovals>,
 }
 
 /// The node-level Ceph summary in `nodes/<node>/health`: cluster status as this node sees
@@ -209,6 +213,39 @@ pub struct AliveRecord {
     /// RFC3339 start time of the holder.
     #[serde(default)]
     pub since: String,
+    /// Boot id of the holder's host (`/proc/sys/kernel/random/boot_id`).
+    #[serde(default)]
+    pub boot_id: String,
+    /// Start time of the holder process (clock ticks since boot, `/proc/<pid>/stat`): with
+    /// the boot id and the PID it names one process, so a daemon recognises its own
+    /// registration whatever lease it is bound to (a restored etcd brings old leases back).
+    #[serde(default)]
+    pub start_ticks: u64,
+}
+
+impl AliveRecord {
+    /// Written by the very process `(boot_id, pid, start_ticks)`?
+    pub fn is_process(&self, boot_id: &str, pid: u32, start_ticks: u64) -> bool {
+        !self.boot_id.is_empty()
+            && self.boot_id == boot_id
+            && self.pid == pid
+            && self.start_ticks == start_ticks
+    }
+}
+
+/// Removals of guests or networks this node holds instead of carrying out (the store was
+/// found replaced, or too many of its VMs vanished at once), until an operator confirms.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeldRemovals {
+    /// How many objects' removals wait.
+    pub count: u32,
+    /// Why they are held.
+    pub reason: String,
+    /// RFC 3339 time the hold began.
+    pub since: String,
+    /// Names of some of them (at most 20).
+    #[serde(default)]
+    pub names: Vec<String>,
 }
 
 /// One node as the cluster sees it.
@@ -229,6 +266,9 @@ pub struct NodeRecord {
     /// The lease `alive` is bound to.
     pub alive_lease: i64,
     pub alive_record: Option<AliveRecord>,
+    /// Keys of other writers that did not parse (e.g. a garbage `status`): reported, and the
+    /// node stays usable; the owning node repairs its own keys.
+    pub problems: Vec<ObjectError>,
 }
 
 fn utf8<'a>(field: &str, v: &'a [u8]) -> Result<&'a str, ObjectError> {
@@ -287,7 +327,12 @@ pub fn parse_node(
                     .map_err(|e| ObjectError::new(f, format!("{s:?} is not RFC3339: {e}")))?;
                 n.last_seen = Some(s.to_string());
             }
-            NodeField::Status => n.status = Some(parse_enum(f, v)?),
+            // The primary's verdict: a bad value must not make the whole node unusable.
+            NodeField::Status => match parse_enum(f, v) {
+                Ok(st) => n.status = Some(st),
+                Err(e) => n.problems.push(e),
+            },
+            NodeField::ConfirmRemovals => {}
             NodeField::ConfigVersion | NodeField::ConfigLastAppliedAt | NodeField::ConfigStatus => {
                 utf8(f, v)?;
             }
@@ -476,7 +521,6 @@ mod tests {
             ("coordinator_state", "boss", "coordinator_state"),
             ("domain_state", "flushing", "domain_state"),
             ("mode", "solo", "mode"),
-            ("status", "ok", "status"),
             ("info", "not json", "info"),
             ("info", "{\"hostname\":1}", "info"),
             ("health", "[]", "health"),
@@ -491,6 +535,13 @@ mod tests {
             parse_node("Bad_Name", &keys(&[])).map_err(|e| e.field),
             Err("name".to_string())
         );
+        // The primary's `status` is another writer's key: a bad value is a problem of the
+        // record, named, and the node stays usable.
+        let n = parse_node("n1", &keys(&[("status", "ok"), ("daemon_state", "run")]))
+            .expect("a bad status does not invalidate the node");
+        assert_eq!(n.status, None);
+        assert_eq!(n.daemon_state, Some(DaemonState::Run));
+        assert_eq!(n.problems.first().map(|e| e.field.as_str()), Some("status"));
     }
 
     #[test]

@@ -87,6 +87,13 @@ pub trait Kind: Send + Sync + 'static {
     fn relevant(&self, _sub: &str) -> bool {
         true
     }
+    /// Is a key that is not [`relevant`](Kind::relevant) still kept in the cache, for the
+    /// reconciler to compare with what it wrote (a node's own reports are level-triggered:
+    /// a deleted or forged status is seen on the next resync)? Its changes still trigger
+    /// nothing, and an object with only such keys counts as absent.
+    fn cached(&self, sub: &str) -> bool {
+        self.relevant(sub)
+    }
 }
 
 /// What the controller should do after a successful reconcile.
@@ -407,7 +414,14 @@ pub fn group_keys(
 }
 
 fn group_by_object<K: Kind>(kind: &K, kvs: Vec<Kv>) -> BTreeMap<String, ObjectKeys> {
-    group_keys(kind.prefix(), kvs, |sub| kind.relevant(sub))
+    let mut grouped = group_keys(kind.prefix(), kvs, |sub| kind.cached(sub));
+    grouped.retain(|_, keys| has_relevant(kind, keys));
+    grouped
+}
+
+/// Does the object have a key of its desired state (else it counts as absent)?
+fn has_relevant<K: Kind>(kind: &K, keys: &ObjectKeys) -> bool {
+    keys.keys().any(|k| kind.relevant(k))
 }
 
 /// `nodes/n1/info/fqdn` with prefix `nodes/` → (`n1`, `info/fqdn`).
@@ -457,9 +471,10 @@ fn apply_list<K: Kind>(
 /// Apply one watch event; returns the object id it touched.
 fn apply_event<K: Kind>(shared: &Shared<K>, key: &str, put: Option<KeyEntry>) -> Option<String> {
     let (id, sub) = split_object_key(shared.kind.prefix(), key)?;
-    if !shared.kind.relevant(sub) {
+    if !shared.kind.cached(sub) {
         return None;
     }
+    let triggers = shared.kind.relevant(sub);
     let mut cache = shared.cache.write().unwrap_or_else(|p| p.into_inner());
     let mut keys = cache.get(id).map(|e| e.keys.clone()).unwrap_or_default();
     match put {
@@ -470,13 +485,17 @@ fn apply_event<K: Kind>(shared: &Shared<K>, key: &str, put: Option<KeyEntry>) ->
             keys.remove(sub);
         }
     }
-    if keys.is_empty() {
+    if !has_relevant(&shared.kind, &keys) {
+        // Only reports left (or nothing): absent. A report alone never creates an object.
+        if !triggers && !cache.contains_key(id) {
+            return None;
+        }
         cache.remove(id);
     } else {
         let entry = make_entry(&shared.kind, id, keys);
         cache.insert(id.to_string(), entry);
     }
-    Some(id.to_string())
+    triggers.then(|| id.to_string())
 }
 
 async fn watch_loop<K: Kind>(shared: Arc<Shared<K>>, store: Store, cancel: CancellationToken) {

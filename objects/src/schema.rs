@@ -57,13 +57,14 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec { pattern: "nodes/<node>/info", writer: Writer::OwningNode, format: "JSON NodeInfo", leased: false, doc: "Static facts: hostname, fqdn, addresses, version, cpus, memory, kernel, libvirt version, rack, node_id. Rewritten when hostname, addresses or version change." },
     KeySpec { pattern: "nodes/<node>/info/fqdn", writer: Writer::OwningNode, format: "string", leased: false, doc: "Cluster-assigned FQDN (from `node.fqdn`), consumed by hostname-register." },
     KeySpec { pattern: "nodes/<node>/mode", writer: Writer::OwningNode, format: "standalone|clustered", leased: false, doc: "How the node participates in the cluster." },
-    KeySpec { pattern: "nodes/<node>/alive", writer: Writer::OwningNode, format: "JSON AliveRecord", leased: true, doc: "Proof of life: exists exactly while the node lease lives. A node is dead when this key vanishes." },
+    KeySpec { pattern: "nodes/<node>/alive", writer: Writer::OwningNode, format: "JSON AliveRecord", leased: true, doc: "Proof of life: exists exactly while the node lease lives. A node is dead when this key vanishes. The record (hostname, pid, boot_id, start_ticks, node_id, since) names the process holding it, so a daemon knows its own registration whatever lease it is bound to." },
     KeySpec { pattern: "nodes/<node>/daemon_state", writer: Writer::OwningNode, format: "stop|init|run|shutdown|dead|fenced", leased: false, doc: "Daemon lifecycle; `dead`/`fenced` are written by the primary." },
     KeySpec { pattern: "nodes/<node>/coordinator_state", writer: Writer::OwningNode, format: "client|secondary|takeover|primary|relinquish", leased: false, doc: "Role in the primary election." },
     KeySpec { pattern: "nodes/<node>/domain_state", writer: Writer::OwningNode, format: "ready|flush|flushed|unflush|fence-flush", leased: false, doc: "VM drain state; `flush`/`unflush` are requested by the operator, the node moves it on." },
-    KeySpec { pattern: "nodes/<node>/health", writer: Writer::OwningNode, format: "JSON Health", leased: false, doc: "Latest health snapshot, written with last_seen in one transaction per keepalive tick; with ceph.enabled a `ceph` field {status, checks, osds [{id, up, in}], error, since} from the Ceph monitor (a non-OK status adds a line to problems)." },
+    KeySpec { pattern: "nodes/<node>/health", writer: Writer::OwningNode, format: "JSON Health", leased: false, doc: "Latest health snapshot, written with last_seen in one transaction per keepalive tick; with ceph.enabled a `ceph` field {status, checks, osds [{id, up, in}], error, since} from the Ceph monitor (a non-OK status adds a line to problems); `removals_held` {count, reason, since, names} while the node holds removals for an operator." },
     KeySpec { pattern: "nodes/<node>/last_seen", writer: Writer::OwningNode, format: "RFC3339 timestamp", leased: false, doc: "Time of the last keepalive tick (informational; liveness is `alive`)." },
     KeySpec { pattern: "nodes/<node>/status", writer: Writer::Primary, format: "OK|DEGRADED|DOWN", leased: false, doc: "Health verdict derived by the primary." },
+    KeySpec { pattern: "nodes/<node>/confirm_removals", writer: Writer::Operator, format: "RFC3339 timestamp", leased: false, doc: "Written by `debvisorctl node confirm-removals`: the node carries out the removals it holds (health.removals_held) and accepts a replaced store as it is." },
     KeySpec { pattern: "nodes/<node>/config/version", writer: Writer::OwningNode, format: "string", leased: false, doc: "Last config version applied on the node." },
     KeySpec { pattern: "nodes/<node>/config/last_applied_at", writer: Writer::OwningNode, format: "RFC3339 timestamp", leased: false, doc: "When that version was applied." },
     KeySpec { pattern: "nodes/<node>/config/status", writer: Writer::OwningNode, format: "OK|STALE|ERROR[: detail]", leased: false, doc: "Config sync state of the node." },
@@ -128,11 +129,12 @@ pub enum NodeField {
     ConfigVersion,
     ConfigLastAppliedAt,
     ConfigStatus,
+    ConfirmRemovals,
 }
 
 impl NodeField {
     /// Every field, for exhaustive iteration.
-    pub const ALL: [NodeField; 13] = [
+    pub const ALL: [NodeField; 14] = [
         NodeField::Info,
         NodeField::Fqdn,
         NodeField::Mode,
@@ -146,6 +148,7 @@ impl NodeField {
         NodeField::ConfigVersion,
         NodeField::ConfigLastAppliedAt,
         NodeField::ConfigStatus,
+        NodeField::ConfirmRemovals,
     ];
 
     /// Path of the field below `nodes/<node>/`.
@@ -164,6 +167,7 @@ impl NodeField {
             NodeField::ConfigVersion => "config/version",
             NodeField::ConfigLastAppliedAt => "config/last_applied_at",
             NodeField::ConfigStatus => "config/status",
+            NodeField::ConfirmRemovals => "confirm_removals",
         }
     }
 

@@ -5,14 +5,17 @@
 //! keep-alive pings detect a dead server under them.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity,
-    LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, TxnResponse,
-    WatchOptions, WatchStream,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteResponse, GetOptions,
+    GetResponse, Identity, LeaseKeepAliveStream, LeaseKeeper, PutOptions, PutResponse,
+    ResponseHeader, TlsOptions, Txn, TxnOp, TxnResponse, WatchOptions, WatchStream,
 };
 use thiserror::Error;
+
+use crate::witness::{StoreChange, StoreMark, Witness};
 
 /// Errors of the store layer.
 #[derive(Debug, Error)]
@@ -110,7 +113,25 @@ pub struct Store {
     prefix: String,
     timeout: Duration,
     endpoints: Vec<String>,
+    /// The store's identity as seen in our answers (shared by every clone).
+    witness: Arc<Witness>,
 }
+
+/// A linearizable key-value answer, whose header witnesses the store's identity.
+trait Headed {
+    fn header(&self) -> Option<&ResponseHeader>;
+}
+
+macro_rules! headed {
+    ($($t:ty),*) => {$(
+        impl Headed for $t {
+            fn header(&self) -> Option<&ResponseHeader> {
+                <$t>::header(self)
+            }
+        }
+    )*};
+}
+headed!(GetResponse, PutResponse, DeleteResponse, TxnResponse);
 
 fn read_file(field: &'static str, path: &PathBuf) -> Result<Vec<u8>, StoreError> {
     std::fs::read(path).map_err(|source| StoreError::File {
@@ -177,7 +198,33 @@ impl Store {
             prefix: opts.prefix.trim_end_matches('/').to_string(),
             timeout: opts.request_timeout,
             endpoints,
+            witness: Arc::new(Witness::default()),
         })
+    }
+
+    /// Remember the store's identity from an earlier run (see [`crate::witness`]).
+    pub fn seed_mark(&self, mark: StoreMark) {
+        self.witness.seed(mark);
+    }
+
+    /// The store's identity as this process has seen it (to remember across restarts).
+    pub fn mark(&self) -> Option<StoreMark> {
+        self.witness.mark()
+    }
+
+    /// Set when the store was found replaced under us and no operator confirmed it yet.
+    pub fn store_change(&self) -> Option<StoreChange> {
+        self.witness.change()
+    }
+
+    /// An operator confirmed the store as it is: removals are no longer held for it.
+    pub fn accept_store_change(&self) {
+        self.witness.accept();
+    }
+
+    /// Follow [`Store::store_change`].
+    pub fn watch_store_change(&self) -> tokio::sync::watch::Receiver<Option<StoreChange>> {
+        self.witness.subscribe()
     }
 
     /// The endpoints this store talks to.
@@ -235,12 +282,28 @@ impl Store {
         }
     }
 
+    /// Like [`Store::bounded`] for a linearizable key-value request: its answer's header
+    /// feeds the witness, against the floor known when the request was sent.
+    async fn unary<T: Headed>(
+        &self,
+        op: &'static str,
+        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
+        let floor = self.witness.floor();
+        let resp = self.bounded(op, fut).await?;
+        if let Some(h) = resp.header() {
+            self.witness
+                .observe(op, h.cluster_id(), h.revision(), floor);
+        }
+        Ok(resp)
+    }
+
     /// Prove the server answers: returns the current revision.
     pub async fn probe(&self) -> Result<i64, StoreError> {
         let mut c = self.client.clone();
         let key = self.abs(&crate::schema::schema_version());
         let resp = self
-            .bounded(
+            .unary(
                 "probe",
                 c.get(key, Some(GetOptions::new().with_count_only())),
             )
@@ -251,7 +314,7 @@ impl Store {
     /// Read one key.
     pub async fn get(&self, rel: &str) -> Result<Option<Kv>, StoreError> {
         let mut c = self.client.clone();
-        let resp = self.bounded("get", c.get(self.abs(rel), None)).await?;
+        let resp = self.unary("get", c.get(self.abs(rel), None)).await?;
         Ok(resp.kvs().first().and_then(|kv| self.to_kv(kv)))
     }
 
@@ -259,7 +322,7 @@ impl Store {
     pub async fn list(&self, rel_prefix: &str) -> Result<(Vec<Kv>, i64), StoreError> {
         let mut c = self.client.clone();
         let resp = self
-            .bounded(
+            .unary(
                 "list",
                 c.get(self.abs(rel_prefix), Some(GetOptions::new().with_prefix())),
             )
@@ -274,7 +337,7 @@ impl Store {
     /// Write one key (no lease).
     pub async fn put(&self, rel: &str, value: impl Into<Vec<u8>>) -> Result<(), StoreError> {
         let mut c = self.client.clone();
-        self.bounded("put", c.put(self.abs(rel), value.into(), None))
+        self.unary("put", c.put(self.abs(rel), value.into(), None))
             .await?;
         Ok(())
     }
@@ -282,9 +345,7 @@ impl Store {
     /// Delete one key; returns whether it existed.
     pub async fn delete(&self, rel: &str) -> Result<bool, StoreError> {
         let mut c = self.client.clone();
-        let r = self
-            .bounded("delete", c.delete(self.abs(rel), None))
-            .await?;
+        let r = self.unary("delete", c.delete(self.abs(rel), None)).await?;
         Ok(r.deleted() > 0)
     }
 
@@ -310,7 +371,7 @@ impl Store {
                     .map(|op| op.into_op(self))
                     .collect::<Vec<_>>(),
             );
-        self.bounded("txn", c.txn(txn)).await
+        self.unary("txn", c.txn(txn)).await
     }
 
     /// Watch every key under a relative prefix from `start_revision` (inclusive).

@@ -504,6 +504,50 @@ impl EtcdProcess {
         self.kill()
     }
 
+    /// Stop etcd, delete its data and start it again empty on the same ports, name and peer
+    /// URL: the same cluster id, revisions from 1 (a wiped data dir).
+    pub fn wipe(&mut self) -> Result<()> {
+        self.stop()?;
+        remove_dir(&self.data_dir)?;
+        self.launch()
+    }
+
+    /// `etcdctl snapshot save` of the running etcd into `path`.
+    pub fn snapshot_save(&self, path: &Path) -> Result<()> {
+        let mut cmd = Command::new(ETCDCTL_BIN);
+        cmd.env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.endpoint())
+            .arg("snapshot")
+            .arg("save")
+            .arg(path);
+        run_quiet(cmd, "etcdctl snapshot save")
+    }
+
+    /// Stop etcd and start it again from snapshot `path` (`etcdctl snapshot restore` into a
+    /// fresh data dir with the same member name and peer URL): the store goes back to the
+    /// snapshot, leases included.
+    pub fn restore(&mut self, path: &Path) -> Result<()> {
+        self.stop()?;
+        remove_dir(&self.data_dir)?;
+        let peer_url = format!("http://{}:{}", self.host, self.peer_port);
+        let mut cmd = Command::new(ETCDCTL_BIN);
+        cmd.env("ETCDCTL_API", "3")
+            .arg("snapshot")
+            .arg("restore")
+            .arg(path)
+            .arg("--name")
+            .arg("t")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--initial-cluster")
+            .arg(format!("t={peer_url}"))
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer_url);
+        run_quiet(cmd, "etcdctl snapshot restore")?;
+        self.launch()
+    }
+
     /// Start etcd again with the same data dir and ports (stopping it first if it runs).
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;
@@ -522,6 +566,37 @@ impl EtcdProcess {
             }
         }
     }
+}
+
+/// Path of the etcdctl binary.
+pub const ETCDCTL_BIN: &str = "/usr/bin/etcdctl";
+
+/// Remove a directory tree if it exists.
+fn remove_dir(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(HarnessError::Io {
+            context: format!("removing {}", dir.display()),
+            source: e,
+        }),
+    }
+}
+
+/// Run `cmd` to completion; an error carries its stderr.
+fn run_quiet(mut cmd: Command, what: &str) -> Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .ctx(|| format!("running {what}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(HarnessError::State(format!(
+        "{what} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
 }
 
 /// Send `sig` to `pid`.

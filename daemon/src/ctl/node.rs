@@ -7,7 +7,7 @@ use debvisor_objects::schema::{self, NodeField, NODES_PREFIX};
 use debvisor_objects::{Store, TxnBuilder};
 use serde_json::{json, Value};
 
-use crate::ctl::output::Output;
+use crate::ctl::output::{str_of, Output};
 use crate::ctl::wait::{follow, humantime, Failure, Followed, WaitArgs};
 use debvisor_objects::reactor::ObjectKeys as Keys;
 
@@ -28,6 +28,42 @@ pub enum NodeCommand {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Let a node carry out the removals it holds (guests of VMs that vanished from etcd
+    /// in a mass removal, or while the store was found replaced) and accept the store as it
+    /// is now. `node show` lists what it holds (health.removals_held).
+    ConfirmRemovals { name: String },
+}
+
+/// `node confirm-removals NAME`: write the request the node acts on (it must be alive to
+/// carry it out); returns what the node held when the request was written.
+pub async fn confirm_removals(store: &Store, name: &str) -> Result<Value, Failure> {
+    check_node_name(name)?;
+    let rows = nodes(store).await?;
+    let Some(row) = rows.iter().find(|r| r.name == name) else {
+        return Err(format!("node {name:?} not found under {}/nodes/", store.prefix()).into());
+    };
+    let alive = row.node.as_ref().map(|n| n.alive).unwrap_or(false);
+    if !alive {
+        return Err(format!(
+            "node {name} is not alive (no {}): nobody would carry out the confirmation",
+            schema::node_key(name, NodeField::Alive)
+        )
+        .into());
+    }
+    let held = row
+        .node
+        .as_ref()
+        .ok()
+        .and_then(|n| n.health.as_ref())
+        .and_then(|h| h.removals_held.clone());
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_err(|e| e.to_string())?;
+    store
+        .put(&schema::node_key(name, NodeField::ConfirmRemovals), now)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(json!({ "node": name, "held": held }))
 }
 
 /// `debvisorctl status`: every node, as a table or a JSON array.
@@ -56,6 +92,20 @@ pub async fn run(store: &Store, cmd: NodeCommand, output: Output) -> Result<Stri
         }
         NodeCommand::Unflush { name, wait } => {
             node_drain(store, &name, Drain::Unflush, &wait, json_out).await
+        }
+        NodeCommand::ConfirmRemovals { name } => {
+            let v = confirm_removals(store, &name).await?;
+            let held = &v["held"];
+            let text = if held.is_null() {
+                format!("node {name}: confirmation recorded; it holds no removals now\n")
+            } else {
+                format!(
+                    "node {name}: confirmed; it carries out {} held removal(s) ({})\n",
+                    held["count"],
+                    str_of(&held["reason"])
+                )
+            };
+            Ok(output.render(&v, text))
         }
     }
 }

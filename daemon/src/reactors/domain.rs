@@ -24,11 +24,12 @@ use debvisor_objects::{Action, Entry, ObjectError, Reactor, ReconcileError, Reco
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::ceph::{check_rbd_start, CephCli};
 use crate::config::DomainsConfig;
 use crate::hypervisor::{DomainInfo, DomainState, ErrorKind, Libvirt, MigrateOptions};
+use crate::reactors::removals::{GuardConfig, RemovalGuard, Verdict};
 
 /// Longest crash-restart delay (also the longest wait between RBD lock checks).
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(60);
@@ -96,8 +97,14 @@ pub struct DomainHost {
     migrations: Semaphore,
     /// Domains on this host that are not ours: uuid → name (health, logs).
     foreign: Mutex<BTreeMap<String, String>>,
-    /// Marks read from domains not in etcd (uuid → defined by us?), so resync asks once.
-    marks: Mutex<HashMap<String, bool>>,
+    /// DebVisor marks read from domains on this host: uuid → the node that defined it
+    /// (`None`: no mark, someone else's domain). Read once per domain, forgotten on every
+    /// libvirt event of the domain and when we define or undefine it.
+    marks: Mutex<HashMap<String, Option<String>>>,
+    /// Removals of VMs that vanished from etcd wait here for evidence (see `removals`).
+    guard: Mutex<RemovalGuard>,
+    /// Foreign domains whose VM keys were deleted, already logged.
+    foreign_removals: Mutex<std::collections::HashSet<String>>,
     /// Running orphans already warned about.
     orphans: Mutex<std::collections::HashSet<String>>,
     /// The Ceph driver when Ceph is enabled: RBD lock check before a start.
@@ -138,6 +145,12 @@ impl DomainHost {
         nodes: Arc<Reactor<NodeKind>>,
     ) -> DomainHost {
         let permits = cfg.migration_max_concurrent.max(1) as usize;
+        let guard = RemovalGuard::new(GuardConfig {
+            percent: cfg.removal_hold_percent,
+            min: cfg.removal_hold_min,
+            window: cfg.removal_window,
+            settle: cfg.removal_settle,
+        });
         DomainHost {
             node,
             store,
@@ -150,6 +163,8 @@ impl DomainHost {
             migrations: Semaphore::new(permits),
             foreign: Mutex::new(BTreeMap::new()),
             marks: Mutex::new(HashMap::new()),
+            guard: Mutex::new(guard),
+            foreign_removals: Mutex::new(Default::default()),
             orphans: Mutex::new(Default::default()),
             ceph: None,
             ceph_client_addresses: Vec::new(),
@@ -240,6 +255,54 @@ impl DomainHost {
         lock(&self.foreign).clone()
     }
 
+    /// The node whose DebVisor mark the domain `uuid` carries (`None`: not ours), read once
+    /// and remembered until the domain changes.
+    async fn mark_of(&self, uuid: &str) -> Result<Option<String>, ReconcileError> {
+        if let Some(m) = lock(&self.marks).get(uuid) {
+            return Ok(m.clone());
+        }
+        let xml = self.hv.xml(uuid).await.map_err(host_err)?;
+        let node = domain::read_mark(&xml).map(|m| m.node);
+        lock(&self.marks).insert(uuid.to_string(), node.clone());
+        Ok(node)
+    }
+
+    /// The domain changed on this host (libvirt event): read its mark again when needed.
+    pub fn forget_mark(&self, uuid: &str) {
+        lock(&self.marks).remove(uuid);
+    }
+
+    /// An operator confirmed the held removals (`debvisorctl node confirm-removals`): the
+    /// store is accepted as it is and every held removal is carried out.
+    pub fn confirm_removals(&self, vms: &Reactor<VmKind>) -> usize {
+        self.store.accept_store_change();
+        let released = lock(&self.guard).release();
+        for uuid in &released {
+            vms.enqueue(uuid);
+        }
+        released.len()
+    }
+
+    /// What the node reports in `health.removals_held`: held removals, or a replaced store
+    /// for which nothing is held yet.
+    pub fn removals_held(&self) -> Option<debvisor_objects::node::HeldRemovals> {
+        lock(&self.guard).report().or_else(|| {
+            self.store
+                .store_change()
+                .map(|c| debvisor_objects::node::HeldRemovals {
+                    count: 0,
+                    reason: format!("store replaced: {}", c.reason),
+                    since: c.since,
+                    names: Vec::new(),
+                })
+        })
+    }
+
+    /// Are removals that would destroy host state on hold (replaced store or tripped guard)?
+    fn removals_on_hold(&self) -> bool {
+        self.store.store_change().is_some() || lock(&self.guard).is_tripped()
+    }
+
     /// UUIDs of the VMs in etcd whose domain exists on this host (per-VM stats).
     pub fn managed(&self) -> std::collections::HashSet<String> {
         lock(&self.runtime)
@@ -267,9 +330,10 @@ impl DomainHost {
     ) -> Result<(), ReconcileError> {
         let prev = self.with_rt(uuid, |rt| rt.status.clone());
         if let Some((s, _, e, _)) = &prev {
-            // Same state and error: keep the reason of the transition readable (a later
-            // pass's generic reason must not overwrite "guest ignored ACPI …").
-            if s == state && *e == error {
+            // Same state and error, in memory and in etcd: keep the reason of the transition
+            // readable (a later pass's generic reason must not overwrite "guest ignored
+            // ACPI …"). A status deleted or forged in etcd is written again.
+            if s == state && *e == error && self.status_in_store_is(keys, state, error.as_deref()) {
                 return Ok(());
             }
         }
@@ -316,6 +380,35 @@ impl DomainHost {
             rt.status = Some((state.into(), reason.into(), error, since))
         });
         Ok(())
+    }
+
+    /// A VM meant to be here whose `status` in etcd is not what this node last wrote
+    /// (deleted or forged): reconcile it, which writes the status again.
+    fn status_needs_repair(&self, rt: &Runtime, entry: &Entry<Vm>) -> bool {
+        let Some((state, _, error, _)) = &rt.status else {
+            return false;
+        };
+        let here = entry
+            .parsed
+            .as_ref()
+            .is_ok_and(|vm| vm.node.as_deref() == Some(self.node.as_str()));
+        here && !self.status_in_store_is(&entry.keys, state, error.as_deref())
+    }
+
+    /// Does the `status` key (as the reactor last saw it) say `state`/`error`, from us?
+    fn status_in_store_is(
+        &self,
+        keys: &BTreeMap<String, KeyEntry>,
+        state: &str,
+        error: Option<&str>,
+    ) -> bool {
+        keys.get(VmField::Status.suffix())
+            .and_then(|e| serde_json::from_slice::<serde_json::Value>(&e.value).ok())
+            .is_some_and(|v| {
+                v["state"] == state
+                    && v["error"].as_str() == error
+                    && v["node"] == self.node.as_str()
+            })
     }
 
     /// An invalid VM: report the field once, touch nothing on the host.
@@ -370,11 +463,13 @@ impl DomainHost {
             Some(i) => {
                 let state = local_state(i.state);
                 let running = matches!(state, LocalState::Running | LocalState::Paused);
+                let ours = self.mark_of(&vm.uuid).await?.is_some();
                 Some(Local {
                     state,
                     persistent: i.persistent,
                     // Only consulted before a (re)start; a running guest keeps its config.
-                    xml_current: running || (i.persistent && self.xml_current(vm).await),
+                    xml_current: running || (ours && i.persistent && self.xml_current(vm).await),
+                    ours,
                 })
             }
         };
@@ -428,6 +523,9 @@ impl DomainHost {
                 .as_ref()
                 .is_some_and(|l| l.node == me && l.lease == self.lease.load(Ordering::SeqCst));
             let wants_run = vm.node.as_deref() == Some(me) && vm.state.runs();
+            if lock_ours && vm.owner.as_deref() != Some(me) {
+                self.repair_owner(&mut vm).await?;
+            }
             // Crash detection: it ran here under our lock and stopped without us.
             let crashed = self.with_rt(uuid, |rt| {
                 rt.observed = info.as_ref().map(|i| i.state);
@@ -534,6 +632,7 @@ impl DomainHost {
                             .await?;
                             return Ok(Action::AwaitChange);
                         }
+                        lock(&self.marks).insert(uuid.to_string(), Some(me.to_string()));
                         info!(vm = %vm.name, uuid, node = %me, "domain defined from etcd");
                     }
                     Step::Start => {
@@ -601,6 +700,7 @@ impl DomainHost {
                     }
                     Step::Undefine => {
                         self.hv.undefine(uuid).await.map_err(host_err)?;
+                        self.forget_mark(uuid);
                         info!(vm = %vm.name, uuid, node = %me, "definition removed from this host");
                     }
                     Step::LiveMigrate => {
@@ -642,6 +742,22 @@ impl DomainHost {
             }
         }
         Ok(Action::RequeueAfter(Duration::from_millis(100)))
+    }
+
+    /// We hold the VM's lock but `owner` names another node or none (deleted or forged):
+    /// write it back, guarded on our lock.
+    async fn repair_owner(&self, vm: &mut Vm) -> Result<(), ReconcileError> {
+        let Some(l) = &vm.lock else { return Ok(()) };
+        let uuid = vm.uuid.clone();
+        let t = TxnBuilder::new()
+            .mod_revision_is(&domain::vm_key(&uuid, VmField::Lock), l.revision)
+            .put(&domain::vm_key(&uuid, VmField::Owner), self.node.clone());
+        if self.store.txn(t).await?.succeeded() {
+            info!(vm = %vm.name, uuid = %uuid, node = %self.node, from = vm.owner.as_deref().unwrap_or("(missing)"),
+                "owner repaired: this node holds the VM's lock");
+            vm.owner = Some(self.node.clone());
+        }
+        Ok(())
     }
 
     /// Win the run lock (absent, or stale/ours by revision) and become owner. `Some(rev)` of
@@ -755,27 +871,80 @@ impl DomainHost {
         }
     }
 
-    /// A VM deleted from etcd: take its domain down and remove it from this host.
+    /// A VM deleted from etcd: take its domain down and remove it from this host — only if
+    /// DebVisor defined it, and only on evidence (see `removals`): after the settle time,
+    /// unless too many VMs vanished at once or the store was found replaced.
     async fn reconcile_deleted(&self, uuid: &str) -> Result<Action, ReconcileError> {
         lock(&self.runtime).remove(uuid);
         if !domain::valid_uuid(uuid) {
             return Ok(Action::AwaitChange);
         }
-        // Reports written just before the deletion would otherwise linger as a half VM.
+        let Some(info) = self.hv.get(uuid).await.map_err(host_err)? else {
+            self.forget_removal(uuid);
+            return self.clean_reports(uuid).await;
+        };
+        if self.mark_of(uuid).await?.is_none() {
+            if lock(&self.foreign_removals).insert(uuid.to_string()) {
+                warn!(vm = %info.name, uuid, node = %self.node, "keys of a VM removed from etcd named a domain DebVisor did not define; the domain is left alone");
+            }
+            return self.clean_reports(uuid).await;
+        }
+        let change = self.store.store_change().map(|c| c.reason);
+        let remaining = self.managed().len();
+        let (verdict, was_held) = {
+            let mut g = lock(&self.guard);
+            let was = g.is_tripped();
+            let v = g.judge(
+                uuid,
+                &info.name,
+                remaining,
+                change.as_deref(),
+                Instant::now(),
+                &crate::hostinfo::now_rfc3339(),
+            );
+            (v, was)
+        };
+        match verdict {
+            Verdict::Wait(d) => {
+                debug!(vm = %info.name, uuid, wait_ms = d.as_millis() as u64, "vm removed from etcd; waiting to see the whole burst");
+                return Ok(Action::RequeueAfter(d));
+            }
+            Verdict::Hold => {
+                if !was_held {
+                    if let Some(h) = lock(&self.guard).report() {
+                        error!(node = %self.node, held = h.count, reason = %h.reason,
+                            "removals from etcd held: no guest is destroyed until an operator confirms with `debvisorctl node confirm-removals` (or the VMs' keys come back)");
+                    }
+                }
+                info!(vm = %info.name, uuid, node = %self.node, "vm removed from etcd; removal held, the domain is left as it is");
+                return Ok(Action::AwaitChange);
+            }
+            Verdict::Proceed => {}
+        }
+        self.clean_reports(uuid).await?;
+        if info.state.is_active() {
+            self.hv.destroy(uuid).await.map_err(host_err)?;
+        }
+        self.hv.undefine(uuid).await.map_err(host_err)?;
+        self.forget_mark(uuid);
+        info!(vm = %info.name, uuid, node = %self.node, "vm removed from etcd; domain destroyed and undefined here");
+        Ok(Action::AwaitChange)
+    }
+
+    /// Reports written just before a deletion would otherwise linger as a half VM.
+    async fn clean_reports(&self, uuid: &str) -> Result<Action, ReconcileError> {
         let t = TxnBuilder::new()
             .absent(&domain::vm_key(uuid, VmField::Xml))
             .delete(&domain::vm_key(uuid, VmField::Status))
             .delete(&domain::vm_key(uuid, VmField::Stats));
         self.store.txn(t).await?;
-        let Some(info) = self.hv.get(uuid).await.map_err(host_err)? else {
-            return Ok(Action::AwaitChange);
-        };
-        if info.state.is_active() {
-            self.hv.destroy(uuid).await.map_err(host_err)?;
-        }
-        self.hv.undefine(uuid).await.map_err(host_err)?;
-        info!(vm = %info.name, uuid, node = %self.node, "vm removed from etcd; domain destroyed and undefined here");
         Ok(Action::AwaitChange)
+    }
+
+    /// The VM is in etcd again (or was never ours to remove): no removal is pending for it.
+    fn forget_removal(&self, uuid: &str) {
+        lock(&self.guard).forget(uuid);
+        lock(&self.foreign_removals).remove(uuid);
     }
 
     /// The resync tick: one list of the host's domains; enqueue the VMs whose local state
@@ -797,29 +966,26 @@ impl DomainHost {
             if known.contains_key(&d.uuid) {
                 continue;
             }
-            let cached = lock(&self.marks).get(&d.uuid).copied();
-            let ours = match cached {
-                Some(o) => o,
-                None => {
-                    let Ok(x) = self.hv.xml(&d.uuid).await else {
-                        continue;
-                    };
-                    // Ours only if this node defined it: another daemon sharing this
-                    // libvirtd (or a node that migrated it here) owns its own marks.
-                    let o = domain::read_mark(&x).is_some_and(|m| m.node == self.node);
-                    lock(&self.marks).insert(d.uuid.clone(), o);
-                    if !o {
-                        info!(node = %self.node, vm = %d.name, uuid = %d.uuid, state = %d.state, "foreign domain (not defined by this node) left alone");
-                    }
-                    o
-                }
+            let known_mark = lock(&self.marks).contains_key(&d.uuid);
+            let Ok(mark) = self.mark_of(&d.uuid).await else {
+                continue;
             };
+            // Ours only if this node defined it: another daemon sharing this libvirtd (or a
+            // node that migrated it here) owns its own marks.
+            let ours = mark.as_deref() == Some(self.node.as_str());
+            if !ours && !known_mark {
+                info!(node = %self.node, vm = %d.name, uuid = %d.uuid, state = %d.state, "foreign domain (not defined by this node) left alone");
+            }
             if !ours {
                 foreign.insert(d.uuid.clone(), d.name.clone());
+            } else if lock(&self.guard).knows(&d.uuid) {
+                // Its removal is waiting or held: the guard has spoken for it.
             } else if d.state.is_active() {
                 if lock(&self.orphans).insert(d.uuid.clone()) {
                     warn!(node = %self.node, vm = %d.name, uuid = %d.uuid, "domain defined by debvisor but no longer in etcd is running; left running (define it again or destroy it by hand)");
                 }
+            } else if self.removals_on_hold() {
+                // A replaced store or a mass removal is no evidence: keep the definition.
             } else {
                 match self.hv.undefine(&d.uuid).await {
                     Ok(_) => {
@@ -829,22 +995,26 @@ impl DomainHost {
                         warn!(node = %self.node, vm = %d.name, uuid = %d.uuid, error = %e, "stale definition not removed")
                     }
                 }
-                lock(&self.marks).remove(&d.uuid);
+                self.forget_mark(&d.uuid);
             }
         }
         *lock(&self.foreign) = foreign;
         let stale: Vec<String> = {
             let rt = lock(&self.runtime);
             known
-                .keys()
-                .filter(|id| {
+                .iter()
+                .filter(|(id, entry)| {
                     let now = local.get(id.as_str()).map(|d| d.state);
                     match rt.get(id.as_str()) {
                         None => true,
-                        Some(r) => r.observed != now || r.next_start.is_some(),
+                        Some(r) => {
+                            r.observed != now
+                                || r.next_start.is_some()
+                                || self.status_needs_repair(r, entry)
+                        }
                     }
                 })
-                .cloned()
+                .map(|(id, _)| id.clone())
                 .collect()
         };
         for id in stale {
@@ -865,6 +1035,7 @@ impl Reconciler<VmKind> for DomainReconciler {
         let Some(entry) = entry else {
             return self.0.reconcile_deleted(id).await;
         };
+        self.0.forget_removal(id);
         match &entry.parsed {
             Err(e) => self.0.reconcile_invalid(id, &entry.keys, e).await,
             Ok(vm) => self.0.reconcile_vm(vm, &entry.keys).await,
@@ -897,6 +1068,9 @@ pub fn spawn_event_listener(
                     ev = rx.recv() => ev,
                 };
                 let Some(ev) = ev else { break };
+                if let Some(uuid) = ev.uuid() {
+                    host.forget_mark(uuid);
+                }
                 match ev.uuid() {
                     Some(uuid) if vms.get(uuid).is_some() => {
                         debug!(uuid, event = ?ev, "libvirt event");

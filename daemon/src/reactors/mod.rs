@@ -6,10 +6,12 @@
 //! - [`network`]: client networks (bridges, VXLAN, gateways, dnsmasq, firewall chains);
 //! - [`ceph_objects`]: Ceph pools, volumes and snapshots (primary only);
 //! - [`ceph_monitor`]: Ceph health and observed state on its own timer;
-//! - [`drain`]: the node's `domain_state` flush/unflush.
+//! - [`drain`]: the node's `domain_state` flush/unflush;
+//! - [`removals`]: the evidence a removal from etcd needs before a guest is destroyed.
 
 pub mod ceph_monitor;
 pub mod ceph_objects;
 pub mod domain;
 pub mod drain;
 pub mod network;
+pub mod removals;

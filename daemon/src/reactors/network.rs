@@ -46,6 +46,8 @@ pub struct NetworkHost {
     fw_ready: AtomicBool,
     /// Wakes the firewall worker when the applied networks changed.
     fw_dirty: tokio::sync::Notify,
+    /// Networks whose removal is held because the store was found replaced.
+    held: Mutex<std::collections::BTreeSet<u32>>,
 }
 
 /// The node firewall, rebuilt from the base config plus every applied network.
@@ -245,7 +247,16 @@ impl NetworkHost {
             leases: Mutex::new(BTreeMap::new()),
             fw_ready: AtomicBool::new(false),
             fw_dirty: tokio::sync::Notify::new(),
+            held: Mutex::new(Default::default()),
         }
+    }
+
+    /// The operator confirmed a replaced store: the held removals go ahead; returns the
+    /// networks to reconcile again.
+    pub fn release_held(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.held.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .collect()
     }
 
     fn ctx(&self) -> HostContext {
@@ -493,6 +504,22 @@ impl NetworkHost {
     }
 
     async fn remove(&self, vni: u32) -> Result<Action, ReconcileError> {
+        // A replaced store (wiped, restored) is no evidence anyone removed the network.
+        if let Some(c) = self.store.store_change() {
+            if self
+                .held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(vni)
+            {
+                warn!(network = vni, node = %self.node, reason = %c.reason, "network missing from etcd while the store is found replaced; bridge, gateway and dnsmasq left as they are until an operator confirms");
+            }
+            return Ok(Action::AwaitChange);
+        }
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vni);
         let had_dnsmasq = self.dnsmasq.lock().await.remove(&vni);
         if let Some(inst) = had_dnsmasq {
             inst.stop().await;

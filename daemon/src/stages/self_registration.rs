@@ -42,7 +42,7 @@ pub async fn run(cfg: &Config, store: &Store) -> StageResult<Registered> {
         &node_id,
         &crate::hostinfo::now_rfc3339(),
     );
-    let lease_id = registration::register(store, &local, &data)
+    let lease_id = registration::register(store, &local, &data, None)
         .await
         .map_err(|e| e.to_string())?;
     info!(node = %node, from = "stop", to = "init", reason = "registered", "daemon_state changed");

@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use super::{Done, Stage, StageResult};
 use crate::config::Config;
+use crate::registration::LocalState;
 
 /// Connect within the configured startup deadline; hands on the store.
 pub async fn run(cfg: &Config) -> StageResult<Store> {
@@ -24,7 +25,14 @@ pub async fn connect(cfg: &Config, deadline: Duration) -> Result<Store, String> 
     loop {
         attempt += 1;
         let res = match Store::connect(&opts).await {
-            Ok(store) => store.probe().await.map(|rev| (store, rev)),
+            Ok(store) => {
+                // The store as the last run saw it: a wiped or restored etcd is noticed at
+                // the first answer.
+                if let Some(mark) = LocalState::new(&cfg.paths.state_dir).store_mark() {
+                    store.seed_mark(mark);
+                }
+                store.probe().await.map(|rev| (store, rev))
+            }
             Err(e) => Err(e),
         };
         let err = match res {
