@@ -11,24 +11,6 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Return from the calling test (after printing `SKIP: <test>: needs root`) unless running as
-/// root. `skip_unless_root!(value)` returns `value` instead of `()`.
-#[macro_export]
-macro_rules! skip_unless_root {
-    () => {
-        $crate::skip_unless_root!(())
-    };
-    ($ret:expr) => {
-        if !$crate::netns::is_root() {
-            eprintln!(
-                "SKIP: {}: needs root",
-                ::std::thread::current().name().unwrap_or("<test>")
-            );
-            return $ret;
-        }
-    };
-}
-
 /// Run `ip args…` and fail with its stderr unless it succeeds.
 fn ip(args: &[&str]) -> Result<()> {
     let command = format!("ip {}", args.join(" "));

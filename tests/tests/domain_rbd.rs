@@ -18,8 +18,8 @@ use debvisor_daemon::hypervisor::{DomainState, Libvirt};
 use debvisor_tests::libvirt::{system_libvirt, TestDomain};
 use debvisor_tests::rbd_guest::{qemu_rbd_available, with_devices, CephSecret, QEMU_RBD_DRIVER};
 use debvisor_tests::{
-    ceph_installed, eventually, is_message, skip_unless_root, str_field, CephCluster,
-    DaemonBuilder, DaemonProcess, EtcdProcess, TestVm,
+    ceph_installed, eventually, is_message, skip_or_fail, skip_unless_root, str_field, CephCluster,
+    DaemonBuilder, DaemonProcess, EtcdProcess, SkipKind, TestVm,
 };
 use serde_json::{json, Value};
 
@@ -265,8 +265,7 @@ fn skip_reason() -> Option<String> {
 fn rbd_guest_starts_and_foreign_locks_refuse_the_start() {
     skip_unless_root!();
     if let Some(why) = skip_reason() {
-        eprintln!("skip: {why}");
-        return;
+        return skip_or_fail(&why, SkipKind::Environment);
     }
     let (rt, lv) = system_libvirt().expect("libvirtd running");
 

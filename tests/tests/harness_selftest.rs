@@ -6,6 +6,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
+use debvisor_tests::skip::{REQUIRE_ALL_ENV, SKIP_LOG_ENV};
 use debvisor_tests::{
     bin_path, free_port, skip_unless_root, CertSet, EtcdProcess, NetNs, TcpProxy,
 };
@@ -368,6 +369,71 @@ fn netns_create_and_delete() {
     assert!(text.contains("LOOPBACK,UP"), "lo not up: {text}");
     drop(ns);
     assert!(!Path::new("/run/netns").join(&name).exists());
+}
+
+/// Run this test binary's `netns_create_and_delete` (which needs root) as user `nobody`, so
+/// it has to skip, with `env` set; returns its exit status and output.
+fn run_selftest_unprivileged(env: &[(&str, &str)]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().expect("current exe");
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["--exact", "netns_create_and_delete", "--test-threads", "1"])
+        .env_remove(REQUIRE_ALL_ENV)
+        .env_remove(SKIP_LOG_ENV)
+        .envs(env.iter().copied())
+        .uid(65534)
+        .gid(65534);
+    cmd.output().expect("run the selftest as nobody")
+}
+
+#[test]
+fn a_skip_is_logged_and_fails_under_require_all() {
+    skip_unless_root!();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // nobody appends to the log.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    let log = dir.path().join("skips");
+    let log_s = log.display().to_string();
+
+    // Allowed: the test reports ok, and the skip is in the log (test, reason, kind).
+    let out = run_selftest_unprivileged(&[(SKIP_LOG_ENV, &log_s)]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(&log).expect("skip log"),
+        "harness_selftest::netns_create_and_delete\tneeds root\tenvironment\n"
+    );
+
+    // DEBVISOR_REQUIRE_ALL=1: the same skip fails the test.
+    let out = run_selftest_unprivileged(&[(SKIP_LOG_ENV, &log_s), (REQUIRE_ALL_ENV, "1")]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("1 failed"), "{text}");
+    assert!(
+        text.contains("would skip (needs root), but DEBVISOR_REQUIRE_ALL=1"),
+        "{text}"
+    );
+    // A failure, not a skip: nothing more in the log.
+    assert_eq!(
+        std::fs::read_to_string(&log)
+            .expect("skip log")
+            .lines()
+            .count(),
+        1
+    );
 }
 
 #[test]
