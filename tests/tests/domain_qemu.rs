@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use debvisor_daemon::hypervisor::{DomainState, Libvirt};
-use debvisor_tests::libvirt::{system_libvirt, TestDomain};
+use debvisor_tests::libvirt::{assert_guest_uses_kvm, require_kvm, system_libvirt, TestDomain};
 use debvisor_tests::{
     eventually, is_message, skip_unless_root, str_field, DaemonBuilder, DaemonProcess, EtcdProcess,
     TestVm,
@@ -66,6 +66,7 @@ fn define(etcd: &EtcdProcess, d: &TestDomain, node: &str) {
 #[test]
 fn real_guest_lifecycle_crash_restart_and_acpi_timeout() {
     skip_unless_root!();
+    require_kvm();
     let (rt, lv) = libvirt();
     let etcd = EtcdProcess::start().expect("etcd");
     let state = tempfile::tempdir().expect("state dir");
@@ -79,6 +80,7 @@ fn real_guest_lifecycle_crash_restart_and_acpi_timeout() {
         String::from_utf8_lossy(&cmdline).contains(&g.uuid),
         "the qemu process is our guest's"
     );
+    assert_guest_uses_kvm(pid);
 
     // qemu killed under libvirt: restarted with a new process, the reason logged.
     // SAFETY: kill(2) of the qemu process of the guest this test started.
@@ -127,6 +129,7 @@ fn real_guest_lifecycle_crash_restart_and_acpi_timeout() {
 #[test]
 fn restarted_daemon_adopts_running_guests() {
     skip_unless_root!();
+    require_kvm();
     let (rt, lv) = libvirt();
     let etcd = EtcdProcess::start().expect("etcd");
     let state = tempfile::tempdir().expect("state dir");
@@ -135,6 +138,7 @@ fn restarted_daemon_adopts_running_guests() {
     define(&etcd, &g, "kvm2");
     wait_status(&etcd, &g, "running");
     let pid = qemu_pid(&rt, &lv, &g).expect("qemu pid");
+    assert_guest_uses_kvm(pid);
 
     first.kill().expect("SIGKILL the daemon");
     let _ = first.wait_exit(Duration::from_secs(10));
@@ -181,6 +185,7 @@ fn restarted_daemon_adopts_running_guests() {
 #[test]
 fn bad_definition_reports_the_field() {
     skip_unless_root!();
+    require_kvm();
     let (_rt, lv) = libvirt();
     let etcd = EtcdProcess::start().expect("etcd");
     let state = tempfile::tempdir().expect("state dir");
