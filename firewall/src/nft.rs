@@ -412,6 +412,24 @@ mod tests {
         assert!(Nft::new().with_netns("").is_err());
     }
 
+    /// Children of this process whose command name is `comm`, running or zombie (`/proc`).
+    fn children_named(comm: &str) -> Vec<u32> {
+        let me = std::process::id();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| {
+                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                let (head, rest) = stat.rsplit_once(')')?;
+                let name = head.split_once('(')?.1;
+                let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+                (ppid == me && name == comm).then_some(pid)
+            })
+            .collect()
+    }
+
     #[test]
     fn missing_binary_and_timeout_are_errors() {
         let n = Nft::new().with_program("/nonexistent/nft");
@@ -419,14 +437,21 @@ mod tests {
         let n = Nft::new()
             .with_program("sleep")
             .with_timeout(Duration::from_millis(100));
-        let started = Instant::now();
         // `sleep -j …` fails fast; use a real sleep through `run`.
         let r = n.run(&["5"], None);
-        assert!(
-            matches!(r, Err(FirewallError::Timeout { .. })),
-            "{r:?}",
-            r = r.err()
+        match r {
+            Err(FirewallError::Timeout { command, timeout }) => {
+                assert_eq!(command, "sleep 5");
+                assert_eq!(timeout, Duration::from_millis(100));
+            }
+            other => panic!("want Timeout, got {:?}", other.err()),
+        }
+        // Killed and reaped at the timeout: neither still sleeping nor left a zombie (the
+        // only way `run` could have returned before the 5 s are up without waiting for it).
+        assert_eq!(
+            children_named("sleep"),
+            Vec::<u32>::new(),
+            "sleep 5 left behind"
         );
-        assert!(started.elapsed() < Duration::from_secs(2));
     }
 }

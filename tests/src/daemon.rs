@@ -46,6 +46,27 @@ fn build_daemon_bins() -> std::result::Result<PathBuf, String> {
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(["build", "-p", "debvisor-daemon", "--bins"])
         .stdin(Stdio::null());
+    // Without the variables `cargo test` set for this test process (the package's name,
+    // manifest, …): build scripts watching them (ring watches CARGO_PKG_NAME and
+    // CARGO_MANIFEST_DIR) would see them change and rebuild their crate and every dependent
+    // at each alternation with a plain `cargo` run. User settings (CARGO_HOME, …) stay.
+    for (k, _) in std::env::vars_os() {
+        let Some(k) = k.to_str() else { continue };
+        let set_by_cargo_test = [
+            "CARGO_PKG_",
+            "CARGO_BIN_EXE_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p));
+        if set_by_cargo_test || k == "OUT_DIR" {
+            cmd.env_remove(k);
+        }
+    }
     if profile != "debug" {
         cmd.args(["--profile", &profile]);
     }

@@ -466,6 +466,17 @@ impl EtcdProcess {
         Ok(())
     }
 
+    /// Freeze etcd with SIGSTOP until the returned guard is dropped (SIGCONT): its clients'
+    /// connections stay open and their requests go unanswered, so whatever waits on the
+    /// store is held there (rather than failing fast as with a killed etcd).
+    pub fn pause(&self) -> Result<EtcdPause> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| HarnessError::State("etcd is not running: nothing to pause".into()))?;
+        send_signal(pid, libc::SIGSTOP)?;
+        Ok(EtcdPause { pid })
+    }
+
     /// Whether the etcd process is alive (reaps it if it has exited).
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
@@ -610,6 +621,20 @@ pub(crate) fn send_signal(pid: u32, sig: i32) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// An etcd frozen by [`EtcdProcess::pause`]; dropping it resumes etcd (SIGCONT).
+#[derive(Debug)]
+pub struct EtcdPause {
+    pid: u32,
+}
+
+impl Drop for EtcdPause {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of the etcd this guard froze (SIGCONT of a process already gone or
+        // already running is harmless).
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGCONT) };
+    }
 }
 
 impl Drop for EtcdProcess {

@@ -20,6 +20,7 @@ pub mod nspawn;
 pub mod ports;
 pub mod proxy;
 pub mod rbd_guest;
+pub mod skip;
 pub mod tls;
 pub mod vm;
 
@@ -33,6 +34,7 @@ pub use libvirt_pair::{IsolatedLibvirt, LibvirtCluster, LibvirtPair};
 pub use netns::{is_root, NetNs};
 pub use ports::free_port;
 pub use proxy::TcpProxy;
+pub use skip::{skip_or_fail, SkipKind};
 pub use tls::CertSet;
 pub use vm::TestVm;
 

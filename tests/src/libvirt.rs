@@ -51,6 +51,58 @@ pub fn kvm_available() -> bool {
     mode & 0o060 == 0o060 && kvm_gid == Some(m.gid())
 }
 
+/// Start of every test with real guests: without a usable `/dev/kvm` ([`kvm_available`]) its
+/// guests would silently run under TCG, which is a skip of the KVM part
+/// ([`crate::skip::skip_or_fail`], a failure under `DEBVISOR_REQUIRE_ALL=1`). Returns whether
+/// KVM is usable; when it is not and that is allowed, the test goes on under TCG.
+#[track_caller]
+pub fn require_kvm() -> bool {
+    let kvm = kvm_available();
+    if !kvm {
+        crate::skip::skip_or_fail(
+            "no usable /dev/kvm (read-write for libvirt's qemu user): guests run under TCG",
+            crate::skip::SkipKind::Environment,
+        );
+    }
+    kvm
+}
+
+/// Whether qemu process `pid` runs its guest with KVM: it holds KVM vCPU descriptors
+/// (`/proc/<pid>/fd/*` → `anon_inode:kvm-vcpu:<n>`), which a TCG guest never has. The live
+/// process is asked, not the XML, so a qemu that fell back to TCG cannot pass.
+pub fn qemu_uses_kvm(pid: u32) -> Result<bool> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir).ctx(|| format!("listing {dir}"))?;
+    Ok(entries.flatten().any(|e| {
+        std::fs::read_link(e.path())
+            .is_ok_and(|t| t.to_string_lossy().starts_with("anon_inode:kvm-vcpu"))
+    }))
+}
+
+/// Check that the started guest run by qemu process `pid` executes with KVM, not a silent
+/// TCG fallback. Without a usable `/dev/kvm` the check cannot hold: that is a skip through
+/// [`require_kvm`] (a failure under `DEBVISOR_REQUIRE_ALL=1`).
+///
+/// # Panics
+/// When KVM is usable but the guest does not use it, or its descriptors cannot be read.
+#[track_caller]
+pub fn assert_guest_uses_kvm(pid: u32) {
+    if !require_kvm() {
+        return;
+    }
+    match qemu_uses_kvm(pid) {
+        Ok(true) => {}
+        Ok(false) => panic!(
+            "qemu {pid} runs its guest without KVM (no kvm-vcpu descriptor): a TCG fallback \
+             although /dev/kvm is usable; cmdline: {}",
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+                .unwrap_or_default()
+        ),
+        Err(e) => panic!("checking qemu {pid} for KVM: {e}"),
+    }
+}
+
 fn socket_answers(path: &str) -> bool {
     UnixStream::connect(path).is_ok()
 }
@@ -214,7 +266,8 @@ pub fn unique_name(label: &str) -> String {
 
 /// A diskless, NIC-less guest that only reaches its firmware (SeaBIOS finds nothing to boot
 /// and waits): 64 MiB, 1 vCPU, ACPI present but unanswered, so it ignores ACPI shutdown.
-/// `type='kvm'` when [`kvm_available`], else `type='qemu'` (TCG).
+/// `type='kvm'` when [`kvm_available`], else `type='qemu'` (TCG; tests with guests call
+/// [`require_kvm`] and [`assert_guest_uses_kvm`], so CI cannot fall back to it unnoticed).
 pub fn tiny_guest_xml(name: &str, uuid: &str) -> String {
     let kind = if kvm_available() { "kvm" } else { "qemu" };
     format!(

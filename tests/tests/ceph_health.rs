@@ -9,7 +9,8 @@
 use std::time::Duration;
 
 use debvisor_tests::{
-    ceph_installed, eventually, is_message, CephCluster, DaemonBuilder, DaemonProcess, EtcdProcess,
+    ceph_installed, eventually, is_message, skip_or_fail, CephCluster, DaemonBuilder,
+    DaemonProcess, EtcdProcess, SkipKind,
 };
 use serde_json::Value;
 
@@ -69,8 +70,10 @@ fn ceph_health_is(etcd: &EtcdProcess, status: &str) -> Option<Value> {
 #[test]
 fn ceph_health_state_and_outage_in_the_running_daemon() {
     if !ceph_installed() {
-        eprintln!("skip: Ceph binaries not installed (scripts/deps.sh installs them)");
-        return;
+        return skip_or_fail(
+            "Ceph binaries not installed (scripts/deps.sh installs them)",
+            SkipKind::Environment,
+        );
     }
     let cluster = CephCluster::start().expect("ceph cluster");
     let etcd = EtcdProcess::start().expect("etcd");
@@ -280,8 +283,10 @@ fn ceph_of(etcd: &EtcdProcess, node: &str, status: &str) -> Option<Value> {
 #[test]
 fn clustered_nodes_without_a_primary_report_but_neither_write_nor_reconcile() {
     if !ceph_installed() {
-        eprintln!("skip: Ceph binaries not installed (scripts/deps.sh installs them)");
-        return;
+        return skip_or_fail(
+            "Ceph binaries not installed (scripts/deps.sh installs them)",
+            SkipKind::Environment,
+        );
     }
     const NODES: [&str; 2] = ["cephsec1", "cephsec2"];
     const SPEC_POOL: &str = "dvsec";

@@ -88,8 +88,10 @@ fn timed(what: &str, f: impl FnOnce()) {
 #[test]
 fn ceph_objects_reconciled_by_the_daemon() {
     if !debvisor_tests::ceph_installed() {
-        eprintln!("skip: the Ceph binaries are not installed (scripts/deps.sh installs them)");
-        return;
+        return debvisor_tests::skip_or_fail(
+            "the Ceph binaries are not installed (scripts/deps.sh installs them)",
+            debvisor_tests::SkipKind::Environment,
+        );
     }
     let t0 = Instant::now();
     let cluster = CephCluster::start().expect("starting a one-host Ceph");

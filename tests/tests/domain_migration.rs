@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use debvisor_daemon::hypervisor::{DomainState, Libvirt};
-use debvisor_tests::libvirt::tiny_guest_xml;
+use debvisor_tests::libvirt::{assert_guest_uses_kvm, require_kvm, tiny_guest_xml};
 use debvisor_tests::libvirt_pair::process_netns_inode;
 use debvisor_tests::{
     is_message, skip_unless_root, str_field, DaemonBuilder, DaemonProcess, EtcdProcess,
@@ -67,6 +67,7 @@ fn started_here(d: &DaemonProcess, g: &TestVm) -> bool {
 #[test]
 fn live_migration_and_a_two_node_drain_with_real_guests() {
     skip_unless_root!();
+    require_kvm();
     let pair = LibvirtPair::start().expect("two isolated libvirtds");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -87,6 +88,7 @@ fn live_migration_and_a_two_node_drain_with_real_guests() {
     wait_running_on(&g, &etcd, "kvm-a");
     let pid_a = qemu_pid(&rt, &lva, &g.uuid).expect("qemu on a");
     assert_eq!(process_netns_inode(pid_a), Some(pair.a.netns_inode()));
+    assert_guest_uses_kvm(pid_a);
     a.ctl_ok(&[
         "vm",
         "migrate",
@@ -102,6 +104,7 @@ fn live_migration_and_a_two_node_drain_with_real_guests() {
     assert_eq!(s["reason"], "migrated", "{s}");
     let pid_b = qemu_pid(&rt, &lvb, &g.uuid).expect("qemu on b");
     assert_ne!(pid_b, pid_a);
+    assert_guest_uses_kvm(pid_b);
     assert_eq!(process_netns_inode(pid_b), Some(pair.b.netns_inode()));
     assert!(
         rt.block_on(lva.get(&g.uuid)).expect("get on a").is_none(),

@@ -35,6 +35,31 @@ fn new_vm(label: &str) -> TestVm {
     TestVm::new(label, WAIT)
 }
 
+/// Wait until the keepalive of `node` has written `last_seen` twice after this call: the
+/// second of those ticks began after the call (so after everything the caller saw), and the
+/// keepalive is what writes VM `stats`.
+fn two_keepalive_ticks(etcd: &EtcdProcess, node: &str) {
+    let key = format!("nodes/{node}/last_seen");
+    let rev = || etcd.mod_revision(&key).expect("etcd get").unwrap_or(0);
+    let mut last = rev();
+    for tick in 1..=2 {
+        last = eventually(&format!("keepalive tick {tick} of {node}"), WAIT, || {
+            let r = rev();
+            (r > last).then_some(r)
+        });
+    }
+}
+
+/// Positive evidence that `node`'s daemon has worked past everything written before this
+/// call: a VM defined now reaches `running` there (its watch events and the libvirt events
+/// of its start came after everything earlier), then two keepalive ticks pass.
+fn later_work_done(etcd: &EtcdProcess, node: &str) {
+    let marker = new_vm("marker");
+    define(&marker, etcd, node, "start");
+    marker.wait_status(etcd, "running", node);
+    two_keepalive_ticks(etcd, node);
+}
+
 fn logged(d: &DaemonProcess, msg: &str, vm: &str) -> bool {
     d.json_lines()
         .iter()
@@ -106,7 +131,8 @@ fn lifecycle_lock_first_with_status_reports() {
         )
         .then_some(())
     });
-    std::thread::sleep(Duration::from_secs(2));
+    // Not a fixed pause: the daemon demonstrably processed later work (events, ticks).
+    later_work_done(&etcd, "dom1");
     assert!(vm.get(&etcd, "status").is_none(), "status not rewritten");
     assert!(vm.get(&etcd, "lock").is_none(), "lock not rewritten");
 }
@@ -211,13 +237,36 @@ fn lock_elsewhere(etcd: &EtcdProcess, vm: &TestVm, holder: &'static str) -> i64 
 #[test]
 fn never_starts_while_another_live_lease_holds_the_lock() {
     let etcd = EtcdProcess::start().expect("etcd");
-    let _d = daemon(&etcd, "dom3");
+    // Debug logging: the reconciler's plan for each VM is the evidence it looked at this one.
+    let mut d = DaemonBuilder::new("dom3")
+        .endpoints(&[etcd.endpoint()])
+        .env("DEBVISOR_DOMAINS_SHUTDOWN_TIMEOUT", "3s")
+        .env("DEBVISOR_DOMAINS_RESTART_BACKOFF", "200ms")
+        .env("DEBVISOR_LOGGING_LEVEL", "debug")
+        .spawn()
+        .expect("spawn daemon");
+    d.wait_run(WAIT).expect("daemon reaches run");
     let vm = new_vm("locked");
     // Another node's lock on a live lease.
     let lease = lock_elsewhere(&etcd, &vm, "other");
     define(&vm, &etcd, "dom3", "start");
-    // Several resync ticks pass: no start, no status of ours claiming it runs.
-    std::thread::sleep(Duration::from_secs(3));
+    // Not a fixed pause: the reconciler planned nothing for this VM (it waits for the lock),
+    // then two keepalive ticks (the resync runs on the same interval) passed after that
+    // decision. No start, no lock taken, no status claiming it runs.
+    d.wait_for(
+        |l| {
+            is_message(l, "plan")
+                && str_field(l, "vm") == Some(vm.name.as_str())
+                && str_field(l, "steps") == Some("[]")
+        },
+        WAIT,
+    )
+    .expect("the VM's (empty) plan logged");
+    two_keepalive_ticks(&etcd, "dom3");
+    assert!(
+        !logged(&d, "domain started", &vm.name) && !logged(&d, "run lock acquired", &vm.name),
+        "started under another node's lock"
+    );
     assert!(
         vm.status(&etcd).is_none_or(|s| s["state"] != "running"),
         "started under another node's lock"

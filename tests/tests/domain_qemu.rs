@@ -3,12 +3,13 @@
 //! timeout; a killed qemu restarted; a daemon killed with SIGKILL and restarted adopts the
 //! running guest (same qemu PID); a bad definition reported without touching the host.
 //!
-//! Needs root. Every guest is removed by its guard, also when a test fails.
+//! Needs root. Every guest is removed by its guard, also when a test fails: guards are
+//! declared before the daemons, so a daemon is always killed before the guests go.
 
 use std::time::Duration;
 
 use debvisor_daemon::hypervisor::{DomainState, Libvirt};
-use debvisor_tests::libvirt::{system_libvirt, TestDomain};
+use debvisor_tests::libvirt::{assert_guest_uses_kvm, require_kvm, system_libvirt, TestDomain};
 use debvisor_tests::{
     eventually, is_message, skip_unless_root, str_field, DaemonBuilder, DaemonProcess, EtcdProcess,
     TestVm,
@@ -66,11 +67,14 @@ fn define(etcd: &EtcdProcess, d: &TestDomain, node: &str) {
 #[test]
 fn real_guest_lifecycle_crash_restart_and_acpi_timeout() {
     skip_unless_root!();
+    require_kvm();
     let (rt, lv) = libvirt();
     let etcd = EtcdProcess::start().expect("etcd");
     let state = tempfile::tempdir().expect("state dir");
-    let dmn = daemon(&etcd, "kvm1", state.path());
+    // Guests before the daemon: locals drop in reverse order, so on a failure the daemon is
+    // killed first and cannot define or start a guest again after its guard removed it.
     let g = TestDomain::new(&lv, "e2e");
+    let dmn = daemon(&etcd, "kvm1", state.path());
     define(&etcd, &g, "kvm1");
     wait_status(&etcd, &g, "running");
     let pid = qemu_pid(&rt, &lv, &g).expect("a qemu process runs the guest");
@@ -79,6 +83,7 @@ fn real_guest_lifecycle_crash_restart_and_acpi_timeout() {
         String::from_utf8_lossy(&cmdline).contains(&g.uuid),
         "the qemu process is our guest's"
     );
+    assert_guest_uses_kvm(pid);
 
     // qemu killed under libvirt: restarted with a new process, the reason logged.
     // SAFETY: kill(2) of the qemu process of the guest this test started.
@@ -127,14 +132,18 @@ fn real_guest_lifecycle_crash_restart_and_acpi_timeout() {
 #[test]
 fn restarted_daemon_adopts_running_guests() {
     skip_unless_root!();
+    require_kvm();
     let (rt, lv) = libvirt();
     let etcd = EtcdProcess::start().expect("etcd");
     let state = tempfile::tempdir().expect("state dir");
-    let mut first = daemon(&etcd, "kvm2", state.path());
+    // Guests before the daemon: locals drop in reverse order, so on a failure the daemon is
+    // killed first and cannot define or start a guest again after its guard removed it.
     let g = TestDomain::new(&lv, "adopt");
+    let mut first = daemon(&etcd, "kvm2", state.path());
     define(&etcd, &g, "kvm2");
     wait_status(&etcd, &g, "running");
     let pid = qemu_pid(&rt, &lv, &g).expect("qemu pid");
+    assert_guest_uses_kvm(pid);
 
     first.kill().expect("SIGKILL the daemon");
     let _ = first.wait_exit(Duration::from_secs(10));
@@ -181,11 +190,16 @@ fn restarted_daemon_adopts_running_guests() {
 #[test]
 fn bad_definition_reports_the_field() {
     skip_unless_root!();
+    require_kvm();
     let (_rt, lv) = libvirt();
     let etcd = EtcdProcess::start().expect("etcd");
     let state = tempfile::tempdir().expect("state dir");
-    let _d = daemon(&etcd, "kvm3", state.path());
+    // Guests before the daemon: locals drop in reverse order, so on a failure the daemon is
+    // killed first and cannot define or start a guest again after its guard removed it.
     let g = TestDomain::new(&lv, "bad");
+    let h = TestDomain::new(&lv, "worse");
+    let k = TestDomain::new(&lv, "nodisk");
+    let _d = daemon(&etcd, "kvm3", state.path());
     // Well-formed for us, refused by libvirt (unknown machine type).
     let xml = g.xml().replace("machine='pc'", "machine='no-such-machine'");
     etcd.put_keys(&[
@@ -203,7 +217,6 @@ fn bad_definition_reports_the_field() {
     assert_eq!(s["state"], "fail", "{s}");
 
     // Not XML at all: invalid before libvirt is asked.
-    let h = TestDomain::new(&lv, "worse");
     etcd.put_keys(&[
         (&key(&h, "xml"), "<domain"),
         (&key(&h, "node"), "kvm3"),
@@ -217,7 +230,6 @@ fn bad_definition_reports_the_field() {
 
     // Defined fine, but every start fails (its disk does not exist): retried with backoff,
     // then `fail` with the last error.
-    let k = TestDomain::new(&lv, "nodisk");
     let xml = k.xml().replace(
         "</devices>",
         "<disk type='file' device='disk'><source file='/nonexistent/debvisor-test.img'/>\

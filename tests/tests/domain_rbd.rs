@@ -15,11 +15,11 @@
 use std::time::Duration;
 
 use debvisor_daemon::hypervisor::{DomainState, Libvirt};
-use debvisor_tests::libvirt::{system_libvirt, TestDomain};
+use debvisor_tests::libvirt::{assert_guest_uses_kvm, require_kvm, system_libvirt, TestDomain};
 use debvisor_tests::rbd_guest::{qemu_rbd_available, with_devices, CephSecret, QEMU_RBD_DRIVER};
 use debvisor_tests::{
-    ceph_installed, eventually, is_message, skip_unless_root, str_field, CephCluster,
-    DaemonBuilder, DaemonProcess, EtcdProcess, TestVm,
+    ceph_installed, eventually, is_message, skip_or_fail, skip_unless_root, str_field, CephCluster,
+    DaemonBuilder, DaemonProcess, EtcdProcess, SkipKind, TestVm,
 };
 use serde_json::{json, Value};
 
@@ -265,9 +265,9 @@ fn skip_reason() -> Option<String> {
 fn rbd_guest_starts_and_foreign_locks_refuse_the_start() {
     skip_unless_root!();
     if let Some(why) = skip_reason() {
-        eprintln!("skip: {why}");
-        return;
+        return skip_or_fail(&why, SkipKind::Environment);
     }
+    require_kvm();
     let (rt, lv) = system_libvirt().expect("libvirtd running");
 
     let cluster = CephCluster::start_with_osds(1).expect("ceph cluster");
@@ -305,6 +305,12 @@ fn rbd_guest_starts_and_foreign_locks_refuse_the_start() {
     let s = vm(&g1).wait_status(&etcd, "running", "rbd1");
     assert!(s["error"].is_null(), "{s}");
     assert!(active(&rt, &lv, &g1), "the guest runs");
+    let pid = rt
+        .block_on(lv.get(&g1.uuid))
+        .expect("get")
+        .and_then(|i| i.pid)
+        .expect("qemu PID of the running guest");
+    assert_guest_uses_kvm(pid);
     let w = eventually("qemu watches disk1", WAIT, || {
         Some(watchers(&cluster, "disk1")).filter(|w| !w.is_empty())
     });

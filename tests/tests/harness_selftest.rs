@@ -6,6 +6,8 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
+use debvisor_tests::netns::{creator_pid, sweep_stale, NAME_SUFFIX};
+use debvisor_tests::skip::{REQUIRE_ALL_ENV, SKIP_LOG_ENV};
 use debvisor_tests::{
     bin_path, free_port, skip_unless_root, CertSet, EtcdProcess, NetNs, TcpProxy,
 };
@@ -361,6 +363,7 @@ fn netns_create_and_delete() {
     let ns = NetNs::create("dvtest").unwrap();
     let name = ns.name().to_owned();
     assert!(name.starts_with(&format!("dvtest-{}-", std::process::id())));
+    assert_eq!(creator_pid(&name), Some(std::process::id()), "{name}");
     assert!(Path::new("/run/netns").join(&name).exists());
     let out = ns.exec_cmd("ip", &["link", "show", "lo"]).output().unwrap();
     assert!(out.status.success());
@@ -368,6 +371,140 @@ fn netns_create_and_delete() {
     assert!(text.contains("LOOPBACK,UP"), "lo not up: {text}");
     drop(ns);
     assert!(!Path::new("/run/netns").join(&name).exists());
+}
+
+/// Deletes the named namespaces on drop (those a test made by hand with `ip netns add`).
+struct NsByHand(Vec<String>);
+
+impl Drop for NsByHand {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            if Path::new("/run/netns").join(n).exists() {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "delete", n])
+                    .output();
+            }
+        }
+    }
+}
+
+#[test]
+fn stale_netns_of_a_dead_test_process_is_swept_and_a_live_ones_kept() {
+    skip_unless_root!();
+    // A PID that no longer exists: a child that has exited and been reaped.
+    let mut gone = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let dead = gone.id();
+    gone.wait().expect("reap");
+    let stale = format!("dvsweep-{dead}-0{NAME_SUFFIX}");
+    let live = format!("dvsweep-{}-999{NAME_SUFFIX}", std::process::id());
+    let _cleanup = NsByHand(vec![stale.clone(), live.clone()]);
+    for n in [&stale, &live] {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "add", n])
+            .output()
+            .expect("ip netns add");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Something the dead run left running inside its namespace.
+    let mut leftover = std::process::Command::new("ip")
+        .args(["netns", "exec", &stale, "sleep", "600"])
+        .spawn()
+        .expect("sleep in the stale netns");
+    debvisor_tests::eventually("the leftover runs inside", Duration::from_secs(10), || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "pids", &stale])
+            .output()
+            .ok()?;
+        (!String::from_utf8_lossy(&out.stdout).trim().is_empty()).then_some(())
+    });
+
+    sweep_stale();
+    // (Another test process's sweep may have deleted it first: check the result, not who.)
+    assert!(
+        !Path::new("/run/netns").join(&stale).exists(),
+        "{stale} of dead pid {dead} swept"
+    );
+    let status = leftover.wait().expect("reap the leftover");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "the leftover inside was killed: {status:?}"
+    );
+    assert!(
+        Path::new("/run/netns").join(&live).exists(),
+        "{live} of this live process kept"
+    );
+}
+
+/// Run this test binary's `netns_create_and_delete` (which needs root) as user `nobody`, so
+/// it has to skip, with `env` set; returns its exit status and output.
+fn run_selftest_unprivileged(env: &[(&str, &str)]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().expect("current exe");
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["--exact", "netns_create_and_delete", "--test-threads", "1"])
+        .env_remove(REQUIRE_ALL_ENV)
+        .env_remove(SKIP_LOG_ENV)
+        .envs(env.iter().copied())
+        .uid(65534)
+        .gid(65534);
+    cmd.output().expect("run the selftest as nobody")
+}
+
+#[test]
+fn a_skip_is_logged_and_fails_under_require_all() {
+    skip_unless_root!();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // nobody appends to the log.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    let log = dir.path().join("skips");
+    let log_s = log.display().to_string();
+
+    // Allowed: the test reports ok, and the skip is in the log (test, reason, kind).
+    let out = run_selftest_unprivileged(&[(SKIP_LOG_ENV, &log_s)]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(&log).expect("skip log"),
+        "harness_selftest::netns_create_and_delete\tneeds root\tenvironment\n"
+    );
+
+    // DEBVISOR_REQUIRE_ALL=1: the same skip fails the test.
+    let out = run_selftest_unprivileged(&[(SKIP_LOG_ENV, &log_s), (REQUIRE_ALL_ENV, "1")]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("1 failed"), "{text}");
+    assert!(
+        text.contains("would skip (needs root), but DEBVISOR_REQUIRE_ALL=1"),
+        "{text}"
+    );
+    // A failure, not a skip: nothing more in the log.
+    assert_eq!(
+        std::fs::read_to_string(&log)
+            .expect("skip log")
+            .lines()
+            .count(),
+        1
+    );
 }
 
 #[test]

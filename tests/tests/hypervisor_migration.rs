@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use debvisor_daemon::hypervisor::{
     DomainEvent, DomainInfo, DomainState, ErrorKind, Libvirt, Lifecycle, MigrateOptions, StopReason,
 };
-use debvisor_tests::libvirt::TestDomain;
+use debvisor_tests::libvirt::{assert_guest_uses_kvm, require_kvm, TestDomain};
 use debvisor_tests::libvirt_pair::{
     process_netns_inode, IsolatedLibvirt, LibvirtCluster, LibvirtPair,
 };
@@ -86,7 +86,8 @@ async fn events_until(
     }
 }
 
-/// The running guest on `inst` with its qemu PID inside that instance's namespace.
+/// The running guest on `inst` with its qemu PID inside that instance's namespace, running
+/// with KVM (unless KVM is unusable here and that may be skipped).
 async fn running_on(lv: &Libvirt, inst: &IsolatedLibvirt, uuid: &str) -> (DomainInfo, u32) {
     let info = lv
         .get(uuid)
@@ -114,6 +115,7 @@ async fn running_on(lv: &Libvirt, inst: &IsolatedLibvirt, uuid: &str) -> (Domain
         "qemu {pid} is our guest: {}",
         cmdline(pid)
     );
+    assert_guest_uses_kvm(pid);
     (info, pid)
 }
 
@@ -227,6 +229,7 @@ async fn migrate_and_check(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_moves_the_qemu_process_and_back() {
     skip_unless_root!();
+    require_kvm();
     let pair = start_pair().await;
     let (a, b) = (&pair.a, &pair.b);
     let lv_a = a.libvirt(CALL_TIMEOUT);
@@ -293,6 +296,7 @@ async fn live_migration_moves_the_qemu_process_and_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_copy_migration_moves_the_guest() {
     skip_unless_root!();
+    require_kvm();
     let pair = start_pair().await;
     let (a, b) = (&pair.a, &pair.b);
     let lv_a = a.libvirt(CALL_TIMEOUT);
@@ -313,6 +317,7 @@ async fn paused_copy_migration_moves_the_guest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_destination_fails_and_the_guest_stays() {
     skip_unless_root!();
+    require_kvm();
     let pair = start_pair().await;
     let (a, b) = (&pair.a, &pair.b);
     let lv_a = a.libvirt(CALL_TIMEOUT);
@@ -358,6 +363,7 @@ async fn unreachable_destination_fails_and_the_guest_stays() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_hops_across_a_three_node_bridge() {
     skip_unless_root!();
+    require_kvm();
     let cluster = tokio::task::spawn_blocking(|| LibvirtCluster::start(3))
         .await
         .expect("cluster start thread")

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use debvisor_daemon::hypervisor::{DomainState, Libvirt, Lifecycle, Outcome, StopReason};
 use debvisor_tests::libvirt::{
-    ensure_libvirtd, kvm_available, sweep_stale, wait_event, TestDomain, QEMU_URI,
+    assert_guest_uses_kvm, ensure_libvirtd, kvm_available, require_kvm, sweep_stale, wait_event,
+    TestDomain, QEMU_URI,
 };
 use debvisor_tests::skip_unless_root;
 
@@ -31,6 +32,7 @@ fn cmdline(pid: u32) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_guest_lifecycle() {
     skip_unless_root!();
+    require_kvm();
     let lv = system_libvirt().await;
     let d = TestDomain::new(&lv, "life");
     let mut rx = lv.events().await.expect("subscribe");
@@ -72,6 +74,8 @@ async fn real_guest_lifecycle() {
         cmd.contains("qemu-system") && cmd.contains(&d.uuid),
         "{cmd}"
     );
+    // A real KVM guest, not a silent TCG fallback.
+    assert_guest_uses_kvm(pid);
     assert_eq!((info.vcpus, info.memory_kib), (1, 65536), "{info:?}");
     assert_eq!(lv.start(&d.uuid).await.expect("start"), Outcome::Unchanged);
 
@@ -149,6 +153,7 @@ async fn real_guest_lifecycle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_qemu_is_reported_stopped() {
     skip_unless_root!();
+    require_kvm();
     let lv = system_libvirt().await;
     let d = TestDomain::new(&lv, "kill");
     let mut rx = lv.events().await.expect("subscribe");
@@ -161,6 +166,7 @@ async fn killed_qemu_is_reported_stopped() {
         .and_then(|i| i.pid)
         .expect("qemu PID");
     assert!(cmdline(pid).contains(&d.uuid), "our guest's qemu");
+    assert_guest_uses_kvm(pid);
 
     // SAFETY: kill(2) of the qemu process of the guest this test just started.
     assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);

@@ -346,6 +346,8 @@ async fn sighup_reloads_the_log_level_and_a_second_sigterm_exits_at_once() {
     let mut d = DaemonBuilder::new("echo")
         .endpoints(&[etcd.endpoint()])
         .yaml("logging:\n  level: info\n")
+        // The graceful shutdown below waits on a frozen etcd: let its requests wait long.
+        .env("DEBVISOR_STORE_REQUEST_TIMEOUT", "60s")
         .spawn()
         .expect("spawn");
     wait_run(&mut d);
@@ -368,12 +370,45 @@ async fn sighup_reloads_the_log_level_and_a_second_sigterm_exits_at_once() {
     )
     .expect("debug lines after reload");
 
-    // Two signals back to back: the process ends at once.
+    // A second SIGTERM during the graceful shutdown ends the process at once. etcd is frozen
+    // so the graceful path, once begun, is held at its first store write (it cannot finish
+    // before the second signal); then the signal thread's exit: status 130 and its line.
+    let pause = etcd.pause().expect("freeze etcd");
     d.signal(libc::SIGTERM).expect("SIGTERM");
-    d.signal(libc::SIGTERM).expect("SIGTERM");
+    d.wait_for(
+        |v| is_message(v, "termination requested; shutting down gracefully"),
+        Duration::from_secs(10),
+    )
+    .expect("graceful shutdown begun");
+    d.signal(libc::SIGTERM).expect("second SIGTERM");
     let st = d.wait_exit(Duration::from_secs(10)).expect("exit");
-    // Either the graceful path already finished (0) or the second signal cut it short (130).
-    assert!(matches!(st.code(), Some(0) | Some(130)), "{st:?}");
+    assert_eq!(
+        st.code(),
+        Some(130),
+        "exit 130 on the second signal: {st:?}"
+    );
+    let lines = d.lines();
+    assert!(
+        lines.iter().any(|l| l.contains(
+            "debvisord: second termination signal; exiting now without graceful shutdown"
+        )),
+        "{}",
+        d.tail(20)
+    );
+    assert!(
+        !d.json_lines()
+            .iter()
+            .any(|v| is_message(v, "debvisord stopped")),
+        "the graceful path did not finish"
+    );
+    // Nor did it get to `stop` in etcd (its first write may still land once etcd thaws).
+    drop(pause);
+    let mut c = etcd.client().await.expect("client");
+    let state = get_str(&mut c, "/debvisor/nodes/echo/daemon_state").await;
+    assert!(
+        matches!(state.as_deref(), Some("run") | Some("shutdown")),
+        "{state:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

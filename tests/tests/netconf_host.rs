@@ -5,8 +5,8 @@
 //! `debvisor-netconf` against the host namespace: apply a layout, re-apply (no change), drift
 //! it with `ip` and check that `ensure` corrects exactly that. The `ip` commands are test
 //! setup and independent verification only; the crate itself never runs `ip`.
-//! Namespaces are deleted on drop, also when a test fails. Without root every test prints
-//! `SKIP: …` and returns.
+//! Namespaces are deleted on drop, also when a test fails. Without root every test skips
+//! (a failure under `DEBVISOR_REQUIRE_ALL=1`; see `debvisor_tests::skip`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -18,7 +18,7 @@ use debvisor_netconf::{
     ensure, release_floating, take_floating, Change, HostNet, HostNetwork, HostNetworks,
     NetconfError, Netlink, Outcome, VxlanSpec,
 };
-use debvisor_tests::{skip_unless_root, NetNs};
+use debvisor_tests::{skip_or_fail, skip_unless_root, NetNs, SkipKind};
 use serde_json::Value;
 
 /// A host namespace with veth "NICs" whose peers sit in a peer namespace.
@@ -653,8 +653,10 @@ async fn vlan_layout_or_skip() {
     let lab = Lab::new(1);
     match lab.nl.ensure_vlan("dv0.10", "dv0", 10).await {
         Err(e) if e.is_unsupported() => {
-            eprintln!("SKIP: vlan_layout_or_skip: this kernel has no 802.1Q VLAN support ({e})");
-            return;
+            return skip_or_fail(
+                &format!("this kernel has no 802.1Q VLAN support ({e})"),
+                SkipKind::KernelFeature,
+            );
         }
         Err(e) => panic!("creating a VLAN: {e}"),
         Ok(_) => {

@@ -12,8 +12,10 @@ fn wait_run(d: &mut DaemonProcess, within: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_away_for_20s_the_node_stays_up_and_comes_back_to_run() {
     let mut etcd = EtcdProcess::start().expect("etcd");
+    // Debug logging: every keepalive tick skipped during the outage is logged.
     let mut d = DaemonBuilder::new("outage")
         .endpoints(&[etcd.endpoint()])
+        .env("DEBVISOR_LOGGING_LEVEL", "debug")
         .spawn()
         .expect("spawn");
     wait_run(&mut d, Duration::from_secs(30));
@@ -30,7 +32,24 @@ async fn etcd_away_for_20s_the_node_stays_up_and_comes_back_to_run() {
         Duration::from_secs(10),
     )
     .expect("outage logged");
-    std::thread::sleep(Duration::from_secs(20));
+    // Not a fixed pause: the daemon keeps working through 20 more keepalive ticks (1 s apart)
+    // without the store; waiting fails at once if it exits meanwhile.
+    let skipped = |d: &DaemonProcess| {
+        d.json_lines()
+            .iter()
+            .filter(|v| is_message(v, "store still unreachable; keepalive skipped"))
+            .count()
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    while skipped(&d) < 20 {
+        assert!(d.is_running(), "the daemon survives a store outage");
+        assert!(
+            std::time::Instant::now() < until,
+            "20 keepalive ticks skipped within 120 s: {}",
+            d.tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(d.is_running(), "the daemon survives a store outage");
     etcd.restart().expect("etcd back");
 
@@ -100,7 +119,16 @@ async fn etcd_started_10s_after_the_daemon_is_waited_for() {
         Duration::from_secs(10),
     )
     .expect("retries logged");
-    std::thread::sleep(Duration::from_secs(10));
+    // Not a fixed pause: the daemon is still retrying at its 8th attempt (≥ 8.9 s of backoff
+    // between attempts 1 and 8); waiting fails at once if it exits meanwhile.
+    d.wait_for(
+        |v| {
+            is_message(v, "store not reachable yet; retrying")
+                && v["attempt"].as_u64().is_some_and(|a| a >= 8)
+        },
+        Duration::from_secs(30),
+    )
+    .expect("8th attempt logged");
     assert!(d.is_running(), "still waiting");
     etcd.launch().expect("etcd");
     wait_run(&mut d, Duration::from_secs(30));
