@@ -9,7 +9,9 @@
 use std::time::Duration;
 
 use debvisor_daemon::hypervisor::{DomainState, Libvirt};
-use debvisor_tests::libvirt::{system_libvirt, test_driver_xml, TestDomain};
+use debvisor_tests::libvirt::{
+    assert_guest_uses_kvm, require_kvm, system_libvirt, test_driver_xml, TestDomain,
+};
 use debvisor_tests::{
     eventually, is_message, skip_unless_root, str_field, DaemonBuilder, DaemonProcess, EtcdProcess,
     TestVm,
@@ -78,6 +80,7 @@ fn wait_ticks(etcd: &EtcdProcess, node: &str, n: usize) {
 #[test]
 fn an_empty_etcd_destroys_no_guest_until_an_operator_confirms() {
     skip_unless_root!();
+    require_kvm();
     let (rt, lv) = system_libvirt().expect("libvirtd");
     // Guests before the daemon: dropped after it, so a failing test leaves no qemu behind.
     let guests: Vec<TestDomain> = (0..3)
@@ -103,6 +106,7 @@ fn an_empty_etcd_destroys_no_guest_until_an_operator_confirms() {
         .iter()
         .map(|g| qemu_pid(&rt, &lv, &g.uuid).expect("qemu runs"))
         .collect();
+    assert_guest_uses_kvm(pids[0]);
 
     etcd.wipe().expect("wipe etcd");
     d.wait_for_message("store replaced under this node", WAIT)
@@ -250,11 +254,13 @@ fn a_mass_deletion_is_held_until_confirmed_and_a_single_one_is_not() {
 #[test]
 fn a_domain_debvisor_did_not_create_is_never_destroyed() {
     skip_unless_root!();
+    require_kvm();
     let (rt, lv) = system_libvirt().expect("libvirtd");
     let g = TestDomain::new(&lv, "foreign");
     rt.block_on(lv.define(&g.xml())).expect("define by hand");
     rt.block_on(lv.start(&g.uuid)).expect("start by hand");
     let pid = qemu_pid(&rt, &lv, &g.uuid).expect("qemu runs");
+    assert_guest_uses_kvm(pid);
     let etcd = EtcdProcess::start().expect("etcd");
     let state = tempfile::tempdir().expect("state dir");
     let mut d = DaemonBuilder::qemu("frgn1", &etcd, state.path())
