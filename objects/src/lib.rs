@@ -17,6 +17,7 @@ pub mod placement;
 pub mod reactor;
 pub mod schema;
 pub mod store;
+pub mod xml_policy;
 
 pub use reactor::{
     Action, Entry, KeyEntry, Kind, ObjectError, Reactor, ReactorOptions, ReconcileError, Reconciler,
