@@ -1,7 +1,8 @@
 //! The Domain object end to end with real KVM guests (`qemu:///system`, TCG without
 //! /dev/kvm): etcd → running qemu; stop; a guest that ignores ACPI destroyed after the
 //! timeout; a killed qemu restarted; a daemon killed with SIGKILL and restarted adopts the
-//! running guest (same qemu PID); a bad definition reported without touching the host.
+//! running guest (same qemu PID); a bad definition, or one the XML policy refuses (a disk on
+//! /etc/shadow), reported without touching the host.
 //!
 //! Needs root. Every guest is removed by its guard, also when a test fails.
 
@@ -22,7 +23,11 @@ fn libvirt() -> (tokio::runtime::Runtime, Libvirt) {
 }
 
 fn daemon(etcd: &EtcdProcess, node: &str, state_dir: &std::path::Path) -> DaemonProcess {
-    let mut d = DaemonBuilder::qemu(node, etcd, state_dir)
+    daemon_with(DaemonBuilder::qemu(node, etcd, state_dir))
+}
+
+fn daemon_with(b: DaemonBuilder) -> DaemonProcess {
+    let mut d = b
         .env("DEBVISOR_DOMAINS_RESTART_BACKOFF", "200ms")
         .spawn()
         .expect("spawn daemon");
@@ -181,10 +186,15 @@ fn restarted_daemon_adopts_running_guests() {
 #[test]
 fn bad_definition_reports_the_field() {
     skip_unless_root!();
-    let (_rt, lv) = libvirt();
+    let (rt, lv) = libvirt();
     let etcd = EtcdProcess::start().expect("etcd");
     let state = tempfile::tempdir().expect("state dir");
-    let _d = daemon(&etcd, "kvm3", state.path());
+    // The disk of the `nodisk` guest below lives in /nonexistent: this node's policy allows
+    // that directory (and only it) for file disks.
+    let _d = daemon_with(
+        DaemonBuilder::qemu("kvm3", &etcd, state.path())
+            .env("DEBVISOR_DOMAINS_XML_POLICY_DISK_DIRS", "/nonexistent"),
+    );
     let g = TestDomain::new(&lv, "bad");
     // Well-formed for us, refused by libvirt (unknown machine type).
     let xml = g.xml().replace("machine='pc'", "machine='no-such-machine'");
@@ -237,4 +247,39 @@ fn bad_definition_reports_the_field() {
     let reason = s["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("3 failed starts"), "{s}");
     assert!(reason.contains("start failed"), "{s}");
+
+    // A disk on a root-only host file outside the policy's directories: invalid before
+    // libvirt is asked — never defined, the file's owner and mode untouched.
+    let shadow = std::fs::metadata("/etc/shadow").expect("/etc/shadow");
+    let e = TestDomain::new(&lv, "shadow");
+    let xml = e.xml().replace(
+        "</devices>",
+        "<disk type='file' device='disk'><source file='/etc/shadow'/>\
+         <target dev='vda' bus='virtio'/></disk></devices>",
+    );
+    etcd.put_keys(&[
+        (&key(&e, "xml"), &xml),
+        (&key(&e, "node"), "kvm3"),
+        (&key(&e, "state"), "start"),
+    ])
+    .expect("define");
+    let s = wait_status(&etcd, &e, "invalid");
+    assert_eq!(
+        s["error"],
+        "xml: <disk type='file' device='disk'> source file /etc/shadow is not under \
+         domains.xml_policy.disk_dirs",
+        "{s}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        rt.block_on(lv.get(&e.uuid)).expect("libvirt").is_none(),
+        "defined in libvirt"
+    );
+    let after = std::fs::metadata("/etc/shadow").expect("/etc/shadow");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (after.uid(), after.gid(), after.mode()),
+        (shadow.uid(), shadow.gid(), shadow.mode()),
+        "/etc/shadow relabelled"
+    );
 }
