@@ -1,6 +1,7 @@
 //! `debvisor-objects`: the etcd schema, the store layer, the node lease, the generic reactor
 //! and the cluster objects: Node and Network (with their planners), the Domain spec and its
-//! planner, and Ceph's desired state (pools, volumes, snapshots, templates) with its planner.
+//! planner with the domain-XML policy nodes apply before defining a VM (`xml_policy`), and
+//! Ceph's desired state (pools, volumes, snapshots, templates) with its planner.
 
 #[macro_use]
 mod macros;
