@@ -27,6 +27,7 @@ use serde_json::{Map, Value};
 
 pub use debvisor_firewall::FirewallConfig;
 pub use debvisor_netconf::NetworkingConfig;
+pub use debvisor_objects::xml_policy::XmlPolicy;
 
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/debvisor/debvisord.yaml";
@@ -371,6 +372,9 @@ pub struct DomainsConfig {
     /// seen whole before anything is destroyed.
     #[serde(with = "duration_str")]
     pub removal_settle: Duration,
+    /// What a VM's XML may ask of this host (qemu passthrough, disk sources, host devices …):
+    /// a VM it refuses is `invalid` and nothing is done for it here.
+    pub xml_policy: XmlPolicy,
 }
 
 impl Default for DomainsConfig {
@@ -390,6 +394,7 @@ impl Default for DomainsConfig {
             removal_hold_min: 3,
             removal_window: Duration::from_secs(10),
             removal_settle: Duration::from_secs(2),
+            xml_policy: XmlPolicy::default(),
         }
     }
 }
@@ -1457,10 +1462,11 @@ impl Config {
             );
         }
 
-        // networking, firewall
-        let sub = self.networking.validate("networking");
+        // domains.xml_policy, networking, firewall
+        let sub = d.xml_policy.validate("domains.xml_policy");
         out.extend(
             sub.into_iter()
+                .chain(self.networking.validate("networking"))
                 .chain(self.firewall.validate("firewall"))
                 .map(|(p, r)| Issue::new(p, r)),
         );
@@ -1892,6 +1898,29 @@ mod tests {
             let e = err(yaml, &[]);
             assert!(e.contains(want), "{yaml:?}: want {want:?} in:\n{e}");
         }
+    }
+
+    #[test]
+    fn xml_policy_from_file_and_env() {
+        let yaml = "domains:\n  xml_policy:\n    allow_host_devices: true\n    rbd_pools: [vms]\n";
+        let c = parse(
+            yaml,
+            &[("DEBVISOR_DOMAINS_XML_POLICY_DISK_DIRS", "/srv/a, /srv/b")],
+        )
+        .unwrap();
+        let p = &c.domains.xml_policy;
+        assert!(p.allow_host_devices && !p.allow_qemu_passthrough);
+        assert_eq!(p.rbd_pools, ["vms"]);
+        assert_eq!(
+            p.disk_dirs,
+            [PathBuf::from("/srv/a"), PathBuf::from("/srv/b")]
+        );
+        assert_eq!(p.emulators, XmlPolicy::default().emulators);
+        let e = err("domains:\n  xml_policy:\n    firmware_dirs: [fw]\n", &[]);
+        assert!(
+            e.contains("domains.xml_policy.firmware_dirs[0]: \"fw\" is not an absolute path"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -84,6 +84,16 @@ const CASES: &[Case] = &[
     ("bad extra_allow port", "firewall:\n  extra_allow:\n    - proto: tcp\n      port: 70000\n", &[], &["firewall.extra_allow[0].port:"]),
     ("bad extra_allow proto", "firewall:\n  extra_allow:\n    - proto: icmp\n      port: 1\n", &[], &["firewall.extra_allow[0].proto: unknown variant \"icmp\""]),
     ("log prefix too long", "firewall:\n  log_prefix: \"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"\n", &[], &["firewall.log_prefix: is longer than 127"]),
+    ("relative disk dir", "domains:\n  xml_policy:\n    disk_dirs: [images]\n", &[], &["domains.xml_policy.disk_dirs[0]: \"images\" is not an absolute path"]),
+    ("disk dir with ..", "domains:\n  xml_policy:\n    disk_dirs: [/srv/a, /srv/../etc]\n", &[], &["domains.xml_policy.disk_dirs[1]:", "'..'"]),
+    ("relative emulator", "domains:\n  xml_policy:\n    emulators: [qemu-kvm]\n", &[], &["domains.xml_policy.emulators[0]:"]),
+    ("unknown disk protocol", "domains:\n  xml_policy:\n    disk_protocols: [rbd, smb]\n", &[], &["domains.xml_policy.disk_protocols[1]: \"smb\" is not one of"]),
+    ("bad rbd pool", "domains:\n  xml_policy:\n    rbd_pools: [\"vms/x\"]\n", &[], &["domains.xml_policy.rbd_pools[0]:"]),
+    ("unknown interface type", "domains:\n  xml_policy:\n    interface_types: [wifi]\n", &[], &["domains.xml_policy.interface_types[0]: \"wifi\""]),
+    ("bad bridge pattern", "domains:\n  xml_policy:\n    bridges: [\"br*x\"]\n", &[], &["domains.xml_policy.bridges[0]:"]),
+    ("unknown policy key", "domains:\n  xml_policy:\n    allow_everything: true\n", &[], &["domains.xml_policy.allow_everything: unknown field"]),
+    ("policy bool as yes", "domains:\n  xml_policy:\n    allow_host_devices: yes\n", &[], &["domains.xml_policy.allow_host_devices:"]),
+    ("policy from env", "", &[("DEBVISOR_DOMAINS_XML_POLICY_DISK_DIRS", "/srv/img,img")], &["domains.xml_policy.disk_dirs[1]:", "DEBVISOR_DOMAINS_XML_POLICY_DISK_DIRS"]),
     ("unknown DEBVISOR_ variable", "", &[("DEBVISOR_STORE_ENDPOINT", "http://a:1")], &["DEBVISOR_STORE_ENDPOINT: unknown variable"]),
     ("bad env number", "", &[("DEBVISOR_FENCING_MAX_CONCURRENT", "two")], &["DEBVISOR_FENCING_MAX_CONCURRENT: expected an integer for fencing.max_concurrent"]),
     ("bad env bool", "", &[("DEBVISOR_FIREWALL_ENABLED", "1")], &["DEBVISOR_FIREWALL_ENABLED: expected true or false"]),
@@ -164,6 +174,22 @@ fn dev_config_passes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn xml_policy_switches_load_from_file_and_environment() {
+    let yaml = "domains:\n  xml_policy:\n    allow_qemu_passthrough: true\n    disk_dirs: []\n    \
+                rbd_pools: [vms]\n    interface_types: [bridge, network]\n    bridges: [\"*\"]\n";
+    let (out, stderr) = check_yaml(yaml, &[]);
+    assert!(out.status.success(), "{stderr}");
+    let (out, stderr) = check_yaml(
+        "",
+        &[
+            ("DEBVISOR_DOMAINS_XML_POLICY_ALLOW_HOST_DEVICES", "true"),
+            ("DEBVISOR_DOMAINS_XML_POLICY_DISK_DIRS", "/srv/img,/dev/vg0"),
+        ],
+    );
+    assert!(out.status.success(), "{stderr}");
 }
 
 #[test]

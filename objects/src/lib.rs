@@ -1,6 +1,7 @@
 //! `debvisor-objects`: the etcd schema, the store layer, the node lease, the generic reactor
 //! and the cluster objects: Node and Network (with their planners), the Domain spec and its
-//! planner, and Ceph's desired state (pools, volumes, snapshots, templates) with its planner.
+//! planner with the domain-XML policy nodes apply before defining a VM (`xml_policy`), and
+//! Ceph's desired state (pools, volumes, snapshots, templates) with its planner.
 
 #[macro_use]
 mod macros;
@@ -18,6 +19,7 @@ pub mod reactor;
 pub mod schema;
 pub mod store;
 pub mod witness;
+pub mod xml_policy;
 
 pub use reactor::{
     Action, Entry, KeyEntry, Kind, ObjectError, Reactor, ReactorOptions, ReconcileError, Reconciler,

@@ -68,7 +68,7 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec { pattern: "nodes/<node>/config/version", writer: Writer::OwningNode, format: "string", leased: false, doc: "Last config version applied on the node." },
     KeySpec { pattern: "nodes/<node>/config/last_applied_at", writer: Writer::OwningNode, format: "RFC3339 timestamp", leased: false, doc: "When that version was applied." },
     KeySpec { pattern: "nodes/<node>/config/status", writer: Writer::OwningNode, format: "OK|STALE|ERROR[: detail]", leased: false, doc: "Config sync state of the node." },
-    KeySpec { pattern: "vms/<vm>/xml", writer: Writer::Operator, format: "libvirt domain XML", leased: false, doc: "The domain definition; its <uuid> must equal <vm> (a lower-case canonical UUID)." },
+    KeySpec { pattern: "vms/<vm>/xml", writer: Writer::Operator, format: "libvirt domain XML", leased: false, doc: "The domain definition; its <uuid> must equal <vm> (a lower-case canonical UUID). Each node checks it against its domains.xml_policy before defining it (refused: status invalid, element named)." },
     KeySpec { pattern: "vms/<vm>/state", writer: Writer::Operator, format: "start|restart|shutdown|stop|disable|migrate|migrate-live|unmigrate", leased: false, doc: "Desired state (absent: stop)." },
     KeySpec { pattern: "vms/<vm>/node", writer: Writer::Operator, format: "node name", leased: false, doc: "Target node: the node that should run the VM." },
     KeySpec { pattern: "vms/<vm>/owner", writer: Writer::AnyNodeTxn, format: "node name", leased: false, doc: "Current authoritative node of the VM; moved only by transaction." },

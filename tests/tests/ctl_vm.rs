@@ -249,6 +249,78 @@ async fn define_writes_one_transaction_refuses_duplicates_and_replace_changes_on
     .await;
 }
 
+/// The nodes judge XML by their own `domains.xml_policy`: `vm define` writes it, warning on
+/// stderr (and in `policy_warning`) when the policy of the configuration it read refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn define_warns_about_xml_the_configured_policy_refuses() {
+    let cl = Cluster::start();
+    let mut c = cl.client().await;
+    two_nodes(&mut c).await;
+    let qemu = domain_xml(Some(U1), "passthrough", 64)
+        .replacen(
+            "<domain type='kvm'>",
+            "<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>",
+            1,
+        )
+        .replacen(
+            "</domain>",
+            "  <qemu:commandline><qemu:arg value='-S'/></qemu:commandline>\n</domain>",
+            1,
+        );
+    let f = cl.xml_file("qemu.xml", &qemu);
+    let out = cl.run(&["vm", "define", &f, "--node", "hv1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "debvisorctl: warning: xml: <qemu:commandline> is not allowed \
+             (domains.xml_policy.allow_qemu_passthrough)"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("VM passthrough defined"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        val(&mut c, &format!("vms/{U1}/xml")).await,
+        Some(qemu.clone())
+    );
+
+    let shadow = domain_xml(None, "shadow", 64).replacen(
+        "</domain>",
+        "  <devices><disk type='file'><source file='/etc/shadow'/><target dev='vda'/></disk></devices>\n</domain>",
+        1,
+    );
+    let v = cl.json(&[
+        "vm",
+        "define",
+        &cl.xml_file("shadow.xml", &shadow),
+        "--node",
+        "hv1",
+    ]);
+    let w = v["policy_warning"].as_str().unwrap_or_default();
+    assert!(
+        w.contains(
+            "<disk type='file'> source file /etc/shadow is not under domains.xml_policy.disk_dirs"
+        ),
+        "{v}"
+    );
+    // --replace warns too; a clean XML brings no warning.
+    let out = cl.run(&["vm", "define", &f, "--replace"]);
+    assert!(out.status.success() && stderr(&out).contains("warning: xml: <qemu:commandline>"));
+    let clean = cl.xml_file("clean.xml", &domain_xml(Some(U2), "clean", 64));
+    let out = cl.run(&["vm", "define", &clean, "--node", "hv2", "-o", "json"]);
+    assert!(
+        out.status.success() && stderr(&out).is_empty(),
+        "{}",
+        stderr(&out)
+    );
+    let v: Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert!(v.get("policy_warning").is_none(), "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_are_refused_with_the_field_named_and_nothing_written() {
     let cl = Cluster::start();

@@ -1,7 +1,8 @@
 //! The Domain object end to end with real KVM guests (`qemu:///system`, TCG without
 //! /dev/kvm): etcd → running qemu; stop; a guest that ignores ACPI destroyed after the
 //! timeout; a killed qemu restarted; a daemon killed with SIGKILL and restarted adopts the
-//! running guest (same qemu PID); a bad definition reported without touching the host.
+//! running guest (same qemu PID); a bad definition, or one the XML policy refuses (a disk on
+//! /etc/shadow), reported without touching the host.
 //!
 //! Needs root. Every guest is removed by its guard, also when a test fails: guards are
 //! declared before the daemons, so a daemon is always killed before the guests go.
@@ -23,7 +24,11 @@ fn libvirt() -> (tokio::runtime::Runtime, Libvirt) {
 }
 
 fn daemon(etcd: &EtcdProcess, node: &str, state_dir: &std::path::Path) -> DaemonProcess {
-    let mut d = DaemonBuilder::qemu(node, etcd, state_dir)
+    daemon_with(DaemonBuilder::qemu(node, etcd, state_dir))
+}
+
+fn daemon_with(b: DaemonBuilder) -> DaemonProcess {
+    let mut d = b
         .env("DEBVISOR_DOMAINS_RESTART_BACKOFF", "200ms")
         .spawn()
         .expect("spawn daemon");
@@ -191,7 +196,7 @@ fn restarted_daemon_adopts_running_guests() {
 fn bad_definition_reports_the_field() {
     skip_unless_root!();
     require_kvm();
-    let (_rt, lv) = libvirt();
+    let (rt, lv) = libvirt();
     let etcd = EtcdProcess::start().expect("etcd");
     let state = tempfile::tempdir().expect("state dir");
     // Guests before the daemon: locals drop in reverse order, so on a failure the daemon is
@@ -199,7 +204,13 @@ fn bad_definition_reports_the_field() {
     let g = TestDomain::new(&lv, "bad");
     let h = TestDomain::new(&lv, "worse");
     let k = TestDomain::new(&lv, "nodisk");
-    let _d = daemon(&etcd, "kvm3", state.path());
+    let e = TestDomain::new(&lv, "shadow");
+    // The disk of the `nodisk` guest below lives in /nonexistent: this node's policy allows
+    // that directory (and only it) for file disks.
+    let _d = daemon_with(
+        DaemonBuilder::qemu("kvm3", &etcd, state.path())
+            .env("DEBVISOR_DOMAINS_XML_POLICY_DISK_DIRS", "/nonexistent"),
+    );
     // Well-formed for us, refused by libvirt (unknown machine type).
     let xml = g.xml().replace("machine='pc'", "machine='no-such-machine'");
     etcd.put_keys(&[
@@ -249,4 +260,53 @@ fn bad_definition_reports_the_field() {
     let reason = s["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("3 failed starts"), "{s}");
     assert!(reason.contains("start failed"), "{s}");
+
+    // A disk on a root-only host file outside the policy's directories: invalid before
+    // libvirt is asked — never defined, the file's owner and mode untouched.
+    let shadow = std::fs::metadata("/etc/shadow").expect("/etc/shadow");
+    let xml = e.xml().replace(
+        "</devices>",
+        "<disk type='file' device='disk'><source file='/etc/shadow'/>\
+         <target dev='vda' bus='virtio'/></disk></devices>",
+    );
+    etcd.put_keys(&[
+        (&key(&e, "xml"), &xml),
+        (&key(&e, "node"), "kvm3"),
+        (&key(&e, "state"), "start"),
+    ])
+    .expect("define");
+    let s = wait_status(&etcd, &e, "invalid");
+    assert_eq!(
+        s["error"],
+        "xml: <disk type='file' device='disk'> source file /etc/shadow is not under \
+         domains.xml_policy.disk_dirs",
+        "{s}"
+    );
+    // Two keepalive ticks later (the daemon went on working), still nothing in libvirt.
+    let seen = etcd
+        .mod_revision("nodes/kvm3/last_seen")
+        .expect("last_seen");
+    for _ in 0..2 {
+        let before = etcd
+            .mod_revision("nodes/kvm3/last_seen")
+            .expect("last_seen");
+        eventually("a keepalive tick", WAIT, || {
+            (etcd.mod_revision("nodes/kvm3/last_seen").ok().flatten() != before).then_some(())
+        });
+    }
+    assert_ne!(
+        etcd.mod_revision("nodes/kvm3/last_seen").expect("tick"),
+        seen
+    );
+    assert!(
+        rt.block_on(lv.get(&e.uuid)).expect("libvirt").is_none(),
+        "defined in libvirt"
+    );
+    let after = std::fs::metadata("/etc/shadow").expect("/etc/shadow");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (after.uid(), after.gid(), after.mode()),
+        (shadow.uid(), shadow.gid(), shadow.mode()),
+        "/etc/shadow relabelled"
+    );
 }

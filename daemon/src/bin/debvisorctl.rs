@@ -110,7 +110,9 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Status => report(ctl_node::status(&store, cli.output).await),
         Command::Node { command } => report(ctl_node::run(&store, command, cli.output).await),
-        Command::Vm { command } => report(ctl_vm::run(&store, *command, cli.output).await),
+        Command::Vm { command } => {
+            report(ctl_vm::run(&store, *command, cli.output, &cfg.domains.xml_policy).await)
+        }
         Command::Ceph { command } => report(ctl_ceph::run(&store, *command, cli.output).await),
         Command::Network { command } => report(
             ctl_network::run(&store, *command, cli.output)

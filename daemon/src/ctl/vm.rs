@@ -5,7 +5,10 @@
 //! `domain_state` request); the nodes do the work and report in `owner`, `status`,
 //! `last_node` and `domain_state`. Every write is validated locally first with the same
 //! parser the nodes use ([`parse_vm`]), so the CLI refuses what a node would mark invalid,
-//! naming the field, and writes nothing. Every write is one etcd transaction guarded on the
+//! naming the field, and writes nothing. The domain-XML policy is the exception: each node
+//! judges a VM's XML by its own `domains.xml_policy`, so `vm define` only warns (stderr, and
+//! `policy_warning` in JSON) when the policy of the configuration it read refuses the XML.
+//! Every write is one etcd transaction guarded on the
 //! mod revisions it read: a concurrent change makes it fail instead of being overwritten.
 //!
 //! `--wait` follows the object with an etcd watch (plus a relist every few seconds in case
@@ -26,6 +29,7 @@ use debvisor_objects::domain::{
 use debvisor_objects::node::NodeRecord;
 use debvisor_objects::placement;
 use debvisor_objects::schema;
+use debvisor_objects::xml_policy::{check_policy, XmlPolicy};
 use debvisor_objects::{KeyEntry, ObjectError, Store, TxnBuilder};
 use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp};
 use serde_json::{json, Value};
@@ -187,12 +191,21 @@ pub enum VmCommand {
     },
 }
 
-/// Run one `vm` command; returns what to print on stdout.
-pub async fn run(store: &Store, cmd: VmCommand, output: Output) -> Result<String, Failure> {
+/// Run one `vm` command; returns what to print on stdout. `policy` is this configuration's
+/// `domains.xml_policy`: `vm define` warns (on stderr) about XML it refuses.
+pub async fn run(
+    store: &Store,
+    cmd: VmCommand,
+    output: Output,
+    policy: &XmlPolicy,
+) -> Result<String, Failure> {
     let json_out = output == Output::Json;
     match cmd {
         VmCommand::Define(a) => {
-            let v = define(store, &a).await?;
+            let v = define(store, &a, policy).await?;
+            if let Some(w) = v["policy_warning"].as_str() {
+                eprintln!("debvisorctl: warning: {w}");
+            }
             let text = if a.replace {
                 format!(
                     "VM {} ({}): xml replaced\n",
@@ -585,11 +598,35 @@ fn entry(value: &[u8]) -> KeyEntry {
     }
 }
 
+/// What `policy` (the `domains.xml_policy` of the configuration `debvisorctl` read) says of a
+/// VM's XML, as a warning: the nodes judge by their own configuration, so the CLI does not
+/// refuse, it tells the operator what a node with this policy will report.
+pub fn policy_warning(xml: &str, policy: &XmlPolicy) -> Option<String> {
+    check_policy(xml, policy).err().map(|e| {
+        format!(
+            "{}: {} (by this configuration's domains.xml_policy; a node with the same policy \
+             marks the VM invalid and does not define it)",
+            e.field, e.reason
+        )
+    })
+}
+
 /// `vm define`: returns `{uuid, name, node, state, metadata, uuid_generated}` (or
-/// `{uuid, name, replaced}` with `--replace`).
-pub async fn define(store: &Store, a: &DefineArgs) -> Result<Value, String> {
+/// `{uuid, name, replaced}` with `--replace`), plus `policy_warning` when `policy` refuses the
+/// XML (written all the same: see [`policy_warning`]).
+pub async fn define(store: &Store, a: &DefineArgs, policy: &XmlPolicy) -> Result<Value, String> {
     let text = std::fs::read_to_string(&a.file)
         .map_err(|e| format!("FILE {}: cannot read: {e}", a.file.display()))?;
+    let warning = policy_warning(&text, policy);
+    let mut v = define_text(store, a, text).await?;
+    if let (Some(w), Value::Object(m)) = (warning, &mut v) {
+        m.insert("policy_warning".into(), Value::String(w));
+    }
+    Ok(v)
+}
+
+/// `vm define` of the XML `text` read from `a.file`.
+async fn define_text(store: &Store, a: &DefineArgs, text: String) -> Result<Value, String> {
     // Without a <uuid> a new one is inserted (`--replace` uses the replaced VM's instead).
     let generated = !xml_has_uuid(&text);
     let xml = if generated {

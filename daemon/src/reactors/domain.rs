@@ -6,8 +6,9 @@
 //!
 //! The invariant: a domain is started here only while this node holds the VM's lease-bound
 //! lock, and a domain of ours running here while another live node holds the lock is stopped.
-//! An invalid VM (bad XML, metadata, state …) gets an `invalid` status naming the field and
-//! nothing is done on the host for it — a running guest keeps running.
+//! An invalid VM (bad XML, metadata, state …, or XML this node's `domains.xml_policy` refuses)
+//! gets an `invalid` status naming the field and nothing is done on the host for it — a
+//! running guest keeps running.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -20,6 +21,7 @@ use debvisor_objects::domain_plan::{self, Local, LocalState, Situation, Step};
 use debvisor_objects::node::NodeKind;
 use debvisor_objects::reactor::{backoff, KeyEntry};
 use debvisor_objects::store::TxnBuilder;
+use debvisor_objects::xml_policy::check_policy;
 use debvisor_objects::{Action, Entry, ObjectError, Reactor, ReconcileError, Reconciler, Store};
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -1038,7 +1040,12 @@ impl Reconciler<VmKind> for DomainReconciler {
         self.0.forget_removal(id);
         match &entry.parsed {
             Err(e) => self.0.reconcile_invalid(id, &entry.keys, e).await,
-            Ok(vm) => self.0.reconcile_vm(vm, &entry.keys).await,
+            // Refused by this node's `domains.xml_policy`: like a parse error, before any
+            // host step.
+            Ok(vm) => match check_policy(&vm.xml, &self.0.cfg.xml_policy) {
+                Err(e) => self.0.reconcile_invalid(id, &entry.keys, &e).await,
+                Ok(()) => self.0.reconcile_vm(vm, &entry.keys).await,
+            },
         }
     }
 }
