@@ -38,6 +38,7 @@ struct Running {
     node_id: String,
     lease: Arc<AtomicI64>,
     lease_state: watch::Receiver<LeaseState>,
+    lease_tx: watch::Sender<LeaseState>,
     lease_cancel: CancellationToken,
     objects: Objects,
     netlink: Arc<Netlink>,
@@ -223,6 +224,7 @@ async fn start_objects(
         node_id: b.reg.node_id,
         lease,
         lease_state: b.reg.lease_state,
+        lease_tx: b.reg.lease_tx,
         lease_cancel: b.reg.lease_cancel,
         objects,
         netlink: b.netlink,
@@ -472,7 +474,6 @@ async fn reregister(r: &mut Running) -> Result<(), RegisterError> {
     let node = r.cfg.node_name().to_string();
     let old = r.lease.load(Ordering::SeqCst);
     warn!(node = %node, old_lease = format!("{old:x}"), "node lease lost; re-registering");
-    r.lease_cancel.cancel();
     let info = crate::keepalive::refresh_info(&r.info, r.info.libvirt_version.clone());
     let data = registration::data(
         &r.cfg,
@@ -481,17 +482,21 @@ async fn reregister(r: &mut Running) -> Result<(), RegisterError> {
         &r.node_id,
         &crate::hostinfo::now_rfc3339(),
     );
+    let granted = Instant::now();
     let lease_id = registration::register(&r.store, &r.local, &data, Some(old)).await?;
     if lease_id == old {
         return Ok(());
     }
+    r.lease_cancel.cancel();
     r.lease.store(lease_id, Ordering::SeqCst);
     r.lease_cancel = CancellationToken::new();
-    r.lease_state = lease::spawn_keeper(
+    lease::spawn_keeper(
         r.store.clone(),
         node.clone(),
         lease_id,
         r.cfg.keepalive.lease_ttl,
+        granted,
+        r.lease_tx.clone(),
         r.lease_cancel.clone(),
     );
     info!(node = %node, lease = format!("{lease_id:x}"), daemon_state = "run", "re-registered with a fresh lease");

@@ -1,6 +1,12 @@
 //! The node lease: granted at registration, refreshed by its own task at TTL/3, independent
 //! of anything slow (stats, libvirt, Ceph). Its state is published on a watch channel so the
 //! daemon can re-register when the lease is lost.
+//!
+//! With every good refresh the task also publishes `valid_until`: the instant (monotonic)
+//! the refresh request was sent plus the TTL etcd granted. The server cannot expire the lease
+//! before that instant, so a node that acts only while `now < valid_until − margin` never
+//! acts on a lease that is already gone: the primary demotes itself and (later) a node fences
+//! its guests a margin before it.
 
 use std::time::{Duration, Instant};
 
@@ -15,9 +21,15 @@ use crate::store::{Store, StoreError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseState {
     /// Refreshed recently; `ttl` is the remaining TTL etcd reported.
-    Alive { id: i64, ttl: i64 },
-    /// The store did not answer the last refresh; the lease may still be alive.
-    Unreachable { id: i64 },
+    Alive {
+        id: i64,
+        ttl: i64,
+        /// Send time of the last good refresh + its TTL: the lease lives at least until then.
+        valid_until: Instant,
+    },
+    /// The store did not answer the last refresh; the lease may still be alive, at least
+    /// until `valid_until` (from the last good refresh).
+    Unreachable { id: i64, valid_until: Instant },
     /// etcd says the lease no longer exists: every key bound to it is gone.
     Lost { id: i64 },
 }
@@ -27,8 +39,18 @@ impl LeaseState {
     pub fn id(&self) -> i64 {
         match *self {
             LeaseState::Alive { id, .. }
-            | LeaseState::Unreachable { id }
+            | LeaseState::Unreachable { id, .. }
             | LeaseState::Lost { id } => id,
+        }
+    }
+
+    /// Until when the lease surely lives (`None` once it is lost).
+    pub fn valid_until(&self) -> Option<Instant> {
+        match *self {
+            LeaseState::Alive { valid_until, .. } | LeaseState::Unreachable { valid_until, .. } => {
+                Some(valid_until)
+            }
+            LeaseState::Lost { .. } => None,
         }
     }
 }
@@ -98,18 +120,24 @@ impl LeaseRefresher {
     }
 }
 
-/// Spawn the task that keeps lease `id` alive until `cancel` fires or the lease is lost.
-/// Returns the state channel. Logs one line per state transition (not per refresh).
+/// Spawn the task that keeps lease `id` alive until `cancel` fires or the lease is lost,
+/// publishing its state into `tx` (one channel for the node's life: a keeper started after a
+/// re-registration publishes into the same one). `granted` is when the grant request was sent
+/// (the lease lives at least `ttl` from then). Logs one line per state transition (not per
+/// refresh).
 pub fn spawn_keeper(
     store: Store,
     node: String,
     id: i64,
     ttl: Duration,
+    granted: Instant,
+    tx: watch::Sender<LeaseState>,
     cancel: CancellationToken,
-) -> watch::Receiver<LeaseState> {
-    let (tx, rx) = watch::channel(LeaseState::Alive {
+) {
+    tx.send_replace(LeaseState::Alive {
         id,
         ttl: ttl.as_secs() as i64,
+        valid_until: granted + ttl,
     });
     let period = (ttl / 3).max(Duration::from_millis(200));
     tokio::spawn(async move {
@@ -117,18 +145,25 @@ pub fn spawn_keeper(
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut unreachable_since: Option<Instant> = None;
+        let mut valid_until = granted + ttl;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            let sent = Instant::now();
             match refresher.refresh().await {
                 Ok(ttl_left) if ttl_left > 0 => {
+                    valid_until = valid_until.max(sent + Duration::from_secs(ttl_left as u64));
                     if let Some(since) = unreachable_since.take() {
                         info!(node = %node, lease = id, ttl = ttl_left, outage_ms = since.elapsed().as_millis() as u64,
                             "lease refreshed again after store outage");
                     }
-                    tx.send_replace(LeaseState::Alive { id, ttl: ttl_left });
+                    tx.send_replace(LeaseState::Alive {
+                        id,
+                        ttl: ttl_left,
+                        valid_until,
+                    });
                 }
                 Ok(_) => {
                     warn!(node = %node, lease = id, "node lease lost: etcd no longer knows it; peers see this node as dead");
@@ -140,10 +175,9 @@ pub fn spawn_keeper(
                         unreachable_since = Some(Instant::now());
                         warn!(node = %node, lease = id, error = %e, "cannot refresh node lease: store unreachable");
                     }
-                    tx.send_replace(LeaseState::Unreachable { id });
+                    tx.send_replace(LeaseState::Unreachable { id, valid_until });
                 }
             }
         }
     });
-    rx
 }

@@ -7,11 +7,15 @@
 //! - [`ceph_objects`]: Ceph pools, volumes and snapshots (primary only);
 //! - [`ceph_monitor`]: Ceph health and observed state on its own timer;
 //! - [`drain`]: the node's `domain_state` flush/unflush;
-//! - [`removals`]: the evidence a removal from etcd needs before a guest is destroyed.
+//! - [`removals`]: the evidence a removal from etcd needs before a guest is destroyed;
+//! - [`role`]: whether this node is the primary now, followed by every primary-only duty;
+//! - [`election`]: the primary-coordinator election and the `coordinator_state` machine.
 
 pub mod ceph_monitor;
 pub mod ceph_objects;
 pub mod domain;
 pub mod drain;
+pub mod election;
 pub mod network;
 pub mod removals;
+pub mod role;

@@ -5,6 +5,7 @@
 use debvisor_objects::lease::{self, LeaseState};
 use debvisor_objects::node::{DaemonState, NodeInfo};
 use debvisor_objects::Store;
+use std::time::Instant;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -21,8 +22,10 @@ pub struct Registered {
     pub node_id: String,
     /// The node lease.
     pub lease_id: i64,
-    /// The lease keeper's view of the lease.
+    /// The lease keepers' view of the node lease, for the daemon's whole life.
     pub lease_state: watch::Receiver<LeaseState>,
+    /// Where the lease keepers publish (a keeper started after re-registration too).
+    pub lease_tx: watch::Sender<LeaseState>,
     /// Stops the lease keeper.
     pub lease_cancel: CancellationToken,
     /// The `info` written at registration.
@@ -42,16 +45,20 @@ pub async fn run(cfg: &Config, store: &Store) -> StageResult<Registered> {
         &node_id,
         &crate::hostinfo::now_rfc3339(),
     );
+    let granted = Instant::now();
     let lease_id = registration::register(store, &local, &data, None)
         .await
         .map_err(|e| e.to_string())?;
     info!(node = %node, from = "stop", to = "init", reason = "registered", "daemon_state changed");
     let lease_cancel = CancellationToken::new();
-    let lease_state = lease::spawn_keeper(
+    let (lease_tx, lease_state) = watch::channel(LeaseState::Lost { id: 0 });
+    lease::spawn_keeper(
         store.clone(),
         node.to_string(),
         lease_id,
         cfg.keepalive.lease_ttl,
+        granted,
+        lease_tx.clone(),
         lease_cancel.clone(),
     );
     let detail = format!(
@@ -64,6 +71,7 @@ pub async fn run(cfg: &Config, store: &Store) -> StageResult<Registered> {
             node_id,
             lease_id,
             lease_state,
+            lease_tx,
             lease_cancel,
             info,
         },
