@@ -201,6 +201,9 @@ async fn etcd_user_auth_with_a_password_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pw = dir.path().join("etcd-password");
     std::fs::write(&pw, "s3cret-pw\n").expect("password file");
+    // Private to its owner: check-config refuses a password file others can read.
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod password file");
     let yaml = format!(
         "store:\n  user: debvisord\n  password_file: {}\n",
         pw.display()
