@@ -539,3 +539,61 @@ fn the_node_firewall_follows_networks_and_heals_a_deleted_rule() {
         "foreign table survives",
     );
 }
+
+/// Log lines of `d` whose message is `m` and whose `network` field is `vni`.
+fn count_lines(d: &DaemonProcess, m: &str, vni: u64) -> usize {
+    d.json_lines()
+        .iter()
+        .filter(|v| v["message"] == m && v["network"] == vni)
+        .count()
+}
+
+#[test]
+fn an_invalid_network_is_logged_once_per_distinct_error() {
+    skip_unless_root!();
+    let node = NetNs::create("dvinv").expect("node ns");
+    let etcd =
+        EtcdProcess::start_in(node.name(), "127.0.0.1".parse().expect("ip")).expect("etcd in ns");
+    let bad_gateway = MANAGED.replace("\"gateway\":\"10.1.0.1\"", "\"gateway\":\"10.9.0.1\"");
+    put(&etcd, "networks/110/spec", &bad_gateway);
+    // keepalive.interval is 1 s in the harness: the network reactor resyncs every second.
+    let d = start_node(&node, &etcd, "inv", "", &[]);
+    const INVALID: &str = "network invalid; nothing changed on the host for it";
+    eventually("error status", Duration::from_secs(10), || {
+        get(&etcd, "networks/110/status/inv")
+            .map(|s| s.contains("spec.ipv4.gateway"))
+            .unwrap_or(false)
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        count_lines(&d, INVALID, 110),
+        1,
+        "one warning for one error over several ticks"
+    );
+
+    // A different error is a new warning, once.
+    let bad_range = MANAGED.replace("\"start\":\"10.1.0.100\"", "\"start\":\"10.7.0.100\"");
+    put(&etcd, "networks/110/spec", &bad_range);
+    eventually("second error status", Duration::from_secs(10), || {
+        get(&etcd, "networks/110/status/inv")
+            .map(|s| !s.contains("spec.ipv4.gateway") && s.contains("\"error\""))
+            .unwrap_or(false)
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        count_lines(&d, INVALID, 110),
+        2,
+        "one more for the new error"
+    );
+
+    // Valid again: one info line, and no more warnings.
+    put(&etcd, "networks/110/spec", MANAGED);
+    eventually("ready", Duration::from_secs(10), || {
+        get(&etcd, "networks/110/status/inv")
+            .map(|s| s.contains("\"ready\""))
+            .unwrap_or(false)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(count_lines(&d, "network valid again", 110), 1);
+    assert_eq!(count_lines(&d, INVALID, 110), 2);
+}

@@ -3,7 +3,9 @@
 //! reports status and DHCP leases back to etcd.
 //!
 //! An invalid spec (bad field, overlap with another network, a name taken on this host)
-//! becomes that network's error status and changes nothing on the host for it.
+//! becomes that network's error status and changes nothing on the host for it. Its warning
+//! is logged once per distinct error (the resync tick sees it again every interval), and
+//! "network valid again" once when it is fixed.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -40,6 +42,11 @@ pub struct NetworkHost {
     status: Mutex<BTreeMap<u32, serde_json::Value>>,
     /// Last leases written per network.
     leases: Mutex<BTreeMap<u32, BTreeMap<String, Lease>>>,
+    /// The error last logged per invalid network: the warning is logged once per distinct
+    /// error, not on every resync tick.
+    invalid: Mutex<BTreeMap<u32, String>>,
+    /// Non-numeric network ids already warned about (once each).
+    ignored_ids: Mutex<std::collections::BTreeSet<String>>,
     /// False until the first list of networks has been reconciled: before that the ruleset
     /// applied by the firewall stage (built from the whole etcd list) must not be replaced by
     /// one that knows only the networks reconciled so far.
@@ -243,6 +250,8 @@ impl NetworkHost {
             applied: Mutex::new(BTreeMap::new()),
             status: Mutex::new(BTreeMap::new()),
             leases: Mutex::new(BTreeMap::new()),
+            invalid: Mutex::new(BTreeMap::new()),
+            ignored_ids: Mutex::new(std::collections::BTreeSet::new()),
             fw_ready: AtomicBool::new(false),
             fw_dirty: tokio::sync::Notify::new(),
         }
@@ -286,7 +295,17 @@ impl NetworkHost {
     }
 
     async fn fail(&self, vni: u32, e: &ObjectError) -> Result<Action, ReconcileError> {
-        warn!(network = vni, field = %e.field, reason = %e.reason, "network invalid; nothing changed on the host for it");
+        let text = e.to_string();
+        let new_error = self
+            .invalid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vni, text.clone())
+            .as_ref()
+            != Some(&text);
+        if new_error {
+            warn!(network = vni, field = %e.field, reason = %e.reason, "network invalid; nothing changed on the host for it");
+        }
         self.write_status(
             vni,
             json!({"state": "error", "error": e.to_string(), "field": e.field, "since": crate::hostinfo::now_rfc3339()}),
@@ -493,6 +512,10 @@ impl NetworkHost {
     }
 
     async fn remove(&self, vni: u32) -> Result<Action, ReconcileError> {
+        self.invalid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vni);
         let had_dnsmasq = self.dnsmasq.lock().await.remove(&vni);
         if let Some(inst) = had_dnsmasq {
             inst.stop().await;
@@ -638,6 +661,14 @@ impl NetworkHost {
         if dhcp {
             self.report_leases(vni).await?;
         }
+        let was_invalid = self
+            .invalid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vni);
+        if let Some(before) = was_invalid {
+            info!(network = vni, before = %before, "network valid again");
+        }
         self.write_status(
             vni,
             json!({
@@ -675,7 +706,10 @@ impl Reconciler<NetworkKind> for NetworkReconciler {
         entry: Option<Arc<Entry<Network>>>,
     ) -> Result<Action, ReconcileError> {
         let Ok(vni) = id.parse::<u32>() else {
-            if entry.is_some() {
+            let mut ignored = self.0.ignored_ids.lock().unwrap_or_else(|p| p.into_inner());
+            if entry.is_none() {
+                ignored.remove(id);
+            } else if ignored.insert(id.to_string()) {
                 warn!(network = %id, "network key with a non-numeric VNI ignored");
             }
             return Ok(Action::AwaitChange);
