@@ -597,3 +597,47 @@ fn an_invalid_network_is_logged_once_per_distinct_error() {
     assert_eq!(count_lines(&d, "network valid again", 110), 1);
     assert_eq!(count_lines(&d, INVALID, 110), 2);
 }
+
+#[test]
+fn a_network_id_with_a_newline_and_an_escape_cannot_forge_log_lines() {
+    skip_unless_root!();
+    let node = NetNs::create("dvlog").expect("node ns");
+    let etcd =
+        EtcdProcess::start_in(node.name(), "127.0.0.1".parse().expect("ip")).expect("etcd in ns");
+    // A key name from outside: a newline, a forged line, and an ANSI colour escape.
+    put(
+        &etcd,
+        "networks/7\nFORGED level=ERROR node taken over \u{1b}[31mred/spec",
+        MANAGED,
+    );
+    // The plain-text stderr format (the harness default is JSON, which escapes by itself).
+    let d = DaemonBuilder::new("logs")
+        .netns(node.name())
+        .endpoints(&[etcd.endpoint()])
+        .env("DEBVISOR_LOGGING_FORMAT", "text")
+        .spawn()
+        .expect("spawn daemon");
+    eventually(
+        "the non-numeric id is logged",
+        Duration::from_secs(30),
+        || d.lines().iter().any(|l| l.contains("non-numeric VNI")),
+    );
+    let lines = d.lines();
+    let line = lines
+        .iter()
+        .find(|l| l.contains("non-numeric VNI"))
+        .expect("line");
+    assert!(
+        line.contains("FORGED") && line.contains("\\n"),
+        "the id stays on its line, escaped: {line:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.starts_with("FORGED")),
+        "no forged line:\n{}",
+        lines.join("\n")
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains('\u{1b}')),
+        "no raw escape character in the output"
+    );
+}
