@@ -59,7 +59,8 @@ impl LocalState {
                     .map_err(|e| Self::err(&path, e))?
                     .trim()
                     .to_string();
-                std::fs::write(&path, format!("{id}\n")).map_err(|e| Self::err(&path, e))?;
+                crate::securefs::write_file(&path, format!("{id}\n").as_bytes(), 0o640)
+                    .map_err(|e| Self::err(&path, e))?;
                 Ok(id)
             }
         }
@@ -77,7 +78,8 @@ impl LocalState {
     /// Remember the current lease id.
     pub fn save_lease(&self, id: i64) -> Result<(), RegisterError> {
         let path = self.dir.join("lease");
-        std::fs::write(&path, format!("{id}\n")).map_err(|e| Self::err(&path, e))
+        crate::securefs::write_file(&path, format!("{id}\n").as_bytes(), 0o640)
+            .map_err(|e| Self::err(&path, e))
     }
 
     /// Forget the lease (clean shutdown revoked it).
