@@ -292,6 +292,26 @@ impl Instance {
         })
     }
 
+    /// Take back the dnsmasq of network `vni` a previous daemon left running (pid file and
+    /// command line match), without writing anything or starting one: for a network the
+    /// daemon cannot configure now (invalid spec), or no longer wants DHCP on, so that it is
+    /// stopped with the daemon (or now) rather than left behind. `None` when there is none.
+    pub fn adopt(vni: u32, paths: Paths, binary: &Path, wrapper: &[String]) -> Option<Instance> {
+        let proc = Supervised::adopt(spec(vni, &paths, binary, wrapper))?;
+        // What it runs with: a later valid spec with the same config needs no restart.
+        let conf = securefs::read_trusted(&paths.conf())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        Some(Instance {
+            vni,
+            paths,
+            conf,
+            proc,
+            lease_warned: AtomicBool::new(false),
+        })
+    }
+
     /// Apply a changed spec: the same configuration → nothing to do (`true`); anything else,
     /// reservations included → the caller restarts it (`false`).
     pub fn update(&mut self, net: &Network) -> Result<bool, DnsmasqError> {

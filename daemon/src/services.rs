@@ -103,16 +103,33 @@ pub struct Supervised {
 impl Supervised {
     /// Start `spec` (or adopt the copy recorded in its pid file whose command line matches).
     pub async fn start(spec: ProcessSpec) -> Result<Supervised, ServiceError> {
-        let pid = Arc::new(Mutex::new(None));
-        let cancel = CancellationToken::new();
-        let (done_tx, done) = tokio::sync::watch::channel(false);
-        let adopted = adoptable(&spec);
-        let first = match adopted {
+        let first = match adoptable(&spec) {
             Some(p) => {
                 info!(service = %spec.name, pid = p, "adopting running process left by a previous daemon");
                 Child::Adopted(p)
             }
             None => spawn(&spec).await?,
+        };
+        Ok(Supervised::supervise_from(spec, first))
+    }
+
+    /// Adopt the copy of `spec` a previous daemon left running (its pid file names a live
+    /// process with `spec`'s command line), never spawning one: `None` when there is none.
+    /// Used to take back a process the daemon will not (re)configure, so that it is stopped
+    /// with the daemon instead of left behind.
+    pub fn adopt(spec: ProcessSpec) -> Option<Supervised> {
+        let p = adoptable(&spec)?;
+        info!(service = %spec.name, pid = p, "adopting running process left by a previous daemon");
+        Some(Supervised::supervise_from(spec, Child::Adopted(p)))
+    }
+
+    fn supervise_from(spec: ProcessSpec, first: Child) -> Supervised {
+        let pid = Arc::new(Mutex::new(None));
+        let cancel = CancellationToken::new();
+        let (done_tx, done) = tokio::sync::watch::channel(false);
+        let adopted = match &first {
+            Child::Adopted(p) => Some(*p),
+            Child::Spawned(_) => None,
         };
         let name = spec.name.clone();
         *pid.lock().unwrap_or_else(|p| p.into_inner()) = match &first {
@@ -125,13 +142,13 @@ impl Supervised {
             supervise(spec, first, pid_c, cancel_c).await;
             let _ = done_tx.send(true);
         });
-        Ok(Supervised {
+        Supervised {
             name,
             adopted: adopted.is_some(),
             pid,
             cancel,
             done,
-        })
+        }
     }
 
     /// Was the process adopted from a previous daemon (rather than spawned by us)?

@@ -844,3 +844,100 @@ fn dnsmasq_files_are_private_and_planted_files_are_neither_followed_nor_reported
         d.tail(40)
     );
 }
+
+/// A process this test caused (a dnsmasq of a killed daemon): SIGKILLed by PID on drop if it
+/// still runs, so a failing test leaves nothing behind.
+struct Reaped(u32);
+
+fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+                .unwrap_or(true)
+        })
+        .unwrap_or(false)
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", self.0)).unwrap_or_default();
+        if pid_alive(self.0) && comm.trim() == "dnsmasq" {
+            // SAFETY: kill(2) on the dnsmasq this test's daemon started.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+#[test]
+fn the_dnsmasq_of_a_network_that_became_invalid_is_adopted_and_stopped_with_the_daemon() {
+    skip_unless_root!();
+    let node = NetNs::create("dvorph").expect("node ns");
+    let etcd =
+        EtcdProcess::start_in(node.name(), "127.0.0.1".parse().expect("ip")).expect("etcd in ns");
+    put(&etcd, "networks/130/spec", MANAGED);
+    // State and run directories kept across the two daemons.
+    let base = tempfile::tempdir().expect("tempdir");
+    let (state, run) = (base.path().join("state"), base.path().join("run"));
+    let daemon = |name: &str| {
+        let mut d = DaemonBuilder::new("orph")
+            .netns(node.name())
+            .endpoints(&[etcd.endpoint()])
+            .state_dir(&state)
+            .env("DEBVISOR_PATHS_RUN_DIR", &run.display().to_string())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        d.wait_run(Duration::from_secs(30)).expect("run");
+        d
+    };
+    let mut d1 = daemon("first");
+    let started = d1
+        .wait_for(
+            |v| v["message"] == "dnsmasq started" && v["network"] == 130,
+            Duration::from_secs(15),
+        )
+        .expect("dnsmasq started");
+    let pid = started["pid"].as_u64().expect("pid") as u32;
+    let _guard = Reaped(pid);
+    assert!(pid_alive(pid));
+
+    // The daemon crashes; dnsmasq keeps serving. Meanwhile the spec turns invalid.
+    d1.kill().expect("kill daemon");
+    assert!(pid_alive(pid), "dnsmasq outlives a crashed daemon");
+    put(
+        &etcd,
+        "networks/130/spec",
+        &MANAGED.replace("\"gateway\":\"10.1.0.1\"", "\"gateway\":\"10.9.0.1\""),
+    );
+
+    // The next daemon reports the error and leaves the host as it is (dnsmasq included)...
+    let mut d2 = daemon("second");
+    eventually("error status", Duration::from_secs(10), || {
+        get(&etcd, "networks/130/status/orph")
+            .map(|s| s.contains("spec.ipv4.gateway"))
+            .unwrap_or(false)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(pid_alive(pid), "an invalid spec keeps the host as it is");
+    assert!(has_addr(&node, "dvbr130", "10.1.0.1"), "gateway kept");
+
+    // ...but stops it with itself: no orphan after SIGTERM.
+    d2.signal(libc::SIGTERM).expect("SIGTERM");
+    assert!(d2
+        .wait_exit(Duration::from_secs(30))
+        .expect("exit")
+        .success());
+    eventually(
+        "dnsmasq stopped with the daemon",
+        Duration::from_secs(10),
+        || !pid_alive(pid),
+    );
+    assert!(
+        d2.json_lines()
+            .iter()
+            .any(|v| v["message"] == "dnsmasq of an invalid network adopted; it keeps serving until the spec is fixed or the daemon stops"
+                && v["network"] == 130),
+        "the adoption is logged:\n{}",
+        d2.tail(30)
+    );
+}

@@ -5,7 +5,10 @@
 //! An invalid spec (bad field, overlap with another network, a name taken on this host)
 //! becomes that network's error status and changes nothing on the host for it. Its warning
 //! is logged once per distinct error (the resync tick sees it again every interval), and
-//! "network valid again" once when it is fixed.
+//! "network valid again" once when it is fixed. Its dnsmasq keeps serving as it was (one left
+//! by a previous daemon is adopted), and stops with the daemon like every other: no dnsmasq
+//! outlives a daemon shutdown. A deleted network, or one no longer served here, gets its
+//! dnsmasq stopped even when a previous daemon started it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -294,7 +297,28 @@ impl NetworkHost {
         Ok(())
     }
 
+    /// The dnsmasq of `vni`: ours in the map, else one a previous daemon left running
+    /// (adopted by pid file and command line), taken out of the map.
+    fn take_dnsmasq(&self, all: &mut BTreeMap<u32, Instance>, vni: u32) -> Option<Instance> {
+        all.remove(&vni).or_else(|| {
+            let paths = dnsmasq::Paths::new(&self.run_dir, &self.state_dir, vni);
+            Instance::adopt(vni, paths, &self.dnsmasq_bin, &[])
+        })
+    }
+
     async fn fail(&self, vni: u32, e: &ObjectError) -> Result<Action, ReconcileError> {
+        {
+            // An invalid spec keeps the host as it is, a running dnsmasq included; one left by
+            // a previous daemon is adopted so that it stops with this daemon (no orphan).
+            let mut all = self.dnsmasq.lock().await;
+            if !all.contains_key(&vni) {
+                if let Some(inst) = self.take_dnsmasq(&mut all, vni) {
+                    info!(network = vni, pid = inst.pid().unwrap_or(0),
+                        "dnsmasq of an invalid network adopted; it keeps serving until the spec is fixed or the daemon stops");
+                    all.insert(vni, inst);
+                }
+            }
+        }
         let text = e.to_string();
         let new_error = self
             .invalid
@@ -443,7 +467,7 @@ impl NetworkHost {
         let mut all = self.dnsmasq.lock().await;
         let vni = net.vni;
         if !want {
-            if let Some(inst) = all.remove(&vni) {
+            if let Some(inst) = self.take_dnsmasq(&mut all, vni) {
                 inst.stop().await;
             }
             return Ok(());
@@ -516,7 +540,10 @@ impl NetworkHost {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&vni);
-        let had_dnsmasq = self.dnsmasq.lock().await.remove(&vni);
+        let had_dnsmasq = {
+            let mut all = self.dnsmasq.lock().await;
+            self.take_dnsmasq(&mut all, vni)
+        };
         if let Some(inst) = had_dnsmasq {
             inst.stop().await;
         }
@@ -575,7 +602,8 @@ impl NetworkHost {
         }
     }
 
-    /// Stop every dnsmasq we run (daemon shutdown; bridges and guests stay).
+    /// Stop every dnsmasq we run, adopted ones of invalid networks included (daemon
+    /// shutdown; bridges and guests stay).
     pub async fn stop_all(&self) {
         let all = std::mem::take(&mut *self.dnsmasq.lock().await);
         for (_, inst) in all {
