@@ -42,7 +42,9 @@ pub fn us() -> (u32, u32) {
 /// Make `path` a directory owned by us with exactly `mode` (e.g. `0o750`, `0o700` for etcd).
 /// Missing parents are created with the default mode. An existing directory with another
 /// owner or mode is repaired through a descriptor opened without following symlinks (so a
-/// swapped-in link cannot redirect the chown/chmod); a symlink or a non-directory is refused.
+/// swapped-in link cannot redirect the chown/chmod); a non-directory, or a symlink not owned
+/// by us, is refused (a symlink of ours, e.g. the state dir moved to another disk, is
+/// followed and its target made private).
 /// Returns one note per repair, for the caller to log.
 pub fn private_dir(path: &Path, mode: u32) -> Result<Vec<String>, SecureFsError> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -53,26 +55,35 @@ pub fn private_dir(path: &Path, mode: u32) -> Result<Vec<String>, SecureFsError>
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(io_err(path)(e)),
     }
-    let dir = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => SecureFsError::Refused {
-                path: path.to_path_buf(),
-                reason: "is a symbolic link".into(),
-            },
-            // With O_DIRECTORY, Linux answers ENOTDIR for a symlink too.
-            Some(libc::ENOTDIR) => SecureFsError::Refused {
-                path: path.to_path_buf(),
-                reason: if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_symlink()) {
-                    "is a symbolic link".into()
-                } else {
-                    "is not a directory".into()
-                },
-            },
-            _ => io_err(path)(e),
-        })?;
+    let open = |flags: i32| {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC | flags)
+            .open(path)
+    };
+    let dir = match open(libc::O_NOFOLLOW) {
+        Ok(d) => d,
+        // With O_DIRECTORY, Linux answers ENOTDIR for a symlink too.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+            let link = std::fs::symlink_metadata(path).map_err(io_err(path))?;
+            if !link.is_symlink() {
+                return Err(SecureFsError::Refused {
+                    path: path.to_path_buf(),
+                    reason: "is not a directory".into(),
+                });
+            }
+            // A symlink we own was put there by root (e.g. the state on another disk); one
+            // of anybody else is not followed.
+            if link.uid() != us().0 {
+                return Err(SecureFsError::Refused {
+                    path: path.to_path_buf(),
+                    reason: format!("is a symbolic link owned by uid {}", link.uid()),
+                });
+            }
+            open(0).map_err(io_err(path))?
+        }
+        Err(e) => return Err(io_err(path)(e)),
+    };
     let meta = dir.metadata().map_err(io_err(path))?;
     let (uid, gid) = us();
     let mut notes = Vec::new();
@@ -334,9 +345,20 @@ mod tests {
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let link = t.path().join("state");
         symlink(&target, &link).expect("symlink");
-        let e = private_dir(&link, 0o750).expect_err("symlink refused");
-        assert!(e.to_string().contains("symbolic link"), "{e}");
-        assert_eq!(mode_of(&target), 0o755, "the target is untouched");
+        if us().0 == 0 {
+            // Someone else's symlink is not followed.
+            std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).expect("lchown");
+            let e = private_dir(&link, 0o750).expect_err("symlink refused");
+            assert!(
+                e.to_string().contains("symbolic link owned by uid 65534"),
+                "{e}"
+            );
+            assert_eq!(mode_of(&target), 0o755, "the target is untouched");
+            std::os::unix::fs::lchown(&link, Some(0), Some(0)).expect("lchown");
+        }
+        // Our own symlink (root moved the state elsewhere) is followed.
+        private_dir(&link, 0o750).expect("our symlink");
+        assert_eq!(mode_of(&target), 0o750);
         let file = t.path().join("file");
         std::fs::write(&file, "x").expect("write");
         assert!(private_dir(&file, 0o750).is_err());

@@ -1,5 +1,6 @@
 //! Stage `directories`: create the state and run directories, private to root (mode 0750,
-//! our owner; a pre-existing one with another owner or mode is repaired, a symlink refused).
+//! our owner; a pre-existing one with another owner or mode is repaired, a symlink not ours
+//! refused).
 //! It runs before logging exists; its result, repairs included, is logged once the logging
 //! stage is done.
 
