@@ -669,7 +669,11 @@ pub fn load(path: &Path, env: &[(String, String)]) -> Result<Config, ConfigError
         path: path.to_path_buf(),
         source,
     })?;
-    from_yaml(&text, path, env)
+    let cfg = from_yaml(&text, path, env)?;
+    match cfg.check_files() {
+        issues if issues.is_empty() => Ok(cfg),
+        issues => Err(ConfigError::Invalid(issues)),
+    }
 }
 
 /// Like [`load`], with the file's text already read; `path` names it in messages and is the
@@ -1177,6 +1181,52 @@ impl Config {
         }
     }
 
+    /// The files the configuration names must be usable before the daemon relies on them:
+    /// the TLS material and the password files exist and are regular files, and a password
+    /// file is private to its owner (like ssh refuses a private key others can read). Kept
+    /// apart from [`Config::validate`] because it looks at this host's files.
+    pub fn check_files(&self) -> Vec<Issue> {
+        use std::os::unix::fs::PermissionsExt;
+        let s = &self.store;
+        let files: [(&str, Option<&PathBuf>, bool); 5] = [
+            ("store.tls.ca", s.tls.ca.as_ref(), false),
+            ("store.tls.cert", s.tls.cert.as_ref(), false),
+            ("store.tls.key", s.tls.key.as_ref(), false),
+            ("store.password_file", s.password_file.as_ref(), true),
+            (
+                "fencing.ipmi.password_file",
+                self.fencing.ipmi.password_file.as_ref(),
+                true,
+            ),
+        ];
+        let mut out = Vec::new();
+        for (field, path, secret) in files {
+            let Some(path) = path else { continue };
+            let shown = path.display();
+            match std::fs::metadata(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    out.push(Issue::new(field, format!("{shown} does not exist")));
+                }
+                Err(e) => out.push(Issue::new(field, format!("{shown}: cannot read it: {e}"))),
+                Ok(m) if !m.is_file() => {
+                    out.push(Issue::new(field, format!("{shown} is not a regular file")));
+                }
+                Ok(m) if secret && m.permissions().mode() & 0o077 != 0 => {
+                    out.push(Issue::new(
+                        field,
+                        format!(
+                            "{shown} is readable by group or others (mode {:04o}); \
+                             make it private to its owner (chmod 600)",
+                            m.permissions().mode() & 0o7777
+                        ),
+                    ));
+                }
+                Ok(_) => {}
+            }
+        }
+        out
+    }
+
     /// Range and consistency checks; every problem found, in field order.
     pub fn validate(&self) -> Vec<Issue> {
         let mut out = Vec::new();
@@ -1265,6 +1315,14 @@ impl Config {
                     "required when any other store.tls field is set".into(),
                 );
             }
+        }
+        if tls.ca.is_some() && !any_https && endpoints.iter().flatten().next().is_some() {
+            bad(
+                "store.tls.ca",
+                "is set but store.endpoints are http:// (TLS is only used with https:// \
+                 endpoints): use https:// endpoints or remove store.tls"
+                    .into(),
+            );
         }
         match (&tls.cert, &tls.key) {
             (Some(_), None) => bad(
@@ -1570,6 +1628,7 @@ mod tests {
             "",
             &[
                 ("DEBVISOR_STORE_TLS_CA", "/pki/ca.pem"),
+                ("DEBVISOR_STORE_ENDPOINTS", "https://10.0.0.1:2379"),
                 ("DEBVISOR_KEEPALIVE_LEASE_TTL", "20s"),
                 ("DEBVISOR_STORE_EMBEDDED_CLIENT_PORT", "23790"),
                 ("DEBVISOR_NETWORKING_HOST_NETWORKS_CLUSTER_DEVICE", "eth1"),
@@ -1700,7 +1759,7 @@ mod tests {
 
     #[test]
     fn relative_paths_resolve_against_the_config_directory() {
-        let yaml = "paths:\n  state_dir: ../../.dev-state/state\n  run_dir: ./run\nstore:\n  tls:\n    ca: pki/ca.pem\n";
+        let yaml = "paths:\n  state_dir: ../../.dev-state/state\n  run_dir: ./run\nstore:\n  endpoints: [\"https://a:1\"]\n  tls:\n    ca: pki/ca.pem\n";
         let c = from_yaml(
             yaml,
             Path::new("/repo/etc/debvisor/x.yaml"),
@@ -1879,6 +1938,7 @@ mod tests {
             ("store:\n  endpoints: [\"https://a:1\"]\n", "store.tls.ca: required with https://"),
             ("store:\n  endpoints: [\"https://a:1\", \"http://b:1\"]\n  tls:\n    ca: /ca\n", "store.endpoints: mixes"),
             ("store:\n  user: root\n", "store.password_file: required when store.user is set"),
+            ("store:\n  tls:\n    ca: /ca\n", "store.tls.ca: is set but store.endpoints are http://"),
             ("store:\n  prefix: /debvisor/\n", "store.prefix:"),
             ("store:\n  request_timeout: 0s\n", "store.request_timeout: must be greater than 0"),
             ("keepalive:\n  interval: 50ms\n", "keepalive.interval: must be between 100ms and 60s, got 50ms"),

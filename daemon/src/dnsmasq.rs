@@ -1,38 +1,50 @@
 //! DHCP/DNS for managed networks: one `dnsmasq` per network, started and supervised by us
-//! (own config dir, own pid; never `killall`), reservations in a hosts file reloaded with
-//! SIGHUP, leases read back from its lease file.
+//! (own config dir, own pid; never `killall`), reservations as `dhcp-host` lines of its
+//! config (a change restarts it), leases read back from its lease file.
+//!
+//! File safety: dnsmasq starts as root, reads its config and opens its lease file (by name)
+//! before it drops to its own user (`dnsmasq`, else `nobody`), and reads nothing by name
+//! afterwards. So every file of it lives in directories only root can write (`0750`, made
+//! and repaired by [`crate::securefs::private_dir`]): `<run_dir>/dnsmasq/<vni>/` (config,
+//! log, pid) and `<state_dir>/dnsmasq/` (lease files, kept across restarts). The lease file
+//! is made ours before dnsmasq opens it: a symlink, hard link or foreign file found there
+//! (planted while an older version left the directory world-writable) is removed, never
+//! followed, and never reported as leases.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use debvisor_objects::network::Network;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::securefs;
 use crate::services::{ProcessSpec, Supervised};
 
 /// Errors of the dnsmasq manager.
 #[derive(Debug, Error)]
 pub enum DnsmasqError {
-    #[error("network {vni}: {path}: {message}")]
-    Io {
-        vni: u32,
-        path: PathBuf,
-        message: String,
-    },
+    #[error("network {vni}: {0}", vni = .1)]
+    Files(securefs::SecureFsError, u32),
     #[error("network {vni}: {0}", vni = .1)]
     Service(crate::services::ServiceError, u32),
     #[error("network {vni}: {reason}")]
     Spec { vni: u32, reason: String },
 }
 
+/// Mode of the directories dnsmasq's files live in: only root writes there.
+const DIR_MODE: u32 = 0o750;
+/// Mode of dnsmasq's files (config, lease file, log, pid).
+const FILE_MODE: u32 = 0o640;
+
 /// Where one network's dnsmasq keeps its files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Paths {
-    /// `<run_dir>/dnsmasq/<vni>`: config, hosts file, log.
+    /// `<run_dir>/dnsmasq/<vni>`: config, log, pid.
     pub dir: PathBuf,
     /// `<state_dir>/dnsmasq/<vni>.leases`: survives daemon restarts.
     pub leases: PathBuf,
@@ -49,8 +61,29 @@ impl Paths {
     fn conf(&self) -> PathBuf {
         self.dir.join("dnsmasq.conf")
     }
-    fn hosts(&self) -> PathBuf {
-        self.dir.join("hosts")
+    /// The directories to make private, parents first.
+    fn dirs(&self) -> Vec<&Path> {
+        [
+            self.dir.parent(),
+            Some(self.dir.as_path()),
+            self.leases.parent(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
+/// The user dnsmasq drops to: its own (`dnsmasq`, created by Debian's dnsmasq-base) when the
+/// host has it, else `nobody` (which other programs share, and which may signal it).
+pub fn run_user() -> &'static str {
+    let has_dnsmasq = std::fs::read_to_string("/etc/passwd")
+        .map(|t| t.lines().any(|l| l.starts_with("dnsmasq:")))
+        .unwrap_or(false);
+    if has_dnsmasq {
+        "dnsmasq"
+    } else {
+        "nobody"
     }
 }
 
@@ -63,8 +96,8 @@ fn netmask(len: u8) -> String {
     std::net::Ipv4Addr::from(m).to_string()
 }
 
-/// The dnsmasq configuration of a managed network (pure; unit-tested).
-pub fn render_conf(net: &Network, paths: &Paths) -> Result<String, String> {
+/// The dnsmasq configuration of a managed network, dropping to `user` (pure; unit-tested).
+pub fn render_conf(net: &Network, paths: &Paths, user: &str) -> Result<String, String> {
     let v4 = net.ipv4.as_ref().ok_or("DHCP/DNS needs an ipv4 network")?;
     let gw = v4.gateway.ok_or("DHCP/DNS needs an ipv4 gateway")?;
     let mut c = Vec::new();
@@ -82,7 +115,7 @@ pub fn render_conf(net: &Network, paths: &Paths) -> Result<String, String> {
     }
     c.push("no-hosts".into());
     c.push("no-resolv".into());
-    c.push("user=nobody".into());
+    c.push(format!("user={user}"));
     c.push("group=nogroup".into());
     for ns in &net.name_servers {
         c.push(format!("server={ns}"));
@@ -101,24 +134,24 @@ pub fn render_conf(net: &Network, paths: &Paths) -> Result<String, String> {
         c.push(format!("dhcp-option=option:dns-server,{gw}"));
         c.push("dhcp-authoritative".into());
         c.push(format!("dhcp-leasefile={}", paths.leases.display()));
-        c.push(format!("dhcp-hostsfile={}", paths.hosts().display()));
-    }
-    c.push(String::new());
-    Ok(c.join("\n"))
-}
-
-/// The reservations as a dnsmasq `dhcp-hostsfile` (pure; unit-tested).
-pub fn render_hosts(net: &Network) -> String {
-    let mut out = String::new();
-    for r in &net.reservations {
-        if r.ip.is_ipv4() {
+        // Reservations in the config itself: dnsmasq reads it as root before it drops its
+        // privileges, while a dhcp-hostsfile would be re-read as its user on SIGHUP, which
+        // cannot read a root-only directory.
+        for r in net.reservations.iter().filter(|r| r.ip.is_ipv4()) {
             match &r.hostname {
-                Some(h) => out.push_str(&format!("{},{},{}\n", r.mac, r.ip, h)),
-                None => out.push_str(&format!("{},{}\n", r.mac, r.ip)),
+                Some(h) => c.push(format!("dhcp-host={},{},{}", r.mac, r.ip, h)),
+                None => c.push(format!("dhcp-host={},{}", r.mac, r.ip)),
             }
         }
     }
-    out
+    c.push(String::new());
+    let text = c.join("\n");
+    // The values are validated by the schema; a control character would still start a new
+    // directive, so refuse rather than write it.
+    if text.chars().any(|ch| ch.is_control() && ch != '\n') || c.iter().any(|l| l.contains('\n')) {
+        return Err("a value holds a control character".into());
+    }
+    Ok(text)
 }
 
 /// One DHCP lease as reported to etcd (`networks/<vni>/leases/<mac>`).
@@ -166,41 +199,53 @@ pub struct Instance {
     vni: u32,
     paths: Paths,
     conf: String,
-    hosts: String,
     proc: Supervised,
+    /// An untrusted lease file was already warned about (leases are read every tick).
+    lease_warned: AtomicBool,
 }
 
-fn write(vni: u32, path: &Path, text: &str) -> Result<(), DnsmasqError> {
-    std::fs::write(path, text).map_err(|e| DnsmasqError::Io {
-        vni,
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+fn files_err(vni: u32) -> impl Fn(securefs::SecureFsError) -> DnsmasqError {
+    move |e| DnsmasqError::Files(e, vni)
 }
 
-fn mkdir(vni: u32, path: &Path, world_writable: bool) -> Result<(), DnsmasqError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(path).map_err(|e| DnsmasqError::Io {
-        vni,
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    if world_writable {
-        // dnsmasq rewrites its lease file after dropping to `nobody`.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o1777)).map_err(|e| {
-            DnsmasqError::Io {
-                vni,
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            }
-        })?;
+/// Make the directories of `paths` private (root-only), logging each repair.
+fn prepare_dirs(vni: u32, paths: &Paths) -> Result<(), DnsmasqError> {
+    for d in paths.dirs() {
+        for note in securefs::private_dir(d, DIR_MODE).map_err(files_err(vni))? {
+            warn!(network = vni, repair = %note, "dnsmasq directory had a wrong owner or mode; repaired");
+        }
     }
     Ok(())
 }
 
+/// The process spec of the dnsmasq of `paths` (`binary` is `/usr/sbin/dnsmasq`; `wrapper`
+/// prefixes the command, e.g. `ip netns exec NS` in tests). Its command line is what an
+/// adoption compares, so it depends on the paths only.
+fn spec(vni: u32, paths: &Paths, binary: &Path, wrapper: &[String]) -> ProcessSpec {
+    let mut args: Vec<String> = wrapper.iter().skip(1).cloned().collect();
+    let program = match wrapper.first() {
+        Some(w) => {
+            args.push(binary.display().to_string());
+            PathBuf::from(w)
+        }
+        None => binary.to_path_buf(),
+    };
+    args.push("--keep-in-foreground".into());
+    args.push(format!("--conf-file={}", paths.conf().display()));
+    // No pid file of its own: the supervisor keeps one.
+    args.push("--pid-file=".into());
+    ProcessSpec {
+        name: format!("dnsmasq-{vni}"),
+        program,
+        args,
+        log_file: paths.dir.join("dnsmasq.log"),
+        pid_file: paths.dir.join("dnsmasq.pid"),
+    }
+}
+
 impl Instance {
-    /// Write the files and start dnsmasq for `net` (`binary` is `/usr/sbin/dnsmasq`;
-    /// `wrapper` prefixes the command, e.g. `ip netns exec NS` in tests).
+    /// Write the files and start dnsmasq for `net` (or adopt the one a previous daemon left
+    /// running, restarted when it runs another configuration).
     pub async fn start(
         net: &Network,
         paths: Paths,
@@ -208,36 +253,31 @@ impl Instance {
         wrapper: &[String],
     ) -> Result<Instance, DnsmasqError> {
         let vni = net.vni;
-        let conf = render_conf(net, &paths).map_err(|reason| DnsmasqError::Spec { vni, reason })?;
-        let hosts = render_hosts(net);
-        mkdir(vni, &paths.dir, false)?;
-        if let Some(parent) = paths.leases.parent() {
-            mkdir(vni, parent, true)?;
+        let conf = render_conf(net, &paths, run_user())
+            .map_err(|reason| DnsmasqError::Spec { vni, reason })?;
+        prepare_dirs(vni, &paths)?;
+        // What a dnsmasq left running was started with (an untrusted file counts as unknown).
+        let previous = securefs::read_trusted(&paths.conf()).ok().flatten();
+        let replaced = securefs::ensure_file(&paths.leases, FILE_MODE).map_err(files_err(vni))?;
+        if let Some(reason) = &replaced {
+            warn!(network = vni, path = %paths.leases.display(), reason = %reason,
+                "untrusted lease file removed (not written by us); its leases are neither served nor reported");
         }
-        write(vni, &paths.conf(), &conf)?;
-        write(vni, &paths.hosts(), &hosts)?;
-        let mut args: Vec<String> = wrapper.iter().skip(1).cloned().collect();
-        let program = match wrapper.first() {
-            Some(w) => {
-                args.push(binary.display().to_string());
-                PathBuf::from(w)
-            }
-            None => binary.to_path_buf(),
-        };
-        args.push("--keep-in-foreground".into());
-        args.push(format!("--conf-file={}", paths.conf().display()));
-        // No pid file of its own: the supervisor keeps one.
-        args.push("--pid-file=".into());
-        let spec = ProcessSpec {
-            name: format!("dnsmasq-{vni}"),
-            program,
-            args,
-            log_file: paths.dir.join("dnsmasq.log"),
-            pid_file: paths.dir.join("dnsmasq.pid"),
-        };
-        let proc = Supervised::start(spec)
+        securefs::write_file(&paths.conf(), conf.as_bytes(), FILE_MODE).map_err(files_err(vni))?;
+        let spec = spec(vni, &paths, binary, wrapper);
+        let mut proc = Supervised::start(spec.clone())
             .await
             .map_err(|e| DnsmasqError::Service(e, vni))?;
+        if proc.adopted() && (previous.as_deref() != Some(conf.as_str()) || replaced.is_some()) {
+            info!(
+                network = vni,
+                "adopted dnsmasq runs an older configuration; restarting it"
+            );
+            proc.stop(Duration::from_secs(5)).await;
+            proc = Supervised::start(spec)
+                .await
+                .map_err(|e| DnsmasqError::Service(e, vni))?;
+        }
         info!(
             network = vni,
             pid = proc.pid().unwrap_or(0),
@@ -247,41 +287,54 @@ impl Instance {
             vni,
             paths,
             conf,
-            hosts,
             proc,
+            lease_warned: AtomicBool::new(false),
         })
     }
 
-    /// Apply a changed spec: reservations only → rewrite hosts + SIGHUP; anything else →
-    /// the caller restarts (returns false).
-    pub fn update(&mut self, net: &Network) -> Result<bool, DnsmasqError> {
-        let conf = render_conf(net, &self.paths).map_err(|reason| DnsmasqError::Spec {
-            vni: self.vni,
-            reason,
-        })?;
-        if conf != self.conf {
-            return Ok(false);
-        }
-        let hosts = render_hosts(net);
-        if hosts != self.hosts {
-            write(self.vni, &self.paths.hosts(), &hosts)?;
-            self.hosts = hosts;
-            if let Some(pid) = self.proc.pid() {
-                // SAFETY: kill(2) on the dnsmasq we started; SIGHUP re-reads dhcp-hostsfile.
-                unsafe { libc::kill(pid as i32, libc::SIGHUP) };
-                info!(
-                    network = self.vni,
-                    reservations = net.reservations.len(),
-                    "dnsmasq reservations reloaded"
-                );
-            }
-        }
-        Ok(true)
+    /// Take back the dnsmasq of network `vni` a previous daemon left running (pid file and
+    /// command line match), without writing anything or starting one: for a network the
+    /// daemon cannot configure now (invalid spec), or no longer wants DHCP on, so that it is
+    /// stopped with the daemon (or now) rather than left behind. `None` when there is none.
+    pub fn adopt(vni: u32, paths: Paths, binary: &Path, wrapper: &[String]) -> Option<Instance> {
+        let proc = Supervised::adopt(spec(vni, &paths, binary, wrapper))?;
+        // What it runs with: a later valid spec with the same config needs no restart.
+        let conf = securefs::read_trusted(&paths.conf())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        Some(Instance {
+            vni,
+            paths,
+            conf,
+            proc,
+            lease_warned: AtomicBool::new(false),
+        })
     }
 
-    /// Current leases from the lease file.
+    /// Apply a changed spec: the same configuration → nothing to do (`true`); anything else,
+    /// reservations included → the caller restarts it (`false`).
+    pub fn update(&mut self, net: &Network) -> Result<bool, DnsmasqError> {
+        let conf =
+            render_conf(net, &self.paths, run_user()).map_err(|reason| DnsmasqError::Spec {
+                vni: self.vni,
+                reason,
+            })?;
+        Ok(conf == self.conf)
+    }
+
+    /// Current leases from the lease file; an untrusted file (not a plain file of ours) is
+    /// not read, and warned about once.
     pub fn leases(&self) -> BTreeMap<String, Lease> {
-        parse_leases(&std::fs::read_to_string(&self.paths.leases).unwrap_or_default())
+        match securefs::read_trusted(&self.paths.leases) {
+            Ok(text) => parse_leases(&text.unwrap_or_default()),
+            Err(e) => {
+                if !self.lease_warned.swap(true, Ordering::Relaxed) {
+                    warn!(network = self.vni, error = %e, "lease file not trusted; its leases are not reported");
+                }
+                BTreeMap::new()
+            }
+        }
     }
 
     /// The dnsmasq PID.
@@ -322,7 +375,7 @@ mod tests {
     #[test]
     fn renders_config_and_hosts() {
         let p = Paths::new(Path::new("/run/d"), Path::new("/var/lib/d"), 100);
-        let c = render_conf(&net(), &p).expect("conf");
+        let c = render_conf(&net(), &p, "dnsmasq").expect("conf");
         for line in [
             "interface=dvbr100",
             "bind-dynamic",
@@ -332,11 +385,23 @@ mod tests {
             "server=192.0.2.53",
             "domain=t.example",
             "dhcp-leasefile=/var/lib/d/dnsmasq/100.leases",
-            "dhcp-hostsfile=/run/d/dnsmasq/100/hosts",
+            "dhcp-host=52:54:00:00:00:07,10.1.0.7,web",
+            "user=dnsmasq",
         ] {
             assert!(c.lines().any(|l| l == line), "missing {line:?} in\n{c}");
         }
-        assert_eq!(render_hosts(&net()), "52:54:00:00:00:07,10.1.0.7,web\n");
+        assert!(
+            !c.contains("hostsfile"),
+            "nothing read after the privilege drop"
+        );
+        assert_eq!(
+            p.dirs(),
+            [
+                Path::new("/run/d/dnsmasq"),
+                Path::new("/run/d/dnsmasq/100"),
+                Path::new("/var/lib/d/dnsmasq")
+            ]
+        );
     }
 
     #[test]

@@ -2,7 +2,13 @@
 //! as journal fields (`journalctl -u debvisord VM=web1`) and appended to the message text, so
 //! plain `journalctl -u debvisord` already reads `stage complete stage=store-connection
 //! outcome=ok duration_ms=3` instead of a bare "stage complete".
+//!
+//! Values come from outside (network ids, VM names, reasons, errors): control characters
+//! (newline, carriage return, tab, ESC, …) are escaped in the message text and in every
+//! field, so a key name cannot forge a log line or colour a terminal. The stderr text format
+//! uses the same rules ([`text_pair`], [`escape_control`]).
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
@@ -37,9 +43,9 @@ impl JournalLayer {
 
 /// Collects an event's message and fields.
 #[derive(Default)]
-struct Fields {
-    message: String,
-    fields: Vec<(String, String)>,
+pub(crate) struct Fields {
+    pub(crate) message: String,
+    pub(crate) fields: Vec<(String, String)>,
 }
 
 impl Visit for Fields {
@@ -92,9 +98,31 @@ fn field_name(name: &str) -> String {
     n
 }
 
-/// `key=value` for the message text, quoting values with spaces or quotes.
-fn text_pair(out: &mut String, k: &str, v: &str) {
-    if v.is_empty() || v.contains(|c: char| c.is_whitespace() || c == '"') {
+/// `s` with every control character escaped (`\n`, `\r`, `\t`, `\u{1b}`, …), so that it
+/// stays on one line and cannot drive a terminal; borrowed when there is none.
+pub fn escape_control(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// ` key=value` for the message text: values with spaces, quotes or control characters are
+/// quoted with those escaped (`vm="a\nb"`), others are written as they are.
+pub fn text_pair(out: &mut String, k: &str, v: &str) {
+    if v.is_empty() || v.contains(|c: char| c.is_whitespace() || c == '"' || c.is_control()) {
         let _ = write!(out, " {k}={v:?}");
     } else {
         let _ = write!(out, " {k}={v}");
@@ -124,7 +152,7 @@ pub fn encode(
     message: &str,
     fields: &[(String, String)],
 ) -> Vec<u8> {
-    let mut text = message.to_string();
+    let mut text = escape_control(message).into_owned();
     for (k, v) in fields {
         text_pair(&mut text, k, v);
     }
@@ -149,7 +177,7 @@ pub fn encode(
         ) {
             continue;
         }
-        push_field(&mut buf, &name, v);
+        push_field(&mut buf, &name, &escape_control(v));
     }
     buf
 }
@@ -209,9 +237,37 @@ mod tests {
 
     #[test]
     fn multi_line_values_use_the_length_prefixed_form() {
-        let buf = encode("d", &Level::INFO, "t", "m", &pairs(&[("error", "a\nb")]));
+        let mut buf = Vec::new();
+        push_field(&mut buf, "ERROR", "a\nb");
         let want: Vec<u8> = [b"ERROR\n".as_slice(), &3u64.to_le_bytes(), b"a\nb\n"].concat();
-        assert!(buf.windows(want.len()).any(|w| w == want.as_slice()));
+        assert_eq!(buf, want);
+    }
+
+    #[test]
+    fn control_characters_cannot_forge_lines_or_drive_a_terminal() {
+        let evil = "7\nFORGED level=ERROR \u{1b}[31mred\r\t";
+        let buf = encode(
+            "d",
+            &Level::WARN,
+            "t",
+            "ignored \u{1b}[2J",
+            &pairs(&[("network", evil), ("vm", "web\u{7}")]),
+        );
+        assert!(!buf.contains(&0x1b) && !buf.contains(&0x07) && !buf.contains(&b'\r'));
+        let s = String::from_utf8(buf).expect("utf8");
+        // Every field is one `NAME=value` line: no length-prefixed (multi-line) value.
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines.len(), 6, "{s:?}");
+        assert!(lines.iter().all(|l| l.contains('=')), "{s:?}");
+        assert_eq!(
+            lines[0],
+            "MESSAGE=ignored \\u{1b}[2J network=\"7\\nFORGED level=ERROR \\u{1b}[31mred\\r\\t\" vm=\"web\\u{7}\""
+        );
+        assert!(
+            s.contains("\nNETWORK=7\\nFORGED level=ERROR \\u{1b}[31mred\\r\\t\n"),
+            "{s:?}"
+        );
+        assert_eq!(escape_control("plain"), Cow::Borrowed("plain"));
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //! - **the CLI** — [`ctl`]: `debvisorctl`, which talks to etcd only;
 //! - **drivers** — [`hypervisor`] (libvirt), [`ceph`] (ceph/rbd CLI), [`dnsmasq`],
 //!   [`services`] (supervised processes, systemd units), [`hostinfo`] (host facts),
-//!   [`hostnet`] (the node's own networks through `netconf`): they import nothing above;
+//!   [`hostnet`] (the node's own networks through `netconf`), [`securefs`] (private
+//!   directories and files no other local user can plant or redirect): they import nothing
+//!   above;
 //! - **configuration** — [`config`]: `/etc/debvisor/debvisord.yaml`, shared by all.
 
 pub mod config;
@@ -22,6 +24,7 @@ pub mod dnsmasq;
 pub mod hostinfo;
 pub mod hostnet;
 pub mod hypervisor;
+pub mod securefs;
 pub mod services;
 
 pub mod ctl;

@@ -60,7 +60,8 @@ impl LocalState {
                     .map_err(|e| Self::err(&path, e))?
                     .trim()
                     .to_string();
-                std::fs::write(&path, format!("{id}\n")).map_err(|e| Self::err(&path, e))?;
+                crate::securefs::write_file(&path, format!("{id}\n").as_bytes(), 0o640)
+                    .map_err(|e| Self::err(&path, e))?;
                 Ok(id)
             }
         }
@@ -78,7 +79,8 @@ impl LocalState {
     /// Remember the current lease id.
     pub fn save_lease(&self, id: i64) -> Result<(), RegisterError> {
         let path = self.dir.join("lease");
-        std::fs::write(&path, format!("{id}\n")).map_err(|e| Self::err(&path, e))
+        crate::securefs::write_file(&path, format!("{id}\n").as_bytes(), 0o640)
+            .map_err(|e| Self::err(&path, e))
     }
 
     /// Forget the lease (clean shutdown revoked it).
@@ -86,19 +88,18 @@ impl LocalState {
         let _ = std::fs::remove_file(self.dir.join("lease"));
     }
 
-    /// The store's identity as an earlier run last saw it (`store_mark`), if readable.
+    /// The store's identity as an earlier run last saw it (`store_mark`), if readable and
+    /// ours (a planted file is not trusted).
     pub fn store_mark(&self) -> Option<StoreMark> {
-        let text = std::fs::read(self.dir.join("store_mark")).ok()?;
-        serde_json::from_slice(&text).ok()
+        let text = crate::securefs::read_trusted(&self.dir.join("store_mark")).ok()??;
+        serde_json::from_str(&text).ok()
     }
 
-    /// Remember the store's identity (written to a temp file, then renamed into place).
+    /// Remember the store's identity (a fresh file renamed into place, mode 0640).
     pub fn save_store_mark(&self, mark: &StoreMark) -> Result<(), RegisterError> {
         let path = self.dir.join("store_mark");
-        let tmp = self.dir.join("store_mark.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(mark).unwrap_or_default())
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| Self::err(&path, e))
+        let text = serde_json::to_vec(mark).unwrap_or_default();
+        crate::securefs::write_file(&path, &text, 0o640).map_err(|e| Self::err(&path, e))
     }
 }
 

@@ -93,6 +93,8 @@ fn cmdline(pid: u32) -> Vec<String> {
 /// A supervised program: restarted with backoff when it exits unexpectedly.
 pub struct Supervised {
     name: String,
+    /// The process was left running by a previous daemon and adopted, not spawned.
+    adopted: bool,
     pid: Arc<Mutex<Option<u32>>>,
     cancel: CancellationToken,
     done: tokio::sync::watch::Receiver<bool>,
@@ -101,19 +103,33 @@ pub struct Supervised {
 impl Supervised {
     /// Start `spec` (or adopt the copy recorded in its pid file whose command line matches).
     pub async fn start(spec: ProcessSpec) -> Result<Supervised, ServiceError> {
-        let pid = Arc::new(Mutex::new(None));
-        let cancel = CancellationToken::new();
-        let (done_tx, done) = tokio::sync::watch::channel(false);
-        let adopted = std::fs::read_to_string(&spec.pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .filter(|p| pid_alive(*p) && cmdline(*p).iter().skip(1).eq(spec.args.iter()));
-        let first = match adopted {
+        let first = match adoptable(&spec) {
             Some(p) => {
                 info!(service = %spec.name, pid = p, "adopting running process left by a previous daemon");
                 Child::Adopted(p)
             }
             None => spawn(&spec).await?,
+        };
+        Ok(Supervised::supervise_from(spec, first))
+    }
+
+    /// Adopt the copy of `spec` a previous daemon left running (its pid file names a live
+    /// process with `spec`'s command line), never spawning one: `None` when there is none.
+    /// Used to take back a process the daemon will not (re)configure, so that it is stopped
+    /// with the daemon instead of left behind.
+    pub fn adopt(spec: ProcessSpec) -> Option<Supervised> {
+        let p = adoptable(&spec)?;
+        info!(service = %spec.name, pid = p, "adopting running process left by a previous daemon");
+        Some(Supervised::supervise_from(spec, Child::Adopted(p)))
+    }
+
+    fn supervise_from(spec: ProcessSpec, first: Child) -> Supervised {
+        let pid = Arc::new(Mutex::new(None));
+        let cancel = CancellationToken::new();
+        let (done_tx, done) = tokio::sync::watch::channel(false);
+        let adopted = match &first {
+            Child::Adopted(p) => Some(*p),
+            Child::Spawned(_) => None,
         };
         let name = spec.name.clone();
         *pid.lock().unwrap_or_else(|p| p.into_inner()) = match &first {
@@ -126,12 +142,18 @@ impl Supervised {
             supervise(spec, first, pid_c, cancel_c).await;
             let _ = done_tx.send(true);
         });
-        Ok(Supervised {
+        Supervised {
             name,
+            adopted: adopted.is_some(),
             pid,
             cancel,
             done,
-        })
+        }
+    }
+
+    /// Was the process adopted from a previous daemon (rather than spawned by us)?
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
     /// Current PID, if running.
@@ -164,20 +186,27 @@ impl Supervised {
     }
 }
 
+/// The PID of a copy of `spec` left running by a previous daemon: its pid file (read only
+/// when it is a plain file of ours) names a live process whose command line is `spec`'s.
+fn adoptable(spec: &ProcessSpec) -> Option<u32> {
+    crate::securefs::read_trusted(&spec.pid_file)
+        .ok()
+        .flatten()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|p| pid_alive(*p) && cmdline(*p).iter().skip(1).eq(spec.args.iter()))
+}
+
 enum Child {
     Spawned(tokio::process::Child),
     Adopted(u32),
 }
 
 async fn spawn(spec: &ProcessSpec) -> Result<Child, ServiceError> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&spec.log_file)
-        .map_err(|e| ServiceError::Io {
-            service: spec.name.clone(),
-            message: format!("{}: {e}", spec.log_file.display()),
-        })?;
+    // Not through a symlink, and not readable by others (0640).
+    let log = crate::securefs::open_log(&spec.log_file, 0o640).map_err(|e| ServiceError::Io {
+        service: spec.name.clone(),
+        message: e.to_string(),
+    })?;
     let log2 = log.try_clone().map_err(|e| ServiceError::Io {
         service: spec.name.clone(),
         message: e.to_string(),
@@ -199,7 +228,11 @@ async fn spawn(spec: &ProcessSpec) -> Result<Child, ServiceError> {
         })?;
     let pid = child.id().unwrap_or(0);
     owned().push(pid);
-    let _ = std::fs::write(&spec.pid_file, format!("{pid}\n"));
+    if let Err(e) =
+        crate::securefs::write_file(&spec.pid_file, format!("{pid}\n").as_bytes(), 0o640)
+    {
+        warn!(service = %spec.name, error = %e, "cannot write the pid file; a restarted daemon will not adopt this process");
+    }
     info!(service = %spec.name, pid, program = %spec.program.display(), log = %spec.log_file.display(), "started process");
     Ok(Child::Spawned(child))
 }

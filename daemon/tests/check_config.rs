@@ -210,3 +210,86 @@ fn env_override_can_invalidate_a_valid_file() {
         "{stderr}"
     );
 }
+
+/// Write `name` with `text` and `mode` into `dir`; returns its path as a string.
+fn file_with_mode(dir: &Path, name: &str, text: &str, mode: u32) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write file");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    p.display().to_string()
+}
+
+#[test]
+fn store_files_are_checked_and_a_ca_needs_https() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let ca = file_with_mode(d, "ca.pem", "x", 0o644);
+    let cert = file_with_mode(d, "node.pem", "x", 0o644);
+    let key = file_with_mode(d, "node-key.pem", "x", 0o600);
+    let pw = file_with_mode(d, "etcd-password", "secret\n", 0o600);
+    let pw_open = file_with_mode(d, "open-password", "secret\n", 0o644);
+    let missing = d.join("absent.pem").display().to_string();
+    let https = "endpoints: [\"https://10.0.0.1:2379\"]";
+
+    // All files present, private password file, https: valid.
+    let good = format!(
+        "store:\n  {https}\n  tls:\n    ca: {ca}\n    cert: {cert}\n    key: {key}\n  user: debvisor\n  password_file: {pw}\n"
+    );
+    let (out, stderr) = check_yaml(&good, &[]);
+    assert!(out.status.success(), "{stderr}");
+
+    let cases: Vec<(&str, String, Vec<String>)> = vec![
+        (
+            "CA with http:// endpoints",
+            format!("store:\n  endpoints: [\"http://10.0.0.1:2379\"]\n  tls:\n    ca: {ca}\n"),
+            vec!["store.tls.ca:".into(), "store.endpoints".into(), "http://".into()],
+        ),
+        (
+            "missing CA",
+            format!("store:\n  {https}\n  tls:\n    ca: {missing}\n"),
+            vec![format!("store.tls.ca: {missing}"), "does not exist".into()],
+        ),
+        (
+            "missing cert",
+            format!("store:\n  {https}\n  tls:\n    ca: {ca}\n    cert: {missing}\n    key: {key}\n"),
+            vec![format!("store.tls.cert: {missing}")],
+        ),
+        (
+            "missing key",
+            format!("store:\n  {https}\n  tls:\n    ca: {ca}\n    cert: {cert}\n    key: {missing}\n"),
+            vec![format!("store.tls.key: {missing}")],
+        ),
+        (
+            "missing password file",
+            format!("store:\n  user: debvisor\n  password_file: {missing}\n"),
+            vec![format!("store.password_file: {missing}")],
+        ),
+        (
+            "password file readable by others",
+            format!("store:\n  user: debvisor\n  password_file: {pw_open}\n"),
+            vec![
+                format!("store.password_file: {pw_open}"),
+                "0644".into(),
+                "group or others".into(),
+            ],
+        ),
+        (
+            "ipmi password file readable by others",
+            format!("fencing:\n  ipmi:\n    host: 192.0.2.9\n    user: admin\n    password_file: {pw_open}\n"),
+            vec![format!("fencing.ipmi.password_file: {pw_open}")],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, yaml, want) in &cases {
+        let (out, stderr) = check_yaml(yaml, &[]);
+        if out.status.code() != Some(2) {
+            failures.push(format!("{name}: exit {:?}, stderr:\n{stderr}", out.status));
+            continue;
+        }
+        for w in want.iter().filter(|w| !stderr.contains(w.as_str())) {
+            failures.push(format!("{name}: stderr lacks {w:?}:\n{stderr}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n---\n"));
+}

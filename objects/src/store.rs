@@ -30,6 +30,14 @@ pub enum StoreError {
     /// The client could not be built (bad endpoint URL, bad TLS material, auth refused).
     #[error("cannot set up etcd client for {endpoints}: {message}")]
     Setup { endpoints: String, message: String },
+    /// etcd refused the user name or password: a configuration error that retrying will not
+    /// fix, so callers fail at once instead of treating it like an outage.
+    #[error("etcd refused the credentials of store.user {user:?} (password from store.password_file {}): {message}", password_file.display())]
+    Auth {
+        user: String,
+        password_file: PathBuf,
+        message: String,
+    },
     /// A request failed (server unreachable, TLS handshake failed, permission denied, …).
     #[error("etcd request {op} failed: {message}")]
     Request { op: &'static str, message: String },
@@ -64,6 +72,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = src.source();
     }
     s
+}
+
+/// Did etcd answer the token request with "authentication failed, invalid user ID or
+/// password" (gRPC `InvalidArgument`)?
+fn is_auth_failure(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            let m = s.message();
+            m.contains("authentication failed") || m.contains("invalid user ID or password")
+        }
+        _ => false,
+    }
 }
 
 /// How to reach etcd. Built by the daemon from its `store:` config section.
@@ -180,6 +200,13 @@ impl Store {
         let client =
             match tokio::time::timeout(opts.connect_timeout + opts.request_timeout, fut).await {
                 Ok(Ok(c)) => c,
+                Ok(Err(e)) if is_auth_failure(&e) => {
+                    return Err(StoreError::Auth {
+                        user: opts.user.clone().unwrap_or_default(),
+                        password_file: opts.password_file.clone().unwrap_or_default(),
+                        message: error_chain(&e),
+                    })
+                }
                 Ok(Err(e)) => {
                     return Err(StoreError::Setup {
                         endpoints: endpoints.join(","),

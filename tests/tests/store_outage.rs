@@ -229,6 +229,9 @@ async fn etcd_user_auth_with_a_password_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pw = dir.path().join("etcd-password");
     std::fs::write(&pw, "s3cret-pw\n").expect("password file");
+    // Private to its owner: check-config refuses a password file others can read.
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod password file");
     let yaml = format!(
         "store:\n  user: debvisord\n  password_file: {}\n",
         pw.display()
@@ -244,19 +247,38 @@ async fn etcd_user_auth_with_a_password_file() {
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", d.pid())).unwrap_or_default();
     assert!(!String::from_utf8_lossy(&cmdline).contains("s3cret-pw"));
 
+    // A wrong password is not an outage: the stage fails at once (well before the 30 s
+    // startup deadline) and names the fields to fix.
     std::fs::write(&pw, "wrong\n").expect("password file");
+    let started = std::time::Instant::now();
     let mut bad = DaemonBuilder::new("denied")
         .endpoints(&[etcd.endpoint()])
         .yaml(&yaml)
-        .env("DEBVISOR_STORE_STARTUP_DEADLINE", "2s")
+        .env("DEBVISOR_STORE_STARTUP_DEADLINE", "30s")
         .spawn()
         .expect("spawn");
     assert!(!bad
-        .wait_exit(Duration::from_secs(20))
+        .wait_exit(Duration::from_secs(40))
         .expect("exit")
         .success());
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "a wrong password fails at once, not after the startup deadline: {took:?}"
+    );
+    assert!(
+        !bad.json_lines()
+            .iter()
+            .any(|v| is_message(v, "store not reachable yet; retrying")),
+        "not retried like an outage:\n{}",
+        bad.tail(20)
+    );
     let (stage, err) = bad.failed_stage().expect("a failed stage line");
     assert_eq!(stage, "store-connection");
+    assert!(
+        err.contains("store.user") && err.contains("store.password_file"),
+        "the fields are named: {err}"
+    );
     let err = err.to_lowercase();
     assert!(
         err.contains("authentication failed") || err.contains("invalid user"),

@@ -3,7 +3,12 @@
 //! reports status and DHCP leases back to etcd.
 //!
 //! An invalid spec (bad field, overlap with another network, a name taken on this host)
-//! becomes that network's error status and changes nothing on the host for it.
+//! becomes that network's error status and changes nothing on the host for it. Its warning
+//! is logged once per distinct error (the resync tick sees it again every interval), and
+//! "network valid again" once when it is fixed. Its dnsmasq keeps serving as it was (one left
+//! by a previous daemon is adopted), and stops with the daemon like every other: no dnsmasq
+//! outlives a daemon shutdown. A deleted network, or one no longer served here, gets its
+//! dnsmasq stopped even when a previous daemon started it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -40,6 +45,11 @@ pub struct NetworkHost {
     status: Mutex<BTreeMap<u32, serde_json::Value>>,
     /// Last leases written per network.
     leases: Mutex<BTreeMap<u32, BTreeMap<String, Lease>>>,
+    /// The error last logged per invalid network: the warning is logged once per distinct
+    /// error, not on every resync tick.
+    invalid: Mutex<BTreeMap<u32, String>>,
+    /// Non-numeric network ids already warned about (once each).
+    ignored_ids: Mutex<std::collections::BTreeSet<String>>,
     /// False until the first list of networks has been reconciled: before that the ruleset
     /// applied by the firewall stage (built from the whole etcd list) must not be replaced by
     /// one that knows only the networks reconciled so far.
@@ -245,6 +255,8 @@ impl NetworkHost {
             applied: Mutex::new(BTreeMap::new()),
             status: Mutex::new(BTreeMap::new()),
             leases: Mutex::new(BTreeMap::new()),
+            invalid: Mutex::new(BTreeMap::new()),
+            ignored_ids: Mutex::new(std::collections::BTreeSet::new()),
             fw_ready: AtomicBool::new(false),
             fw_dirty: tokio::sync::Notify::new(),
             held: Mutex::new(Default::default()),
@@ -296,8 +308,39 @@ impl NetworkHost {
         Ok(())
     }
 
+    /// The dnsmasq of `vni`: ours in the map, else one a previous daemon left running
+    /// (adopted by pid file and command line), taken out of the map.
+    fn take_dnsmasq(&self, all: &mut BTreeMap<u32, Instance>, vni: u32) -> Option<Instance> {
+        all.remove(&vni).or_else(|| {
+            let paths = dnsmasq::Paths::new(&self.run_dir, &self.state_dir, vni);
+            Instance::adopt(vni, paths, &self.dnsmasq_bin, &[])
+        })
+    }
+
     async fn fail(&self, vni: u32, e: &ObjectError) -> Result<Action, ReconcileError> {
-        warn!(network = vni, field = %e.field, reason = %e.reason, "network invalid; nothing changed on the host for it");
+        {
+            // An invalid spec keeps the host as it is, a running dnsmasq included; one left by
+            // a previous daemon is adopted so that it stops with this daemon (no orphan).
+            let mut all = self.dnsmasq.lock().await;
+            if !all.contains_key(&vni) {
+                if let Some(inst) = self.take_dnsmasq(&mut all, vni) {
+                    info!(network = vni, pid = inst.pid().unwrap_or(0),
+                        "dnsmasq of an invalid network adopted; it keeps serving until the spec is fixed or the daemon stops");
+                    all.insert(vni, inst);
+                }
+            }
+        }
+        let text = e.to_string();
+        let new_error = self
+            .invalid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vni, text.clone())
+            .as_ref()
+            != Some(&text);
+        if new_error {
+            warn!(network = vni, field = %e.field, reason = %e.reason, "network invalid; nothing changed on the host for it");
+        }
         self.write_status(
             vni,
             json!({"state": "error", "error": e.to_string(), "field": e.field, "since": crate::hostinfo::now_rfc3339()}),
@@ -435,7 +478,7 @@ impl NetworkHost {
         let mut all = self.dnsmasq.lock().await;
         let vni = net.vni;
         if !want {
-            if let Some(inst) = all.remove(&vni) {
+            if let Some(inst) = self.take_dnsmasq(&mut all, vni) {
                 inst.stop().await;
             }
             return Ok(());
@@ -520,7 +563,14 @@ impl NetworkHost {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&vni);
-        let had_dnsmasq = self.dnsmasq.lock().await.remove(&vni);
+        self.invalid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vni);
+        let had_dnsmasq = {
+            let mut all = self.dnsmasq.lock().await;
+            self.take_dnsmasq(&mut all, vni)
+        };
         if let Some(inst) = had_dnsmasq {
             inst.stop().await;
         }
@@ -579,7 +629,8 @@ impl NetworkHost {
         }
     }
 
-    /// Stop every dnsmasq we run (daemon shutdown; bridges and guests stay).
+    /// Stop every dnsmasq we run, adopted ones of invalid networks included (daemon
+    /// shutdown; bridges and guests stay).
     pub async fn stop_all(&self) {
         let all = std::mem::take(&mut *self.dnsmasq.lock().await);
         for (_, inst) in all {
@@ -665,6 +716,14 @@ impl NetworkHost {
         if dhcp {
             self.report_leases(vni).await?;
         }
+        let was_invalid = self
+            .invalid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vni);
+        if let Some(before) = was_invalid {
+            info!(network = vni, before = %before, "network valid again");
+        }
         self.write_status(
             vni,
             json!({
@@ -702,7 +761,10 @@ impl Reconciler<NetworkKind> for NetworkReconciler {
         entry: Option<Arc<Entry<Network>>>,
     ) -> Result<Action, ReconcileError> {
         let Ok(vni) = id.parse::<u32>() else {
-            if entry.is_some() {
+            let mut ignored = self.0.ignored_ids.lock().unwrap_or_else(|p| p.into_inner());
+            if entry.is_none() {
+                ignored.remove(id);
+            } else if ignored.insert(id.to_string()) {
                 warn!(network = %id, "network key with a non-numeric VNI ignored");
             }
             return Ok(Action::AwaitChange);

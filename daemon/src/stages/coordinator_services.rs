@@ -21,8 +21,12 @@ pub async fn run(cfg: &Config) -> StageResult<Vec<Supervised>> {
     let mut started = Vec::new();
     let mut detail = Vec::new();
     if cfg.node.mode == NodeMode::Standalone && cfg.store.embedded.enabled {
-        std::fs::create_dir_all(cfg.embedded_data_dir())
-            .map_err(|e| format!("{}: {e}", cfg.embedded_data_dir().display()))?;
+        // etcd wants its data directory private (0700); it holds the whole cluster state.
+        for note in crate::securefs::private_dir(&cfg.embedded_data_dir(), 0o700)
+            .map_err(|e| e.to_string())?
+        {
+            tracing::warn!(node = %node, repair = %note, "embedded etcd data directory repaired");
+        }
         let s = Supervised::start(embedded_etcd_spec(cfg))
             .await
             .map_err(|e| e.to_string())?;

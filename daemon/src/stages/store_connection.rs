@@ -1,6 +1,7 @@
 //! Stage `store-connection`: connect to etcd and probe it, retrying with backoff until
 //! `store.startup_deadline`; every attempt is logged. A bad local file (TLS key, password)
-//! fails at once: it will not fix itself.
+//! or credentials etcd refuses (wrong `store.user` / `store.password_file`) fail at once:
+//! they will not fix themselves.
 
 use std::time::{Duration, Instant};
 
@@ -43,7 +44,7 @@ pub async fn connect(cfg: &Config, deadline: Duration) -> Result<Store, String> 
             }
             Err(e) => e,
         };
-        if matches!(err, StoreError::File { .. }) {
+        if matches!(err, StoreError::File { .. } | StoreError::Auth { .. }) {
             return Err(err.to_string());
         }
         let left = until.saturating_duration_since(Instant::now());
