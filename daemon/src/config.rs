@@ -272,6 +272,17 @@ pub struct KeepaliveConfig {
     /// TTL of the node lease: the node is dead this long after its last refresh.
     #[serde(with = "duration_str")]
     pub lease_ttl: Duration,
+    /// A primary that cannot renew its lease demotes itself this long before the lease could
+    /// expire on the server. Unset: a fifth of `lease_ttl`.
+    #[serde(with = "opt_duration_str")]
+    pub demote_margin: Option<Duration>,
+}
+
+impl KeepaliveConfig {
+    /// `demote_margin`, or its default (a fifth of the lease TTL).
+    pub fn demote_margin(&self) -> Duration {
+        self.demote_margin.unwrap_or(self.lease_ttl / 5)
+    }
 }
 
 impl Default for KeepaliveConfig {
@@ -279,6 +290,7 @@ impl Default for KeepaliveConfig {
         KeepaliveConfig {
             interval: Duration::from_secs(5),
             lease_ttl: Duration::from_secs(15),
+            demote_margin: None,
         }
     }
 }
@@ -562,6 +574,27 @@ pub mod duration_str {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+/// Optional durations (`~` or absent: unset) in the form of [`duration_str`].
+pub mod opt_duration_str {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    /// Write `Some(d)` as [`super::duration_str`] does, `None` as null.
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration_str::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Read a duration, or null for unset.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        struct W(#[serde(with = "super::duration_str")] Duration);
+        Ok(Option::<W>::deserialize(d)?.map(|w| w.0))
     }
 }
 
@@ -1442,6 +1475,18 @@ impl Config {
                 "keepalive.lease_ttl",
                 format!("must be whole seconds, got {ttl_s}"),
             );
+        }
+
+        if let Some(m) = ka.demote_margin {
+            if m < Duration::from_millis(100) || m * 2 >= ttl {
+                bad(
+                    "keepalive.demote_margin",
+                    format!(
+                        "must be at least 100ms and less than half of keepalive.lease_ttl ({ttl_s}), got {}",
+                        format_duration(m)
+                    ),
+                );
+            }
         }
 
         // hypervisor

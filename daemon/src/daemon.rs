@@ -21,7 +21,9 @@ use crate::config::{Config, NodeMode, OnShutdown};
 use crate::hypervisor::Libvirt;
 use crate::keepalive::{Keepalive, TickOutcome};
 use crate::owned_keys::OwnKeys;
+use crate::reactors::election::{CoordinatorCell, Election, ElectionConfig};
 use crate::reactors::network::FirewallSync;
+use crate::reactors::role::RoleSender;
 use crate::registration::{self, LocalState, RegisterError};
 use crate::services::Supervised;
 use crate::signals::Signal;
@@ -41,8 +43,12 @@ struct Running {
     lease_tx: watch::Sender<LeaseState>,
     lease_cancel: CancellationToken,
     objects: Objects,
-    netlink: Arc<Netlink>,
-    primary: bool,
+    /// Whether this node is the primary now (fed by the election).
+    role: RoleSender,
+    /// Stops the election (a primary relinquishes first) …
+    election_stop: CancellationToken,
+    /// … and fires when it is done.
+    election_done: CancellationToken,
     libvirt: Libvirt,
     services: Vec<Supervised>,
     log: logging::LogHandle,
@@ -99,7 +105,7 @@ struct Booted {
     cfg: Config,
     log: logging::LogHandle,
     config_path: PathBuf,
-    primary: bool,
+    role: RoleSender,
     netlink: Arc<Netlink>,
     services: Vec<Supervised>,
     store: Store,
@@ -118,8 +124,10 @@ async fn start(config_path: &Path) -> Result<Booted, ExitCode> {
         node: cfg.node_name().to_string(),
         services: Vec::new(),
     };
-    // A standalone node is always the primary; the election decides in a cluster.
-    let primary = cfg.node.mode == NodeMode::Standalone;
+    // A standalone node is always the primary; the election decides in a cluster (a
+    // clustered node starts as a secondary).
+    let role = RoleSender::new(cfg.node.mode == NodeMode::Standalone);
+    let primary = role.get().primary;
     let netlink = s
         .stage(Stage::HostNetworking, host_networking::run(&cfg, primary))
         .await?;
@@ -150,7 +158,7 @@ async fn start(config_path: &Path) -> Result<Booted, ExitCode> {
         cfg,
         log,
         config_path: config_path.to_path_buf(),
-        primary,
+        role,
         netlink,
         services: s.services,
         store,
@@ -207,14 +215,17 @@ async fn start_objects(
         lease: lease.clone(),
         registered_info: b.reg.info.clone(),
         info: b.info.clone(),
-        primary: b.primary,
+        role: b.role.clone(),
     });
     let mut signals = b.signals;
+    let coordinator: CoordinatorCell = Arc::new(std::sync::Mutex::new(
+        registration::coordinator_state(&b.cfg),
+    ));
     let own = OwnKeys::new(
         &node,
         b.cfg.node.mode.as_str(),
         b.cfg.node.fqdn.clone(),
-        registration::coordinator_state(&b.cfg),
+        coordinator.clone(),
         keepalive.info_handle(),
     );
     let r = Running {
@@ -227,8 +238,9 @@ async fn start_objects(
         lease_tx: b.reg.lease_tx,
         lease_cancel: b.reg.lease_cancel,
         objects,
-        netlink: b.netlink,
-        primary: b.primary,
+        role: b.role,
+        election_stop: CancellationToken::new(),
+        election_done: CancellationToken::new(),
         libvirt: b.libvirt,
         services: b.services,
         log: b.log,
@@ -249,8 +261,37 @@ async fn start_objects(
     let done = stages::keepalive::run(&r.cfg, &r.store, &mut keepalive).await;
     clock.done(&node, done.outcome, &done.detail);
     notify::ready(&format!("run: node {node}"));
+    start_election(&r, coordinator);
     Ok((r, signals, keepalive))
 }
+
+/// The election, from `run` on: secondary → takeover → primary for a coordinator (always for
+/// a standalone node), client for the others.
+fn start_election(r: &Running, coordinator: CoordinatorCell) {
+    let cfg = &r.cfg;
+    let election = Election::new(
+        cfg.node_name().to_string(),
+        r.store.clone(),
+        r.lease.clone(),
+        r.lease_state.clone(),
+        r.role.clone(),
+        coordinator,
+        r.objects.nodes.clone(),
+        ElectionConfig {
+            coordinator: cfg.is_coordinator(),
+            standalone: cfg.node.mode == NodeMode::Standalone,
+            demote_margin: cfg.keepalive.demote_margin(),
+            duty_timeout: ELECTION_DUTY_TIMEOUT,
+            handover_timeout: ELECTION_HANDOVER_TIMEOUT,
+        },
+    );
+    election.spawn(r.election_stop.clone(), r.election_done.clone());
+}
+
+/// Longest wait for the primary duties to come up or go down.
+const ELECTION_DUTY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest wait for the other secondaries to step aside on a `node primary` request.
+const ELECTION_HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `domains.on_shutdown: flush`: drain this node before the daemon stops, bounded by
 /// `domains.flush_timeout`; past it the daemon stops anyway and says what stayed.
@@ -316,12 +357,10 @@ fn spawn_ticker(
     rx
 }
 
-/// Host-side resync on the keepalive tick, in its own task: host-network drift, the
-/// firewall (a deleted rule comes back), and client networks deleted while we were away.
+/// Host-side resync on the keepalive tick, in its own task: the VMs against libvirt, drain
+/// passes, the firewall (a deleted rule comes back), and client networks deleted while we
+/// were away. (The host networks have their own task: `reactors::duties`.)
 fn spawn_host_resync(r: &Running) {
-    let cfg = r.cfg.networking.clone();
-    let netlink = r.netlink.clone();
-    let primary = r.primary;
     let net_host = r.objects.net_host.clone();
     let networks = r.objects.networks.clone();
     let vms = r.objects.vms.clone();
@@ -339,13 +378,6 @@ fn spawn_host_resync(r: &Running) {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
-            }
-            match crate::hostnet::ensure_host(&*netlink, &cfg, primary).await {
-                Ok(changes) if !changes.is_empty() => {
-                    info!(node = %node, changes = changes.len(), "host network drift corrected")
-                }
-                Ok(_) => {}
-                Err(e) => warn!(node = %node, error = %e, "host networking resync failed"),
             }
             domains.resync(&vms).await;
             if let Err(e) = drain.pass(&nodes, &vms).await {
@@ -530,6 +562,17 @@ async fn shutdown(r: Running, from: Option<DaemonState>) -> ExitCode {
         budget += r.cfg.domains.flush_timeout;
     }
     let work = async {
+        // A primary hands over first: another coordinator takes over before this one goes.
+        r.election_stop.cancel();
+        if tokio::time::timeout(
+            ELECTION_DUTY_TIMEOUT + r.cfg.store.request_timeout * 3,
+            r.election_done.cancelled(),
+        )
+        .await
+        .is_err()
+        {
+            warn!(node = %node, "election did not finish its relinquish in time; stopping anyway");
+        }
         if flush {
             flush_before_stop(&r).await;
         }

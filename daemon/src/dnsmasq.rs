@@ -194,6 +194,23 @@ pub fn parse_leases(text: &str) -> BTreeMap<String, Lease> {
     out
 }
 
+/// A dnsmasq lease file with `leases` (the inverse of [`parse_leases`]): how a new primary
+/// starts from the leases the old one reported, so a guest keeps its address.
+pub fn render_leases<'a>(leases: impl IntoIterator<Item = &'a Lease>) -> String {
+    leases
+        .into_iter()
+        .map(|l| {
+            format!(
+                "{} {} {} {} *\n",
+                l.expires,
+                l.mac,
+                l.ip,
+                l.hostname.as_deref().unwrap_or("*")
+            )
+        })
+        .collect()
+}
+
 /// A running dnsmasq for one network.
 pub struct Instance {
     vni: u32,
@@ -246,11 +263,15 @@ fn spec(vni: u32, paths: &Paths, binary: &Path, wrapper: &[String]) -> ProcessSp
 impl Instance {
     /// Write the files and start dnsmasq for `net` (or adopt the one a previous daemon left
     /// running, restarted when it runs another configuration).
+    ///
+    /// With `seed`, the lease file is first written with those leases (the cluster's view in
+    /// etcd, so a new primary hands out the addresses the old one did).
     pub async fn start(
         net: &Network,
         paths: Paths,
         binary: &Path,
         wrapper: &[String],
+        seed: Option<&[Lease]>,
     ) -> Result<Instance, DnsmasqError> {
         let vni = net.vni;
         let conf = render_conf(net, &paths, run_user())
@@ -262,6 +283,10 @@ impl Instance {
         if let Some(reason) = &replaced {
             warn!(network = vni, path = %paths.leases.display(), reason = %reason,
                 "untrusted lease file removed (not written by us); its leases are neither served nor reported");
+        }
+        if let Some(seed) = seed {
+            securefs::write_file(&paths.leases, render_leases(seed).as_bytes(), FILE_MODE)
+                .map_err(files_err(vni))?;
         }
         securefs::write_file(&paths.conf(), conf.as_bytes(), FILE_MODE).map_err(files_err(vni))?;
         let spec = spec(vni, &paths, binary, wrapper);
@@ -411,5 +436,14 @@ mod tests {
         assert_eq!(l["52:54:00:00:00:07"].hostname.as_deref(), Some("web"));
         assert_eq!(l["52:54:00:00:00:08"].hostname, None);
         assert_eq!(l["52:54:00:00:00:08"].expires, 0);
+    }
+
+    #[test]
+    fn rendered_leases_parse_back_to_the_same_leases() {
+        let l = parse_leases(
+            "1700000000 52:54:00:00:00:07 10.1.0.7 web *\n0 52:54:00:00:00:08 10.1.0.101 * *\n",
+        );
+        let again = parse_leases(&render_leases(l.values()));
+        assert_eq!(again, l);
     }
 }

@@ -23,7 +23,8 @@ pub struct OwnKeys {
     node: String,
     mode: &'static str,
     fqdn: Option<String>,
-    coordinator: CoordinatorState,
+    /// The `coordinator_state` the election last set.
+    coordinator: Arc<Mutex<CoordinatorState>>,
     /// `info` as the keepalive last wrote it.
     info: Arc<Mutex<NodeInfo>>,
     /// The last `domain_state` that parsed (what a garbage value is repaired to).
@@ -51,7 +52,7 @@ impl OwnKeys {
         node: &str,
         mode: &'static str,
         fqdn: Option<String>,
-        coordinator: CoordinatorState,
+        coordinator: Arc<Mutex<CoordinatorState>>,
         info: Arc<Mutex<NodeInfo>>,
     ) -> OwnKeys {
         OwnKeys {
@@ -83,12 +84,13 @@ impl OwnKeys {
             ));
         }
         let coord = text(keys, NodeField::CoordinatorState);
-        if coord.as_ref().map(|(v, _)| v.as_str()) != Some(self.coordinator.as_str()) {
+        let want = *lock(&self.coordinator);
+        if coord.as_ref().map(|(v, _)| v.as_str()) != Some(want.as_str()) {
             fixes.push((
                 NodeField::CoordinatorState,
                 coord.map(|c| c.0),
-                self.coordinator.to_string(),
-                "this node's role",
+                want.to_string(),
+                "this node's role in the election",
             ));
         }
         match text(keys, NodeField::DomainState) {

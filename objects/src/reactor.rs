@@ -173,6 +173,8 @@ struct QueueState {
 struct Queue {
     state: Mutex<QueueState>,
     notify: Notify,
+    /// Woken whenever a reconcile finishes (for [`Reactor::settle`]).
+    finished: Notify,
 }
 
 impl Queue {
@@ -218,6 +220,12 @@ impl Queue {
         if again {
             self.push(id);
         }
+        self.finished.notify_waiters();
+    }
+
+    fn idle(&self) -> bool {
+        let s = lock(&self.state);
+        s.ready.is_empty() && s.running.is_empty()
     }
 }
 
@@ -326,6 +334,25 @@ impl<K: Kind> Reactor<K> {
         for id in ids {
             self.shared.queue.push(&id);
         }
+    }
+
+    /// Enqueue every object and wait until the queue is idle (every one reconciled once
+    /// since), at most `timeout`; true when it settled. How a duty that must be in place
+    /// before the next step (the primary's gateways before it writes `primary`) waits.
+    pub async fn settle(&self, timeout: std::time::Duration) -> bool {
+        self.resync();
+        let wait = async {
+            loop {
+                let finished = self.shared.queue.finished.notified();
+                tokio::pin!(finished);
+                finished.as_mut().enable();
+                if self.shared.queue.idle() {
+                    return;
+                }
+                finished.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
     }
 
     /// Enqueue one object.

@@ -362,9 +362,10 @@ fn owned_keys_deleted_or_forged_are_repaired() {
     etcd.put_key(&key("domain_state"), "garbage")
         .expect("garbage domain_state");
     wait_value("domain_state", "ready");
-    etcd.put_key(&key("coordinator_state"), "primary")
+    wait_value("coordinator_state", "primary");
+    etcd.put_key(&key("coordinator_state"), "client")
         .expect("forge role");
-    wait_value("coordinator_state", "secondary");
+    wait_value("coordinator_state", "primary");
     etcd.delete_prefix(&key("mode")).expect("delete mode");
     wait_value("mode", "standalone");
     etcd.put_key(&key("info"), "{not json")

@@ -95,12 +95,19 @@ async fn startup_reaches_run_with_every_key_and_stages_in_order() {
         get_str(&mut c, &format!("{p}/mode")).await.as_deref(),
         Some("standalone")
     );
-    assert_eq!(
-        get_str(&mut c, &format!("{p}/coordinator_state"))
-            .await
-            .as_deref(),
-        Some("secondary")
-    );
+    // A standalone node always wins the election: it publishes `primary`.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let st = get_str(&mut c, &format!("{p}/coordinator_state")).await;
+        if st.as_deref() == Some("primary") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "coordinator_state {st:?}, want primary"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         get_str(&mut c, &format!("{p}/domain_state"))
             .await
@@ -192,7 +199,7 @@ async fn startup_reaches_run_with_every_key_and_stages_in_order() {
         .and_then(|a| a.iter().find(|n| n["name"] == "alpha"))
         .expect("alpha listed");
     assert_eq!(me["daemon_state"], "run");
-    assert_eq!(me["coordinator_state"], "secondary");
+    assert_eq!(me["coordinator_state"], "primary");
     assert_eq!(me["domain_state"], "ready");
     assert_eq!(me["alive"], true);
     let table = ctl(d.config_path(), &env, &["status"]);

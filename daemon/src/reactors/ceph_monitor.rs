@@ -83,6 +83,12 @@ impl StateWriter {
         Ok(out)
     }
 
+    /// Forget what was written: the next write compares with etcd again (another primary
+    /// may have written meanwhile).
+    pub fn forget(&mut self) {
+        self.written = None;
+    }
+
     async fn written(&mut self) -> Result<&mut BTreeMap<String, String>, StoreError> {
         if self.written.is_none() {
             self.written = Some(self.read_back().await?);
@@ -230,8 +236,9 @@ pub struct CephMonitor<C> {
     ceph: Arc<C>,
     node: String,
     hostname: String,
-    /// The primary collects and writes the cluster state.
+    /// The primary collects and writes the cluster state (fixed, or following the role).
     primary: bool,
+    role: Option<crate::reactors::role::RoleView>,
     writer: StateWriter,
     tx: watch::Sender<Option<CephNodeHealth>>,
     /// Status of the last pass and since when (RFC3339) it holds.
@@ -253,6 +260,7 @@ impl<C: Ceph + 'static> CephMonitor<C> {
             node,
             hostname: hostinfo::hostname(),
             primary,
+            role: None,
             writer: StateWriter::new(store),
             tx,
             status: None,
@@ -261,6 +269,25 @@ impl<C: Ceph + 'static> CephMonitor<C> {
             collect_failing: false,
         };
         (m, rx)
+    }
+
+    /// Follow the role signal instead of the fixed flag (the election moves the primary).
+    pub fn with_role(mut self, role: crate::reactors::role::RoleView) -> Self {
+        self.role = Some(role);
+        self
+    }
+
+    /// Is this node the primary for this pass? On becoming it, what was written is
+    /// forgotten: another primary may have written since.
+    fn refresh_primary(&mut self) -> bool {
+        if let Some(r) = &self.role {
+            let now = r.is_primary();
+            if now && !self.primary {
+                self.writer.forget();
+            }
+            self.primary = now;
+        }
+        self.primary
     }
 
     /// Run [`CephMonitor::pass`] every `interval` until `cancel`, in its own task.
@@ -283,7 +310,7 @@ impl<C: Ceph + 'static> CephMonitor<C> {
 
     /// One pass: ask Ceph, publish the summary, and on the primary write what changed.
     pub async fn pass(&mut self) {
-        if !self.primary {
+        if !self.refresh_primary() {
             match node_summary(&*self.ceph, &self.hostname).await {
                 Ok(s) => self.answered(s, None).await,
                 Err(e) => self.unanswered(e).await,

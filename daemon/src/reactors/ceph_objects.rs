@@ -515,6 +515,8 @@ pub struct CephReactors {
     pub pools: Arc<Reactor<PoolKind>>,
     /// Volumes with their snapshots.
     pub volumes: Arc<Reactor<VolumeKind>>,
+    /// Sets the objects' primary flag.
+    primary: Arc<dyn Fn(bool) + Send + Sync>,
 }
 
 impl CephReactors {
@@ -525,6 +527,8 @@ impl CephReactors {
     ) -> CephReactors {
         let store = objects.store.clone();
         let interval = objects.interval;
+        let flag = objects.clone();
+        let primary: Arc<dyn Fn(bool) + Send + Sync> = Arc::new(move |p| flag.set_primary(p));
         let pools = Arc::new(Reactor::spawn(
             PoolKind,
             PoolReconciler(objects.clone()),
@@ -553,7 +557,21 @@ impl CephReactors {
                 v.resync();
             }
         });
-        CephReactors { pools, volumes }
+        CephReactors {
+            pools,
+            volumes,
+            primary,
+        }
+    }
+
+    /// The role changed: reconcile (as the primary) or leave Ceph alone; a new primary
+    /// looks at every object at once.
+    pub fn set_primary(&self, primary: bool) {
+        (self.primary)(primary);
+        if primary {
+            self.pools.resync();
+            self.volumes.resync();
+        }
     }
 
     /// Wait until both reconciled their initial list once.

@@ -91,8 +91,9 @@ pub struct DomainHost {
     hv: Libvirt,
     lease: Arc<AtomicI64>,
     cfg: DomainsConfig,
-    /// Writes `invalid` statuses of VMs whose target cannot be read.
-    primary: bool,
+    /// Whether this node is the primary now: it writes `invalid` statuses of VMs whose
+    /// target cannot be read.
+    role: crate::reactors::role::RoleView,
     /// Node records (migration URIs of targets).
     nodes: Arc<Reactor<NodeKind>>,
     runtime: Mutex<HashMap<String, Runtime>>,
@@ -143,7 +144,7 @@ impl DomainHost {
         hv: Libvirt,
         lease: Arc<AtomicI64>,
         cfg: DomainsConfig,
-        primary: bool,
+        role: crate::reactors::role::RoleView,
         nodes: Arc<Reactor<NodeKind>>,
     ) -> DomainHost {
         let permits = cfg.migration_max_concurrent.max(1) as usize;
@@ -159,7 +160,7 @@ impl DomainHost {
             hv,
             lease,
             cfg,
-            primary,
+            role,
             nodes,
             runtime: Mutex::new(HashMap::new()),
             migrations: Semaphore::new(permits),
@@ -432,7 +433,7 @@ impl DomainHost {
         };
         let mine = match target {
             Some(t) => t == self.node,
-            None => self.primary,
+            None => self.role.is_primary(),
         };
         if !(mine || here) {
             return Ok(Action::AwaitChange);

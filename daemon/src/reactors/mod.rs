@@ -9,12 +9,15 @@
 //! - [`drain`]: the node's `domain_state` flush/unflush;
 //! - [`removals`]: the evidence a removal from etcd needs before a guest is destroyed;
 //! - [`role`]: whether this node is the primary now, followed by every primary-only duty;
-//! - [`election`]: the primary-coordinator election and the `coordinator_state` machine.
+//! - [`election`]: the primary-coordinator election and the `coordinator_state` machine;
+//! - [`duties`]: the primary-only duties that follow the role (floating addresses, gateways
+//!   and dnsmasq, Ceph).
 
 pub mod ceph_monitor;
 pub mod ceph_objects;
 pub mod domain;
 pub mod drain;
+pub mod duties;
 pub mod election;
 pub mod network;
 pub mod removals;

@@ -499,11 +499,28 @@ impl NetworkHost {
             }
         }
         let paths = dnsmasq::Paths::new(&self.run_dir, &self.state_dir, vni);
-        let inst = Instance::start(net, paths, &self.dnsmasq_bin, &[])
+        // The leases the cluster knows (reported by whichever node was primary): a guest
+        // keeps its address across a takeover. Unreadable: keep the local lease file.
+        let seed = self.cluster_leases(vni).await;
+        let inst = Instance::start(net, paths, &self.dnsmasq_bin, &[], seed.as_deref())
             .await
             .map_err(|e| ReconcileError::Host(e.to_string()))?;
         all.insert(vni, inst);
         Ok(())
+    }
+
+    /// The leases in etcd for `vni` (`None` when etcd does not answer).
+    async fn cluster_leases(&self, vni: u32) -> Option<Vec<dnsmasq::Lease>> {
+        let (kvs, _) = self
+            .store
+            .list(&format!("{}{vni}/leases/", network::NETWORKS_PREFIX))
+            .await
+            .ok()?;
+        Some(
+            kvs.iter()
+                .filter_map(|kv| serde_json::from_slice::<dnsmasq::Lease>(&kv.value).ok())
+                .collect(),
+        )
     }
 
     /// Report dnsmasq's leases of `vni` to etcd (only what changed).
@@ -631,6 +648,27 @@ impl NetworkHost {
 
     /// Stop every dnsmasq we run, adopted ones of invalid networks included (daemon
     /// shutdown; bridges and guests stay).
+    /// The role changed: every network is planned with the new flag. Losing the role stops
+    /// every dnsmasq at once, without etcd (the reconciles then remove the gateways, also
+    /// host-only); the firewall's DHCP/DNS rules follow.
+    pub async fn set_primary(&self, primary: bool) {
+        let was = {
+            let mut ctx = self.ctx.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut ctx.primary, primary)
+        };
+        if was == primary {
+            return;
+        }
+        if !primary {
+            self.stop_all().await;
+            self.leases
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+        let _ = self.sync_firewall().await;
+    }
+
     pub async fn stop_all(&self) {
         let all = std::mem::take(&mut *self.dnsmasq.lock().await);
         for (_, inst) in all {

@@ -21,7 +21,12 @@ use crate::keepalive::Keepalive;
 use crate::reactors::ceph_monitor::CephMonitor;
 use crate::reactors::ceph_objects::{CephObjects, CephReactors};
 use crate::reactors::domain::{spawn_event_listener, DomainHost, DomainReconciler};
+use crate::reactors::duties;
 use crate::reactors::network::{FirewallSync, NetworkHost, NetworkReconciler};
+use crate::reactors::role::RoleSender;
+
+/// Longest wait for the client networks to follow a role change.
+const DUTY_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where dnsmasq is run from for managed networks.
 const DNSMASQ: &str = "/usr/sbin/dnsmasq";
@@ -44,8 +49,8 @@ pub struct Inputs<'a> {
     pub registered_info: NodeInfo,
     /// `info` after the hypervisor check.
     pub info: NodeInfo,
-    /// Whether this node is the primary.
-    pub primary: bool,
+    /// Whether this node is the primary now (fed by the election).
+    pub role: RoleSender,
 }
 
 /// The objects of this node and the tasks that serve them.
@@ -64,7 +69,7 @@ pub struct Objects {
     /// object's RBD lock hygiene share it).
     pub ceph: Option<Arc<CephCli>>,
     /// The pool and volume reactors when `ceph` is `Some`.
-    pub ceph_objects: Option<CephReactors>,
+    pub ceph_objects: Option<Arc<CephReactors>>,
     /// Cancels the tasks that serve the objects (and the run loop's tickers) at shutdown.
     pub tasks: CancellationToken,
 }
@@ -74,6 +79,7 @@ pub fn spawn(i: Inputs<'_>) -> (Objects, Keepalive) {
     let cfg = i.cfg;
     let node = cfg.node_name().to_string();
     let store = i.store;
+    let primary = i.role.get().primary;
     let ceph = cfg
         .ceph
         .enabled
@@ -81,8 +87,8 @@ pub fn spawn(i: Inputs<'_>) -> (Objects, Keepalive) {
     let net_host = Arc::new(NetworkHost::new(
         node.clone(),
         store.clone(),
-        i.netlink,
-        crate::hostnet::host_context(&cfg.networking, i.primary),
+        i.netlink.clone(),
+        crate::hostnet::host_context(&cfg.networking, primary),
         i.firewall,
         cfg.paths.run_dir.clone(),
         cfg.paths.state_dir.clone(),
@@ -111,7 +117,7 @@ pub fn spawn(i: Inputs<'_>) -> (Objects, Keepalive) {
             i.libvirt.clone(),
             i.lease.clone(),
             cfg.domains.clone(),
-            i.primary,
+            i.role.view(),
             nodes.clone(),
         )
         .with_ceph(ceph.clone(), cfg.ceph.client_addresses.clone()),
@@ -140,7 +146,8 @@ pub fn spawn(i: Inputs<'_>) -> (Objects, Keepalive) {
     if ceph.is_some() {
         // Its own handle: the monitor reports a timeout once per outage, not per call.
         let cli = Arc::new(CephCli::from_config(&cfg.ceph).with_quiet_timeouts());
-        let (mon, rx) = CephMonitor::new(cli, store.clone(), node.clone(), i.primary);
+        let (mon, rx) = CephMonitor::new(cli, store.clone(), node.clone(), primary);
+        let mon = mon.with_role(i.role.view());
         mon.spawn(cfg.ceph.interval, tasks.clone());
         keepalive = keepalive.with_ceph(rx);
     }
@@ -149,11 +156,28 @@ pub fn spawn(i: Inputs<'_>) -> (Objects, Keepalive) {
             node.clone(),
             store.clone(),
             c.clone(),
-            i.primary,
+            primary,
             cfg.ceph.interval,
         );
-        CephReactors::spawn(Arc::new(objects), tasks.clone())
+        Arc::new(CephReactors::spawn(Arc::new(objects), tasks.clone()))
     });
+    // The primary-only duties that a takeover waits for.
+    duties::spawn_host_networks(
+        node.clone(),
+        i.netlink,
+        cfg.networking.clone(),
+        cfg.keepalive.interval,
+        i.role.duty("host-networks"),
+        tasks.clone(),
+    );
+    duties::spawn_networks(
+        net_host.clone(),
+        networks.clone(),
+        DUTY_SETTLE,
+        i.role.duty("networks"),
+        tasks.clone(),
+    );
+    duties::spawn_ceph(ceph_objects.clone(), i.role.duty("ceph"), tasks.clone());
     let objects = Objects {
         nodes,
         networks,
