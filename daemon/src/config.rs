@@ -60,6 +60,38 @@ pub struct Config {
     pub ceph: CephConfig,
     /// `services:`
     pub services: ServicesConfig,
+    /// `node_status:`
+    pub node_status: NodeStatusConfig,
+}
+
+/// `node_status:` — when the primary calls a node `DEGRADED` in `nodes/<node>/status`
+/// (`DOWN` is a node without a lease).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeStatusConfig {
+    /// Memory in use above this percentage of the total.
+    pub memory_percent: u32,
+    /// 1-minute load above this percentage per CPU (200 = 2.0 per CPU).
+    pub load_percent_per_cpu: u32,
+    /// `last_seen` older than this many keepalive intervals.
+    pub stale_ticks: u32,
+    /// Round-trip time to a peer's cluster address above this (or no answer).
+    #[serde(with = "duration_str")]
+    pub rtt: Duration,
+    /// Peers whose round-trip time a node measures per keepalive tick (round robin).
+    pub rtt_peers_per_tick: u32,
+}
+
+impl Default for NodeStatusConfig {
+    fn default() -> Self {
+        NodeStatusConfig {
+            memory_percent: 95,
+            load_percent_per_cpu: 400,
+            stale_ticks: 3,
+            rtt: Duration::from_millis(200),
+            rtt_peers_per_tick: 8,
+        }
+    }
 }
 
 /// How this node participates in the cluster.
@@ -1562,6 +1594,42 @@ impl Config {
                     "must be between 1 and 1000, got {}",
                     d.stats_writes_per_tick
                 ),
+            );
+        }
+
+        // node_status
+        let ns = &self.node_status;
+        if !(1..=100).contains(&ns.memory_percent) {
+            bad(
+                "node_status.memory_percent",
+                format!("must be between 1 and 100, got {}", ns.memory_percent),
+            );
+        }
+        if ns.load_percent_per_cpu == 0 {
+            bad(
+                "node_status.load_percent_per_cpu",
+                "must be at least 1".into(),
+            );
+        }
+        if ns.stale_ticks < 2 {
+            bad(
+                "node_status.stale_ticks",
+                format!("must be at least 2, got {}", ns.stale_ticks),
+            );
+        }
+        if ns.rtt < Duration::from_millis(1) || ns.rtt > Duration::from_secs(10) {
+            bad(
+                "node_status.rtt",
+                format!(
+                    "must be between 1ms and 10s, got {}",
+                    format_duration(ns.rtt)
+                ),
+            );
+        }
+        if ns.rtt_peers_per_tick > 1000 {
+            bad(
+                "node_status.rtt_peers_per_tick",
+                format!("must be at most 1000, got {}", ns.rtt_peers_per_tick),
             );
         }
 

@@ -2,6 +2,7 @@
 //! CPUs, memory, kernel, load and uptime. Cheap enough to read on every keepalive tick.
 
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use debvisor_objects::node::MemoryStats;
 
@@ -40,6 +41,130 @@ pub fn process_start_ticks(pid: u32) -> Option<u64> {
         return None;
     }
     fields.nth(18)?.parse().ok()
+}
+
+/// The round-trip time of one ICMP echo to `addr`, waiting at most `timeout` (a raw ICMP
+/// socket: needs CAP_NET_RAW, which the daemon has as root). `seq` tells concurrent probes
+/// apart; replies are matched on identifier, sequence and source. Blocking: call it from a
+/// blocking thread.
+pub fn ping(addr: std::net::Ipv4Addr, seq: u16, timeout: Duration) -> std::io::Result<Duration> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: socket(2) with constant arguments; the result is checked before use.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMP,
+        )
+    };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let id = (std::process::id() & 0xffff) as u16;
+    let mut pkt = [0u8; 16];
+    pkt[0] = 8; // echo request
+    pkt[4..6].copy_from_slice(&id.to_be_bytes());
+    pkt[6..8].copy_from_slice(&seq.to_be_bytes());
+    pkt[8..16].copy_from_slice(b"dvping00");
+    let sum = icmp_checksum(&pkt);
+    pkt[2..4].copy_from_slice(&sum.to_be_bytes());
+    let dest = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let start = Instant::now();
+    // SAFETY: valid buffer and address of the stated lengths.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&dest as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut buf = [0u8; 1500];
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            continue;
+        }
+        let mut from: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: valid buffer and address storage of the stated lengths.
+        let got = unsafe {
+            libc::recvfrom(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+                (&mut from as *mut libc::sockaddr_in).cast(),
+                &mut len,
+            )
+        };
+        if got < 0 {
+            let e = std::io::Error::last_os_error();
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) {
+                continue;
+            }
+            return Err(e);
+        }
+        let pkt = &buf[..got as usize];
+        if from.sin_addr.s_addr != u32::from_ne_bytes(addr.octets()) || pkt.is_empty() {
+            continue;
+        }
+        // Raw IPv4 sockets deliver the IP header first.
+        let ihl = usize::from(pkt[0] & 0x0f) * 4;
+        let Some(icmp) = pkt.get(ihl..ihl + 8) else {
+            continue;
+        };
+        if icmp[0] == 0 && icmp[4..6] == id.to_be_bytes() && icmp[6..8] == seq.to_be_bytes() {
+            return Ok(start.elapsed());
+        }
+    }
+}
+
+/// The Internet checksum (RFC 1071) of an ICMP message.
+fn icmp_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 /// Online CPUs.
@@ -168,6 +293,29 @@ mod tests {
             assert!(a.contains('/'), "{a}");
             assert!(!a.starts_with("127."), "{a}");
         }
+    }
+
+    #[test]
+    fn icmp_checksums_are_the_internet_checksum() {
+        // An echo request with id 1, seq 1 and no payload: 0xf7fd.
+        assert_eq!(icmp_checksum(&[8, 0, 0, 0, 0, 1, 0, 1]), 0xf7fd);
+        // A message with its checksum filled in sums to zero.
+        let mut m = [8u8, 0, 0, 0, 0x12, 0x34, 0, 7, b'a', b'b', b'c'];
+        let c = icmp_checksum(&m);
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(icmp_checksum(&m), 0);
+    }
+
+    #[test]
+    fn loopback_answers_a_ping_as_root() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: raw ICMP sockets need root");
+            return;
+        }
+        let rtt =
+            ping(std::net::Ipv4Addr::LOCALHOST, 7, Duration::from_secs(2)).expect("ping 127.0.0.1");
+        assert!(rtt < Duration::from_secs(2));
     }
 
     #[test]

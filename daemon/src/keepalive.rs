@@ -53,6 +53,8 @@ pub struct Keepalive {
     stats_written: HashMap<String, (String, Instant)>,
     /// The Ceph monitor's latest node summary (`ceph.enabled`); read, never waited for.
     ceph: Option<crate::reactors::ceph_monitor::CephHealthRx>,
+    /// The latest round-trip times to peers; read, never waited for.
+    peers: Option<crate::peers::PeersRx>,
 }
 
 /// The per-VM `stats` value (counters only: no timestamp, so an idle VM writes nothing).
@@ -123,7 +125,14 @@ impl Keepalive {
             stats_budget: 64,
             stats_written: HashMap::new(),
             ceph: None,
+            peers: None,
         }
+    }
+
+    /// Report the round-trip times to peers measured by the peers task.
+    pub fn with_peers(mut self, rx: crate::peers::PeersRx) -> Keepalive {
+        self.peers = Some(rx);
+        self
     }
 
     /// Report Ceph as the Ceph monitor last saw it (`health.ceph`, and a `problems` line
@@ -236,6 +245,11 @@ impl Keepalive {
             daemon_uptime_s: self.started.elapsed().as_secs(),
             problems,
             removals_held,
+            peers: self
+                .peers
+                .as_ref()
+                .map(|rx| rx.borrow().clone())
+                .unwrap_or_default(),
         };
         let info = refresh_info(
             &self.base_info,

@@ -5,7 +5,8 @@
 //!
 //! - **the daemon's life** — [`daemon`] (runs the stages, the run loop, shutdown),
 //!   [`stages`] (one file per startup stage), [`keepalive`], [`registration`],
-//!   [`owned_keys`] (the node's own keys, repaired level-triggered), [`signals`],
+//!   [`owned_keys`] (the node's own keys, repaired level-triggered), [`peers`] (round-trip
+//!   times to peers), [`signals`],
 //!   [`notify`], [`journal`], [`logging`];
 //! - **reactors** — [`reactors`]: the host side of each object kind (domain, network, Ceph
 //!   objects, Ceph monitor, drain);
@@ -37,6 +38,7 @@ pub mod keepalive;
 pub mod logging;
 pub mod notify;
 pub mod owned_keys;
+pub mod peers;
 pub mod registration;
 pub mod signals;
 pub mod stages;

@@ -35,9 +35,9 @@ state_enum!(
     Mode { Standalone = "standalone", Clustered = "clustered" }
 );
 
-/// `nodes/<node>/info`: static facts about a node.
+/// `nodes/<node>/info`: static facts about a node. Unknown fields are ignored, so a newer
+/// daemon can add facts without making its node unreadable to older ones.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct NodeInfo {
     /// Kernel hostname.
     pub hostname: String,
@@ -68,6 +68,9 @@ pub struct NodeInfo {
     /// Stable local node id (`<state_dir>/node_id`).
     #[serde(default)]
     pub node_id: String,
+    /// The node's address on the cluster network (peers measure their round-trip time to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_address: Option<String>,
 }
 
 /// Memory figures in MiB.
@@ -131,6 +134,92 @@ pub struct Health {
     /// confirm-removals`); absent when none are held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removals_held: Option<HeldRemovals>,
+    /// Round-trip times to peers' cluster addresses, measured on the keepalive tick.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerRtt>,
+}
+
+/// The round-trip time from this node to one peer (`None`: no answer in time).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeerRtt {
+    /// The peer's node name.
+    pub node: String,
+    /// Round-trip time of an ICMP echo in milliseconds.
+    pub rtt_ms: Option<f64>,
+}
+
+/// When the primary calls a node DEGRADED (`node_status:` in the config).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StatusThresholds {
+    /// Memory in use above this percentage of the total.
+    pub memory_percent: u32,
+    /// 1-minute load above this percentage per CPU (200 = 2.0 per CPU).
+    pub load_percent_per_cpu: u32,
+    /// `last_seen` older than this.
+    pub stale_after: std::time::Duration,
+    /// Round-trip time to a peer above this (or no answer).
+    pub rtt: std::time::Duration,
+}
+
+/// The primary's verdict on one node: `DOWN` without a lease, `DEGRADED` with every reason
+/// the thresholds find, else `OK`. `age` is how long ago its `last_seen` was, if known.
+pub fn derive_status(
+    n: &NodeRecord,
+    age: Option<std::time::Duration>,
+    t: &StatusThresholds,
+) -> (NodeStatus, Vec<String>) {
+    if !n.alive {
+        let why = match n.daemon_state {
+            Some(DaemonState::Stop) => "daemon stopped",
+            Some(DaemonState::Fenced) => "fenced",
+            _ => "no lease (alive key gone)",
+        };
+        return (NodeStatus::Down, vec![why.to_string()]);
+    }
+    let mut why = Vec::new();
+    let Some(h) = &n.health else {
+        return (NodeStatus::Degraded, vec!["no health report".into()]);
+    };
+    if !h.libvirt {
+        why.push("libvirt unreachable".to_string());
+    }
+    if let Some(pct) = (h.memory.used_mib * 100).checked_div(h.memory.total_mib) {
+        if pct > u64::from(t.memory_percent) {
+            why.push(format!("memory {pct}% used"));
+        }
+    }
+    let cpus = n.info.as_ref().map_or(0, |i| i.cpus);
+    if cpus > 0 {
+        let pct = (h.load[0] * 100.0 / f64::from(cpus)) as u64;
+        if pct > u64::from(t.load_percent_per_cpu) {
+            why.push(format!("load {:.2} on {cpus} CPUs", h.load[0]));
+        }
+    }
+    if let Some(c) = &h.ceph {
+        if c.status != "HEALTH_OK" {
+            why.push(format!("ceph {}", c.status));
+        }
+    }
+    if let Some(a) = age.filter(|a| *a > t.stale_after) {
+        why.push(format!("last keepalive {}s ago", a.as_secs()));
+    }
+    for p in &h.peers {
+        match p.rtt_ms {
+            None => why.push(format!("peer {} does not answer", p.node)),
+            Some(ms) if ms > t.rtt.as_secs_f64() * 1000.0 => {
+                why.push(format!("rtt to {} {ms:.1} ms", p.node))
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(r) = &h.removals_held {
+        why.push(format!("{} removal(s) held", r.count));
+    }
+    if why.is_empty() {
+        (NodeStatus::Ok, why)
+    } else {
+        (NodeStatus::Degraded, why)
+    }
 }
 
 /// The node-level Ceph summary in `nodes/<node>/health`: cluster status as this node sees
@@ -261,6 +350,8 @@ pub struct NodeRecord {
     pub health: Option<Health>,
     pub last_seen: Option<String>,
     pub status: Option<NodeStatus>,
+    /// Why the primary gave that status (`DEGRADED: libvirt unreachable`).
+    pub status_reason: Option<String>,
     /// True while `alive` exists (bound to the node's lease).
     pub alive: bool,
     /// The lease `alive` is bound to.
@@ -284,6 +375,29 @@ fn parse_enum<T: FromStr<Err = String>>(field: &str, v: &[u8]) -> Result<T, Obje
 
 fn parse_json<T: for<'de> Deserialize<'de>>(field: &str, v: &[u8]) -> Result<T, ObjectError> {
     serde_json::from_slice(v).map_err(|e| ObjectError::new(field, format!("invalid JSON: {e}")))
+}
+
+/// `OK`, `DEGRADED: reason`, `DOWN: reason`.
+fn parse_status(field: &str, v: &[u8]) -> Result<(NodeStatus, Option<String>), ObjectError> {
+    let text = utf8(field, v)?.trim();
+    let (word, reason) = match text.split_once(':') {
+        Some((w, r)) => (
+            w.trim(),
+            Some(r.trim().to_string()).filter(|r| !r.is_empty()),
+        ),
+        None => (text, None),
+    };
+    let st = word.parse().map_err(|e| ObjectError::new(field, e))?;
+    Ok((st, reason))
+}
+
+/// The `status` value the primary writes: the verdict and, unless OK, why.
+pub fn status_value(status: NodeStatus, reasons: &[String]) -> String {
+    if reasons.is_empty() {
+        status.as_str().to_string()
+    } else {
+        format!("{}: {}", status.as_str(), reasons.join("; "))
+    }
 }
 
 /// Parse one node from its keys (relative to `nodes/<node>/`). Unknown sub-keys are ignored
@@ -328,8 +442,11 @@ pub fn parse_node(
                 n.last_seen = Some(s.to_string());
             }
             // The primary's verdict: a bad value must not make the whole node unusable.
-            NodeField::Status => match parse_enum(f, v) {
-                Ok(st) => n.status = Some(st),
+            NodeField::Status => match parse_status(f, v) {
+                Ok((st, reason)) => {
+                    n.status = Some(st);
+                    n.status_reason = reason;
+                }
                 Err(e) => n.problems.push(e),
             },
             NodeField::ConfirmRemovals => {}
@@ -597,5 +714,107 @@ mod tests {
         for s in CoordinatorState::ALL {
             assert_eq!(s.as_str().parse::<CoordinatorState>(), Ok(*s));
         }
+    }
+
+    fn thresholds() -> StatusThresholds {
+        StatusThresholds {
+            memory_percent: 90,
+            load_percent_per_cpu: 200,
+            stale_after: std::time::Duration::from_secs(15),
+            rtt: std::time::Duration::from_millis(100),
+        }
+    }
+
+    fn healthy() -> NodeRecord {
+        NodeRecord {
+            name: "n1".into(),
+            alive: true,
+            daemon_state: Some(DaemonState::Run),
+            info: Some(NodeInfo {
+                cpus: 4,
+                ..Default::default()
+            }),
+            health: Some(Health {
+                libvirt: true,
+                load: [1.0, 1.0, 1.0],
+                memory: MemoryStats {
+                    total_mib: 1000,
+                    used_mib: 500,
+                    free_mib: 500,
+                },
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn status_is_derived_with_every_reason() {
+        let t = thresholds();
+        let ok = std::time::Duration::from_secs(1);
+        assert_eq!(
+            derive_status(&healthy(), Some(ok), &t),
+            (NodeStatus::Ok, vec![])
+        );
+        let mut n = healthy();
+        n.alive = false;
+        assert_eq!(derive_status(&n, Some(ok), &t).0, NodeStatus::Down);
+        n.daemon_state = Some(DaemonState::Stop);
+        assert_eq!(
+            derive_status(&n, None, &t).1,
+            vec!["daemon stopped".to_string()]
+        );
+        let mut n = healthy();
+        if let Some(h) = n.health.as_mut() {
+            h.libvirt = false;
+            h.memory.used_mib = 950;
+            h.load[0] = 9.0;
+            h.peers = vec![
+                PeerRtt {
+                    node: "n2".into(),
+                    rtt_ms: Some(250.0),
+                },
+                PeerRtt {
+                    node: "n3".into(),
+                    rtt_ms: None,
+                },
+                PeerRtt {
+                    node: "n4".into(),
+                    rtt_ms: Some(0.4),
+                },
+            ];
+        }
+        let (st, why) = derive_status(&n, Some(std::time::Duration::from_secs(60)), &t);
+        assert_eq!(st, NodeStatus::Degraded);
+        assert_eq!(
+            why,
+            vec![
+                "libvirt unreachable".to_string(),
+                "memory 95% used".into(),
+                "load 9.00 on 4 CPUs".into(),
+                "last keepalive 60s ago".into(),
+                "rtt to n2 250.0 ms".into(),
+                "peer n3 does not answer".into(),
+            ]
+        );
+        n.health = None;
+        assert_eq!(derive_status(&n, None, &t).0, NodeStatus::Degraded);
+    }
+
+    #[test]
+    fn status_values_carry_their_reason_and_parse_back() {
+        let v = status_value(
+            NodeStatus::Degraded,
+            &["libvirt unreachable".into(), "memory 95% used".into()],
+        );
+        assert_eq!(v, "DEGRADED: libvirt unreachable; memory 95% used");
+        let n = parse_node("n1", &keys(&[("status", &v)])).expect("parses");
+        assert_eq!(n.status, Some(NodeStatus::Degraded));
+        assert_eq!(
+            n.status_reason.as_deref(),
+            Some("libvirt unreachable; memory 95% used")
+        );
+        let n = parse_node("n1", &keys(&[("status", "OK")])).expect("parses");
+        assert_eq!((n.status, n.status_reason), (Some(NodeStatus::Ok), None));
     }
 }

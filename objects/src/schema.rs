@@ -97,8 +97,15 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec { pattern: "ceph/observed/pools/<pool>", writer: Writer::Primary, format: "JSON", leased: false, doc: "Observed pool: id, size, pg_num, stored, objects, bytes used, max_avail." },
     KeySpec { pattern: "ceph/observed/osds/<id>", writer: Writer::Primary, format: "JSON", leased: false, doc: "Observed OSD: up, in, node (from OSD metadata), utilisation, capacity, PGs." },
     KeySpec { pattern: "ceph/observed/volumes/<pool>:<image>", writer: Writer::Primary, format: "JSON", leased: false, doc: "Observed volume: size, used bytes, parent, snapshots (name, size, protected, time)." },
-    KeySpec { pattern: "election/primary", writer: Writer::AnyNodeTxn, format: "etcd election", leased: true, doc: "Primary coordinator election (etcd election API)." },
+    KeySpec { pattern: "election/primary", writer: Writer::AnyNodeTxn, format: "etcd election", leased: true, doc: "Primary coordinator election (etcd election API): one key per campaigning coordinator, `election/primary/<lease>` = node name, bound to its node lease; the lowest revision leads." },
+    KeySpec { pattern: "election/request", writer: Writer::Operator, format: "node name", leased: false, doc: "Written by `debvisorctl node primary NAME`: the primary hands over to NAME (a live coordinator in run), which deletes the key once it is primary; refused requests are deleted with the reason logged." },
 ];
+
+/// The primary election's name (campaign keys live below it).
+pub const ELECTION_PRIMARY: &str = "election/primary";
+
+/// The operator's request to move the primary role (a node name).
+pub const ELECTION_REQUEST: &str = "election/request";
 
 /// Key of the schema version.
 pub fn schema_version() -> String {

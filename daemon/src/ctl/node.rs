@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use debvisor_objects::node::{parse_node, DomainState, NodeRecord};
+use debvisor_objects::node::{parse_node, CoordinatorState, DaemonState, DomainState, NodeRecord};
 use debvisor_objects::schema::{self, NodeField, NODES_PREFIX};
 use debvisor_objects::{Store, TxnBuilder};
 use serde_json::{json, Value};
@@ -32,6 +32,13 @@ pub enum NodeCommand {
     /// in a mass removal, or while the store was found replaced) and accept the store as it
     /// is now. `node show` lists what it holds (health.removals_held).
     ConfirmRemovals { name: String },
+    /// Move the primary role to NAME (a live coordinator in `run`): the current primary
+    /// relinquishes in its favour.
+    Primary {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
 }
 
 /// `node confirm-removals NAME`: write the request the node acts on (it must be alive to
@@ -66,6 +73,93 @@ pub async fn confirm_removals(store: &Store, name: &str) -> Result<Value, Failur
     Ok(json!({ "node": name, "held": held }))
 }
 
+/// `node primary NAME`: check NAME can be primary, write `election/request`, and with
+/// `--wait` follow the nodes until NAME is.
+pub async fn make_primary(
+    store: &Store,
+    name: &str,
+    wait: &WaitArgs,
+    json_out: bool,
+) -> Result<String, Failure> {
+    check_node_name(name)?;
+    let rows = nodes(store).await?;
+    let valid: Vec<&NodeRecord> = rows.iter().filter_map(|r| r.node.as_ref().ok()).collect();
+    let Some(target) = valid.iter().find(|n| n.name == name) else {
+        return Err(format!("node {name:?} not found under {}/nodes/", store.prefix()).into());
+    };
+    let primary = valid
+        .iter()
+        .find(|n| n.alive && n.coordinator_state == Some(CoordinatorState::Primary))
+        .map(|n| n.name.clone());
+    let refuse = |why: &str| -> Result<String, Failure> {
+        Err(format!("node {name} cannot become primary: {why}").into())
+    };
+    if !target.alive {
+        return refuse("it is not alive");
+    }
+    if target.daemon_state != Some(DaemonState::Run) {
+        return refuse(&format!(
+            "its daemon_state is {}, not run",
+            target.daemon_state.map_or("-", |s| s.as_str())
+        ));
+    }
+    match target.coordinator_state {
+        Some(CoordinatorState::Client) | None => {
+            return refuse("it is not a coordinator (node.coordinators)")
+        }
+        _ => {}
+    }
+    let Some(current) = primary else {
+        return refuse("there is no primary to hand over (the election will pick one)");
+    };
+    let mut v = json!({ "node": name, "primary": current, "requested": false });
+    if current == name {
+        return Ok(if json_out {
+            format!("{v}\n")
+        } else {
+            format!("node {name} is already the primary\n")
+        });
+    }
+    store
+        .put(schema::ELECTION_REQUEST, name)
+        .await
+        .map_err(|e| e.to_string())?;
+    v["requested"] = Value::from(true);
+    if !wait.wait {
+        return Ok(if json_out {
+            format!("{v}\n")
+        } else {
+            format!("primary handover from {current} to {name} requested\n")
+        });
+    }
+    let prefix = schema::node_prefix(name);
+    let r = follow(store, &prefix, wait.timeout, |keys| {
+        let n = parse_node(name, keys).ok()?;
+        (n.coordinator_state == Some(CoordinatorState::Primary)).then_some(())
+    })
+    .await?;
+    match r {
+        Followed::Done((), _) => {
+            v["primary"] = Value::from(name);
+            Ok(if json_out {
+                format!("{v}\n")
+            } else {
+                format!("node {name} is the primary\n")
+            })
+        }
+        Followed::TimedOut(keys) => Err(Failure {
+            message: format!(
+                "timed out after {} waiting for node {name} to be primary; its coordinator_state is {} (a refused request is logged by {current})",
+                humantime(wait.timeout),
+                keys.get(NodeField::CoordinatorState.suffix())
+                    .map(|e| String::from_utf8_lossy(&e.value).into_owned())
+                    .unwrap_or_else(|| "-".into())
+            ),
+            stdout: json_out.then(|| format!("{v}\n")),
+        }),
+    }
+}
+
 /// `debvisorctl status`: every node, as a table or a JSON array.
 pub async fn status(store: &Store, output: Output) -> Result<String, Failure> {
     let rows = nodes(store).await?;
@@ -93,6 +187,7 @@ pub async fn run(store: &Store, cmd: NodeCommand, output: Output) -> Result<Stri
         NodeCommand::Unflush { name, wait } => {
             node_drain(store, &name, Drain::Unflush, &wait, json_out).await
         }
+        NodeCommand::Primary { name, wait } => make_primary(store, &name, &wait, json_out).await,
         NodeCommand::ConfirmRemovals { name } => {
             let v = confirm_removals(store, &name).await?;
             let held = &v["held"];
@@ -155,6 +250,7 @@ pub fn node_json(row: &NodeRow) -> Value {
             "domain_state": n.domain_state.map(|s| s.as_str()),
             "mode": n.mode.map(|s| s.as_str()),
             "status": n.status.map(|s| s.as_str()),
+            "status_reason": n.status_reason,
             "alive": n.alive,
             "lease": if n.alive { Value::from(format!("{:x}", n.alive_lease)) } else { Value::Null },
             "last_seen": n.last_seen,
@@ -179,6 +275,7 @@ pub fn status_table(rows: &[NodeRow]) -> String {
         "LOAD",
         "MEMORY(MiB)",
         "VMS",
+        "STATUS",
     ]
     .map(String::from)
     .to_vec()];
@@ -206,6 +303,11 @@ pub fn status_table(rows: &[NodeRow]) -> String {
                     .as_ref()
                     .map(|h| h.vms.running.to_string())
                     .unwrap_or_else(|| "-".into()),
+                match (&n.status, &n.status_reason) {
+                    (Some(st), Some(why)) => format!("{st}: {why}"),
+                    (Some(st), None) => st.to_string(),
+                    (None, _) => "-".into(),
+                },
             ],
         });
     }

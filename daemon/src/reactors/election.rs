@@ -82,10 +82,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The election name under the prefix.
-pub const ELECTION: &str = "election/primary";
-/// The operator's handover request (a node name).
-pub const REQUEST: &str = "election/request";
+use schema::{ELECTION_PRIMARY as ELECTION, ELECTION_REQUEST as REQUEST};
 
 impl Election {
     /// An election for `node`; `state` is the cell its own-keys repair reads.

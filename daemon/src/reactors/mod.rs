@@ -10,6 +10,7 @@
 //! - [`removals`]: the evidence a removal from etcd needs before a guest is destroyed;
 //! - [`role`]: whether this node is the primary now, followed by every primary-only duty;
 //! - [`election`]: the primary-coordinator election and the `coordinator_state` machine;
+//! - [`node_status`]: the primary's OK/DEGRADED/DOWN verdict on every node;
 //! - [`duties`]: the primary-only duties that follow the role (floating addresses, gateways
 //!   and dnsmasq, Ceph).
 
@@ -20,5 +21,6 @@ pub mod drain;
 pub mod duties;
 pub mod election;
 pub mod network;
+pub mod node_status;
 pub mod removals;
 pub mod role;

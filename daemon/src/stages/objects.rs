@@ -10,7 +10,7 @@ use std::sync::Arc;
 use debvisor_netconf::Netlink;
 use debvisor_objects::domain::VmKind;
 use debvisor_objects::network::NetworkKind;
-use debvisor_objects::node::{NodeInfo, NodeKind, NodeReconciler};
+use debvisor_objects::node::{NodeInfo, NodeKind, NodeReconciler, StatusThresholds};
 use debvisor_objects::{Reactor, ReactorOptions, Store};
 use tokio_util::sync::CancellationToken;
 
@@ -178,6 +178,30 @@ pub fn spawn(i: Inputs<'_>) -> (Objects, Keepalive) {
         tasks.clone(),
     );
     duties::spawn_ceph(ceph_objects.clone(), i.role.duty("ceph"), tasks.clone());
+    let ns = &cfg.node_status;
+    crate::reactors::node_status::spawn(
+        store.clone(),
+        nodes.clone(),
+        node.clone(),
+        i.role.view(),
+        StatusThresholds {
+            memory_percent: ns.memory_percent,
+            load_percent_per_cpu: ns.load_percent_per_cpu,
+            stale_after: cfg.keepalive.interval * ns.stale_ticks,
+            rtt: ns.rtt,
+        },
+        cfg.keepalive.interval,
+        tasks.clone(),
+    );
+    let peers = crate::peers::spawn(
+        node.clone(),
+        nodes.clone(),
+        cfg.keepalive.interval,
+        ns.rtt_peers_per_tick as usize,
+        (ns.rtt * 2).max(std::time::Duration::from_millis(500)),
+        tasks.clone(),
+    );
+    let keepalive = keepalive.with_peers(peers);
     let objects = Objects {
         nodes,
         networks,

@@ -87,5 +87,12 @@ fn base_info(cfg: &Config, node_id: &str) -> NodeInfo {
     info.rack = cfg.node.rack.clone();
     info.node_id = node_id.to_string();
     info.libvirt_uri = Some(cfg.hypervisor.published_uri().to_string());
+    info.cluster_address = cfg
+        .networking
+        .host_networks
+        .cluster
+        .as_ref()
+        .and_then(|c| c.addresses.first())
+        .map(|a| a.split('/').next().unwrap_or(a).to_string());
     info
 }
