@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use debvisor_objects::node::{AliveRecord, CoordinatorState, DaemonState, DomainState, NodeInfo};
+use debvisor_objects::node::{
+    parse_node, AliveRecord, CoordinatorState, DaemonState, DomainState, Mode, NodeInfo,
+};
 use debvisor_objects::schema::{self, NodeField};
 use debvisor_objects::witness::StoreMark;
 use debvisor_objects::{Store, StoreError, TxnBuilder};
@@ -23,6 +25,20 @@ pub enum RegisterError {
         hostname: String,
         pid: u32,
         lease: i64,
+    },
+    /// A standalone node must be alone under its prefix.
+    #[error("node.mode is standalone but node {other:?} is also registered and alive under this store prefix (host {hostname}, pid {pid}); a standalone node must be alone — stop it, use mode clustered on both, or give this node its own store.prefix")]
+    NotAlone {
+        other: String,
+        hostname: String,
+        pid: u32,
+    },
+    /// A standalone node is alive under this prefix and this node would join it.
+    #[error("node {other:?} (host {hostname}, pid {pid}) runs in mode standalone under this store prefix; a clustered node cannot join it — give this node its own store.prefix or switch that node to clustered")]
+    StandaloneHere {
+        other: String,
+        hostname: String,
+        pid: u32,
     },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -237,6 +253,7 @@ pub async fn register(
     current: Option<i64>,
 ) -> Result<i64, RegisterError> {
     let alive_key = schema::node_key(&d.node, NodeField::Alive);
+    check_alone(store, d).await?;
     if let Some(kv) = store.get(&alive_key).await? {
         let holder: AliveRecord = serde_json::from_slice(&kv.value).unwrap_or_default();
         if current.is_some_and(|c| c == kv.lease && kv.lease != 0) {
@@ -329,6 +346,40 @@ pub async fn register(
         )
         .await?;
     Ok(lease)
+}
+
+/// A standalone node must be alone under its prefix, and a clustered node cannot join a
+/// standalone one: both would act as primary (gateways, dnsmasq, Ceph) for the same objects.
+async fn check_alone(store: &Store, d: &RegistrationData) -> Result<(), RegisterError> {
+    let (kvs, _) = store.list(schema::NODES_PREFIX).await?;
+    let grouped = debvisor_objects::reactor::group_keys(schema::NODES_PREFIX, kvs, |_| true);
+    for (name, keys) in grouped {
+        if name == d.node {
+            continue;
+        }
+        let Ok(n) = parse_node(&name, &keys) else {
+            continue;
+        };
+        if !n.alive {
+            continue;
+        }
+        let holder = n.alive_record.unwrap_or_default();
+        if d.mode == Mode::Standalone.as_str() {
+            return Err(RegisterError::NotAlone {
+                other: name,
+                hostname: holder.hostname,
+                pid: holder.pid,
+            });
+        }
+        if n.mode == Some(Mode::Standalone) {
+            return Err(RegisterError::StandaloneHere {
+                other: name,
+                hostname: holder.hostname,
+                pid: holder.pid,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Write `daemon_state`, logging the transition.

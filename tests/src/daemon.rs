@@ -193,6 +193,14 @@ impl DaemonBuilder {
         self
     }
 
+    /// A clustered node (`node.mode: clustered`) among `coordinators` (it takes part in the
+    /// primary election when it is one of them). Several daemons on one etcd must be
+    /// clustered: a standalone node refuses to share its prefix.
+    pub fn clustered(self, coordinators: &[&str]) -> Self {
+        self.env("DEBVISOR_NODE_MODE", "clustered")
+            .env("DEBVISOR_NODE_COORDINATORS", &coordinators.join(","))
+    }
+
     /// Use `path` as `DEBVISOR_PATHS_STATE_DIR` (default: `state/` in the daemon's temp dir).
     /// The directory is not removed on drop; use it to keep state across daemon restarts.
     pub fn state_dir(mut self, path: impl Into<PathBuf>) -> Self {

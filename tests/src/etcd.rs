@@ -238,6 +238,23 @@ impl EtcdProcess {
         })
     }
 
+    /// Wait until `n` more keepalive ticks of `node` are in etcd (its `last_seen` key changed
+    /// `n` times), each within `within`: the positive signal that a daemon went on working —
+    /// ticked, resynced its objects — before a test asserts that something did not happen.
+    ///
+    /// # Panics
+    /// When a tick does not come in time.
+    pub fn wait_ticks(&self, node: &str, n: usize, within: Duration) {
+        let key = format!("nodes/{node}/last_seen");
+        for i in 0..n {
+            let before = self.mod_revision(&key).ok().flatten();
+            crate::eventually(&format!("keepalive tick {i} of {node}"), within, || {
+                let now = self.mod_revision(&key).ok().flatten();
+                (now.is_some() && now != before).then_some(())
+            });
+        }
+    }
+
     /// Delete every key under `/debvisor/<rel_prefix>`.
     pub fn delete_prefix(&self, rel_prefix: &str) -> Result<()> {
         let p = format!("/debvisor/{rel_prefix}");

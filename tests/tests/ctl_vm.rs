@@ -1089,6 +1089,7 @@ fn waits_end_on_what_real_daemons_report() {
     let daemon = |node: &str| {
         let mut d = DaemonBuilder::new(node)
             .endpoints(&[cl.endpoint().to_string()])
+            .clustered(&[node])
             .env("DEBVISOR_DOMAINS_SHUTDOWN_TIMEOUT", "3s")
             .spawn()
             .expect("spawn daemon");

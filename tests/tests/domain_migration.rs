@@ -22,6 +22,7 @@ const WAIT: Duration = Duration::from_secs(60);
 fn daemon(etcd: &EtcdProcess, node: &str, lv: &IsolatedLibvirt) -> DaemonProcess {
     let mut d = DaemonBuilder::new(node)
         .endpoints(&[etcd.endpoint()])
+        .clustered(&[node])
         .env("DEBVISOR_HYPERVISOR_URI", &lv.local_uri())
         .env("DEBVISOR_HYPERVISOR_PEER_URI", &lv.peer_uri())
         .env("DEBVISOR_DOMAINS_SHUTDOWN_TIMEOUT", "3s")

@@ -15,8 +15,10 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn daemon(etcd: &EtcdProcess, node: &str) -> DaemonProcess {
+    // Clustered (each its own coordinator): several daemons share the etcd in some tests.
     let mut d = DaemonBuilder::new(node)
         .endpoints(&[etcd.endpoint()])
+        .clustered(&[node])
         .env("DEBVISOR_DOMAINS_SHUTDOWN_TIMEOUT", "3s")
         .env("DEBVISOR_DOMAINS_RESTART_BACKOFF", "200ms")
         .spawn()
@@ -447,6 +449,7 @@ fn on_shutdown_flush_drains_before_the_daemon_stops() {
     let etcd = EtcdProcess::start().expect("etcd");
     let mut a = DaemonBuilder::new("osf-a")
         .endpoints(&[etcd.endpoint()])
+        .clustered(&["osf-a"])
         .env("DEBVISOR_DOMAINS_ON_SHUTDOWN", "flush")
         .spawn()
         .expect("spawn");

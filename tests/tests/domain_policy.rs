@@ -19,6 +19,7 @@ const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 fn daemon(etcd: &EtcdProcess, node: &str, env: &[(&str, &str)]) -> DaemonProcess {
     let mut b = DaemonBuilder::new(node)
         .endpoints(&[etcd.endpoint()])
+        .clustered(&[node])
         .env("DEBVISOR_DOMAINS_SHUTDOWN_TIMEOUT", "3s");
     for (k, v) in env {
         b = b.env(k, v);
@@ -102,8 +103,9 @@ fn refused_xml_is_invalid_with_the_element_named_and_never_defined() {
     );
     assert_eq!(s["reason"], "definition invalid; nothing done", "{s}");
 
-    // Several resync ticks later: still nothing on the host, no lock taken.
-    std::thread::sleep(Duration::from_secs(3));
+    // Several resync ticks later (positive signal: the keepalive went on), still nothing
+    // on the host, no lock taken.
+    etcd.wait_ticks("pol1", 3, WAIT);
     for vm in [&qemu, &shadow] {
         assert_eq!(
             vm.status(&etcd).map(|s| s["state"].clone()),
@@ -162,7 +164,8 @@ fn a_running_vm_turning_refused_keeps_running_and_the_switches_allow() {
             .contains("left as it is"),
         "{s}"
     );
-    std::thread::sleep(Duration::from_secs(3));
+    // Three keepalive ticks later (the daemon went on working), still nothing done to it.
+    etcd.wait_ticks("pol2", 3, WAIT);
     assert!(!logged(&d, "domain destroyed", &vm.name), "destroyed");
     assert!(!logged(&d, "ACPI shutdown sent", &vm.name), "shut down");
     assert_eq!(vm.get(&etcd, "lock").as_deref(), Some("pol2"), "lock kept");

@@ -59,21 +59,6 @@ fn wait_held(etcd: &EtcdProcess, node: &str, count: u64) -> Value {
     )
 }
 
-/// Wait until `n` more keepalive ticks of `node` are in etcd (its `last_seen` changed `n`
-/// times): a positive signal that the daemon went on working, instead of a fixed sleep.
-fn wait_ticks(etcd: &EtcdProcess, node: &str, n: usize) {
-    let key = format!("nodes/{node}/last_seen");
-    let mut seen = etcd.mod_revision(&key).ok().flatten();
-    for i in 0..n {
-        seen = Some(eventually(&format!("{node} tick {i}"), WAIT, || {
-            etcd.mod_revision(&key)
-                .ok()
-                .flatten()
-                .filter(|r| Some(*r) != seen)
-        }));
-    }
-}
-
 /// Break 1: etcd comes back empty (a wiped data dir: same cluster id, revision back near 1).
 /// The node re-registers into the new store, holds the removal of every guest, reports it,
 /// and the guests keep running with the same qemu processes until an operator confirms.
@@ -121,7 +106,7 @@ fn an_empty_etcd_destroys_no_guest_until_an_operator_confirms() {
             .contains("store replaced"),
         "{held}"
     );
-    wait_ticks(&etcd, "wipe1", 3);
+    etcd.wait_ticks("wipe1", 3, WAIT);
     for (g, pid) in guests.iter().zip(&pids) {
         assert_eq!(
             qemu_pid(&rt, &lv, &g.uuid),
@@ -213,7 +198,7 @@ fn a_mass_deletion_is_held_until_confirmed_and_a_single_one_is_not() {
             .contains("VMs vanished from etcd within"),
         "{held}"
     );
-    wait_ticks(&etcd, "mass1", 3);
+    etcd.wait_ticks("mass1", 3, WAIT);
     for vm in &vms[1..] {
         assert!(
             !removed(&d, vm),
@@ -299,7 +284,7 @@ fn a_domain_debvisor_did_not_create_is_never_destroyed() {
     etcd.put_key(&vm.key("state"), "start").expect("start");
     etcd.delete_prefix(&format!("vms/{}/", g.uuid))
         .expect("delete again");
-    wait_ticks(&etcd, "frgn1", 3);
+    etcd.wait_ticks("frgn1", 3, WAIT);
     assert_eq!(
         qemu_pid(&rt, &lv, &g.uuid),
         Some(pid),
@@ -393,7 +378,7 @@ fn owned_keys_deleted_or_forged_are_repaired() {
 
     // A garbage `status` (the primary's key) does not make the node invalid for anyone.
     etcd.put_key(&key("status"), "BAD").expect("garbage status");
-    wait_ticks(&etcd, "own1", 2);
+    etcd.wait_ticks("own1", 2, WAIT);
     let nodes: Value =
         serde_json::from_str(&d.ctl_ok(&["--output", "json", "status"])).expect("json");
     let me = nodes

@@ -23,21 +23,6 @@ fn count(d: &DaemonProcess, msg: &str) -> usize {
     d.json_lines().iter().filter(|l| is_message(l, msg)).count()
 }
 
-/// Wait until `n` more keepalive ticks of `node` are in etcd: a positive signal that the
-/// daemon went on working.
-fn wait_ticks(etcd: &EtcdProcess, node: &str, n: usize) {
-    let key = format!("nodes/{node}/last_seen");
-    let mut seen = etcd.mod_revision(&key).ok().flatten();
-    for i in 0..n {
-        seen = Some(eventually(&format!("{node} tick {i}"), WAIT, || {
-            etcd.mod_revision(&key)
-                .ok()
-                .flatten()
-                .filter(|r| Some(*r) != seen)
-        }));
-    }
-}
-
 /// Break 4: etcd's data is put back (a snapshot taken while this daemon held lease L1,
 /// restored after it had moved on to L2): the restored `alive` bound to L1 is this very
 /// process's registration — taken over, not obeyed as another daemon's.
@@ -73,7 +58,7 @@ async fn a_restored_etcd_does_not_make_the_daemon_stop_itself() {
         .filter(|l| *l != l1 && *l != l2)
     });
     assert!(c.lease_time_to_live(l3, None).await.expect("ttl").ttl() > 0);
-    wait_ticks(&etcd, "restore1", 3);
+    etcd.wait_ticks("restore1", 3, WAIT);
     assert!(d.is_running(), "the daemon keeps running");
     assert_eq!(
         count(
@@ -180,7 +165,7 @@ async fn a_lost_lease_is_re_registered_once_and_the_new_locks_stay() {
                 .filter(|l| *l == fresh)
             },
         );
-        wait_ticks(&etcd, "once1", 3);
+        etcd.wait_ticks("once1", 3, WAIT);
         assert_eq!(
             lease_of(&mut c, alive).await,
             Some(fresh),
@@ -198,4 +183,45 @@ async fn a_lost_lease_is_re_registered_once_and_the_new_locks_stay() {
         );
         current = fresh;
     }
+}
+
+/// Break 8: two standalone nodes cannot share one store prefix (both would act as the
+/// primary: gateways, dnsmasq, Ceph); nor can a clustered node join a standalone one. The
+/// newcomer refuses to start, naming the other node, and exits non-zero.
+#[test]
+fn a_standalone_node_refuses_to_share_its_prefix() {
+    let etcd = EtcdProcess::start().expect("etcd");
+    let mut first = DaemonBuilder::new("solo1")
+        .endpoints(&[etcd.endpoint()])
+        .spawn()
+        .expect("spawn");
+    first.wait_run(WAIT).expect("run");
+    for (name, clustered) in [("solo2", false), ("join1", true)] {
+        let mut b = DaemonBuilder::new(name).endpoints(&[etcd.endpoint()]);
+        if clustered {
+            b = b.clustered(&[name]);
+        }
+        let mut second = b.spawn().expect("spawn");
+        let status = second.wait_exit(WAIT).expect("refused at once");
+        assert_eq!(status.code(), Some(1), "{}", second.tail(5));
+        let (stage, error) = second.failed_stage().expect("a failed stage");
+        assert_eq!(stage, "self-registration");
+        assert!(error.contains("solo1"), "names the other node: {error}");
+        assert!(
+            error.contains(if clustered {
+                "standalone"
+            } else {
+                "must be alone"
+            }),
+            "{error}"
+        );
+        assert!(
+            etcd.get_key(&format!("nodes/{name}/alive"))
+                .expect("get")
+                .is_none(),
+            "{name} did not register"
+        );
+    }
+    assert!(first.is_running(), "the first node is untouched");
+    etcd.wait_ticks("solo1", 2, WAIT);
 }

@@ -572,7 +572,7 @@ fn an_invalid_network_is_logged_once_per_distinct_error() {
             .map(|s| s.contains("spec.ipv4.gateway"))
             .unwrap_or(false)
     });
-    std::thread::sleep(Duration::from_secs(5));
+    etcd.wait_ticks("inv", 4, Duration::from_secs(10));
     assert_eq!(
         count_lines(&d, INVALID, 110),
         1,
@@ -587,7 +587,7 @@ fn an_invalid_network_is_logged_once_per_distinct_error() {
             .map(|s| !s.contains("spec.ipv4.gateway") && s.contains("\"error\""))
             .unwrap_or(false)
     });
-    std::thread::sleep(Duration::from_secs(4));
+    etcd.wait_ticks("inv", 3, Duration::from_secs(10));
     assert_eq!(
         count_lines(&d, INVALID, 110),
         2,
@@ -601,7 +601,7 @@ fn an_invalid_network_is_logged_once_per_distinct_error() {
             .map(|s| s.contains("\"ready\""))
             .unwrap_or(false)
     });
-    std::thread::sleep(Duration::from_secs(3));
+    etcd.wait_ticks("inv", 3, Duration::from_secs(10));
     assert_eq!(count_lines(&d, "network valid again", 110), 1);
     assert_eq!(count_lines(&d, INVALID, 110), 2);
 }
@@ -917,7 +917,7 @@ fn the_dnsmasq_of_a_network_that_became_invalid_is_adopted_and_stopped_with_the_
             .map(|s| s.contains("spec.ipv4.gateway"))
             .unwrap_or(false)
     });
-    std::thread::sleep(Duration::from_secs(2));
+    etcd.wait_ticks("orph", 2, Duration::from_secs(10));
     assert!(pid_alive(pid), "an invalid spec keeps the host as it is");
     assert!(has_addr(&node, "dvbr130", "10.1.0.1"), "gateway kept");
 
