@@ -1,5 +1,6 @@
 //! A switch port flapping in the background ([`super::Node::flap_link`]).
 
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -8,13 +9,15 @@ use std::time::{Duration, Instant};
 use super::switch::set_port_in;
 use crate::error::{HarnessError, IoContext, Result};
 
-/// A running link flapper. Dropping it stops the flapping and leaves the port up.
+/// A running link flapper. Dropping it stops the flapping and leaves the port up. It borrows
+/// the node, so it cannot outlive the cluster.
 #[derive(Debug)]
-pub struct Flap {
+pub struct Flap<'a> {
     started: Instant,
     stop: Arc<AtomicBool>,
     cycles: Arc<AtomicU32>,
     thread: Option<JoinHandle<Result<()>>>,
+    node: PhantomData<&'a super::Node>,
 }
 
 /// Sleep `d`, waking early when `stop` is set; whether it was set.
@@ -30,15 +33,15 @@ fn nap(stop: &AtomicBool, d: Duration) -> bool {
     stop.load(Ordering::SeqCst)
 }
 
-impl Flap {
+impl Flap<'_> {
     /// Start flapping port `port` of the switch in `switch_ns`: `times` cycles of down for
     /// `period / 2`, up for `period / 2`.
-    pub(super) fn start(
+    pub(super) fn start<'a>(
         switch_ns: String,
         port: String,
         period: Duration,
         times: u32,
-    ) -> Result<Flap> {
+    ) -> Result<Flap<'a>> {
         let stop = Arc::new(AtomicBool::new(false));
         let cycles = Arc::new(AtomicU32::new(0));
         let (s, c) = (stop.clone(), cycles.clone());
@@ -73,6 +76,7 @@ impl Flap {
             stop,
             cycles,
             thread: Some(thread),
+            node: PhantomData,
         })
     }
 
@@ -107,7 +111,7 @@ impl Flap {
     }
 }
 
-impl Drop for Flap {
+impl Drop for Flap<'_> {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Err(e) = self.join() {

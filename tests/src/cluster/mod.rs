@@ -324,6 +324,12 @@ impl Drop for Cluster {
         while Instant::now() < until && self.nodes.iter().any(Node::is_running) {
             std::thread::sleep(Duration::from_millis(20));
         }
+        for n in &self.nodes {
+            if let Some(pid) = n.pid() {
+                // SAFETY: kill(2) of our own daemon that did not stop within 3 s.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+        }
         // Fields drop next: nodes (SIGKILL what still runs, libvirtds, namespaces), etcd
         // members and their namespaces, the switch, the temp dir.
     }

@@ -296,7 +296,7 @@ impl Node {
     /// Flap the node's switch port in the background: `times` cycles of down for
     /// `period / 2`, then up for `period / 2`. The port is left up when the flapping ends or
     /// the returned [`Flap`] is dropped.
-    pub fn flap_link(&self, period: Duration, times: u32) -> Result<Flap> {
+    pub fn flap_link(&self, period: Duration, times: u32) -> Result<Flap<'_>> {
         Flap::start(self.switch_ns.clone(), self.name.clone(), period, times)
     }
 

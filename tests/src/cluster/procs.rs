@@ -1,6 +1,6 @@
-//! Finding the dnsmasq processes of the node namespaces: `/proc/<pid>/comm` names it,
-//! `/proc/<pid>/ns/net` places it (what `ip netns pids` compares), and its command line (or
-//! the config file it names) tells the network.
+//! Finding the dnsmasq processes of the node namespaces: `/proc/<pid>/ns/net` places a
+//! process (what `ip netns pids` compares; one `stat` per process), `/proc/<pid>/comm` names
+//! it, and its command line (or the config file it names) tells the network.
 
 use std::path::Path;
 
@@ -81,17 +81,17 @@ pub fn scan_dnsmasq(namespaces: &[(u64, String)]) -> Vec<DnsmasqProc> {
         else {
             continue;
         };
-        // comm first: one small read per process, the rest only for a dnsmasq.
-        match std::fs::read(format!("/proc/{pid}/comm")) {
-            Ok(c) if c.strip_suffix(b"\n").unwrap_or(&c) == b"dnsmasq" => {}
-            _ => continue,
-        }
+        // The namespace first (one stat per process), the rest only inside a node's.
         let Some(ino) = process_netns_inode(pid) else {
             continue;
         };
         let Some((_, node)) = namespaces.iter().find(|(i, _)| *i == ino) else {
             continue;
         };
+        match std::fs::read(format!("/proc/{pid}/comm")) {
+            Ok(c) if c.strip_suffix(b"\n").unwrap_or(&c) == b"dnsmasq" => {}
+            _ => continue,
+        }
         let vni = vni_of(&cmdline(pid), |p| std::fs::read_to_string(p).ok());
         found.push(DnsmasqProc {
             pid,
