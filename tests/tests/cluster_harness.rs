@@ -150,6 +150,81 @@ fn a_single_member_etcd_serves_a_cluster() {
 }
 
 #[test]
+fn start_order_deferred_nodes_and_a_coordinator_subset() {
+    skip_unless_root!();
+    let c = Cluster::builder()
+        .etcd_members(1)
+        .coordinators(&[0, 1])
+        .start_order(&[1, 0])
+        .defer_start(&[2])
+        .wait_each(true)
+        .node_env(1, "DEBVISOR_NODE_RACK", "r2")
+        .build()
+        .expect("cluster");
+    assert_eq!(c.alive_nodes().expect("alive"), ["c1", "c2"]);
+    assert!(!c.node(2).is_running(), "c3 is deferred");
+    // c2 reached run before c1 was even spawned.
+    let ts = |i: usize, pred: &dyn Fn(&Value) -> bool| -> String {
+        c.node(i)
+            .json_lines()
+            .into_iter()
+            .find(|v| pred(v))
+            .and_then(|v| v["timestamp"].as_str().map(str::to_owned))
+            .expect("log line")
+    };
+    let c2_run = ts(1, &|v| {
+        v["message"] == "stage complete" && v["stage"] == "keepalive"
+    });
+    let c1_start = ts(0, &|v| v["message"] == "debvisord starting");
+    assert!(c2_run < c1_start, "{c2_run} < {c1_start}");
+    c.node(2).start().expect("start c3");
+    c.node(2)
+        .wait_run(Duration::from_secs(30))
+        .expect("c3 in run");
+    let states = c.coordinator_states().expect("states");
+    assert_eq!(states["c1"], "secondary");
+    assert_eq!(states["c2"], "secondary");
+    assert_eq!(states["c3"], "client", "not in node.coordinators");
+    let info: Value =
+        serde_json::from_str(&c.etcd_get("nodes/c2/info").expect("get").expect("info"))
+            .expect("json");
+    assert_eq!(info["rack"], "r2", "per-node environment");
+    c.checker().assert_clean();
+}
+
+#[test]
+fn isolated_libvirtds_one_per_node() {
+    skip_unless_root!();
+    let c = Cluster::builder()
+        .nodes(2)
+        .etcd_members(1)
+        .isolated_libvirt(true)
+        .build()
+        .expect("cluster");
+    for n in c.nodes() {
+        let lv = n.libvirt().expect("a libvirtd");
+        let check = n
+            .json_lines()
+            .into_iter()
+            .find(|v| v["message"] == "stage complete" && v["stage"] == "hypervisor-check")
+            .expect("hypervisor check");
+        assert_eq!(check["outcome"], "ok", "{check}");
+        assert!(
+            check["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with(&lv.local_uri())),
+            "{} uses its own libvirtd: {check}",
+            n.name()
+        );
+        assert_eq!(lv.addr(), n.addr());
+    }
+    let left = Leftovers::of(&c);
+    assert_eq!(left.pids.len(), 5, "2 daemons, 2 libvirtds, 1 etcd member");
+    drop(c);
+    left.assert_gone();
+}
+
+#[test]
 fn a_killed_etcd_leader_leaves_the_cluster_usable_and_rejoins_on_restart() {
     skip_unless_root!();
     let c = Cluster::builder().nodes(2).build().expect("cluster");
