@@ -32,9 +32,9 @@ fn profile_dir() -> std::result::Result<PathBuf, String> {
     Ok(dir.to_path_buf())
 }
 
-/// Build the `debvisor-daemon` binaries in the profile of the running test; returns the
-/// profile directory.
-fn build_daemon_bins() -> std::result::Result<PathBuf, String> {
+/// Build the binaries of `package` in the profile of the running test; returns the profile
+/// directory.
+fn build_package_bins(package: &str) -> std::result::Result<PathBuf, String> {
     let dir = profile_dir()?;
     let profile = dir
         .file_name()
@@ -44,7 +44,7 @@ fn build_daemon_bins() -> std::result::Result<PathBuf, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["build", "-p", "debvisor-daemon", "--bins"])
+        .args(["build", "-p", package, "--bins"])
         .stdin(Stdio::null());
     // Without the variables `cargo test` set for this test process (the package's name,
     // manifest, …): build scripts watching them (ring watches CARGO_PKG_NAME and
@@ -75,7 +75,7 @@ fn build_daemon_bins() -> std::result::Result<PathBuf, String> {
         .map_err(|e| format!("running {cargo:?} build: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "`{cargo:?} build -p debvisor-daemon --bins` (profile {profile}) failed with {}:\n{}",
+            "`{cargo:?} build -p {package} --bins` (profile {profile}) failed with {}:\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         ));
@@ -91,7 +91,7 @@ fn build_daemon_bins() -> std::result::Result<PathBuf, String> {
 /// If the build fails (with cargo's stderr in the message) or the binary is missing.
 pub fn bin_path(name: &str) -> PathBuf {
     static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    match BUILT.get_or_init(build_daemon_bins) {
+    match BUILT.get_or_init(|| build_package_bins("debvisor-daemon")) {
         Ok(dir) => {
             let path = dir.join(name);
             if !path.is_file() {
@@ -106,14 +106,64 @@ pub fn bin_path(name: &str) -> PathBuf {
     }
 }
 
+/// Path of a helper binary of this package (`debvisor-tests`, e.g. `dvtest-udhcpc-script`):
+/// cargo builds them before the integration tests of this package run; when the running test
+/// is another package's, they are built once per test process like [`bin_path`].
+///
+/// # Panics
+/// If the build fails or the binary is missing.
+pub fn harness_bin_path(name: &str) -> PathBuf {
+    if let Ok(dir) = profile_dir() {
+        let path = dir.join(name);
+        if path.is_file() {
+            return path;
+        }
+    }
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    match BUILT.get_or_init(|| build_package_bins("debvisor-tests")) {
+        Ok(dir) => {
+            let path = dir.join(name);
+            if !path.is_file() {
+                panic!(
+                    "debvisor-tests: {} does not exist after building debvisor-tests",
+                    path.display()
+                );
+            }
+            path
+        }
+        Err(e) => panic!("debvisor-tests: building the harness binaries failed: {e}"),
+    }
+}
+
 /// Run `debvisorctl --config <config_path> args…` with a cleared environment plus `PATH` and
 /// `env`, and return its output.
 ///
 /// # Panics
 /// If the binary cannot be built or spawned.
 pub fn ctl(config_path: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    ctl_in(None, config_path, env, args)
+}
+
+/// [`ctl`] inside network namespace `netns` (`ip netns exec`), e.g. where a daemon runs
+/// whose etcd endpoints are reachable only from there.
+///
+/// # Panics
+/// If the binary cannot be built or spawned.
+pub fn ctl_in(
+    netns: Option<&str>,
+    config_path: &Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Output {
     let bin = bin_path("debvisorctl");
-    let mut cmd = Command::new(&bin);
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&bin);
+            c
+        }
+        None => Command::new(&bin),
+    };
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .envs(env.iter().copied())
@@ -300,6 +350,7 @@ impl DaemonBuilder {
         }
         Ok(DaemonProcess {
             node: self.node,
+            netns: self.netns,
             child,
             lines,
             config_path,
@@ -347,6 +398,8 @@ fn spawn_reader(
 #[derive(Debug)]
 pub struct DaemonProcess {
     node: String,
+    /// Network namespace the daemon runs in (`debvisorctl` runs there too).
+    netns: Option<String>,
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     config_path: PathBuf,
@@ -580,14 +633,20 @@ impl DaemonProcess {
         &self.env
     }
 
-    /// Run `debvisorctl` with this daemon's config and environment.
+    /// Run `debvisorctl` with this daemon's config and environment, in the daemon's network
+    /// namespace if it has one.
     pub fn ctl(&self, args: &[&str]) -> Output {
         let env: Vec<(&str, &str)> = self
             .env
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        ctl(&self.config_path, &env, args)
+        ctl_in(self.netns.as_deref(), &self.config_path, &env, args)
+    }
+
+    /// The network namespace the daemon runs in, `None` for the test's own.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
     }
 
     /// [`DaemonProcess::ctl`] that must succeed; returns its stdout.

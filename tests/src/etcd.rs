@@ -21,8 +21,13 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const READY_POLL: Duration = Duration::from_millis(50);
 /// Log lines included in start errors.
 const LOG_TAIL: usize = 30;
+/// Client port of a cluster member ([`EtcdProcess::member`]), in its own namespace.
+pub const MEMBER_CLIENT_PORT: u16 = 2379;
+/// Peer port of a cluster member ([`EtcdProcess::member`]), in its own namespace.
+pub const MEMBER_PEER_PORT: u16 = 2380;
 
-/// A private single-member etcd on `127.0.0.1`, with its data in a temp directory.
+/// A private etcd on `127.0.0.1`, with its data in a temp directory: a single-member
+/// cluster, or one member of a multi-member cluster ([`EtcdProcess::member`]).
 ///
 /// Dropping it SIGKILLs the process (by PID), reaps it and removes the temp directory.
 #[derive(Debug)]
@@ -38,6 +43,11 @@ pub struct EtcdProcess {
     netns: Option<String>,
     /// Address etcd listens on inside its namespace.
     host: std::net::IpAddr,
+    /// Member name (`--name`); `t` for a single-member etcd.
+    name: String,
+    /// `--initial-cluster` and `--initial-cluster-token` of a member of a multi-member
+    /// cluster; `None`: a cluster of this member alone.
+    cluster: Option<(String, String)>,
 }
 
 /// Run a future to completion on a fresh current-thread runtime in a scoped thread, so this
@@ -149,6 +159,48 @@ impl EtcdProcess {
         etcd.host = host;
         etcd.launch()?;
         Ok(etcd)
+    }
+
+    /// Prepare (not start) member `name` of a multi-member cluster inside network namespace
+    /// `netns`, listening on `host` with the standard ports (client 2379, peer 2380: each
+    /// member has a namespace of its own, so they never collide). `initial_cluster` is the
+    /// `--initial-cluster` list of every member (`e1=http://192.0.2.201:2380,…`) and `token`
+    /// the `--initial-cluster-token` they share.
+    ///
+    /// Start the members with [`EtcdProcess::spawn`] (a member cannot answer before a quorum
+    /// of its peers runs, so [`EtcdProcess::launch`] on the first one would wait in vain),
+    /// then wait with [`EtcdProcess::wait_ready`]. Later [`EtcdProcess::launch`] and
+    /// [`EtcdProcess::restart`] rejoin the cluster with the member's data dir.
+    pub fn member(
+        netns: &str,
+        host: std::net::IpAddr,
+        name: &str,
+        initial_cluster: &str,
+        token: &str,
+    ) -> Result<Self> {
+        let mut etcd = Self::prepare_with(None)?;
+        etcd.netns = Some(netns.to_owned());
+        etcd.host = host;
+        etcd.client_port = MEMBER_CLIENT_PORT;
+        etcd.peer_port = MEMBER_PEER_PORT;
+        etcd.name = name.to_owned();
+        etcd.cluster = Some((initial_cluster.to_owned(), token.to_owned()));
+        Ok(etcd)
+    }
+
+    /// The member name (`--name`; `t` unless made by [`EtcdProcess::member`]).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The peer URL (`http://<host>:<peer port>`).
+    pub fn peer_url(&self) -> String {
+        format!("http://{}:{}", self.host, self.peer_port)
+    }
+
+    /// The network namespace etcd runs in, `None` for the test's own.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
     }
 
     /// Run `f` with a client connected to this etcd, on a thread inside etcd's namespace.
@@ -284,6 +336,8 @@ impl EtcdProcess {
             child: None,
             netns: None,
             host: std::net::IpAddr::from([127, 0, 0, 1]),
+            name: "t".to_owned(),
+            cluster: None,
         })
     }
 
@@ -291,6 +345,18 @@ impl EtcdProcess {
     /// real request every 50 ms, up to 20 s) until it answers. On failure the process is
     /// killed and the error carries the tail of the etcd log.
     pub fn launch(&mut self) -> Result<()> {
+        self.spawn()?;
+        if let Err(e) = self.wait_ready() {
+            self.kill_quietly();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Start the prepared (or stopped) etcd without waiting for it to answer (the members of
+    /// a new multi-member cluster start together, then wait with
+    /// [`EtcdProcess::wait_ready`]).
+    pub fn spawn(&mut self) -> Result<()> {
         if self.is_running() {
             return Err(HarnessError::State("etcd is already running".into()));
         }
@@ -303,7 +369,11 @@ impl EtcdProcess {
             .try_clone()
             .ctx(|| format!("duplicating {}", self.log_path.display()))?;
         let client_url = self.endpoint();
-        let peer_url = format!("http://{}:{}", self.host, self.peer_port);
+        let peer_url = self.peer_url();
+        let (initial_cluster, token) = match &self.cluster {
+            Some((c, t)) => (c.clone(), Some(t.clone())),
+            None => (format!("{}={peer_url}", self.name), None),
+        };
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -315,7 +385,7 @@ impl EtcdProcess {
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .arg("--name")
-            .arg("t")
+            .arg(&self.name)
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--listen-client-urls")
@@ -327,7 +397,7 @@ impl EtcdProcess {
             .arg("--initial-advertise-peer-urls")
             .arg(&peer_url)
             .arg("--initial-cluster")
-            .arg(format!("t={peer_url}"))
+            .arg(&initial_cluster)
             .arg("--logger")
             .arg("zap")
             .arg("--log-outputs")
@@ -344,17 +414,18 @@ impl EtcdProcess {
                 .arg("--key-file")
                 .arg(&certs.server_key);
         }
+        if let Some(token) = token {
+            cmd.arg("--initial-cluster-token").arg(token);
+        }
         let child = cmd.spawn().ctx(|| format!("spawning {ETCD_BIN}"))?;
         self.child = Some(child);
-        if let Err(e) = self.wait_ready() {
-            self.kill_quietly();
-            return Err(e);
-        }
         Ok(())
     }
 
-    /// Poll until etcd answers a `get`, it exits, or [`READY_TIMEOUT`] passes.
-    fn wait_ready(&mut self) -> Result<()> {
+    /// Poll until etcd answers a `get` (for a cluster member: until the cluster has a leader
+    /// and this member reaches it), it exits, or 20 s pass. The error carries the tail of the
+    /// etcd log; the process is left as it is.
+    pub fn wait_ready(&mut self) -> Result<()> {
         let endpoint = self.endpoint();
         let options = self.connect_options()?;
         let log = self.log_path.clone();
@@ -534,7 +605,10 @@ impl EtcdProcess {
 
     /// Stop etcd, delete its data and start it again empty on the same ports, name and peer
     /// URL: the same cluster id, revisions from 1 (a wiped data dir).
+    ///
+    /// Single-member etcd only (a wiped member cannot rejoin its cluster this way).
     pub fn wipe(&mut self) -> Result<()> {
+        self.single_member("wipe")?;
         self.stop()?;
         remove_dir(&self.data_dir)?;
         self.launch()
@@ -555,21 +629,24 @@ impl EtcdProcess {
     /// Stop etcd and start it again from snapshot `path` (`etcdctl snapshot restore` into a
     /// fresh data dir with the same member name and peer URL): the store goes back to the
     /// snapshot, leases included.
+    ///
+    /// Single-member etcd only.
     pub fn restore(&mut self, path: &Path) -> Result<()> {
+        self.single_member("restore")?;
         self.stop()?;
         remove_dir(&self.data_dir)?;
-        let peer_url = format!("http://{}:{}", self.host, self.peer_port);
+        let peer_url = self.peer_url();
         let mut cmd = Command::new(ETCDCTL_BIN);
         cmd.env("ETCDCTL_API", "3")
             .arg("snapshot")
             .arg("restore")
             .arg(path)
             .arg("--name")
-            .arg("t")
+            .arg(&self.name)
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--initial-cluster")
-            .arg(format!("t={peer_url}"))
+            .arg(format!("{}={peer_url}", self.name))
             .arg("--initial-advertise-peer-urls")
             .arg(&peer_url);
         run_quiet(cmd, "etcdctl snapshot restore")?;
@@ -580,6 +657,17 @@ impl EtcdProcess {
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;
         self.launch()
+    }
+
+    /// Refuse `what` on a member of a multi-member cluster.
+    fn single_member(&self, what: &str) -> Result<()> {
+        match self.cluster {
+            Some(_) => Err(HarnessError::State(format!(
+                "{what} works on a single-member etcd only, not on member {}",
+                self.name
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Kill and reap without reporting errors (used on failure and drop paths).

@@ -1,7 +1,8 @@
 //! Test harness for `debvisor-daemon`: private etcd processes, a cuttable TCP proxy, a test
 //! PKI, the real `debvisord`/`debvisorctl` binaries, network namespaces, isolated libvirtd
 //! instances (own network, mount and UTS namespaces) for real migration, systemd containers,
-//! and a real one-host Ceph cluster (mon, mgr, memstore OSDs) for the storage driver.
+//! a real one-host Ceph cluster (mon, mgr, memstore OSDs) for the storage driver, and a
+//! multi-node cluster in namespaces with faults and an invariant checker ([`cluster`]).
 //!
 //! Everything spawned is killed by PID and every temp directory removed on drop, including
 //! when a test panics.
@@ -9,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod ceph;
+pub mod cluster;
 pub mod ctl_env;
 pub mod daemon;
 pub mod error;
@@ -25,8 +27,11 @@ pub mod tls;
 pub mod vm;
 
 pub use ceph::{ceph_installed, CephCluster, MonPause};
+pub use cluster::{Cluster, ClusterBuilder};
 pub use ctl_env::CtlCluster;
-pub use daemon::{bin_path, ctl, is_message, str_field, DaemonBuilder, DaemonProcess};
+pub use daemon::{
+    bin_path, ctl, ctl_in, harness_bin_path, is_message, str_field, DaemonBuilder, DaemonProcess,
+};
 pub use error::{HarnessError, Result};
 pub use etcd::EtcdProcess;
 pub use libvirt::{ensure_libvirtd, kvm_available, tiny_guest_xml, TestDomain};

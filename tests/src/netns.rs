@@ -19,7 +19,7 @@ pub fn is_root() -> bool {
 }
 
 /// Run `ip args…` and fail with its stderr unless it succeeds.
-fn ip(args: &[&str]) -> Result<()> {
+pub(crate) fn ip(args: &[&str]) -> Result<()> {
     let command = format!("ip {}", args.join(" "));
     let out = Command::new("ip")
         .args(args)

@@ -21,6 +21,7 @@ use crate::libvirt::{random_uuid, run_bounded};
 use crate::netns::NetNs;
 
 /// A libvirtd in its own network, mount and UTS namespaces; everything is torn down on drop.
+#[derive(Debug)]
 pub struct IsolatedLibvirt {
     label: String,
     hostname: String,
