@@ -100,21 +100,40 @@ fn three_nodes_and_three_members_reach_run_and_see_each_other() {
         assert_eq!(r["alive"], true, "{r}");
         assert_eq!(r["daemon_state"], "run", "{r}");
         assert_eq!(r["mode"], "clustered", "{r}");
-        // No election yet: every coordinator is a secondary.
-        assert_eq!(r["coordinator_state"], "secondary", "{r}");
     }
-    assert_eq!(c.primary().expect("primary"), None);
+    // The election: exactly one primary, the others secondaries.
+    let primary = wait_until("a primary elected", Duration::from_secs(20), || {
+        c.primary().ok().flatten()
+    })
+    .expect("primary");
+    let states = c.coordinator_states().expect("states");
+    for (n, st) in &states {
+        let want = if *n == primary {
+            "primary"
+        } else {
+            "secondary"
+        };
+        assert_eq!(st, want, "{n}: {states:?}");
+    }
     assert_eq!(c.etcd().len(), 3);
     assert!(c.etcd().leader().expect("leader").is_some());
     // The cluster network carries node-to-node traffic.
     assert!(c.node(0).ping(c.node(2).addr()), "c1 → c3");
-    // Nobody holds the floating address today; the checker has sampled all along.
+    // The primary holds the floating address, in its namespace and on the wire; the checker
+    // has sampled all along.
     let fl = IpAddr::from(c.floating().expect("floating"));
+    c.checker()
+        .wait_holder(fl, &primary, Duration::from_secs(10))
+        .expect("the primary holds the floating address");
     c.checker()
         .wait_samples(3, Duration::from_secs(10))
         .expect("samples");
     let h = c.checker().holder_of(fl);
-    assert!(h.nodes.is_empty() && h.wire.is_empty(), "{h:?}");
+    assert_eq!(
+        (h.nodes.clone(), h.wire.clone()),
+        (vec![primary.clone()], vec![primary.clone()]),
+        "{h:?}"
+    );
     c.checker().assert_clean();
     let stats = c.checker().stats();
     eprintln!("checker: {stats:?}");
@@ -181,9 +200,18 @@ fn start_order_deferred_nodes_and_a_coordinator_subset() {
     c.node(2)
         .wait_run(Duration::from_secs(30))
         .expect("c3 in run");
-    let states = c.coordinator_states().expect("states");
-    assert_eq!(states["c1"], "secondary");
-    assert_eq!(states["c2"], "secondary");
+    let states = wait_until(
+        "c3 a client, one of c1/c2 primary",
+        Duration::from_secs(20),
+        || {
+            let st = c.coordinator_states().ok()?;
+            let roles = (st.get("c1")?.as_str(), st.get("c2")?.as_str());
+            (st.get("c3").map(String::as_str) == Some("client")
+                && matches!(roles, ("primary", "secondary") | ("secondary", "primary")))
+            .then_some(st)
+        },
+    )
+    .expect("roles");
     assert_eq!(states["c3"], "client", "not in node.coordinators");
     let info: Value =
         serde_json::from_str(&c.etcd_get("nodes/c2/info").expect("get").expect("info"))
@@ -428,9 +456,12 @@ fn dnsmasq(c: &Cluster, i: usize, args: &[&str]) -> Proc {
 #[test]
 fn the_checker_flags_what_is_provoked_and_nothing_else() {
     skip_unless_root!();
+    // No floating address of the daemons' own here (the elected primary would hold it): the
+    // test provokes its violations with an address it adds by hand.
     let c = Cluster::builder()
         .nodes(2)
         .etcd_members(1)
+        .floating(None)
         .build()
         .expect("cluster");
     let chk = c.checker();
@@ -438,8 +469,9 @@ fn the_checker_flags_what_is_provoked_and_nothing_else() {
         chk.wait_samples(3, Duration::from_secs(10))
             .expect("samples")
     };
-    let fl = c.floating().expect("floating");
+    let fl: std::net::Ipv4Addr = "192.0.2.100".parse().expect("ip");
     let fl_ip = IpAddr::from(fl);
+    chk.watch(fl_ip);
     let (c1, c2) = (c.node(0), c.node(1));
 
     // One holder of the floating address: no violation, seen in c1 and on the wire.
@@ -484,13 +516,16 @@ fn the_checker_flags_what_is_provoked_and_nothing_else() {
     assert!(chk.holder_of(fl_ip).nodes.is_empty());
     chk.clear_violations();
 
-    // Two primaries in etcd (nodes no daemon repairs).
-    c.etcd_put("nodes/ghost1/coordinator_state", "primary")
-        .expect("put");
+    // A second primary in etcd: a node no daemon repairs, holding an alive key.
+    let real = wait_until("the elected primary", Duration::from_secs(20), || {
+        c.primary().ok().flatten()
+    })
+    .expect("primary");
     settle();
-    assert_eq!(chk.primary().nodes, ["ghost1"]);
+    assert_eq!(chk.primary().nodes, [real.clone()]);
     chk.assert_clean();
-    c.etcd_put("nodes/ghost2/coordinator_state", "primary")
+    c.etcd_put("nodes/ghost1/alive", "{}").expect("put");
+    c.etcd_put("nodes/ghost1/coordinator_state", "primary")
         .expect("put");
     settle();
     assert!(c.primary().is_err(), "two primaries");
@@ -499,11 +534,21 @@ fn the_checker_flags_what_is_provoked_and_nothing_else() {
     let v = chk.violations();
     assert_eq!(v.len(), 1, "{v:?}");
     assert_eq!(v[0].kind, ViolationKind::Primary);
-    assert_eq!(v[0].holders, ["ghost1", "ghost2"]);
+    let mut want = vec![real.clone(), "ghost1".to_string()];
+    want.sort();
+    assert_eq!(v[0].holders, want);
     chk.clear_violations();
+    // A `primary` left by a node without a lease is stale, not a second primary.
+    c.etcd_put("nodes/ghost2/coordinator_state", "primary")
+        .expect("put");
+    settle();
+    assert_eq!(chk.primary().nodes, [real.clone()]);
+    assert_eq!(c.primary().expect("one primary"), Some(real.clone()));
+    c.etcd_delete_prefix("nodes/ghost").expect("delete");
+    chk.assert_clean();
 
-    // Network 300: the daemons create its bridge (no gateway, no dnsmasq: nobody is
-    // primary). A DHCP server started by hand on c1 stands in for the primary's.
+    // Network 300: the daemons create its bridge (no gateway in the spec, so no dnsmasq of
+    // the primary's). A DHCP server started by hand on c1 stands in for one.
     c.etcd_put(
         "networks/300/spec",
         r#"{"type":"managed","ipv4":{"network":"10.3.0.0/24"}}"#,

@@ -66,6 +66,11 @@ pub struct Election {
     state: CoordinatorCell,
     nodes: Arc<Reactor<NodeKind>>,
     cfg: ElectionConfig,
+    /// The handover request as the request watcher last saw it: read without waiting, so
+    /// the primary's loop never blocks on etcd while its lease deadline runs.
+    request: watch::Receiver<Option<String>>,
+    /// Its sender, until `spawn` hands it to the request watcher.
+    request_tx: Option<watch::Sender<Option<String>>>,
 }
 
 /// What the primary loop ended with.
@@ -84,6 +89,69 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 use schema::{ELECTION_PRIMARY as ELECTION, ELECTION_REQUEST as REQUEST};
 
+/// Bound of the etcd calls made while primary (the lease deadline keeps running).
+const SHORT: Duration = Duration::from_millis(500);
+
+/// Follow `election/request` (list, then watch; again after a break) into `tx`, until
+/// `stop`, so the election reads it without waiting on etcd.
+fn spawn_request_watcher(store: Store, tx: watch::Sender<Option<String>>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let name_of = |v: &[u8]| {
+            let n = String::from_utf8_lossy(v).trim().to_string();
+            (!n.is_empty()).then_some(n)
+        };
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let listed = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = store.list(REQUEST) => r,
+            };
+            let rev = match listed {
+                Ok((kvs, rev)) => {
+                    let v = kvs
+                        .iter()
+                        .find(|kv| kv.key == REQUEST)
+                        .and_then(|kv| name_of(&kv.value));
+                    tx.send_replace(v);
+                    delay = Duration::from_millis(200);
+                    rev
+                }
+                Err(_) => {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            let Ok(mut w) = store.watch(REQUEST, rev + 1).await else {
+                continue;
+            };
+            loop {
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    m = w.message() => m,
+                };
+                let Ok(Some(resp)) = msg else { break };
+                if resp.canceled() {
+                    break;
+                }
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    if store.rel(&String::from_utf8_lossy(kv.key())) != Some(REQUEST) {
+                        continue;
+                    }
+                    match ev.event_type() {
+                        EventType::Put => tx.send_replace(name_of(kv.value())),
+                        EventType::Delete => tx.send_replace(None),
+                    };
+                }
+            }
+        }
+    });
+}
+
 impl Election {
     /// An election for `node`; `state` is the cell its own-keys repair reads.
     #[allow(clippy::too_many_arguments)]
@@ -97,6 +165,7 @@ impl Election {
         nodes: Arc<Reactor<NodeKind>>,
         cfg: ElectionConfig,
     ) -> Election {
+        let (tx, request) = watch::channel(None);
         Election {
             node,
             store,
@@ -106,12 +175,17 @@ impl Election {
             state,
             nodes,
             cfg,
+            request,
+            request_tx: Some(tx),
         }
     }
 
     /// Run until `stop` (graceful stop: a primary relinquishes first); `done` fires when the
     /// relinquish is complete.
-    pub fn spawn(self, stop: CancellationToken, done: CancellationToken) {
+    pub fn spawn(mut self, stop: CancellationToken, done: CancellationToken) {
+        if let Some(tx) = self.request_tx.take() {
+            spawn_request_watcher(self.store.clone(), tx, stop.clone());
+        }
         tokio::spawn(async move {
             self.run(stop).await;
             done.cancel();
@@ -214,11 +288,14 @@ impl Election {
                 && Instant::now() + self.cfg.demote_margin < valid_until)
     }
 
-    /// The handover request, if any: `Some(name)`.
-    async fn request(&self) -> Option<String> {
-        let kv = self.store.get(REQUEST).await.ok()??;
-        let name = String::from_utf8_lossy(&kv.value).trim().to_string();
-        (!name.is_empty()).then_some(name)
+    /// The handover request, if any: `Some(name)` (never waits).
+    fn request(&self) -> Option<String> {
+        self.request.borrow().clone()
+    }
+
+    /// Delete the handover request, bounded (never holds up the loop for long).
+    async fn clear_request(&self) {
+        let _ = tokio::time::timeout(SHORT, self.store.delete(REQUEST)).await;
     }
 
     /// Campaign until this node leads; `None` on stop. Steps out while a handover to another
@@ -229,7 +306,7 @@ impl Election {
             if stop.is_cancelled() {
                 return None;
             }
-            let waiting_for = self.request().await.filter(|n| n != &self.node);
+            let waiting_for = self.request().filter(|n| n != &self.node);
             if waiting_for.is_some() || !self.lease_good() {
                 tokio::select! {
                     _ = stop.cancelled() => return None,
@@ -252,8 +329,8 @@ impl Election {
                             break Err(etcd_client::Error::InvalidArgs("lease changed".into()));
                         }
                     }
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                        if self.request().await.is_some_and(|n| n != self.node) {
+                    _ = self.request.changed() => {
+                        if self.request().is_some_and(|n| n != self.node) {
                             // Step out of the line (dropping the campaign resigns it).
                             break Err(etcd_client::Error::InvalidArgs("handover pending".into()));
                         }
@@ -299,8 +376,8 @@ impl Election {
         self.wait_duties(generation, "up").await;
         self.set_state(CoordinatorState::Primary, "primary duties up")
             .await;
-        if self.request().await.as_deref() == Some(self.node.as_str()) {
-            let _ = self.store.delete(REQUEST).await;
+        if self.request().as_deref() == Some(self.node.as_str()) {
+            self.clear_request().await;
             info!(node = %self.node, "handover request fulfilled");
         }
     }
@@ -309,9 +386,17 @@ impl Election {
     async fn primary(&mut self, lk: &LeaderKey, stop: &CancellationToken) -> Exit {
         let key = String::from_utf8_lossy(lk.key()).into_owned();
         let rel = self.store.rel(&key).map(str::to_string).unwrap_or(key);
-        let mut watch = self.store.watch(&rel, lk.rev() + 1).await.ok();
-        let mut poll = tokio::time::interval(Duration::from_millis(500));
+        let watch_key = |store: Store, rel: String, from: i64| async move {
+            tokio::time::timeout(SHORT, store.watch(&rel, from))
+                .await
+                .ok()
+                .and_then(Result::ok)
+        };
+        let mut watch = watch_key(self.store.clone(), rel.clone(), lk.rev() + 1).await;
+        let mut poll = tokio::time::interval(Duration::from_millis(200));
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When the current handover request was first seen (it times out).
+        let mut handover_since: Option<(String, Instant)> = None;
         loop {
             let deadline = self
                 .lease_state
@@ -348,15 +433,24 @@ impl Election {
                         }
                         _ => {
                             // The watch broke: watch again from the key's revision.
-                            watch = self.store.watch(&rel, lk.rev() + 1).await.ok();
+                            watch = watch_key(self.store.clone(), rel.clone(), lk.rev() + 1).await;
                         }
                     }
                 }
                 _ = poll.tick() => {
-                    if let Some(to) = self.request().await {
-                        if let Some(exit) = self.handover(&to).await {
-                            return exit;
-                        }
+                    if watch.is_none() {
+                        watch = watch_key(self.store.clone(), rel.clone(), lk.rev() + 1).await;
+                    }
+                    let Some(to) = self.request() else {
+                        handover_since = None;
+                        continue;
+                    };
+                    if handover_since.as_ref().map(|(n, _)| n) != Some(&to) {
+                        handover_since = Some((to.clone(), Instant::now()));
+                    }
+                    let since = handover_since.as_ref().map_or_else(Instant::now, |(_, t)| *t);
+                    if let Some(exit) = self.handover(&to, since).await {
+                        return exit;
                     }
                 }
             }
@@ -383,32 +477,31 @@ impl Election {
         }
     }
 
-    /// A handover request for `to`: `Some(Handover)` once only `to` waits in the line;
-    /// an impossible request is refused (logged, removed).
-    async fn handover(&self, to: &str) -> Option<Exit> {
+    /// One look at a handover request for `to` (seen since `since`): `Some(Handover)` once
+    /// only `to` waits in the line; an impossible request, or one that did not come about in
+    /// time, is refused (logged, removed). Every etcd call is short: the primary's loop must
+    /// keep watching its lease deadline.
+    async fn handover(&self, to: &str, since: Instant) -> Option<Exit> {
         if to == self.node {
-            let _ = self.store.delete(REQUEST).await;
+            self.clear_request().await;
             return None;
         }
         if let Err(why) = self.eligible(to) {
             warn!(node = %self.node, target = to, reason = %why, "handover request refused");
-            let _ = self.store.delete(REQUEST).await;
+            self.clear_request().await;
             return None;
         }
-        let deadline = Instant::now() + self.cfg.handover_timeout;
-        loop {
-            match self.waiting().await {
-                Ok(w) if w.iter().any(|n| n == to) && w.iter().all(|n| n == to) => {
-                    return Some(Exit::Handover(to.to_string()));
-                }
-                Ok(_) if Instant::now() >= deadline => {
-                    warn!(node = %self.node, target = to, "handover request refused: the target is not waiting alone in the election");
-                    let _ = self.store.delete(REQUEST).await;
-                    return None;
-                }
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        match tokio::time::timeout(SHORT, self.waiting()).await {
+            Ok(Ok(w)) if w.iter().any(|n| n == to) && w.iter().all(|n| n == to) => {
+                return Some(Exit::Handover(to.to_string()));
             }
+            _ => {}
         }
+        if since.elapsed() >= self.cfg.handover_timeout {
+            warn!(node = %self.node, target = to, "handover request refused: the target is not waiting alone in the election");
+            self.clear_request().await;
+        }
+        None
     }
 
     /// Can `to` become primary: a live coordinator in `run`?

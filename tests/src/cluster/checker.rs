@@ -8,7 +8,7 @@
 //!   namespaces (rtnetlink address dump of each, what `ip -j addr` shows) and on the wire (ARP
 //!   requests broadcast from the switch: the MACs that answer; IPv4 addresses of the cluster
 //!   subnet only, the others are not on the switch);
-//! - at most one node has `coordinator_state = primary` in etcd (read from the first member
+//! - at most one node holding a lease (`alive`) has `coordinator_state = primary` in etcd (read from the first member
 //!   that answers);
 //! - at most one dnsmasq serves each network, over all node namespaces together.
 //!

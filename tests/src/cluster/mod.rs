@@ -236,13 +236,15 @@ impl Cluster {
         self.node_field("coordinator_state")
     }
 
-    /// The node whose `coordinator_state` is `primary` in etcd (`None`: no primary). An error
-    /// if several are.
+    /// The node holding a lease whose `coordinator_state` is `primary` in etcd (`None`: no
+    /// primary; a node whose lease expired is dead, its last state is stale). An error if
+    /// several are.
     pub fn primary(&self) -> Result<Option<String>> {
+        let alive = self.alive_nodes()?;
         let primaries: Vec<String> = self
             .coordinator_states()?
             .into_iter()
-            .filter(|(_, s)| s == "primary")
+            .filter(|(n, s)| s == "primary" && alive.contains(n))
             .map(|(n, _)| n)
             .collect();
         match primaries.as_slice() {

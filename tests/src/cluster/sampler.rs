@@ -217,7 +217,8 @@ impl EtcdReader {
         }
     }
 
-    /// Nodes whose `coordinator_state` is `primary`; `None` if no member answered.
+    /// Nodes holding a lease whose `coordinator_state` is `primary`; `None` if no member
+    /// answered.
     async fn primaries(&mut self) -> Option<BTreeSet<String>> {
         let n = self.members.len();
         let prefix = format!("{KEY_PREFIX}nodes/");
@@ -242,17 +243,25 @@ impl EtcdReader {
                 continue;
             };
             self.first = i;
+            // A node counts while it holds a lease (`alive`): a node whose lease expired is
+            // dead to the cluster, its election key gone with the lease, and its last
+            // `coordinator_state` stays behind only until it can write again.
+            let node_of = |key: &[u8], suffix: &str| -> Option<String> {
+                let key = String::from_utf8_lossy(key);
+                let node = key.strip_prefix(&prefix)?.strip_suffix(suffix)?;
+                (!node.contains('/')).then(|| node.to_owned())
+            };
+            let alive: BTreeSet<String> = resp
+                .kvs()
+                .iter()
+                .filter_map(|kv| node_of(kv.key(), "/alive"))
+                .collect();
             return Some(
                 resp.kvs()
                     .iter()
                     .filter(|kv| kv.value() == b"primary")
-                    .filter_map(|kv| {
-                        let key = String::from_utf8_lossy(kv.key());
-                        let node = key
-                            .strip_prefix(&prefix)?
-                            .strip_suffix("/coordinator_state")?;
-                        (!node.contains('/')).then(|| node.to_owned())
-                    })
+                    .filter_map(|kv| node_of(kv.key(), "/coordinator_state"))
+                    .filter(|n| alive.contains(n))
                     .collect(),
             );
         }
