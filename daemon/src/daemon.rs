@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, NodeMode, OnShutdown};
+use crate::guard::{Beat, Guardian, Heartbeat};
 use crate::hypervisor::Libvirt;
 use crate::keepalive::{Keepalive, TickOutcome};
 use crate::owned_keys::OwnKeys;
@@ -58,6 +59,8 @@ struct Running {
     own: OwnKeys,
     /// The store mark last saved to the state dir, and when.
     mark_saved: Option<(StoreMark, Instant)>,
+    /// The guardian's heartbeat (clustered coordinators).
+    guard: Option<Heartbeat>,
 }
 
 /// Runs the stages after logging: times each, logs and reports it, and on a failure stops
@@ -248,6 +251,7 @@ async fn start_objects(
         info: b.info,
         own,
         mark_saved: None,
+        guard: None,
     };
     tokio::select! {
         detail = r.objects.synced() => clock.done(&node, Outcome::Ok, &detail),
@@ -261,6 +265,8 @@ async fn start_objects(
     let done = stages::keepalive::run(&r.cfg, &r.store, &mut keepalive).await;
     clock.done(&node, done.outcome, &done.detail);
     notify::ready(&format!("run: node {node}"));
+    let mut r = r;
+    r.guard = start_guardian(&r);
     start_election(&r, coordinator);
     Ok((r, signals, keepalive))
 }
@@ -286,6 +292,41 @@ fn start_election(r: &Running, coordinator: CoordinatorCell) {
         },
     );
     election.spawn(r.election_stop.clone(), r.election_done.clone());
+}
+
+/// The guardian of a clustered coordinator: releases the primary's duties if this process
+/// dies or freezes before its lease deadline (`guard.rs`). `None` for other nodes.
+fn start_guardian(r: &Running) -> Option<Heartbeat> {
+    let cfg = &r.cfg;
+    if cfg.node.mode == NodeMode::Standalone || !cfg.is_coordinator() {
+        return None;
+    }
+    let node = cfg.node_name().to_string();
+    let guardian = match Guardian::spawn(&r.config_path) {
+        Ok(g) => g,
+        Err(e) => {
+            warn!(node = %node, error = %e, "guardian not started: if this daemon dies while primary, its floating addresses stay until the host is fenced");
+            return None;
+        }
+    };
+    info!(node = %node, pid = guardian.pid(), "guardian started");
+    let (role, lease, margin) = (
+        r.role.clone(),
+        r.lease_state.clone(),
+        cfg.keepalive.demote_margin(),
+    );
+    Some(Heartbeat::start(guardian, move || {
+        let until = lease.borrow().valid_until();
+        Beat {
+            primary: role.get().primary,
+            lasts: until
+                .map(|u| {
+                    u.saturating_duration_since(Instant::now())
+                        .saturating_sub(margin)
+                })
+                .unwrap_or(Duration::ZERO),
+        }
+    }))
 }
 
 /// Longest wait for the primary duties to come up or go down.
@@ -553,8 +594,9 @@ fn reload(r: &Running) {
 /// → our services stopped. Guests and networks are left as they are. `from` is the
 /// `daemon_state` this daemon holds; `None` when the node's keys are no longer ours (another
 /// daemon took the name): they are then not written.
-async fn shutdown(r: Running, from: Option<DaemonState>) -> ExitCode {
+async fn shutdown(mut r: Running, from: Option<DaemonState>) -> ExitCode {
     notify::stopping();
+    let guard = r.guard.take();
     let node = r.cfg.node_name().to_string();
     let flush = r.cfg.domains.on_shutdown == OnShutdown::Flush && from == Some(DaemonState::Run);
     let mut budget = r.cfg.store.request_timeout * 3 + Duration::from_secs(15);
@@ -571,7 +613,10 @@ async fn shutdown(r: Running, from: Option<DaemonState>) -> ExitCode {
         .await
         .is_err()
         {
+            // The guardian then releases what may still be up when this process exits.
             warn!(node = %node, "election did not finish its relinquish in time; stopping anyway");
+        } else if let Some(g) = guard {
+            let _ = tokio::task::spawn_blocking(move || g.bye()).await;
         }
         if flush {
             flush_before_stop(&r).await;

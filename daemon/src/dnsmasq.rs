@@ -211,6 +211,45 @@ pub fn render_leases<'a>(leases: impl IntoIterator<Item = &'a Lease>) -> String 
         .collect()
 }
 
+/// Stop every dnsmasq this node's daemon started under `run_dir` (found by the supervisor's
+/// pid files `<run_dir>/dnsmasq/<vni>/dnsmasq.pid`, trusted only when the process's command
+/// line names that directory's config): SIGTERM, then SIGKILL after `grace`. Returns the
+/// stopped `(vni, pid)`s. Used by the guardian when the daemon is gone.
+pub fn stop_all_in(run_dir: &Path, grace: Duration) -> Vec<(u32, u32)> {
+    let Ok(dirs) = std::fs::read_dir(run_dir.join("dnsmasq")) else {
+        return Vec::new();
+    };
+    let mut stopped = Vec::new();
+    for d in dirs.flatten() {
+        let Some(vni) = d.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let paths = Paths::new(run_dir, Path::new("/nonexistent"), vni);
+        let Ok(Some(text)) = securefs::read_trusted(&paths.dir.join("dnsmasq.pid")) else {
+            continue;
+        };
+        let Ok(pid) = text.trim().parse::<u32>() else {
+            continue;
+        };
+        let conf = format!("--conf-file={}", paths.conf().display());
+        if !crate::services::cmdline(pid).contains(&conf) {
+            continue;
+        }
+        // SAFETY: kill(2) on a PID whose command line names our config.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let until = std::time::Instant::now() + grace;
+        while crate::services::pid_alive(pid) && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if crate::services::pid_alive(pid) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        stopped.push((vni, pid));
+    }
+    stopped
+}
+
 /// A running dnsmasq for one network.
 pub struct Instance {
     vni: u32,

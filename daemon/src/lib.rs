@@ -4,6 +4,7 @@
 //! (the CLI and the drivers never import the daemon's life or the reactors):
 //!
 //! - **the daemon's life** — [`daemon`] (runs the stages, the run loop, shutdown),
+//!   [`guard`] (the process that releases the primary's duties if the daemon dies),
 //!   [`stages`] (one file per startup stage), [`keepalive`], [`registration`],
 //!   [`owned_keys`] (the node's own keys, repaired level-triggered), [`peers`] (round-trip
 //!   times to peers), [`signals`],
@@ -33,6 +34,7 @@ pub mod ctl;
 pub mod reactors;
 
 pub mod daemon;
+pub mod guard;
 pub mod journal;
 pub mod keepalive;
 pub mod logging;

@@ -68,7 +68,8 @@ pub fn terminate_owned_now() {
     }
 }
 
-fn pid_alive(pid: u32) -> bool {
+/// Does `pid` run (not a zombie)?
+pub fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| {
@@ -79,7 +80,8 @@ fn pid_alive(pid: u32) -> bool {
             .unwrap_or(false)
 }
 
-fn cmdline(pid: u32) -> Vec<String> {
+/// The command line of `pid` (empty when it is gone).
+pub fn cmdline(pid: u32) -> Vec<String> {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| {
             b.split(|c| *c == 0)

@@ -20,6 +20,10 @@ struct Cli {
 enum Command {
     /// Validate the configuration (file plus DEBVISOR_* overrides) and exit 0 if it is valid.
     CheckConfig,
+    /// (Internal) the guardian the daemon starts for itself: releases the primary's
+    /// floating addresses, gateways and dnsmasq when the daemon dies or freezes.
+    #[command(hide = true)]
+    Guard,
 }
 
 fn main() -> ExitCode {
@@ -34,6 +38,19 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("{}: invalid configuration:\n{e}", cli.config.display());
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Some(Command::Guard) => {
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            match debvisor_daemon::config::load(&cli.config, &env) {
+                Ok(cfg) => debvisor_daemon::guard::run(&cfg),
+                Err(e) => {
+                    eprintln!(
+                        "debvisord guard: {}: invalid configuration:\n{e}",
+                        cli.config.display()
+                    );
                     ExitCode::from(2)
                 }
             }

@@ -1,0 +1,268 @@
+//! The guardian: a small process of its own (`debvisord guard`) that releases the primary's
+//! host duties when the daemon cannot — killed (`kill -9`, a crash) or frozen (SIGSTOP, a
+//! hung runtime) — so another coordinator never takes over a floating address or a gateway
+//! that this host still holds, and no second dnsmasq serves a network.
+//!
+//! The daemon heartbeats over a socket pair every [`HEARTBEAT`]: whether it is the primary
+//! and how long its duties may last (its lease's `valid_until − demote_margin`, the same
+//! deadline the election demotes at). The guardian acts when
+//!
+//! - the socket closes without a goodbye (the daemon died), or
+//! - the deadline passes without a newer heartbeat while the daemon is primary (frozen),
+//!
+//! by removing every address this host holds as the primary (floating addresses and client
+//! network gateways: the `FLOATING` address protocol) and stopping the daemon's dnsmasq
+//! processes. A graceful stop says goodbye first. Only clustered coordinators run one: a
+//! standalone node keeps its duties across restarts, nobody else takes them.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use debvisor_netconf::{AddrOwner, HostNet, Netlink};
+
+use crate::config::Config;
+
+/// How often the daemon heartbeats.
+pub const HEARTBEAT: Duration = Duration::from_millis(200);
+
+/// One heartbeat: `primary` and the time its duties may last from now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Beat {
+    /// The daemon is the primary.
+    pub primary: bool,
+    /// How long its primary duties may last without a newer heartbeat.
+    pub lasts: Duration,
+}
+
+impl Beat {
+    /// The wire form: `beat <0|1> <millis>`.
+    pub fn line(&self) -> String {
+        format!(
+            "beat {} {}\n",
+            u8::from(self.primary),
+            self.lasts.as_millis()
+        )
+    }
+
+    /// Parse one line (`beat …` or `bye`): `Ok(None)` for a goodbye.
+    pub fn parse(line: &str) -> Result<Option<Beat>, String> {
+        let mut f = line.split_whitespace();
+        match (f.next(), f.next(), f.next(), f.next()) {
+            (Some("bye"), None, None, None) => Ok(None),
+            (Some("beat"), Some(p), Some(ms), None) => {
+                let primary = match p {
+                    "0" => false,
+                    "1" => true,
+                    _ => return Err(format!("bad primary flag {p:?}")),
+                };
+                let ms: u64 = ms.parse().map_err(|_| format!("bad millis {ms:?}"))?;
+                Ok(Some(Beat {
+                    primary,
+                    lasts: Duration::from_millis(ms),
+                }))
+            }
+            _ => Err(format!("bad line {line:?}")),
+        }
+    }
+}
+
+/// The daemon's end of the guardian.
+pub struct Guardian {
+    sock: UnixStream,
+    child: Child,
+}
+
+impl Guardian {
+    /// Start `debvisord guard --config <config_path>` (this executable) with its stdin on a
+    /// socket pair.
+    pub fn spawn(config_path: &Path) -> std::io::Result<Guardian> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let exe = std::env::current_exe()?;
+        let child = Command::new(exe)
+            .arg("guard")
+            .arg("--config")
+            .arg(config_path)
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+            .stdout(Stdio::null())
+            .spawn()?;
+        ours.set_write_timeout(Some(Duration::from_millis(100)))?;
+        Ok(Guardian { sock: ours, child })
+    }
+
+    /// The guardian's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Send a heartbeat (errors are the guardian's problem: it acts on silence).
+    pub fn beat(&mut self, beat: Beat) {
+        let _ = self.sock.write_all(beat.line().as_bytes());
+    }
+
+    /// A graceful stop: the guardian exits without touching the host.
+    pub fn bye(mut self) {
+        let _ = self.sock.write_all(b"bye\n");
+        drop(self.sock);
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The daemon's heartbeat thread and its guardian.
+pub struct Heartbeat {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Guardian>,
+}
+
+impl Heartbeat {
+    /// Heartbeat `guardian` every [`HEARTBEAT`] from its own thread (never behind the async
+    /// runtime): `beat` says what to send now.
+    pub fn start(mut guardian: Guardian, beat: impl Fn() -> Beat + Send + 'static) -> Heartbeat {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                guardian.beat(beat());
+                std::thread::sleep(HEARTBEAT);
+            }
+            guardian
+        });
+        Heartbeat { stop, thread }
+    }
+
+    /// A graceful stop: the guardian exits without touching the host.
+    pub fn bye(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(g) = self.thread.join() {
+            g.bye();
+        }
+    }
+}
+
+fn say(msg: &str) {
+    eprintln!("debvisord guard[{}]: {msg}", std::process::id());
+}
+
+/// The guardian's main (`debvisord guard`): follow the heartbeats on stdin until a goodbye,
+/// releasing the primary's duties when the daemon dies or its deadline passes.
+pub fn run(cfg: &Config) -> ExitCode {
+    // Only the socket ends us: a SIGTERM meant for the service is the daemon's to handle.
+    // SAFETY: setting signal dispositions to ignore has no memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<Option<Result<Option<Beat>, String>>>();
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        for line in BufReader::new(stdin.lock()).lines() {
+            match line {
+                Ok(l) => {
+                    if tx.send(Some(Beat::parse(&l))).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let _ = tx.send(None);
+    });
+    let mut primary = false;
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let wait = deadline
+            .filter(|_| primary)
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(3600));
+        match rx.recv_timeout(wait) {
+            Ok(Some(Ok(Some(b)))) => {
+                primary = b.primary;
+                deadline = Some(Instant::now() + b.lasts);
+            }
+            Ok(Some(Ok(None))) => return ExitCode::SUCCESS,
+            Ok(Some(Err(e))) => say(&format!("ignoring {e}")),
+            Ok(None) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                say("the daemon is gone without a goodbye; releasing the primary's duties");
+                release(cfg);
+                return ExitCode::SUCCESS;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                say("no heartbeat before the primary's deadline (the daemon is stuck); releasing the primary's duties");
+                release(cfg);
+                primary = false;
+            }
+        }
+    }
+}
+
+/// Remove every address this host holds as the primary and stop the daemon's dnsmasq.
+fn release(cfg: &Config) {
+    for (vni, pid) in crate::dnsmasq::stop_all_in(&cfg.paths.run_dir, Duration::from_secs(1)) {
+        say(&format!("stopped dnsmasq of network {vni} (pid {pid})"));
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return say(&format!("cannot start a runtime: {e}")),
+    };
+    rt.block_on(async {
+        let host = match Netlink::current() {
+            Ok(h) => h,
+            Err(e) => return say(&format!("netlink: {e}")),
+        };
+        let observed = match host.observe().await {
+            Ok(o) => o,
+            Err(e) => return say(&format!("cannot list addresses: {e}")),
+        };
+        for link in observed.links.values() {
+            for a in link
+                .addresses
+                .iter()
+                .filter(|a| a.owner == AddrOwner::Floating)
+            {
+                match host.remove_address(&link.name, a.cidr).await {
+                    Ok(_) => say(&format!("removed {} from {}", a.cidr, link.name)),
+                    Err(e) => say(&format!("cannot remove {} from {}: {e}", a.cidr, link.name)),
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn beats_round_trip_and_garbage_is_an_error() {
+        for b in [
+            Beat {
+                primary: true,
+                lasts: Duration::from_millis(2400),
+            },
+            Beat {
+                primary: false,
+                lasts: Duration::ZERO,
+            },
+        ] {
+            assert_eq!(Beat::parse(b.line().trim()), Ok(Some(b)));
+        }
+        assert_eq!(Beat::parse("bye"), Ok(None));
+        for bad in ["", "beat", "beat 2 5", "beat 1 x", "beat 1 5 6", "hello"] {
+            assert!(Beat::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}
