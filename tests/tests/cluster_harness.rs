@@ -522,7 +522,7 @@ fn the_checker_flags_what_is_provoked_and_nothing_else() {
     })
     .expect("primary");
     settle();
-    assert_eq!(chk.primary().nodes, [real.clone()]);
+    assert_eq!(chk.primary().nodes, std::slice::from_ref(&real));
     chk.assert_clean();
     c.etcd_put("nodes/ghost1/alive", "{}").expect("put");
     c.etcd_put("nodes/ghost1/coordinator_state", "primary")
@@ -542,7 +542,7 @@ fn the_checker_flags_what_is_provoked_and_nothing_else() {
     c.etcd_put("nodes/ghost2/coordinator_state", "primary")
         .expect("put");
     settle();
-    assert_eq!(chk.primary().nodes, [real.clone()]);
+    assert_eq!(chk.primary().nodes, std::slice::from_ref(&real));
     assert_eq!(c.primary().expect("one primary"), Some(real.clone()));
     c.etcd_delete_prefix("nodes/ghost").expect("delete");
     chk.assert_clean();

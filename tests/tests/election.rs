@@ -236,14 +236,18 @@ fn a_non_coordinator_never_wins_and_a_flapping_secondary_does_not_move_the_role(
     let secondary = if p == "c1" { "c2" } else { "c1" };
     c.checker().wait_samples(3, ELECT).expect("samples");
     let before = c.checker().primary();
-    assert_eq!(before.nodes, [p.clone()]);
+    assert_eq!(before.nodes, std::slice::from_ref(&p));
     let flap = node(&c, secondary)
         .flap_link(Duration::from_millis(600), 6)
         .expect("flap");
-    flap.wait();
+    flap.wait().expect("flapped");
     c.checker().wait_samples(5, ELECT).expect("samples");
     let after = c.checker().primary();
-    assert_eq!(after.nodes, [p.clone()], "the role did not move");
+    assert_eq!(
+        after.nodes,
+        std::slice::from_ref(&p),
+        "the role did not move"
+    );
     assert_eq!(after.since, before.since, "not even for a moment");
     // Both coordinators gone: c3 (a client) does not campaign.
     node(&c, secondary).kill9().expect("kill");
