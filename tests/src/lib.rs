@@ -35,7 +35,7 @@ pub use daemon::{
 pub use error::{HarnessError, Result};
 pub use etcd::EtcdProcess;
 pub use libvirt::{ensure_libvirtd, kvm_available, tiny_guest_xml, TestDomain};
-pub use libvirt_pair::{IsolatedLibvirt, LibvirtCluster, LibvirtPair};
+pub use libvirt_pair::{IsolatedLibvirt, LibvirtCluster, LibvirtPair, LibvirtSolo};
 pub use netns::{is_root, NetNs};
 pub use ports::free_port;
 pub use proxy::TcpProxy;

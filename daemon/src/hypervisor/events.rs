@@ -11,6 +11,13 @@
 //! which also drives keepalive). When the connection closes (libvirtd restarted, keepalive
 //! timeout) the thread reconnects with backoff and sends [`DomainEvent::Resync`], since
 //! events in between are lost.
+//!
+//! The event connection keeps libvirt's client keepalive (it is how a hung libvirtd is
+//! noticed here, where no call times out), but only while no thread is inside a call on it:
+//! it is switched on after the registrations and off again before deregistering. libvirt
+//! closes a connection whose keepalive expired from the event-loop thread, and closing one
+//! under a running call crashes libvirt's client (see the `conn` module). Call connections
+//! never share this connection.
 
 use std::ffi::CString;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +25,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use virt::connect::Connect;
 use virt::sys;
 
@@ -162,9 +169,6 @@ struct Subscription {
 impl Subscription {
     fn open(uri: &str, tx: &mpsc::Sender<DomainEvent>) -> Result<Subscription, virt::error::Error> {
         let mut conn = Connect::open(Some(uri))?;
-        // Remote connections only; other drivers answer "unsupported", which is fine.
-        // SAFETY: valid connection.
-        unsafe { sys::virConnectSetKeepAlive(conn.as_ptr(), KEEPALIVE_INTERVAL, KEEPALIVE_COUNT) };
 
         let (close_tx, close_rx) = std::sync::mpsc::channel::<i32>();
         let close_opaque = Box::into_raw(Box::new(close_tx)) as *mut libc::c_void;
@@ -223,6 +227,10 @@ impl Subscription {
             let _ = conn.close();
             return Err(e);
         }
+        // Only now, with no call of ours left on this connection (see the module
+        // documentation). Remote connections only; other drivers answer "unsupported".
+        // SAFETY: valid connection.
+        unsafe { sys::virConnectSetKeepAlive(conn.as_ptr(), KEEPALIVE_INTERVAL, KEEPALIVE_COUNT) };
         Ok(Subscription {
             conn,
             callback_id: id,
@@ -260,8 +268,11 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        // SAFETY: the callback and close callback were registered on this connection.
+        // SAFETY: the callback and close callback were registered on this connection; the
+        // keepalive goes first so it cannot close the connection under the calls below
+        // (on a connection that is already closed this fails, which is fine).
         unsafe {
+            sys::virConnectSetKeepAlive(self.conn.as_ptr(), -1, 0);
             sys::virConnectDomainEventDeregisterAny(self.conn.as_ptr(), self.callback_id);
             if self.closed.is_some() {
                 sys::virConnectUnregisterCloseCallback(self.conn.as_ptr(), Some(on_close));
@@ -318,6 +329,8 @@ fn run(
 ) {
     let mut ready = Some(ready);
     let mut backoff = Duration::from_millis(250);
+    // When the connection was lost, for the log line once it is back.
+    let mut lost_at: Option<std::time::Instant> = None;
     loop {
         if tx.is_closed() {
             return;
@@ -331,7 +344,8 @@ fn run(
                         }
                     }
                     None => {
-                        debug!(uri = %uri, "libvirt event connection re-established");
+                        let down_ms = lost_at.take().map(|t| t.elapsed().as_millis() as u64);
+                        info!(uri = %uri, down_ms, "libvirt event connection re-established");
                         let _ = tx.blocking_send(DomainEvent::Resync {
                             reason: format!(
                                 "event connection to {uri} re-established; events may have been lost"
@@ -345,6 +359,7 @@ fn run(
                 match closed {
                     None => return,
                     Some(reason) => {
+                        lost_at = Some(std::time::Instant::now());
                         warn!(uri = %uri, reason = %reason, "libvirt event connection lost; reconnecting");
                     }
                 }

@@ -4,21 +4,25 @@
 //! dropping a runtime waits for its blocking tasks, so one hung libvirt call would hang the
 //! daemon's exit) under a timeout, holding one permit of a small semaphore: a hung libvirtd
 //! costs at most [`MAX_CONCURRENT_CALLS`] threads, never the runtime, the lease or the
-//! keepalive, and later calls fail with a timeout instead of piling up threads. One
-//! connection is shared by all calls (libvirt connections are thread-safe) and reopened
-//! when it is found dead.
+//! keepalive. One connection is shared by all calls (libvirt connections are thread-safe);
+//! one that times out or breaks is abandoned and closed once its last call has returned, and
+//! while libvirt does not answer calls are refused at once until a cheap probe answers (see
+//! the `conn` module: why call connections have no libvirt keepalive). The outage and its
+//! end are logged once each, not once per call.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tracing::warn;
+use tracing::{info, warn};
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::error::ErrorNumber;
 use virt::sys;
 
+use super::conn::{lock, Admit, Connections, Outage};
 use super::error::{DomainRef, ErrorKind, HypervisorError};
 use super::events;
 use super::stats::RecordList;
@@ -30,6 +34,14 @@ use super::{Hypervisor, Probe};
 
 /// Most libvirt calls in flight at once per [`Libvirt`] handle.
 pub const MAX_CONCURRENT_CALLS: usize = 16;
+
+/// Most probes (while libvirt is not answering) in flight at once; separate from the call
+/// permits, so calls stuck in a hung libvirtd cannot keep the probe from noticing its return.
+pub const MAX_CONCURRENT_PROBES: usize = 2;
+
+/// How long a probe may take before libvirt counts as still not answering (at most the
+/// call timeout). The probe keeps running: its late answer still ends the outage.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Least time given to `start` and `destroy`: booting a large guest and libvirt's
 /// SIGTERM-then-SIGKILL of a stuck qemu both take longer than a routine call.
@@ -61,19 +73,62 @@ pub struct Libvirt {
 struct Inner {
     uri: String,
     timeout: Duration,
-    conn: Mutex<Option<Connect>>,
+    conns: Connections,
+    outage: Mutex<Outage>,
     permits: Arc<Semaphore>,
+    probe_permits: Arc<Semaphore>,
     qemu_run_dir: Option<PathBuf>,
     /// Ask libvirt to validate definitions against its schema.
     validate: bool,
 }
 
-/// A reference on the shared connection, released on drop.
-struct ConnRef(Connect);
+impl Inner {
+    fn new(
+        uri: &str,
+        timeout: Duration,
+        permits: Arc<Semaphore>,
+        qemu_run_dir: Option<PathBuf>,
+        validate: bool,
+    ) -> Inner {
+        Inner {
+            uri: uri.to_string(),
+            timeout,
+            conns: Connections::new(uri),
+            outage: Mutex::new(Outage::default()),
+            permits,
+            probe_permits: Arc::new(Semaphore::new(MAX_CONCURRENT_PROBES)),
+            qemu_run_dir,
+            validate,
+        }
+    }
 
-impl Drop for ConnRef {
-    fn drop(&mut self) {
-        let _ = self.0.close();
+    /// A probe returned (on its own thread, maybe after its caller gave up): an answer ends
+    /// the outage, logged once.
+    fn probed(&self, id: u64, error: Option<(ErrorKind, &str)>) {
+        let ended = lock(&self.outage).probed(Instant::now(), id, error);
+        if let Some(lasted) = ended {
+            info!(uri = %self.uri, outage_ms = lasted.as_millis() as u64, "libvirt answering again");
+        }
+    }
+
+    /// The cheap probe: one RPC (`virConnectGetLibVersion`) on the shared connection,
+    /// opened first if it was abandoned. A broken connection is abandoned.
+    fn probe_once(&self, used: &AtomicU64) -> Result<(), (ErrorKind, String)> {
+        let lease = self
+            .conns
+            .lease()
+            .map_err(|e| (ErrorKind::Connection, e.message().to_string()))?;
+        used.store(lease.id(), Ordering::Relaxed);
+        match lease.conn().get_lib_version() {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let kind = ErrorKind::of(&e);
+                if kind == ErrorKind::Connection {
+                    self.conns.abandon(lease.id());
+                }
+                Err((kind, e.message().to_string()))
+            }
+        }
     }
 }
 
@@ -121,12 +176,19 @@ enum Bounded {
 }
 
 /// Run blocking `f` on a new thread once a permit of `permits` is free, and wait at most
-/// `timeout` (permit wait included). The permit is held until `f` returns, so hung calls
-/// keep their permits and bound the number of stuck threads.
-async fn run_bounded<T, F>(permits: &Arc<Semaphore>, timeout: Duration, f: F) -> Result<T, Bounded>
+/// `timeout` (permit wait included). `f` returns its result and what to drop only after the
+/// result is sent (a connection lease: dropping the last one closes the connection). The
+/// permit is held until then, so hung calls keep their permits and bound the number of
+/// stuck threads.
+async fn run_bounded<T, L, F>(
+    permits: &Arc<Semaphore>,
+    timeout: Duration,
+    f: F,
+) -> Result<T, Bounded>
 where
     T: Send + 'static,
-    F: FnOnce() -> T + Send + 'static,
+    L: Send + 'static,
+    F: FnOnce() -> (T, L) + Send + 'static,
 {
     let permits = permits.clone();
     let work = async move {
@@ -139,7 +201,9 @@ where
             .name("libvirt-call".into())
             .spawn(move || {
                 let _permit = permit;
-                let _ = tx.send(f());
+                let (result, leftover) = f();
+                let _ = tx.send(result);
+                drop(leftover);
             })
             .map_err(|e| Bounded::Lost(format!("cannot start a libvirt call thread: {e}")))?;
         rx.await
@@ -155,16 +219,18 @@ where
 struct Call<'a> {
     inner: &'a Inner,
     conn: &'a Connect,
+    /// Which shared connection `conn` is (to abandon it).
+    conn_id: u64,
     op: Op,
     domain: DomainRef,
 }
 
 impl Call<'_> {
-    /// Turn a libvirt error into ours; forget the shared connection if it broke.
+    /// Turn a libvirt error into ours; abandon the connection if it broke.
     fn fail(&self, e: virt::error::Error) -> HypervisorError {
         let kind = ErrorKind::of(&e);
         if kind == ErrorKind::Connection {
-            self.inner.forget(self.conn);
+            self.inner.conns.abandon(self.conn_id);
         }
         self.error(kind, e.message().to_string())
     }
@@ -179,7 +245,7 @@ impl Call<'_> {
             k => k,
         };
         if kind == ErrorKind::Connection {
-            self.inner.forget(self.conn);
+            self.inner.conns.abandon(self.conn_id);
         }
         self.error(kind, format!("to {dest}: {}", e.message()))
     }
@@ -257,39 +323,6 @@ impl Call<'_> {
     }
 }
 
-impl Inner {
-    /// A reference on the shared connection, (re)opened if missing or dead.
-    fn connection(&self) -> Result<ConnRef, virt::error::Error> {
-        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = guard.as_ref() {
-            if c.is_alive().unwrap_or(false) {
-                return Ok(ConnRef(c.clone()));
-            }
-        }
-        if let Some(mut old) = guard.take() {
-            let _ = old.close();
-        }
-        let c = Connect::open(Some(&self.uri))?;
-        // Remote connections: detect a hung or vanished libvirtd (needs the event loop,
-        // registered in Libvirt::new). Other drivers answer "unsupported".
-        // SAFETY: valid connection.
-        unsafe { sys::virConnectSetKeepAlive(c.as_ptr(), 5, 3) };
-        let r = ConnRef(c.clone());
-        *guard = Some(c);
-        Ok(r)
-    }
-
-    /// Drop the shared connection if it is still `conn` (it broke); the next call reopens.
-    fn forget(&self, conn: &Connect) {
-        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.as_ref().map(|c| c.as_ptr()) == Some(conn.as_ptr()) {
-            if let Some(mut c) = guard.take() {
-                let _ = c.close();
-            }
-        }
-    }
-}
-
 impl Libvirt {
     /// A handle for `uri`; nothing is opened until the first call. `timeout` bounds each
     /// call (see [`MIN_SLOW_CALL_TIMEOUT`] and [`MigrateOptions::timeout`] for the slow
@@ -300,14 +333,13 @@ impl Libvirt {
         }
         let qemu_run_dir = is_local_qemu_system(uri).then(|| PathBuf::from(QEMU_SYSTEM_RUN_DIR));
         Libvirt {
-            inner: Arc::new(Inner {
-                uri: uri.to_string(),
+            inner: Arc::new(Inner::new(
+                uri,
                 timeout,
-                conn: Mutex::new(None),
-                permits: Arc::new(Semaphore::new(MAX_CONCURRENT_CALLS)),
+                Arc::new(Semaphore::new(MAX_CONCURRENT_CALLS)),
                 qemu_run_dir,
-                validate: false,
-            }),
+                false,
+            )),
         }
     }
 
@@ -315,14 +347,13 @@ impl Libvirt {
     /// in a mount namespace), or `None` to report no PIDs.
     pub fn with_qemu_run_dir(self, dir: Option<PathBuf>) -> Libvirt {
         Libvirt {
-            inner: Arc::new(Inner {
-                uri: self.inner.uri.clone(),
-                timeout: self.inner.timeout,
-                conn: Mutex::new(None),
-                permits: self.inner.permits.clone(),
-                qemu_run_dir: dir,
-                validate: self.inner.validate,
-            }),
+            inner: Arc::new(Inner::new(
+                &self.inner.uri,
+                self.inner.timeout,
+                self.inner.permits.clone(),
+                dir,
+                self.inner.validate,
+            )),
         }
     }
 
@@ -331,14 +362,13 @@ impl Libvirt {
     /// the price of libvirt re-reading its schema per define (≈9 ms of CPU each here).
     pub fn with_validation(self, validate: bool) -> Libvirt {
         Libvirt {
-            inner: Arc::new(Inner {
-                uri: self.inner.uri.clone(),
-                timeout: self.inner.timeout,
-                conn: Mutex::new(None),
-                permits: self.inner.permits.clone(),
-                qemu_run_dir: self.inner.qemu_run_dir.clone(),
+            inner: Arc::new(Inner::new(
+                &self.inner.uri,
+                self.inner.timeout,
+                self.inner.permits.clone(),
+                self.inner.qemu_run_dir.clone(),
                 validate,
-            }),
+            )),
         }
     }
 
@@ -352,8 +382,10 @@ impl Libvirt {
         self.inner.timeout
     }
 
-    /// Run `f` with a connection on a call thread, bounded by `timeout` (which also covers
-    /// waiting for a permit).
+    /// Run `f` with a lease on the shared connection on a call thread, bounded by `timeout`
+    /// (which also covers waiting for a permit). Refused at once while libvirt is not
+    /// answering (unless a probe finds it back first); a timeout abandons the connection the
+    /// call was using and, like a broken connection, starts an outage.
     async fn call<T, F>(
         &self,
         op: Op,
@@ -365,33 +397,53 @@ impl Libvirt {
         T: Send + 'static,
         F: FnOnce(&mut Call<'_>) -> Result<T, HypervisorError> + Send + 'static,
     {
+        self.admit(op, &domain).await?;
         let inner = self.inner.clone();
         let dom = domain.clone();
+        let used = Arc::new(AtomicU64::new(0));
+        let used_here = used.clone();
         let r = run_bounded(&self.inner.permits, timeout, move || {
-            let conn = inner.connection().map_err(|e| HypervisorError::Domain {
-                uri: inner.uri.clone(),
-                op,
-                domain: dom.clone(),
-                kind: ErrorKind::Connection,
-                message: e.message().to_string(),
-            })?;
+            let lease = match inner.conns.lease() {
+                Ok(l) => l,
+                Err(e) => {
+                    let err = HypervisorError::Domain {
+                        uri: inner.uri.clone(),
+                        op,
+                        domain: dom,
+                        kind: ErrorKind::Connection,
+                        message: e.message().to_string(),
+                    };
+                    return (Err(err), None);
+                }
+            };
+            used_here.store(lease.id(), Ordering::Relaxed);
             let mut call = Call {
                 inner: &inner,
-                conn: &conn.0,
+                conn: lease.conn(),
+                conn_id: lease.id(),
                 op,
                 domain: dom,
             };
-            f(&mut call)
+            let r = f(&mut call);
+            // The lease goes after the result is sent (closing may be an RPC).
+            (r, Some(lease))
         })
         .await;
-        match r {
+        let r = match r {
             Ok(r) => r,
-            Err(Bounded::TimedOut) => Err(HypervisorError::DomainTimeout {
-                uri: self.inner.uri.clone(),
-                op,
-                domain,
-                timeout,
-            }),
+            Err(Bounded::TimedOut) => {
+                // Still running (or waiting to open): new calls get a fresh connection.
+                let id = used.load(Ordering::Relaxed);
+                if id != 0 {
+                    self.inner.conns.abandon(id);
+                }
+                Err(HypervisorError::DomainTimeout {
+                    uri: self.inner.uri.clone(),
+                    op,
+                    domain,
+                    timeout,
+                })
+            }
             Err(Bounded::Lost(why)) => Err(HypervisorError::Domain {
                 uri: self.inner.uri.clone(),
                 op,
@@ -399,6 +451,89 @@ impl Libvirt {
                 kind: ErrorKind::Other,
                 message: why,
             }),
+        };
+        if let Err(e) = &r {
+            self.note_failure(op, timeout, e);
+        }
+        r
+    }
+
+    /// Start an outage (logged once) if `e` says libvirt did not answer: a timeout (except
+    /// of a migration, whose job may just be long) or a broken connection.
+    fn note_failure(&self, op: Op, timeout: Duration, e: &HypervisorError) {
+        let unanswered = match e.kind() {
+            ErrorKind::Timeout => op != Op::Migrate,
+            ErrorKind::Connection => true,
+            _ => false,
+        };
+        if !unanswered {
+            return;
+        }
+        let message = e.to_string();
+        if lock(&self.inner.outage).failed(Instant::now(), e.kind(), &message) {
+            warn!(uri = %self.inner.uri, op = op.as_str(), timeout_ms = timeout.as_millis() as u64,
+                error = %message, "libvirt not answering");
+        }
+    }
+
+    /// Let a call through, or refuse it while libvirt is not answering. When a probe is due
+    /// this call runs it first (bounded by [`PROBE_TIMEOUT`]) and goes ahead if it answered.
+    async fn admit(&self, op: Op, domain: &DomainRef) -> Result<(), HypervisorError> {
+        // Of the kind of the failure that keeps libvirt down (a timeout, a broken connection),
+        // so callers treat a refused call like the failure it stands for.
+        let refused = |kind: ErrorKind, last: String| {
+            let down_for = lock(&self.inner.outage)
+                .down_for(Instant::now())
+                .unwrap_or(Duration::ZERO);
+            HypervisorError::Domain {
+                uri: self.inner.uri.clone(),
+                op,
+                domain: domain.clone(),
+                kind,
+                message: format!(
+                    "libvirt not answering for {:.1}s (last error: {last}); {}",
+                    down_for.as_secs_f64(),
+                    "calls are refused until it answers a probe"
+                ),
+            }
+        };
+        // A statement of its own: the guard must be gone before `refused` locks again.
+        let decision = lock(&self.inner.outage).admit(Instant::now());
+        let id = match decision {
+            Admit::Go => return Ok(()),
+            Admit::Refuse(_, kind, last) => return Err(refused(kind, last)),
+            Admit::Probe(id) => id,
+        };
+        let inner = self.inner.clone();
+        let used = Arc::new(AtomicU64::new(0));
+        let used_here = used.clone();
+        let timeout = PROBE_TIMEOUT.min(self.inner.timeout);
+        let r = run_bounded(&self.inner.probe_permits, timeout, move || {
+            let r = inner.probe_once(&used_here);
+            // Recorded here, not by the caller: a late answer still ends the outage.
+            inner.probed(id, r.as_ref().err().map(|(k, m)| (*k, m.as_str())));
+            (r, ())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err((kind, e))) => Err(refused(kind, e)),
+            Err(Bounded::Lost(e)) => Err(refused(ErrorKind::Other, e)),
+            Err(Bounded::TimedOut) => {
+                let id = used.load(Ordering::Relaxed);
+                if id != 0 {
+                    self.inner.conns.abandon(id);
+                }
+                // The probe's thread records nothing until it returns.
+                let e = HypervisorError::DomainTimeout {
+                    uri: self.inner.uri.clone(),
+                    op: Op::Probe,
+                    domain: DomainRef::none(),
+                    timeout,
+                };
+                self.note_failure(Op::Probe, timeout, &e);
+                Err(refused(ErrorKind::Timeout, e.to_string()))
+            }
         }
     }
 
@@ -406,54 +541,42 @@ impl Libvirt {
         self.inner.timeout.max(MIN_SLOW_CALL_TIMEOUT)
     }
 
-    /// Probe libvirt: open (or reuse) the connection, read version and domain counts. The
-    /// keepalive calls this every tick.
+    /// Probe libvirt: read version and domain counts on the shared connection (opened if
+    /// needed). The keepalive calls this every tick.
     pub async fn probe(&self) -> Result<Probe, HypervisorError> {
-        let this = self.clone();
-        match run_bounded(&self.inner.permits, self.inner.timeout, move || {
-            this.probe_blocking()
-        })
-        .await
-        {
-            Ok(r) => r,
-            Err(Bounded::Lost(why)) => Err(HypervisorError::Libvirt {
-                uri: self.inner.uri.clone(),
-                message: why,
-            }),
-            Err(Bounded::TimedOut) => Err(HypervisorError::Timeout {
-                uri: self.inner.uri.clone(),
-                timeout: self.inner.timeout,
-            }),
-        }
-    }
-
-    fn probe_blocking(&self) -> Result<Probe, HypervisorError> {
-        let err = |e: virt::error::Error| HypervisorError::Libvirt {
-            uri: self.inner.uri.clone(),
-            message: e.message().to_string(),
-        };
-        let conn = self.inner.connection().map_err(err)?;
-        let result = (|| {
-            Ok(Probe {
-                version: version_string(conn.0.get_lib_version()?),
-                running: conn.0.num_of_domains()?,
-                defined: conn.0.num_of_defined_domains()?,
+        let r = self
+            .call(Op::Probe, DomainRef::none(), self.inner.timeout, |c| {
+                let get = || -> Result<Probe, virt::error::Error> {
+                    Ok(Probe {
+                        version: version_string(c.conn.get_lib_version()?),
+                        running: c.conn.num_of_domains()?,
+                        defined: c.conn.num_of_defined_domains()?,
+                    })
+                };
+                get().map_err(|e| c.fail(e))
             })
-        })();
-        if result.is_err() {
-            self.inner.forget(&conn.0);
-        }
-        result.map_err(err)
+            .await;
+        r.map_err(|e| match e {
+            HypervisorError::DomainTimeout { uri, timeout, .. } => {
+                HypervisorError::Timeout { uri, timeout }
+            }
+            HypervisorError::Domain { uri, message, .. } => {
+                HypervisorError::Libvirt { uri, message }
+            }
+            e => e,
+        })
     }
 
-    /// Close the shared connection (daemon shutdown); gives up after the call timeout if
-    /// libvirt hangs. A later call reopens it.
+    /// Close the shared connection (daemon shutdown): at once if no call runs on it (giving
+    /// up after the call timeout if libvirt hangs), else when the last call returns. A later
+    /// call opens a new one.
     pub async fn close(&self) {
-        let inner = self.inner.clone();
+        let Some(mut c) = self.inner.conns.take() else {
+            return;
+        };
         let _ = run_bounded(&self.inner.permits, self.inner.timeout, move || {
-            if let Some(mut c) = inner.conn.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                let _ = c.close();
-            }
+            let _ = c.close();
+            ((), ())
         })
         .await;
     }
@@ -471,6 +594,7 @@ impl Libvirt {
                         let c2 = Call {
                             inner: c.inner,
                             conn: c.conn,
+                            conn_id: c.conn_id,
                             op: c.op,
                             domain: DomainRef {
                                 uuid: d.get_uuid_string().ok(),
@@ -926,6 +1050,43 @@ mod tests {
                 .contains("start domain 0a1b2c3d-4e5f-6789-abcd-ef0123456789"),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_silent_libvirtd_is_noticed_once_and_then_refused_at_once() {
+        // A socket that accepts and never answers: every libvirt call on it hangs.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("libvirt-sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in listener.incoming().flatten() {
+                held.push(s);
+            }
+        });
+        let uri = format!("qemu+unix:///system?socket={}", path.display());
+        let lv = Libvirt::new(&uri, Duration::from_millis(500));
+        let uuid = "0a1b2c3d-4e5f-6789-abcd-ef0123456789";
+        let e = lv.get(uuid).await.expect_err("no answer");
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        // The next call runs the probe (bounded by the call timeout here) and is refused,
+        // as a timeout like the failure it stands for…
+        let e = lv.get(uuid).await.expect_err("probe unanswered");
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        assert!(e.to_string().contains("calls are refused"), "{e}");
+        // …and while that probe hangs, calls are refused without waiting.
+        for _ in 0..50 {
+            let t = Instant::now();
+            let e = lv.list().await.expect_err("refused");
+            assert!(e.to_string().contains("libvirt not answering for"), "{e}");
+            assert!(
+                t.elapsed() < Duration::from_millis(200),
+                "{:?}",
+                t.elapsed()
+            );
+        }
+        let e = lv.probe().await.expect_err("refused");
+        assert!(matches!(e, HypervisorError::Libvirt { .. }), "{e}");
     }
 
     #[tokio::test]

@@ -6,12 +6,16 @@
 //!   and `destroy` of an absent domain are [`Outcome::Unchanged`], `start` of an active one
 //!   too), validates UUIDs and names before libvirt is called, and fails with a
 //!   [`HypervisorError`] naming the operation, the domain and libvirt's message.
-//! - [`Libvirt`]: the real implementation over `virt` 0.4.3 (blocking calls on the blocking
-//!   pool under timeouts, one shared self-healing connection, lifecycle events through the
-//!   raw event API on their own threads). Also [`Libvirt::probe`] for the keepalive.
+//! - [`Libvirt`]: the real implementation over `virt` 0.4.3 (blocking calls on threads of
+//!   their own under timeouts, one shared connection that is abandoned when it times out or
+//!   breaks and closed only after its last call, calls refused while libvirt does not answer
+//!   until a probe does; lifecycle events through the raw event API on their own threads and
+//!   connections). Also [`Libvirt::probe`] for the keepalive. The `conn` module explains why
+//!   call connections run without libvirt's keepalive.
 //! - [`MemoryHypervisor`]: an in-memory implementation, only for unit-testing the Domain
 //!   planner and state machine; real behaviour is tested against libvirt itself.
 
+mod conn;
 mod error;
 mod events;
 mod libvirt;
@@ -27,7 +31,8 @@ use tokio::sync::mpsc;
 pub use error::{DomainRef, ErrorKind, HypervisorError};
 pub use events::{ensure_event_loop, EVENT_QUEUE};
 pub use libvirt::{
-    qemu_pid, Libvirt, MAX_CONCURRENT_CALLS, MIN_SLOW_CALL_TIMEOUT, QEMU_SYSTEM_RUN_DIR,
+    qemu_pid, Libvirt, MAX_CONCURRENT_CALLS, MAX_CONCURRENT_PROBES, MIN_SLOW_CALL_TIMEOUT,
+    PROBE_TIMEOUT, QEMU_SYSTEM_RUN_DIR,
 };
 pub use memory::MemoryHypervisor;
 pub use types::{

@@ -956,6 +956,11 @@ impl DomainHost {
     pub async fn resync(&self, vms: &Reactor<VmKind>) {
         let list = match self.hv.list().await {
             Ok(l) => l,
+            // libvirt away: the driver logged the outage once; not a line per tick.
+            Err(e) if matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout) => {
+                debug!(node = %self.node, error = %e, "domain resync: libvirt list failed");
+                return;
+            }
             Err(e) => {
                 warn!(node = %self.node, error = %e, "domain resync: libvirt list failed");
                 return;

@@ -30,7 +30,7 @@
 //!
 //! Modules: `instance` (one libvirtd), `config` (its configuration), `procs` (process and
 //! pid-file helpers), `sweep` (leftovers of killed test processes); this file wires
-//! instances into a [`LibvirtPair`] or a [`LibvirtCluster`].
+//! instances into a [`LibvirtPair`], a [`LibvirtCluster`] or a lone [`LibvirtSolo`].
 
 mod config;
 mod instance;
@@ -129,6 +129,42 @@ impl LibvirtPair {
     /// A peer URI in the pair's subnet where nothing listens (no host at that address).
     pub fn unreachable_peer_uri(&self) -> String {
         format!("qemu+tcp://{PAIR_UNREACHABLE}/system")
+    }
+}
+
+/// One [`IsolatedLibvirt`] at `10.231.0.1` (on a veth whose ends both stay inside) in a network namespace
+/// of its own, for tests that misbehave with a libvirtd (freeze it, kill it) without a
+/// peer and without touching anyone else's. Dropping it stops the instance, then deletes
+/// the namespace.
+pub struct LibvirtSolo {
+    /// The instance.
+    pub lv: IsolatedLibvirt,
+    // Dropped after the instance (field order).
+    ns: NetNs,
+}
+
+impl LibvirtSolo {
+    /// Create the namespace and start an instance labelled `label`. Leftovers of killed
+    /// test processes are swept first ([`sweep_stale`]).
+    pub fn start(label: &str) -> Result<LibvirtSolo> {
+        sweep_stale();
+        let ns = NetNs::create(NETNS_PREFIX)?;
+        let [x, y, z] = PAIR_SUBNET;
+        let addr = Ipv4Addr::new(x, y, z, 1);
+        // A veth with both ends inside (this kernel may lack the dummy driver).
+        ns.ip(&[
+            "link", "add", "mig0", "type", "veth", "peer", "name", "mig1",
+        ])?;
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "mig0"])?;
+        ns.ip(&["link", "set", "mig1", "up"])?;
+        ns.ip(&["link", "set", "mig0", "up"])?;
+        let lv = IsolatedLibvirt::start(label, &ns, addr)?;
+        Ok(LibvirtSolo { lv, ns })
+    }
+
+    /// The instance's network namespace.
+    pub fn netns(&self) -> &NetNs {
+        &self.ns
     }
 }
 
