@@ -86,7 +86,9 @@ pub enum Decision {
     /// Not fencing now, for `reason` (partition guard, caps, no BMC …); re-evaluated each
     /// tick, reported once per distinct reason.
     Skip { node: String, reason: String },
-    /// Write `daemon_state = fenced` (the node stays out until readmitted).
+    /// Write `daemon_state = fenced` (the node stays out until readmitted). Issued again
+    /// each tick while the node is still down and etcd does not show `fenced` (the write
+    /// failed): recovery is guarded on that record.
     MarkFenced { node: String, by: FencedBy },
     /// The fence failed and the policy recovers nothing: an operator decides.
     FenceFailed { node: String, reason: String },
@@ -107,7 +109,7 @@ enum Phase {
     /// IPMI fence in flight.
     Fencing,
     /// Fenced (daemon_state = fenced); recovery per policy.
-    Fenced { recover: bool },
+    Fenced { recover: bool, by: FencedBy },
     /// Fence failed, nothing recovered (policy `none`).
     Failed,
 }
@@ -165,7 +167,7 @@ impl FenceBook {
         }
         self.fence_slots(now, nodes, &mut out);
         for (node, phase) in &self.phases {
-            if *phase == (Phase::Fenced { recover: true }) {
+            if matches!(phase, Phase::Fenced { recover: true, .. }) {
                 out.push(Decision::Recover { node: node.clone() });
             }
         }
@@ -178,13 +180,22 @@ impl FenceBook {
         if n.daemon_state == Some(DaemonState::Fenced) {
             if !matches!(phase, Some(Phase::Fenced { .. }) | Some(Phase::Failed)) {
                 let recover = !n.alive && self.recovers(FencedBy::Record);
-                self.phases
-                    .insert(n.name.clone(), Phase::Fenced { recover });
+                self.phases.insert(
+                    n.name.clone(),
+                    Phase::Fenced {
+                        recover,
+                        by: FencedBy::Record,
+                    },
+                );
             }
             if n.alive {
                 // Back, still fenced: nothing more to recover from it.
+                let by = match self.phases.get(&n.name) {
+                    Some(Phase::Fenced { by, .. }) => *by,
+                    _ => FencedBy::Record,
+                };
                 self.phases
-                    .insert(n.name.clone(), Phase::Fenced { recover: false });
+                    .insert(n.name.clone(), Phase::Fenced { recover: false, by });
             }
             return;
         }
@@ -220,6 +231,15 @@ impl FenceBook {
                         node: n.name.clone(),
                     });
                 }
+            }
+            (true, Some(Phase::Fenced { by, .. })) => {
+                // Fenced here, but etcd does not say so while the node is still down: our
+                // `fenced` write did not land. Write it again, or recovery (guarded on it)
+                // would wait for it forever.
+                out.push(Decision::MarkFenced {
+                    node: n.name.clone(),
+                    by,
+                });
             }
             (true, Some(_)) => {}
         }
@@ -324,8 +344,13 @@ impl FenceBook {
     /// A fence did not happen (failed, impossible): the `failed_fence` policy.
     fn failed(&mut self, node: &str, reason: &str, out: &mut Vec<Decision>) {
         if self.recovers(FencedBy::SelfFence) {
-            self.phases
-                .insert(node.to_string(), Phase::Fenced { recover: true });
+            self.phases.insert(
+                node.to_string(),
+                Phase::Fenced {
+                    recover: true,
+                    by: FencedBy::SelfFence,
+                },
+            );
             out.push(Decision::MarkFenced {
                 node: node.to_string(),
                 by: FencedBy::SelfFence,
@@ -347,8 +372,13 @@ impl FenceBook {
         }
         if ok {
             let recover = self.recovers(FencedBy::Ipmi);
-            self.phases
-                .insert(node.to_string(), Phase::Fenced { recover });
+            self.phases.insert(
+                node.to_string(),
+                Phase::Fenced {
+                    recover,
+                    by: FencedBy::Ipmi,
+                },
+            );
             out.push(Decision::MarkFenced {
                 node: node.to_string(),
                 by: FencedBy::Ipmi,
@@ -360,7 +390,10 @@ impl FenceBook {
             }
         } else {
             self.failed(node, reason, &mut out);
-            if self.phases.get(node) == Some(&Phase::Fenced { recover: true }) {
+            if matches!(
+                self.phases.get(node),
+                Some(Phase::Fenced { recover: true, .. })
+            ) {
                 out.push(Decision::Recover {
                     node: node.to_string(),
                 });
@@ -371,7 +404,7 @@ impl FenceBook {
 
     /// Recovery of `node` found nothing left to move: stop asking.
     pub fn recovered(&mut self, node: &str) {
-        if let Some(Phase::Fenced { recover }) = self.phases.get_mut(node) {
+        if let Some(Phase::Fenced { recover, .. }) = self.phases.get_mut(node) {
             *recover = false;
         }
     }
@@ -516,6 +549,58 @@ mod tests {
         assert!(d.iter().any(|x| matches!(x, Decision::Skip { reason, .. } if reason.contains("partition guard: 2 of 4"))));
         // Reported once, not every tick.
         assert_eq!(b.tick(t0 + Duration::from_secs(5), &view), vec![]);
+    }
+
+    #[test]
+    fn a_fenced_mark_that_did_not_land_is_written_again_while_the_node_is_down() {
+        // Found by the simulator (objects/tests/fencing_sim.rs): the executor's `fenced`
+        // write failed once, and recovery — guarded on `daemon_state = fenced` — waited
+        // for it forever, since the book never asked for it again.
+        let mut b = FenceBook::new(policy());
+        let t0 = Instant::now();
+        let view = |c: DaemonState| {
+            vec![
+                facts("a", true, DaemonState::Run),
+                facts("b", true, DaemonState::Run),
+                facts("c", false, c),
+            ]
+        };
+        b.tick(t0, &view(DaemonState::Run));
+        b.tick(t0 + Duration::from_secs(4), &view(DaemonState::Run));
+        assert_eq!(
+            b.fence_done("c", true, "")[0],
+            Decision::MarkFenced {
+                node: "c".into(),
+                by: FencedBy::Ipmi
+            }
+        );
+        // etcd still says `dead`: the mark again, then the recovery.
+        assert_eq!(
+            b.tick(t0 + Duration::from_secs(5), &view(DaemonState::Dead)),
+            vec![
+                Decision::MarkFenced {
+                    node: "c".into(),
+                    by: FencedBy::Ipmi
+                },
+                Decision::Recover { node: "c".into() }
+            ]
+        );
+        // It landed: only the recovery.
+        assert_eq!(
+            b.tick(t0 + Duration::from_secs(6), &view(DaemonState::Fenced)),
+            vec![Decision::Recover { node: "c".into() }]
+        );
+        // Back (alive) before the mark landed: nothing to write, nothing to recover.
+        let mut b = FenceBook::new(policy());
+        b.tick(t0, &view(DaemonState::Run));
+        b.tick(t0 + Duration::from_secs(4), &view(DaemonState::Run));
+        b.fence_done("c", true, "");
+        let back = [
+            facts("a", true, DaemonState::Run),
+            facts("b", true, DaemonState::Run),
+            facts("c", true, DaemonState::Run),
+        ];
+        assert_eq!(b.tick(t0 + Duration::from_secs(5), &back), vec![]);
     }
 
     #[test]
