@@ -230,7 +230,30 @@ fn a_power_off_leaves_nothing_of_the_node_and_a_power_on_boots_it_again() {
     assert_eq!(c.runs().intervals(&uuid).len(), 2);
     c.runs().assert_no_double_run();
     c.checker().assert_clean();
+
+    // A power cycle: the node dies and boots again by itself.
+    let cycle = bmc.power_cycle().expect("power cycle");
+    bmc.wait_down(cycle, Duration::from_secs(10))
+        .expect("down in the cycle");
+    c2.wait_run(WAIT).expect("c2 back in run after the cycle");
+    assert_eq!(bmc.power().expect("status"), Power::On);
+    let on_after: Vec<PowerEventKind> = bmc
+        .power_log()
+        .iter()
+        .filter(|e| e.at >= cycle)
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        on_after,
+        [
+            PowerEventKind::OffRequested,
+            PowerEventKind::Down { survivors: 0 },
+            PowerEventKind::On
+        ]
+    );
+    eprintln!("power cycle: daemon in run {:?} after it", cycle.elapsed());
     eprintln!("run recorder: {:?}", c.runs().stats());
+    c.runs().assert_no_double_run();
     let left = Leftovers::of(&c);
     drop(c);
     left.assert_gone();
