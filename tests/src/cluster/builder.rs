@@ -77,7 +77,7 @@ impl Default for ClusterBuilder {
             checker_period: Duration::from_millis(75),
             arp_window: Duration::from_millis(25),
             bmcs: false,
-            bmc_port_key: false,
+            bmc_port_key: true,
             track_runs: false,
         }
     }
