@@ -13,6 +13,9 @@
 //!   failed one only with `failed_fence: migrate` and self-fence on (the self-fence bound
 //!   guarantees the node's guests stopped before its lease expired). The node is marked
 //!   `fenced` in both cases and stays out until an operator readmits it.
+//! - **recover when**: while a fenced node is down; recovery pauses while it is alive (its
+//!   lease outlives a power off by up to a TTL, or it booted and stays out) and resumes if
+//!   it goes down again.
 //!
 //! What to recover where is [`crate::recovery`]; when a node may start a guest is the
 //! Domain planner's lease check.
@@ -93,7 +96,7 @@ pub enum Decision {
     /// The fence failed and the policy recovers nothing: an operator decides.
     FenceFailed { node: String, reason: String },
     /// Recover the node's VMs (see [`crate::recovery`]); idempotent, repeated each tick
-    /// while the node is fenced and VMs remain.
+    /// while the node is fenced, down and VMs remain.
     Recover { node: String },
     /// The node is alive again (or stopped cleanly) before it was fenced: forget it.
     Cleared { node: String },
@@ -108,7 +111,8 @@ enum Phase {
     Dead { skipped: Option<String> },
     /// IPMI fence in flight.
     Fencing,
-    /// Fenced (daemon_state = fenced); recovery per policy.
+    /// Fenced (daemon_state = fenced); recovery per policy while the node is down (paused
+    /// while it is alive).
     Fenced { recover: bool, by: FencedBy },
     /// Fence failed, nothing recovered (policy `none`).
     Failed,
@@ -167,7 +171,10 @@ impl FenceBook {
         }
         self.fence_slots(now, nodes, &mut out);
         for (node, phase) in &self.phases {
-            if matches!(phase, Phase::Fenced { recover: true, .. }) {
+            // Recovery is guarded on `alive` absent: while the fenced node is alive (a lease
+            // that outlives the power off, or the node booted and stays out) it waits.
+            let down = nodes.iter().any(|n| n.name == *node && !n.alive);
+            if down && matches!(phase, Phase::Fenced { recover: true, .. }) {
                 out.push(Decision::Recover { node: node.clone() });
             }
         }
@@ -178,8 +185,10 @@ impl FenceBook {
         let phase = self.phases.get(&n.name).cloned();
         // Fenced in etcd (by us or an earlier primary): out until readmitted.
         if n.daemon_state == Some(DaemonState::Fenced) {
+            // While it is alive (back, still fenced) nothing is asked of it; should it go
+            // down again, what is left of its VMs is recovered then (see `tick`).
             if !matches!(phase, Some(Phase::Fenced { .. }) | Some(Phase::Failed)) {
-                let recover = !n.alive && self.recovers(FencedBy::Record);
+                let recover = self.recovers(FencedBy::Record);
                 self.phases.insert(
                     n.name.clone(),
                     Phase::Fenced {
@@ -187,15 +196,6 @@ impl FenceBook {
                         by: FencedBy::Record,
                     },
                 );
-            }
-            if n.alive {
-                // Back, still fenced: nothing more to recover from it.
-                let by = match self.phases.get(&n.name) {
-                    Some(Phase::Fenced { by, .. }) => *by,
-                    _ => FencedBy::Record,
-                };
-                self.phases
-                    .insert(n.name.clone(), Phase::Fenced { recover: false, by });
             }
             return;
         }
@@ -629,5 +629,58 @@ mod tests {
                 "{failed:?} self_fence={self_fence}: {d:?}"
             );
         }
+    }
+
+    #[test]
+    fn recovery_waits_while_a_fenced_node_is_alive_and_resumes_when_it_is_down() {
+        // Found by the simulator (s18, s25): a node fenced over IPMI keeps its lease (and
+        // `alive`) up to a TTL after the power off; seeing it alive used to cancel its
+        // recovery for good, so its VMs never moved.
+        let mut b = FenceBook::new(policy());
+        let t0 = Instant::now();
+        let view = |alive: bool, st: DaemonState| {
+            vec![
+                facts("a", true, DaemonState::Run),
+                facts("b", true, DaemonState::Run),
+                facts("c", alive, st),
+            ]
+        };
+        b.tick(t0, &view(false, DaemonState::Run));
+        b.tick(t0 + Duration::from_secs(4), &view(false, DaemonState::Run));
+        b.fence_done("c", true, "");
+        // Alive (a lingering lease), fenced: nothing asked.
+        assert_eq!(
+            b.tick(
+                t0 + Duration::from_secs(5),
+                &view(true, DaemonState::Fenced)
+            ),
+            vec![]
+        );
+        // The lease ended: recovery resumes.
+        assert_eq!(
+            b.tick(
+                t0 + Duration::from_secs(6),
+                &view(false, DaemonState::Fenced)
+            ),
+            vec![Decision::Recover { node: "c".into() }]
+        );
+        b.recovered("c");
+        assert_eq!(
+            b.tick(
+                t0 + Duration::from_secs(7),
+                &view(false, DaemonState::Fenced)
+            ),
+            vec![]
+        );
+        // A successor that first sees the fenced node alive recovers it once it is down.
+        let mut b = FenceBook::new(policy());
+        assert_eq!(b.tick(t0, &view(true, DaemonState::Fenced)), vec![]);
+        assert_eq!(
+            b.tick(
+                t0 + Duration::from_secs(1),
+                &view(false, DaemonState::Fenced)
+            ),
+            vec![Decision::Recover { node: "c".into() }]
+        );
     }
 }
