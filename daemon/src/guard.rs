@@ -206,6 +206,27 @@ pub fn run(cfg: &Config) -> ExitCode {
     }
 }
 
+/// The guardian's other half under systemd (`debvisord guard --after-exit`, the unit's
+/// `ExecStopPost=`): when the daemon's main process dies, systemd kills the rest of the unit
+/// (`KillMode=mixed`), this guardian included, before it could act; so systemd runs this
+/// afterwards, and it does what the guardian would have: releases the primary's duties,
+/// unless the daemon stopped cleanly (`SERVICE_RESULT=success`: it handed over itself).
+/// Only clustered coordinators run a guardian; for other nodes this does nothing.
+pub fn after_exit(cfg: &Config) -> ExitCode {
+    if cfg.node.mode == crate::config::NodeMode::Standalone || !cfg.is_coordinator() {
+        return ExitCode::SUCCESS;
+    }
+    let result = std::env::var("SERVICE_RESULT").unwrap_or_default();
+    if result.is_empty() || result == "success" {
+        return ExitCode::SUCCESS;
+    }
+    say(&format!(
+        "the daemon ended without a clean stop (SERVICE_RESULT={result}); releasing the primary's duties"
+    ));
+    release(cfg);
+    ExitCode::SUCCESS
+}
+
 /// Remove every address this host holds as the primary and stop the daemon's dnsmasq.
 fn release(cfg: &Config) {
     for (vni, pid) in crate::dnsmasq::stop_all_in(&cfg.paths.run_dir, Duration::from_secs(1)) {
