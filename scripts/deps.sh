@@ -37,6 +37,8 @@ if ((test_suite)); then
     # a real libvirtd with KVM guests, etcdctl, helpers of the harness
     etcd-client libvirt-daemon-system libvirt-clients qemu-system-x86 ipmitool openssl
     busybox procps
+    # the cluster tests' fake BMCs (ipmi_sim)
+    openipmi
     # packaging and its tests: Debian tooling, man pages from --help, lintian, a systemd
     # container (debootstrap + systemd-nspawn), Python venvs for ansible-core/ansible-lint
     debhelper dpkg-dev help2man lintian debootstrap systemd-container python3-venv

@@ -64,6 +64,8 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec { pattern: "nodes/<node>/health", writer: Writer::OwningNode, format: "JSON Health", leased: false, doc: "Latest health snapshot, written with last_seen in one transaction per keepalive tick; with ceph.enabled a `ceph` field {status, checks, osds [{id, up, in}], error, since} from the Ceph monitor (a non-OK status adds a line to problems); `removals_held` {count, reason, since, names} while the node holds removals for an operator." },
     KeySpec { pattern: "nodes/<node>/last_seen", writer: Writer::OwningNode, format: "RFC3339 timestamp", leased: false, doc: "Time of the last keepalive tick (informational; liveness is `alive`)." },
     KeySpec { pattern: "nodes/<node>/status", writer: Writer::Primary, format: "OK|DEGRADED|DOWN", leased: false, doc: "Health verdict derived by the primary." },
+    KeySpec { pattern: "nodes/<node>/bmc", writer: Writer::OwningNode, format: "JSON {host, port, user}", leased: false, doc: "The node's BMC (from fencing.ipmi), for the primary to fence it over IPMI; never the password." },
+    KeySpec { pattern: "nodes/<node>/fence", writer: Writer::Primary, format: "JSON {state dead|fencing|fenced|failed|skipped|recovering|recovered, by ipmi|self-fence, reason, since, primary}", leased: false, doc: "The primary's record of a dead node: each step of its fencing and recovery, with the reason of a skip or a failure." },
     KeySpec { pattern: "nodes/<node>/confirm_removals", writer: Writer::Operator, format: "RFC3339 timestamp", leased: false, doc: "Written by `debvisorctl node confirm-removals`: the node carries out the removals it holds (health.removals_held) and accepts a replaced store as it is." },
     KeySpec { pattern: "nodes/<node>/config/version", writer: Writer::OwningNode, format: "string", leased: false, doc: "Last config version applied on the node." },
     KeySpec { pattern: "nodes/<node>/config/last_applied_at", writer: Writer::OwningNode, format: "RFC3339 timestamp", leased: false, doc: "When that version was applied." },
@@ -137,11 +139,13 @@ pub enum NodeField {
     ConfigLastAppliedAt,
     ConfigStatus,
     ConfirmRemovals,
+    Bmc,
+    Fence,
 }
 
 impl NodeField {
     /// Every field, for exhaustive iteration.
-    pub const ALL: [NodeField; 14] = [
+    pub const ALL: [NodeField; 16] = [
         NodeField::Info,
         NodeField::Fqdn,
         NodeField::Mode,
@@ -156,6 +160,8 @@ impl NodeField {
         NodeField::ConfigLastAppliedAt,
         NodeField::ConfigStatus,
         NodeField::ConfirmRemovals,
+        NodeField::Bmc,
+        NodeField::Fence,
     ];
 
     /// Path of the field below `nodes/<node>/`.
@@ -175,6 +181,8 @@ impl NodeField {
             NodeField::ConfigLastAppliedAt => "config/last_applied_at",
             NodeField::ConfigStatus => "config/status",
             NodeField::ConfirmRemovals => "confirm_removals",
+            NodeField::Bmc => "bmc",
+            NodeField::Fence => "fence",
         }
     }
 
