@@ -10,7 +10,8 @@
 # --version   package version instead of the one in packaging/debian/changelog (a new
 #             changelog entry is added in the staged copy; the tree is not changed)
 # --fast      compress the .deb with gzip -1 instead of xz (the test's large debug binaries)
-# Then runs lintian on the result (errors fail the build).
+# Then runs lintian on the result (errors fail the build). The build's output, cargo's
+# progress included, is shown as it comes and kept in <out>/package-build.log.
 set -euo pipefail
 src="$(cd "$(dirname "$0")/.." && pwd)"
 out="$src/target/debian"
@@ -51,11 +52,15 @@ fi
 
 export DEBVISOR_SRC="$src" DEBVISOR_PROFILE="$profile" DEBVISOR_PREBUILT="$prebuilt"
 export DEBVISOR_DEB_COMPRESSION="$compress"
-(cd "$stage/debvisor-daemon" && dpkg-buildpackage --build=binary --no-sign -d >"$stage/build.log" 2>&1) || {
-  tail -n 60 "$stage/build.log" >&2
-  echo "package.sh: dpkg-buildpackage failed (log above)" >&2
+# The build's output (cargo's progress included: a release build takes minutes) goes to the
+# terminal as it comes and to a log, which is kept next to the packages when the build fails.
+log="$out/package-build.log"
+if [[ -n "$prebuilt" ]]; then what="the binaries in $prebuilt"; else what="cargo profile $profile"; fi
+echo "package.sh: building from $what; log: $log"
+if ! (cd "$stage/debvisor-daemon" && dpkg-buildpackage --build=binary --no-sign -d 2>&1) | tee "$log" >&2; then
+  echo "package.sh: dpkg-buildpackage failed; the whole log is kept in $log" >&2
   exit 1
-}
+fi
 ver="$(dpkg-parsechangelog -l "$stage/debvisor-daemon/debian/changelog" -S Version)"
 arch="$(dpkg --print-architecture)"
 deb="debvisor-daemon_${ver}_${arch}.deb"

@@ -26,7 +26,7 @@ skip_summary() {
 }
 trap skip_summary EXIT
 
-./scripts/deps.sh
+./scripts/deps.sh --test
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -32,6 +32,14 @@ pub use debvisor_objects::xml_policy::XmlPolicy;
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/debvisor/debvisord.yaml";
 
+/// The systemd watchdog should last at least this many keepalive intervals (the daemon pings
+/// it once per tick); see [`Config::watchdog_warning`].
+pub const WATCHDOG_TICKS: u32 = 3;
+
+/// `WatchdogSec=` of the shipped unit (`etc/systemd/debvisord.service`), what `check-config`
+/// compares with when it cannot ask systemd.
+pub const SHIPPED_WATCHDOG: Duration = Duration::from_secs(30);
+
 /// The whole daemon configuration; one field per YAML section.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -1283,6 +1291,24 @@ impl Config {
             || self.node.coordinators.iter().any(|c| c == &self.node.name)
     }
 
+    /// The warning for a systemd watchdog of `watchdog` (`WatchdogSec=`) that is shorter than
+    /// [`WATCHDOG_TICKS`] keepalive intervals: the daemon pings it once per tick, so one slow
+    /// tick (a store or libvirt call at its timeout) would get a healthy daemon killed.
+    /// `None` when it leaves enough slack.
+    pub fn watchdog_warning(&self, watchdog: Duration) -> Option<String> {
+        let need = self.keepalive.interval * WATCHDOG_TICKS;
+        (watchdog < need).then(|| {
+            format!(
+                "the systemd watchdog ({}) is shorter than {WATCHDOG_TICKS} × keepalive.interval ({}): \
+                 a slow tick gets the daemon killed; raise WatchdogSec= to {} or more \
+                 (systemctl edit debvisord) or shorten keepalive.interval",
+                format_duration(watchdog),
+                format_duration(self.keepalive.interval),
+                format_duration(need)
+            )
+        })
+    }
+
     /// Data directory of the embedded etcd.
     pub fn embedded_data_dir(&self) -> PathBuf {
         self.store
@@ -2272,8 +2298,28 @@ mod tests {
         assert_eq!(c.node_name(), "devnode");
         assert_eq!(c.paths.state_dir, repo.join(".dev-state/state"));
         assert_eq!(c.embedded_data_dir(), repo.join(".dev-state/state/etcd"));
-        assert!(c.store.embedded.enabled && !c.networking.sysctl.apply && !c.firewall.enabled);
+        assert!(c.store.embedded.enabled);
+        // Host-neutral: networks, sysctl and firewall only inside its own namespace.
+        assert_eq!(c.networking.require_netns.as_deref(), Some("debvisor-dev"));
+        assert!(c.networking.sysctl.apply && c.firewall.enabled);
         assert_eq!(c.store.endpoints, ["http://127.0.0.1:23790"]);
+    }
+
+    #[test]
+    fn a_watchdog_shorter_than_three_ticks_is_warned_about() {
+        let c = parse("keepalive:\n  interval: 20s\n  lease_ttl: 60s\n", &[]).unwrap();
+        let w = c.watchdog_warning(SHIPPED_WATCHDOG).expect("30s < 3 × 20s");
+        assert!(
+            w.contains("(30s) is shorter than 3 × keepalive.interval (20s)") && w.contains("1m"),
+            "{w}"
+        );
+        assert_eq!(c.watchdog_warning(Duration::from_secs(60)), None);
+        let c = parse("", &[]).unwrap();
+        assert_eq!(
+            c.watchdog_warning(SHIPPED_WATCHDOG),
+            None,
+            "the defaults fit"
+        );
     }
 
     #[test]

@@ -363,6 +363,13 @@ async fn flush_before_stop(r: &Running) {
     }
     let deadline = Instant::now() + r.cfg.domains.flush_timeout;
     loop {
+        // The drain may outlast the unit's TimeoutStopSec=: tell systemd it is still working
+        // (what is left of the flush, plus the rest of the shutdown).
+        notify::extend_timeout(
+            deadline.saturating_duration_since(Instant::now())
+                + shutdown_budget(&r.cfg, false)
+                + EXIT_SLACK,
+        );
         match drain.pass(&r.objects.nodes, &r.objects.vms).await {
             Ok(Some(DomainStateValue::Flushed)) => {
                 info!(node = %node, "on_shutdown flush complete");
@@ -601,6 +608,21 @@ fn reload(r: &Running) {
     }
 }
 
+/// What systemd is asked to wait beyond the shutdown budget: the exit itself (owned
+/// processes signalled, the runtime stopped).
+const EXIT_SLACK: Duration = Duration::from_secs(10);
+
+/// How long a graceful shutdown may take before the daemon exits anyway: the store writes
+/// and the handover (3 × `store.request_timeout` + 15 s), plus `domains.flush_timeout` when
+/// it drains the node first.
+fn shutdown_budget(cfg: &Config, flush: bool) -> Duration {
+    let mut budget = cfg.store.request_timeout * 3 + Duration::from_secs(15);
+    if flush {
+        budget += cfg.domains.flush_timeout;
+    }
+    budget
+}
+
 /// Graceful shutdown, bounded in time: `shutdown` → objects stopped → `stop` → lease revoked
 /// → our services stopped. Guests and networks are left as they are. `from` is the
 /// `daemon_state` this daemon holds; `None` when the node's keys are no longer ours (another
@@ -612,10 +634,9 @@ async fn shutdown(mut r: Running, from: Option<DaemonState>) -> ExitCode {
     let mut relinquished = false;
     let node = r.cfg.node_name().to_string();
     let flush = r.cfg.domains.on_shutdown == OnShutdown::Flush && from == Some(DaemonState::Run);
-    let mut budget = r.cfg.store.request_timeout * 3 + Duration::from_secs(15);
-    if flush {
-        budget += r.cfg.domains.flush_timeout;
-    }
+    let budget = shutdown_budget(&r.cfg, flush);
+    // systemd waits at least as long as the budget (a drain re-extends while it runs).
+    notify::extend_timeout(budget + EXIT_SLACK);
     let work = async {
         // A primary hands over first: another coordinator takes over before this one goes.
         r.election_stop.cancel();
@@ -677,6 +698,10 @@ async fn shutdown(mut r: Running, from: Option<DaemonState>) -> ExitCode {
             warn!(node = %node, lease = format!("{lease:x}"), "lease left to expire: the guests stop before it does");
         } else {
             revoke(&r, &node, lease).await;
+        }
+        if stopped {
+            // The stop is recorded: `guard --after-exit` must not take this for a crash.
+            r.local.clear_lease();
         }
         r.libvirt.close().await;
         stages::coordinator_services::stop(&r.services).await;

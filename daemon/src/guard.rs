@@ -267,6 +267,36 @@ impl Done {
     }
 }
 
+/// The guardian's other half under systemd (`debvisord guard --after-exit`, the unit's
+/// `ExecStopPost=`): when the daemon's main process dies, systemd kills the rest of the unit
+/// (`KillMode=mixed`), this guardian included, before it could act; so systemd runs this
+/// afterwards, and it does what the guardian would have: releases the primary's duties,
+/// unless the daemon stopped cleanly (`SERVICE_RESULT=success`: it handed over itself).
+/// With `failed_fence: migrate` (the cluster then relies on the self-fence bound) it also
+/// stops this node's guests when the daemon ended without recording a clean stop (its lease
+/// id still in the state dir): a restart registers afresh and starts them again.
+pub fn after_exit(cfg: &Config) -> ExitCode {
+    let coordinator = cfg.node.mode == crate::config::NodeMode::Clustered && cfg.is_coordinator();
+    let fence =
+        cfg.self_fence_active() && cfg.fencing.failed_fence == crate::config::FenceAction::Migrate;
+    let result = std::env::var("SERVICE_RESULT").unwrap_or_default();
+    let unclean = !(result.is_empty() || result == "success");
+    let lease_left = crate::registration::LocalState::new(&cfg.paths.state_dir)
+        .last_lease()
+        .is_some();
+    if coordinator && unclean {
+        say(&format!(
+            "the daemon ended without a clean stop (SERVICE_RESULT={result}); releasing the primary's duties"
+        ));
+        release(cfg);
+    }
+    if fence && lease_left {
+        say("the daemon ended without a recorded stop; stopping this node's guests (self-fence bound, failed_fence: migrate)");
+        fence_guests(cfg);
+    }
+    ExitCode::SUCCESS
+}
+
 /// The next deadline the guardian acts at for `b` received `at`: the primary's duties, then
 /// the guests' self-fence.
 fn next_deadline(b: &Beat, at: Instant) -> Option<Instant> {

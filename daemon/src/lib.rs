@@ -15,7 +15,8 @@
 //! - **drivers** — [`hypervisor`] (libvirt), [`ceph`] (ceph/rbd CLI), [`dnsmasq`],
 //!   [`services`] (supervised processes, systemd units), [`hostinfo`] (host facts),
 //!   [`hostnet`] (the node's own networks through `netconf`), [`securefs`] (private
-//!   directories and files no other local user can plant or redirect): they import nothing
+//!   directories and files no other local user can plant or redirect), [`statelock`] (one
+//!   daemon per state directory): they import nothing
 //!   above;
 //! - **configuration** — [`config`]: `/etc/debvisor/debvisord.yaml`, shared by all.
 
@@ -29,6 +30,7 @@ pub mod hostnet;
 pub mod hypervisor;
 pub mod securefs;
 pub mod services;
+pub mod statelock;
 
 pub mod ctl;
 

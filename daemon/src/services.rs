@@ -3,7 +3,9 @@
 //! the program itself (the embedded etcd of a standalone node, and hosts without systemd).
 //!
 //! The process backend only ever signals PIDs it started (or adopted from its own pid file),
-//! never by name.
+//! never by name. It adopts only with proof: the daemon that wrote the pid file is dead (this
+//! one holds the state-dir lock, [`crate::statelock`]) and the process runs the same binary
+//! with the same arguments.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -188,14 +190,57 @@ impl Supervised {
     }
 }
 
-/// The PID of a copy of `spec` left running by a previous daemon: its pid file (read only
-/// when it is a plain file of ours) names a live process whose command line is `spec`'s.
+/// The PID of a copy of `spec` left running by a previous daemon, which may be adopted only
+/// when that daemon is proven dead — this process holds the state-dir lock
+/// ([`crate::statelock::held`]), which no earlier daemon could still hold — and the process
+/// is proven the one it started: its pid file (read only when it is a plain file of ours)
+/// names a live process running `spec.program` (`/proc/<pid>/exe`) with exactly `spec.args`
+/// (for the embedded etcd these carry its data dir).
 fn adoptable(spec: &ProcessSpec) -> Option<u32> {
+    adoptable_with(spec, crate::statelock::held().is_some())
+}
+
+/// [`adoptable`], with the proof that the previous daemon is dead given as `owner_dead`.
+fn adoptable_with(spec: &ProcessSpec, owner_dead: bool) -> Option<u32> {
+    if !owner_dead {
+        return None;
+    }
+    let program = resolve_program(&spec.program)?;
     crate::securefs::read_trusted(&spec.pid_file)
         .ok()
         .flatten()
         .and_then(|s| s.trim().parse::<u32>().ok())
-        .filter(|p| pid_alive(*p) && cmdline(*p).iter().skip(1).eq(spec.args.iter()))
+        .filter(|p| {
+            pid_alive(*p)
+                && executable(*p).is_some_and(|exe| exe == program)
+                && cmdline(*p).iter().skip(1).eq(spec.args.iter())
+        })
+}
+
+/// The file `pid` executes (`/proc/<pid>/exe`; a binary replaced on disk since, e.g. by an
+/// upgrade, still counts as its path). `None` when it cannot be read (gone, or not ours to
+/// inspect): such a process is never adopted.
+pub fn executable(pid: u32) -> Option<PathBuf> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let text = exe.to_string_lossy();
+    Some(match text.strip_suffix(" (deleted)") {
+        Some(path) => PathBuf::from(path),
+        None => exe,
+    })
+}
+
+/// `program` as the kernel reports it in `/proc/<pid>/exe`: a path made canonical, a bare
+/// name looked up in `PATH` first.
+fn resolve_program(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 {
+        return std::fs::canonicalize(program).ok();
+    }
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+            .and_then(|p| std::fs::canonicalize(p).ok())
+    })
 }
 
 enum Child {
@@ -376,6 +421,38 @@ mod tests {
         }
         assert!(!pid_alive(second), "stopped");
         assert!(!dir.path().join("sleeper.pid").exists());
+    }
+
+    /// A process with the spec's arguments is adopted only with the previous daemon proven
+    /// dead and when it runs the spec's binary.
+    #[test]
+    fn adoption_needs_a_dead_owner_and_the_same_binary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut sp = spec(dir.path(), "30");
+        sp.program = std::fs::canonicalize("/bin/sleep").expect("sleep");
+        let mut child = std::process::Command::new(&sp.program)
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        crate::securefs::write_file(&sp.pid_file, format!("{pid}\n").as_bytes(), 0o640)
+            .expect("pid file");
+        assert_eq!(adoptable_with(&sp, true), Some(pid));
+        // The owner not proven dead (no state-dir lock held): never.
+        assert_eq!(adoptable_with(&sp, false), None);
+        // The same arguments under another binary (a copy of sleep): not ours.
+        let copy = dir.path().join("other-sleep");
+        std::fs::copy(&sp.program, &copy).expect("copy sleep");
+        let mut other = sp.clone();
+        other.program = copy;
+        assert_eq!(adoptable_with(&other, true), None);
+        // Other arguments (another data dir, for etcd): not ours.
+        let mut args = sp.clone();
+        args.args = vec!["31".into()];
+        assert_eq!(adoptable_with(&args, true), None);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(adoptable_with(&sp, true), None, "a dead process");
     }
 
     #[tokio::test]

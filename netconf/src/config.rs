@@ -18,6 +18,11 @@ pub struct NetworkingConfig {
     pub host_networks: HostNetworks,
     /// Kernel settings applied at startup.
     pub sysctl: SysctlConfig,
+    /// The network namespace (`/run/netns/<name>`, as `ip netns add` makes it) the daemon
+    /// must run in: started anywhere else it refuses to touch the network. The developer
+    /// configuration sets it, so that its bridges, VXLANs, dnsmasq and firewall never land
+    /// on the host. Unset: wherever it is started.
+    pub require_netns: Option<String>,
 }
 
 /// `networking.host_networks:` — the node's cluster, storage and upstream networks.
@@ -177,6 +182,22 @@ impl NetworkingConfig {
         let mut out = Vec::new();
         for (name, net) in self.host_networks.iter() {
             net.validate(&format!("{path}.host_networks.{name}"), &mut out);
+        }
+        if let Some(ns) = &self.require_netns {
+            if ns.is_empty()
+                || ns == "."
+                || ns == ".."
+                || ns.len() > 255
+                || ns.contains(['/', '\0'])
+                || ns.contains(char::is_whitespace)
+            {
+                out.push((
+                    format!("{path}.require_netns"),
+                    format!(
+                        "{ns:?} is not a network namespace name (a file name under /run/netns)"
+                    ),
+                ));
+            }
         }
         for (k, v) in &self.sysctl.extra {
             let p = format!("{path}.sysctl.extra.{k}");

@@ -29,6 +29,7 @@ pub const ROOTFS_PACKAGES: &[&str] = &[
     "libvirt0",
     "nftables",
     "iproute2",
+    "dnsmasq-base",
     "ipmitool",
     "netbase",
     "python3",
@@ -284,6 +285,13 @@ impl Container {
     /// throw-away upper layer) with `systemd-nspawn`, and wait until systemd reports the boot
     /// finished (`running` or `degraded`).
     pub fn boot(name: &str, binds: &[Bind]) -> Result<Self> {
+        Container::boot_on(name, binds, None)
+    }
+
+    /// [`Container::boot`] with the container's network on host bridge `bridge`
+    /// (`--network-bridge`: its veth `host0` is enslaved there; the caller configures the
+    /// address inside) instead of a private network with loopback only.
+    pub fn boot_on(name: &str, binds: &[Bind], bridge: Option<&str>) -> Result<Self> {
         let base = ensure_base()?;
         let dir = tempfile::Builder::new()
             .prefix("debvisor-nspawn.")
@@ -328,12 +336,15 @@ impl Container {
             "--register=no",
             "--keep-unit",
             "--console=pipe",
-            "--private-network",
             "--machine",
             name,
             "--directory",
         ])
         .arg(&root);
+        match bridge {
+            Some(br) => cmd.arg(format!("--network-bridge={br}")),
+            None => cmd.arg("--private-network"),
+        };
         for b in binds {
             let flag = if b.read_only { "--bind-ro" } else { "--bind" };
             cmd.arg(format!(

@@ -133,3 +133,38 @@ impl CertSet {
         Ok(TlsOptions::new().ca_certificate(ca).identity(identity))
     }
 }
+
+/// Write a CA (`<dir>/etcd-ca.pem`) and, for each `(name, ip)` of `members`, a certificate
+/// `<dir>/<name>.pem` with key `<dir>/<name>-key.pem` (mode 0600) for serverAuth and
+/// clientAuth, with SANs `ip`, `name`, 127.0.0.1 and localhost: the PKI an operator gives the
+/// Ansible role `debvisor_etcd` (each member's pair serves its etcd, talks to its peers and is
+/// its daemon's client certificate).
+pub fn generate_members(dir: &Path, members: &[(&str, &str)]) -> Result<()> {
+    std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+    let ca =
+        CertifiedIssuer::self_signed(ca_params("debvisor test etcd CA")?, KeyPair::generate()?)?;
+    write_pem(dir, "etcd-ca.pem", &ca.pem(), false)?;
+    for (name, ip) in members {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(vec![
+            (*ip).to_owned(),
+            (*name).to_owned(),
+            "127.0.0.1".to_owned(),
+            "localhost".to_owned(),
+        ])?;
+        p.distinguished_name.push(DnType::CommonName, *name);
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.use_authority_key_identifier_extension = true;
+        let cert = p.signed_by(&key, &ca)?;
+        write_pem(dir, &format!("{name}.pem"), &cert.pem(), false)?;
+        write_pem(dir, &format!("{name}-key.pem"), &key.serialize_pem(), true)?;
+    }
+    Ok(())
+}

@@ -517,3 +517,59 @@ fn sd_notify_reports_stages_ready_at_run_and_watchdog_pings() {
     }
     assert!(tail.iter().any(|m| m.contains("STOPPING=1")), "{tail:?}");
 }
+
+/// Under a watchdog shorter than 3 keepalive intervals the daemon warns; a stop that drains
+/// the node (`domains.on_shutdown: flush`) asks systemd for the time it needs
+/// (`EXTEND_TIMEOUT_USEC` covering the flush budget), so a unit's `TimeoutStopSec=` does not
+/// kill a drain.
+#[test]
+fn a_short_watchdog_is_warned_about_and_a_draining_stop_extends_the_stop_timeout() {
+    use std::os::unix::net::UnixDatagram;
+    let etcd = EtcdProcess::start().expect("etcd");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut d = DaemonBuilder::new("hotel")
+        .endpoints(&[etcd.endpoint()])
+        .env("NOTIFY_SOCKET", &sock_path.display().to_string())
+        // 2 s < 3 × keepalive.interval (1 s in the harness).
+        .env("WATCHDOG_USEC", "2000000")
+        .env("DEBVISOR_DOMAINS_ON_SHUTDOWN", "flush")
+        .env("DEBVISOR_DOMAINS_FLUSH_TIMEOUT", "90s")
+        .spawn()
+        .expect("spawn");
+    wait_run(&mut d);
+    let warned = d
+        .wait_for(
+            |v| {
+                str_field(v, "level") == Some("WARN")
+                    && str_field(v, "message").is_some_and(|m| {
+                        m.contains(
+                            "the systemd watchdog (2s) is shorter than 3 × keepalive.interval (1s)",
+                        )
+                    })
+            },
+            Duration::from_secs(1),
+        )
+        .expect("the short watchdog is warned about");
+    assert_eq!(str_field(&warned, "node"), Some("hotel"));
+    while sock.recv(&mut [0u8; 4096]).is_ok() {}
+    d.signal(libc::SIGTERM).expect("SIGTERM");
+    let status = d.wait_exit(Duration::from_secs(120)).expect("exit");
+    assert!(status.success(), "{}", d.tail(20));
+    let mut buf = [0u8; 4096];
+    let mut extends = Vec::new();
+    while let Ok(n) = sock.recv(&mut buf) {
+        let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+        extends.extend(m.lines().filter_map(|l| {
+            l.strip_prefix("EXTEND_TIMEOUT_USEC=")
+                .and_then(|v| v.parse::<u64>().ok())
+        }));
+    }
+    // The first one, at the start of the stop, covers the whole flush budget (90 s) plus the
+    // rest of the shutdown: more than the 60 s a unit gave before.
+    let first = *extends.first().expect("EXTEND_TIMEOUT_USEC sent on stop");
+    assert!(first > 90_000_000, "{extends:?}");
+}

@@ -376,7 +376,9 @@ fn package_lifecycle_under_systemd() {
         "/usr/bin/debvisorctl",
         "/lib/systemd/system/debvisord.service",
         "/etc/debvisor/debvisord.yaml",
-        "/usr/share/debvisor-daemon/debvisord.yaml",
+        "/usr/share/doc/debvisor-daemon/examples/debvisord.yaml",
+        "/usr/share/doc/debvisor-daemon/README.md",
+        "/usr/share/doc/debvisor-daemon/troubleshooting.md",
         "/usr/share/man/man8/debvisord.8.gz",
         "/usr/share/man/man1/debvisorctl.1.gz",
         "/usr/share/doc/debvisor-daemon/changelog.gz",
@@ -385,6 +387,19 @@ fn package_lifecycle_under_systemd() {
         assert!(c.host_path(p).is_file(), "{p} not installed");
     }
     assert!(c.host_path("/var/lib/debvisor").is_dir());
+    // Every file:// of the unit's Documentation= is there (not renamed by dh_compress).
+    let docs = show(&c, &["Documentation"]);
+    let files: Vec<&str> = docs["Documentation"]
+        .split_whitespace()
+        .filter_map(|d| d.trim_matches('"').strip_prefix("file://"))
+        .collect();
+    assert!(!files.is_empty(), "{docs:?}");
+    for f in files {
+        assert!(
+            c.host_path(f).is_file(),
+            "Documentation={f} is not installed"
+        );
+    }
     let conffiles = run(
         &c,
         &["dpkg-query", "-W", "-f=${Conffiles}", "debvisor-daemon"],
@@ -975,4 +990,263 @@ fn ansible_role_is_idempotent() {
         last_lines(&second, 8),
         t0.elapsed().as_secs_f64()
     );
+}
+
+/// A bridge on the host joining the test's containers (no address, no uplink); deleted on
+/// drop.
+struct TestBridge(String);
+
+impl TestBridge {
+    fn create(name: &str) -> TestBridge {
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let _ = Command::new("ip").args(["link", "del", name]).output();
+        ip(&["link", "add", name, "type", "bridge"]);
+        let bridge = TestBridge(name.to_owned());
+        ip(&["link", "set", name, "up"]);
+        bridge
+    }
+}
+
+impl Drop for TestBridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
+
+/// `(task, host, status)` of every per-host result line of an ansible-playbook run, in
+/// order (`changed: [hv1]` under `TASK [role : name]` or `RUNNING HANDLER [role : name]`).
+fn results(output: &str) -> Vec<(String, String, String)> {
+    let mut task = String::new();
+    let mut out = Vec::new();
+    for line in output.lines() {
+        if let Some(rest) = line
+            .strip_prefix("TASK [")
+            .or_else(|| line.strip_prefix("RUNNING HANDLER ["))
+        {
+            task = rest.split(']').next().unwrap_or_default().to_owned();
+        } else if let Some((status, rest)) = line.split_once(": [") {
+            if ["ok", "changed", "skipping", "fatal"].contains(&status) {
+                let host = rest.split(']').next().unwrap_or_default().to_owned();
+                out.push((task.clone(), host, status.to_owned()));
+            }
+        }
+    }
+    out
+}
+
+/// The example site.yml on three containers on a private bridge, from one controller (the
+/// host, through the test's `nsenter` connection plugin): role `debvisor_etcd` bootstraps a
+/// 3-member etcd cluster with TLS (client certificates required) from a test CA, role
+/// `debvisor_daemon` installs the package and starts the daemons one node at a time; the
+/// second run changes nothing; `debvisorctl` sees three nodes in `run` over TLS; a
+/// configuration change restarts one node at a time, each back in `run` before the next.
+#[test]
+fn ansible_three_node_cluster_with_tls_etcd_and_rolling_restarts() {
+    skip_unless_root!();
+    let t0 = Instant::now();
+    let venv = ansible_venv();
+    let debs = debs();
+    let ansible_dir = repo_root().join("packaging/ansible");
+    let plugins = repo_root().join("tests/ansible/connection_plugins");
+    let work = tempfile::tempdir().expect("tempdir");
+    let bridge = TestBridge::create(&format!("dvans{}", std::process::id() % 100_000));
+    let nodes = [
+        ("hv1", "10.231.7.11"),
+        ("hv2", "10.231.7.12"),
+        ("hv3", "10.231.7.13"),
+    ];
+    let pki = work.path().join("pki");
+    debvisor_tests::tls::generate_members(&pki, &nodes).expect("test PKI");
+
+    let containers: Vec<Container> = nodes
+        .iter()
+        .map(|(name, addr)| {
+            let c = Container::boot_on(&format!("dvans-{name}"), &[], Some(&bridge.0))
+                .unwrap_or_else(|e| panic!("{e}"));
+            run(&c, &["ip", "link", "set", "host0", "up"]);
+            run(
+                &c,
+                &["ip", "addr", "add", &format!("{addr}/24"), "dev", "host0"],
+            );
+            c
+        })
+        .collect();
+    eprintln!(
+        "three containers booted in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    let endpoints: Vec<String> = nodes
+        .iter()
+        .map(|(_, a)| format!("https://{a}:2379"))
+        .collect();
+    let mut inv = String::from("debvisor:\n  hosts:\n");
+    for ((name, addr), c) in nodes.iter().zip(&containers) {
+        inv.push_str(&format!(
+            "    {name}:\n      ansible_host: {addr}\n      nsenter_leader: {}\n",
+            c.leader()
+        ));
+    }
+    inv.push_str(&format!(
+        "  vars:\n\
+         \x20   ansible_connection: nsenter\n\
+         \x20   ansible_python_interpreter: /usr/bin/python3\n\
+         \x20   ansible_become: false\n\
+         \x20   debvisor_etcd_ca: {pki}/etcd-ca.pem\n\
+         \x20   debvisor_etcd_cert: \"{pki}/{{{{ inventory_hostname }}}}.pem\"\n\
+         \x20   debvisor_etcd_key: \"{pki}/{{{{ inventory_hostname }}}}-key.pem\"\n\
+         \x20   debvisor_daemon_deb: {deb}\n\
+         \x20   debvisor_daemon_mode: clustered\n\
+         \x20   debvisor_daemon_coordinators: [hv1, hv2, hv3]\n\
+         \x20   debvisor_daemon_store_endpoints: {endpoints:?}\n\
+         \x20   debvisor_daemon_tls_ca: {pki}/etcd-ca.pem\n\
+         \x20   debvisor_daemon_tls_cert: \"{pki}/{{{{ inventory_hostname }}}}.pem\"\n\
+         \x20   debvisor_daemon_tls_key: \"{pki}/{{{{ inventory_hostname }}}}-key.pem\"\n\
+         \x20   debvisor_daemon_hypervisor_uri: \"test:///default\"\n\
+         \x20   debvisor_daemon_hypervisor_peer_uri: \"test:///default\"\n\
+         \x20   debvisor_daemon_keepalive_interval: 1s\n\
+         \x20   debvisor_daemon_lease_ttl: 4s\n\
+         \x20   debvisor_daemon_coordinator_units: [etcd.service]\n\
+         debvisor_etcd:\n  children:\n    debvisor:\n",
+        pki = pki.display(),
+        deb = debs.v1.display(),
+    ));
+    let inventory = work.path().join("inventory.yml");
+    std::fs::write(&inventory, &inv).expect("writing the inventory");
+
+    let apply = |extra: &[&str]| -> String {
+        let out = Command::new(venv.join("bin/ansible-playbook"))
+            .arg("-i")
+            .arg(&inventory)
+            .arg("site.yml")
+            .args(extra)
+            .current_dir(&ansible_dir)
+            .env("ANSIBLE_CONNECTION_PLUGINS", &plugins)
+            .env("ANSIBLE_HOST_KEY_CHECKING", "false")
+            .env("ANSIBLE_NOCOLOR", "1")
+            .env("ANSIBLE_FORKS", "3")
+            .stdin(Stdio::null())
+            .output()
+            .expect("running ansible-playbook");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "ansible-playbook {extra:?} failed ({}):\n{text}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+
+    let t = Instant::now();
+    let first = apply(&[]);
+    eprintln!("first run: {:.1} s", t.elapsed().as_secs_f64());
+    for (name, _) in &nodes {
+        let (_, changed, failed) = recap(&first, name);
+        assert_eq!(failed, 0, "{first}");
+        assert!(changed > 0, "first run changed nothing on {name}:\n{first}");
+    }
+    // Three members of one etcd cluster, TLS with client certificates.
+    let members = run(
+        &containers[0],
+        &[
+            "etcdctl",
+            "--endpoints=https://10.231.7.11:2379",
+            "--cacert=/etc/etcd/pki/ca.pem",
+            "--cert=/etc/etcd/pki/member.pem",
+            "--key=/etc/etcd/pki/member-key.pem",
+            "member",
+            "list",
+        ],
+    );
+    assert_eq!(members.lines().count(), 3, "{members}");
+    let plain = containers[0].exec(&[
+        "etcdctl",
+        "--endpoints=https://10.231.7.11:2379",
+        "--cacert=/etc/etcd/pki/ca.pem",
+        "--command-timeout=3s",
+        "get",
+        "x",
+    ]);
+    assert!(
+        plain.is_ok_and(|o| !o.status.success()),
+        "etcd served a client without a certificate"
+    );
+    // Every daemon in run, seen from each node over TLS.
+    for c in &containers {
+        for (name, _) in &nodes {
+            assert_eq!(daemon_state(c, name).as_deref(), Some("run"), "{name}");
+        }
+    }
+    let status = run(&containers[1], &["debvisorctl", "status"]);
+    eprintln!("debvisorctl status on hv2:\n{status}");
+
+    let second = apply(&[]);
+    for (name, _) in &nodes {
+        assert_eq!(
+            recap(&second, name),
+            (recap(&second, name).0, 0, 0),
+            "second run not idempotent on {name}:\n{second}"
+        );
+    }
+
+    // A configuration change: one node at a time, each in run before the next restarts.
+    let started = |c: &Container| -> u64 {
+        show(c, &["ExecMainStartTimestampMonotonic"])["ExecMainStartTimestampMonotonic"]
+            .parse()
+            .expect("a monotonic timestamp")
+    };
+    let before: Vec<u64> = containers.iter().map(started).collect();
+    let third = apply(&["-e", "debvisor_daemon_log_level=debug"]);
+    let after: Vec<u64> = containers.iter().map(started).collect();
+    for i in 0..3 {
+        assert!(
+            after[i] > before[i],
+            "{} not restarted:\n{third}",
+            nodes[i].0
+        );
+    }
+    assert!(
+        after[0] < after[1] && after[1] < after[2],
+        "restarts not in order: {after:?}"
+    );
+    let r = results(&third);
+    let at = |task: &str, host: &str, status: &str| -> usize {
+        r.iter()
+            .position(|(t, h, s)| t.ends_with(task) && h == host && s == status)
+            .unwrap_or_else(|| panic!("no {status}: [{host}] under {task}:\n{third}"))
+    };
+    let mut last = 0;
+    for (name, _) in &nodes {
+        let restart = at("Restart debvisord", name, "changed");
+        let in_run = at("Wait until the node is in run", name, "ok");
+        assert!(
+            last <= restart && restart < in_run,
+            "{name}: restart at {restart}, run at {in_run}, previous node in run at {last}:\n{third}"
+        );
+        last = in_run;
+    }
+    for c in &containers {
+        for (name, _) in &nodes {
+            assert_eq!(daemon_state(c, name).as_deref(), Some("run"), "{name}");
+        }
+    }
+    eprintln!(
+        "first run:\n{}\nsecond run:\n{}\nrolling change:\n{}\n3-node ansible test total {:.1} s",
+        last_lines(&first, 6),
+        last_lines(&second, 6),
+        last_lines(&third, 6),
+        t0.elapsed().as_secs_f64()
+    );
+    drop(containers);
 }
