@@ -449,7 +449,7 @@ pub fn parse_node(
                 }
                 Err(e) => n.problems.push(e),
             },
-            NodeField::ConfirmRemovals => {}
+            NodeField::ConfirmRemovals | NodeField::Drain => {}
             NodeField::ConfigVersion | NodeField::ConfigLastAppliedAt | NodeField::ConfigStatus => {
                 utf8(f, v)?;
             }
