@@ -268,7 +268,35 @@ async fn start_objects(
     let mut r = r;
     r.guard = start_guardian(&r);
     start_election(&r, coordinator);
+    start_metrics(&r, keepalive.stats_handle());
     Ok((r, signals, keepalive))
+}
+
+/// `GET /metrics` (`metrics.listen`) from `run` on, until the objects stop.
+fn start_metrics(
+    r: &Running,
+    stats: std::sync::Arc<std::sync::Mutex<Vec<crate::hypervisor::DomainStats>>>,
+) {
+    let m = &r.cfg.metrics;
+    let Some(addr) = m
+        .enabled
+        .then(|| m.listen.parse::<std::net::SocketAddr>().ok())
+        .flatten()
+    else {
+        return;
+    };
+    let sources = crate::metrics::Sources {
+        node: r.cfg.node_name().to_string(),
+        nodes: r.objects.nodes.clone(),
+        vms: r.objects.vms.clone(),
+        networks: r.objects.networks.clone(),
+        stats,
+    };
+    tokio::spawn(crate::metrics::serve(
+        addr,
+        sources,
+        r.objects.tasks.clone(),
+    ));
 }
 
 /// The election, from `run` on: secondary → takeover → primary for a coordinator (always for

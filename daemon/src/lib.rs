@@ -38,6 +38,7 @@ pub mod guard;
 pub mod journal;
 pub mod keepalive;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod owned_keys;
 pub mod peers;

@@ -34,6 +34,7 @@ use crate::config::{self, DEFAULT_CONFIG_PATH};
 
 /// The connection flags of `debvisorctl` (global, so they go before or after the command).
 #[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "Connection (flags, DEBVISORCTL_*, ctl.yaml)")]
 pub struct ClientArgs {
     /// A debvisord configuration file to take the store settings (and the domain-XML policy)
     /// from; default: the client config, else /etc/debvisor/debvisord.yaml when present.
