@@ -269,7 +269,23 @@ async fn start_objects(
     r.guard = start_guardian(&r);
     start_election(&r, coordinator);
     start_metrics(&r, keepalive.stats_handle());
+    start_config_sync(&r);
     Ok((r, signals, keepalive))
+}
+
+/// The cluster config (`config/blob`) applied here at runtime, on the keepalive interval.
+fn start_config_sync(r: &Running) {
+    let cfg = &r.cfg;
+    crate::config_sync::ConfigSync {
+        node: cfg.node_name().to_string(),
+        store: r.store.clone(),
+        log: r.log.clone(),
+        base_level: cfg.logging.level.clone(),
+        sysctl_apply: cfg.networking.sysctl.apply,
+        standalone: cfg.node.mode == NodeMode::Standalone,
+        proc_sys: std::path::PathBuf::from("/proc/sys"),
+    }
+    .spawn(cfg.keepalive.interval, r.objects.tasks.clone());
 }
 
 /// `GET /metrics` (`metrics.listen`) from `run` on, until the objects stop.

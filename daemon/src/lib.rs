@@ -33,6 +33,7 @@ pub mod ctl;
 
 pub mod reactors;
 
+pub mod config_sync;
 pub mod daemon;
 pub mod guard;
 pub mod journal;
