@@ -131,7 +131,10 @@ fn manpages(dir: &std::path::Path) -> std::io::Result<usize> {
         clap_mangen::Man::new(cmd.clone()).render(&mut buf)?;
         std::fs::write(dir.join(format!("{name}.1")), buf)?;
         *n += 1;
-        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        for sub in cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
             walk(sub, &format!("{name}-{}", sub.get_name()), dir, n)?;
         }
         Ok(())
