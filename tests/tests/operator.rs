@@ -160,6 +160,13 @@ fn a_wait_explains_itself_and_the_summary_exit_code_follows_the_cluster() {
     });
     assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
     assert!(stdout(&out).contains("0/1 alive"), "{}", stdout(&out));
+    assert!(
+        stdout(&out)
+            .lines()
+            .any(|l| l.starts_with(node) && l.ends_with("DOWN: no lease")),
+        "{}",
+        stdout(&out)
+    );
     println!("$ debvisorctl status\n{}", stdout(&out));
 }
 

@@ -368,7 +368,9 @@ pub fn status_table(rows: &[NodeRow]) -> String {
                     .as_ref()
                     .map(|h| h.vms.running.to_string())
                     .unwrap_or_else(|| "-".into()),
+                // Without a lease the node is down whatever verdict the primary left.
                 match (&n.status, &n.status_reason) {
+                    _ if !n.alive => "DOWN: no lease".into(),
                     (Some(st), Some(why)) => format!("{st}: {why}"),
                     (Some(st), None) => st.to_string(),
                     (None, _) => "-".into(),
