@@ -4,6 +4,8 @@ set -euo pipefail
 PKGS=(etcd-server etcd-client protobuf-compiler libprotobuf-dev pkg-config libvirt-dev libvirt-daemon-system
       libvirt-clients qemu-system-x86 nftables iproute2 ipmitool openssl dnsmasq-base busybox
       procps
+      # the cluster tests' fake BMCs (ipmi_sim)
+      openipmi
       # packaging and its tests: Debian tooling, man pages from --help, lintian, a systemd
       # container (debootstrap + systemd-nspawn), Python venvs for ansible-core/ansible-lint
       debhelper dpkg-dev help2man lintian debootstrap systemd-container python3-venv

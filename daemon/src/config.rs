@@ -340,11 +340,35 @@ impl KeepaliveConfig {
     }
 }
 
+impl Config {
+    /// The self-fence margin (`fencing.self_fence_margin`, else the demote margin).
+    pub fn self_fence_margin(&self) -> Duration {
+        self.fencing
+            .self_fence_margin
+            .unwrap_or_else(|| self.keepalive.demote_margin())
+    }
+
+    /// Does this node self-fence its guests when its lease runs out? Only a clustered node
+    /// with fencing on: there another node may recover its VMs. A standalone node, or a
+    /// cluster without fencing, keeps its guests running through a store outage (nobody
+    /// moves them).
+    pub fn self_fence_active(&self) -> bool {
+        self.node.mode == NodeMode::Clustered && self.fencing.enabled && self.fencing.self_fence
+    }
+
+    /// The primary's grace after `alive` vanished (`fencing.grace`, else margin + 3s).
+    pub fn fence_grace(&self) -> Duration {
+        self.fencing
+            .grace
+            .unwrap_or_else(|| self.self_fence_margin() + Duration::from_secs(3))
+    }
+}
+
 impl Default for KeepaliveConfig {
     fn default() -> Self {
         KeepaliveConfig {
-            interval: Duration::from_secs(5),
-            lease_ttl: Duration::from_secs(15),
+            interval: Duration::from_secs(2),
+            lease_ttl: Duration::from_secs(6),
             demote_margin: None,
         }
     }
@@ -487,19 +511,45 @@ pub enum FenceAction {
     None,
 }
 
-/// `fencing.ipmi:` — this node's own BMC, published so the primary can fence it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+/// `fencing.ipmi:` — this node's own BMC, published so the primary can fence it. The
+/// password file is this node's copy of the one the primary uses for every BMC (the same
+/// file on every node that may fence, distributed by Ansible).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct IpmiConfig {
     /// BMC address.
     pub host: Option<String>,
+    /// BMC port (RMCP+, UDP).
+    pub port: u16,
     /// BMC user; needs `password_file`.
     pub user: Option<String>,
     /// File with the BMC password (never in etcd or on a command line).
     pub password_file: Option<PathBuf>,
 }
 
-/// `fencing:` — dead-node handling (used by the election/fencing issue).
+impl Default for IpmiConfig {
+    fn default() -> Self {
+        IpmiConfig {
+            host: None,
+            port: 623,
+            user: None,
+            password_file: None,
+        }
+    }
+}
+
+/// What a node does with its guests when it self-fences.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SelfFenceAction {
+    /// Power them off (`virDomainDestroy`).
+    #[default]
+    Destroy,
+    /// Pause them (`virDomainSuspend`): no I/O; never resumed by the daemon on its own.
+    Pause,
+}
+
+/// `fencing:` — dead nodes, IPMI fencing, self-fence and VM recovery.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct FencingConfig {
@@ -509,13 +559,33 @@ pub struct FencingConfig {
     pub ipmi: IpmiConfig,
     /// What to do with a dead node's VMs after a successful fence.
     pub successful_fence: FenceAction,
-    /// What to do with a dead node's VMs after a failed fence.
+    /// What to do with a dead node's VMs after a failed fence (`migrate` needs
+    /// `self_fence`).
     pub failed_fence: FenceAction,
-    /// Most nodes fenced at once; more dead nodes than this looks like a partition.
+    /// Most nodes fenced at once.
     pub max_concurrent: u32,
-    /// Timeout of one fence command.
+    /// Most fences started per `window` (a cap against fencing storms).
+    pub max_per_window: u32,
+    /// Window of `max_per_window`.
+    #[serde(with = "duration_str")]
+    pub window: Duration,
+    /// Timeout of one fence: power off, then power status until Off.
     #[serde(with = "duration_str")]
     pub timeout: Duration,
+    /// Power a fenced node on again afterwards (it comes back fenced: no guests until
+    /// readmitted).
+    pub power_on_after: bool,
+    /// How long the primary waits after a node's `alive` vanished before declaring it dead.
+    /// Unset: the self-fence margin + 3s (time to destroy its guests).
+    #[serde(with = "opt_duration_str")]
+    pub grace: Option<Duration>,
+    /// Every node stops its guests a margin before its lease could expire on the server.
+    pub self_fence: bool,
+    /// `destroy` or `pause` the guests when self-fencing.
+    pub self_fence_action: SelfFenceAction,
+    /// The margin before the lease deadline. Unset: `keepalive.demote_margin`'s value.
+    #[serde(with = "opt_duration_str")]
+    pub self_fence_margin: Option<Duration>,
 }
 
 impl Default for FencingConfig {
@@ -526,7 +596,14 @@ impl Default for FencingConfig {
             successful_fence: FenceAction::Migrate,
             failed_fence: FenceAction::None,
             max_concurrent: 1,
+            max_per_window: 3,
+            window: Duration::from_secs(600),
             timeout: Duration::from_secs(60),
+            power_on_after: false,
+            grace: None,
+            self_fence: true,
+            self_fence_action: SelfFenceAction::Destroy,
+            self_fence_margin: None,
         }
     }
 }
@@ -1497,6 +1574,7 @@ impl Config {
             ),
             ("domains.migration_timeout", self.domains.migration_timeout),
             ("fencing.timeout", self.fencing.timeout),
+            ("fencing.window", self.fencing.window),
             ("ceph.interval", self.ceph.interval),
             ("ceph.timeout", self.ceph.timeout),
         ] {
@@ -1681,6 +1759,42 @@ impl Config {
         let f = &self.fencing;
         if f.max_concurrent == 0 {
             bad("fencing.max_concurrent", "must be at least 1".into());
+        }
+        if f.max_per_window == 0 {
+            bad("fencing.max_per_window", "must be at least 1".into());
+        }
+        if f.failed_fence == FenceAction::Migrate && !f.self_fence {
+            bad(
+                "fencing.failed_fence",
+                "migrate needs fencing.self_fence: true (without a confirmed fence, only the self-fence bound keeps a VM from running twice)".into(),
+            );
+        }
+        if let Some(m) = f.self_fence_margin {
+            if m < Duration::from_millis(100) || m * 2 >= self.keepalive.lease_ttl {
+                bad(
+                    "fencing.self_fence_margin",
+                    format!(
+                        "must be at least 100ms and less than half of keepalive.lease_ttl ({}), got {}",
+                        format_duration(self.keepalive.lease_ttl),
+                        format_duration(m)
+                    ),
+                );
+            }
+        }
+        if let Some(g) = f.grace {
+            if g < self.self_fence_margin() {
+                bad(
+                    "fencing.grace",
+                    format!(
+                        "must be at least the self-fence margin ({}), got {}",
+                        format_duration(self.self_fence_margin()),
+                        format_duration(g)
+                    ),
+                );
+            }
+        }
+        if f.ipmi.port == 0 {
+            bad("fencing.ipmi.port", "must be 1..65535".into());
         }
         match (&f.ipmi.user, &f.ipmi.password_file) {
             (Some(_), None) => bad(
@@ -1992,7 +2106,7 @@ mod tests {
 
     #[test]
     fn all_validation_problems_are_reported() {
-        let yaml = "store:\n  endpoints: [\"http://a:1\", \"htp://x\"]\n  tls:\n    cert: /c.pem\nkeepalive:\n  lease_ttl: 6s\nlogging:\n  level: verbose\n";
+        let yaml = "store:\n  endpoints: [\"http://a:1\", \"htp://x\"]\n  tls:\n    cert: /c.pem\nkeepalive:\n  lease_ttl: 3s\nlogging:\n  level: verbose\n";
         let e = parse(yaml, &[]).unwrap_err();
         let paths: Vec<&str> = e.issues().iter().map(|i| i.path.as_str()).collect();
         assert_eq!(
@@ -2012,7 +2126,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                "keepalive.lease_ttl: must be at least 2 × keepalive.interval (5s), got 6s"
+                "keepalive.lease_ttl: must be at least 2 × keepalive.interval (2s), got 3s"
             ),
             "{text}"
         );

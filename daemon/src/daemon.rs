@@ -219,6 +219,7 @@ async fn start_objects(
         registered_info: b.reg.info.clone(),
         info: b.info.clone(),
         role: b.role.clone(),
+        lease_state: b.reg.lease_state.clone(),
     });
     let mut signals = b.signals;
     let coordinator: CoordinatorCell = Arc::new(std::sync::Mutex::new(
@@ -338,37 +339,47 @@ fn start_election(r: &Running, coordinator: CoordinatorCell) {
     election.spawn(r.election_stop.clone(), r.election_done.clone());
 }
 
-/// The guardian of a clustered coordinator: releases the primary's duties if this process
-/// dies or freezes before its lease deadline (`guard.rs`). `None` for other nodes.
+/// The guardian of a clustered coordinator or a node with self-fence: releases the
+/// primary's duties, and stops the guests at the self-fence deadline, if this process dies
+/// or freezes (`guard.rs`). `None` for other nodes.
 fn start_guardian(r: &Running) -> Option<Heartbeat> {
     let cfg = &r.cfg;
-    if cfg.node.mode == NodeMode::Standalone || !cfg.is_coordinator() {
+    let fence = cfg.self_fence_active();
+    if cfg.node.mode == NodeMode::Standalone || !(cfg.is_coordinator() || fence) {
         return None;
     }
     let node = cfg.node_name().to_string();
     let guardian = match Guardian::spawn(&r.config_path) {
         Ok(g) => g,
         Err(e) => {
-            warn!(node = %node, error = %e, "guardian not started: if this daemon dies while primary, its floating addresses stay until the host is fenced");
+            warn!(node = %node, error = %e, "guardian not started: if this daemon dies, its floating addresses and guests stay until the host is fenced");
             return None;
         }
     };
-    info!(node = %node, pid = guardian.pid(), "guardian started");
-    let (role, lease, margin) = (
+    info!(node = %node, pid = guardian.pid(), self_fence = fence, "guardian started");
+    let (role, lease, margin, fence_margin) = (
         r.role.clone(),
         r.lease_state.clone(),
         cfg.keepalive.demote_margin(),
+        cfg.self_fence_margin(),
     );
     Some(Heartbeat::start(guardian, move || {
-        let until = lease.borrow().valid_until();
-        Beat {
-            primary: role.get().primary,
-            lasts: until
+        let state = *lease.borrow();
+        let left = |m: Duration| {
+            state
+                .valid_until()
                 .map(|u| {
                     u.saturating_duration_since(Instant::now())
-                        .saturating_sub(margin)
+                        .saturating_sub(m)
                 })
-                .unwrap_or(Duration::ZERO),
+                .unwrap_or(Duration::ZERO)
+        };
+        Beat {
+            primary: role.get().primary,
+            lasts: left(margin),
+            fence,
+            guests_last: left(fence_margin),
+            lease: state.id(),
         }
     }))
 }
@@ -640,7 +651,9 @@ fn reload(r: &Running) {
 /// daemon took the name): they are then not written.
 async fn shutdown(mut r: Running, from: Option<DaemonState>) -> ExitCode {
     notify::stopping();
-    let guard = r.guard.take();
+    let mut guard = r.guard.take();
+    let fence = r.cfg.self_fence_active();
+    let mut relinquished = false;
     let node = r.cfg.node_name().to_string();
     let flush = r.cfg.domains.on_shutdown == OnShutdown::Flush && from == Some(DaemonState::Run);
     let mut budget = r.cfg.store.request_timeout * 3 + Duration::from_secs(15);
@@ -659,8 +672,11 @@ async fn shutdown(mut r: Running, from: Option<DaemonState>) -> ExitCode {
         {
             // The guardian then releases what may still be up when this process exits.
             warn!(node = %node, "election did not finish its relinquish in time; stopping anyway");
-        } else if let Some(g) = guard {
-            let _ = tokio::task::spawn_blocking(move || g.bye()).await;
+        } else {
+            relinquished = true;
+            if let Some(g) = guard.take_if(|_| !fence) {
+                let _ = tokio::task::spawn_blocking(move || g.bye()).await;
+            }
         }
         if flush {
             flush_before_stop(&r).await;
@@ -676,30 +692,61 @@ async fn shutdown(mut r: Running, from: Option<DaemonState>) -> ExitCode {
             .await;
         }
         r.objects.shutdown().await;
-        if from.is_some() {
-            let _ = registration::set_daemon_state(
+        let stopped = match from {
+            Some(_) => registration::set_daemon_state(
                 &r.store,
                 &node,
                 DaemonState::Shutdown,
                 DaemonState::Stop,
                 "objects stopped",
             )
-            .await;
+            .await
+            .is_ok(),
+            None => false,
+        };
+        // With self-fence, guests outlive this process only when the cluster knows the
+        // stop was clean; otherwise the guardian keeps the self-fence bound.
+        if let Some(g) = guard.take() {
+            if stopped && relinquished {
+                let _ = tokio::task::spawn_blocking(move || g.bye()).await;
+            } else {
+                warn!(node = %node, "stop not recorded: the guardian stops the guests at the lease deadline unless this node registers again");
+                let _ = tokio::task::spawn_blocking(move || g.abandon()).await;
+            }
         }
         r.lease_cancel.cancel();
         let lease = r.lease.load(Ordering::SeqCst);
-        match r.store.lease_revoke(lease).await {
-            Ok(()) => {
-                r.local.clear_lease();
-                info!(node = %node, lease = format!("{lease:x}"), "lease revoked; peers see this node gone");
-            }
-            Err(e) => {
-                warn!(node = %node, error = %e, "cannot revoke lease; it expires after its TTL")
-            }
+        if fence && !stopped {
+            // Revoking would end the lease before the guardian's deadline: let it expire.
+            warn!(node = %node, lease = format!("{lease:x}"), "lease left to expire: the guests stop before it does");
+        } else {
+            revoke(&r, &node, lease).await;
         }
         r.libvirt.close().await;
         stages::coordinator_services::stop(&r.services).await;
     };
+    finish(work, budget, &node).await
+}
+
+/// Revoke the node lease: peers see this node gone at once.
+async fn revoke(r: &Running, node: &str, lease: i64) {
+    match r.store.lease_revoke(lease).await {
+        Ok(()) => {
+            r.local.clear_lease();
+            info!(node = %node, lease = format!("{lease:x}"), "lease revoked; peers see this node gone");
+        }
+        Err(e) => {
+            warn!(node = %node, error = %e, "cannot revoke lease; it expires after its TTL")
+        }
+    }
+}
+
+/// Run the shutdown `work` within `budget`: the exit code.
+async fn finish(
+    work: impl std::future::Future<Output = ()>,
+    budget: Duration,
+    node: &str,
+) -> ExitCode {
     match tokio::time::timeout(budget, work).await {
         Ok(()) => {
             info!(node = %node, "debvisord stopped");

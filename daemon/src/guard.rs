@@ -12,8 +12,16 @@
 //!
 //! by removing every address this host holds as the primary (floating addresses and client
 //! network gateways: the `FLOATING` address protocol) and stopping the daemon's dnsmasq
-//! processes. A graceful stop says goodbye first. Only clustered coordinators run one: a
-//! standalone node keeps its duties across restarts, nobody else takes them.
+//! processes. A graceful stop says goodbye first.
+//!
+//! With self-fence on (`fencing`, clustered), the guardian also keeps the self-fence bound
+//! when the daemon cannot: a daemon killed, crashed, frozen, or stopped without its `stop`
+//! recorded leaves guests that the primary may recover elsewhere once the lease expires. So
+//! at the lease deadline (`valid_until − self_fence_margin`, from the last heartbeat) the
+//! guardian destroys (or pauses) every guest carrying this node's ownership mark — unless a
+//! new daemon has registered meanwhile (the state dir names a newer lease). Clustered
+//! coordinators and clustered nodes with self-fence run one; a standalone node keeps its
+//! duties and guests across restarts, nobody else takes them.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -35,35 +43,49 @@ pub struct Beat {
     pub primary: bool,
     /// How long its primary duties may last without a newer heartbeat.
     pub lasts: Duration,
+    /// Guests must stop by the self-fence deadline if the daemon cannot see to it.
+    pub fence: bool,
+    /// How long its guests may run without a newer heartbeat (the self-fence deadline).
+    pub guests_last: Duration,
+    /// The node lease the daemon holds (a newer one in the state dir: a new daemon).
+    pub lease: i64,
 }
 
 impl Beat {
-    /// The wire form: `beat <0|1> <millis>`.
+    /// The wire form: `beat <0|1> <millis> <0|1> <millis> <lease>`.
     pub fn line(&self) -> String {
         format!(
-            "beat {} {}\n",
+            "beat {} {} {} {} {}\n",
             u8::from(self.primary),
-            self.lasts.as_millis()
+            self.lasts.as_millis(),
+            u8::from(self.fence),
+            self.guests_last.as_millis(),
+            self.lease
         )
     }
 
     /// Parse one line (`beat …` or `bye`): `Ok(None)` for a goodbye.
     pub fn parse(line: &str) -> Result<Option<Beat>, String> {
-        let mut f = line.split_whitespace();
-        match (f.next(), f.next(), f.next(), f.next()) {
-            (Some("bye"), None, None, None) => Ok(None),
-            (Some("beat"), Some(p), Some(ms), None) => {
-                let primary = match p {
-                    "0" => false,
-                    "1" => true,
-                    _ => return Err(format!("bad primary flag {p:?}")),
-                };
-                let ms: u64 = ms.parse().map_err(|_| format!("bad millis {ms:?}"))?;
-                Ok(Some(Beat {
-                    primary,
-                    lasts: Duration::from_millis(ms),
-                }))
-            }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let flag = |p: &str| match p {
+            "0" => Ok(false),
+            "1" => Ok(true),
+            _ => Err(format!("bad flag {p:?}")),
+        };
+        let millis = |ms: &str| {
+            ms.parse::<u64>()
+                .map(Duration::from_millis)
+                .map_err(|_| format!("bad millis {ms:?}"))
+        };
+        match f.as_slice() {
+            ["bye"] => Ok(None),
+            ["beat", p, ms, fence, gms, lease] => Ok(Some(Beat {
+                primary: flag(p)?,
+                lasts: millis(ms)?,
+                fence: flag(fence)?,
+                guests_last: millis(gms)?,
+                lease: lease.parse().map_err(|_| format!("bad lease {lease:?}"))?,
+            })),
             _ => Err(format!("bad line {line:?}")),
         }
     }
@@ -147,6 +169,16 @@ impl Heartbeat {
             g.bye();
         }
     }
+
+    /// Stop heartbeating without a goodbye (the stop could not be recorded): the guardian
+    /// acts as on the daemon's death and keeps the self-fence bound.
+    pub fn abandon(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(g) = self.thread.join() {
+            drop(g.sock);
+            // The guardian lives on; the child handle is dropped without waiting.
+        }
+    }
 }
 
 fn say(msg: &str) {
@@ -178,32 +210,129 @@ pub fn run(cfg: &Config) -> ExitCode {
         }
         let _ = tx.send(None);
     });
-    let mut primary = false;
-    let mut deadline: Option<Instant> = None;
+    let mut last: Option<(Beat, Instant)> = None;
     loop {
-        let wait = deadline
-            .filter(|_| primary)
+        let wait = last
+            .and_then(|(b, at)| next_deadline(&b, at))
             .map(|d| d.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(3600));
         match rx.recv_timeout(wait) {
-            Ok(Some(Ok(Some(b)))) => {
-                primary = b.primary;
-                deadline = Some(Instant::now() + b.lasts);
-            }
+            Ok(Some(Ok(Some(b)))) => last = Some((b, Instant::now())),
             Ok(Some(Ok(None))) => return ExitCode::SUCCESS,
             Ok(Some(Err(e))) => say(&format!("ignoring {e}")),
             Ok(None) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                say("the daemon is gone without a goodbye; releasing the primary's duties");
-                release(cfg);
+                if let Some((b, at)) = last {
+                    orphaned(cfg, &b, at);
+                }
                 return ExitCode::SUCCESS;
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                say("no heartbeat before the primary's deadline (the daemon is stuck); releasing the primary's duties");
-                release(cfg);
-                primary = false;
+                if let Some((b, at)) = last.take() {
+                    say("no heartbeat before the deadline (the daemon is stuck)");
+                    overdue(cfg, &b, at);
+                }
             }
         }
     }
+}
+
+/// The next deadline the guardian acts at for `b` received `at`: the primary's duties, then
+/// the guests' self-fence.
+fn next_deadline(b: &Beat, at: Instant) -> Option<Instant> {
+    let duties = b.primary.then_some(at + b.lasts);
+    let guests = b.fence.then_some(at + b.guests_last);
+    duties.into_iter().chain(guests).min()
+}
+
+/// The daemon went away without a goodbye: its duties go now, its guests at the deadline
+/// (unless a new daemon registered meanwhile).
+fn orphaned(cfg: &Config, b: &Beat, at: Instant) {
+    if b.primary {
+        say("the daemon is gone without a goodbye; releasing the primary's duties");
+        release(cfg);
+    }
+    if b.fence {
+        let deadline = at + b.guests_last;
+        say(&format!(
+            "the daemon is gone; its guests stop in {}ms (the self-fence deadline) unless a new daemon registers",
+            deadline.saturating_duration_since(Instant::now()).as_millis()
+        ));
+        while Instant::now() < deadline {
+            if newer_registration(cfg, b.lease) {
+                return say("a new daemon registered with a new lease; guests left to it");
+            }
+            std::thread::sleep(
+                Duration::from_millis(100).min(deadline.saturating_duration_since(Instant::now())),
+            );
+        }
+        if newer_registration(cfg, b.lease) {
+            return say("a new daemon registered with a new lease; guests left to it");
+        }
+        fence_guests(cfg);
+    }
+}
+
+/// The daemon is stuck past a deadline: release what is due.
+fn overdue(cfg: &Config, b: &Beat, at: Instant) {
+    let now = Instant::now();
+    if b.primary && now >= at + b.lasts {
+        say("releasing the primary's duties");
+        release(cfg);
+    }
+    if b.fence && now >= at + b.guests_last {
+        fence_guests(cfg);
+    }
+}
+
+/// Has a daemon registered a lease other than `lease` since (the state dir's `lease`)?
+fn newer_registration(cfg: &Config, lease: i64) -> bool {
+    crate::registration::LocalState::new(&cfg.paths.state_dir)
+        .last_lease()
+        .is_some_and(|l| l != lease)
+}
+
+/// Self-fence from the guardian: destroy (or pause) every running guest that carries this
+/// node's ownership mark.
+fn fence_guests(cfg: &Config) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return say(&format!("cannot start a runtime: {e}")),
+    };
+    let node = cfg.node_name().to_string();
+    rt.block_on(async {
+        let lv = crate::hypervisor::Libvirt::new(&cfg.hypervisor.uri, cfg.hypervisor.timeout);
+        let list = match lv.list().await {
+            Ok(l) => l,
+            Err(e) => return say(&format!("self-fence: cannot list the guests: {e}")),
+        };
+        for d in list.iter().filter(|d| d.state.is_active()) {
+            let ours = match lv.xml(&d.uuid).await {
+                Ok(x) => debvisor_objects::domain::read_mark(&x).is_some_and(|m| m.node == node),
+                Err(_) => false,
+            };
+            if !ours {
+                continue;
+            }
+            let r = match cfg.fencing.self_fence_action {
+                crate::config::SelfFenceAction::Destroy => lv.destroy(&d.uuid).await,
+                crate::config::SelfFenceAction::Pause => lv.suspend(&d.uuid).await,
+            };
+            match r {
+                Ok(_) => say(&format!(
+                    "self-fence: guest {} ({}) stopped: the daemon could not keep its lease",
+                    d.name, d.uuid
+                )),
+                Err(e) => say(&format!(
+                    "self-fence: guest {} ({}) NOT stopped: {e}",
+                    d.name, d.uuid
+                )),
+            }
+        }
+        lv.close().await;
+    });
 }
 
 /// Remove every address this host holds as the primary and stop the daemon's dnsmasq.
@@ -247,21 +376,60 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_guardian_acts_at_the_earlier_of_its_deadlines() {
+        let at = Instant::now();
+        let b = |primary, fence| Beat {
+            primary,
+            lasts: Duration::from_secs(2),
+            fence,
+            guests_last: Duration::from_secs(3),
+            lease: 1,
+        };
+        assert_eq!(next_deadline(&b(false, false), at), None);
+        assert_eq!(
+            next_deadline(&b(true, false), at),
+            Some(at + Duration::from_secs(2))
+        );
+        assert_eq!(
+            next_deadline(&b(false, true), at),
+            Some(at + Duration::from_secs(3))
+        );
+        assert_eq!(
+            next_deadline(&b(true, true), at),
+            Some(at + Duration::from_secs(2))
+        );
+    }
+
+    #[test]
     fn beats_round_trip_and_garbage_is_an_error() {
         for b in [
             Beat {
                 primary: true,
                 lasts: Duration::from_millis(2400),
+                fence: true,
+                guests_last: Duration::from_millis(2600),
+                lease: 0x5963a24a72eb1c09,
             },
             Beat {
                 primary: false,
                 lasts: Duration::ZERO,
+                fence: false,
+                guests_last: Duration::ZERO,
+                lease: 0,
             },
         ] {
             assert_eq!(Beat::parse(b.line().trim()), Ok(Some(b)));
         }
         assert_eq!(Beat::parse("bye"), Ok(None));
-        for bad in ["", "beat", "beat 2 5", "beat 1 x", "beat 1 5 6", "hello"] {
+        for bad in [
+            "",
+            "beat",
+            "beat 2 5 0 0 1",
+            "beat 1 x 0 0 1",
+            "beat 1 5 6",
+            "beat 1 5 1 5 x",
+            "hello",
+        ] {
             assert!(Beat::parse(bad).is_err(), "{bad:?}");
         }
     }

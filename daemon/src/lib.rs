@@ -23,6 +23,7 @@ pub mod config;
 
 pub mod ceph;
 pub mod dnsmasq;
+pub mod fencer;
 pub mod hostinfo;
 pub mod hostnet;
 pub mod hypervisor;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use debvisor_objects::node::{
-    parse_node, AliveRecord, CoordinatorState, DaemonState, DomainState, Mode, NodeInfo,
+    parse_node, AliveRecord, BmcInfo, CoordinatorState, DaemonState, DomainState, Mode, NodeInfo,
 };
 use debvisor_objects::schema::{self, NodeField};
 use debvisor_objects::witness::StoreMark;
@@ -197,6 +197,18 @@ pub struct RegistrationData {
     pub daemon_state: DaemonState,
     pub alive: AliveRecord,
     pub ttl: Duration,
+    /// This node's BMC (`fencing.ipmi`), published for the primary to fence it.
+    pub bmc: Option<BmcInfo>,
+}
+
+/// The BMC this node publishes (`fencing.ipmi.host` and `user` set).
+pub fn bmc_of(cfg: &Config) -> Option<BmcInfo> {
+    let i = &cfg.fencing.ipmi;
+    Some(BmcInfo {
+        host: i.host.clone()?,
+        port: i.port,
+        user: i.user.clone()?,
+    })
 }
 
 /// The `coordinator_state` this node holds outside an election: a standalone node counts as
@@ -236,6 +248,7 @@ pub fn data(
         },
         info,
         ttl: cfg.keepalive.lease_ttl,
+        bmc: bmc_of(cfg),
     }
 }
 
@@ -289,6 +302,13 @@ pub async fn register(
     }
     let lease = store.lease_grant(d.ttl).await?;
     local.save_lease(lease)?;
+    // A fenced node stays fenced until an operator readmits it: registering again (after a
+    // power cycle, a restart, a lost lease) must not write it back to init or run.
+    let state_key = schema::node_key(&d.node, NodeField::DaemonState);
+    let fenced = store
+        .get(&state_key)
+        .await?
+        .is_some_and(|kv| kv.value == DaemonState::Fenced.as_str().as_bytes());
     let domain_key = schema::node_key(&d.node, NodeField::DomainState);
     let domain_ok = match store.get(&domain_key).await? {
         Some(kv) => std::str::from_utf8(&kv.value)
@@ -303,10 +323,6 @@ pub async fn register(
         .put(&schema::node_key(&d.node, NodeField::Info), json(&d.info))
         .put(&schema::node_key(&d.node, NodeField::Mode), d.mode)
         .put(
-            &schema::node_key(&d.node, NodeField::DaemonState),
-            d.daemon_state.as_str(),
-        )
-        .put(
             &schema::node_key(&d.node, NodeField::CoordinatorState),
             d.coordinator.as_str(),
         )
@@ -318,6 +334,16 @@ pub async fn register(
     if !domain_ok {
         t = t.put(&domain_key, DomainState::Ready.as_str());
     }
+    if fenced {
+        info!(node = %d.node, "this node is fenced: registered, but it stays out (no guests) until `debvisorctl node readmit {}`", d.node);
+    } else {
+        t = t.put(&state_key, d.daemon_state.as_str());
+    }
+    let bmc_key = schema::node_key(&d.node, NodeField::Bmc);
+    t = match &d.bmc {
+        Some(b) => t.put(&bmc_key, json(b)),
+        None => t.delete(&bmc_key),
+    };
     let resp = store.txn(t).await?;
     if !resp.succeeded() {
         let _ = store.lease_revoke(lease).await;
@@ -390,14 +416,29 @@ pub async fn set_daemon_state(
     to: DaemonState,
     reason: &str,
 ) -> Result<(), StoreError> {
-    let r = store
-        .put(&schema::node_key(node, NodeField::DaemonState), to.as_str())
-        .await;
+    // Never over `fenced`: only an operator's readmission lifts it (etcd fails a value
+    // compare on an absent key, so a deleted key is written by a second transaction).
+    let key = schema::node_key(node, NodeField::DaemonState);
+    let write = |t: TxnBuilder| t.put(&key, to.as_str());
+    let r: Result<bool, StoreError> = async {
+        let not_fenced = TxnBuilder::new().value_is_not(&key, DaemonState::Fenced.as_str());
+        if store.txn(write(not_fenced)).await?.succeeded() {
+            return Ok(true);
+        }
+        Ok(store
+            .txn(write(TxnBuilder::new().absent(&key)))
+            .await?
+            .succeeded())
+    }
+    .await;
     match &r {
-        Ok(()) => info!(node = %node, from = %from, to = %to, reason, "daemon_state changed"),
+        Ok(true) => info!(node = %node, from = %from, to = %to, reason, "daemon_state changed"),
+        Ok(false) => {
+            warn!(node = %node, from = %from, to = %to, "this node is fenced; daemon_state left as it is until `debvisorctl node readmit`")
+        }
         Err(e) => {
             warn!(node = %node, from = %from, to = %to, error = %e, "cannot write daemon_state")
         }
     }
-    r
+    r.map(|_| ())
 }

@@ -337,6 +337,42 @@ pub struct HeldRemovals {
     pub names: Vec<String>,
 }
 
+/// `nodes/<node>/bmc`: where the primary fences this node (the password is not here: every
+/// node that may fence has it in its local password file).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BmcInfo {
+    /// BMC address.
+    pub host: String,
+    /// BMC port.
+    #[serde(default = "default_ipmi_port")]
+    pub port: u16,
+    /// BMC user.
+    pub user: String,
+}
+
+fn default_ipmi_port() -> u16 {
+    623
+}
+
+/// `nodes/<node>/fence`: the primary's record of a dead node, for operators and
+/// `debvisorctl status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceRecord {
+    /// `dead`, `fencing`, `fenced`, `failed`, `skipped`, `recovering`, `recovered`.
+    pub state: String,
+    /// How it was fenced (`ipmi`, `self-fence`), when fenced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// Why (a skip's or a failure's reason, recovery notes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// RFC 3339 time of this state.
+    pub since: String,
+    /// Which primary wrote it.
+    #[serde(default)]
+    pub primary: String,
+}
+
 /// One node as the cluster sees it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeRecord {
@@ -357,6 +393,10 @@ pub struct NodeRecord {
     /// The lease `alive` is bound to.
     pub alive_lease: i64,
     pub alive_record: Option<AliveRecord>,
+    /// Its BMC, when it publishes one.
+    pub bmc: Option<BmcInfo>,
+    /// The primary's fence record, when it was found dead.
+    pub fence: Option<FenceRecord>,
     /// Keys of other writers that did not parse (e.g. a garbage `status`): reported, and the
     /// node stays usable; the owning node repairs its own keys.
     pub problems: Vec<ObjectError>,
@@ -450,6 +490,14 @@ pub fn parse_node(
                 Err(e) => n.problems.push(e),
             },
             NodeField::ConfirmRemovals | NodeField::Drain => {}
+            NodeField::Bmc => match parse_json(f, v) {
+                Ok(b) => n.bmc = Some(b),
+                Err(e) => n.problems.push(e),
+            },
+            NodeField::Fence => match parse_json(f, v) {
+                Ok(r) => n.fence = Some(r),
+                Err(e) => n.problems.push(e),
+            },
             NodeField::ConfigVersion | NodeField::ConfigLastAppliedAt | NodeField::ConfigStatus => {
                 utf8(f, v)?;
             }

@@ -64,6 +64,8 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec { pattern: "nodes/<node>/health", writer: Writer::OwningNode, format: "JSON Health", leased: false, doc: "Latest health snapshot, written with last_seen in one transaction per keepalive tick; with ceph.enabled a `ceph` field {status, checks, osds [{id, up, in}], error, since} from the Ceph monitor (a non-OK status adds a line to problems); `removals_held` {count, reason, since, names} while the node holds removals for an operator." },
     KeySpec { pattern: "nodes/<node>/last_seen", writer: Writer::OwningNode, format: "RFC3339 timestamp", leased: false, doc: "Time of the last keepalive tick (informational; liveness is `alive`)." },
     KeySpec { pattern: "nodes/<node>/status", writer: Writer::Primary, format: "OK|DEGRADED|DOWN", leased: false, doc: "Health verdict derived by the primary." },
+    KeySpec { pattern: "nodes/<node>/bmc", writer: Writer::OwningNode, format: "JSON {host, port, user}", leased: false, doc: "The node's BMC (from fencing.ipmi), for the primary to fence it over IPMI; never the password." },
+    KeySpec { pattern: "nodes/<node>/fence", writer: Writer::Primary, format: "JSON {state dead|fencing|fenced|failed|skipped|recovering|recovered, by ipmi|self-fence, reason, since, primary}", leased: false, doc: "The primary's record of a dead node: each step of its fencing and recovery, with the reason of a skip or a failure." },
     KeySpec { pattern: "nodes/<node>/confirm_removals", writer: Writer::Operator, format: "RFC3339 timestamp", leased: false, doc: "Written by `debvisorctl node confirm-removals`: the node carries out the removals it holds (health.removals_held) and accepts a replaced store as it is." },
     KeySpec { pattern: "nodes/<node>/drain", writer: Writer::OwningNode, format: "JSON DrainReport {state, since, remaining, waiting [{uuid, name, reason}]}", leased: false, doc: "Progress of a flush/unflush as the node's drain pass sees it: how many VMs are left and why each waiting one cannot move yet (e.g. no eligible node, with the reason per node); rewritten when it changes, so `debvisorctl node flush --wait` can say why it waits." },
     KeySpec { pattern: "nodes/<node>/config/version", writer: Writer::OwningNode, format: "string", leased: false, doc: "Cluster config version (`config/current_version`) in force on the node: the last one it applied." },
@@ -105,11 +107,10 @@ pub const KEYS: &[KeySpec] = &[
 
 /// Keys (or values of keys) that the schema reserves but nothing writes yet, with what will
 /// write them: `docs/schema.md` marks them *planned* so a reader does not wait for them.
-pub const PLANNED: &[(&str, &str)] = &[
-    ("nodes/<node>/daemon_state", "the values `dead` and `fenced` come with fencing (issue 14); today a node writes stop, init, run and shutdown"),
-    ("nodes/<node>/domain_state", "the value `fence-flush` comes with fencing and recovery (issue 14)"),
-    ("vms/<vm>/metadata", "`ha_group` is stored and shown but nothing acts on it yet"),
-];
+pub const PLANNED: &[(&str, &str)] = &[(
+    "vms/<vm>/metadata",
+    "`ha_group` is stored and shown but nothing acts on it yet",
+)];
 
 /// The primary election's name (campaign keys live below it).
 pub const ELECTION_PRIMARY: &str = "election/primary";
@@ -148,11 +149,13 @@ pub enum NodeField {
     ConfigStatus,
     ConfirmRemovals,
     Drain,
+    Bmc,
+    Fence,
 }
 
 impl NodeField {
     /// Every field, for exhaustive iteration.
-    pub const ALL: [NodeField; 15] = [
+    pub const ALL: [NodeField; 17] = [
         NodeField::Info,
         NodeField::Fqdn,
         NodeField::Mode,
@@ -168,6 +171,8 @@ impl NodeField {
         NodeField::ConfigStatus,
         NodeField::ConfirmRemovals,
         NodeField::Drain,
+        NodeField::Bmc,
+        NodeField::Fence,
     ];
 
     /// Path of the field below `nodes/<node>/`.
@@ -188,6 +193,8 @@ impl NodeField {
             NodeField::ConfigStatus => "config/status",
             NodeField::ConfirmRemovals => "confirm_removals",
             NodeField::Drain => "drain",
+            NodeField::Bmc => "bmc",
+            NodeField::Fence => "fence",
         }
     }
 

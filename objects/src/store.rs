@@ -562,6 +562,17 @@ impl TxnBuilder {
         self
     }
 
+    /// Require that `key` holds something other than `value` (etcd fails a value compare
+    /// on an absent key).
+    pub fn value_is_not(mut self, key: &str, value: impl Into<Vec<u8>>) -> Self {
+        let v = value.into();
+        self.compares.push((
+            key.to_string(),
+            Box::new(move |k| Compare::value(k, CompareOp::NotEqual, v)),
+        ));
+        self
+    }
+
     /// On success, put `value` at `key`.
     pub fn put(mut self, key: &str, value: impl Into<Vec<u8>>) -> Self {
         self.success.push(Op::Put {

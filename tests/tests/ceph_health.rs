@@ -292,14 +292,15 @@ fn clustered_nodes_without_a_primary_report_but_neither_write_nor_reconcile() {
     const SPEC_POOL: &str = "dvsec";
     let cluster = CephCluster::start().expect("ceph cluster");
     let etcd = EtcdProcess::start().expect("etcd");
-    // Clustered nodes register as secondaries: no election exists yet, so no primary.
+    // Clustered nodes whose coordinator list names neither of them: neither may stand in
+    // the election, so the cluster has no primary.
     let _daemons: Vec<DaemonProcess> = NODES
         .iter()
         .map(|n| {
             let mut d = DaemonBuilder::new(n)
                 .endpoints(&[etcd.endpoint()])
                 .env("DEBVISOR_NODE_MODE", "clustered")
-                .env("DEBVISOR_NODE_COORDINATORS", &NODES.join(","))
+                .env("DEBVISOR_NODE_COORDINATORS", "cephsec9")
                 .yaml(&ceph_yaml(&cluster))
                 .spawn()
                 .expect("spawn debvisord");

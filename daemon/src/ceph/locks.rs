@@ -117,6 +117,44 @@ pub async fn release_stale_locks<C: Ceph>(
     Ok(verdict)
 }
 
+/// A fenced node's hold on `image` ends: every client of it (by address, from `fenced`) that
+/// holds a lock or watches the image is blocklisted, then its locks are broken — before the
+/// VM starts elsewhere. Returns the locks broken.
+pub async fn break_fenced_locks<C: Ceph>(
+    ceph: &C,
+    image: &ImageRef,
+    fenced: &[IpAddr],
+) -> Result<usize, CephError> {
+    let locks = ceph.rbd_lock_list(image).await?;
+    let watchers = ceph.rbd_watchers(image).await?;
+    let theirs = |ip: Option<IpAddr>| ip.is_some_and(|ip| fenced.contains(&ip));
+    let mut blocked: Vec<&str> = Vec::new();
+    for address in locks
+        .iter()
+        .filter(|l| theirs(l.ip()))
+        .map(|l| l.address.as_str())
+        .chain(
+            watchers
+                .iter()
+                .filter(|w| theirs(w.ip()))
+                .map(|w| w.address.as_str()),
+        )
+    {
+        if !blocked.contains(&address) {
+            ceph.blocklist_add(address).await?;
+            tracing::warn!(image = %image, client = address, "fenced node's Ceph client blocklisted");
+            blocked.push(address);
+        }
+    }
+    let mut broken = 0;
+    for l in locks.iter().filter(|l| theirs(l.ip())) {
+        ceph.rbd_lock_remove(image, l).await?;
+        tracing::warn!(image = %image, lock = %l.id, locker = %l.locker, "fenced node's RBD lock broken");
+        broken += 1;
+    }
+    Ok(broken)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,6 +33,9 @@ pub enum NodeCommand {
     /// in a mass removal, or while the store was found replaced) and accept the store as it
     /// is now. `node show` lists what it holds (health.removals_held).
     ConfirmRemovals { name: String },
+    /// Let a fenced node back in: it runs guests again (its VMs that were recovered
+    /// elsewhere stay where they are).
+    Readmit { name: String },
     /// Move the primary role to NAME (a live coordinator in `run`): the current primary
     /// relinquishes in its favour.
     Primary {
@@ -72,6 +75,45 @@ pub async fn confirm_removals(store: &Store, name: &str) -> Result<Value, Failur
         .await
         .map_err(crate::ctl::etcd_error)?;
     Ok(json!({ "node": name, "held": held }))
+}
+
+/// `node readmit NAME`: lift `fenced` (guarded on it still being `fenced`), clear the fence
+/// record and the fence-flush. The node's own daemon writes its real state again.
+pub async fn readmit(store: &Store, name: &str) -> Result<Value, Failure> {
+    check_node_name(name)?;
+    let rows = nodes(store).await?;
+    let Some(row) = rows.iter().find(|r| r.name == name) else {
+        return Err(format!("node {name:?} not found under {}/nodes/", store.prefix()).into());
+    };
+    let Ok(n) = row.node.as_ref() else {
+        return Err(format!("node {name}: its record is invalid (see `node show {name}`)").into());
+    };
+    if n.daemon_state != Some(DaemonState::Fenced) {
+        return Err(format!(
+            "node {name} is not fenced (daemon_state {}): nothing to readmit",
+            n.daemon_state.map(|s| s.as_str()).unwrap_or("missing")
+        )
+        .into());
+    }
+    let state = schema::node_key(name, NodeField::DaemonState);
+    let to = if n.alive {
+        DaemonState::Run
+    } else {
+        DaemonState::Stop
+    };
+    let t = TxnBuilder::new()
+        .value_is(&state, DaemonState::Fenced.as_str())
+        .put(&state, to.as_str())
+        .put(
+            &schema::node_key(name, NodeField::DomainState),
+            DomainState::Ready.as_str(),
+        )
+        .delete(&schema::node_key(name, NodeField::Fence));
+    let resp = store.txn(t).await.map_err(|e| e.to_string())?;
+    if !resp.succeeded() {
+        return Err(format!("node {name}: its state changed meanwhile; look again").into());
+    }
+    Ok(json!({ "node": name, "daemon_state": to.as_str(), "alive": n.alive }))
 }
 
 /// `node primary NAME`: check NAME can be primary, write `election/request`, and with
@@ -192,6 +234,15 @@ pub async fn run(store: &Store, cmd: NodeCommand, output: Output) -> Result<Stri
             node_drain(store, &name, Drain::Unflush, &wait, json_out).await
         }
         NodeCommand::Primary { name, wait } => make_primary(store, &name, &wait, json_out).await,
+        NodeCommand::Readmit { name } => {
+            let v = readmit(store, &name).await?;
+            let text = if v["alive"] == json!(true) {
+                format!("node {name}: readmitted; guests may run there again\n")
+            } else {
+                format!("node {name}: readmitted; it runs guests again once its daemon is back\n")
+            };
+            Ok(output.render(&v, text))
+        }
         NodeCommand::ConfirmRemovals { name } => {
             let v = confirm_removals(store, &name).await?;
             let held = &v["held"];
@@ -304,6 +355,8 @@ pub fn node_json(row: &NodeRow) -> Value {
             "holder": n.alive_record,
             "drain": row.drain(),
             "config": config_json(row),
+            "bmc": n.bmc,
+            "fence": n.fence,
         }),
     }
 }
@@ -320,6 +373,24 @@ pub fn config_json(row: &NodeRow) -> Value {
         "last_applied_at": row.raw(NodeField::ConfigLastAppliedAt),
         "status": status,
     })
+}
+
+/// The STATUS cell: the primary's status and reason, and the fence record of a dead node.
+fn status_cell(n: &NodeRecord) -> String {
+    let mut cell = match (&n.status, &n.status_reason) {
+        // Without a lease the node is down whatever verdict the primary left.
+        _ if !n.alive => "DOWN: no lease".into(),
+        (Some(st), Some(why)) => format!("{st}: {why}"),
+        (Some(st), None) => st.to_string(),
+        (None, _) => "-".into(),
+    };
+    if let Some(f) = &n.fence {
+        cell.push_str(&format!("; fence {}", f.state));
+        if let Some(why) = f.reason.as_ref().or(f.by.as_ref()) {
+            cell.push_str(&format!(" ({why})"));
+        }
+    }
+    cell
 }
 
 /// The `status` table.
@@ -368,13 +439,7 @@ pub fn status_table(rows: &[NodeRow]) -> String {
                     .as_ref()
                     .map(|h| h.vms.running.to_string())
                     .unwrap_or_else(|| "-".into()),
-                // Without a lease the node is down whatever verdict the primary left.
-                match (&n.status, &n.status_reason) {
-                    _ if !n.alive => "DOWN: no lease".into(),
-                    (Some(st), Some(why)) => format!("{st}: {why}"),
-                    (Some(st), None) => st.to_string(),
-                    (None, _) => "-".into(),
-                },
+                status_cell(n),
             ],
         });
     }

@@ -26,7 +26,7 @@ use debvisor_objects::domain::{
     parse_vm, valid_uuid, vm_key, xml_identity, DesiredState, Metadata, MigrationMethod,
     NodeSelector, Vm, VmField, VMS_PREFIX,
 };
-use debvisor_objects::node::NodeRecord;
+use debvisor_objects::node::{DaemonState, NodeRecord};
 use debvisor_objects::placement;
 use debvisor_objects::schema;
 use debvisor_objects::xml_policy::{check_policy, XmlPolicy};
@@ -1689,6 +1689,32 @@ fn check_running_for_move(row: &VmRow, vm: &Vm, what: &str) -> Result<(), String
     }
 }
 
+/// A VM whose node (or owner) is dead but not fenced may still run there: moving it could
+/// run it twice. Refused until the primary has fenced the node (and recovers it itself).
+fn check_not_on_dead_node(vm: &Vm, nodes: &[NodeRecord], verb: &str) -> Result<(), String> {
+    for name in [vm.node.as_deref(), vm.owner.as_deref()]
+        .into_iter()
+        .flatten()
+    {
+        let Some(n) = nodes.iter().find(|n| n.name == name) else {
+            continue;
+        };
+        let down = !n.alive
+            && !matches!(
+                n.daemon_state,
+                Some(DaemonState::Fenced) | Some(DaemonState::Stop)
+            );
+        if down {
+            return Err(format!(
+                "cannot {verb} VM {}: its node {name} is down (daemon_state {}) and not fenced, so the guest may still run there; the primary fences the node and recovers its VMs (see `debvisorctl status`)",
+                vm.name,
+                n.daemon_state.map(|s| s.as_str()).unwrap_or("missing")
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Decide a migration from a read of the VMs and nodes (pure).
 pub fn plan_migrate(
     rows: &[VmRow],
@@ -1701,6 +1727,7 @@ pub fn plan_migrate(
     let row = resolve(rows, arg)?;
     let vm = require_valid(row, "migrate")?;
     check_running_for_move(row, vm, "migrate")?;
+    check_not_on_dead_node(vm, nodes, "migrate")?;
     let current = vm.node.as_deref().or(vm.owner.as_deref());
     let target = match target {
         Some(t) => {

@@ -788,6 +788,15 @@ impl Libvirt {
             .await
     }
 
+    /// Pause a running domain (self-fence with `fencing.self_fence_action: pause`). Not
+    /// active or not defined: `Unchanged`.
+    pub async fn suspend(&self, uuid: &str) -> Result<Outcome, HypervisorError> {
+        self.power(Op::Suspend, uuid, self.inner.timeout, |d| {
+            d.suspend().map(|_| ())
+        })
+        .await
+    }
+
     /// The domain's current XML (live definition while running; no secrets).
     pub async fn xml(&self, uuid: &str) -> Result<String, HypervisorError> {
         let uuid = check_uuid(Op::Xml, uuid)?.to_string();

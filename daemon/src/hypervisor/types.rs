@@ -30,6 +30,8 @@ pub enum Op {
     Shutdown,
     /// Power a domain off at once.
     Destroy,
+    /// Pause a running domain (vCPUs and I/O stop; memory kept).
+    Suspend,
     /// Read a domain's XML.
     Xml,
     /// Read counters.
@@ -52,6 +54,7 @@ impl Op {
             Op::Start => "start",
             Op::Shutdown => "shutdown",
             Op::Destroy => "destroy",
+            Op::Suspend => "suspend",
             Op::Xml => "xml",
             Op::Stats => "stats",
             Op::Migrate => "migrate",

@@ -12,24 +12,25 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use debvisor_objects::domain::{self, key_revision, DesiredState, Vm, VmField, VmKind};
 use debvisor_objects::domain_plan::{self, Local, LocalState, Situation, Step};
+use debvisor_objects::lease::LeaseState;
 use debvisor_objects::node::NodeKind;
 use debvisor_objects::reactor::{backoff, KeyEntry};
 use debvisor_objects::store::TxnBuilder;
 use debvisor_objects::xml_policy::check_policy;
 use debvisor_objects::{Action, Entry, ObjectError, Reactor, ReconcileError, Reconciler, Store};
 use serde_json::json;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::ceph::{check_rbd_start, CephCli};
-use crate::config::DomainsConfig;
+use crate::config::{DomainsConfig, SelfFenceAction};
 use crate::hypervisor::{DomainInfo, DomainState, ErrorKind, Libvirt, MigrateOptions};
 use crate::reactors::removals::{GuardConfig, RemovalGuard, Verdict};
 
@@ -114,6 +115,17 @@ pub struct DomainHost {
     ceph: Option<Arc<CephCli>>,
     /// Extra addresses this node's Ceph clients appear as (`ceph.client_addresses`).
     ceph_client_addresses: Vec<IpAddr>,
+    /// The node lease as its keeper sees it: starts happen only while it is good for at
+    /// least `start_margin` more (`None`: no check, for tools and tests of the planner).
+    lease_state: Option<watch::Receiver<LeaseState>>,
+    /// The self-fence margin.
+    start_margin: Duration,
+    /// What a self-fence does with the guests.
+    fence_action: SelfFenceAction,
+    /// The guests were self-fenced: nothing starts until the lease is good again.
+    self_fenced: AtomicBool,
+    /// This node is `fenced` (the primary's verdict): nothing starts until readmitted.
+    fenced: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -171,7 +183,124 @@ impl DomainHost {
             orphans: Mutex::new(Default::default()),
             ceph: None,
             ceph_client_addresses: Vec::new(),
+            lease_state: None,
+            start_margin: Duration::ZERO,
+            fence_action: SelfFenceAction::Destroy,
+            self_fenced: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
         }
+    }
+
+    /// Start guests only while `lease` is good for at least `margin` more, and self-fence
+    /// with `action`.
+    pub fn with_lease(
+        mut self,
+        lease: watch::Receiver<LeaseState>,
+        margin: Duration,
+        action: SelfFenceAction,
+    ) -> Self {
+        self.lease_state = Some(lease);
+        self.start_margin = margin;
+        self.fence_action = action;
+        self
+    }
+
+    /// May this node start a guest right now (lease good for the margin, not self-fenced,
+    /// not fenced)? Asked right before the libvirt call.
+    fn may_start(&self) -> Result<(), &'static str> {
+        if self.fenced.load(Ordering::SeqCst) || self.view_says_fenced() {
+            return Err("this node is fenced: nothing starts until `debvisorctl node readmit`");
+        }
+        if self.self_fenced.load(Ordering::SeqCst) {
+            return Err("self-fenced: waiting until this node's lease is good again");
+        }
+        let Some(lease) = &self.lease_state else {
+            return Ok(());
+        };
+        let until = lease.borrow().valid_until();
+        if debvisor_objects::fencing::may_start(Instant::now(), until, self.start_margin, false) {
+            Ok(())
+        } else {
+            Err("this node's lease is not good for long enough (store unreachable?): waiting")
+        }
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Has this node self-fenced its guests (and not yet seen its lease good again)?
+    pub fn is_self_fenced(&self) -> bool {
+        self.self_fenced.load(Ordering::SeqCst)
+    }
+
+    /// Self-fence: destroy (or pause) every running guest of ours on this host, one log line
+    /// each; nothing starts again until [`DomainHost::lift_self_fence`]. Needs no etcd.
+    /// Returns the guests stopped.
+    pub async fn self_fence(&self, why: &str) -> usize {
+        self.self_fenced.store(true, Ordering::SeqCst);
+        self.stop_guests(why).await
+    }
+
+    /// Destroy (or pause) every running guest of ours here, one log line each.
+    async fn stop_guests(&self, why: &str) -> usize {
+        let list = match self.hv.list().await {
+            Ok(l) => l,
+            Err(e) => {
+                error!(node = %self.node, error = %e, reason = why, "self-fence: cannot list the guests");
+                return 0;
+            }
+        };
+        let mut stopped = 0;
+        for d in list.iter().filter(|d| d.state.is_active()) {
+            match self.mark_of(&d.uuid).await {
+                Ok(Some(_)) => {}
+                _ => continue,
+            }
+            self.with_rt(&d.uuid, |rt| rt.expect_running = false);
+            let r = match self.fence_action {
+                SelfFenceAction::Destroy => self.hv.destroy(&d.uuid).await,
+                SelfFenceAction::Pause => self.hv.suspend(&d.uuid).await,
+            };
+            match r {
+                Ok(_) => {
+                    stopped += 1;
+                    warn!(vm = %d.name, uuid = %d.uuid, node = %self.node, action = ?self.fence_action, reason = why, "self-fence: guest stopped");
+                }
+                Err(e) => {
+                    error!(vm = %d.name, uuid = %d.uuid, node = %self.node, error = %e, reason = why, "self-fence: guest NOT stopped")
+                }
+            }
+        }
+        stopped
+    }
+
+    /// Does the node cache say this node is `fenced` (also before the first resync)?
+    fn view_says_fenced(&self) -> bool {
+        self.nodes
+            .get(&self.node)
+            .and_then(|e| e.parsed.as_ref().ok().map(|n| n.daemon_state))
+            .flatten()
+            == Some(debvisor_objects::node::DaemonState::Fenced)
+    }
+
+    /// Follow this node's `daemon_state`: while it is `fenced` (the primary's verdict) no
+    /// guest starts and any guest of ours still running is stopped; readmission lifts it.
+    async fn follow_fenced(&self) {
+        let fenced = self.view_says_fenced();
+        let was = self.fenced.swap(fenced, Ordering::SeqCst);
+        if fenced && !was {
+            error!(node = %self.node, "this node is fenced: its guests were recovered elsewhere; nothing runs here until `debvisorctl node readmit {}`", self.node);
+            self.stop_guests("this node is fenced").await;
+        } else if !fenced && was {
+            info!(node = %self.node, "this node was readmitted: guests may start here again");
+        }
+    }
+
+    /// The lease is good again: guests may start (their reconciles bring them back).
+    pub fn lift_self_fence(&self) -> bool {
+        self.self_fenced.swap(false, Ordering::SeqCst)
     }
 
     /// Check RBD disks' locks through `ceph` before every start here (the split-brain guard
@@ -662,6 +791,12 @@ impl DomainHost {
                         if let Some(delay) = self.rbd_gate(&vm, keys).await? {
                             return Ok(Action::RequeueAfter(delay));
                         }
+                        // Right before the libvirt call: the lease, not a cached lock.
+                        if let Err(why) = self.may_start() {
+                            self.report(uuid, &vm.name, keys, "starting", why, None)
+                                .await?;
+                            return Ok(Action::RequeueAfter(Duration::from_secs(1)));
+                        }
                         match self.hv.start(uuid).await {
                             Ok(_) => {
                                 self.with_rt(uuid, |rt| {
@@ -954,6 +1089,7 @@ impl DomainHost {
     /// changed since their last reconcile (crashes events may have missed) or that were never
     /// reconciled; note foreign domains; remove shut-off orphans (ours, gone from etcd).
     pub async fn resync(&self, vms: &Reactor<VmKind>) {
+        self.follow_fenced().await;
         let list = match self.hv.list().await {
             Ok(l) => l,
             // libvirt away: the driver logged the outage once; not a line per tick.

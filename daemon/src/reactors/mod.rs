@@ -8,6 +8,7 @@
 //! - [`ceph_monitor`]: Ceph health and observed state on its own timer;
 //! - [`drain`]: the node's `domain_state` flush/unflush;
 //! - [`removals`]: the evidence a removal from etcd needs before a guest is destroyed;
+//! - [`self_fence`]: guests stopped a margin before the node's lease could expire;
 //! - [`role`]: whether this node is the primary now, followed by every primary-only duty;
 //! - [`election`]: the primary-coordinator election and the `coordinator_state` machine;
 //! - [`node_status`]: the primary's OK/DEGRADED/DOWN verdict on every node;
@@ -20,7 +21,9 @@ pub mod domain;
 pub mod drain;
 pub mod duties;
 pub mod election;
+pub mod fencing;
 pub mod network;
 pub mod node_status;
 pub mod removals;
 pub mod role;
+pub mod self_fence;

@@ -6,22 +6,28 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
+use std::time::Duration;
 
 use debvisor_netconf::Netlink;
 use debvisor_objects::domain::VmKind;
+use debvisor_objects::fencing::{AfterFence, FencingPolicy};
+use debvisor_objects::lease::LeaseState;
 use debvisor_objects::network::NetworkKind;
 use debvisor_objects::node::{NodeInfo, NodeKind, NodeReconciler, StatusThresholds};
 use debvisor_objects::{Reactor, ReactorOptions, Store};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::ceph::CephCli;
-use crate::config::Config;
+use crate::config::{Config, FenceAction, NodeMode};
+use crate::fencer::Ipmi;
 use crate::hypervisor::Libvirt;
 use crate::keepalive::Keepalive;
 use crate::reactors::ceph_monitor::CephMonitor;
 use crate::reactors::ceph_objects::{CephObjects, CephReactors};
 use crate::reactors::domain::{spawn_event_listener, DomainHost, DomainReconciler};
 use crate::reactors::duties;
+use crate::reactors::fencing::Fencing;
 use crate::reactors::network::{FirewallSync, NetworkHost, NetworkReconciler};
 use crate::reactors::role::RoleSender;
 
@@ -51,6 +57,9 @@ pub struct Inputs<'a> {
     pub info: NodeInfo,
     /// Whether this node is the primary now (fed by the election).
     pub role: RoleSender,
+    /// The node lease as its keeper sees it (`valid_until`): the start guard and the
+    /// self-fence follow it.
+    pub lease_state: watch::Receiver<LeaseState>,
 }
 
 /// The objects of this node and the tasks that serve them.
@@ -110,18 +119,34 @@ pub fn spawn(i: Inputs<'_>) -> (Objects, Keepalive) {
         ReactorOptions::default(),
         CancellationToken::new(),
     ));
-    let domains = Arc::new(
-        DomainHost::new(
-            node.clone(),
-            store.clone(),
-            i.libvirt.clone(),
-            i.lease.clone(),
-            cfg.domains.clone(),
-            i.role.view(),
-            nodes.clone(),
-        )
-        .with_ceph(ceph.clone(), cfg.ceph.client_addresses.clone()),
-    );
+    let mut host = DomainHost::new(
+        node.clone(),
+        store.clone(),
+        i.libvirt.clone(),
+        i.lease.clone(),
+        cfg.domains.clone(),
+        i.role.view(),
+        nodes.clone(),
+    )
+    .with_ceph(ceph.clone(), cfg.ceph.client_addresses.clone());
+    if cfg.node.mode == NodeMode::Clustered {
+        // Starts only while the lease is good for the margin (another node may recover
+        // this node's VMs once it expires).
+        host = host.with_lease(
+            i.lease_state.clone(),
+            cfg.self_fence_margin(),
+            cfg.fencing.self_fence_action,
+        );
+    }
+    let domains = Arc::new(host);
+    if cfg.self_fence_active() {
+        crate::reactors::self_fence::spawn(
+            domains.clone(),
+            i.lease_state.clone(),
+            cfg.self_fence_margin(),
+            tasks.clone(),
+        );
+    }
     let vms = Arc::new(Reactor::spawn(
         VmKind,
         DomainReconciler(domains.clone()),
@@ -178,6 +203,7 @@ pub fn spawn(i: Inputs<'_>) -> (Objects, Keepalive) {
         tasks.clone(),
     );
     duties::spawn_ceph(ceph_objects.clone(), i.role.duty("ceph"), tasks.clone());
+    spawn_fencing(cfg, store, &nodes, &vms, &ceph, &i.role, &tasks);
     let ns = &cfg.node_status;
     crate::reactors::node_status::spawn(
         store.clone(),
@@ -213,6 +239,54 @@ pub fn spawn(i: Inputs<'_>) -> (Objects, Keepalive) {
         tasks,
     };
     (objects, keepalive)
+}
+
+/// The primary's fencing executor (it acts only while this node is primary).
+fn spawn_fencing(
+    cfg: &Config,
+    store: &Store,
+    nodes: &Arc<Reactor<NodeKind>>,
+    vms: &Arc<Reactor<VmKind>>,
+    ceph: &Option<Arc<CephCli>>,
+    role: &RoleSender,
+    tasks: &CancellationToken,
+) {
+    let f = &cfg.fencing;
+    let after = |a: FenceAction| match a {
+        FenceAction::Migrate => AfterFence::Migrate,
+        FenceAction::None => AfterFence::None,
+    };
+    let policy = FencingPolicy {
+        enabled: f.enabled,
+        grace: cfg.fence_grace(),
+        max_concurrent: f.max_concurrent as usize,
+        window: f.window,
+        max_per_window: f.max_per_window as usize,
+        successful_fence: after(f.successful_fence),
+        failed_fence: after(f.failed_fence),
+        self_fence: cfg.self_fence_active(),
+    };
+    let call_timeout = (f.timeout / 4).clamp(Duration::from_secs(2), Duration::from_secs(10));
+    crate::reactors::fencing::spawn(
+        Fencing {
+            store: store.clone(),
+            nodes: nodes.clone(),
+            vms: vms.clone(),
+            me: cfg.node_name().to_string(),
+            role: role.view(),
+            policy,
+            ipmi: f
+                .ipmi
+                .password_file
+                .as_ref()
+                .map(|p| Ipmi::new(p, call_timeout)),
+            timeout: f.timeout,
+            power_on_after: f.power_on_after,
+            ceph: ceph.clone(),
+            interval: (cfg.keepalive.interval / 2).max(Duration::from_millis(200)),
+        },
+        tasks.clone(),
+    );
 }
 
 impl Objects {

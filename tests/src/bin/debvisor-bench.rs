@@ -16,6 +16,10 @@
 //!   guests on `qemu:///system` (root).
 //! - `bench/ceph.rs` (`--ceph`) and `bench/ceph_objects.rs` (`--ceph-objects`): Ceph state
 //!   collection, and snapshot request → snapshot in Ceph.
+//! - `bench/cluster.rs` (`--cluster`, issue 13, needs root): on a 3-node cluster of the
+//!   multi-node harness with the shipped keepalive settings, fault on the primary (kill -9,
+//!   link cut, SIGTERM) → a new primary alone holding the floating address, and where the
+//!   time goes.
 //!
 //! and the helpers they share: `bench/report.rs` (machine facts, the reproducing command,
 //! publishing), `bench/stats.rs` (summaries, percentiles, units), `bench/host.rs` (`/proc`
@@ -28,12 +32,13 @@
 //! `--vms-only` / `--skip-vms` select parts.
 //! Tables go to stdout and, unless `--no-write`, into `docs/benchmarks.md` between
 //! `<!-- bench:foundation:start -->` and `<!-- bench:foundation:end -->` (and the
-//! `bench:networks`, `bench:vms`, `bench:ceph` and `bench:ceph-objects` markers). The daemons' own log lines are echoed on stderr by the harness.
+//! `bench:networks`, `bench:vms`, `bench:ceph`, `bench:ceph-objects` and `bench:cluster`
+//! markers). The daemons' own log lines are echoed on stderr by the harness.
 
 use std::process::ExitCode;
 
 use bench::report::Machine;
-use bench::{ceph, ceph_objects, foundation, networks, vms};
+use bench::{ceph, ceph_objects, cluster, foundation, networks, vms};
 
 /// The figure sets and the helpers they share, one file each in `bench/` (declared inline:
 /// a `bench.rs` beside this file would be built as a binary of its own).
@@ -41,6 +46,7 @@ mod bench {
     pub(crate) mod ceph;
     pub(crate) mod ceph_objects;
     pub(crate) mod clock;
+    pub(crate) mod cluster;
     pub(crate) mod foundation;
     pub(crate) mod host;
     pub(crate) mod logs;
@@ -85,6 +91,10 @@ struct Args {
     ceph: bool,
     /// Run only the Ceph-object figure (`bench/ceph_objects.rs`).
     ceph_objects: bool,
+    /// Run only the primary-takeover figures (`bench/cluster.rs`).
+    cluster: bool,
+    /// Runs of each fault in the primary-takeover figures.
+    cluster_runs: usize,
     /// The arguments as given, for the report.
     raw: Vec<String>,
 }
@@ -92,7 +102,8 @@ struct Args {
 /// The usage text of `--help` and of every command-line error.
 const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N] [--networks N]
                       [--networks-only | --skip-networks] [--vms N] [--vm-rate R] [--guests N]
-                      [--vms-only | --skip-vms] [--no-write]
+                      [--vms-only | --skip-vms] [--ceph | --ceph-objects |
+                      --cluster [--cluster-runs N]] [--no-write]
 
   --runs N          startup runs (default 10)
   --idle-secs S     idle RSS/CPU window in seconds (default 60)
@@ -107,6 +118,10 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
   --skip-vms        skip the issue-3 (VMs) figures
   --ceph            run only the Ceph state-collection figures (bench/ceph.rs)
   --ceph-objects    run only the Ceph-object figure (snapshot request → in Ceph)
+  --cluster         run only the primary-takeover figures (3-node cluster, shipped
+                    keepalive defaults; kill -9, link cut, SIGTERM; needs root)
+  --cluster-runs N  runs of each fault of --cluster (default 20; each kill/cut run
+                    takes about a lease TTL plus a restart)
   --no-write        print only; do not update docs/benchmarks.md";
 
 /// Parse `std::env::args()`; `Ok(None)` for `--help`.
@@ -127,6 +142,8 @@ fn parse_args() -> BenchResult<Option<Args>> {
         skip_vms: false,
         ceph: false,
         ceph_objects: false,
+        cluster: false,
+        cluster_runs: 20,
         raw: raw.clone(),
     };
     let mut it = raw.iter();
@@ -168,14 +185,19 @@ fn parse_args() -> BenchResult<Option<Args>> {
             "--ceph-objects" => args.ceph_objects = true,
             "--skip-networks" => args.skip_networks = true,
             "--ceph" => args.ceph = true,
+            "--cluster" => args.cluster = true,
+            "--cluster-runs" => {
+                args.cluster_runs =
+                    usize::try_from(value("--cluster-runs")?).map_err(|e| e.to_string())?
+            }
             "--no-write" => args.write = false,
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
-    if args.runs == 0 || args.idle_secs == 0 || args.ticks == 0 {
+    if args.runs == 0 || args.idle_secs == 0 || args.ticks == 0 || args.cluster_runs == 0 {
         return Err(format!(
-            "--runs, --idle-secs and --ticks must be at least 1\n{USAGE}"
+            "--runs, --idle-secs, --ticks and --cluster-runs must be at least 1\n{USAGE}"
         ));
     }
     if args.networks_only && args.skip_networks {
@@ -238,6 +260,9 @@ fn run(args: &Args) -> BenchResult<()> {
     }
     if args.ceph_objects {
         return ceph_objects::run(args, &Machine::probe());
+    }
+    if args.cluster {
+        return cluster::run(args, &Machine::probe());
     }
     let with_networks = !args.skip_networks && !args.vms_only;
     if with_networks && !debvisor_tests::is_root() {

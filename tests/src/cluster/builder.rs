@@ -3,12 +3,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::bmc::{self, bmc_addr, Bmc, BmcSpec};
+use super::boot::{NodeParts, PowerState};
 use super::checker::Checker;
 use super::etcd::{EtcdCluster, MAX_MEMBERS};
 use super::node::Node;
+use super::runs::{Runs, Watched};
 use super::sampler::{self, SamplerConfig};
 use super::switch::{Switch, BRIDGE};
 use super::{arp, node_addr, Cluster, MAX_NODES, SWITCH_ADDR};
@@ -19,11 +22,14 @@ use crate::netns::NetNs;
 
 /// The default floating address of the cluster host network.
 pub const DEFAULT_FLOATING: &str = "192.0.2.100/24";
+/// The BMC password file in the cluster's temp dir.
+pub(super) const BMC_PASSWORD_FILE: &str = "bmc.password";
 
 /// How a [`Cluster`] is built; start with [`Cluster::builder`]. Defaults: 3 nodes (all
 /// coordinators), 3 etcd members, keepalive interval 1 s and lease TTL 3 s, floating address
 /// [`DEFAULT_FLOATING`], hypervisor `test:///default`, nodes started in index order all at
-/// once, 60 s for each to reach `run`, the checker sampling every 75 ms.
+/// once, 60 s for each to reach `run`, the checker sampling every 75 ms; no BMCs, no run
+/// recorder.
 #[derive(Debug, Clone)]
 pub struct ClusterBuilder {
     nodes: usize,
@@ -44,6 +50,9 @@ pub struct ClusterBuilder {
     checker: bool,
     checker_period: Duration,
     arp_window: Duration,
+    bmcs: bool,
+    bmc_port_key: bool,
+    track_runs: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -67,6 +76,9 @@ impl Default for ClusterBuilder {
             checker: true,
             checker_period: Duration::from_millis(75),
             arp_window: Duration::from_millis(25),
+            bmcs: false,
+            bmc_port_key: true,
+            track_runs: false,
         }
     }
 }
@@ -192,8 +204,40 @@ impl ClusterBuilder {
         self
     }
 
+    /// Give every node a fake BMC ([`super::Bmc`]: `ipmi_sim` on the switch, powering the
+    /// node) and tell each daemon its BMC (`fencing.ipmi.host`, `.user`, `.password_file`,
+    /// `.port` with [`ClusterBuilder::bmc_port_key`]; given before
+    /// [`ClusterBuilder::env`] and [`ClusterBuilder::node_env`], which may override them).
+    pub fn bmcs(mut self, yes: bool) -> Self {
+        self.bmcs = yes;
+        self
+    }
+
+    /// Shorthand for `.bmcs(true)`.
+    pub fn with_bmcs(self) -> Self {
+        self.bmcs(true)
+    }
+
+    /// Also give each daemon `fencing.ipmi.port` (`DEBVISOR_FENCING_IPMI_PORT=623`, see
+    /// [`super::IPMI_PORT`]) with [`ClusterBuilder::bmcs`]. Off by default: a daemon built
+    /// without that key refuses the variable, and 623 is its default anyway.
+    pub fn bmc_port_key(mut self, yes: bool) -> Self {
+        self.bmc_port_key = yes;
+        self
+    }
+
+    /// Record where every VM runs ([`super::Runs`], from the nodes' libvirtds; needs
+    /// [`ClusterBuilder::isolated_libvirt`]).
+    pub fn track_runs(mut self, yes: bool) -> Self {
+        self.track_runs = yes;
+        self
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(HarnessError::State(m));
+        if self.track_runs && !self.isolated_libvirt {
+            return bad("track_runs needs isolated_libvirt".into());
+        }
         if !(1..=MAX_NODES).contains(&self.nodes) {
             return bad(format!("1 to {MAX_NODES} nodes, not {}", self.nodes));
         }
@@ -263,6 +307,12 @@ impl ClusterBuilder {
                 .env("DEBVISOR_HYPERVISOR_URI", &lv.local_uri())
                 .env("DEBVISOR_HYPERVISOR_PEER_URI", &lv.peer_uri());
         }
+        if self.bmcs {
+            let file = cluster.dir.path().join(BMC_PASSWORD_FILE);
+            for (k, v) in bmc::daemon_env(bmc_addr(i), &file, self.bmc_port_key) {
+                b = b.env(&k, &v);
+            }
+        }
         for (k, v) in self
             .env
             .iter()
@@ -313,6 +363,7 @@ impl ClusterBuilder {
         };
         let mut cluster = Cluster {
             checker: None,
+            runs: None,
             nodes: Vec::new(),
             etcd,
             switch,
@@ -327,21 +378,22 @@ impl ClusterBuilder {
             let ns = NetNs::create(&format!("dvcl-{name}"))?;
             cluster.switch.attach(&ns, &name, addr)?;
             let libvirt = if self.isolated_libvirt {
-                Some(IsolatedLibvirt::start(&name, &ns, addr)?)
+                Some(Arc::new(IsolatedLibvirt::start(&name, &ns, addr)?))
             } else {
                 None
             };
+            let ns_inode = crate::libvirt_pair::netns_inode(&ns)?;
             let node_dir = cluster.dir.path().join(&name);
             std::fs::create_dir_all(node_dir.join("state"))
                 .ctx(|| format!("creating {}", node_dir.display()))?;
-            let builder = self.daemon(i, &cluster, &ns, libvirt.as_ref());
+            let builder = self.daemon(i, &cluster, &ns, libvirt.as_deref());
             cluster.nodes.push(Node {
                 index: i,
                 name,
                 addr,
                 builder,
-                daemon: Mutex::new(None),
-                stopped: AtomicBool::new(false),
+                daemon: Arc::new(Mutex::new(None)),
+                stopped: Arc::new(AtomicBool::new(false)),
                 etcd_cut: AtomicBool::new(false),
                 guests: AtomicUsize::new(0),
                 switch_ns: cluster.switch.netns().name().to_owned(),
@@ -349,9 +401,17 @@ impl ClusterBuilder {
                     .filter_map(|m| cluster.etcd.addr(m).ok())
                     .collect(),
                 dir: node_dir,
+                ns_inode,
+                bmc: None,
                 libvirt,
                 ns,
             });
+        }
+        if self.track_runs {
+            cluster.runs = Some(Runs::start(watched(&cluster.nodes))?);
+        }
+        if self.bmcs {
+            start_bmcs(&mut cluster, self.bmc_port_key)?;
         }
         if self.checker {
             let checker = Checker::new();
@@ -388,6 +448,53 @@ impl ClusterBuilder {
         }
         Ok(cluster)
     }
+}
+
+/// What the run recorder watches of each node (those with an isolated libvirtd).
+fn watched(nodes: &[Node]) -> Vec<Watched> {
+    nodes
+        .iter()
+        .filter_map(|n| {
+            let lv = n.libvirt.as_ref()?;
+            Some(Watched {
+                node: n.name.clone(),
+                uri: lv.local_uri(),
+                qemu_run_dir: lv.qemu_run_dir(),
+            })
+        })
+        .collect()
+}
+
+/// Write the BMC password file, then start every node's BMC (its first power on: the
+/// builder boots the node itself).
+fn start_bmcs(cluster: &mut Cluster, port_key: bool) -> Result<()> {
+    let password = bmc::random_password();
+    let file = cluster.dir.path().join(BMC_PASSWORD_FILE);
+    bmc::write_password_file(&file, &password)?;
+    let switch_ns = cluster.switch.netns().name().to_owned();
+    let runs = cluster.runs.clone();
+    for n in &mut cluster.nodes {
+        let parts = NodeParts {
+            ns: n.ns.name().to_owned(),
+            ns_inode: n.ns_inode,
+            addr: n.addr,
+            builder: n.builder.clone(),
+            daemon: n.daemon.clone(),
+            stopped: n.stopped.clone(),
+            libvirt: n.libvirt.clone(),
+        };
+        let state = Arc::new(PowerState::new(&n.name, runs.clone()));
+        let spec = BmcSpec {
+            index: n.index,
+            switch_ns: &switch_ns,
+            password: &password,
+            password_file: &file,
+            dir: n.dir.join("bmc"),
+            port_key,
+        };
+        n.bmc = Some(Bmc::start(spec, state, parts)?);
+    }
+    Ok(())
 }
 
 /// Name of node `i` (0-based): `c1`, `c2`, ….

@@ -334,6 +334,24 @@ impl EtcdCluster {
         })
     }
 
+    /// Put every `(rel, value)` at `/debvisor/<rel>` in one transaction (as `debvisorctl`
+    /// writes a request: a daemon never sees half of it).
+    pub fn put_all(&self, pairs: &[(&str, &str)]) -> Result<()> {
+        let ops: Vec<etcd_client::TxnOp> = pairs
+            .iter()
+            .map(|(k, v)| etcd_client::TxnOp::put(full_key(k), *v, None))
+            .collect();
+        self.with_client(|mut c| {
+            let ops = ops.clone();
+            async move {
+                c.txn(etcd_client::Txn::new().and_then(ops))
+                    .await
+                    .etcd_ctx(|| "put transaction".to_owned())?;
+                Ok(())
+            }
+        })
+    }
+
     /// Delete every key under `/debvisor/<rel_prefix>`; returns how many were deleted.
     pub fn delete_prefix(&self, rel_prefix: &str) -> Result<i64> {
         let p = full_key(rel_prefix);

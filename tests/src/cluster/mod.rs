@@ -30,19 +30,34 @@
 //! also when the test panics. Namespaces of a test process killed outright are swept by the
 //! next one ([`crate::netns::sweep_stale`]).
 //!
+//! With `.bmcs(true)` every node has a fake BMC ([`Bmc`]: openipmi's `ipmi_sim` on the
+//! switch at `192.0.2.(150 + N)`, port 623) whose power off kills everything in the node's
+//! namespace (daemon, libvirtd, qemu, dnsmasq) and takes its network down, and whose power
+//! on boots it again (libvirtd, then the daemon with the same state dir); each daemon is
+//! told its BMC (`fencing.ipmi.*`). With `.track_runs(true)` (isolated libvirtds) the
+//! [`Runs`] recorder follows where every VM runs, from libvirt events, domain lists and the
+//! BMCs' power offs, and finds any moment a VM ran on two nodes at once.
+//!
 //! Files: `builder` (options, bring-up), `switch` (the bridge and ports), `etcd` (the etcd
 //! members), `node` (a node and its faults), `flap` (link flapping), `checker` (invariants,
 //! violations), `sampler` (the checker's thread), `arp` (wire probes), `procs` (dnsmasq in
-//! `/proc`), `guest` (DHCP guests).
+//! `/proc`), `guest` (DHCP guests), `bmc` (the fake BMCs), `power` (the supervisor a BMC
+//! powers, and power off), `boot` (the harness's side of power on and off), `runs` (the run
+//! recorder), `runlog` (its interval logic).
 
 mod arp;
+mod bmc;
+mod boot;
 mod builder;
 mod checker;
 mod etcd;
 mod flap;
 mod guest;
 mod node;
+pub mod power;
 mod procs;
+mod runlog;
+mod runs;
 mod sampler;
 mod switch;
 
@@ -51,13 +66,20 @@ use std::net::Ipv4Addr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+pub use bmc::{bmc_addr, require_ipmi_sim, Bmc, Power, BMC_HOST_BASE, BMC_USER, IPMI_PORT};
+pub use boot::{PowerEvent, PowerEventKind};
 pub use builder::{ClusterBuilder, DEFAULT_FLOATING};
 pub use checker::{Checker, CheckerStats, Holding, Violation, ViolationKind};
 pub use etcd::{EtcdCluster, MAX_MEMBERS};
 pub use flap::Flap;
 pub use guest::{DhcpGuest, DhcpLease};
 pub use node::{Node, CUT_TABLE};
+pub use power::NodeProcess;
 pub use procs::DnsmasqProc;
+pub use runlog::{
+    DoubleRun, DoubleRuns, Evidence, Observation, RunInterval, RunLog, Seen, LIST_EVENT_GRACE,
+};
+pub use runs::{event_runs, state_runs, RunStats, Runs, LIST_PERIOD};
 pub use switch::{Switch, BRIDGE};
 
 use crate::error::{HarnessError, Result};
@@ -104,6 +126,7 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
 #[derive(Debug)]
 pub struct Cluster {
     checker: Option<Checker>,
+    runs: Option<Runs>,
     nodes: Vec<Node>,
     etcd: EtcdCluster,
     switch: Switch,
@@ -180,6 +203,33 @@ impl Cluster {
         }
     }
 
+    /// The run recorder (where each VM runs, double runs).
+    ///
+    /// # Panics
+    /// If the cluster was built without `.track_runs(true)`.
+    #[track_caller]
+    pub fn runs(&self) -> &Runs {
+        match &self.runs {
+            Some(r) => r,
+            None => panic!("the cluster was built without .track_runs(true)"),
+        }
+    }
+
+    /// The BMC of node `i` (0-based; see [`Bmc`]: `address()`, `port()`, `user()`,
+    /// `password_file()`, `power_off()`, `power_on()`, `power()`).
+    ///
+    /// # Panics
+    /// If there is no node `i` or the cluster was built without `.bmcs(true)`.
+    #[track_caller]
+    pub fn bmc(&self, i: usize) -> &Bmc {
+        self.node(i).bmc()
+    }
+
+    /// The file with the BMCs' password (mode 0600; exists when built with `.bmcs(true)`).
+    pub fn bmc_password_file(&self) -> std::path::PathBuf {
+        self.dir.path().join(builder::BMC_PASSWORD_FILE)
+    }
+
     /// The floating address of the cluster host network, if configured.
     pub fn floating(&self) -> Option<Ipv4Addr> {
         self.floating
@@ -224,6 +274,11 @@ impl Cluster {
     /// Put `value` at `/debvisor/<key>`.
     pub fn etcd_put(&self, key: &str, value: &str) -> Result<()> {
         self.etcd.put(key, value)
+    }
+
+    /// Put every `(key, value)` under `/debvisor/` in one transaction.
+    pub fn etcd_put_all(&self, pairs: &[(&str, &str)]) -> Result<()> {
+        self.etcd.put_all(pairs)
     }
 
     /// Delete every key under `/debvisor/<prefix>`; how many were deleted.
@@ -280,13 +335,21 @@ impl Cluster {
     }
 
     /// PIDs of every process the cluster started and that runs now: daemons, libvirtds,
-    /// etcd members (for tests checking that nothing survives the drop).
+    /// BMCs (`ipmi_sim` and the supervisor), etcd members (for tests checking that nothing
+    /// survives the drop).
     pub fn pids(&self) -> Vec<u32> {
         let mut pids: Vec<u32> = self.nodes.iter().filter_map(Node::pid).collect();
         pids.extend(
             self.nodes
                 .iter()
-                .filter_map(|n| n.libvirt().map(|l| l.libvirtd_pid())),
+                .filter_map(|n| n.libvirt().filter(|l| l.is_running()))
+                .map(|l| l.libvirtd_pid()),
+        );
+        pids.extend(
+            self.nodes
+                .iter()
+                .filter_map(Node::try_bmc)
+                .flat_map(Bmc::pids),
         );
         pids.extend(self.etcd.pids());
         pids
@@ -309,6 +372,15 @@ impl Drop for Cluster {
         // The checker first: its sockets live in the namespaces about to go.
         if let Some(c) = &self.checker {
             c.stop();
+        }
+        if let Some(r) = &self.runs {
+            r.stop();
+        }
+        // The BMCs next, so none powers a node on (or off) under the teardown.
+        for n in &self.nodes {
+            if let Some(b) = &n.bmc {
+                b.shutdown();
+            }
         }
         // All daemons at once (a daemon cut from etcd may take its whole grace period).
         for n in &self.nodes {

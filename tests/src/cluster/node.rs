@@ -4,13 +4,15 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Output;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::bmc::Bmc;
 use super::flap::Flap;
 use super::guest::DhcpGuest;
+use super::power::{processes_in, NodeProcess};
 use super::{lock, switch, wait_until};
 use crate::daemon::{is_message, str_field, DaemonBuilder, DaemonProcess};
 use crate::error::{tail_of, HarnessError, IoContext, Result};
@@ -35,18 +37,46 @@ pub struct Node {
     pub(super) name: String,
     pub(super) addr: Ipv4Addr,
     pub(super) builder: DaemonBuilder,
-    /// The current daemon process (kept after it exits, for its logs and config).
-    pub(super) daemon: Mutex<Option<DaemonProcess>>,
+    /// The current daemon process (kept after it exits, for its logs and config; shared
+    /// with the BMC's threads, which boot and reap the node).
+    pub(super) daemon: Arc<Mutex<Option<DaemonProcess>>>,
     /// The daemon is SIGSTOPped.
-    pub(super) stopped: AtomicBool,
+    pub(super) stopped: Arc<AtomicBool>,
     pub(super) etcd_cut: AtomicBool,
     pub(super) guests: AtomicUsize,
     pub(super) switch_ns: String,
     pub(super) etcd_addrs: Vec<Ipv4Addr>,
     pub(super) dir: PathBuf,
+    /// Inode of the node's network namespace (what `/proc/<pid>/ns/net` shows).
+    pub(super) ns_inode: u64,
+    /// The node's BMC (`.bmcs(true)`); dropped before the libvirtd it restarts.
+    pub(super) bmc: Option<Bmc>,
     // Dropped after the daemon (field order), before the namespace.
-    pub(super) libvirt: Option<IsolatedLibvirt>,
+    pub(super) libvirt: Option<Arc<IsolatedLibvirt>>,
     pub(super) ns: NetNs,
+}
+
+/// Spawn a daemon from `builder` into `slot` unless one runs there; the instant.
+pub(super) fn spawn_daemon(
+    slot: &Mutex<Option<DaemonProcess>>,
+    builder: &DaemonBuilder,
+    stopped: &AtomicBool,
+) -> Result<Instant> {
+    let mut d = lock(slot);
+    if let Some(p) = d.as_mut() {
+        if p.is_running() {
+            return Err(HarnessError::State(format!(
+                "node {}: the daemon runs already (pid {})",
+                p.node(),
+                p.pid()
+            )));
+        }
+    }
+    let p = builder.clone().spawn()?;
+    let at = Instant::now();
+    stopped.store(false, Ordering::SeqCst);
+    *d = Some(p);
+    Ok(at)
 }
 
 impl Node {
@@ -82,7 +112,33 @@ impl Node {
 
     /// The node's isolated libvirtd, when the cluster was built with one per node.
     pub fn libvirt(&self) -> Option<&IsolatedLibvirt> {
-        self.libvirt.as_ref()
+        self.libvirt.as_deref()
+    }
+
+    /// The node's BMC.
+    ///
+    /// # Panics
+    /// If the cluster was built without `.bmcs(true)`.
+    #[track_caller]
+    pub fn bmc(&self) -> &Bmc {
+        match &self.bmc {
+            Some(b) => b,
+            None => panic!(
+                "node {}: the cluster was built without .bmcs(true)",
+                self.name
+            ),
+        }
+    }
+
+    /// The node's BMC, if the cluster has them.
+    pub fn try_bmc(&self) -> Option<&Bmc> {
+        self.bmc.as_ref()
+    }
+
+    /// Every live process in the node's network namespace (daemon, libvirtd, qemu, dnsmasq,
+    /// commands run there), by PID: what a power off must leave empty.
+    pub fn processes(&self) -> Vec<NodeProcess> {
+        processes_in(self.ns_inode, &[])
     }
 
     /// Run `f` on the current daemon process (an error if none was ever spawned).
@@ -119,24 +175,14 @@ impl Node {
         self.with_daemon(|d| d.tail(n)).unwrap_or_default()
     }
 
-    /// Spawn the daemon (with the node's state dir). Fails if it runs already. Returns the
-    /// instant it was spawned.
+    /// Spawn the daemon (with the node's state dir). Fails if it runs already, or if the
+    /// node's BMC has it powered off. Returns the instant it was spawned.
     pub fn start(&self) -> Result<Instant> {
-        let mut d = lock(&self.daemon);
-        if let Some(p) = d.as_mut() {
-            if p.is_running() {
-                return Err(HarnessError::State(format!(
-                    "node {}: the daemon runs already (pid {})",
-                    self.name,
-                    p.pid()
-                )));
-            }
+        let spawn = || spawn_daemon(&self.daemon, &self.builder, &self.stopped);
+        match &self.bmc {
+            Some(b) => b.state.if_on(spawn),
+            None => spawn(),
         }
-        let p = self.builder.clone().spawn()?;
-        let at = Instant::now();
-        self.stopped.store(false, Ordering::SeqCst);
-        *d = Some(p);
-        Ok(at)
     }
 
     /// Wait until the daemon logs a line matching `pred` (looking at every line of the
@@ -176,7 +222,14 @@ impl Node {
     }
 
     /// Wait until the current daemon process reaches `run` (its last startup stage done).
+    /// On a node with a BMC, first wait until power is on and the node booted (after a
+    /// power on, the daemon is spawned once libvirtd answers).
     pub fn wait_run(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        if let Some(b) = &self.bmc {
+            b.state.wait_booted(timeout)?;
+        }
+        let timeout = deadline.saturating_duration_since(Instant::now());
         self.wait_log("the daemon to reach run", timeout, |v| {
             is_message(v, "stage complete") && str_field(v, "stage") == Some("keepalive")
         })

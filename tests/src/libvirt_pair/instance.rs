@@ -9,6 +9,8 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use debvisor_daemon::hypervisor::Libvirt;
@@ -18,7 +20,12 @@ use super::procs::{is_qemu, kill_qemu, pid_files, process_alive, wait_gone};
 use super::{DESTROY_TIMEOUT, DIR_PREFIX, LIBVIRT_TCP_PORT, PRIVATE_DIRS, START_TIMEOUT};
 use crate::error::{file_tail, HarnessError, IoContext, Result};
 use crate::libvirt::{random_uuid, run_bounded};
-use crate::netns::NetNs;
+use crate::netns::{enter_thread, NetNs};
+
+/// Lock `m`, also when a panicking thread poisoned it (teardown must still happen).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// A libvirtd in its own network, mount and UTS namespaces; everything is torn down on drop.
 #[derive(Debug)]
@@ -28,9 +35,12 @@ pub struct IsolatedLibvirt {
     host_uuid: String,
     addr: Ipv4Addr,
     netns_inode: u64,
+    /// Name of the network namespace it runs in (given to `start`).
+    netns: String,
     root: Option<tempfile::TempDir>,
-    child: Option<Child>,
-    pid: u32,
+    /// libvirtd while it runs (behind a lock: a node's BMC restarts it through `&self`).
+    child: Mutex<Option<Child>>,
+    pid: AtomicU32,
 }
 
 /// Reject labels that would not make a clean hostname, path component and log field.
@@ -77,30 +87,62 @@ impl IsolatedLibvirt {
             .tempdir()
             .ctx(|| "creating the instance temp dir".to_string())?;
         let host_uuid = random_uuid();
-        let hostname = format!("dvlv-{label}");
-        let mut binds = Vec::new();
-        for (name, target) in PRIVATE_DIRS {
+        for (name, _) in PRIVATE_DIRS {
             let dir = root.path().join(name);
             std::fs::create_dir(&dir).ctx(|| format!("creating {}", dir.display()))?;
-            binds.push((path_c_string(&dir)?, c_string(target)?));
         }
         write_config(&root.path().join("etc"), addr, &host_uuid)?;
         seed_capabilities_cache(&root.path().join("cache"))?;
-
         let ns_path = format!("/run/netns/{}", ns.name());
+        let netns_inode = std::fs::metadata(&ns_path)
+            .ctx(|| format!("stat {ns_path}"))?
+            .ino();
+        let inst = IsolatedLibvirt {
+            label: label.to_string(),
+            hostname: format!("dvlv-{label}"),
+            host_uuid,
+            addr,
+            netns_inode,
+            netns: ns.name().to_string(),
+            root: Some(root),
+            child: Mutex::new(None),
+            pid: AtomicU32::new(0),
+        };
+        inst.spawn()?;
+        inst.wait_ready()?;
+        eprintln!(
+            "debvisor-tests: libvirtd instance={} pid={} netns={} addr={addr} started",
+            inst.label,
+            inst.libvirtd_pid(),
+            ns.name()
+        );
+        Ok(inst)
+    }
+
+    /// Spawn libvirtd (foreground, its own process group) inside the instance's network
+    /// namespace and fresh mount + UTS namespaces with the private directories bound over
+    /// the system ones. Its output is appended to `libvirtd.log`.
+    fn spawn(&self) -> Result<()> {
+        let root = self.root().to_path_buf();
+        let mut binds = Vec::new();
+        for (name, target) in PRIVATE_DIRS {
+            binds.push((path_c_string(&root.join(name))?, c_string(target)?));
+        }
+        let ns_path = format!("/run/netns/{}", self.netns);
         let ns_file = File::open(&ns_path).ctx(|| format!("opening {ns_path}"))?;
-        let netns_inode = ns_file.metadata().ctx(|| format!("stat {ns_path}"))?.ino();
-        let log_path = root.path().join("libvirtd.log");
-        let log = File::create(&log_path).ctx(|| format!("creating {}", log_path.display()))?;
+        let log_path = root.join("libvirtd.log");
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .ctx(|| format!("opening {}", log_path.display()))?;
         let log_err = log
             .try_clone()
             .ctx(|| format!("cloning {}", log_path.display()))?;
-        let pid_file = root.path().join("libvirtd.pid");
-
         let mut cmd = Command::new("libvirtd");
         cmd.arg("--listen")
             .arg("--pid-file")
-            .arg(&pid_file)
+            .arg(root.join("libvirtd.pid"))
             .env_remove("LIBVIRT_DEFAULT_URI")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
@@ -108,8 +150,8 @@ impl IsolatedLibvirt {
             .process_group(0);
         let ns_fd = ns_file.as_raw_fd();
         let slash = c_string("/")?;
-        let host_c = c_string(&hostname)?;
-        let host_len = hostname.len();
+        let host_c = c_string(&self.hostname)?;
+        let host_len = self.hostname.len();
         // SAFETY: the closure runs between fork and exec and only makes raw syscalls on
         // data prepared before the fork (no allocation, no locks); `ns_file` stays open in
         // the parent until spawn returns, so `ns_fd` is valid in the child.
@@ -145,49 +187,100 @@ impl IsolatedLibvirt {
         }
         let child = cmd
             .spawn()
-            .ctx(|| format!("starting libvirtd {label} in netns {}", ns.name()))?;
+            .ctx(|| format!("starting libvirtd {} in netns {}", self.label, self.netns))?;
         drop(ns_file);
-        let pid = child.id();
-        let mut inst = IsolatedLibvirt {
-            label: label.to_string(),
-            hostname,
-            host_uuid,
-            addr,
-            netns_inode,
-            root: Some(root),
-            child: Some(child),
-            pid,
-        };
-        inst.wait_ready(ns)?;
-        eprintln!(
-            "debvisor-tests: libvirtd instance={} pid={pid} netns={} addr={addr} started",
-            inst.label,
-            ns.name()
-        );
-        Ok(inst)
+        self.pid.store(child.id(), Ordering::SeqCst);
+        *lock(&self.child) = Some(child);
+        Ok(())
+    }
+
+    /// Whether libvirtd runs (reaps it if it exited).
+    pub fn is_running(&self) -> bool {
+        matches!(
+            lock(&self.child).as_mut().map(Child::try_wait),
+            Some(Ok(None))
+        )
+    }
+
+    /// Reap libvirtd if it exited (e.g. killed with its node by a power off); true if it no
+    /// longer runs.
+    pub fn reap(&self) -> bool {
+        let mut child = lock(&self.child);
+        match child.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => false,
+            Some(_) => {
+                *child = None;
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Start libvirtd again after it died, on the same directories, configuration, address
+    /// and `host_uuid` (a node powered on again, a crashed libvirtd restarted), and wait
+    /// until it answers. When no qemu process of the instance runs any more, its
+    /// `/run/libvirt` is emptied first, as a reboot empties a tmpfs; otherwise it is kept
+    /// and libvirtd reconnects to the running guests. Persistent definitions stay.
+    ///
+    /// Fails if libvirtd still runs.
+    pub fn restart(&self) -> Result<()> {
+        self.respawn()?;
+        self.wait_ready()
+    }
+
+    /// The first half of [`IsolatedLibvirt::restart`]: spawn without waiting (a caller that
+    /// must not hold a lock while libvirtd starts up waits with `wait_ready`).
+    pub(crate) fn respawn(&self) -> Result<()> {
+        if !self.reap() {
+            return Err(HarnessError::State(format!(
+                "libvirtd {} still runs (pid {})",
+                self.label,
+                self.libvirtd_pid()
+            )));
+        }
+        if self.qemu_pids().is_empty() {
+            let run = self.run_dir();
+            let entries = std::fs::read_dir(&run).ctx(|| format!("listing {}", run.display()))?;
+            for e in entries.flatten() {
+                let p = e.path();
+                let r = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+                r.ctx(|| format!("removing {}", p.display()))?;
+            }
+        }
+        self.spawn()
     }
 
     /// Wait until libvirtd answers `virsh version` on its socket and accepts TCP at its
     /// address (from inside its namespace); fail early with its log if it exits.
-    fn wait_ready(&mut self, ns: &NetNs) -> Result<()> {
+    pub(crate) fn wait_ready(&self) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         let sock = self.socket_path();
         let uri = self.local_uri();
         let tcp = SocketAddr::from((self.addr, LIBVIRT_TCP_PORT));
         let mut last = String::new();
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child
+            let exited = match lock(&self.child).as_mut() {
+                Some(child) => child
                     .try_wait()
-                    .ctx(|| format!("waiting for libvirtd {}", self.label))?
-                {
-                    self.child = None;
-                    return Err(HarnessError::Exited {
-                        what: format!("libvirtd {} to answer", self.label),
-                        status: status.to_string(),
-                        tail: self.log_tail(30),
-                    });
+                    .ctx(|| format!("waiting for libvirtd {}", self.label))?,
+                None => {
+                    return Err(HarnessError::State(format!(
+                        "libvirtd {} was reaped",
+                        self.label
+                    )))
                 }
+            };
+            if let Some(status) = exited {
+                *lock(&self.child) = None;
+                return Err(HarnessError::Exited {
+                    what: format!("libvirtd {} to answer", self.label),
+                    status: status.to_string(),
+                    tail: self.log_tail(30),
+                });
             }
             if UnixStream::connect(&sock).is_ok() {
                 match run_bounded(
@@ -195,15 +288,10 @@ impl IsolatedLibvirt {
                     "virsh version",
                     Duration::from_secs(10),
                 ) {
-                    Ok(out) if out.status.success() => {
-                        let tcp_ok = ns.run(|| {
-                            TcpStream::connect_timeout(&tcp, Duration::from_secs(1)).map(|_| ())
-                        })?;
-                        match tcp_ok {
-                            Ok(()) => return Ok(()),
-                            Err(e) => last = format!("TCP {tcp}: {e}"),
-                        }
-                    }
+                    Ok(out) if out.status.success() => match self.tcp_answers(tcp) {
+                        Ok(()) => return Ok(()),
+                        Err(e) => last = format!("TCP {tcp}: {e}"),
+                    },
                     Ok(out) => last = String::from_utf8_lossy(&out.stderr).trim().to_string(),
                     Err(e) => last = e.to_string(),
                 }
@@ -217,6 +305,20 @@ impl IsolatedLibvirt {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Whether `tcp` accepts a connection from inside the instance's network namespace.
+    fn tcp_answers(&self, tcp: SocketAddr) -> Result<()> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                enter_thread(&self.netns)?;
+                TcpStream::connect_timeout(&tcp, Duration::from_secs(1))
+                    .map(drop)
+                    .ctx(|| format!("connecting to {tcp}"))
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
     }
 
     fn root(&self) -> &Path {
@@ -253,7 +355,7 @@ impl IsolatedLibvirt {
 
     /// libvirtd's PID.
     pub fn libvirtd_pid(&self) -> u32 {
-        self.pid
+        self.pid.load(Ordering::SeqCst)
     }
 
     /// The label given to [`start`](Self::start).
@@ -348,14 +450,16 @@ impl IsolatedLibvirt {
 
     /// Stop libvirtd: SIGTERM, then SIGKILL after 10 s; reaps it.
     fn stop_libvirtd(&mut self) -> std::result::Result<(), String> {
-        let Some(mut child) = self.child.take() else {
+        let pid = self.libvirtd_pid();
+        let slot = self.child.get_mut().unwrap_or_else(|p| p.into_inner());
+        let Some(mut child) = slot.take() else {
             return Ok(());
         };
         if let Ok(Some(_)) = child.try_wait() {
             return Ok(());
         }
         // SAFETY: kill(2) of our own child, which has not been reaped yet.
-        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match child.try_wait() {
@@ -368,7 +472,7 @@ impl IsolatedLibvirt {
                     return child
                         .wait()
                         .map(|_| ())
-                        .map_err(|e| format!("reaping libvirtd {}: {e}", self.pid));
+                        .map_err(|e| format!("reaping libvirtd {pid}: {e}"));
                 }
             }
         }
@@ -379,7 +483,7 @@ impl Drop for IsolatedLibvirt {
     fn drop(&mut self) {
         let mut errors = Vec::new();
         let before: Vec<u32> = self.qemu_pids().into_iter().map(|(_, p)| p).collect();
-        if self.child.is_some() {
+        if self.is_running() {
             if let Err(e) = self.destroy_domains() {
                 errors.push(format!("destroying domains: {e}"));
             }

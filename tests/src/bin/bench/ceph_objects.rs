@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use debvisor_tests::{CephCluster, DaemonBuilder, DaemonProcess, EtcdProcess};
 
 use super::clock::{epoch_micros, now_utc_string, parse_rfc3339_micros};
-use super::host::loadavg;
+use super::host::load_text;
 use super::logs::str_field;
 use super::report::{bench_command, publish, Machine};
 use super::stats::summarize;
@@ -47,17 +47,6 @@ struct Samples {
     status_ready: Vec<f64>,
     ls_call: Vec<f64>,
     snap_create: Vec<f64>,
-}
-
-/// The 1-minute load average for the report, as `/proc/loadavg` writes it (two
-/// decimals), `?` if unreadable.
-fn load1() -> String {
-    let l = loadavg();
-    if l.is_nan() {
-        "?".into()
-    } else {
-        format!("{l:.2}")
-    }
 }
 
 fn wait(what: &str, mut f: impl FnMut() -> BenchResult<bool>) -> BenchResult<()> {
@@ -211,9 +200,9 @@ pub(crate) fn run(args: &Args, machine: &Machine) -> BenchResult<()> {
     eprintln!(
         "debvisor-bench: [ceph-objects] snapshot request → snapshot in Ceph, {SNAPSHOTS} requests"
     );
-    let load_start = load1();
+    let load_start = load_text();
     let (s, ceph_start) = measure()?;
-    let load = format!("{load_start} / {}", load1());
+    let load = format!("{load_start} / {}", load_text());
     let report = render(args, machine, &started, &s, ceph_start, &load);
     publish(args, MARK_START, MARK_END, &report)
 }

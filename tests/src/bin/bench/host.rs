@@ -101,6 +101,32 @@ pub(crate) fn loadavg() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// A load average as `/proc/loadavg` writes it (two decimals), `?` if unknown (NaN or
+/// infinite), for the reports.
+pub(crate) fn load_fmt(l: f64) -> String {
+    if l.is_finite() {
+        format!("{l:.2}")
+    } else {
+        "?".into()
+    }
+}
+
+/// The 1-minute load average now, formatted by [`load_fmt`].
+pub(crate) fn load_text() -> String {
+    load_fmt(loadavg())
+}
+
+/// The 1, 5 and 15-minute load averages as `/proc/loadavg` writes them
+/// (`0.52 0.61 0.70`), `?` if unreadable: what `cat /proc/loadavg` shows, for reports of
+/// long runs where the 1-minute figure alone says little.
+pub(crate) fn load_triple() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "?".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +143,9 @@ mod tests {
         assert!(busy <= total);
         assert!(clk_tck().expect("CLK_TCK") > 0);
         assert!(loadavg() >= 0.0);
+        assert_eq!(load_fmt(1.234), "1.23");
+        assert_eq!(load_fmt(f64::NAN), "?");
+        assert_ne!(load_text(), "?");
+        assert_eq!(load_triple().split(' ').count(), 3);
     }
 }

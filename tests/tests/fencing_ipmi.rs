@@ -1,0 +1,139 @@
+//! Fencing with real KVM guests and real BMCs (openipmi's `ipmi_sim` per node, fenced by the
+//! primary with `ipmitool -I lanplus`), with the run recorder following every guest on every
+//! node's own libvirtd: no UUID may run on two nodes at any instant.
+//!
+//! - kill -9 of a node's daemon with two guests: the primary declares it dead, powers it off
+//!   over IPMI (confirmed Off), and both guests run on other nodes.
+//! - its BMC unreachable, `failed_fence: migrate`: the fence fails; the node's guardian has
+//!   stopped its guests at the self-fence deadline (the daemon was killed, its guests were
+//!   not), so the primary recovers them under the self-fence bound — and the recorder finds
+//!   no overlap.
+//!
+//! Skipped (a failure under `DEBVISOR_REQUIRE_ALL=1`) without `ipmi_sim`.
+
+use std::time::Duration;
+
+use debvisor_tests::cluster::{require_ipmi_sim, wait_until, Cluster, Power};
+use debvisor_tests::libvirt::{random_uuid, require_kvm, tiny_guest_xml, unique_name};
+use debvisor_tests::skip_unless_root;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn cluster(yaml: &str) -> Cluster {
+    Cluster::builder()
+        .nodes(3)
+        .etcd_members(1)
+        .isolated_libvirt(true)
+        .with_bmcs()
+        .track_runs(true)
+        .yaml(yaml)
+        .env("DEBVISOR_DOMAINS_SHUTDOWN_TIMEOUT", "3s")
+        .build()
+        .expect("cluster")
+}
+
+fn guest(c: &Cluster, node: &str, label: &str) -> String {
+    let (uuid, name) = (random_uuid(), unique_name(label));
+    let xml = tiny_guest_xml(&name, &uuid);
+    let k = |f: &str| format!("vms/{uuid}/{f}");
+    c.etcd_put_all(&[
+        (&k("xml"), &xml),
+        (&k("node"), node),
+        (&k("state"), "start"),
+    ])
+    .expect("VM keys");
+    uuid
+}
+
+/// Wait until the VM runs (status in etcd and the recorder agree) on a node other than
+/// `not_on` (any node when `None`); returns that node.
+fn running(c: &Cluster, uuid: &str, not_on: Option<&str>) -> String {
+    let on = wait_until(&format!("{uuid} running"), WAIT, || {
+        let s: Value =
+            serde_json::from_str(&c.etcd_get(&format!("vms/{uuid}/status")).ok()??).ok()?;
+        let on = s["node"].as_str()?.to_string();
+        (s["state"] == "running" && Some(on.as_str()) != not_on).then_some(on)
+    })
+    .expect("running");
+    c.runs()
+        .wait_running_on(uuid, &on, WAIT)
+        .expect("the recorder sees it");
+    on
+}
+
+fn fence_record(c: &Cluster, n: &str) -> Option<Value> {
+    serde_json::from_str(&c.etcd_get(&format!("nodes/{n}/fence")).ok()??).ok()
+}
+
+/// The victim: a node that is not the primary.
+fn victim(c: &Cluster) -> String {
+    let p = wait_until("a primary", WAIT, || c.primary().ok().flatten()).expect("primary");
+    c.nodes()
+        .iter()
+        .map(|n| n.name().to_string())
+        .find(|n| *n != p)
+        .expect("a secondary")
+}
+
+#[test]
+fn kill9_of_a_node_is_fenced_over_ipmi_and_its_guests_run_elsewhere_never_twice() {
+    skip_unless_root!();
+    if !require_ipmi_sim() {
+        return;
+    }
+    require_kvm();
+    let c = cluster("fencing:\n  enabled: true\n");
+    let v = victim(&c);
+    let vms = [guest(&c, &v, "fence-a"), guest(&c, &v, "fence-b")];
+    for uuid in &vms {
+        assert_eq!(running(&c, uuid, None), v);
+    }
+    let i = c.node_named(&v).expect("node").index();
+    c.node_named(&v).expect("node").kill9().expect("kill -9");
+    for uuid in &vms {
+        running(&c, uuid, Some(&v));
+    }
+    assert_eq!(c.bmc(i).power().expect("power status"), Power::Off);
+    let rec = fence_record(&c, &v).expect("fence record");
+    assert_eq!(rec["by"], "ipmi", "{rec}");
+    assert_eq!(
+        c.etcd_get(&format!("nodes/{v}/daemon_state"))
+            .expect("get")
+            .as_deref(),
+        Some("fenced")
+    );
+    c.runs().sync(2, WAIT).expect("recorder sync");
+    c.runs().assert_no_double_run();
+}
+
+#[test]
+fn bmc_unreachable_with_failed_fence_migrate_recovers_under_the_self_fence_bound() {
+    skip_unless_root!();
+    if !require_ipmi_sim() {
+        return;
+    }
+    require_kvm();
+    let c = cluster("fencing:\n  enabled: true\n  failed_fence: migrate\n  timeout: 10s\n");
+    let v = victim(&c);
+    let uuid = guest(&c, &v, "selffence");
+    assert_eq!(running(&c, &uuid, None), v);
+    let i = c.node_named(&v).expect("node").index();
+    c.bmc(i).cut().expect("cut the BMC");
+    // The daemon dies; its guest does not: the guardian must stop it before the lease
+    // expires on the server, or the recovery below would run it twice.
+    c.node_named(&v).expect("node").kill9().expect("kill -9");
+    let on = running(&c, &uuid, Some(&v));
+    assert_ne!(on, v);
+    let rec = wait_until("fence record", WAIT, || {
+        fence_record(&c, &v).filter(|r| r["by"] == "self-fence")
+    })
+    .expect("record");
+    assert!(
+        matches!(rec["state"].as_str(), Some("fenced" | "recovered")),
+        "{rec}"
+    );
+    c.runs().sync(2, WAIT).expect("recorder sync");
+    c.runs().assert_no_double_run();
+    c.bmc(i).heal().expect("heal the BMC");
+}
