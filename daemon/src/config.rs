@@ -70,6 +70,29 @@ pub struct Config {
     pub services: ServicesConfig,
     /// `node_status:`
     pub node_status: NodeStatusConfig,
+    /// `metrics:`
+    pub metrics: MetricsConfig,
+}
+
+/// `metrics:` — the Prometheus endpoint (`GET /metrics`, text format); see
+/// docs/metrics.md for the series and their cardinality.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` at all.
+    pub enabled: bool,
+    /// Address to listen on (`host:port`); loopback by default, so scrapers elsewhere need
+    /// an address here and a `firewall.extra_allow` entry for the port.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
 }
 
 /// `node_status:` — when the primary calls a node `DEGRADED` in `nodes/<node>/status`
@@ -1697,6 +1720,17 @@ impl Config {
                 format!(
                     "must be between 1 and 1000, got {}",
                     d.stats_writes_per_tick
+                ),
+            );
+        }
+
+        // metrics
+        if self.metrics.enabled && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+            bad(
+                "metrics.listen",
+                format!(
+                    "not an address:port (e.g. 127.0.0.1:9464 or [::]:9464), got {:?}",
+                    self.metrics.listen
                 ),
             );
         }

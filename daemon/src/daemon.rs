@@ -269,7 +269,51 @@ async fn start_objects(
     let mut r = r;
     r.guard = start_guardian(&r);
     start_election(&r, coordinator);
+    start_metrics(&r, keepalive.stats_handle());
+    start_config_sync(&r);
     Ok((r, signals, keepalive))
+}
+
+/// The cluster config (`config/blob`) applied here at runtime, on the keepalive interval.
+fn start_config_sync(r: &Running) {
+    let cfg = &r.cfg;
+    crate::config_sync::ConfigSync {
+        node: cfg.node_name().to_string(),
+        store: r.store.clone(),
+        log: r.log.clone(),
+        base_level: cfg.logging.level.clone(),
+        sysctl_apply: cfg.networking.sysctl.apply,
+        standalone: cfg.node.mode == NodeMode::Standalone,
+        proc_sys: std::path::PathBuf::from("/proc/sys"),
+    }
+    .spawn(cfg.keepalive.interval, r.objects.tasks.clone());
+}
+
+/// `GET /metrics` (`metrics.listen`) from `run` on, until the objects stop.
+fn start_metrics(
+    r: &Running,
+    stats: std::sync::Arc<std::sync::Mutex<Vec<crate::hypervisor::DomainStats>>>,
+) {
+    let m = &r.cfg.metrics;
+    let Some(addr) = m
+        .enabled
+        .then(|| m.listen.parse::<std::net::SocketAddr>().ok())
+        .flatten()
+    else {
+        return;
+    };
+    let sources = crate::metrics::Sources {
+        node: r.cfg.node_name().to_string(),
+        nodes: r.objects.nodes.clone(),
+        vms: r.objects.vms.clone(),
+        networks: r.objects.networks.clone(),
+        stats,
+    };
+    tokio::spawn(crate::metrics::serve(
+        addr,
+        sources,
+        r.objects.tasks.clone(),
+    ));
 }
 
 /// The election, from `run` on: secondary → takeover → primary for a coordinator (always for

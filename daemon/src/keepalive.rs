@@ -51,6 +51,9 @@ pub struct Keepalive {
     stats_budget: usize,
     /// Per VM: the stats last written and when.
     stats_written: HashMap<String, (String, Instant)>,
+    /// Every domain's counters as of the last tick, for `/metrics` (which must not ask
+    /// libvirt or etcd on a scrape).
+    last_stats: Arc<std::sync::Mutex<Vec<DomainStats>>>,
     /// The Ceph monitor's latest node summary (`ceph.enabled`); read, never waited for.
     ceph: Option<crate::reactors::ceph_monitor::CephHealthRx>,
     /// The latest round-trip times to peers; read, never waited for.
@@ -124,6 +127,7 @@ impl Keepalive {
             domains: None,
             stats_budget: 64,
             stats_written: HashMap::new(),
+            last_stats: Arc::default(),
             ceph: None,
             peers: None,
         }
@@ -161,6 +165,11 @@ impl Keepalive {
     /// A handle on `info` as last written, for the repair of the node's own keys.
     pub fn info_handle(&self) -> Arc<std::sync::Mutex<NodeInfo>> {
         self.written_info.clone()
+    }
+
+    /// The domain counters of the last tick (shared, updated every tick).
+    pub fn stats_handle(&self) -> Arc<std::sync::Mutex<Vec<DomainStats>>> {
+        self.last_stats.clone()
     }
 
     /// Changed per-VM stats to write this tick: only VMs we manage, only values that
@@ -216,6 +225,7 @@ impl Keepalive {
         } else {
             Vec::new()
         };
+        stats.clone_into(&mut self.last_stats.lock().unwrap_or_else(|p| p.into_inner()));
         let foreign = self
             .domains
             .as_ref()

@@ -36,11 +36,13 @@ pub mod ctl;
 
 pub mod reactors;
 
+pub mod config_sync;
 pub mod daemon;
 pub mod guard;
 pub mod journal;
 pub mod keepalive;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod owned_keys;
 pub mod peers;

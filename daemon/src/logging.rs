@@ -17,6 +17,7 @@ use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 use crate::config::{LogFormat, LogTarget, LoggingConfig};
 
 /// Handle to change the level filter at run time.
+#[derive(Clone)]
 pub struct LogHandle {
     reload: reload::Handle<EnvFilter, Registry>,
     /// Where lines go, for the startup log line.

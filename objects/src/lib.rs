@@ -8,8 +8,10 @@ mod macros;
 
 pub mod ceph;
 pub mod ceph_plan;
+pub mod cluster_config;
 pub mod domain;
 pub mod domain_plan;
+pub mod drain;
 pub mod fencing;
 pub mod lease;
 pub mod network;

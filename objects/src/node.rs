@@ -489,7 +489,7 @@ pub fn parse_node(
                 }
                 Err(e) => n.problems.push(e),
             },
-            NodeField::ConfirmRemovals => {}
+            NodeField::ConfirmRemovals | NodeField::Drain => {}
             NodeField::Bmc => match parse_json(f, v) {
                 Ok(b) => n.bmc = Some(b),
                 Err(e) => n.problems.push(e),

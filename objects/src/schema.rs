@@ -67,9 +67,10 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec { pattern: "nodes/<node>/bmc", writer: Writer::OwningNode, format: "JSON {host, port, user}", leased: false, doc: "The node's BMC (from fencing.ipmi), for the primary to fence it over IPMI; never the password." },
     KeySpec { pattern: "nodes/<node>/fence", writer: Writer::Primary, format: "JSON {state dead|fencing|fenced|failed|skipped|recovering|recovered, by ipmi|self-fence, reason, since, primary}", leased: false, doc: "The primary's record of a dead node: each step of its fencing and recovery, with the reason of a skip or a failure." },
     KeySpec { pattern: "nodes/<node>/confirm_removals", writer: Writer::Operator, format: "RFC3339 timestamp", leased: false, doc: "Written by `debvisorctl node confirm-removals`: the node carries out the removals it holds (health.removals_held) and accepts a replaced store as it is." },
-    KeySpec { pattern: "nodes/<node>/config/version", writer: Writer::OwningNode, format: "string", leased: false, doc: "Last config version applied on the node." },
+    KeySpec { pattern: "nodes/<node>/drain", writer: Writer::OwningNode, format: "JSON DrainReport {state, since, remaining, waiting [{uuid, name, reason}]}", leased: false, doc: "Progress of a flush/unflush as the node's drain pass sees it: how many VMs are left and why each waiting one cannot move yet (e.g. no eligible node, with the reason per node); rewritten when it changes, so `debvisorctl node flush --wait` can say why it waits." },
+    KeySpec { pattern: "nodes/<node>/config/version", writer: Writer::OwningNode, format: "string", leased: false, doc: "Cluster config version (`config/current_version`) in force on the node: the last one it applied." },
     KeySpec { pattern: "nodes/<node>/config/last_applied_at", writer: Writer::OwningNode, format: "RFC3339 timestamp", leased: false, doc: "When that version was applied." },
-    KeySpec { pattern: "nodes/<node>/config/status", writer: Writer::OwningNode, format: "OK|STALE|ERROR[: detail]", leased: false, doc: "Config sync state of the node." },
+    KeySpec { pattern: "nodes/<node>/config/status", writer: Writer::OwningNode, format: "OK|STALE: reason|ERROR: field: reason", leased: false, doc: "Config sync state of the node: `OK` (current version in force), `STALE` (it could not apply the current version at runtime; the previous one stays in force), `ERROR` naming the field it refused (nothing of that version applied)." },
     KeySpec { pattern: "vms/<vm>/xml", writer: Writer::Operator, format: "libvirt domain XML", leased: false, doc: "The domain definition; its <uuid> must equal <vm> (a lower-case canonical UUID). Each node checks it against its domains.xml_policy before defining it (refused: status invalid, element named)." },
     KeySpec { pattern: "vms/<vm>/state", writer: Writer::Operator, format: "start|restart|shutdown|stop|disable|migrate|migrate-live|unmigrate", leased: false, doc: "Desired state (absent: stop)." },
     KeySpec { pattern: "vms/<vm>/node", writer: Writer::Operator, format: "node name", leased: false, doc: "Target node: the node that should run the VM." },
@@ -80,8 +81,9 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec { pattern: "vms/<vm>/status", writer: Writer::VmOwner, format: "JSON {state, since, reason, error}", leased: false, doc: "Actual state as the owning node sees it (running|starting|stopped|shutting-down|disabled|migrating|fail|invalid), since when, why, and the error naming the field." },
     KeySpec { pattern: "vms/<vm>/stats", writer: Writer::VmOwner, format: "JSON", leased: false, doc: "CPU time, memory, vCPUs, disk and network counters." },
     KeySpec { pattern: "vms/<vm>/flushed_from", writer: Writer::VmOwner, format: "node name", leased: false, doc: "Set when a node drain shut the VM down (migration_method none); that node's unflush starts it again and clears it." },
-    KeySpec { pattern: "config/current_version", writer: Writer::Operator, format: "string", leased: false, doc: "Desired config version (Git SHA or semver)." },
-    KeySpec { pattern: "config/blob", writer: Writer::Operator, format: "string", leased: false, doc: "Rendered desired-state blob or a pointer to it." },
+    KeySpec { pattern: "config/current_version", writer: Writer::Operator, format: "string", leased: false, doc: "Version of the cluster-wide settings in `config/blob` (a Git SHA, semver, or the digest `debvisorctl config set` computes); written with the blob in one transaction." },
+    KeySpec { pattern: "config/blob", writer: Writer::Operator, format: "YAML or JSON ClusterConfig", leased: false, doc: "Cluster-wide settings every node applies at runtime: log_level, node_status thresholds, firewall_allow, sysctl, vm_defaults (see README, Cluster config). Validated as a whole; a bad blob is never half-applied." },
+    KeySpec { pattern: "self/node_id", writer: Writer::OwningNode, format: "node name", leased: false, doc: "Written by a standalone node only: the name it uses under `nodes/` (DebVisor's hostname-register reads it, then `nodes/<id>/mode` and `nodes/<id>/info/fqdn`). A clustered store has no single \"self\": there a node-local consumer reads `node.name` from `/etc/debvisor/debvisord.yaml` (or the short hostname) instead." },
     KeySpec { pattern: "networks/<vni>/spec", writer: Writer::Operator, format: "JSON NetworkSpecRaw", leased: false, doc: "Client network: type bridged|managed, description, mtu, domain, name_servers, ipv4/ipv6 {network, gateway}, dhcp4 {enabled, start, end}." },
     KeySpec { pattern: "networks/<vni>/reservations/<mac>", writer: Writer::Operator, format: "JSON {ip, hostname}", leased: false, doc: "DHCP reservation of a managed network (MAC lower-case, colon-separated)." },
     KeySpec { pattern: "networks/<vni>/acl/<in|out>/<order>", writer: Writer::Operator, format: "JSON {action, proto, source, destination, port, description}", leased: false, doc: "Per-network firewall rule; applied in numeric order of <order>." },
@@ -102,6 +104,13 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec { pattern: "election/primary", writer: Writer::AnyNodeTxn, format: "etcd election", leased: true, doc: "Primary coordinator election (etcd election API): one key per campaigning coordinator, `election/primary/<lease>` = node name, bound to its node lease; the lowest revision leads." },
     KeySpec { pattern: "election/request", writer: Writer::Operator, format: "node name", leased: false, doc: "Written by `debvisorctl node primary NAME`: the primary hands over to NAME (a live coordinator in run), which deletes the key once it is primary; refused requests are deleted with the reason logged." },
 ];
+
+/// Keys (or values of keys) that the schema reserves but nothing writes yet, with what will
+/// write them: `docs/schema.md` marks them *planned* so a reader does not wait for them.
+pub const PLANNED: &[(&str, &str)] = &[(
+    "vms/<vm>/metadata",
+    "`ha_group` is stored and shown but nothing acts on it yet",
+)];
 
 /// The primary election's name (campaign keys live below it).
 pub const ELECTION_PRIMARY: &str = "election/primary";
@@ -139,13 +148,14 @@ pub enum NodeField {
     ConfigLastAppliedAt,
     ConfigStatus,
     ConfirmRemovals,
+    Drain,
     Bmc,
     Fence,
 }
 
 impl NodeField {
     /// Every field, for exhaustive iteration.
-    pub const ALL: [NodeField; 16] = [
+    pub const ALL: [NodeField; 17] = [
         NodeField::Info,
         NodeField::Fqdn,
         NodeField::Mode,
@@ -160,6 +170,7 @@ impl NodeField {
         NodeField::ConfigLastAppliedAt,
         NodeField::ConfigStatus,
         NodeField::ConfirmRemovals,
+        NodeField::Drain,
         NodeField::Bmc,
         NodeField::Fence,
     ];
@@ -181,6 +192,7 @@ impl NodeField {
             NodeField::ConfigLastAppliedAt => "config/last_applied_at",
             NodeField::ConfigStatus => "config/status",
             NodeField::ConfirmRemovals => "confirm_removals",
+            NodeField::Drain => "drain",
             NodeField::Bmc => "bmc",
             NodeField::Fence => "fence",
         }
@@ -214,6 +226,12 @@ pub fn config_blob() -> String {
     "config/blob".into()
 }
 
+/// Key a standalone node writes with its own name (`self/node_id`).
+pub const SELF_NODE_ID: &str = "self/node_id";
+
+/// Prefix of the cluster config keys (`config/`).
+pub const CONFIG_PREFIX: &str = "config/";
+
 /// Name of the primary election.
 pub fn election_primary() -> String {
     "election/primary".into()
@@ -238,18 +256,45 @@ pub fn render_markdown(prefix: &str) -> String {
     out.push_str(&format!(
         "All keys live under the configured prefix (default `{prefix}`). Schema version: {SCHEMA_VERSION}.\n\n"
     ));
+    out.push_str("Every key listed is written today; *planned* names what the schema reserves and nothing writes yet.\n\n");
     out.push_str("| key | writer | value | lease-bound | meaning |\n|---|---|---|---|---|\n");
     for k in KEYS {
+        let mut doc = k.doc.to_string();
+        if let Some((_, what)) = PLANNED.iter().find(|(p, _)| *p == k.pattern) {
+            doc.push_str(&format!(" *Planned:* {what}."));
+        }
         out.push_str(&format!(
-            "| `{}` | {} | {} | {} | {} |\n",
-            k.pattern,
-            k.writer,
-            k.format,
+            "| {} | {} | {} | {} | {} |\n",
+            cell(&format!("`{}`", k.pattern)),
+            cell(&k.writer.to_string()),
+            cell(k.format),
             if k.leased { "yes" } else { "no" },
-            k.doc
+            cell(&doc)
         ));
     }
-    out.push_str("\nThe node id of this machine is local (`<state_dir>/node_id`), not in etcd: a shared store cannot hold \"self\".\n");
+    out.push_str("\nThe node id of this machine is local (`<state_dir>/node_id`); only a standalone node also publishes its name as `self/node_id` (a shared store cannot hold one \"self\").\n");
+    out
+}
+
+/// One markdown table cell: `|` escaped (also inside code spans, as GitHub's tables need),
+/// `<` and `>` outside code spans written as entities so `<uuid>` is text, not an HTML tag,
+/// line breaks folded.
+pub fn cell(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    let mut code = false;
+    for c in text.chars() {
+        match c {
+            '`' => {
+                code = !code;
+                out.push(c);
+            }
+            '|' => out.push_str("\\|"),
+            '<' if !code => out.push_str("&lt;"),
+            '>' if !code => out.push_str("&gt;"),
+            '\n' | '\r' => out.push(' '),
+            c => out.push(c),
+        }
+    }
     out
 }
 
@@ -276,6 +321,28 @@ mod tests {
             assert!(
                 KEYS.iter().any(|k| k.pattern == pattern),
                 "{pattern} missing from KEYS"
+            );
+        }
+    }
+
+    #[test]
+    fn table_cells_are_escaped() {
+        assert_eq!(cell("a|b"), "a\\|b");
+        assert_eq!(cell("its <uuid> and `<vm>`"), "its &lt;uuid&gt; and `<vm>`");
+        assert_eq!(cell("`x|y`"), "`x\\|y`");
+        let md = render_markdown("/debvisor");
+        for line in md.lines().filter(|l| l.starts_with("| `")) {
+            // Five cells: six unescaped pipes.
+            let pipes = line
+                .match_indices('|')
+                .filter(|(i, _)| *i == 0 || !line[..*i].ends_with('\\'))
+                .count();
+            assert_eq!(pipes, 6, "{line}");
+        }
+        for (p, _) in PLANNED {
+            assert!(
+                KEYS.iter().any(|k| k.pattern == *p),
+                "planned {p} is not a key"
             );
         }
     }

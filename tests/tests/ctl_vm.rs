@@ -538,15 +538,17 @@ async fn list_and_show_in_table_and_json_including_an_invalid_vm() {
     let text = cl.ok(&["vm", "show", &U1.to_ascii_uppercase()]);
     for needle in [
         "VM alpha",
-        "running on hv1 since 2026-11-23T10:00:00Z",
+        "running on hv1 for ",
         &format!("hv1 (lease {lease:x}"),
-        "last_node: hv2",
+        "last node  hv2",
+        "migration      live",
+        "CPU time  0ms",
         "<name>alpha</name>",
     ] {
         assert!(text.contains(needle), "{needle:?} in {text}");
     }
     let text = cl.ok(&["vm", "show", "gamma"]);
-    assert!(text.contains("NO: state:"), "{text}");
+    assert!(text.contains("INVALID    state:"), "{text}");
 
     // A duplicate name (possible only by hand) makes the name ambiguous.
     let u4 = "44444444-4444-4444-8444-444444444444";
@@ -816,14 +818,16 @@ async fn waits_succeed_when_the_node_reports_and_fail_on_timeout_or_fail_status(
     let t0 = "2026-11-23T10:00:00Z";
     put(&mut c, &st, &status("stopped", "hv1", t0)).await;
 
-    // Timeout: nobody answers; exit 1 with the current status.
+    // Timeout: nobody answers; a progress line as the wait begins, then exit 1 with the
+    // current status and why nothing happened.
     let out = cl.run(&["vm", "start", "alpha", "--wait", "--timeout", "1s"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let e = stderr(&out);
     assert!(
-        e.contains("timed out after 1s")
+        e.starts_with("[   0.0s] status stopped on hv1; desired start")
+            && e.contains("timed out after 1s")
             && e.contains("be running on hv1")
-            && e.contains("\"stopped\""),
+            && e.contains("now: status stopped on hv1"),
         "{e}"
     );
     let out = cl.run(&[

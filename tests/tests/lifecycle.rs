@@ -188,8 +188,9 @@ async fn startup_reaches_run_with_every_key_and_stages_in_order() {
         .collect();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let out = ctl(d.config_path(), &env, &["status", "--output", "json"]);
+    // 3: something needs attention (a busy machine's load, a primary not elected yet).
     assert!(
-        out.status.success(),
+        matches!(out.status.code(), Some(0 | 3)),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -204,7 +205,7 @@ async fn startup_reaches_run_with_every_key_and_stages_in_order() {
     assert_eq!(me["alive"], true);
     let table = ctl(d.config_path(), &env, &["status"]);
     let text = String::from_utf8_lossy(&table.stdout);
-    assert!(text.starts_with("NODE"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("NODE")), "{text}");
     assert!(
         text.lines()
             .any(|l| l.starts_with("alpha") && l.contains("run") && l.contains("yes")),

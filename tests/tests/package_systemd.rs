@@ -381,6 +381,10 @@ fn package_lifecycle_under_systemd() {
         "/usr/share/doc/debvisor-daemon/troubleshooting.md",
         "/usr/share/man/man8/debvisord.8.gz",
         "/usr/share/man/man1/debvisorctl.1.gz",
+        "/usr/share/man/man1/debvisorctl-vm-meta.1.gz",
+        "/usr/share/bash-completion/completions/debvisorctl",
+        "/usr/share/zsh/vendor-completions/_debvisorctl",
+        "/usr/share/fish/vendor_completions.d/debvisorctl.fish",
         "/usr/share/doc/debvisor-daemon/changelog.gz",
         "/usr/share/doc/debvisor-daemon/copyright",
     ] {

@@ -460,14 +460,14 @@ async fn list(store: &Store, prefix: &str) -> Result<Vec<Kv>, String> {
         .list(prefix)
         .await
         .map(|(kvs, _)| kvs)
-        .map_err(|e| e.to_string())
+        .map_err(crate::ctl::etcd_error)
 }
 
 async fn get(store: &Store, key: &str) -> Result<Option<KeyEntry>, String> {
     Ok(store
         .get(key)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(crate::ctl::etcd_error)?
         .map(KeyEntry::from))
 }
 
@@ -1192,7 +1192,7 @@ pub async fn put_guarded(
     let r = store
         .txn(t.put(key, value))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(crate::ctl::etcd_error)?;
     Ok(r.succeeded()
         .then(|| r.header().map_or(0, |h| h.revision())))
 }
@@ -1628,7 +1628,7 @@ async fn template_remove(store: &Store, name: &str) -> Result<Written, Failure> 
     let t = TxnBuilder::new()
         .mod_revision_is(&key, cur.mod_revision)
         .delete(&key);
-    let r = store.txn(t).await.map_err(|e| e.to_string())?;
+    let r = store.txn(t).await.map_err(crate::ctl::etcd_error)?;
     if !r.succeeded() {
         return Err(format!(
             "template {name} was changed by someone else while this command ran; run it again"
@@ -1728,7 +1728,10 @@ async fn finish(
         });
     };
     let rev = w.revision;
+    let mut progress = crate::ctl::wait::Progress::new();
     let r = crate::ctl::wait::follow(store, &goal.prefix, wait.timeout, |keys| {
+        let now = key_json(keys, &goal.status);
+        progress.show(format!("{}: status {}", goal.label, state_of(&now)));
         goal.verdict(keys, rev)
     })
     .await?;

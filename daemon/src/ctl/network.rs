@@ -428,7 +428,7 @@ async fn read_network(store: &Store, vni: u32) -> Result<(Keys, i64), String> {
     let (kvs, rev) = store
         .list(&net_prefix(vni))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(crate::ctl::etcd_error)?;
     let mut g = group(kvs);
     Ok((g.remove(&vni.to_string()).unwrap_or_default(), rev))
 }
@@ -561,7 +561,10 @@ async fn commit(
         } else {
             net_prefix(vni)
         };
-        let (kvs, rev) = store.list(&read_prefix).await.map_err(|e| e.to_string())?;
+        let (kvs, rev) = store
+            .list(&read_prefix)
+            .await
+            .map_err(crate::ctl::etcd_error)?;
         let mut groups = group(kvs);
         let mine = groups.remove(&id).unwrap_or_default();
         let change = plan(&mine)?;
@@ -694,11 +697,15 @@ async fn transact(store: &Store, vni: u32, rev: i64, change: &Change) -> Result<
     let timeout = store.request_timeout();
     match tokio::time::timeout(timeout, client.txn(txn)).await {
         Ok(Ok(r)) => Ok(r.succeeded()),
-        Ok(Err(e)) => Err(format!(
-            "etcd request txn failed: {}",
-            debvisor_objects::store::error_chain(&e)
+        Ok(Err(e)) => Err(crate::ctl::etcd_error(
+            debvisor_objects::StoreError::Request {
+                op: "txn",
+                message: debvisor_objects::store::error_chain(&e),
+            },
         )),
-        Err(_) => Err(format!("etcd request txn timed out after {timeout:?}")),
+        Err(_) => Err(crate::ctl::etcd_error(
+            debvisor_objects::StoreError::Timeout { op: "txn", timeout },
+        )),
     }
 }
 
@@ -1181,7 +1188,7 @@ pub async fn list(store: &Store) -> Result<Value, String> {
     let (kvs, _) = store
         .list(NETWORKS_PREFIX)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(crate::ctl::etcd_error)?;
     let groups = group(kvs);
     let mut ids: Vec<&String> = groups.keys().collect();
     ids.sort_by_key(|id| id_order(id));

@@ -2,13 +2,14 @@
 
 use std::time::Duration;
 
+use debvisor_objects::drain::DrainReport;
 use debvisor_objects::node::{parse_node, CoordinatorState, DaemonState, DomainState, NodeRecord};
 use debvisor_objects::schema::{self, NodeField, NODES_PREFIX};
 use debvisor_objects::{Store, TxnBuilder};
 use serde_json::{json, Value};
 
-use crate::ctl::output::{str_of, Output};
-use crate::ctl::wait::{follow, humantime, Failure, Followed, WaitArgs};
+use crate::ctl::output::{self, str_of, Output};
+use crate::ctl::wait::{follow, humantime, Failure, Followed, Progress, WaitArgs};
 use debvisor_objects::reactor::ObjectKeys as Keys;
 
 /// `node …`.
@@ -50,7 +51,7 @@ pub async fn confirm_removals(store: &Store, name: &str) -> Result<Value, Failur
     check_node_name(name)?;
     let rows = nodes(store).await?;
     let Some(row) = rows.iter().find(|r| r.name == name) else {
-        return Err(format!("node {name:?} not found under {}/nodes/", store.prefix()).into());
+        return Err(not_found(store, name, &rows).into());
     };
     let alive = row.node.as_ref().map(|n| n.alive).unwrap_or(false);
     if !alive {
@@ -72,7 +73,7 @@ pub async fn confirm_removals(store: &Store, name: &str) -> Result<Value, Failur
     store
         .put(&schema::node_key(name, NodeField::ConfirmRemovals), now)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(crate::ctl::etcd_error)?;
     Ok(json!({ "node": name, "held": held }))
 }
 
@@ -127,7 +128,7 @@ pub async fn make_primary(
     let rows = nodes(store).await?;
     let valid: Vec<&NodeRecord> = rows.iter().filter_map(|r| r.node.as_ref().ok()).collect();
     let Some(target) = valid.iter().find(|n| n.name == name) else {
-        return Err(format!("node {name:?} not found under {}/nodes/", store.prefix()).into());
+        return Err(not_found(store, name, &rows).into());
     };
     let primary = valid
         .iter()
@@ -165,7 +166,7 @@ pub async fn make_primary(
     store
         .put(schema::ELECTION_REQUEST, name)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(crate::ctl::etcd_error)?;
     v["requested"] = Value::from(true);
     if !wait.wait {
         return Ok(if json_out {
@@ -175,8 +176,13 @@ pub async fn make_primary(
         });
     }
     let prefix = schema::node_prefix(name);
+    let mut progress = Progress::new();
     let r = follow(store, &prefix, wait.timeout, |keys| {
         let n = parse_node(name, keys).ok()?;
+        progress.show(format!(
+            "node {name}: coordinator_state {}",
+            opt(&n.coordinator_state)
+        ));
         (n.coordinator_state == Some(CoordinatorState::Primary)).then_some(())
     })
     .await?;
@@ -217,9 +223,7 @@ pub async fn run(store: &Store, cmd: NodeCommand, output: Output) -> Result<Stri
             check_node_name(&name)?;
             let rows = nodes(store).await?;
             let Some(row) = rows.iter().find(|r| r.name == name) else {
-                return Err(
-                    format!("node {name:?} not found under {}/nodes/", store.prefix()).into(),
-                );
+                return Err(not_found(store, &name, &rows).into());
             };
             Ok(output.render(&node_json(row), node_text(row)))
         }
@@ -256,21 +260,60 @@ pub async fn run(store: &Store, cmd: NodeCommand, output: Output) -> Result<Stri
     }
 }
 
-/// A node as `debvisorctl` shows it: parsed, or why it is invalid.
+/// "node X not found", listing the nodes that exist.
+pub fn not_found(store: &Store, name: &str, rows: &[NodeRow]) -> String {
+    let known: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    format!(
+        "node {name:?} not found under {}/nodes/; known nodes: {}",
+        store.prefix(),
+        if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        }
+    )
+}
+
+/// A node as `debvisorctl` shows it: parsed, or why it is invalid, and its raw keys (for
+/// the reports the record does not parse: drain progress, config sync).
 pub struct NodeRow {
+    /// The node's name (`nodes/<name>/`).
     pub name: String,
+    /// Parsed, or why not.
     pub node: Result<NodeRecord, String>,
+    /// Its keys, relative to `nodes/<name>/`.
+    pub keys: Keys,
+}
+
+impl NodeRow {
+    /// A key's value as text (trimmed), if present.
+    pub fn raw(&self, f: NodeField) -> Option<String> {
+        self.keys
+            .get(f.suffix())
+            .map(|e| String::from_utf8_lossy(&e.value).trim().to_string())
+    }
+
+    /// The node's drain report (`nodes/<node>/drain`), if it wrote one.
+    pub fn drain(&self) -> Option<DrainReport> {
+        self.keys
+            .get(NodeField::Drain.suffix())
+            .and_then(|e| DrainReport::parse(&e.value).ok())
+    }
 }
 
 /// Every node under `nodes/`.
 pub async fn nodes(store: &Store) -> Result<Vec<NodeRow>, String> {
-    let (kvs, _) = store.list(NODES_PREFIX).await.map_err(|e| e.to_string())?;
+    let (kvs, _) = store
+        .list(NODES_PREFIX)
+        .await
+        .map_err(crate::ctl::etcd_error)?;
     let grouped = debvisor_objects::reactor::group_keys(NODES_PREFIX, kvs, |_| true);
     Ok(grouped
         .into_iter()
         .map(|(name, keys)| NodeRow {
             node: parse_node(&name, &keys).map_err(|e| e.to_string()),
             name,
+            keys,
         })
         .collect())
 }
@@ -310,15 +353,33 @@ pub fn node_json(row: &NodeRow) -> Value {
             "info": n.info,
             "health": n.health,
             "holder": n.alive_record,
+            "drain": row.drain(),
+            "config": config_json(row),
             "bmc": n.bmc,
             "fence": n.fence,
         }),
     }
 }
 
+/// The node's config sync report (`nodes/<node>/config/…`), `null` when it wrote none.
+pub fn config_json(row: &NodeRow) -> Value {
+    let version = row.raw(NodeField::ConfigVersion);
+    let status = row.raw(NodeField::ConfigStatus);
+    if version.is_none() && status.is_none() {
+        return Value::Null;
+    }
+    json!({
+        "version": version,
+        "last_applied_at": row.raw(NodeField::ConfigLastAppliedAt),
+        "status": status,
+    })
+}
+
 /// The STATUS cell: the primary's status and reason, and the fence record of a dead node.
 fn status_cell(n: &NodeRecord) -> String {
     let mut cell = match (&n.status, &n.status_reason) {
+        // Without a lease the node is down whatever verdict the primary left.
+        _ if !n.alive => "DOWN: no lease".into(),
         (Some(st), Some(why)) => format!("{st}: {why}"),
         (Some(st), None) => st.to_string(),
         (None, _) => "-".into(),
@@ -342,7 +403,7 @@ pub fn status_table(rows: &[NodeRow]) -> String {
         "ALIVE",
         "LAST_SEEN",
         "LOAD",
-        "MEMORY(MiB)",
+        "MEMORY",
         "VMS",
         "STATUS",
     ]
@@ -366,7 +427,13 @@ pub fn status_table(rows: &[NodeRow]) -> String {
                     .unwrap_or_else(|| "-".into()),
                 n.health
                     .as_ref()
-                    .map(|h| format!("{}/{}", h.memory.used_mib, h.memory.total_mib))
+                    .map(|h| {
+                        format!(
+                            "{}/{}",
+                            output::mib(h.memory.used_mib),
+                            output::mib(h.memory.total_mib)
+                        )
+                    })
                     .unwrap_or_else(|| "-".into()),
                 n.health
                     .as_ref()
@@ -376,41 +443,200 @@ pub fn status_table(rows: &[NodeRow]) -> String {
             ],
         });
     }
-    let ncol = lines[0].len();
-    let widths: Vec<usize> = (0..ncol)
-        .map(|i| {
-            lines
-                .iter()
-                .filter(|l| l.len() == ncol)
-                .filter_map(|l| l.get(i))
-                .map(|c| c.len())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for l in &lines {
-        let cells: Vec<String> = l
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                if i + 1 < l.len() {
-                    format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0))
-                } else {
-                    c.clone()
-                }
-            })
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    output::table(&lines)
 }
 
-/// `debvisorctl node show NAME` in table form.
+/// `debvisorctl node show NAME` for a person: the node's role and verdict first, then
+/// memory in MiB/GiB, durations, peers, Ceph, held removals, drain and config sync as fields
+/// (`-o json` has everything raw).
 pub fn node_text(row: &NodeRow) -> String {
-    let v = node_json(row);
-    serde_json::to_string_pretty(&v).unwrap_or_default()
+    let n = match &row.node {
+        Err(e) => return format!("Node {}: INVALID: {e}\n", row.name),
+        Ok(n) => n,
+    };
+    let mut head = format!(
+        "Node {} ({}, {}, {})",
+        n.name,
+        opt(&n.coordinator_state),
+        opt(&n.daemon_state),
+        opt(&n.domain_state)
+    );
+    match (&n.status, &n.status_reason) {
+        (Some(st), Some(why)) => head.push_str(&format!(": {st}: {why}")),
+        (Some(st), None) => head.push_str(&format!(": {st}")),
+        (None, _) => {}
+    }
+    let mut f: Vec<(String, String)> = Vec::new();
+    let mut add = |k: &str, v: String| f.push((k.to_string(), v));
+    add(
+        "alive",
+        match (&n.alive, &n.alive_record) {
+            (true, Some(h)) => format!(
+                "yes (lease {:x}; pid {} on {}{})",
+                n.alive_lease,
+                h.pid,
+                h.hostname,
+                if h.since.is_empty() {
+                    String::new()
+                } else {
+                    format!(", since {}", h.since)
+                }
+            ),
+            (true, None) => format!("yes (lease {:x})", n.alive_lease),
+            (false, _) => "no (no lease: the node is down or stopped)".into(),
+        },
+    );
+    add("mode", opt(&n.mode));
+    add(
+        "last seen",
+        n.last_seen
+            .as_deref()
+            .map(|s| match output::ago(s) {
+                Some(a) => format!("{a} ({s})"),
+                None => s.to_string(),
+            })
+            .unwrap_or_else(|| "-".into()),
+    );
+    if let Some(fq) = &n.fqdn {
+        add("fqdn", fq.clone());
+    }
+    if let Some(i) = &n.info {
+        add(
+            "host",
+            format!(
+                "{}, {} CPUs, {}, kernel {}",
+                i.hostname,
+                i.cpus,
+                output::mib(i.memory_mib),
+                if i.kernel.is_empty() { "-" } else { &i.kernel }
+            ),
+        );
+        add(
+            "versions",
+            format!(
+                "debvisord {}, libvirt {}",
+                i.version,
+                i.libvirt_version.as_deref().unwrap_or("-")
+            ),
+        );
+        if !i.addresses.is_empty() {
+            add("addresses", i.addresses.join(", "));
+        }
+        if let Some(r) = &i.rack {
+            add("rack", r.clone());
+        }
+    }
+    if let Some(h) = &n.health {
+        add(
+            "load",
+            format!("{:.2} {:.2} {:.2}", h.load[0], h.load[1], h.load[2]),
+        );
+        let pct = (h.memory.used_mib * 100)
+            .checked_div(h.memory.total_mib)
+            .unwrap_or(0);
+        add(
+            "memory",
+            format!(
+                "{} used of {} ({pct}%), {} free",
+                output::mib(h.memory.used_mib),
+                output::mib(h.memory.total_mib),
+                output::mib(h.memory.free_mib)
+            ),
+        );
+        add(
+            "VMs",
+            format!(
+                "{} running of {} defined; {} ({} provisioned), {} vCPUs ({} provisioned)",
+                h.vms.running,
+                h.vms.total,
+                output::mib(h.alloc.memory_mib),
+                output::mib(h.alloc.memory_provisioned_mib),
+                h.alloc.vcpus,
+                h.alloc.vcpus_provisioned
+            ),
+        );
+        add(
+            "libvirt",
+            if h.libvirt { "answers" } else { "UNREACHABLE" }.into(),
+        );
+        add(
+            "uptime",
+            format!(
+                "host {}, daemon {}",
+                output::human_duration(Duration::from_secs(h.uptime_s)),
+                output::human_duration(Duration::from_secs(h.daemon_uptime_s))
+            ),
+        );
+        if !h.peers.is_empty() {
+            let p: Vec<String> = h
+                .peers
+                .iter()
+                .map(|p| match p.rtt_ms {
+                    Some(ms) => format!("{} {ms:.1} ms", p.node),
+                    None => format!("{} no answer", p.node),
+                })
+                .collect();
+            add("peers (RTT)", p.join(", "));
+        }
+        if let Some(c) = &h.ceph {
+            add(
+                "ceph",
+                c.problem().unwrap_or_else(|| {
+                    format!(
+                        "{}, {} local OSD(s) up/in",
+                        c.status,
+                        c.osds.iter().filter(|o| o.up && o.r#in).count()
+                    )
+                }),
+            );
+        }
+        if let Some(r) = &h.removals_held {
+            add(
+                "removals",
+                format!(
+                    "{} HELD since {}: {}{} — confirm with `debvisorctl node confirm-removals {}`",
+                    r.count,
+                    r.since,
+                    r.reason,
+                    if r.names.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", r.names.join(", "))
+                    },
+                    n.name
+                ),
+            );
+        }
+        if !h.foreign.is_empty() {
+            add("foreign", h.foreign.join(", "));
+        }
+        if !h.problems.is_empty() {
+            add("problems", h.problems.join("\n"));
+        }
+    } else {
+        add("health", "no report yet".into());
+    }
+    if let Some(d) = row.drain() {
+        if d.remaining > 0 {
+            add("drain", d.summary());
+        }
+    }
+    let c = config_json(row);
+    if !c.is_null() {
+        add(
+            "config",
+            format!(
+                "version {} ({}), applied {}",
+                str_of(&c["version"]),
+                str_of(&c["status"]),
+                str_of(&c["last_applied_at"])
+            ),
+        );
+    }
+    for p in &n.problems {
+        add("bad key", p.to_string());
+    }
+    format!("{head}\n{}", output::fields(&f, 2))
 }
 
 /// Is `name` a node name that can be looked up?
@@ -422,6 +648,27 @@ pub fn check_node_name(name: &str) -> Result<(), String> {
             "invalid node name {name:?}: expected 1-63 characters a-z, 0-9 and '-'"
         ))
     }
+}
+
+/// One progress line of a drain wait: the node's `domain_state` and what its drain pass
+/// reports (VMs left and why each waits).
+pub fn drain_progress(keys: &Keys) -> String {
+    let ds = keys
+        .get(NodeField::DomainState.suffix())
+        .map(|e| String::from_utf8_lossy(&e.value).trim().to_string())
+        .unwrap_or_else(|| "ready".into());
+    let mut line = format!("domain_state {ds}");
+    if let Some(d) = keys
+        .get(NodeField::Drain.suffix())
+        .and_then(|e| DrainReport::parse(&e.value).ok())
+        .filter(|d| d.state == ds && d.remaining > 0)
+    {
+        line.push_str(&format!("; {}", d.summary()));
+    }
+    if keys.get(NodeField::Alive.suffix()).is_none() {
+        line.push_str("; node not alive");
+    }
+    line
 }
 
 /// Which drain request `node flush|unflush` writes.
@@ -448,12 +695,13 @@ pub async fn node_drain(
 ) -> Result<String, Failure> {
     check_node_name(name)?;
     let prefix = schema::node_prefix(name);
-    let (kvs, _) = store.list(&prefix).await.map_err(|e| e.to_string())?;
+    let (kvs, _) = store.list(&prefix).await.map_err(crate::ctl::etcd_error)?;
     let keys: Keys = debvisor_objects::reactor::group_keys(schema::NODES_PREFIX, kvs, |_| true)
         .remove(name)
         .unwrap_or_default();
     if keys.is_empty() {
-        return Err(format!("node {name:?} not found under {}/{prefix}", store.prefix()).into());
+        let rows = nodes(store).await?;
+        return Err(not_found(store, name, &rows).into());
     }
     let rec = parse_node(name, &keys).map_err(|e| format!("node {name} is invalid: {e}"))?;
     if !rec.alive {
@@ -482,7 +730,7 @@ pub async fn node_drain(
             .mod_revision_is(&ds_key, rev_of(NodeField::DomainState.suffix()))
             .mod_revision_is(&alive_key, rev_of(NodeField::Alive.suffix()))
             .put(&ds_key, request.as_str());
-        let r = store.txn(t).await.map_err(|e| e.to_string())?;
+        let r = store.txn(t).await.map_err(crate::ctl::etcd_error)?;
         if !r.succeeded() {
             return Err(format!(
                 "node {name}: its domain_state or liveness changed while this command ran; nothing written; run it again"
@@ -509,7 +757,9 @@ pub async fn node_drain(
         };
         return Ok(if json_out { format!("{v}\n") } else { text });
     }
+    let mut progress = Progress::new();
     let r = follow(store, &prefix, wait.timeout, |keys| {
+        progress.show(drain_progress(keys));
         let Ok(n) = parse_node(name, keys) else {
             return None;
         };
@@ -542,12 +792,20 @@ pub async fn node_drain(
         }
         Followed::TimedOut(keys) => {
             v["domain_state"] = Value::from(ds(&keys));
+            let drain = keys
+                .get(NodeField::Drain.suffix())
+                .and_then(|e| DrainReport::parse(&e.value).ok());
+            let mut message = format!(
+                "timed out after {} waiting for node {name} to be {goal}; domain_state is {}",
+                humantime(wait.timeout),
+                ds(&keys)
+            );
+            if let Some(d) = drain.as_ref().filter(|d| d.remaining > 0) {
+                message.push_str(&format!("; the node reports {}", d.summary()));
+                v["drain"] = serde_json::to_value(d).unwrap_or(Value::Null);
+            }
             Err(Failure {
-                message: format!(
-                    "timed out after {} waiting for node {name} to be {goal}; domain_state is {}",
-                    humantime(wait.timeout),
-                    ds(&keys)
-                ),
+                message,
                 stdout: json_out.then(|| format!("{v}\n")),
             })
         }

@@ -122,13 +122,74 @@ pub struct DefineArgs {
     pub replace: bool,
 }
 
+/// `vm list` filters.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ListArgs {
+    /// Only VMs whose node or owner is NODE.
+    #[arg(long, value_name = "NODE")]
+    pub node: Option<String>,
+    /// Only VMs whose desired state or reported status is STATE (start, running, fail, …).
+    #[arg(long, value_name = "STATE")]
+    pub state: Option<String>,
+    /// Only VMs with a problem (invalid keys, status fail/invalid, an error reported).
+    #[arg(long)]
+    pub problem: bool,
+}
+
+/// `vm meta`: the metadata fields to change (unset options stay as they are).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct MetaArgs {
+    /// Name, UUID or unambiguous UUID prefix.
+    pub vm: String,
+    /// Start it when its node boots or recovers it.
+    #[arg(long, value_name = "BOOL")]
+    pub autostart: Option<bool>,
+    /// Migration method.
+    #[arg(long, value_enum)]
+    pub method: Option<MethodArg>,
+    /// Maximum downtime of a live migration in milliseconds (1-60000), or `default`.
+    #[arg(long, value_name = "MS|default")]
+    pub max_downtime: Option<String>,
+    /// How a target node is chosen.
+    #[arg(long, value_enum)]
+    pub selector: Option<SelectorArg>,
+    /// Nodes the VM may run on (repeatable; replaces the list).
+    #[arg(long = "limit", value_name = "NODE", conflicts_with = "no_limit")]
+    pub limit: Vec<String>,
+    /// Let the VM run on any node (clears the limit).
+    #[arg(long)]
+    pub no_limit: bool,
+    /// Never recover or migrate it automatically.
+    #[arg(long, value_name = "BOOL")]
+    pub protected: Option<bool>,
+    /// HA group name (empty: none).
+    #[arg(long, value_name = "NAME")]
+    pub ha_group: Option<String>,
+}
+
+impl MetaArgs {
+    fn is_empty(&self) -> bool {
+        self.autostart.is_none()
+            && self.method.is_none()
+            && self.max_downtime.is_none()
+            && self.selector.is_none()
+            && self.limit.is_empty()
+            && !self.no_limit
+            && self.protected.is_none()
+            && self.ha_group.is_none()
+    }
+}
+
 /// `vm …`.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum VmCommand {
     /// Define a VM from a libvirt domain XML (refused if it exists; see --replace).
     Define(DefineArgs),
     /// Every VM: desired state, reported status, node, owner, problems.
-    List,
+    List(ListArgs),
+    /// Change a VM's metadata (only the options given), validated like define and written
+    /// as a compare-and-swap on the metadata key.
+    Meta(MetaArgs),
     /// Everything about one VM.
     Show {
         /// Name or UUID.
@@ -228,8 +289,24 @@ pub async fn run(
             };
             Ok(output.render(&v, text))
         }
-        VmCommand::List => {
+        VmCommand::Meta(a) => {
+            let v = set_meta(store, &a).await?;
+            let text = format!(
+                "VM {} ({}): metadata {}\n{}",
+                str_of(&v["name"]),
+                str_of(&v["uuid"]),
+                if v["changed"] == true {
+                    "changed"
+                } else {
+                    "unchanged"
+                },
+                meta_text(&v["metadata"])
+            );
+            Ok(output.render(&v, text))
+        }
+        VmCommand::List(f) => {
             let (rows, _) = read_vms(store).await?;
+            let rows: Vec<VmRow> = rows.into_iter().filter(|r| f.matches(r)).collect();
             // The XML stays in `vm show`: a list of many VMs would be mostly XML.
             let v = Value::Array(
                 rows.iter()
@@ -346,7 +423,10 @@ fn status_of(keys: &Keys) -> Option<Value> {
 
 /// Every VM under `vms/`, sorted by name then UUID, with the revision of the read.
 pub async fn read_vms(store: &Store) -> Result<(Vec<VmRow>, i64), String> {
-    let (kvs, rev) = store.list(VMS_PREFIX).await.map_err(|e| e.to_string())?;
+    let (kvs, rev) = store
+        .list(VMS_PREFIX)
+        .await
+        .map_err(crate::ctl::etcd_error)?;
     let grouped = debvisor_objects::reactor::group_keys(VMS_PREFIX, kvs, |_| true);
     let mut rows: Vec<VmRow> = grouped
         .into_iter()
@@ -356,7 +436,8 @@ pub async fn read_vms(store: &Store) -> Result<(Vec<VmRow>, i64), String> {
     Ok((rows, rev))
 }
 
-/// Find a VM by UUID (any case) or by name; an ambiguous name lists the UUIDs.
+/// Find a VM by UUID (any case), by name, or by a UUID prefix that only one VM has; an
+/// ambiguous name or prefix lists the candidates.
 pub fn resolve<'a>(rows: &'a [VmRow], arg: &str) -> Result<&'a VmRow, String> {
     let lower = arg.trim().to_ascii_lowercase();
     if let Some(r) = rows.iter().find(|r| r.uuid == lower) {
@@ -366,18 +447,92 @@ pub fn resolve<'a>(rows: &'a [VmRow], arg: &str) -> Result<&'a VmRow, String> {
         .iter()
         .filter(|r| r.name.as_deref() == Some(arg))
         .collect();
+    let list = |m: &[&VmRow]| {
+        m.iter()
+            .map(|r| match &r.name {
+                Some(n) => format!("{} ({n})", r.uuid),
+                None => r.uuid.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     match named.as_slice() {
-        [] => Err(format!(
-            "VM {arg:?} not found (no VM with that name or UUID under {VMS_PREFIX})"
-        )),
-        [one] => Ok(one),
-        many => Err(format!(
-            "VM name {arg:?} is ambiguous: used by {}; give the UUID",
-            many.iter()
-                .map(|r| r.uuid.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )),
+        [one] => return Ok(one),
+        [] => {}
+        many => {
+            return Err(format!(
+                "VM name {arg:?} is ambiguous: used by {}; give the UUID",
+                many.iter()
+                    .map(|r| r.uuid.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        }
+    }
+    let hexish = !lower.is_empty() && lower.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    if hexish {
+        let by_prefix: Vec<&VmRow> = rows.iter().filter(|r| r.uuid.starts_with(&lower)).collect();
+        match by_prefix.as_slice() {
+            [one] => return Ok(one),
+            [] => {}
+            many => {
+                return Err(format!(
+                    "UUID prefix {arg:?} is ambiguous: it matches {}; give more of the UUID",
+                    list(many)
+                ))
+            }
+        }
+    }
+    Err(format!(
+        "VM {arg:?} not found (no VM with that name, UUID or UUID prefix under {VMS_PREFIX})"
+    ))
+}
+
+impl ListArgs {
+    /// Does the VM pass the filters?
+    pub fn matches(&self, r: &VmRow) -> bool {
+        let status = r.status();
+        let st = |k: &str| {
+            status
+                .as_ref()
+                .and_then(|s| s.get(k))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        if let Some(n) = &self.node {
+            let on = [r.raw(VmField::Node), r.raw(VmField::Owner)];
+            if !on.iter().any(|x| x.as_deref() == Some(n.as_str())) {
+                return false;
+            }
+        }
+        if let Some(want) = &self.state {
+            let desired = r.raw(VmField::State).unwrap_or_else(|| "stop".into());
+            if desired != *want && st("state").as_deref() != Some(want.as_str()) {
+                return false;
+            }
+        }
+        if self.problem && problem_of(r).is_empty() {
+            return false;
+        }
+        true
+    }
+}
+
+/// What is wrong with a VM, for `vm list` and `status` (empty: nothing).
+pub fn problem_of(r: &VmRow) -> String {
+    if let Err(e) = &r.vm {
+        return format!("INVALID {e}");
+    }
+    let Some(s) = r.status() else {
+        return String::new();
+    };
+    let state = s.get("state").and_then(Value::as_str).unwrap_or("");
+    let error = s.get("error").filter(|e| !e.is_null()).map(str_of);
+    match (state, error) {
+        ("fail" | "invalid", Some(e)) => format!("{state}: {e}"),
+        ("fail" | "invalid", None) => format!("{state}: {}", str_of(&s["reason"])),
+        (_, Some(e)) => e,
+        _ => String::new(),
     }
 }
 
@@ -444,14 +599,7 @@ pub fn list_table(rows: &[VmRow]) -> String {
     .to_vec()];
     for r in rows {
         let v = vm_json(r);
-        let problem = if r.vm.is_err() {
-            format!("INVALID {}", str_of(&v["error"]))
-        } else {
-            match v["status"].get("error") {
-                Some(e) if !e.is_null() => str_of(e),
-                _ => String::new(),
-            }
-        };
+        let problem = problem_of(r);
         let status = v["status"]
             .get("state")
             .map(str_of)
@@ -469,24 +617,88 @@ pub fn list_table(rows: &[VmRow]) -> String {
     output::table(&t)
 }
 
-/// `vm show` as text.
+/// A VM's metadata as fields (autostart, migration, placement, protection).
+pub fn meta_text(m: &Value) -> String {
+    let yes = |v: &Value| if v == &Value::Bool(true) { "yes" } else { "no" }.to_string();
+    let limit = match m["node_limit"].as_array() {
+        Some(a) if !a.is_empty() => a.iter().map(str_of).collect::<Vec<_>>().join(", "),
+        _ => "any node".into(),
+    };
+    let downtime = match m["migration_max_downtime"].as_u64() {
+        Some(ms) => format!("{ms} ms"),
+        None => "node default (domains.migration_max_downtime)".into(),
+    };
+    output::fields(
+        &[
+            ("autostart".into(), yes(&m["autostart"])),
+            (
+                "migration".into(),
+                format!(
+                    "{}, max downtime {downtime}",
+                    str_of(&m["migration_method"])
+                ),
+            ),
+            ("node selector".into(), str_of(&m["node_selector"])),
+            ("node limit".into(), limit),
+            ("protected".into(), yes(&m["protected"])),
+            ("ha group".into(), str_of(&m["ha_group"])),
+        ],
+        4,
+    )
+}
+
+/// A VM's stats (`vms/<uuid>/stats`) as fields: CPU time as a duration, memory and I/O in
+/// MiB/GiB.
+pub fn stats_text(s: &Value) -> String {
+    let n = |k: &str| s[k].as_u64().unwrap_or(0);
+    output::fields(
+        &[
+            (
+                "active".into(),
+                if s["active"] == true { "yes" } else { "no" }.into(),
+            ),
+            (
+                "CPU time".into(),
+                output::human_duration(Duration::from_nanos(n("cpu_time_ns"))),
+            ),
+            (
+                "memory".into(),
+                format!(
+                    "{} of {}",
+                    output::mib(n("memory_kib") / 1024),
+                    output::mib(n("max_memory_kib") / 1024)
+                ),
+            ),
+            ("vCPUs".into(), n("vcpus").to_string()),
+            (
+                "disk".into(),
+                format!(
+                    "read {}, written {}",
+                    output::bytes(n("block_rd_bytes")),
+                    output::bytes(n("block_wr_bytes"))
+                ),
+            ),
+            (
+                "network".into(),
+                format!(
+                    "received {}, sent {}",
+                    output::bytes(n("net_rx_bytes")),
+                    output::bytes(n("net_tx_bytes"))
+                ),
+            ),
+        ],
+        4,
+    )
+}
+
+/// `vm show` for a person: state and status first, placement and lock, metadata and stats
+/// as fields, then the XML (`-o json` has everything raw).
 pub fn show_text(v: &Value) -> String {
     let mut out = format!("VM {} ({})\n", str_of(&v["name"]), str_of(&v["uuid"]));
-    let valid = if v["valid"] == true {
-        "yes".to_string()
-    } else {
-        format!("NO: {}", str_of(&v["error"]))
-    };
-    let lock = if v["lock"].is_null() {
-        "-".to_string()
-    } else {
-        format!(
-            "{} (lease {}, revision {})",
-            str_of(&v["lock"]["node"]),
-            str_of(&v["lock"]["lease"]),
-            v["lock"]["revision"]
-        )
-    };
+    let mut f: Vec<(String, String)> = Vec::new();
+    if v["valid"] != true {
+        f.push(("INVALID".into(), str_of(&v["error"])));
+    }
     let status = &v["status"];
     let status_text = match status {
         Value::Object(_) => {
@@ -495,37 +707,139 @@ pub fn show_text(v: &Value) -> String {
                 str_of(&status["state"]),
                 str_of(&status["node"])
             );
-            if !status["since"].is_null() {
-                s.push_str(&format!(" since {}", str_of(&status["since"])));
+            if let Some(since) = status["since"].as_str() {
+                match output::ago(since) {
+                    Some(a) => s.push_str(&format!(" for {}", a.trim_end_matches(" ago"))),
+                    None => s.push_str(&format!(" since {since}")),
+                }
             }
             if !status["reason"].is_null() && status["reason"] != "" {
                 s.push_str(&format!(" ({})", str_of(&status["reason"])));
             }
             if !status["error"].is_null() {
-                s.push_str(&format!(", error: {}", str_of(&status["error"])));
+                s.push_str(&format!("\nerror: {}", str_of(&status["error"])));
             }
             s
         }
+        Value::Null => "none reported yet".into(),
         other => str_of(other),
     };
-    for (k, val) in [
-        ("valid", valid),
-        ("state", str_of(&v["state"])),
-        ("status", status_text),
-        ("node", str_of(&v["node"])),
-        ("owner", str_of(&v["owner"])),
-        ("lock", lock),
-        ("last_node", str_of(&v["last_node"])),
-        ("metadata", str_of(&v["metadata"])),
-        ("stats", str_of(&v["stats"])),
-    ] {
-        out.push_str(&format!("  {:<10} {val}\n", format!("{k}:")));
+    f.push(("desired".into(), str_of(&v["state"])));
+    f.push(("status".into(), status_text));
+    f.push(("node".into(), str_of(&v["node"])));
+    f.push(("owner".into(), str_of(&v["owner"])));
+    f.push((
+        "lock".into(),
+        if v["lock"].is_null() {
+            "none".to_string()
+        } else {
+            format!(
+                "{} (lease {}, fencing token {})",
+                str_of(&v["lock"]["node"]),
+                str_of(&v["lock"]["lease"]),
+                v["lock"]["revision"]
+            )
+        },
+    ));
+    f.push(("last node".into(), str_of(&v["last_node"])));
+    out.push_str(&output::fields(&f, 2));
+    match &v["metadata"] {
+        m @ Value::Object(_) => {
+            out.push_str("  metadata\n");
+            out.push_str(&meta_text(m));
+        }
+        other => out.push_str(&format!("  metadata  {}\n", str_of(other))),
+    }
+    match &v["stats"] {
+        s @ Value::Object(_) => {
+            out.push_str("  stats\n");
+            out.push_str(&stats_text(s));
+        }
+        Value::Null => out.push_str("  stats     none reported yet\n"),
+        other => out.push_str(&format!("  stats     {}\n", str_of(other))),
     }
     out.push_str("xml:\n");
     for l in str_of(&v["xml"]).lines() {
         out.push_str(&format!("  {l}\n"));
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------
+// meta
+// ---------------------------------------------------------------------------------------
+
+/// The metadata `a` makes of `m` (pure; validation happens on the VM as a whole).
+pub fn apply_meta(m: &Metadata, a: &MetaArgs) -> Result<Metadata, String> {
+    let mut m = m.clone();
+    if let Some(x) = a.autostart {
+        m.autostart = x;
+    }
+    if let Some(x) = a.method {
+        m.migration_method = x.into();
+    }
+    if let Some(d) = &a.max_downtime {
+        m.migration_max_downtime = match d.trim() {
+            "default" | "" => None,
+            n => Some(n.parse::<u64>().map_err(|_| {
+                format!("invalid metadata.migration_max_downtime (--max-downtime): {n:?} is not a number of milliseconds or `default`")
+            })?),
+        };
+    }
+    if let Some(x) = a.selector {
+        m.node_selector = x.into();
+    }
+    if a.no_limit {
+        m.node_limit.clear();
+    } else if !a.limit.is_empty() {
+        m.node_limit = a.limit.clone();
+    }
+    if let Some(x) = a.protected {
+        m.protected = x;
+    }
+    if let Some(g) = &a.ha_group {
+        m.ha_group = Some(g.trim().to_string()).filter(|g| !g.is_empty());
+    }
+    Ok(m)
+}
+
+/// `vm meta`: returns `{uuid, name, metadata, changed, revision}`.
+pub async fn set_meta(store: &Store, a: &MetaArgs) -> Result<Value, String> {
+    if a.is_empty() {
+        return Err("nothing to change: give at least one of --autostart, --method, --max-downtime, --selector, --limit/--no-limit, --protected, --ha-group".into());
+    }
+    for _ in 0..3 {
+        let (rows, _) = read_vms(store).await?;
+        let row = resolve(&rows, &a.vm)?;
+        let vm = require_valid(row, "meta")?;
+        let m = apply_meta(&vm.metadata, a)?;
+        let json = serde_json::to_string(&m).map_err(|e| e.to_string())?;
+        let mut would_be = row.keys.clone();
+        would_be.insert(VmField::Metadata.suffix().into(), entry(json.as_bytes()));
+        parse_vm(&row.uuid, &would_be).map_err(|e| invalid(&e))?;
+        let base = json!({ "uuid": row.uuid, "name": row.name, "metadata": m });
+        if m == vm.metadata {
+            let mut v = base;
+            v["changed"] = Value::Bool(false);
+            return Ok(v);
+        }
+        let key = vm_key(&row.uuid, VmField::Metadata);
+        let t = TxnBuilder::new()
+            .mod_revision_is(&key, row.rev(VmField::Metadata))
+            .mod_revision_is(&vm_key(&row.uuid, VmField::Xml), row.rev(VmField::Xml))
+            .put(&key, json);
+        let r = store.txn(t).await.map_err(crate::ctl::etcd_error)?;
+        if r.succeeded() {
+            let mut v = base;
+            v["changed"] = Value::Bool(true);
+            v["revision"] = Value::from(r.header().map_or(0, |h| h.revision()));
+            return Ok(v);
+        }
+    }
+    Err(format!(
+        "VM {}: its metadata changed while this command ran (three times); nothing written; run it again",
+        a.vm
+    ))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -576,6 +890,7 @@ fn flag_of(field: &str) -> &'static str {
         "node" => "--node",
         "state" => "--stopped",
         "metadata.migration_method" => "--method",
+        "metadata.migration_max_downtime" => "--max-downtime",
         "metadata.node_selector" => "--selector",
         f if f.starts_with("metadata.node_limit") => "--limit",
         _ => "",
@@ -643,11 +958,22 @@ async fn define_text(store: &Store, a: &DefineArgs, text: String) -> Result<Valu
     if a.replace {
         return replace(store, &text, generated, &name, &uuid).await;
     }
+    // The cluster config's vm_defaults fill in what the flags leave open.
+    let defaults = crate::ctl::config_sync::vm_defaults(store)
+        .await?
+        .unwrap_or_default();
     let mut metadata = Metadata {
-        autostart: a.autostart,
+        autostart: a.autostart || defaults.autostart.unwrap_or(false),
         node_limit: a.limit.clone(),
+        migration_max_downtime: defaults.migration_max_downtime,
         ..Metadata::default()
     };
+    if let Some(m) = defaults.migration_method {
+        metadata.migration_method = m;
+    }
+    if let Some(s) = defaults.node_selector {
+        metadata.node_selector = s;
+    }
     if let Some(m) = a.method {
         metadata.migration_method = m.into();
     }
@@ -716,7 +1042,9 @@ async fn define_text(store: &Store, a: &DefineArgs, text: String) -> Result<Valu
         }
         if let Some(r) = rows.iter().find(|r| r.name.as_deref() == Some(&name)) {
             return Err(format!(
-                "invalid xml (FILE): name {name:?} is already used by VM {}; rename the domain",
+                "invalid xml (FILE): name {name:?} is already used by VM {}; to change that VM's XML use `vm define --replace {}` (its <uuid> must be {} or absent), else rename the domain",
+                r.uuid,
+                a.file.display(),
                 r.uuid
             ));
         }
@@ -811,7 +1139,7 @@ async fn replace(
             target.rev(VmField::Xml),
         )
         .put(&vm_key(&target.uuid, VmField::Xml), xml.into_bytes());
-    let r = store.txn(t).await.map_err(|e| e.to_string())?;
+    let r = store.txn(t).await.map_err(crate::ctl::etcd_error)?;
     if !r.succeeded() {
         return Err(format!(
             "VM {}: its xml was changed or removed by someone else while this command ran; nothing written",
@@ -881,11 +1209,15 @@ async fn raw_txn(store: &Store, txn: Txn) -> Result<Option<i64>, String> {
     match tokio::time::timeout(timeout, client.txn(txn)).await {
         Ok(Ok(r)) if r.succeeded() => Ok(Some(r.header().map_or(0, |h| h.revision()))),
         Ok(Ok(_)) => Ok(None),
-        Ok(Err(e)) => Err(format!(
-            "etcd request txn failed: {}",
-            debvisor_objects::store::error_chain(&e)
+        Ok(Err(e)) => Err(crate::ctl::etcd_error(
+            debvisor_objects::StoreError::Request {
+                op: "txn",
+                message: debvisor_objects::store::error_chain(&e),
+            },
         )),
-        Err(_) => Err(format!("etcd request txn timed out after {timeout:?}")),
+        Err(_) => Err(crate::ctl::etcd_error(
+            debvisor_objects::StoreError::Timeout { op: "txn", timeout },
+        )),
     }
 }
 
@@ -1069,7 +1401,7 @@ async fn set_state(
             .mod_revision_is(&vm_key(&row.uuid, VmField::Xml), row.rev(VmField::Xml))
             .mod_revision_is(&state_key, row.rev(VmField::State))
             .put(&state_key, verb.state().as_str());
-        let r = store.txn(t).await.map_err(|e| e.to_string())?;
+        let r = store.txn(t).await.map_err(crate::ctl::etcd_error)?;
         if r.succeeded() {
             let rev = r.header().map_or(0, |h| h.revision());
             let goal = match verb {
@@ -1192,7 +1524,68 @@ fn failed(keys: &Keys, rev: i64) -> Option<String> {
     Some(msg)
 }
 
-/// Follow `vms/<uuid>/` until `goal`, a failure written after `rev`, removal, or timeout.
+/// One progress line of a VM wait: its reported status (state, node, reason, error), owner
+/// and lock, as they are now.
+pub fn vm_progress(keys: &Keys) -> String {
+    let mut line = match status_of(keys) {
+        Some(s @ Value::Object(_)) => {
+            let mut l = format!("status {} on {}", str_of(&s["state"]), str_of(&s["node"]));
+            if !s["reason"].is_null() && s["reason"] != "" {
+                l.push_str(&format!(" ({})", str_of(&s["reason"])));
+            }
+            if !s["error"].is_null() {
+                l.push_str(&format!(", error: {}", str_of(&s["error"])));
+            }
+            l
+        }
+        Some(other) => format!("status {}", str_of(&other)),
+        None => "no status reported yet".into(),
+    };
+    line.push_str(&format!(
+        "; desired {}, owner {}, lock {}",
+        raw_of(keys, VmField::State).unwrap_or_else(|| "-".into()),
+        raw_of(keys, VmField::Owner).unwrap_or_else(|| "-".into()),
+        raw_of(keys, VmField::Lock).unwrap_or_else(|| "none".into())
+    ));
+    line
+}
+
+/// Why the node that should act may not be acting (for a wait that timed out): it is not
+/// registered, not alive, not in `run`, or says why it is degraded.
+async fn node_context(store: &Store, node: Option<&str>) -> Option<String> {
+    let node = node?;
+    let rows = node::nodes(store).await.ok()?;
+    let Some(row) = rows.iter().find(|r| r.name == node) else {
+        return Some(format!("node {node} is not registered"));
+    };
+    let n = match &row.node {
+        Ok(n) => n,
+        Err(e) => return Some(format!("node {node}'s keys are invalid: {e}")),
+    };
+    if !n.alive {
+        return Some(format!(
+            "node {node} is not alive (no lease{})",
+            n.status_reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        ));
+    }
+    if n.daemon_state != Some(debvisor_objects::node::DaemonState::Run) {
+        return Some(format!(
+            "node {node}'s daemon is {}, not run",
+            n.daemon_state.map_or("-", |s| s.as_str())
+        ));
+    }
+    match (&n.status, &n.status_reason) {
+        (Some(st), Some(why)) => Some(format!("node {node} is {st}: {why}")),
+        _ => None,
+    }
+}
+
+/// Follow `vms/<uuid>/` until `goal`, a failure written after `rev`, removal, or timeout,
+/// printing each change of the VM's status as it happens; a timeout names what the node
+/// reported (status reason and error) and why its node may not be acting.
 #[allow(clippy::too_many_arguments)]
 async fn wait_vm(
     store: &Store,
@@ -1204,6 +1597,7 @@ async fn wait_vm(
     json_out: bool,
 ) -> Result<Keys, Failure> {
     let prefix = format!("{VMS_PREFIX}{uuid}/");
+    let mut progress = crate::ctl::wait::Progress::new();
     let r = follow(store, &prefix, timeout, |keys| {
         if !keys.contains_key(VmField::Xml.suffix()) {
             return Some(Err(format!(
@@ -1211,6 +1605,7 @@ async fn wait_vm(
                 goal.describe()
             )));
         }
+        progress.show(vm_progress(keys));
         if goal.reached(keys) {
             return Some(Ok(()));
         }
@@ -1233,16 +1628,21 @@ async fn wait_vm(
             stdout: json_out.then(|| format!("{}\n", report(&keys))),
         }),
         Followed::TimedOut(keys) => {
-            let v = report(&keys);
+            let mut v = report(&keys);
+            let acting = goal.node.clone().or_else(|| raw_of(&keys, VmField::Node));
+            let context = node_context(store, acting.as_deref()).await;
+            let mut message = format!(
+                "timed out after {} waiting for VM {label} to {}; now: {}",
+                humantime(timeout),
+                goal.describe(),
+                vm_progress(&keys)
+            );
+            if let Some(c) = &context {
+                message.push_str(&format!("; {c}"));
+                v["node_problem"] = Value::from(c.clone());
+            }
             Err(Failure {
-                message: format!(
-                    "timed out after {} waiting for VM {label} to {}; now: state {}, owner {}, status {}",
-                    humantime(timeout),
-                    goal.describe(),
-                    str_of(&v["state"]),
-                    str_of(&v["owner"]),
-                    str_of(&v["status"])
-                ),
+                message,
                 stdout: json_out.then(|| format!("{v}\n")),
             })
         }
@@ -1371,7 +1771,7 @@ pub async fn commit_migrate(store: &Store, p: &MigratePlan) -> Result<Option<i64
         .mod_revision_is(&state_key, p.state_rev)
         .put(&node_key, p.target.as_str())
         .put(&state_key, p.state.as_str());
-    let r = store.txn(t).await.map_err(|e| e.to_string())?;
+    let r = store.txn(t).await.map_err(crate::ctl::etcd_error)?;
     Ok(r.succeeded()
         .then(|| r.header().map_or(0, |h| h.revision())))
 }
@@ -1455,7 +1855,7 @@ async fn unmigrate(
             row.rev(VmField::LastNode),
         )
         .put(&state_key, DesiredState::Unmigrate.as_str());
-    let r = store.txn(t).await.map_err(|e| e.to_string())?;
+    let r = store.txn(t).await.map_err(crate::ctl::etcd_error)?;
     if !r.succeeded() {
         return Err(format!(
             "VM {}: its state, node or last_node changed while this command ran; nothing written",

@@ -71,7 +71,7 @@ pub(crate) async fn follow<T>(
     let mut keys = Keys::new();
     loop {
         let (kvs, rev) = match tokio::time::timeout_at(deadline, store.list(prefix)).await {
-            Ok(r) => r.map_err(|e| e.to_string())?,
+            Ok(r) => r.map_err(crate::ctl::etcd_error)?,
             Err(_) => return Ok(Followed::TimedOut(keys)),
         };
         keys = kvs
@@ -130,6 +130,49 @@ pub(crate) async fn follow<T>(
         if tokio::time::Instant::now() >= deadline {
             return Ok(Followed::TimedOut(keys));
         }
+    }
+}
+
+/// The progress lines of a `--wait`: each change of what is being waited for, as it
+/// happens, on stderr (stdout keeps the result, and the JSON document with `-o json`), one
+/// line with the time since the wait began: `[  2.1s] status starting on hv1 (…)`.
+pub struct Progress {
+    start: std::time::Instant,
+    last: Option<String>,
+    lines: Vec<String>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress::new()
+    }
+}
+
+impl Progress {
+    /// A wait beginning now.
+    pub fn new() -> Progress {
+        Progress {
+            start: std::time::Instant::now(),
+            last: None,
+            lines: Vec::new(),
+        }
+    }
+
+    /// Print `what` unless it is what was printed last.
+    pub fn show(&mut self, what: impl Into<String>) {
+        let what = what.into();
+        if self.last.as_deref() == Some(what.as_str()) {
+            return;
+        }
+        let line = format!("[{:>6.1}s] {what}", self.start.elapsed().as_secs_f64());
+        eprintln!("{line}");
+        self.lines.push(line);
+        self.last = Some(what);
+    }
+
+    /// Every line printed so far.
+    pub fn lines(&self) -> &[String] {
+        &self.lines
     }
 }
 

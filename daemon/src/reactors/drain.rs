@@ -6,7 +6,8 @@
 //!
 //! Each pass is level-triggered and idempotent (run on every resync tick): it issues the
 //! requests still missing, each a transaction guarded on the VM's keys, and moves the state
-//! on once nothing is left. The Domain object does the actual moving.
+//! on once nothing is left. The Domain object does the actual moving. Each pass reports its
+//! progress in `nodes/<node>/drain` (VMs left, and why each waits) when that changed.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
@@ -14,6 +15,7 @@ use std::sync::Mutex;
 use debvisor_objects::domain::{
     self, key_revision, DesiredState, MigrationMethod, Vm, VmField, VmKind,
 };
+use debvisor_objects::drain::{DrainReport, DrainWait};
 use debvisor_objects::node::{DomainState, NodeKind, NodeRecord};
 use debvisor_objects::placement;
 use debvisor_objects::reactor::KeyEntry;
@@ -27,6 +29,8 @@ pub struct Drain {
     store: Store,
     /// VMs whose "no target" problem was logged in this drain (logged once each).
     warned: Mutex<HashSet<String>>,
+    /// The drain report last written, and since when its state holds.
+    reported: Mutex<Option<DrainReport>>,
 }
 
 impl Drain {
@@ -36,6 +40,41 @@ impl Drain {
             node,
             store,
             warned: Mutex::new(HashSet::new()),
+            reported: Mutex::new(None),
+        }
+    }
+
+    /// Write `nodes/<node>/drain` when the report differs from the last one written (the
+    /// `since` of a state is kept across passes). A failed write is retried next pass.
+    async fn report(&self, state: DomainState, mut waiting: Vec<DrainWait>, remaining: usize) {
+        let last = self
+            .reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let since = match &last {
+            Some(r) if r.state == state.as_str() => r.since.clone(),
+            _ => crate::hostinfo::now_rfc3339(),
+        };
+        waiting.truncate(DrainReport::MAX_WAITING);
+        let report = DrainReport {
+            state: state.as_str().to_string(),
+            since,
+            remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+            waiting,
+        };
+        if last.as_ref() == Some(&report) {
+            return;
+        }
+        let value = serde_json::to_vec(&report).unwrap_or_default();
+        let key = schema::node_key(&self.node, NodeField::Drain);
+        match self.store.put(&key, value).await {
+            Ok(()) => {
+                *self.reported.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
+            }
+            Err(e) => {
+                warn!(node = %self.node, error = %e, "cannot write the drain report; retrying on the next pass")
+            }
         }
     }
 
@@ -92,6 +131,12 @@ impl Drain {
     ) -> Result<Option<DomainState>, StoreError> {
         let me = self.node.as_str();
         let mut remaining = 0usize;
+        let mut waiting = Vec::new();
+        let wait = |vm: &Vm, reason: String| DrainWait {
+            uuid: vm.uuid.clone(),
+            name: vm.name.clone(),
+            reason,
+        };
         for (vm, keys) in vms {
             let here = vm.node.as_deref() == Some(me) && vm.state.runs();
             let locked_here = vm.lock.as_ref().is_some_and(|l| l.node == me);
@@ -100,7 +145,16 @@ impl Drain {
             }
             remaining += 1;
             if !here {
-                continue; // already requested; the Domain object is moving it
+                // Already requested; the Domain object is moving it.
+                waiting.push(wait(
+                    vm,
+                    format!(
+                        "{} to {} in progress",
+                        vm.state,
+                        vm.node.as_deref().unwrap_or("-")
+                    ),
+                ));
+                continue;
             }
             let uuid = vm.uuid.as_str();
             let node_key = domain::vm_key(uuid, VmField::Node);
@@ -114,6 +168,10 @@ impl Drain {
                 if self.store.txn(t).await?.succeeded() {
                     info!(node = %me, vm = %vm.name, uuid, "flush: migration_method none; shutting the VM down until unflush");
                 }
+                waiting.push(wait(
+                    vm,
+                    "shutting down until unflush (migration_method none)".into(),
+                ));
                 continue;
             }
             match placement::select_target(&vm.metadata, Some(me), records) {
@@ -126,23 +184,31 @@ impl Drain {
                     if self.store.txn(t).await?.succeeded() {
                         info!(node = %me, vm = %vm.name, uuid, target = %target, method = %vm.metadata.migration_method, "flush: migrating the VM away");
                     }
+                    waiting.push(wait(vm, format!("migration to {target} requested")));
                 }
                 Err(e) => {
                     if self.warn_once(uuid) {
                         warn!(node = %me, vm = %vm.name, uuid, reason = %e, "flush: no node can take the VM; it keeps running here");
                     }
+                    waiting.push(wait(vm, format!("keeps running here: {e}")));
                 }
             }
         }
         if remaining > 0 {
+            self.report(DomainState::Flush, waiting, remaining).await;
             return Ok(Some(DomainState::Flush));
         }
-        self.advance(
-            DomainState::Flush,
-            DomainState::Flushed,
-            "every VM moved off",
-        )
-        .await
+        let r = self
+            .advance(
+                DomainState::Flush,
+                DomainState::Flushed,
+                "every VM moved off",
+            )
+            .await?;
+        if r.is_some() {
+            self.report(DomainState::Flushed, Vec::new(), 0).await;
+        }
+        Ok(r)
     }
 
     async fn unflush(
@@ -151,11 +217,18 @@ impl Drain {
     ) -> Result<Option<DomainState>, StoreError> {
         let me = self.node.as_str();
         let mut remaining = 0usize;
+        let mut waiting = Vec::new();
+        let wait = |vm: &Vm, reason: &str| DrainWait {
+            uuid: vm.uuid.clone(),
+            name: vm.name.clone(),
+            reason: reason.to_string(),
+        };
         for (vm, keys) in vms {
             let uuid = vm.uuid.as_str();
             let state_key = domain::vm_key(uuid, VmField::State);
             if vm.flushed_from.as_deref() == Some(me) {
                 remaining += 1;
+                waiting.push(wait(vm, "starting again here"));
                 let t = TxnBuilder::new()
                     .mod_revision_is(&state_key, key_revision(keys, VmField::State))
                     .put(&state_key, "start")
@@ -172,6 +245,7 @@ impl Drain {
             match vm.state {
                 DesiredState::Start => {
                     remaining += 1;
+                    waiting.push(wait(vm, "coming back (unmigrate requested)"));
                     let t = TxnBuilder::new()
                         .mod_revision_is(&state_key, key_revision(keys, VmField::State))
                         .put(&state_key, "unmigrate");
@@ -181,15 +255,22 @@ impl Drain {
                 }
                 DesiredState::Migrate | DesiredState::MigrateLive | DesiredState::Unmigrate => {
                     remaining += 1; // on its way
+                    waiting.push(wait(vm, &format!("{} in progress", vm.state)));
                 }
                 _ => {} // stopped meanwhile: stays where it is
             }
         }
         if remaining > 0 {
+            self.report(DomainState::Unflush, waiting, remaining).await;
             return Ok(Some(DomainState::Unflush));
         }
-        self.advance(DomainState::Unflush, DomainState::Ready, "every VM is back")
-            .await
+        let r = self
+            .advance(DomainState::Unflush, DomainState::Ready, "every VM is back")
+            .await?;
+        if r.is_some() {
+            self.report(DomainState::Ready, Vec::new(), 0).await;
+        }
+        Ok(r)
     }
 
     /// Move `domain_state` from `from` to `to` unless someone changed it meanwhile
