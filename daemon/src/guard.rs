@@ -211,28 +211,59 @@ pub fn run(cfg: &Config) -> ExitCode {
         let _ = tx.send(None);
     });
     let mut last: Option<(Beat, Instant)> = None;
+    // What was done for the current deadlines (so a daemon beating with nothing left acts
+    // once, not on every beat).
+    let mut done = Done::default();
     loop {
         let wait = last
-            .and_then(|(b, at)| next_deadline(&b, at))
+            .and_then(|(b, at)| next_deadline(&done.pending(b), at))
             .map(|d| d.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(3600));
         match rx.recv_timeout(wait) {
-            Ok(Some(Ok(Some(b)))) => last = Some((b, Instant::now())),
+            Ok(Some(Ok(Some(b)))) => {
+                done.renewed(&b);
+                last = Some((b, Instant::now()));
+            }
             Ok(Some(Ok(None))) => return ExitCode::SUCCESS,
             Ok(Some(Err(e))) => say(&format!("ignoring {e}")),
             Ok(None) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 if let Some((b, at)) = last {
-                    orphaned(cfg, &b, at);
+                    orphaned(cfg, &done.pending(b), at);
                 }
                 return ExitCode::SUCCESS;
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if let Some((b, at)) = last.take() {
-                    say("no heartbeat before the deadline (the daemon is stuck)");
-                    overdue(cfg, &b, at);
+                if let Some((b, at)) = last {
+                    overdue(cfg, &mut done, &b, at);
                 }
             }
         }
+    }
+}
+
+/// Which deadlines the guardian has acted on since the daemon last had time left.
+#[derive(Debug, Default)]
+struct Done {
+    released: bool,
+    fenced: bool,
+}
+
+impl Done {
+    /// A beat with time left re-arms its deadline.
+    fn renewed(&mut self, b: &Beat) {
+        if !b.primary || !b.lasts.is_zero() {
+            self.released = false;
+        }
+        if !b.fence || !b.guests_last.is_zero() {
+            self.fenced = false;
+        }
+    }
+
+    /// `b` without what was already done.
+    fn pending(&self, mut b: Beat) -> Beat {
+        b.primary &= !self.released;
+        b.fence &= !self.fenced;
+        b
     }
 }
 
@@ -272,15 +303,19 @@ fn orphaned(cfg: &Config, b: &Beat, at: Instant) {
     }
 }
 
-/// The daemon is stuck past a deadline: release what is due.
-fn overdue(cfg: &Config, b: &Beat, at: Instant) {
+/// A deadline passed without a renewal (the daemon is stuck, or cut off from the store):
+/// release what is due, once.
+fn overdue(cfg: &Config, done: &mut Done, b: &Beat, at: Instant) {
     let now = Instant::now();
-    if b.primary && now >= at + b.lasts {
-        say("releasing the primary's duties");
+    if b.primary && !done.released && now >= at + b.lasts {
+        say("the primary's deadline passed without a renewal; releasing the primary's duties");
         release(cfg);
+        done.released = true;
     }
-    if b.fence && now >= at + b.guests_last {
+    if b.fence && !done.fenced && now >= at + b.guests_last {
+        say("the self-fence deadline passed without a renewal; stopping the guests");
         fence_guests(cfg);
+        done.fenced = true;
     }
 }
 

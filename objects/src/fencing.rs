@@ -12,7 +12,14 @@
 //! - **recover or not**: after a confirmed fence, with `successful_fence: migrate`; after a
 //!   failed one only with `failed_fence: migrate` and self-fence on (the self-fence bound
 //!   guarantees the node's guests stopped before its lease expired). The node is marked
-//!   `fenced` in both cases and stays out until an operator readmits it.
+//!   `fenced` in both cases and stays out until an operator readmits it. The bound does not
+//!   hold for a node that went down in the middle of a clean stop (`daemon_state =
+//!   shutdown`, its `stop` never recorded): a clean stop leaves its guests running on
+//!   purpose, so such a node is recovered only after a confirmed fence. Its `shutdown`
+//!   record is kept (never overwritten by `dead`) so that any later primary knows it too.
+//! - **recover when**: while a fenced node is down; recovery pauses while it is alive (its
+//!   lease outlives a power off by up to a TTL, or it booted and stays out) and resumes if
+//!   it goes down again.
 //!
 //! What to recover where is [`crate::recovery`]; when a node may start a guest is the
 //! Domain planner's lease check.
@@ -80,6 +87,9 @@ pub enum FencedBy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Write `daemon_state = dead` (guarded: `alive` absent, `daemon_state` not `stop`).
+    /// Not issued for a node whose record is `shutdown` (a clean stop that never recorded
+    /// `stop`): that record stays, it tells every primary the self-fence bound does not
+    /// hold for the node; the node is fenced all the same.
     DeclareDead { node: String },
     /// Power the node off over IPMI and confirm Off; report with [`FenceBook::fence_done`].
     Fence { node: String },
@@ -90,27 +100,34 @@ pub enum Decision {
     /// each tick while the node is still down and etcd does not show `fenced` (the write
     /// failed): recovery is guarded on that record.
     MarkFenced { node: String, by: FencedBy },
-    /// The fence failed and the policy recovers nothing: an operator decides.
+    /// The fence failed and the policy recovers nothing (or the self-fence bound does not
+    /// hold: the node went down in a clean stop): an operator decides.
     FenceFailed { node: String, reason: String },
     /// Recover the node's VMs (see [`crate::recovery`]); idempotent, repeated each tick
-    /// while the node is fenced and VMs remain.
+    /// while the node is fenced, down and VMs remain.
     Recover { node: String },
     /// The node is alive again (or stopped cleanly) before it was fenced: forget it.
     Cleared { node: String },
 }
 
-/// Where one node stands.
+/// Where one node stands. `stopping`: the node was seen down with `daemon_state =
+/// shutdown` — a clean stop that never recorded `stop`, which leaves guests running, so
+/// the self-fence bound does not cover it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
     /// `alive` gone since then; the grace runs.
-    Suspect { since: Instant },
+    Suspect { since: Instant, stopping: bool },
     /// Declared dead; waiting for a fence slot (the reason of the last skip).
-    Dead { skipped: Option<String> },
+    Dead {
+        skipped: Option<String>,
+        stopping: bool,
+    },
     /// IPMI fence in flight.
-    Fencing,
-    /// Fenced (daemon_state = fenced); recovery per policy.
+    Fencing { stopping: bool },
+    /// Fenced (daemon_state = fenced); recovery per policy while the node is down (paused
+    /// while it is alive).
     Fenced { recover: bool, by: FencedBy },
-    /// Fence failed, nothing recovered (policy `none`).
+    /// Fence failed, nothing recovered (policy `none`, or the node went down stopping).
     Failed,
 }
 
@@ -137,7 +154,7 @@ impl FenceBook {
     pub fn in_flight(&self) -> usize {
         self.phases
             .values()
-            .filter(|p| **p == Phase::Fencing)
+            .filter(|p| matches!(p, Phase::Fencing { .. }))
             .count()
     }
 
@@ -145,7 +162,7 @@ impl FenceBook {
     pub fn fencing(&self) -> Vec<String> {
         self.phases
             .iter()
-            .filter(|(_, p)| **p == Phase::Fencing)
+            .filter(|(_, p)| matches!(p, Phase::Fencing { .. }))
             .map(|(n, _)| n.clone())
             .collect()
     }
@@ -167,7 +184,10 @@ impl FenceBook {
         }
         self.fence_slots(now, nodes, &mut out);
         for (node, phase) in &self.phases {
-            if matches!(phase, Phase::Fenced { recover: true, .. }) {
+            // Recovery is guarded on `alive` absent: while the fenced node is alive (a lease
+            // that outlives the power off, or the node booted and stays out) it waits.
+            let down = nodes.iter().any(|n| n.name == *node && !n.alive);
+            if down && matches!(phase, Phase::Fenced { recover: true, .. }) {
                 out.push(Decision::Recover { node: node.clone() });
             }
         }
@@ -178,8 +198,10 @@ impl FenceBook {
         let phase = self.phases.get(&n.name).cloned();
         // Fenced in etcd (by us or an earlier primary): out until readmitted.
         if n.daemon_state == Some(DaemonState::Fenced) {
+            // While it is alive (back, still fenced) nothing is asked of it; should it go
+            // down again, what is left of its VMs is recovered then (see `tick`).
             if !matches!(phase, Some(Phase::Fenced { .. }) | Some(Phase::Failed)) {
-                let recover = !n.alive && self.recovers(FencedBy::Record);
+                let recover = self.recovers(FencedBy::Record, false);
                 self.phases.insert(
                     n.name.clone(),
                     Phase::Fenced {
@@ -188,20 +210,13 @@ impl FenceBook {
                     },
                 );
             }
-            if n.alive {
-                // Back, still fenced: nothing more to recover from it.
-                let by = match self.phases.get(&n.name) {
-                    Some(Phase::Fenced { by, .. }) => *by,
-                    _ => FencedBy::Record,
-                };
-                self.phases
-                    .insert(n.name.clone(), Phase::Fenced { recover: false, by });
-            }
             return;
         }
         let down = !n.alive && n.daemon_state != Some(DaemonState::Stop);
+        // Gone in the middle of a clean stop: its guests may be left running.
+        let stopping_now = down && n.daemon_state == Some(DaemonState::Shutdown);
         match (down, phase) {
-            (false, Some(Phase::Fencing)) => {} // the fence decides; it is already on its way
+            (false, Some(Phase::Fencing { .. })) => {} // the fence decides; it is on its way
             (false, Some(Phase::Fenced { .. })) | (false, Some(Phase::Failed)) => {
                 // Readmitted (daemon_state no longer fenced) or stopped cleanly.
                 self.phases.remove(&n.name);
@@ -216,21 +231,51 @@ impl FenceBook {
             (true, None) => {
                 if n.daemon_state == Some(DaemonState::Dead) {
                     // Declared by an earlier primary.
-                    self.phases
-                        .insert(n.name.clone(), Phase::Dead { skipped: None });
+                    self.phases.insert(
+                        n.name.clone(),
+                        Phase::Dead {
+                            skipped: None,
+                            stopping: false,
+                        },
+                    );
                 } else {
-                    self.phases
-                        .insert(n.name.clone(), Phase::Suspect { since: now });
+                    self.phases.insert(
+                        n.name.clone(),
+                        Phase::Suspect {
+                            since: now,
+                            stopping: stopping_now,
+                        },
+                    );
                 }
             }
-            (true, Some(Phase::Suspect { since })) => {
+            (true, Some(Phase::Suspect { since, stopping })) => {
+                let stopping = stopping || stopping_now;
                 if now.saturating_duration_since(since) >= self.policy.grace {
+                    self.phases.insert(
+                        n.name.clone(),
+                        Phase::Dead {
+                            skipped: None,
+                            stopping,
+                        },
+                    );
+                    if !stopping {
+                        out.push(Decision::DeclareDead {
+                            node: n.name.clone(),
+                        });
+                    }
+                } else {
                     self.phases
-                        .insert(n.name.clone(), Phase::Dead { skipped: None });
-                    out.push(Decision::DeclareDead {
-                        node: n.name.clone(),
-                    });
+                        .insert(n.name.clone(), Phase::Suspect { since, stopping });
                 }
+            }
+            (true, Some(Phase::Dead { skipped, stopping })) if stopping_now && !stopping => {
+                self.phases.insert(
+                    n.name.clone(),
+                    Phase::Dead {
+                        skipped,
+                        stopping: true,
+                    },
+                );
             }
             (true, Some(Phase::Fenced { by, .. })) => {
                 // Fenced here, but etcd does not say so while the node is still down: our
@@ -267,13 +312,15 @@ impl FenceBook {
             .count();
         let total = nodes.len();
         let partition = total > 0 && looks_dead * 2 >= total;
-        let waiting: Vec<String> = self
+        let waiting: Vec<(String, bool)> = self
             .phases
             .iter()
-            .filter(|(_, p)| matches!(p, Phase::Dead { .. }))
-            .map(|(n, _)| n.clone())
+            .filter_map(|(n, p)| match p {
+                Phase::Dead { stopping, .. } => Some((n.clone(), *stopping)),
+                _ => None,
+            })
             .collect();
-        for name in waiting {
+        for (name, stopping) in waiting {
             let bmc = nodes.iter().any(|n| n.name == name && n.bmc);
             let reason = if partition {
                 Some(format!(
@@ -286,7 +333,7 @@ impl FenceBook {
                 } else {
                     "the node publishes no BMC"
                 };
-                self.failed(&name, why, out);
+                self.failed(&name, why, stopping, out);
                 continue;
             } else if self.in_flight() >= self.policy.max_concurrent {
                 Some(format!(
@@ -304,16 +351,12 @@ impl FenceBook {
             };
             match reason {
                 Some(r) => {
-                    let again = self.phases.get(&name)
-                        == Some(&Phase::Dead {
-                            skipped: Some(r.clone()),
-                        });
-                    self.phases.insert(
-                        name.clone(),
-                        Phase::Dead {
-                            skipped: Some(r.clone()),
-                        },
-                    );
+                    let dead = Phase::Dead {
+                        skipped: Some(r.clone()),
+                        stopping,
+                    };
+                    let again = self.phases.get(&name) == Some(&dead);
+                    self.phases.insert(name.clone(), dead);
                     if !again {
                         out.push(Decision::Skip {
                             node: name,
@@ -322,7 +365,8 @@ impl FenceBook {
                     }
                 }
                 None => {
-                    self.phases.insert(name.clone(), Phase::Fencing);
+                    self.phases
+                        .insert(name.clone(), Phase::Fencing { stopping });
                     self.started.push_back(now);
                     out.push(Decision::Fence { node: name });
                 }
@@ -330,20 +374,24 @@ impl FenceBook {
         }
     }
 
-    fn recovers(&self, by: FencedBy) -> bool {
+    /// Does the policy recover a node fenced `by`? `stopping`: it went down in a clean
+    /// stop, so the self-fence bound does not cover its guests.
+    fn recovers(&self, by: FencedBy, stopping: bool) -> bool {
         match by {
             FencedBy::Ipmi | FencedBy::Record => {
                 self.policy.successful_fence == AfterFence::Migrate
             }
             FencedBy::SelfFence => {
-                self.policy.failed_fence == AfterFence::Migrate && self.policy.self_fence
+                self.policy.failed_fence == AfterFence::Migrate
+                    && self.policy.self_fence
+                    && !stopping
             }
         }
     }
 
     /// A fence did not happen (failed, impossible): the `failed_fence` policy.
-    fn failed(&mut self, node: &str, reason: &str, out: &mut Vec<Decision>) {
-        if self.recovers(FencedBy::SelfFence) {
+    fn failed(&mut self, node: &str, reason: &str, stopping: bool, out: &mut Vec<Decision>) {
+        if self.recovers(FencedBy::SelfFence, stopping) {
             self.phases.insert(
                 node.to_string(),
                 Phase::Fenced {
@@ -357,9 +405,18 @@ impl FenceBook {
             });
         } else {
             self.phases.insert(node.to_string(), Phase::Failed);
+            let migrate = self.policy.failed_fence == AfterFence::Migrate && self.policy.self_fence;
+            let reason = if stopping && migrate {
+                format!(
+                    "{reason}; the node went down stopping cleanly (`shutdown` recorded, not \
+                     `stop`), its guests may still run: the self-fence bound does not hold"
+                )
+            } else {
+                reason.to_string()
+            };
             out.push(Decision::FenceFailed {
                 node: node.to_string(),
-                reason: reason.to_string(),
+                reason,
             });
         }
     }
@@ -367,11 +424,11 @@ impl FenceBook {
     /// The fence of `node` finished: `ok` when the BMC confirmed power Off.
     pub fn fence_done(&mut self, node: &str, ok: bool, reason: &str) -> Vec<Decision> {
         let mut out = Vec::new();
-        if self.phases.get(node) != Some(&Phase::Fencing) {
+        let Some(&Phase::Fencing { stopping }) = self.phases.get(node) else {
             return out;
-        }
+        };
         if ok {
-            let recover = self.recovers(FencedBy::Ipmi);
+            let recover = self.recovers(FencedBy::Ipmi, stopping);
             self.phases.insert(
                 node.to_string(),
                 Phase::Fenced {
@@ -389,7 +446,7 @@ impl FenceBook {
                 });
             }
         } else {
-            self.failed(node, reason, &mut out);
+            self.failed(node, reason, stopping, &mut out);
             if matches!(
                 self.phases.get(node),
                 Some(Phase::Fenced { recover: true, .. })
@@ -629,5 +686,113 @@ mod tests {
                 "{failed:?} self_fence={self_fence}: {d:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_node_down_in_a_clean_stop_is_recovered_only_after_a_confirmed_fence() {
+        // Found by the simulator (s30): a clean stop whose `stop` write failed leaves
+        // `shutdown`, its guests running and no lease. With `failed_fence: migrate` a failed
+        // fence used to trust the self-fence bound and recover: the VMs ran twice.
+        let mut p = policy();
+        p.failed_fence = AfterFence::Migrate;
+        let t0 = Instant::now();
+        let view = [
+            facts("a", true, DaemonState::Run),
+            facts("b", true, DaemonState::Run),
+            facts("c", false, DaemonState::Shutdown),
+        ];
+        for ok in [false, true] {
+            let mut b = FenceBook::new(p.clone());
+            assert_eq!(b.tick(t0, &view), vec![]);
+            // No `dead` over `shutdown`: that record tells later primaries too.
+            assert_eq!(
+                b.tick(t0 + Duration::from_secs(4), &view),
+                vec![Decision::Fence { node: "c".into() }]
+            );
+            let d = b.fence_done("c", ok, "BMC unreachable");
+            if ok {
+                assert_eq!(
+                    d,
+                    vec![
+                        Decision::MarkFenced {
+                            node: "c".into(),
+                            by: FencedBy::Ipmi
+                        },
+                        Decision::Recover { node: "c".into() }
+                    ]
+                );
+            } else {
+                assert!(
+                    matches!(&d[..], [Decision::FenceFailed { reason, .. }] if reason.contains("self-fence bound does not hold")),
+                    "{d:?}"
+                );
+                assert_eq!(b.tick(t0 + Duration::from_secs(5), &view), vec![]);
+            }
+        }
+        // `shutdown` seen only after the grace began (the record landed late) counts too.
+        let mut b = FenceBook::new(p);
+        let run = [
+            facts("a", true, DaemonState::Run),
+            facts("b", true, DaemonState::Run),
+            facts("c", false, DaemonState::Run),
+        ];
+        b.tick(t0, &run);
+        b.tick(t0 + Duration::from_secs(1), &view);
+        b.tick(t0 + Duration::from_secs(4), &view);
+        let d = b.fence_done("c", false, "BMC unreachable");
+        assert!(matches!(&d[..], [Decision::FenceFailed { .. }]), "{d:?}");
+    }
+
+    #[test]
+    fn recovery_waits_while_a_fenced_node_is_alive_and_resumes_when_it_is_down() {
+        // Found by the simulator (s18, s25): a node fenced over IPMI keeps its lease (and
+        // `alive`) up to a TTL after the power off; seeing it alive used to cancel its
+        // recovery for good, so its VMs never moved.
+        let mut b = FenceBook::new(policy());
+        let t0 = Instant::now();
+        let view = |alive: bool, st: DaemonState| {
+            vec![
+                facts("a", true, DaemonState::Run),
+                facts("b", true, DaemonState::Run),
+                facts("c", alive, st),
+            ]
+        };
+        b.tick(t0, &view(false, DaemonState::Run));
+        b.tick(t0 + Duration::from_secs(4), &view(false, DaemonState::Run));
+        b.fence_done("c", true, "");
+        // Alive (a lingering lease), fenced: nothing asked.
+        assert_eq!(
+            b.tick(
+                t0 + Duration::from_secs(5),
+                &view(true, DaemonState::Fenced)
+            ),
+            vec![]
+        );
+        // The lease ended: recovery resumes.
+        assert_eq!(
+            b.tick(
+                t0 + Duration::from_secs(6),
+                &view(false, DaemonState::Fenced)
+            ),
+            vec![Decision::Recover { node: "c".into() }]
+        );
+        b.recovered("c");
+        assert_eq!(
+            b.tick(
+                t0 + Duration::from_secs(7),
+                &view(false, DaemonState::Fenced)
+            ),
+            vec![]
+        );
+        // A successor that first sees the fenced node alive recovers it once it is down.
+        let mut b = FenceBook::new(policy());
+        assert_eq!(b.tick(t0, &view(true, DaemonState::Fenced)), vec![]);
+        assert_eq!(
+            b.tick(
+                t0 + Duration::from_secs(1),
+                &view(false, DaemonState::Fenced)
+            ),
+            vec![Decision::Recover { node: "c".into() }]
+        );
     }
 }

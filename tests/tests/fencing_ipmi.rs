@@ -9,6 +9,9 @@
 //!   not), so the primary recovers them under the self-fence bound — and the recorder finds
 //!   no overlap.
 //!
+//! - its link cut: the daemon cannot renew its lease and self-fences its guest; the primary
+//!   fences it over IPMI and the guest runs elsewhere, never twice.
+//!
 //! Skipped (a failure under `DEBVISOR_REQUIRE_ALL=1`) without `ipmi_sim`.
 
 use std::time::Duration;
@@ -136,4 +139,28 @@ fn bmc_unreachable_with_failed_fence_migrate_recovers_under_the_self_fence_bound
     c.runs().sync(2, WAIT).expect("recorder sync");
     c.runs().assert_no_double_run();
     c.bmc(i).heal().expect("heal the BMC");
+}
+
+#[test]
+fn a_cut_off_node_self_fences_is_fenced_and_its_guest_runs_elsewhere_never_twice() {
+    skip_unless_root!();
+    if !require_ipmi_sim() {
+        return;
+    }
+    require_kvm();
+    let c = cluster("fencing:\n  enabled: true\n");
+    let v = victim(&c);
+    let uuid = guest(&c, &v, "cut");
+    assert_eq!(running(&c, &uuid, None), v);
+    let node = c.node_named(&v).expect("node");
+    let i = node.index();
+    // Its link cut: the daemon lives on but cannot renew its lease.
+    node.cut_link().expect("cut the link");
+    node.wait_for_message("self-fence complete", WAIT)
+        .expect("the cut-off node self-fences its guest");
+    let on = running(&c, &uuid, Some(&v));
+    assert_ne!(on, v);
+    assert_eq!(c.bmc(i).power().expect("power status"), Power::Off);
+    c.runs().sync(2, WAIT).expect("recorder sync");
+    c.runs().assert_no_double_run();
 }

@@ -198,7 +198,7 @@ impl Fencing {
             }
             Decision::Fence { node } => self.start_fence(&node, tx).await,
             Decision::FenceFailed { node, reason } => {
-                error!(node = %node, primary = %self.me, reason = %reason, "node not fenced; its VMs stay where they are (fencing.failed_fence: none)");
+                error!(node = %node, primary = %self.me, reason = %reason, "node not fenced; its VMs stay where they are until an operator acts");
                 self.record(&node, "failed", None, Some(&reason)).await;
             }
             Decision::MarkFenced { node, by } => self.mark_fenced(&node, by).await,

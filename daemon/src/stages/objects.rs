@@ -14,6 +14,7 @@ use debvisor_objects::fencing::{AfterFence, FencingPolicy};
 use debvisor_objects::lease::LeaseState;
 use debvisor_objects::network::NetworkKind;
 use debvisor_objects::node::{NodeInfo, NodeKind, NodeReconciler, StatusThresholds};
+use debvisor_objects::reactor::{Kind, Reconciler};
 use debvisor_objects::{Reactor, ReactorOptions, Store};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -105,23 +106,167 @@ pub fn spawn(i: Inputs<'_>) -> (Objects, Keepalive) {
     ));
     let tasks = CancellationToken::new();
     net_host.spawn_firewall_worker(tasks.clone());
-    let networks = Arc::new(Reactor::spawn(
-        NetworkKind,
-        NetworkReconciler(net_host.clone()),
+    let networks = reactor(NetworkKind, NetworkReconciler(net_host.clone()), store, 1);
+    let nodes = reactor(NodeKind, NodeReconciler::default(), store, 1);
+    let lease_state = i.lease_state.clone();
+    let domains = domain_host(
+        DomainInputs {
+            cfg,
+            store,
+            libvirt: i.libvirt,
+            lease: &i.lease,
+            lease_state: &lease_state,
+            role: &i.role,
+        },
+        &nodes,
+        &ceph,
+        &tasks,
+    );
+    let vms = reactor(VmKind, DomainReconciler(domains.clone()), store, 8);
+    spawn_event_listener(domains.clone(), vms.clone(), tasks.clone());
+    let keepalive = Keepalive::new(
         store.clone(),
-        ReactorOptions::default(),
-        CancellationToken::new(),
-    ));
-    let nodes = Arc::new(Reactor::spawn(
-        NodeKind,
-        NodeReconciler::default(),
-        store.clone(),
-        ReactorOptions::default(),
-        CancellationToken::new(),
-    ));
-    let mut host = DomainHost::new(
         node.clone(),
+        i.lease,
+        i.libvirt.clone(),
+        i.registered_info,
+        i.info,
+    )
+    .with_domains(domains.clone(), cfg.domains.stats_writes_per_tick as usize);
+    let (ceph_objects, keepalive) = spawn_ceph(cfg, store, &ceph, &i.role, &tasks, keepalive);
+    spawn_duties(
+        cfg,
+        i.netlink,
+        &net_host,
+        &networks,
+        &ceph_objects,
+        &i.role,
+        &tasks,
+    );
+    spawn_fencing(cfg, store, &nodes, &vms, &ceph, &i.role, &tasks);
+    let peers = spawn_status_and_peers(cfg, store, &nodes, &i.role, &tasks);
+    let keepalive = keepalive.with_peers(peers);
+    let objects = Objects {
+        nodes,
+        networks,
+        vms,
+        domains,
+        net_host,
+        ceph,
+        ceph_objects,
+        tasks,
+    };
+    (objects, keepalive)
+}
+
+/// A reactor of `kind` with `workers` reconcilers (1: the default options), stopped by its
+/// own shutdown.
+fn reactor<K: Kind, R: Reconciler<K>>(
+    kind: K,
+    reconciler: R,
+    store: &Store,
+    workers: usize,
+) -> Arc<Reactor<K>> {
+    let opts = if workers > 1 {
+        ReactorOptions {
+            workers,
+            ..ReactorOptions::default()
+        }
+    } else {
+        ReactorOptions::default()
+    };
+    Arc::new(Reactor::spawn(
+        kind,
+        reconciler,
         store.clone(),
+        opts,
+        CancellationToken::new(),
+    ))
+}
+
+/// Ceph health and state on its own timer, off the keepalive and lease path, and the pool
+/// and volume reactors; the keepalive reports the monitor's summary.
+fn spawn_ceph(
+    cfg: &Config,
+    store: &Store,
+    ceph: &Option<Arc<CephCli>>,
+    role: &RoleSender,
+    tasks: &CancellationToken,
+    mut keepalive: Keepalive,
+) -> (Option<Arc<CephReactors>>, Keepalive) {
+    let node = cfg.node_name().to_string();
+    let primary = role.get().primary;
+    if ceph.is_some() {
+        // Its own handle: the monitor reports a timeout once per outage, not per call.
+        let cli = Arc::new(CephCli::from_config(&cfg.ceph).with_quiet_timeouts());
+        let (mon, rx) = CephMonitor::new(cli, store.clone(), node.clone(), primary);
+        let mon = mon.with_role(role.view());
+        mon.spawn(cfg.ceph.interval, tasks.clone());
+        keepalive = keepalive.with_ceph(rx);
+    }
+    let ceph_objects = ceph.as_ref().map(|c| {
+        let objects = CephObjects::new(
+            node.clone(),
+            store.clone(),
+            c.clone(),
+            primary,
+            cfg.ceph.interval,
+        );
+        Arc::new(CephReactors::spawn(Arc::new(objects), tasks.clone()))
+    });
+    (ceph_objects, keepalive)
+}
+
+/// The primary-only duties that a takeover waits for.
+fn spawn_duties(
+    cfg: &Config,
+    netlink: Arc<Netlink>,
+    net_host: &Arc<NetworkHost>,
+    networks: &Arc<Reactor<NetworkKind>>,
+    ceph_objects: &Option<Arc<CephReactors>>,
+    role: &RoleSender,
+    tasks: &CancellationToken,
+) {
+    duties::spawn_host_networks(
+        cfg.node_name().to_string(),
+        netlink,
+        cfg.networking.clone(),
+        cfg.keepalive.interval,
+        role.duty("host-networks"),
+        tasks.clone(),
+    );
+    duties::spawn_networks(
+        net_host.clone(),
+        networks.clone(),
+        DUTY_SETTLE,
+        role.duty("networks"),
+        tasks.clone(),
+    );
+    duties::spawn_ceph(ceph_objects.clone(), role.duty("ceph"), tasks.clone());
+}
+
+/// What the Domain object's host side is built from.
+struct DomainInputs<'a> {
+    cfg: &'a Config,
+    store: &'a Store,
+    libvirt: &'a Libvirt,
+    lease: &'a Arc<AtomicI64>,
+    lease_state: &'a watch::Receiver<LeaseState>,
+    role: &'a RoleSender,
+}
+
+/// The Domain object's host side: with the lease check on a clustered node, and its
+/// self-fence when fencing is on.
+fn domain_host(
+    i: DomainInputs<'_>,
+    nodes: &Arc<Reactor<NodeKind>>,
+    ceph: &Option<Arc<CephCli>>,
+    tasks: &CancellationToken,
+) -> Arc<DomainHost> {
+    let cfg = i.cfg;
+    let mut host = DomainHost::new(
+        cfg.node_name().to_string(),
+        i.store.clone(),
         i.libvirt.clone(),
         i.lease.clone(),
         cfg.domains.clone(),
@@ -147,69 +292,25 @@ pub fn spawn(i: Inputs<'_>) -> (Objects, Keepalive) {
             tasks.clone(),
         );
     }
-    let vms = Arc::new(Reactor::spawn(
-        VmKind,
-        DomainReconciler(domains.clone()),
-        store.clone(),
-        ReactorOptions {
-            workers: 8,
-            ..ReactorOptions::default()
-        },
-        CancellationToken::new(),
-    ));
-    spawn_event_listener(domains.clone(), vms.clone(), tasks.clone());
-    let mut keepalive = Keepalive::new(
-        store.clone(),
-        node.clone(),
-        i.lease,
-        i.libvirt.clone(),
-        i.registered_info,
-        i.info,
-    )
-    .with_domains(domains.clone(), cfg.domains.stats_writes_per_tick as usize);
-    // Ceph health and state on its own timer, off the keepalive and lease path.
-    if ceph.is_some() {
-        // Its own handle: the monitor reports a timeout once per outage, not per call.
-        let cli = Arc::new(CephCli::from_config(&cfg.ceph).with_quiet_timeouts());
-        let (mon, rx) = CephMonitor::new(cli, store.clone(), node.clone(), primary);
-        let mon = mon.with_role(i.role.view());
-        mon.spawn(cfg.ceph.interval, tasks.clone());
-        keepalive = keepalive.with_ceph(rx);
-    }
-    let ceph_objects = ceph.as_ref().map(|c| {
-        let objects = CephObjects::new(
-            node.clone(),
-            store.clone(),
-            c.clone(),
-            primary,
-            cfg.ceph.interval,
-        );
-        Arc::new(CephReactors::spawn(Arc::new(objects), tasks.clone()))
-    });
-    // The primary-only duties that a takeover waits for.
-    duties::spawn_host_networks(
-        node.clone(),
-        i.netlink,
-        cfg.networking.clone(),
-        cfg.keepalive.interval,
-        i.role.duty("host-networks"),
-        tasks.clone(),
-    );
-    duties::spawn_networks(
-        net_host.clone(),
-        networks.clone(),
-        DUTY_SETTLE,
-        i.role.duty("networks"),
-        tasks.clone(),
-    );
-    duties::spawn_ceph(ceph_objects.clone(), i.role.duty("ceph"), tasks.clone());
-    spawn_fencing(cfg, store, &nodes, &vms, &ceph, &i.role, &tasks);
+    domains
+}
+
+/// The node status deriver (primary) and the peer round-trip prober (every node); the
+/// prober's handle for the keepalive.
+fn spawn_status_and_peers(
+    cfg: &Config,
+    store: &Store,
+    nodes: &Arc<Reactor<NodeKind>>,
+    role: &RoleSender,
+    tasks: &CancellationToken,
+) -> crate::peers::PeersRx {
+    let node = cfg.node_name().to_string();
     let ns = &cfg.node_status;
     crate::reactors::node_status::spawn(
         store.clone(),
         nodes.clone(),
         node.clone(),
-        i.role.view(),
+        role.view(),
         StatusThresholds {
             memory_percent: ns.memory_percent,
             load_percent_per_cpu: ns.load_percent_per_cpu,
@@ -219,26 +320,14 @@ pub fn spawn(i: Inputs<'_>) -> (Objects, Keepalive) {
         cfg.keepalive.interval,
         tasks.clone(),
     );
-    let peers = crate::peers::spawn(
-        node.clone(),
+    crate::peers::spawn(
+        node,
         nodes.clone(),
         cfg.keepalive.interval,
         ns.rtt_peers_per_tick as usize,
         (ns.rtt * 2).max(std::time::Duration::from_millis(500)),
         tasks.clone(),
-    );
-    let keepalive = keepalive.with_peers(peers);
-    let objects = Objects {
-        nodes,
-        networks,
-        vms,
-        domains,
-        net_host,
-        ceph,
-        ceph_objects,
-        tasks,
-    };
-    (objects, keepalive)
+    )
 }
 
 /// The primary's fencing executor (it acts only while this node is primary).
