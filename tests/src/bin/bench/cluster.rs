@@ -885,8 +885,8 @@ fn render_notes(o: &mut String, s: &Setup) {
     let _ = writeln!(
         o,
         "\nA kill -9 or a cut is detected when the old primary's lease expires: {:?} after its \
-         last renewal, and renewals come every {:?}, so detection lands between TTL − \
-         interval and TTL after the fault (plus etcd's lease expiry check). A cut-off \
+         last refresh, and refreshes come every TTL/3 ({:?}), so detection lands between \
+         TTL − TTL/3 and TTL after the fault (plus etcd's lease expiry check). A cut-off \
          primary drops its duties by itself {:?} before its lease can expire (demote \
          margin), a killed one through its guardian at once, so nobody else holds the \
          address when another node wins. SIGTERM needs no expiry: the primary tears its \
@@ -894,7 +894,7 @@ fn render_notes(o: &mut String, s: &Setup) {
          Reference: PVC declares a node dead after a 30 s timeout and then runs its \
          takeover with fixed sleeps, so a crashed or cut-off primary costs it more than 30 s.\n",
         s.ka.lease_ttl,
-        s.ka.interval,
+        s.ka.lease_ttl / 3,
         s.ka.demote_margin()
     );
 }
