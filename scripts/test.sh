@@ -38,4 +38,4 @@ if [ "${DEBVISOR_REQUIRE_ALL:-}" = 1 ]; then
 else
     echo "== tests"
 fi
-cargo test --workspace -- --test-threads 4
+cargo test --workspace --no-fail-fast -- --test-threads 4
