@@ -55,6 +55,15 @@ pub struct Fencing {
     pub interval: Duration,
 }
 
+/// What the executor remembers between ticks (reset with the role).
+#[derive(Default)]
+struct Memory {
+    /// VMs of a fenced node left on purpose, logged once.
+    left: BTreeSet<(String, String)>,
+    /// When each node's `fenced` was last written.
+    marked: std::collections::BTreeMap<String, Instant>,
+}
+
 /// A fence's result: the node and the error, if any.
 type FenceResult = (String, Result<Duration, String>);
 
@@ -63,7 +72,7 @@ pub fn spawn(f: Fencing, cancel: CancellationToken) {
     tokio::spawn(async move {
         let (tx, mut rx) = mpsc::unbounded_channel::<FenceResult>();
         let mut book = FenceBook::new(f.policy.clone());
-        let mut left = BTreeSet::new();
+        let mut memory = Memory::default();
         let mut was_primary = false;
         let mut tick = tokio::time::interval(f.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -81,7 +90,7 @@ pub fn spawn(f: Fencing, cancel: CancellationToken) {
                 if was_primary {
                     info!(node = %f.me, "no longer primary: the fence book is left to the successor");
                     book.reset();
-                    left.clear();
+                    memory = Memory::default();
                 }
                 was_primary = false;
                 continue;
@@ -99,7 +108,7 @@ pub fn spawn(f: Fencing, cancel: CancellationToken) {
                         continue;
                     }
                 }
-                f.apply(d, &mut book, &mut left, &tx).await;
+                f.apply(d, &mut book, &mut memory, &tx).await;
             }
         }
     });
@@ -187,7 +196,7 @@ impl Fencing {
         &self,
         d: Decision,
         book: &mut FenceBook,
-        left: &mut BTreeSet<(String, String)>,
+        memory: &mut Memory,
         tx: &mpsc::UnboundedSender<FenceResult>,
     ) {
         match d {
@@ -201,9 +210,20 @@ impl Fencing {
                 error!(node = %node, primary = %self.me, reason = %reason, "node not fenced; its VMs stay where they are until an operator acts");
                 self.record(&node, "failed", None, Some(&reason)).await;
             }
-            Decision::MarkFenced { node, by } => self.mark_fenced(&node, by).await,
+            Decision::MarkFenced { node, by } => {
+                // The book asks again while the cache does not show our write yet: one
+                // write (and one line) per fence, again only if it did not land.
+                let recent = memory
+                    .marked
+                    .get(&node)
+                    .is_some_and(|t| t.elapsed() < self.interval * 4);
+                if !recent {
+                    memory.marked.insert(node.clone(), Instant::now());
+                    self.mark_fenced(&node, by).await;
+                }
+            }
             Decision::Recover { node } => {
-                if self.recover(&node, left).await {
+                if self.recover(&node, &mut memory.left).await {
                     book.recovered(&node);
                 }
             }
