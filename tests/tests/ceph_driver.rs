@@ -8,9 +8,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use debvisor_daemon::ceph::{
-    collect_state, diff, local_osds, plan_lock_hygiene, purge_and_remove, release_stale_locks,
-    volume_in_use, Ceph, CephCli, CephError, HealthStatus, ImageRef, KeyChange, LockVerdict,
-    NodeAddrs,
+    break_fenced_locks, collect_state, diff, local_osds, plan_lock_hygiene, purge_and_remove,
+    release_stale_locks, volume_in_use, Ceph, CephCli, CephError, HealthStatus, ImageRef,
+    KeyChange, LockVerdict, NodeAddrs,
 };
 use debvisor_tests::ceph::data_file;
 use debvisor_tests::CephCluster;
@@ -76,6 +76,7 @@ async fn ceph_driver_against_a_real_cluster() {
     volume_lifecycle_and_clone(&cluster, &cli, &mut lat).await;
     snapshot_rollback_restores_data(&cluster, &cli, &mut lat).await;
     lock_hygiene(&cluster, &cli, &mut lat).await;
+    fenced_locks_broken(&cluster, &cli, &mut lat).await;
     state_collection(&cli, &mut lat).await;
     errors_name_the_object(&cli).await;
     timeout_against_a_frozen_mon(&cluster).await;
@@ -474,6 +475,47 @@ async fn lock_hygiene(cluster: &CephCluster, cli: &CephCli, lat: &mut Latencies)
         .expect("lock ls");
     assert_eq!(out.trim(), "[]", "the lock is gone for rbd too");
     purge_and_remove(cli, &vol).await.expect("remove vol3");
+}
+
+/// Recovery of a fenced node's VM: its Ceph client is blocklisted and its RBD lock broken;
+/// a lock of any other address is left alone.
+async fn fenced_locks_broken(cluster: &CephCluster, cli: &CephCli, lat: &mut Latencies) {
+    let vol = ImageRef::new(POOL, "fenced1");
+    cli.rbd_create(&vol, MIB).await.expect("create");
+    cluster
+        .rbd(&["lock", "add", "dv-test/fenced1", "fenced-node"])
+        .expect("rbd lock add");
+    let other: std::net::IpAddr = "10.255.0.9".parse().expect("ip");
+    let kept = break_fenced_locks(cli, &vol, &[other])
+        .await
+        .expect("another node's address");
+    assert_eq!(kept, 0);
+    assert_eq!(cli.rbd_lock_list(&vol).await.expect("ls").len(), 1, "kept");
+    let holder = cli.rbd_lock_list(&vol).await.expect("ls")[0]
+        .address
+        .clone();
+    let fenced: std::net::IpAddr = "127.0.0.1".parse().expect("ip");
+    let broken = lat
+        .time(
+            "break fenced locks",
+            break_fenced_locks(cli, &vol, &[fenced]),
+        )
+        .await
+        .expect("break");
+    assert_eq!(broken, 1);
+    let out = cluster
+        .rbd(&["lock", "ls", "dv-test/fenced1", "--format", "json"])
+        .expect("lock ls");
+    assert_eq!(
+        out.trim(),
+        "[]",
+        "the fenced node's lock is gone for rbd too"
+    );
+    let blocklist = cluster
+        .ceph(&["osd", "blocklist", "ls"])
+        .expect("blocklist ls");
+    assert!(blocklist.contains(&holder), "{holder} not in {blocklist}");
+    purge_and_remove(cli, &vol).await.expect("remove fenced1");
 }
 
 async fn state_collection(cli: &CephCli, lat: &mut Latencies) {

@@ -26,7 +26,9 @@ pub use cli::CephCli;
 pub use collect::{batches, collect_state, diff, local_osds, same_host, KeyChange};
 pub use disks::{rbd_disks, DiskError, RbdDisk};
 pub use error::CephError;
-pub use locks::{plan_lock_hygiene, release_stale_locks, LockVerdict, NodeAddrs};
+pub use locks::{
+    break_fenced_locks, plan_lock_hygiene, release_stale_locks, LockVerdict, NodeAddrs,
+};
 pub use start_check::{check_rbd_start, Refusal};
 pub use types::{
     ClusterStatus, Df, Health, HealthCheck, HealthStatus, ImageInfo, ImageListEntry, ImageLock,
