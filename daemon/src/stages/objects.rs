@@ -35,6 +35,9 @@ use crate::reactors::role::RoleSender;
 /// Longest wait for the client networks to follow a role change.
 const DUTY_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How often the primary's fencing executor looks at the cluster view.
+const FENCING_TICK: Duration = Duration::from_millis(250);
+
 /// Where dnsmasq is run from for managed networks.
 const DNSMASQ: &str = "/usr/sbin/dnsmasq";
 
@@ -372,7 +375,9 @@ fn spawn_fencing(
             timeout: f.timeout,
             power_on_after: f.power_on_after,
             ceph: ceph.clone(),
-            interval: (cfg.keepalive.interval / 2).max(Duration::from_millis(200)),
+            // Its tick is the rounding of the grace: cheap (the node cache, etcd only on a
+            // decision), so short.
+            interval: FENCING_TICK.min(cfg.keepalive.interval),
         },
         tasks.clone(),
     );

@@ -20,6 +20,10 @@
 //!   multi-node harness with the shipped keepalive settings, fault on the primary (kill -9,
 //!   link cut, SIGTERM) → a new primary alone holding the floating address, and where the
 //!   time goes.
+//! - `bench/failover.rs` (`--failover`, issue 14, needs root, KVM and `ipmi_sim`): on a
+//!   3-node cluster with real guests and fake BMCs, with the shipped keepalive and fencing
+//!   timers, a node's daemon killed or its link cut → all its VMs running elsewhere, and
+//!   where the time goes (detection, grace, fence, placement, start); double runs counted.
 //!
 //! and the helpers they share: `bench/report.rs` (machine facts, the reproducing command,
 //! publishing), `bench/stats.rs` (summaries, percentiles, units), `bench/host.rs` (`/proc`
@@ -32,13 +36,13 @@
 //! `--vms-only` / `--skip-vms` select parts.
 //! Tables go to stdout and, unless `--no-write`, into `docs/benchmarks.md` between
 //! `<!-- bench:foundation:start -->` and `<!-- bench:foundation:end -->` (and the
-//! `bench:networks`, `bench:vms`, `bench:ceph`, `bench:ceph-objects` and `bench:cluster`
-//! markers). The daemons' own log lines are echoed on stderr by the harness.
+//! `bench:networks`, `bench:vms`, `bench:ceph`, `bench:ceph-objects`, `bench:cluster` and
+//! `bench:failover` markers). The daemons' own log lines are echoed on stderr by the harness.
 
 use std::process::ExitCode;
 
 use bench::report::Machine;
-use bench::{ceph, ceph_objects, cluster, foundation, networks, vms};
+use bench::{ceph, ceph_objects, cluster, failover, foundation, networks, vms};
 
 /// The figure sets and the helpers they share, one file each in `bench/` (declared inline:
 /// a `bench.rs` beside this file would be built as a binary of its own).
@@ -47,6 +51,7 @@ mod bench {
     pub(crate) mod ceph_objects;
     pub(crate) mod clock;
     pub(crate) mod cluster;
+    pub(crate) mod failover;
     pub(crate) mod foundation;
     pub(crate) mod host;
     pub(crate) mod logs;
@@ -95,6 +100,12 @@ struct Args {
     cluster: bool,
     /// Runs of each fault in the primary-takeover figures.
     cluster_runs: usize,
+    /// Run only the VM failover figures (`bench/failover.rs`).
+    failover: bool,
+    /// Runs of each fault in the VM failover figures.
+    failover_runs: usize,
+    /// Stop starting failover runs after this many minutes (0: no limit).
+    failover_budget_mins: u64,
     /// The arguments as given, for the report.
     raw: Vec<String>,
 }
@@ -103,7 +114,9 @@ struct Args {
 const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N] [--networks N]
                       [--networks-only | --skip-networks] [--vms N] [--vm-rate R] [--guests N]
                       [--vms-only | --skip-vms] [--ceph | --ceph-objects |
-                      --cluster [--cluster-runs N]] [--no-write]
+                      --cluster [--cluster-runs N] |
+                      --failover [--failover-runs N] [--failover-budget-mins M]]
+                      [--no-write]
 
   --runs N          startup runs (default 10)
   --idle-secs S     idle RSS/CPU window in seconds (default 60)
@@ -122,6 +135,13 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
                     keepalive defaults; kill -9, link cut, SIGTERM; needs root)
   --cluster-runs N  runs of each fault of --cluster (default 20; each kill/cut run
                     takes about a lease TTL plus a restart)
+  --failover        run only the VM failover figures (3 nodes with real KVM guests and
+                    fake BMCs, shipped timers; kill -9 and link cut of a secondary →
+                    its VMs running elsewhere; needs root, /dev/kvm, ipmi_sim)
+  --failover-runs N runs of each fault of --failover (default 20; about a minute each)
+  --failover-budget-mins M
+                    start no failover run after M minutes (default 0: no limit); the
+                    report says how many runs were done
   --no-write        print only; do not update docs/benchmarks.md";
 
 /// Parse `std::env::args()`; `Ok(None)` for `--help`.
@@ -144,6 +164,9 @@ fn parse_args() -> BenchResult<Option<Args>> {
         ceph_objects: false,
         cluster: false,
         cluster_runs: 20,
+        failover: false,
+        failover_runs: 20,
+        failover_budget_mins: 0,
         raw: raw.clone(),
     };
     let mut it = raw.iter();
@@ -190,14 +213,28 @@ fn parse_args() -> BenchResult<Option<Args>> {
                 args.cluster_runs =
                     usize::try_from(value("--cluster-runs")?).map_err(|e| e.to_string())?
             }
+            "--failover" => args.failover = true,
+            "--failover-runs" => {
+                args.failover_runs =
+                    usize::try_from(value("--failover-runs")?).map_err(|e| e.to_string())?
+            }
+            "--failover-budget-mins" => {
+                args.failover_budget_mins = value("--failover-budget-mins")?
+            }
             "--no-write" => args.write = false,
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
-    if args.runs == 0 || args.idle_secs == 0 || args.ticks == 0 || args.cluster_runs == 0 {
+    if args.runs == 0
+        || args.idle_secs == 0
+        || args.ticks == 0
+        || args.cluster_runs == 0
+        || args.failover_runs == 0
+    {
         return Err(format!(
-            "--runs, --idle-secs, --ticks and --cluster-runs must be at least 1\n{USAGE}"
+            "--runs, --idle-secs, --ticks, --cluster-runs and --failover-runs must be at \
+             least 1\n{USAGE}"
         ));
     }
     if args.networks_only && args.skip_networks {
@@ -263,6 +300,9 @@ fn run(args: &Args) -> BenchResult<()> {
     }
     if args.cluster {
         return cluster::run(args, &Machine::probe());
+    }
+    if args.failover {
+        return failover::run(args, &Machine::probe());
     }
     let with_networks = !args.skip_networks && !args.vms_only;
     if with_networks && !debvisor_tests::is_root() {

@@ -169,7 +169,7 @@ struct WatchState {
 /// thread of its own in the switch namespace (where the etcd members are reachable) and is
 /// reopened if it breaks (counted: a deletion during the gap is then seen late or not at
 /// all).
-struct AliveWatch {
+pub(crate) struct AliveWatch {
     state: WatchState,
     stop: CancellationToken,
     thread: Option<JoinHandle<()>>,
@@ -177,7 +177,7 @@ struct AliveWatch {
 
 impl AliveWatch {
     /// Start watching the cluster's etcd; returns once the watch is open.
-    fn start(c: &Cluster) -> BenchResult<AliveWatch> {
+    pub(crate) fn start(c: &Cluster) -> BenchResult<AliveWatch> {
         let ns = c.switch().netns().name().to_owned();
         let endpoints = c.etcd().endpoints();
         let (state, stop) = (WatchState::default(), CancellationToken::new());
@@ -196,7 +196,7 @@ impl AliveWatch {
     }
 
     /// Wait until the watch is open (it may be reopening after a break).
-    fn wait_live(&self) -> BenchResult<()> {
+    pub(crate) fn wait_live(&self) -> BenchResult<()> {
         wait_until("the alive watch open", Duration::from_secs(20), || {
             self.state.live.load(Ordering::SeqCst).then_some(())
         })
@@ -204,7 +204,7 @@ impl AliveWatch {
     }
 
     /// The first deletion of `node`'s `alive` key that arrived after `after`.
-    fn gone_after(&self, node: &str, after: Instant) -> Option<Instant> {
+    pub(crate) fn gone_after(&self, node: &str, after: Instant) -> Option<Instant> {
         let gone = self.state.gone.lock().unwrap_or_else(|p| p.into_inner());
         gone.iter()
             .find(|(n, at)| n == node && *at >= after)
@@ -212,7 +212,7 @@ impl AliveWatch {
     }
 
     /// How often the watch had to be reopened.
-    fn reopened(&self) -> u64 {
+    pub(crate) fn reopened(&self) -> u64 {
         self.state.reopened.load(Ordering::SeqCst)
     }
 }
@@ -319,7 +319,7 @@ fn sole_holder_since(h: &Holding, node: &str) -> Option<Instant> {
 /// one phase per gap. A milestone earlier than the one before it (clocks and sampling do
 /// not line up exactly) or later than `total` is clamped into place, so the phases that are
 /// known add up to `total`; a phase next to an unseen milestone is `None`.
-fn phases(marks: &[Option<f64>], total: f64) -> Vec<Option<f64>> {
+pub(crate) fn phases(marks: &[Option<f64>], total: f64) -> Vec<Option<f64>> {
     let mut out = Vec::with_capacity(marks.len() + 1);
     let mut floor = 0.0_f64;
     let mut prev = Some(0.0_f64);
@@ -336,7 +336,11 @@ fn phases(marks: &[Option<f64>], total: f64) -> Vec<Option<f64>> {
 
 /// The timestamp (µs since the epoch) of the first log line at or after `after` (µs since
 /// the epoch) that `pred` accepts.
-fn first_line_at(lines: &[Value], after: i64, pred: impl Fn(&Value) -> bool) -> Option<i64> {
+pub(crate) fn first_line_at(
+    lines: &[Value],
+    after: i64,
+    pred: impl Fn(&Value) -> bool,
+) -> Option<i64> {
     lines.iter().find_map(|v| {
         let ts = str_field(v, "timestamp").and_then(parse_rfc3339_micros)?;
         (ts >= after && pred(v)).then_some(ts)
@@ -350,12 +354,12 @@ fn state_change_to(v: &Value, to: &str) -> bool {
 }
 
 /// A line whose message is `m`.
-fn message_is(v: &Value, m: &str) -> bool {
+pub(crate) fn message_is(v: &Value, m: &str) -> bool {
     str_field(v, "message") == Some(m)
 }
 
 /// Milliseconds from `from` to `to` (negative if `to` is earlier).
-fn ms_between(from: Instant, to: Instant) -> f64 {
+pub(crate) fn ms_between(from: Instant, to: Instant) -> f64 {
     match to.checked_duration_since(from) {
         Some(d) => d.as_secs_f64() * 1000.0,
         None => -(from.duration_since(to).as_secs_f64() * 1000.0),
@@ -363,7 +367,7 @@ fn ms_between(from: Instant, to: Instant) -> f64 {
 }
 
 /// p50 (median), p95 (nearest rank), min and max of `xs`; NaN when empty.
-fn dist(xs: &[f64]) -> [f64; 4] {
+pub(crate) fn dist(xs: &[f64]) -> [f64; 4] {
     let s = summarize(xs);
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
@@ -375,7 +379,8 @@ fn dist(xs: &[f64]) -> [f64; 4] {
     ]
 }
 
-fn node<'a>(c: &'a Cluster, name: &str) -> BenchResult<&'a Node> {
+/// The node named `name`, or an error naming it.
+pub(crate) fn node<'a>(c: &'a Cluster, name: &str) -> BenchResult<&'a Node> {
     c.node_named(name)
         .ok_or_else(|| format!("no node named {name}"))
 }
@@ -416,22 +421,32 @@ fn steady(c: &Cluster, fl: IpAddr) -> BenchResult<String> {
 /// A fault as applied: when, on the bench's monotonic clock and on the wall clock of the
 /// daemons' log timestamps.
 #[derive(Debug, Clone, Copy)]
-struct Applied {
+pub(crate) struct Applied {
     /// The instant the harness applied it.
-    at: Instant,
+    pub(crate) at: Instant,
     /// The same instant in µs since the epoch: a wall-clock reading taken just before,
     /// moved on by the monotonic time in between.
-    wall: i64,
+    pub(crate) wall: i64,
 }
 
 impl Applied {
+    /// A fault applied at `at`, given a monotonic `anchor` and the wall clock read with it
+    /// (µs since the epoch) just before.
+    pub(crate) fn at(anchor: Instant, anchor_wall: i64, at: Instant) -> Applied {
+        let after = i64::try_from(at.saturating_duration_since(anchor).as_micros()).unwrap_or(0);
+        Applied {
+            at,
+            wall: anchor_wall.saturating_add(after),
+        }
+    }
+
     /// Milliseconds from the fault to `t`.
-    fn ms_to(&self, t: Instant) -> f64 {
+    pub(crate) fn ms_to(&self, t: Instant) -> f64 {
         ms_between(self.at, t)
     }
 
     /// Milliseconds from the fault to a log timestamp `ts` (µs since the epoch).
-    fn ms_to_wall(&self, ts: i64) -> f64 {
+    pub(crate) fn ms_to_wall(&self, ts: i64) -> f64 {
         (ts - self.wall) as f64 / 1000.0
     }
 }
@@ -445,11 +460,7 @@ fn apply_fault(victim: &Node, fault: Fault) -> BenchResult<Applied> {
         Fault::Term => victim.sigterm(),
     }
     .map_err(|e| format!("{} of {}: {e}", fault.short(), victim.name()))?;
-    let after = i64::try_from(at.saturating_duration_since(anchor).as_micros()).unwrap_or(0);
-    Ok(Applied {
-        at,
-        wall: anchor_wall.saturating_add(after),
-    })
+    Ok(Applied::at(anchor, anchor_wall, at))
 }
 
 /// The figure: wait until a node other than `old` alone holds `fl`, in the namespaces and on
@@ -684,7 +695,7 @@ struct Setup {
 }
 
 /// Seconds with two decimals (`–` for NaN).
-fn secs(ms: f64) -> String {
+pub(crate) fn secs(ms: f64) -> String {
     if ms.is_nan() {
         "–".into()
     } else {
@@ -693,7 +704,7 @@ fn secs(ms: f64) -> String {
 }
 
 /// [`secs`] of a figure that may be missing.
-fn opt_secs(ms: Option<f64>) -> String {
+pub(crate) fn opt_secs(ms: Option<f64>) -> String {
     ms.map_or_else(|| "–".into(), secs)
 }
 

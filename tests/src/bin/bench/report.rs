@@ -147,18 +147,21 @@ const DOCS_HEADER: &str = "# Benchmarks\n\n\
      network. Issue-3 figures: VM start latency and convergence, requests per tick with \
      VMs, real guests (root). Issue-13 figures (`--cluster`, root): fault on the primary \
      coordinator (kill -9, link cut, SIGTERM) → a new primary alone holding the floating \
-     address, on a 3-node cluster with the shipped keepalive settings.\n\n\
+     address, on a 3-node cluster with the shipped keepalive settings. Issue-14 figures \
+     (`--failover`, root, KVM, `ipmi_sim`): a node's daemon killed or its link cut → its \
+     real guests running on other nodes, with the shipped keepalive and fencing timers.\n\n\
      Run:\n\n\
      ```sh\n\
      cargo run --release -p debvisor-tests --bin debvisor-bench \
      # --runs 10 --idle-secs 60 --ticks 20 --networks 100 \
      [--networks-only | --skip-networks] --vms 1000 --guests 10 \
-     [--vms-only | --skip-vms] [--ceph | --ceph-objects | --cluster [--cluster-runs 20]] \
+     [--vms-only | --skip-vms] [--ceph | --ceph-objects | --cluster [--cluster-runs 20] | \
+     --failover [--failover-runs 20]] \
      [--no-write]\n\
      ```\n\n\
      The sections between the `bench:foundation`, `bench:networks`, `bench:vms`, `bench:ceph`, \
-     `bench:ceph-objects` and `bench:cluster` markers are rewritten by each run; keep other \
-     notes outside them.\n\n\
+     `bench:ceph-objects`, `bench:cluster` and `bench:failover` markers are rewritten by \
+     each run; keep other notes outside them.\n\n\
      Numbers are from a shared, noisy 2-core VM; compare ratios within one run.\n";
 
 #[cfg(test)]
