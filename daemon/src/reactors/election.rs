@@ -345,8 +345,15 @@ impl Election {
                     // Still ours and still bound to our current lease?
                     let rel = String::from_utf8_lossy(lk.key()).into_owned();
                     let rel = self.store.rel(&rel).map(str::to_string).unwrap_or(rel);
+                    // And is the lease still good by our own clock? A win that was
+                    // answered before this process froze (SIGSTOP, a stall) and is read
+                    // after it thawed may be stale: the lease may have expired meanwhile
+                    // and another node taken over. No duties then.
                     match self.store.get(&rel).await {
-                        Ok(Some(kv)) if kv.lease == self.lease.load(Ordering::SeqCst) => {
+                        Ok(Some(kv))
+                            if kv.lease == self.lease.load(Ordering::SeqCst)
+                                && self.lease_good() =>
+                        {
                             return Some(lk)
                         }
                         _ => continue,
