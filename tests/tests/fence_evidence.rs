@@ -4,7 +4,7 @@
 //! One clustered node (the lease watch on, fencing off so no self-fence acts on its own) on
 //! a real etcd, one guest of its own on `test:///default`:
 //! - (a) a forged `daemon_state = fenced` without a record: the guest keeps running, one
-//!   warning naming the missing record (not one per resync);
+//!   warning naming the missing record (not one per resync); a garbage record likewise;
 //! - (c) a record naming the lease the node holds now, good by its own clock: still running,
 //!   one warning naming the lease;
 //! - (b) the lease is revoked, the node re-registers with a fresh one: the record now names
@@ -126,6 +126,16 @@ fn a_fenced_daemon_state_stops_the_guests_only_on_evidence() {
         vm.status(&etcd).map(|s| s["state"].clone()),
         Some("running".into())
     );
+
+    // A garbage record is no evidence either.
+    etcd.put_key(&format!("nodes/{NODE}/fence"), "{not json")
+        .expect("garbage record");
+    wait_one_hold(
+        &mut d,
+        &etcd,
+        &format!("daemon_state is fenced but nodes/{NODE}/fence does not parse"),
+    );
+    assert_eq!(stops(&d, &vm), 0, "a garbage record stopped a guest");
 
     // (c) A record naming the lease the node holds now, good by its own clock.
     etcd.put_key(&format!("nodes/{NODE}/fence"), &fence_record(first))

@@ -142,8 +142,8 @@ struct FenceFollow {
     fenced: bool,
     /// The guests were stopped for this fence, on evidence (once per fence).
     stopped: bool,
-    /// The last reason the guests were kept although fenced (one line per distinct reason).
-    held: Option<String>,
+    /// Reasons the guests were kept although fenced, already logged (one line each).
+    held: std::collections::BTreeSet<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -308,7 +308,7 @@ impl DomainHost {
             .get(&self.node)
             .and_then(|e| e.parsed.as_ref().ok().map(|n| n.daemon_state))
             .flatten()
-            == Some(debvisor_objects::node::DaemonState::Fenced)
+            == Some(DaemonState::Fenced)
     }
 
     /// The facts [`fence_evidence::judge`] decides on, from the node cache, the lease, the
@@ -363,15 +363,14 @@ impl DomainHost {
                 }
                 fence_evidence::Verdict::Hold { reason } => {
                     f.fenced = true;
-                    if f.held.as_deref() != Some(reason.as_str()) {
+                    if !f.held.contains(&reason) {
                         warn!(node = %self.node, reason = %reason, "daemon_state says this node is fenced, without evidence: its guests keep running (nothing starts here until `debvisorctl node readmit {}`)", self.node);
-                        f.held = Some(reason);
+                        f.held.insert(reason);
                     }
                     None
                 }
                 fence_evidence::Verdict::Stop { lease } => {
                     f.fenced = true;
-                    f.held = None;
                     (!std::mem::replace(&mut f.stopped, true)).then_some(lease)
                 }
             }
