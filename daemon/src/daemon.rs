@@ -363,7 +363,7 @@ fn start_guardian(r: &Running) -> Option<Heartbeat> {
         cfg.keepalive.demote_margin(),
         cfg.self_fence_margin(),
     );
-    Some(Heartbeat::start(guardian, move || {
+    let beat = Heartbeat::start(guardian, move || {
         let state = *lease.borrow();
         let left = |m: Duration| {
             state
@@ -375,13 +375,15 @@ fn start_guardian(r: &Running) -> Option<Heartbeat> {
                 .unwrap_or(Duration::ZERO)
         };
         Beat {
-            primary: role.get().primary,
+            primary: role.may_hold_duties(),
             lasts: left(margin),
             fence,
             guests_last: left(fence_margin),
             lease: state.id(),
         }
-    }))
+    });
+    r.role.guard_promotions(beat.promotion_guard());
+    Some(beat)
 }
 
 /// Longest wait for the primary duties to come up or go down.

@@ -140,32 +140,78 @@ impl Guardian {
     }
 }
 
+/// What the daemon tells its guardian now.
+type BeatFn = std::sync::Arc<dyn Fn() -> Beat + Send + Sync>;
+/// The guardian, shared by the heartbeat thread and the promotion guard (`None` once it
+/// was told goodbye or abandoned).
+type Shared = std::sync::Arc<std::sync::Mutex<Option<Guardian>>>;
+
+fn lock(g: &Shared) -> std::sync::MutexGuard<'_, Option<Guardian>> {
+    g.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The daemon's heartbeat thread and its guardian.
 pub struct Heartbeat {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<Guardian>,
+    thread: std::thread::JoinHandle<()>,
+    guardian: Shared,
+    beat: BeatFn,
 }
 
 impl Heartbeat {
     /// Heartbeat `guardian` every [`HEARTBEAT`] from its own thread (never behind the async
-    /// runtime): `beat` says what to send now.
-    pub fn start(mut guardian: Guardian, beat: impl Fn() -> Beat + Send + 'static) -> Heartbeat {
+    /// runtime): `beat` says what to send now. Each beat is computed and sent under one lock,
+    /// so no beat computed before a promotion arrives after [`Heartbeat::promotion_guard`]'s.
+    pub fn start(guardian: Guardian, beat: impl Fn() -> Beat + Send + Sync + 'static) -> Heartbeat {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
+        let guardian: Shared = std::sync::Arc::new(std::sync::Mutex::new(Some(guardian)));
+        let beat: BeatFn = std::sync::Arc::new(beat);
+        let (flag, shared, next) = (stop.clone(), guardian.clone(), beat.clone());
         let thread = std::thread::spawn(move || {
             while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                guardian.beat(beat());
+                if let Some(g) = lock(&shared).as_mut() {
+                    g.beat(next());
+                }
                 std::thread::sleep(HEARTBEAT);
             }
-            guardian
         });
-        Heartbeat { stop, thread }
+        Heartbeat {
+            stop,
+            thread,
+            guardian,
+            beat,
+        }
+    }
+
+    /// The guard for [`crate::reactors::role::RoleSender::guard_promotions`]: before the
+    /// promotion is published to the duties, the guardian is sent a beat that says
+    /// "primary" (a socket write: once it returns, a daemon killed at once still leaves the
+    /// guardian knowing it must release). Without it a daemon killed within a heartbeat of
+    /// winning left its floating address up beside the next primary's.
+    pub fn promotion_guard(&self) -> crate::reactors::role::PromotionGuard {
+        let (shared, beat) = (self.guardian.clone(), self.beat.clone());
+        std::sync::Arc::new(move |publish: &mut dyn FnMut()| {
+            let mut g = lock(&shared);
+            if let Some(g) = g.as_mut() {
+                g.beat(Beat {
+                    primary: true,
+                    ..beat()
+                });
+            }
+            publish();
+        })
+    }
+
+    /// Stop the thread and take the guardian out.
+    fn end(self) -> Option<Guardian> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.thread.join();
+        lock(&self.guardian).take()
     }
 
     /// A graceful stop: the guardian exits without touching the host.
     pub fn bye(self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Ok(g) = self.thread.join() {
+        if let Some(g) = self.end() {
             g.bye();
         }
     }
@@ -173,16 +219,21 @@ impl Heartbeat {
     /// Stop heartbeating without a goodbye (the stop could not be recorded): the guardian
     /// acts as on the daemon's death and keeps the self-fence bound.
     pub fn abandon(self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Ok(g) = self.thread.join() {
+        if let Some(g) = self.end() {
             drop(g.sock);
             // The guardian lives on; the child handle is dropped without waiting.
         }
     }
 }
 
+/// One line on stderr (the journal under systemd). A stderr that is gone is no reason to
+/// stop: `eprintln!` would panic there and take the guardian's release with it.
 fn say(msg: &str) {
-    eprintln!("debvisord guard[{}]: {msg}", std::process::id());
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "debvisord guard[{}]: {msg}",
+        std::process::id()
+    );
 }
 
 /// The guardian's main (`debvisord guard`): follow the heartbeats on stdin until a goodbye,

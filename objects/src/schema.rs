@@ -102,7 +102,7 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec { pattern: "ceph/observed/osds/<id>", writer: Writer::Primary, format: "JSON", leased: false, doc: "Observed OSD: up, in, node (from OSD metadata), utilisation, capacity, PGs." },
     KeySpec { pattern: "ceph/observed/volumes/<pool>:<image>", writer: Writer::Primary, format: "JSON", leased: false, doc: "Observed volume: size, used bytes, parent, snapshots (name, size, protected, time)." },
     KeySpec { pattern: "election/primary", writer: Writer::AnyNodeTxn, format: "etcd election", leased: true, doc: "Primary coordinator election (etcd election API): one key per campaigning coordinator, `election/primary/<lease>` = node name, bound to its node lease; the lowest revision leads." },
-    KeySpec { pattern: "election/request", writer: Writer::Operator, format: "node name", leased: false, doc: "Written by `debvisorctl node primary NAME`: the primary hands over to NAME (a live coordinator in run), which deletes the key once it is primary; refused requests are deleted with the reason logged." },
+    KeySpec { pattern: "election/request", writer: Writer::Operator, format: "node name", leased: false, doc: "Written by `debvisorctl node primary NAME`: the primary hands over to NAME (a live coordinator in run), which deletes the key once it is primary; refused requests are deleted with the reason logged. Coordinators stay out of the election for it only while NAME could still take over: a request naming a node that died first is ignored, and refused by the next primary." },
 ];
 
 /// Keys (or values of keys) that the schema reserves but nothing writes yet, with what will

@@ -6,15 +6,14 @@
 //! the run recorder follows the guest through its node's death. Nothing is left behind.
 //! Skipped (a failure under `DEBVISOR_REQUIRE_ALL=1`) without `ipmi_sim`.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use debvisor_tests::cluster::{
-    require_ipmi_sim, wait_until, Cluster, Evidence, Power, PowerEventKind, BMC_USER, IPMI_PORT,
+    require_ipmi_sim, wait_until, Cluster, Evidence, Leftovers, Power, PowerEventKind, BMC_USER,
+    IPMI_PORT,
 };
-use debvisor_tests::libvirt::{random_uuid, require_kvm, tiny_guest_xml, unique_name};
+use debvisor_tests::libvirt::require_kvm;
 use debvisor_tests::skip_unless_root;
-use serde_json::Value;
 
 /// How long a guest may take to be reported running, a node to boot.
 const WAIT: Duration = Duration::from_secs(60);
@@ -33,66 +32,6 @@ fn cluster() -> Cluster {
         .expect("cluster");
     eprintln!("cluster with BMCs up in {:?}", t.elapsed());
     c
-}
-
-/// A tiny KVM guest requested on `node` through etcd (one transaction); its UUID.
-fn define_guest(c: &Cluster, node: &str, label: &str) -> (String, String) {
-    let (uuid, name) = (random_uuid(), unique_name(label));
-    let xml = tiny_guest_xml(&name, &uuid);
-    let k = |f: &str| format!("vms/{uuid}/{f}");
-    c.etcd_put_all(&[
-        (&k("xml"), &xml),
-        (&k("node"), node),
-        (&k("state"), "start"),
-    ])
-    .expect("VM keys");
-    (uuid, name)
-}
-
-/// Wait until the VM's status in etcd says `running` on `node`.
-fn wait_status_running(c: &Cluster, uuid: &str, node: &str) {
-    wait_until(&format!("{uuid} running on {node}"), WAIT, || {
-        let s: Value =
-            serde_json::from_str(&c.etcd_get(&format!("vms/{uuid}/status")).ok()??).ok()?;
-        (s["state"] == "running" && s["node"] == node).then_some(())
-    })
-    .expect("status running");
-}
-
-/// Whether a process with this PID exists.
-fn pid_alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
-}
-
-/// What a cluster leaves behind: its processes, namespaces and directory.
-struct Leftovers {
-    pids: Vec<u32>,
-    netns: Vec<String>,
-    dir: std::path::PathBuf,
-}
-
-impl Leftovers {
-    fn of(c: &Cluster) -> Leftovers {
-        Leftovers {
-            pids: c.pids(),
-            netns: c.netns_names(),
-            dir: c.dir().to_path_buf(),
-        }
-    }
-
-    fn assert_gone(&self) {
-        for p in &self.pids {
-            assert!(!pid_alive(*p), "process {p} survived the cluster");
-        }
-        for n in &self.netns {
-            assert!(
-                !Path::new("/run/netns").join(n).exists(),
-                "namespace {n} survived the cluster"
-            );
-        }
-        assert!(!self.dir.exists(), "{} survived", self.dir.display());
-    }
 }
 
 #[test]
@@ -142,8 +81,9 @@ fn a_power_off_leaves_nothing_of_the_node_and_a_power_on_boots_it_again() {
     .expect("ipmitool from c2 to c1's BMC");
 
     // A guest on c2 (through the daemon), so the power off has a qemu to kill.
-    let (uuid, _) = define_guest(&c, "c2", "bmc-off");
-    wait_status_running(&c, &uuid, "c2");
+    let (uuid, _) = c.request_tiny_guest("c2", "bmc-off").expect("VM keys");
+    c.wait_vm_running(&uuid, WAIT, |n| n == "c2")
+        .expect("status running");
     c.runs()
         .wait_running_on(&uuid, "c2", WAIT)
         .expect("recorded on c2");
@@ -223,7 +163,8 @@ fn a_power_off_leaves_nothing_of_the_node_and_a_power_on_boots_it_again() {
     })
     .expect("alive");
     // Its daemon brings the guest back (its desired node is still c2).
-    wait_status_running(&c, &uuid, "c2");
+    c.wait_vm_running(&uuid, WAIT, |n| n == "c2")
+        .expect("status running");
     c.runs()
         .wait_running_on(&uuid, "c2", WAIT)
         .expect("running again");

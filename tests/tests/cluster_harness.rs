@@ -4,11 +4,10 @@
 //! nothing is left behind.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use debvisor_tests::cluster::{wait_until, Cluster, ViolationKind};
+use debvisor_tests::cluster::{wait_until, Cluster, Leftovers, ViolationKind};
 use debvisor_tests::skip_unless_root;
 use serde_json::Value;
 
@@ -17,43 +16,6 @@ use serde_json::Value;
 const SLACK: Duration = Duration::from_secs(4);
 /// How long a node may take to come back to `run` and `alive` after a fault heals.
 const BACK: Duration = Duration::from_secs(30);
-
-/// Whether a process with this PID exists.
-fn pid_alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
-}
-
-/// What a cluster leaves behind: its processes and namespaces, recorded before the drop.
-struct Leftovers {
-    pids: Vec<u32>,
-    netns: Vec<String>,
-    dir: std::path::PathBuf,
-}
-
-impl Leftovers {
-    fn of(c: &Cluster) -> Leftovers {
-        Leftovers {
-            pids: c.pids(),
-            netns: c.netns_names(),
-            dir: c.dir().to_path_buf(),
-        }
-    }
-
-    /// Assert that none of them exist any more.
-    fn assert_gone(&self) {
-        for p in &self.pids {
-            assert!(!pid_alive(*p), "process {p} survived the cluster");
-        }
-        for n in &self.netns {
-            assert!(
-                !Path::new("/run/netns").join(n).exists(),
-                "namespace {n} survived the cluster"
-            );
-        }
-        assert!(!self.dir.exists(), "{} survived", self.dir.display());
-    }
-}
 
 /// `debvisorctl --output json status` from node `i`.
 fn status(c: &Cluster, i: usize) -> Vec<Value> {

@@ -222,6 +222,61 @@ fn node_primary_moves_the_role_to_the_named_coordinator() {
     c.checker().assert_clean();
 }
 
+/// A primary killed the moment its floating address is up (within a heartbeat of winning):
+/// its guardian knew before the address went up, so it releases it at once — the next
+/// primary never finds it held (the checker), and the line says who released it. The
+/// handover request naming the dead node keeps nobody out of the election.
+#[test]
+fn a_primary_killed_right_after_winning_has_its_address_released_by_its_guardian() {
+    skip_unless_root!();
+    let c = cluster(3);
+    let old = primary(&c);
+    let target = c
+        .nodes()
+        .iter()
+        .map(|n| n.name().to_string())
+        .find(|n| *n != old)
+        .expect("another node");
+    let fl = IpAddr::from(c.floating().expect("floating"));
+    node(&c, &old)
+        .ctl_ok(&["node", "primary", &target])
+        .expect("node primary");
+    let t = node(&c, &target);
+    t.wait_log("the floating address up", ELECT, |v| {
+        v["message"] == "host network changed" && v["what"] == "floating" && v["to"] != "absent"
+    })
+    .expect("floating up on the target");
+    t.kill9().expect("kill -9");
+    // As if it died before it cleared the request naming it (the window is short; make it
+    // certain): the others must not wait for a dead node forever.
+    c.etcd_put("election/request", &target).expect("request");
+    let released = "the daemon is gone without a goodbye; releasing the primary's duties";
+    wait_until("the guardian's release line", ELECT, || {
+        t.with_daemon(|d| d.lines().iter().any(|l| l.contains(released)))
+            .ok()?
+            .then_some(())
+    })
+    .expect("the guardian released");
+    wait_until(
+        "the floating address gone from the killed node",
+        ELECT,
+        || (!t.has_addr(fl).ok()?).then_some(()),
+    )
+    .expect("released");
+    let new = new_primary(&c, &target);
+    assert_ne!(new, target);
+    node(&c, &new)
+        .wait_log("the stale request refused", ELECT, |v| {
+            v["message"] == "handover request refused" && v["target"] == target.as_str()
+        })
+        .expect("refused");
+    wait_until("the stale request removed", ELECT, || {
+        c.etcd_get("election/request").ok()?.is_none().then_some(())
+    })
+    .expect("cleared");
+    c.checker().assert_clean();
+}
+
 #[test]
 fn a_non_coordinator_never_wins_and_a_flapping_secondary_does_not_move_the_role() {
     skip_unless_root!();

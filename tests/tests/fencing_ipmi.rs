@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use debvisor_tests::cluster::{require_ipmi_sim, wait_until, Cluster, Power};
-use debvisor_tests::libvirt::{random_uuid, require_kvm, tiny_guest_xml, unique_name};
+use debvisor_tests::libvirt::require_kvm;
 use debvisor_tests::skip_unless_root;
 use serde_json::Value;
 
@@ -37,28 +37,15 @@ fn cluster(yaml: &str) -> Cluster {
 }
 
 fn guest(c: &Cluster, node: &str, label: &str) -> String {
-    let (uuid, name) = (random_uuid(), unique_name(label));
-    let xml = tiny_guest_xml(&name, &uuid);
-    let k = |f: &str| format!("vms/{uuid}/{f}");
-    c.etcd_put_all(&[
-        (&k("xml"), &xml),
-        (&k("node"), node),
-        (&k("state"), "start"),
-    ])
-    .expect("VM keys");
-    uuid
+    c.request_tiny_guest(node, label).expect("VM keys").0
 }
 
 /// Wait until the VM runs (status in etcd and the recorder agree) on a node other than
 /// `not_on` (any node when `None`); returns that node.
 fn running(c: &Cluster, uuid: &str, not_on: Option<&str>) -> String {
-    let on = wait_until(&format!("{uuid} running"), WAIT, || {
-        let s: Value =
-            serde_json::from_str(&c.etcd_get(&format!("vms/{uuid}/status")).ok()??).ok()?;
-        let on = s["node"].as_str()?.to_string();
-        (s["state"] == "running" && Some(on.as_str()) != not_on).then_some(on)
-    })
-    .expect("running");
+    let on = c
+        .wait_vm_running(uuid, WAIT, |n| Some(n) != not_on)
+        .expect("running");
     c.runs()
         .wait_running_on(uuid, &on, WAIT)
         .expect("the recorder sees it");

@@ -20,8 +20,9 @@ pub struct Refusal {
     pub error: String,
 }
 
-/// The IP of an `addr/prefix` (or bare address) string as nodes publish them.
-fn ip_of(s: &str) -> Option<IpAddr> {
+/// The IP of an `addr/prefix` (or bare address) string as nodes publish them (also the
+/// fencing primary's lock breaker).
+pub(crate) fn ip_of(s: &str) -> Option<IpAddr> {
     s.split('/').next()?.trim().parse().ok()
 }
 

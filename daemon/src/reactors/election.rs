@@ -293,6 +293,16 @@ impl Election {
         self.request.borrow().clone()
     }
 
+    /// Does a handover request ask this node to stay out of the line? Only while it names
+    /// another node that could still take over (alive, in `run`, a coordinator): a target
+    /// that died before it cleared the request (killed right after it won) must not keep
+    /// every coordinator out of the election forever. The next primary refuses and clears
+    /// such a request.
+    fn stepping_aside(&self) -> bool {
+        self.request()
+            .is_some_and(|n| n != self.node && self.eligible(&n).is_ok())
+    }
+
     /// Delete the handover request, bounded (never holds up the loop for long).
     async fn clear_request(&self) {
         let _ = tokio::time::timeout(SHORT, self.store.delete(REQUEST)).await;
@@ -306,8 +316,7 @@ impl Election {
             if stop.is_cancelled() {
                 return None;
             }
-            let waiting_for = self.request().filter(|n| n != &self.node);
-            if waiting_for.is_some() || !self.lease_good() {
+            if self.stepping_aside() || !self.lease_good() {
                 tokio::select! {
                     _ = stop.cancelled() => return None,
                     _ = self.lease_state.changed() => {}
@@ -330,7 +339,7 @@ impl Election {
                         }
                     }
                     _ = self.request.changed() => {
-                        if self.request().is_some_and(|n| n != self.node) {
+                        if self.stepping_aside() {
                             // Step out of the line (dropping the campaign resigns it).
                             break Err(etcd_client::Error::InvalidArgs("handover pending".into()));
                         }

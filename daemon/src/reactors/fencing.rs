@@ -149,11 +149,6 @@ fn note_leases(nodes: &Reactor<NodeKind>, seen: &mut SeenLeases) {
     }
 }
 
-/// The IP of an `addr/prefix` string as nodes publish them.
-fn ip_of(s: &str) -> Option<IpAddr> {
-    s.split('/').next()?.trim().parse().ok()
-}
-
 /// A BMC from etcd is checked before it reaches ipmitool's arguments.
 fn check_bmc(b: &BmcInfo) -> Result<(), String> {
     let host_ok = b.host.parse::<IpAddr>().is_ok()
@@ -415,7 +410,12 @@ impl Fencing {
         let ips: Vec<IpAddr> = rec
             .info
             .as_ref()
-            .map(|i| i.addresses.iter().filter_map(|a| ip_of(a)).collect())
+            .map(|i| {
+                i.addresses
+                    .iter()
+                    .filter_map(|a| crate::ceph::start_check::ip_of(a))
+                    .collect()
+            })
             .unwrap_or_default();
         for r in plan {
             match r {

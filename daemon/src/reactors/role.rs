@@ -22,11 +22,17 @@ pub struct Role {
 /// Each duty's name and the generation it applied (`u64::MAX`: none yet).
 type Applied = Vec<(&'static str, watch::Receiver<u64>)>;
 
+/// Runs around a promotion: handed the publish, it must call it. The guardian's heartbeat
+/// tells its process "primary" before any duty can bring an address up, so a daemon killed
+/// right after it won still has its duties released.
+pub type PromotionGuard = Arc<dyn Fn(&mut dyn FnMut()) + Send + Sync>;
+
 /// The election's end: sets the role and waits for the duties to apply it.
 #[derive(Clone)]
 pub struct RoleSender {
     tx: Arc<watch::Sender<Role>>,
     duties: Arc<Mutex<Applied>>,
+    promotion: Arc<Mutex<Option<PromotionGuard>>>,
 }
 
 /// A duty's end: follows the role and acknowledges what it applied.
@@ -50,7 +56,29 @@ impl RoleSender {
         RoleSender {
             tx: Arc::new(tx),
             duties: Arc::new(Mutex::new(Vec::new())),
+            promotion: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Run every later promotion through `guard` (see [`PromotionGuard`]).
+    pub fn guard_promotions(&self, guard: PromotionGuard) {
+        *self.promotion.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
+    }
+
+    /// May a duty hold the primary's host state now: the role is primary, or a duty has
+    /// not yet applied the demotion (its addresses may still be up).
+    pub fn may_hold_duties(&self) -> bool {
+        let role = self.get();
+        role.primary
+            || self
+                .duties
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|(_, rx)| {
+                    let g = *rx.borrow();
+                    g != u64::MAX && g < role.generation
+                })
     }
 
     /// A new duty that follows this role; it counts for [`RoleSender::applied`].
@@ -80,6 +108,23 @@ impl RoleSender {
     /// Change the role (no-op when it already is `primary`); returns the generation to wait
     /// for.
     pub fn set(&self, primary: bool) -> u64 {
+        let guard = self
+            .promotion
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match guard {
+            Some(guard) if primary && !self.get().primary => {
+                let mut generation = 0;
+                guard(&mut || generation = self.publish(primary));
+                generation
+            }
+            _ => self.publish(primary),
+        }
+    }
+
+    /// Publish the role to the duties.
+    fn publish(&self, primary: bool) -> u64 {
         let mut generation = 0;
         self.tx.send_if_modified(|r| {
             generation = r.generation;
@@ -180,5 +225,41 @@ mod tests {
         b.done(b.role());
         assert!(role.applied(g, Duration::from_secs(1)).await.is_empty());
         assert!(role.view().is_primary());
+    }
+
+    #[tokio::test]
+    async fn a_promotion_runs_through_its_guard_and_a_demotion_holds_until_applied() {
+        let role = RoleSender::new(false);
+        let a = role.duty("a");
+        a.done(a.role());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (r, log) = (role.clone(), seen.clone());
+        role.guard_promotions(Arc::new(move |publish: &mut dyn FnMut()| {
+            let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+            l.push(("before", r.get().primary));
+            publish();
+            l.push(("after", r.get().primary));
+        }));
+        assert!(!role.may_hold_duties());
+        assert_eq!(role.set(true), 1);
+        assert_eq!(
+            *seen.lock().unwrap_or_else(|p| p.into_inner()),
+            [("before", false), ("after", true)],
+            "the guard sees the promotion before the duties do, and publishes it"
+        );
+        assert!(role.may_hold_duties());
+        a.done(a.role());
+        assert_eq!(role.set(false), 2);
+        assert_eq!(
+            seen.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            2,
+            "a demotion does not go through the guard"
+        );
+        assert!(
+            role.may_hold_duties(),
+            "duty a has not applied the demotion: its addresses may still be up"
+        );
+        a.done(a.role());
+        assert!(!role.may_hold_duties());
     }
 }

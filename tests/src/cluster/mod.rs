@@ -60,6 +60,7 @@ mod runlog;
 mod runs;
 mod sampler;
 mod switch;
+mod testkit;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -81,6 +82,7 @@ pub use runlog::{
 };
 pub use runs::{event_runs, state_runs, RunStats, Runs, LIST_PERIOD};
 pub use switch::{Switch, BRIDGE};
+pub use testkit::{pid_alive, Leftovers};
 
 use crate::error::{HarnessError, Result};
 

@@ -45,7 +45,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::clock::{epoch_micros, now_utc_string, parse_rfc3339_micros};
-use super::host::{load_fmt, load_triple, loadavg};
+use super::host::{load_fmt, load_triple, loadavg, render_load, render_stopped};
 use super::logs::str_field;
 use super::report::{bench_command, publish, Machine};
 use super::stats::{nearest_rank, summarize, verdict};
@@ -723,7 +723,6 @@ fn render(args: &Args, m: &Machine, started: &str, s: &Setup, runs: &[Run]) -> S
 /// The heading and the bullets on the command, machine, cluster, checker and load.
 fn render_setup(o: &mut String, args: &Args, m: &Machine, started: &str, s: &Setup, runs: &[Run]) {
     use std::fmt::Write as _;
-    let loads = || runs.iter().map(|r| r.load);
     let _ = writeln!(
         o,
         "### Primary takeover: fault → new primary holding the floating address ({started})\n"
@@ -747,28 +746,13 @@ fn render_setup(o: &mut String, args: &Args, m: &Machine, started: &str, s: &Set
          etcd, `/proc`): {}",
         s.checker
     );
-    let _ = writeln!(
-        o,
-        "- load (`cat /proc/loadavg`, 1/5/15 min) before: `{}`, after: `{}`; 1-min load at \
-         the runs' starts {}–{}; whole bench {:.1} min (the machine is shared, other builds \
-         and tests ran meanwhile)\n",
-        s.load.0,
-        s.load.1,
-        load_fmt(loads().fold(f64::INFINITY, f64::min)),
-        load_fmt(loads().fold(f64::NEG_INFINITY, f64::max)),
-        s.took.as_secs_f64() / 60.0
-    );
+    render_load(o, &s.load, runs.iter().map(|r| r.load), s.took);
 }
 
 /// How a run goes and what is measured.
 fn render_method(o: &mut String, args: &Args, s: &Setup) {
     use std::fmt::Write as _;
-    if let Some(e) = &s.stopped {
-        let _ = writeln!(
-            o,
-            "**Stopped early** (the runs below are all there are): {e}\n"
-        );
-    }
+    render_stopped(o, s.stopped.as_deref());
     let _ = writeln!(
         o,
         "{} rounds asked, each one run per fault in this order, on whichever node is primary; \

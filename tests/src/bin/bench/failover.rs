@@ -40,7 +40,7 @@ use super::clock::{epoch_micros, now_utc_string};
 use super::cluster::{
     dist, first_line_at, message_is, node, opt_secs, phases, secs, AliveWatch, Applied,
 };
-use super::host::{load_fmt, load_triple, loadavg};
+use super::host::{load_fmt, load_triple, loadavg, render_load, render_stopped};
 use super::logs::str_field;
 use super::report::{bench_command, publish, Machine};
 use super::stats::verdict;
@@ -497,7 +497,6 @@ fn render(args: &Args, m: &Machine, started: &str, s: &Setup, runs: &[Run]) -> S
 /// The heading and the bullets on the command, machine, cluster and load.
 fn render_setup(o: &mut String, args: &Args, m: &Machine, started: &str, s: &Setup, runs: &[Run]) {
     use std::fmt::Write as _;
-    let loads = || runs.iter().map(|r| r.load);
     let _ = writeln!(
         o,
         "### VM failover: node fault → its VMs running elsewhere ({started})\n"
@@ -518,28 +517,13 @@ fn render_setup(o: &mut String, args: &Args, m: &Machine, started: &str, s: &Set
         s.grace,
         yaml_inline()
     );
-    let _ = writeln!(
-        o,
-        "- load (`cat /proc/loadavg`, 1/5/15 min) before: `{}`, after: `{}`; 1-min load at \
-         the runs' starts {}–{}; whole bench {:.1} min (the machine is shared, other builds \
-         and tests ran meanwhile)\n",
-        s.load.0,
-        s.load.1,
-        load_fmt(loads().fold(f64::INFINITY, f64::min)),
-        load_fmt(loads().fold(f64::NEG_INFINITY, f64::max)),
-        s.took.as_secs_f64() / 60.0
-    );
+    render_load(o, &s.load, runs.iter().map(|r| r.load), s.took);
 }
 
 /// How a run goes and what is measured.
 fn render_method(o: &mut String, args: &Args, s: &Setup) {
     use std::fmt::Write as _;
-    if let Some(e) = &s.stopped {
-        let _ = writeln!(
-            o,
-            "**Stopped early** (the runs below are all there are): {e}\n"
-        );
-    }
+    render_stopped(o, s.stopped.as_deref());
     let _ = writeln!(
         o,
         "{} runs of each fault asked, alternating kill -9 and link cut, each on a secondary \

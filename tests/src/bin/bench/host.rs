@@ -127,6 +127,40 @@ pub(crate) fn load_triple() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// The load bullet of a cluster bench: the machine is shared, so its figures are read
+/// with the load they ran under (`load`: `/proc/loadavg` before and after; `starts`: the
+/// 1-min load at each run's start).
+pub(crate) fn render_load(
+    o: &mut String,
+    load: &(String, String),
+    starts: impl Iterator<Item = f64> + Clone,
+    took: std::time::Duration,
+) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        o,
+        "- load (`cat /proc/loadavg`, 1/5/15 min) before: `{}`, after: `{}`; 1-min load at \
+         the runs' starts {}–{}; whole bench {:.1} min (the machine is shared, other builds \
+         and tests ran meanwhile)\n",
+        load.0,
+        load.1,
+        load_fmt(starts.clone().fold(f64::INFINITY, f64::min)),
+        load_fmt(starts.fold(f64::NEG_INFINITY, f64::max)),
+        took.as_secs_f64() / 60.0
+    );
+}
+
+/// A bench stopped before all its runs says so above its tables.
+pub(crate) fn render_stopped(o: &mut String, stopped: Option<&str>) {
+    use std::fmt::Write as _;
+    if let Some(e) = stopped {
+        let _ = writeln!(
+            o,
+            "**Stopped early** (the runs below are all there are): {e}\n"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
