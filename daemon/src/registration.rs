@@ -46,6 +46,32 @@ pub enum RegisterError {
     State { path: PathBuf, message: String },
 }
 
+/// How many of its own past leases a node remembers (`lease_history`): enough to recognise
+/// the lease a fence record names across a few restarts and re-registrations.
+pub const LEASE_HISTORY_LEN: usize = 16;
+
+/// Parse the `lease_history` file: one lowercase hex lease id a line, oldest first. Any
+/// line that is not one is an error naming it (the whole file is then not trusted).
+pub fn parse_lease_history(text: &str) -> Result<Vec<i64>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.is_empty() {
+            continue;
+        }
+        match crate::reactors::fence_evidence::parse_lease(l) {
+            Some(id) => out.push(id),
+            None => {
+                return Err(format!(
+                    "line {}: {l:?} is not a lease id (lowercase hex)",
+                    n + 1
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Local identity files under the state dir.
 pub struct LocalState {
     dir: PathBuf,
@@ -92,11 +118,45 @@ impl LocalState {
             .ok()
     }
 
-    /// Remember the current lease id.
+    /// Remember the current lease id (also in the lease history).
     pub fn save_lease(&self, id: i64) -> Result<(), RegisterError> {
         let path = self.dir.join("lease");
         crate::securefs::write_file(&path, format!("{id}\n").as_bytes(), 0o640)
-            .map_err(|e| Self::err(&path, e))
+            .map_err(|e| Self::err(&path, e))?;
+        self.remember_lease(id);
+        Ok(())
+    }
+
+    /// The leases this node registered with lately, oldest first (at most
+    /// [`LEASE_HISTORY_LEN`]): a fence record naming one of them is about this node. A
+    /// missing file is an empty history; an unreadable or garbage one an error naming it.
+    pub fn lease_history(&self) -> Result<Vec<i64>, String> {
+        let path = self.dir.join("lease_history");
+        match crate::securefs::read_trusted(&path) {
+            Ok(None) => Ok(Vec::new()),
+            Ok(Some(text)) => {
+                parse_lease_history(&text).map_err(|e| format!("{}: {e}", path.display()))
+            }
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Add `id` to the lease history (a fresh file renamed into place). A garbage history is
+    /// started afresh and a failed write only logged: the history is evidence for stopping
+    /// guests, and without it the node stops none — it never blocks a registration.
+    fn remember_lease(&self, id: i64) {
+        let path = self.dir.join("lease_history");
+        let mut ids = self.lease_history().unwrap_or_else(|e| {
+            warn!(path = %path.display(), error = %e, "lease history not readable; starting it afresh");
+            Vec::new()
+        });
+        ids.retain(|l| *l != id);
+        ids.push(id);
+        let skip = ids.len().saturating_sub(LEASE_HISTORY_LEN);
+        let text: String = ids[skip..].iter().map(|l| format!("{l:x}\n")).collect();
+        if let Err(e) = crate::securefs::write_file(&path, text.as_bytes(), 0o640) {
+            warn!(path = %path.display(), lease = format!("{id:x}"), error = %e, "lease history not written");
+        }
     }
 
     /// Forget the lease (clean shutdown revoked it).
@@ -441,4 +501,48 @@ pub async fn set_daemon_state(
         }
     }
     r.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_history_parses_hex_lines_and_refuses_garbage() {
+        assert_eq!(parse_lease_history(""), Ok(vec![]));
+        assert_eq!(parse_lease_history("a\n1f\n\n"), Ok(vec![10, 31]));
+        for bad in [
+            "zz\n",
+            "1F\n",
+            "-1\n",
+            "0\n",
+            "12345678901234567\n",
+            "a\n\u{0}\n",
+        ] {
+            let e = parse_lease_history(bad).expect_err(bad);
+            assert!(e.contains("line"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_lease_history_keeps_the_last_leases_and_survives_garbage() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let local = LocalState::new(t.path());
+        assert_eq!(local.lease_history(), Ok(vec![]));
+        for id in 1..=20 {
+            local.save_lease(id).expect("save");
+        }
+        // Saving the same lease again (re-registration kept it) does not duplicate it.
+        local.save_lease(20).expect("save");
+        let want: Vec<i64> = (5..=20).collect();
+        assert_eq!(local.lease_history(), Ok(want));
+        assert_eq!(local.last_lease(), Some(20));
+
+        std::fs::write(t.path().join("lease_history"), "not a lease\n").expect("write");
+        let e = local.lease_history().expect_err("garbage");
+        assert!(e.contains("lease_history"), "{e}");
+        // A garbage history is started afresh, never a failed registration.
+        local.save_lease(0x7f).expect("save over garbage");
+        assert_eq!(local.lease_history(), Ok(vec![0x7f]));
+    }
 }

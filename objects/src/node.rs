@@ -371,6 +371,12 @@ pub struct FenceRecord {
     /// Which primary wrote it.
     #[serde(default)]
     pub primary: String,
+    /// The dead node's lease the primary saw expire (lowercase hex, as registration logs
+    /// it): the evidence the node checks against its own lease history before it stops its
+    /// guests for this record. Absent in records of older primaries, and when the primary
+    /// never saw the node alive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
 }
 
 /// One node as the cluster sees it.

@@ -5,7 +5,8 @@
 //!
 //! - kill -9 of a node with two VMs, `failed_fence: migrate` and self-fence on, no BMC: the
 //!   primary declares it dead after the grace, marks it fenced (the self-fence bound), and
-//!   both VMs run elsewhere with `last_node` = the dead node; the node comes back and stays
+//!   both VMs run elsewhere with `last_node` = the dead node; the record names the lease
+//!   that expired, which the node finds in its lease history when it comes back; it stays
 //!   fenced (no guest starts there) until `debvisorctl node readmit`.
 //! - fencing disabled: the dead node is declared dead, the fence fails, its VM stays
 //!   assigned to it, and `vm migrate` of that VM is refused with the reason.
@@ -139,6 +140,13 @@ fn kill9_of_a_node_with_two_vms_recovers_them_and_the_node_stays_fenced_until_re
     })
     .expect("record");
     assert_eq!(rec["by"], "self-fence", "{rec}");
+    // The record names the lease the primary saw expire: the node's evidence.
+    assert!(
+        rec["lease"]
+            .as_str()
+            .is_some_and(|l| !l.is_empty() && l.bytes().all(|c| c.is_ascii_hexdigit())),
+        "{rec}"
+    );
     // The operator's trail: one line per step on the primary.
     let pn = node(&c, &primary(&c));
     for msg in ["node declared dead", "node fenced", "VM recovered"] {
@@ -150,6 +158,12 @@ fn kill9_of_a_node_with_two_vms_recovers_them_and_the_node_stays_fenced_until_re
     back.start().expect("restart the fenced node");
     back.wait_for_message("this node is fenced", STEP)
         .expect("the node says it is fenced");
+    // Its lease history has the lease the record names: the verdict is taken on evidence.
+    back.wait_for_message(
+        "this node is fenced: the primary saw its lease expire",
+        STEP,
+    )
+    .expect("the node finds the evidence");
     let alive = format!("nodes/{victim}/alive");
     wait_until("the fenced node alive again", STEP, || {
         c.etcd_get(&alive).ok()?.map(|_| ())

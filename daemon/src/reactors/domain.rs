@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use debvisor_objects::domain::{self, key_revision, DesiredState, Vm, VmField, VmKind};
 use debvisor_objects::domain_plan::{self, Local, LocalState, Situation, Step};
 use debvisor_objects::lease::LeaseState;
-use debvisor_objects::node::NodeKind;
+use debvisor_objects::node::{DaemonState, NodeKind};
 use debvisor_objects::reactor::{backoff, KeyEntry};
 use debvisor_objects::store::TxnBuilder;
 use debvisor_objects::xml_policy::check_policy;
@@ -32,6 +32,7 @@ use tracing::{debug, error, info, warn};
 use crate::ceph::{check_rbd_start, CephCli};
 use crate::config::{DomainsConfig, SelfFenceAction};
 use crate::hypervisor::{DomainInfo, DomainState, ErrorKind, Libvirt, MigrateOptions};
+use crate::reactors::fence_evidence::{self, RecordSeen};
 use crate::reactors::removals::{GuardConfig, RemovalGuard, Verdict};
 
 /// Longest crash-restart delay (also the longest wait between RBD lock checks).
@@ -124,8 +125,25 @@ pub struct DomainHost {
     fence_action: SelfFenceAction,
     /// The guests were self-fenced: nothing starts until the lease is good again.
     self_fenced: AtomicBool,
-    /// This node is `fenced` (the primary's verdict): nothing starts until readmitted.
-    fenced: AtomicBool,
+    /// What the last resync made of `daemon_state = fenced` (stops and lines once each).
+    fence: Mutex<FenceFollow>,
+    /// The leases this node registered with lately (the evidence a fence record must
+    /// match); `None`: no history, so no fence record is evidence.
+    lease_history: Option<LeaseHistory>,
+}
+
+/// Reads this node's lease history (kept by registration in the state dir).
+pub type LeaseHistory = Arc<dyn Fn() -> Result<Vec<i64>, String> + Send + Sync>;
+
+/// How this node followed `daemon_state = fenced` so far.
+#[derive(Debug, Default)]
+struct FenceFollow {
+    /// The node cache said `fenced` at the last resync (the readmission is logged once).
+    fenced: bool,
+    /// The guests were stopped for this fence, on evidence (once per fence).
+    stopped: bool,
+    /// Reasons the guests were kept although fenced, already logged (one line each).
+    held: std::collections::BTreeSet<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -187,8 +205,16 @@ impl DomainHost {
             start_margin: Duration::ZERO,
             fence_action: SelfFenceAction::Destroy,
             self_fenced: AtomicBool::new(false),
-            fenced: AtomicBool::new(false),
+            fence: Mutex::new(FenceFollow::default()),
+            lease_history: None,
         }
+    }
+
+    /// Read this node's lease history with `history` when a fence record needs checking:
+    /// without it `daemon_state = fenced` never stops a guest.
+    pub fn with_lease_history(mut self, history: LeaseHistory) -> Self {
+        self.lease_history = Some(history);
+        self
     }
 
     /// Start guests only while `lease` is good for at least `margin` more, and self-fence
@@ -208,7 +234,7 @@ impl DomainHost {
     /// May this node start a guest right now (lease good for the margin, not self-fenced,
     /// not fenced)? Asked right before the libvirt call.
     fn may_start(&self) -> Result<(), &'static str> {
-        if self.fenced.load(Ordering::SeqCst) || self.view_says_fenced() {
+        if self.view_says_fenced() {
             return Err("this node is fenced: nothing starts until `debvisorctl node readmit`");
         }
         if self.self_fenced.load(Ordering::SeqCst) {
@@ -282,19 +308,76 @@ impl DomainHost {
             .get(&self.node)
             .and_then(|e| e.parsed.as_ref().ok().map(|n| n.daemon_state))
             .flatten()
-            == Some(debvisor_objects::node::DaemonState::Fenced)
+            == Some(DaemonState::Fenced)
+    }
+
+    /// The facts [`fence_evidence::judge`] decides on, from the node cache, the lease, the
+    /// lease history and the store witness.
+    fn fence_verdict(&self) -> fence_evidence::Verdict {
+        let entry = self.nodes.get(&self.node);
+        let rec = entry.as_ref().and_then(|e| e.parsed.as_ref().ok());
+        let fenced = rec.and_then(|n| n.daemon_state) == Some(DaemonState::Fenced);
+        if !fenced {
+            return fence_evidence::Verdict::NotFenced;
+        }
+        let problem = rec.and_then(|n| n.problems.iter().find(|p| p.field == "fence"));
+        let record = match (rec.and_then(|n| n.fence.as_ref()), problem) {
+            (Some(r), _) => RecordSeen::Parsed(r),
+            (None, Some(p)) => RecordSeen::Unparsed(&p.reason),
+            (None, None) => RecordSeen::Missing,
+        };
+        let current_lease = self.lease.load(Ordering::SeqCst);
+        let state = self.lease_state.as_ref().map(|l| *l.borrow());
+        let current_good =
+            fence_evidence::lease_good(state.as_ref(), current_lease, Instant::now());
+        let history = match &self.lease_history {
+            Some(read) => read(),
+            None => Err("this daemon keeps no lease history".to_string()),
+        };
+        let replaced = self.store.store_change().map(|c| c.reason);
+        fence_evidence::judge(&fence_evidence::Facts {
+            node: &self.node,
+            fenced,
+            record,
+            current_lease,
+            current_good,
+            history: history.as_deref().map_err(String::as_str),
+            store_replaced: replaced.as_deref(),
+        })
     }
 
     /// Follow this node's `daemon_state`: while it is `fenced` (the primary's verdict) no
-    /// guest starts and any guest of ours still running is stopped; readmission lifts it.
+    /// guest starts; any guest of ours still running is stopped only on evidence (see
+    /// `fence_evidence`), else kept with one warning per reason; readmission lifts it.
     async fn follow_fenced(&self) {
-        let fenced = self.view_says_fenced();
-        let was = self.fenced.swap(fenced, Ordering::SeqCst);
-        if fenced && !was {
-            error!(node = %self.node, "this node is fenced: its guests were recovered elsewhere; nothing runs here until `debvisorctl node readmit {}`", self.node);
+        let verdict = self.fence_verdict();
+        let stop = {
+            let mut f = lock(&self.fence);
+            match verdict {
+                fence_evidence::Verdict::NotFenced => {
+                    if f.fenced {
+                        info!(node = %self.node, "this node was readmitted: guests may start here again");
+                    }
+                    *f = FenceFollow::default();
+                    None
+                }
+                fence_evidence::Verdict::Hold { reason } => {
+                    f.fenced = true;
+                    if !f.held.contains(&reason) {
+                        warn!(node = %self.node, reason = %reason, "daemon_state says this node is fenced, without evidence: its guests keep running (nothing starts here until `debvisorctl node readmit {}`)", self.node);
+                        f.held.insert(reason);
+                    }
+                    None
+                }
+                fence_evidence::Verdict::Stop { lease } => {
+                    f.fenced = true;
+                    (!std::mem::replace(&mut f.stopped, true)).then_some(lease)
+                }
+            }
+        };
+        if let Some(lease) = stop {
+            error!(node = %self.node, lease = format!("{lease:x}"), "this node is fenced: the primary saw its lease expire and recovered its guests elsewhere; nothing runs here until `debvisorctl node readmit {}`", self.node);
             self.stop_guests("this node is fenced").await;
-        } else if !fenced && was {
-            info!(node = %self.node, "this node was readmitted: guests may start here again");
         }
     }
 

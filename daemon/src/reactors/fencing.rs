@@ -64,6 +64,11 @@ struct Memory {
     marked: std::collections::BTreeMap<String, Instant>,
 }
 
+/// The lease each node was last seen alive with (node cache), kept across role changes: the
+/// lease a fence record names as the one that expired, the node's evidence that the record
+/// is about it and not forged or from another life of the store.
+type SeenLeases = std::collections::BTreeMap<String, i64>;
+
 /// A fence's result: the node and the error, if any.
 type FenceResult = (String, Result<Duration, String>);
 
@@ -73,6 +78,7 @@ pub fn spawn(f: Fencing, cancel: CancellationToken) {
         let (tx, mut rx) = mpsc::unbounded_channel::<FenceResult>();
         let mut book = FenceBook::new(f.policy.clone());
         let mut memory = Memory::default();
+        let mut seen = SeenLeases::new();
         let mut was_primary = false;
         let mut tick = tokio::time::interval(f.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -86,6 +92,7 @@ pub fn spawn(f: Fencing, cancel: CancellationToken) {
             while let Ok(r) = rx.try_recv() {
                 results.push(r);
             }
+            note_leases(&f.nodes, &mut seen);
             if !f.role.is_primary() {
                 if was_primary {
                     info!(node = %f.me, "no longer primary: the fence book is left to the successor");
@@ -108,7 +115,7 @@ pub fn spawn(f: Fencing, cancel: CancellationToken) {
                         continue;
                     }
                 }
-                f.apply(d, &mut book, &mut memory, &tx).await;
+                f.apply(d, &mut book, &mut memory, &seen, &tx).await;
             }
         }
     });
@@ -129,6 +136,17 @@ fn facts(nodes: &Reactor<NodeKind>) -> Vec<NodeFacts> {
             })
         })
         .collect()
+}
+
+/// Remember the lease of every node alive in the cache (the one a later fence record names).
+fn note_leases(nodes: &Reactor<NodeKind>, seen: &mut SeenLeases) {
+    for (name, e) in nodes.list() {
+        if let Ok(n) = e.parsed.as_ref() {
+            if n.alive && n.alive_lease != 0 {
+                seen.insert(name, n.alive_lease);
+            }
+        }
+    }
 }
 
 /// A BMC from etcd is checked before it reaches ipmitool's arguments.
@@ -169,6 +187,15 @@ impl Fencing {
         self.nodes.get(name)?.parsed.as_ref().ok().cloned()
     }
 
+    /// The lease `node` was last seen alive with, as the record writes it (lowercase hex):
+    /// the one seen by this primary, else the one an earlier primary's record names.
+    fn lease_of(&self, node: &str, seen: &SeenLeases) -> Option<String> {
+        match seen.get(node) {
+            Some(l) => Some(format!("{l:x}")),
+            None => self.node(node)?.fence.as_ref()?.lease.clone(),
+        }
+    }
+
     /// A fence task reported: log it and let the book decide what follows.
     fn fence_finished(
         &self,
@@ -192,18 +219,21 @@ impl Fencing {
         d: Decision,
         book: &mut FenceBook,
         memory: &mut Memory,
+        seen: &SeenLeases,
         tx: &mpsc::UnboundedSender<FenceResult>,
     ) {
         match d {
-            Decision::DeclareDead { node } => self.declare_dead(&node).await,
+            Decision::DeclareDead { node } => self.declare_dead(&node, seen).await,
             Decision::Skip { node, reason } => {
                 warn!(node = %node, primary = %self.me, reason = %reason, "fence skipped");
-                self.record(&node, "skipped", None, Some(&reason)).await;
+                self.record(&node, "skipped", None, Some(&reason), seen)
+                    .await;
             }
-            Decision::Fence { node } => self.start_fence(&node, tx).await,
+            Decision::Fence { node } => self.start_fence(&node, seen, tx).await,
             Decision::FenceFailed { node, reason } => {
                 error!(node = %node, primary = %self.me, reason = %reason, "node not fenced; its VMs stay where they are until an operator acts");
-                self.record(&node, "failed", None, Some(&reason)).await;
+                self.record(&node, "failed", None, Some(&reason), seen)
+                    .await;
             }
             Decision::MarkFenced { node, by } => {
                 // The book asks again while the cache does not show our write yet: one
@@ -214,11 +244,11 @@ impl Fencing {
                     .is_some_and(|t| t.elapsed() < self.interval * 4);
                 if !recent {
                     memory.marked.insert(node.clone(), Instant::now());
-                    self.mark_fenced(&node, by).await;
+                    self.mark_fenced(&node, by, seen).await;
                 }
             }
             Decision::Recover { node } => {
-                if self.recover(&node, &mut memory.left).await {
+                if self.recover(&node, &mut memory.left, seen).await {
                     book.recovered(&node);
                 }
             }
@@ -232,14 +262,23 @@ impl Fencing {
         }
     }
 
-    /// `nodes/<node>/fence` = the step, for operators.
-    async fn record(&self, node: &str, state: &str, by: Option<FencedBy>, reason: Option<&str>) {
+    /// `nodes/<node>/fence` = the step, for operators, naming the lease seen expire (the
+    /// node's evidence).
+    async fn record(
+        &self,
+        node: &str,
+        state: &str,
+        by: Option<FencedBy>,
+        reason: Option<&str>,
+        seen: &SeenLeases,
+    ) {
         let r = FenceRecord {
             state: state.to_string(),
             by: by.map(by_str).map(str::to_string),
             reason: reason.map(str::to_string),
             since: crate::hostinfo::now_rfc3339(),
             primary: self.me.clone(),
+            lease: self.lease_of(node, seen),
         };
         let value = serde_json::to_string(&r).unwrap_or_default();
         if let Err(e) = self
@@ -252,7 +291,7 @@ impl Fencing {
     }
 
     /// `daemon_state = dead`, only while `alive` is gone and it did not stop cleanly.
-    async fn declare_dead(&self, node: &str) {
+    async fn declare_dead(&self, node: &str, seen: &SeenLeases) {
         let state = schema::node_key(node, NodeField::DaemonState);
         let t = TxnBuilder::new()
             .absent(&schema::node_key(node, NodeField::Alive))
@@ -261,8 +300,10 @@ impl Fencing {
             .put(&state, DaemonState::Dead.as_str());
         match self.store.txn(t).await {
             Ok(r) if r.succeeded() => {
-                error!(node = %node, primary = %self.me, grace_ms = self.policy.grace.as_millis() as u64, "node declared dead: its lease expired and it did not stop cleanly");
-                self.record(node, "dead", None, Some("lease expired")).await;
+                let lease = self.lease_of(node, seen);
+                error!(node = %node, primary = %self.me, lease = lease.as_deref().unwrap_or("unknown"), grace_ms = self.policy.grace.as_millis() as u64, "node declared dead: its lease expired and it did not stop cleanly");
+                self.record(node, "dead", None, Some("lease expired"), seen)
+                    .await;
             }
             Ok(_) => {
                 info!(node = %node, primary = %self.me, "not declared dead: it is alive again or stopped cleanly")
@@ -274,7 +315,12 @@ impl Fencing {
     }
 
     /// Power the node off in a task of its own; the result comes back on `tx`.
-    async fn start_fence(&self, node: &str, tx: &mpsc::UnboundedSender<FenceResult>) {
+    async fn start_fence(
+        &self,
+        node: &str,
+        seen: &SeenLeases,
+        tx: &mpsc::UnboundedSender<FenceResult>,
+    ) {
         let bmc = self.node(node).and_then(|n| n.bmc.clone());
         let plan = match (&self.ipmi, bmc) {
             (None, _) => {
@@ -291,7 +337,7 @@ impl Fencing {
             }
         };
         warn!(node = %node, primary = %self.me, bmc = %bmc.host, port = bmc.port, "fence started: IPMI power off");
-        self.record(node, "fencing", None, None).await;
+        self.record(node, "fencing", None, None, seen).await;
         let (node, tx) = (node.to_string(), tx.clone());
         let (timeout, power_on) = (self.timeout, self.power_on_after);
         tokio::spawn(async move {
@@ -309,7 +355,7 @@ impl Fencing {
     }
 
     /// `daemon_state = fenced`: out until an operator readmits it.
-    async fn mark_fenced(&self, node: &str, by: FencedBy) {
+    async fn mark_fenced(&self, node: &str, by: FencedBy, seen: &SeenLeases) {
         let t = TxnBuilder::new().put(
             &schema::node_key(node, NodeField::DaemonState),
             DaemonState::Fenced.as_str(),
@@ -317,7 +363,7 @@ impl Fencing {
         match self.store.txn(t).await {
             Ok(_) => {
                 warn!(node = %node, primary = %self.me, by = by_str(by), "node fenced: it stays out until `debvisorctl node readmit`");
-                self.record(node, "fenced", Some(by), None).await;
+                self.record(node, "fenced", Some(by), None, seen).await;
             }
             Err(e) => {
                 warn!(node = %node, primary = %self.me, error = %e, "fenced state not written; the next tick writes it again")
@@ -326,7 +372,12 @@ impl Fencing {
     }
 
     /// One pass of recovery; true when nothing is left to move.
-    async fn recover(&self, dead: &str, left: &mut BTreeSet<(String, String)>) -> bool {
+    async fn recover(
+        &self,
+        dead: &str,
+        left: &mut BTreeSet<(String, String)>,
+        seen: &SeenLeases,
+    ) -> bool {
         let Some(rec) = self.node(dead) else {
             return true;
         };
@@ -351,7 +402,7 @@ impl Fencing {
             .filter(|r| matches!(r, Recovery::Move { .. }))
             .count();
         if moves == 0 {
-            self.recovery_done(dead, &rec).await;
+            self.recovery_done(dead, &rec, seen).await;
             return true;
         }
         self.set_domain_state(dead, &rec, DomainState::FenceFlush)
@@ -385,7 +436,7 @@ impl Fencing {
     }
 
     /// Every VM moved (or left on purpose): the record says so, the drain state too.
-    async fn recovery_done(&self, dead: &str, rec: &NodeRecord) {
+    async fn recovery_done(&self, dead: &str, rec: &NodeRecord, seen: &SeenLeases) {
         if rec.fence.as_ref().is_some_and(|f| f.state == "recovered") {
             return;
         }
@@ -397,6 +448,7 @@ impl Fencing {
             reason: None,
             since: crate::hostinfo::now_rfc3339(),
             primary: self.me.clone(),
+            lease: self.lease_of(dead, seen),
         };
         let value = serde_json::to_string(&r).unwrap_or_default();
         let _ = self

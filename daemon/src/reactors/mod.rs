@@ -9,6 +9,8 @@
 //! - [`drain`]: the node's `domain_state` flush/unflush;
 //! - [`removals`]: the evidence a removal from etcd needs before a guest is destroyed;
 //! - [`self_fence`]: guests stopped a margin before the node's lease could expire;
+//! - [`fence_evidence`]: the evidence a node needs before it stops its guests for
+//!   `daemon_state = fenced`;
 //! - [`role`]: whether this node is the primary now, followed by every primary-only duty;
 //! - [`election`]: the primary-coordinator election and the `coordinator_state` machine;
 //! - [`node_status`]: the primary's OK/DEGRADED/DOWN verdict on every node;
@@ -21,6 +23,7 @@ pub mod domain;
 pub mod drain;
 pub mod duties;
 pub mod election;
+pub mod fence_evidence;
 pub mod fencing;
 pub mod network;
 pub mod node_status;

@@ -276,7 +276,11 @@ fn domain_host(
         i.role.view(),
         nodes.clone(),
     )
-    .with_ceph(ceph.clone(), cfg.ceph.client_addresses.clone());
+    .with_ceph(ceph.clone(), cfg.ceph.client_addresses.clone())
+    .with_lease_history({
+        let local = Arc::new(crate::registration::LocalState::new(&cfg.paths.state_dir));
+        Arc::new(move || local.lease_history())
+    });
     if cfg.node.mode == NodeMode::Clustered {
         // Starts only while the lease is good for the margin (another node may recover
         // this node's VMs once it expires).
