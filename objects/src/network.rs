@@ -579,10 +579,10 @@ pub fn parse_network(id: &str, keys: &BTreeMap<String, KeyEntry>) -> Result<Netw
                     format!("{ip} is the network's gateway or network address"),
                 ));
             }
-            if reservations.iter().any(|x: &Reservation| x.ip == ip) {
+            if let Some(held) = reservations.iter().find(|x: &&Reservation| x.ip == ip) {
                 return Err(ObjectError::new(
                     format!("{field}.ip"),
-                    format!("{ip} is reserved twice"),
+                    format!("{ip} is already reserved for MAC {}", held.mac),
                 ));
             }
             reservations.push(Reservation {

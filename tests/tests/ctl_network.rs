@@ -391,7 +391,7 @@ async fn bad_inputs_are_refused_with_the_field_named_and_nothing_written() {
                 "52:54:00:00:00:02",
                 "10.20.0.50",
             ],
-            "reserved twice",
+            "10.20.0.50 is already reserved for MAC 52:54:00:00:00:01",
         ),
         (
             vec![
