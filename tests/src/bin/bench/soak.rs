@@ -357,7 +357,10 @@ fn one(c: &Cluster, rng: &mut Rng, ka: &KeepaliveConfig, pool: &[String]) -> Ben
         rng.pick(&hosting).ok_or("no node hosts a guest")?
     };
     let v = node(c, &victim)?;
-    eprintln!("debvisor-bench: [soak] {} of {victim} (primary {primary})", fault.label());
+    eprintln!(
+        "debvisor-bench: [soak] {} of {victim} (primary {primary})",
+        fault.label()
+    );
     let load = loadavg();
     let t0 = Instant::now();
     let detail = apply(c, rng, ka, fault, v, &primary)?;
