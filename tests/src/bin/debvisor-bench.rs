@@ -24,6 +24,9 @@
 //!   3-node cluster with real guests and fake BMCs, with the shipped keepalive and fencing
 //!   timers, a node's daemon killed or its link cut → all its VMs running elsewhere, and
 //!   where the time goes (detection, grace, fence, placement, start); double runs counted.
+//! - `bench/metrics_scrape.rs` (`--metrics-scrape`, issue 15): what a `GET /metrics` costs
+//!   a daemon owning 100 and 1000 running VMs (test driver): bytes, series, CPU and wall
+//!   time per scrape.
 //!
 //! and the helpers they share: `bench/report.rs` (machine facts, the reproducing command,
 //! publishing), `bench/stats.rs` (summaries, percentiles, units), `bench/host.rs` (`/proc`
@@ -36,13 +39,13 @@
 //! `--vms-only` / `--skip-vms` select parts.
 //! Tables go to stdout and, unless `--no-write`, into `docs/benchmarks.md` between
 //! `<!-- bench:foundation:start -->` and `<!-- bench:foundation:end -->` (and the
-//! `bench:networks`, `bench:vms`, `bench:ceph`, `bench:ceph-objects`, `bench:cluster` and
-//! `bench:failover` markers). The daemons' own log lines are echoed on stderr by the harness.
+//! `bench:networks`, `bench:vms`, `bench:ceph`, `bench:ceph-objects`, `bench:cluster`,
+//! `bench:failover` and `bench:metrics-scrape` markers). The daemons' own log lines are echoed on stderr by the harness.
 
 use std::process::ExitCode;
 
 use bench::report::Machine;
-use bench::{ceph, ceph_objects, cluster, failover, foundation, networks, vms};
+use bench::{ceph, ceph_objects, cluster, failover, foundation, metrics_scrape, networks, vms};
 
 /// The figure sets and the helpers they share, one file each in `bench/` (declared inline:
 /// a `bench.rs` beside this file would be built as a binary of its own).
@@ -55,6 +58,7 @@ mod bench {
     pub(crate) mod foundation;
     pub(crate) mod host;
     pub(crate) mod logs;
+    pub(crate) mod metrics_scrape;
     pub(crate) mod networks;
     pub(crate) mod report;
     pub(crate) mod stats;
@@ -106,6 +110,8 @@ struct Args {
     failover_runs: usize,
     /// Stop starting failover runs after this many minutes (0: no limit).
     failover_budget_mins: u64,
+    /// Run only the `/metrics` scrape-cost figures (`bench/metrics_scrape.rs`).
+    metrics_scrape: bool,
     /// The arguments as given, for the report.
     raw: Vec<String>,
 }
@@ -115,7 +121,8 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
                       [--networks-only | --skip-networks] [--vms N] [--vm-rate R] [--guests N]
                       [--vms-only | --skip-vms] [--ceph | --ceph-objects |
                       --cluster [--cluster-runs N] |
-                      --failover [--failover-runs N] [--failover-budget-mins M]]
+                      --failover [--failover-runs N] [--failover-budget-mins M] |
+                      --metrics-scrape]
                       [--no-write]
 
   --runs N          startup runs (default 10)
@@ -142,6 +149,9 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
   --failover-budget-mins M
                     start no failover run after M minutes (default 0: no limit); the
                     report says how many runs were done
+  --metrics-scrape  run only the /metrics scrape-cost figures (one daemon owning 100,
+                    then 1000 running VMs on the test driver; 50 scrapes each: bytes,
+                    series, CPU and wall time per scrape)
   --no-write        print only; do not update docs/benchmarks.md";
 
 /// Parse `std::env::args()`; `Ok(None)` for `--help`.
@@ -167,6 +177,7 @@ fn parse_args() -> BenchResult<Option<Args>> {
         failover: false,
         failover_runs: 20,
         failover_budget_mins: 0,
+        metrics_scrape: false,
         raw: raw.clone(),
     };
     let mut it = raw.iter();
@@ -221,6 +232,7 @@ fn parse_args() -> BenchResult<Option<Args>> {
             "--failover-budget-mins" => {
                 args.failover_budget_mins = value("--failover-budget-mins")?
             }
+            "--metrics-scrape" => args.metrics_scrape = true,
             "--no-write" => args.write = false,
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
@@ -303,6 +315,9 @@ fn run(args: &Args) -> BenchResult<()> {
     }
     if args.failover {
         return failover::run(args, &Machine::probe());
+    }
+    if args.metrics_scrape {
+        return metrics_scrape::run(args, &Machine::probe());
     }
     let with_networks = !args.skip_networks && !args.vms_only;
     if with_networks && !debvisor_tests::is_root() {
