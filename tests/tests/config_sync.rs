@@ -1,7 +1,8 @@
 //! Config sync against a real etcd and two real daemons: `debvisorctl config set --wait`
 //! until both nodes report the version OK (the log level changes at runtime), a blob one
 //! node cannot apply refused with the field named while the previous version stays in force,
-//! `config status` exit codes; and `self/node_id` of a standalone node.
+//! `config status` exit codes; one blob applied by one node and refused by the other (a link
+//! only one node has, on the namespace harness); and `self/node_id` of a standalone node.
 
 use std::process::Output;
 use std::time::Duration;
@@ -135,4 +136,83 @@ fn a_standalone_node_writes_self_node_id() {
         cl.etcd.get_key("self/node_id").ok().flatten()
     });
     assert_eq!(id, "solo-a");
+}
+
+/// One blob, two nodes that differ: a kernel parameter of a link only c1 has (a bridge made
+/// in c1's namespace). c1 applies the blob and reports the new version `OK`; c2 refuses it
+/// whole with the field named and keeps the previous version in force; `config status`
+/// lists c2 as the one that needs attention.
+#[test]
+fn one_node_applies_a_blob_the_other_refuses_naming_the_field() {
+    use debvisor_tests::cluster::{wait_until, Cluster as NsCluster};
+    debvisor_tests::skip_unless_root!();
+    let c = NsCluster::builder()
+        .nodes(2)
+        .etcd_members(1)
+        .build()
+        .expect("cluster");
+    let c1 = c.node(0);
+    let wait = Duration::from_secs(60);
+    let put_blob = |name: &str, text: &str| -> Output {
+        let path = c.dir().join(name);
+        std::fs::write(&path, text).expect("write blob");
+        c1.ctl(&[
+            "config",
+            "set",
+            &path.to_string_lossy(),
+            "--wait",
+            "--timeout",
+            "30s",
+        ])
+        .expect("debvisorctl")
+    };
+    let key = |n: &str, f: &str| c.etcd_get(&format!("nodes/{n}/config/{f}")).expect("get");
+
+    let first = "log_level: info\n";
+    let out = put_blob("first.yaml", first);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v1 = digest_version(first);
+    for n in ["c1", "c2"] {
+        wait_until("the first version applied", wait, || {
+            (key(n, "version").as_deref() == Some(v1.as_str())
+                && key(n, "status").as_deref() == Some("OK"))
+            .then_some(())
+        })
+        .expect("applied");
+    }
+
+    c1.exec_ok("ip", &["link", "add", "dvcfg0", "type", "bridge"])
+        .expect("a bridge only c1 has");
+    let second = "log_level: info\nsysctl:\n  net.ipv4.conf.dvcfg0.forwarding: 0\n";
+    let out = put_blob("second.yaml", second);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "one node refused: {err}");
+    let want = "sysctl.net.ipv4.conf.dvcfg0.forwarding: no such kernel parameter on this node";
+    assert!(err.contains(want) && err.contains("c2"), "{err}");
+    println!("$ debvisorctl config set second.yaml --wait\n{err}");
+    let v2 = digest_version(second);
+    wait_until("c1 on the second version", wait, || {
+        (key("c1", "version").as_deref() == Some(v2.as_str())
+            && key("c1", "status").as_deref() == Some("OK"))
+        .then_some(())
+    })
+    .expect("c1 applied it");
+    let refusal = wait_until("c2's refusal", wait, || {
+        key("c2", "status").filter(|s| s.starts_with("ERROR"))
+    })
+    .expect("c2 refused it");
+    assert_eq!(refusal, format!("ERROR: {want}"));
+    assert_eq!(
+        key("c2", "version").as_deref(),
+        Some(v1.as_str()),
+        "c2 keeps the previous version in force"
+    );
+    let out = c1.ctl(&["config", "status"]).expect("config status");
+    let text = stdout(&out);
+    println!("$ debvisorctl config status\n{text}");
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    let c2_line = text.lines().find(|l| l.contains("c2")).unwrap_or_default();
+    assert!(c2_line.contains("ERROR"), "c2 is the one listed: {text}");
+    let c1_line = text.lines().find(|l| l.contains("c1")).unwrap_or_default();
+    assert!(!c1_line.contains("ERROR"), "c1 is fine: {text}");
 }

@@ -40,12 +40,15 @@
 //! Tables go to stdout and, unless `--no-write`, into `docs/benchmarks.md` between
 //! `<!-- bench:foundation:start -->` and `<!-- bench:foundation:end -->` (and the
 //! `bench:networks`, `bench:vms`, `bench:ceph`, `bench:ceph-objects`, `bench:cluster`,
-//! `bench:failover` and `bench:metrics-scrape` markers). The daemons' own log lines are echoed on stderr by the harness.
+//! `bench:failover` and `bench:metrics-scrape` markers). The daemons' own log lines are
+//! echoed on stderr by the harness.
 
 use std::process::ExitCode;
 
 use bench::report::Machine;
-use bench::{ceph, ceph_objects, cluster, failover, foundation, metrics_scrape, networks, vms};
+use bench::{
+    ceph, ceph_objects, cluster, failover, foundation, metrics_scrape, networks, soak, vms,
+};
 
 /// The figure sets and the helpers they share, one file each in `bench/` (declared inline:
 /// a `bench.rs` beside this file would be built as a binary of its own).
@@ -61,6 +64,7 @@ mod bench {
     pub(crate) mod metrics_scrape;
     pub(crate) mod networks;
     pub(crate) mod report;
+    pub(crate) mod soak;
     pub(crate) mod stats;
     pub(crate) mod ticks;
     pub(crate) mod vms;
@@ -112,6 +116,14 @@ struct Args {
     failover_budget_mins: u64,
     /// Run only the `/metrics` scrape-cost figures (`bench/metrics_scrape.rs`).
     metrics_scrape: bool,
+    /// Run only the soak (`bench/soak.rs`).
+    soak: bool,
+    /// Fault schedules of the soak.
+    soak_runs: usize,
+    /// Seed of the soak's draws (`None`: from the clock; the report names it).
+    soak_seed: Option<u64>,
+    /// Stop starting soak schedules after this many minutes (0: no limit).
+    soak_budget_mins: u64,
     /// The arguments as given, for the report.
     raw: Vec<String>,
 }
@@ -122,6 +134,7 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
                       [--vms-only | --skip-vms] [--ceph | --ceph-objects |
                       --cluster [--cluster-runs N] |
                       --failover [--failover-runs N] [--failover-budget-mins M] |
+                      --soak [--soak-runs N] [--soak-seed S] [--soak-budget-mins M] |
                       --metrics-scrape]
                       [--no-write]
 
@@ -150,8 +163,16 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
                     start no failover run after M minutes (default 0: no limit); the
                     report says how many runs were done
   --metrics-scrape  run only the /metrics scrape-cost figures (one daemon owning 100,
-                    then 1000 running VMs on the test driver; 50 scrapes each: bytes,
+                    then 1000 running VMs on the test driver; 200 scrapes each: bytes,
                     series, CPU and wall time per scrape)
+  --soak            run only the soak: randomized fault schedules (kill -9, link cut,
+                    etcd-only cut, long and short SIGSTOP, flaps, primary lost
+                    mid-recovery) on the --failover cluster with 4 real guests, counting
+                    double runs (needs root, /dev/kvm, ipmi_sim)
+  --soak-runs N     schedules of --soak (default 100; 20-60 s each)
+  --soak-seed S     seed of the soak's draws (default: from the clock)
+  --soak-budget-mins M
+                    start no soak schedule after M minutes (default 0: no limit)
   --no-write        print only; do not update docs/benchmarks.md";
 
 /// Parse `std::env::args()`; `Ok(None)` for `--help`.
@@ -178,6 +199,10 @@ fn parse_args() -> BenchResult<Option<Args>> {
         failover_runs: 20,
         failover_budget_mins: 0,
         metrics_scrape: false,
+        soak: false,
+        soak_runs: 100,
+        soak_seed: None,
+        soak_budget_mins: 0,
         raw: raw.clone(),
     };
     let mut it = raw.iter();
@@ -233,6 +258,13 @@ fn parse_args() -> BenchResult<Option<Args>> {
                 args.failover_budget_mins = value("--failover-budget-mins")?
             }
             "--metrics-scrape" => args.metrics_scrape = true,
+            "--soak" => args.soak = true,
+            "--soak-runs" => {
+                args.soak_runs =
+                    usize::try_from(value("--soak-runs")?).map_err(|e| e.to_string())?
+            }
+            "--soak-seed" => args.soak_seed = Some(value("--soak-seed")?),
+            "--soak-budget-mins" => args.soak_budget_mins = value("--soak-budget-mins")?,
             "--no-write" => args.write = false,
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
@@ -243,10 +275,11 @@ fn parse_args() -> BenchResult<Option<Args>> {
         || args.ticks == 0
         || args.cluster_runs == 0
         || args.failover_runs == 0
+        || args.soak_runs == 0
     {
         return Err(format!(
-            "--runs, --idle-secs, --ticks, --cluster-runs and --failover-runs must be at \
-             least 1\n{USAGE}"
+            "--runs, --idle-secs, --ticks, --cluster-runs, --failover-runs and --soak-runs \
+             must be at least 1\n{USAGE}"
         ));
     }
     if args.networks_only && args.skip_networks {
@@ -318,6 +351,9 @@ fn run(args: &Args) -> BenchResult<()> {
     }
     if args.metrics_scrape {
         return metrics_scrape::run(args, &Machine::probe());
+    }
+    if args.soak {
+        return soak::run(args, &Machine::probe());
     }
     let with_networks = !args.skip_networks && !args.vms_only;
     if with_networks && !debvisor_tests::is_root() {

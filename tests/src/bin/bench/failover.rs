@@ -138,7 +138,7 @@ struct Run {
 }
 
 /// The cluster of the figures (see the module documentation).
-fn build_cluster(ka: &KeepaliveConfig) -> BenchResult<Cluster> {
+pub(crate) fn build_cluster(ka: &KeepaliveConfig) -> BenchResult<Cluster> {
     Cluster::builder()
         .nodes(NODES)
         .etcd_members(1)
@@ -152,7 +152,7 @@ fn build_cluster(ka: &KeepaliveConfig) -> BenchResult<Cluster> {
 }
 
 /// `vms/<uuid>/status` as (state, node).
-fn vm_status(c: &Cluster, uuid: &str) -> Option<(String, String)> {
+pub(crate) fn vm_status(c: &Cluster, uuid: &str) -> Option<(String, String)> {
     let s: Value = serde_json::from_str(&c.etcd_get(&format!("vms/{uuid}/status")).ok()??).ok()?;
     Some((
         s["state"].as_str()?.to_owned(),
@@ -161,7 +161,7 @@ fn vm_status(c: &Cluster, uuid: &str) -> Option<(String, String)> {
 }
 
 /// Define a tiny KVM guest meant to run on `on`; its UUID.
-fn put_guest(c: &Cluster, on: &str) -> BenchResult<String> {
+pub(crate) fn put_guest(c: &Cluster, on: &str) -> BenchResult<String> {
     let (uuid, name) = (random_uuid(), unique_name("failover"));
     let xml = tiny_guest_xml(&name, &uuid);
     let k = |f: &str| format!("vms/{uuid}/{f}");
@@ -190,7 +190,7 @@ fn start_guests(c: &Cluster, victim: &str) -> BenchResult<Vec<String>> {
 
 /// Wait until every node runs, holds a lease and is in `run`, and one is primary; the
 /// primary's name.
-fn ready(c: &Cluster) -> BenchResult<String> {
+pub(crate) fn ready(c: &Cluster) -> BenchResult<String> {
     wait_until("every node alive in run, one primary", SETTLE, || {
         if !c.nodes().iter().all(Node::is_running) {
             return None;
@@ -284,7 +284,7 @@ fn log_marks(c: &Cluster, victim: &str, vms: &[String], f: Applied) -> [Option<f
 }
 
 /// The recorder's double runs as lines, after syncing it (two list rounds).
-fn double_runs(c: &Cluster) -> BenchResult<Vec<String>> {
+pub(crate) fn double_runs(c: &Cluster) -> BenchResult<Vec<String>> {
     c.runs()
         .sync(2, SETTLE)
         .map_err(|e| format!("run recorder sync: {e}"))?;
@@ -423,14 +423,14 @@ struct Setup {
 
 /// The grace the daemons run with: [`Config::fence_grace`] of the shipped defaults with
 /// fencing on.
-fn shipped_grace() -> Duration {
+pub(crate) fn shipped_grace() -> Duration {
     let mut cfg = Config::default();
     cfg.fencing.enabled = true;
     cfg.fence_grace()
 }
 
 /// Check what the figures need before building anything.
-fn preflight() -> BenchResult<()> {
+pub(crate) fn preflight() -> BenchResult<()> {
     if !debvisor_tests::is_root() {
         return Err("the failover figures need root (namespaces, libvirtd, BMCs)".into());
     }
