@@ -209,6 +209,7 @@ async fn start_objects(
     let node = b.cfg.node_name().to_string();
     let clock = StageClock::start(Stage::Objects);
     let lease = Arc::new(AtomicI64::new(b.reg.lease_id));
+    let firewall_repairs = b.firewall.as_ref().map(FirewallSync::drift_repairs_handle);
     let (objects, mut keepalive) = objects::spawn(objects::Inputs {
         cfg: &b.cfg,
         store: &b.store,
@@ -269,7 +270,7 @@ async fn start_objects(
     let mut r = r;
     r.guard = start_guardian(&r);
     start_election(&r, coordinator);
-    start_metrics(&r, keepalive.stats_handle());
+    start_metrics(&r, &keepalive, firewall_repairs);
     start_config_sync(&r);
     Ok((r, signals, keepalive))
 }
@@ -292,7 +293,8 @@ fn start_config_sync(r: &Running) {
 /// `GET /metrics` (`metrics.listen`) from `run` on, until the objects stop.
 fn start_metrics(
     r: &Running,
-    stats: std::sync::Arc<std::sync::Mutex<Vec<crate::hypervisor::DomainStats>>>,
+    keepalive: &Keepalive,
+    firewall_repairs: Option<Arc<std::sync::atomic::AtomicU64>>,
 ) {
     let m = &r.cfg.metrics;
     let Some(addr) = m
@@ -307,7 +309,12 @@ fn start_metrics(
         nodes: r.objects.nodes.clone(),
         vms: r.objects.vms.clone(),
         networks: r.objects.networks.clone(),
-        stats,
+        stats: keepalive.stats_handle(),
+        store: r.store.metrics(),
+        keepalive_txn: keepalive.txn_latency_handle(),
+        firewall_repairs,
+        ceph: r.objects.ceph_monitor.clone(),
+        role: r.role.view(),
     };
     tokio::spawn(crate::metrics::serve(
         addr,

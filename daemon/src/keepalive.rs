@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use debvisor_objects::domain::{self, VmField};
+use debvisor_objects::histogram::Histogram;
 use debvisor_objects::node::{Allocation, Health, NodeInfo, VmCounts};
 use debvisor_objects::schema::{self, NodeField};
 use debvisor_objects::{Store, TxnBuilder};
@@ -54,6 +55,8 @@ pub struct Keepalive {
     /// Every domain's counters as of the last tick, for `/metrics` (which must not ask
     /// libvirt or etcd on a scrape).
     last_stats: Arc<std::sync::Mutex<Vec<DomainStats>>>,
+    /// How long each tick's transaction took (sent to answered or failed), for `/metrics`.
+    txn_latency: Arc<Histogram>,
     /// The Ceph monitor's latest node summary (`ceph.enabled`); read, never waited for.
     ceph: Option<crate::reactors::ceph_monitor::CephHealthRx>,
     /// The latest round-trip times to peers; read, never waited for.
@@ -128,6 +131,7 @@ impl Keepalive {
             stats_budget: 64,
             stats_written: HashMap::new(),
             last_stats: Arc::default(),
+            txn_latency: Arc::default(),
             ceph: None,
             peers: None,
         }
@@ -170,6 +174,12 @@ impl Keepalive {
     /// The domain counters of the last tick (shared, updated every tick).
     pub fn stats_handle(&self) -> Arc<std::sync::Mutex<Vec<DomainStats>>> {
         self.last_stats.clone()
+    }
+
+    /// The durations of the ticks' transactions (shared, one observation per tick that
+    /// reached the store).
+    pub fn txn_latency_handle(&self) -> Arc<Histogram> {
+        self.txn_latency.clone()
     }
 
     /// Changed per-VM stats to write this tick: only VMs we manage, only values that
@@ -286,7 +296,10 @@ impl Keepalive {
         for (uuid, v) in &due {
             t = t.put(&domain::vm_key(uuid, VmField::Stats), v.clone());
         }
-        match self.store.txn(t).await {
+        let sent = Instant::now();
+        let written = self.store.txn(t).await;
+        self.txn_latency.observe(sent.elapsed());
+        match written {
             Ok(r) if r.succeeded() => {
                 let now = Instant::now();
                 let live: std::collections::HashSet<&str> =

@@ -6,26 +6,36 @@
 //! the keepalive's domain counters of its last tick, and the reactors' counters. A scrape therefore costs no etcd or libvirt
 //! request, and the series follow the keepalive tick.
 //!
+//! Durations (reconciles, lease renewals, keepalive transactions) are recorded where they
+//! happen into fixed-bucket histograms ([`debvisor_objects::histogram`]) and only read here.
+//!
 //! Cardinality is bounded: node series are a fixed set; VM series are 7 per VM *owned by
 //! this node* (labels `vm` and `uuid`), so they scale with the node's own VMs, never with
-//! the cluster; VM states and reactor kinds are closed sets.
+//! the cluster; VM states, reactor kinds, store operations, Ceph statuses, stages and
+//! histogram buckets are closed sets.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use debvisor_objects::domain::VmKind;
+use debvisor_objects::histogram::{Histogram, HistogramSnapshot};
 use debvisor_objects::network::NetworkKind;
 use debvisor_objects::node::NodeKind;
 use debvisor_objects::reactor::{Kind, Reactor, ReactorStats};
+use debvisor_objects::store::StoreMetrics;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 
 use crate::hypervisor::DomainStats;
+use crate::reactors::ceph_monitor::CephMonitorView;
+use crate::reactors::role::RoleView;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -46,7 +56,66 @@ pub struct Sources {
     pub networks: Arc<Reactor<NetworkKind>>,
     /// The keepalive's domain counters of its last tick.
     pub stats: Arc<std::sync::Mutex<Vec<DomainStats>>>,
+    /// The store's failed requests and the node lease's renewals.
+    pub store: Arc<StoreMetrics>,
+    /// The keepalive ticks' transaction durations.
+    pub keepalive_txn: Arc<Histogram>,
+    /// The firewall's drift repairs (`None`: `firewall.enabled` is false).
+    pub firewall_repairs: Option<Arc<AtomicU64>>,
+    /// The Ceph monitor (`None`: `ceph.enabled` is false).
+    pub ceph: Option<CephMonitorView>,
+    /// Whether this node is the primary now.
+    pub role: RoleView,
 }
+
+/// A histogram whose buckets were counted elsewhere (a [`HistogramSnapshot`]), so a scrape
+/// renders it as it is instead of observing values again.
+#[derive(Debug, Default)]
+struct Snapshot(RwLock<Option<HistogramSnapshot>>);
+
+impl Snapshot {
+    fn set(&self, h: HistogramSnapshot) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(h);
+    }
+}
+
+impl TypedMetric for Snapshot {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Snapshot {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let h = self.0.read().unwrap_or_else(|p| p.into_inner());
+        match h.as_ref() {
+            Some(h) => encoder.encode_histogram::<NoLabelSet>(h.sum, h.count, &h.buckets, None),
+            None => Ok(()),
+        }
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+type HistF = Family<Labels, Snapshot>;
+
+fn histogram(reg: &mut Registry, name: &str, help: &str) -> HistF {
+    let f = HistF::default();
+    reg.register(name, help, f.clone());
+    f
+}
+
+/// The Ceph statuses `debvisor_ceph_health` has a series for (a closed set; anything else
+/// sets all of them to 0).
+const CEPH_STATUSES: [(&str, &str); 4] = [
+    ("HEALTH_OK", "ok"),
+    ("HEALTH_WARN", "warn"),
+    ("HEALTH_ERR", "err"),
+    (
+        debvisor_objects::node::CephNodeHealth::UNREACHABLE,
+        "unreachable",
+    ),
+];
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs
@@ -80,18 +149,119 @@ const VM_STATES: &[&str] = &[
     "invalid",
 ];
 
-fn reactor_series<K: Kind>(kind: &str, r: &Reactor<K>, f: &[CounterF; 4]) {
+/// The series every reactor has: its counters, its queue and its reconcile durations.
+struct ReactorFamilies {
+    counters: [CounterF; 4],
+    pending: GaugeF,
+    durations: HistF,
+}
+
+fn reactor_series<K: Kind>(kind: &str, r: &Reactor<K>, f: &ReactorFamilies) {
     let ReactorStats {
         lists,
         events,
         reconciles,
         failures,
+        pending,
     } = r.stats();
     let l = labels(&[("kind", kind)]);
     // Counters only go up: set them to the reactor's totals.
-    for (fam, v) in f.iter().zip([lists, events, reconciles, failures]) {
+    for (fam, v) in f.counters.iter().zip([lists, events, reconciles, failures]) {
         fam.get_or_create(&l).inc_by(v as f64);
     }
+    f.pending.get_or_create(&l).set(pending as f64);
+    f.durations.get_or_create(&l).set(r.reconcile_durations());
+}
+
+/// The series of the daemon's own work: store errors, lease renewals, keepalive
+/// transactions, firewall drift, Ceph, startup stages and the role.
+fn daemon_series(reg: &mut Registry, s: &Sources) {
+    let errors = counter(
+        reg,
+        "debvisor_store_request_errors",
+        "etcd requests that failed or timed out, by operation",
+    );
+    for (op, n) in s.store.request_errors() {
+        errors
+            .get_or_create(&labels(&[("op", op)]))
+            .inc_by(n as f64);
+    }
+    let renewals = s.store.lease_renewals.snapshot();
+    counter(
+        reg,
+        "debvisor_lease_renewals",
+        "Renewals of the node lease etcd answered",
+    )
+    .get_or_create(&Vec::new())
+    .inc_by(renewals.count as f64);
+    counter(
+        reg,
+        "debvisor_lease_renewal_failures",
+        "Renewals of the node lease that failed (no answer, timeout, lease gone)",
+    )
+    .get_or_create(&Vec::new())
+    .inc_by(s.store.lease_renewal_failures.load(Ordering::Relaxed) as f64);
+    histogram(
+        reg,
+        "debvisor_lease_renewal_duration_seconds",
+        "Time from sending a node lease renewal to its answer",
+    )
+    .get_or_create(&Vec::new())
+    .set(renewals);
+    histogram(
+        reg,
+        "debvisor_keepalive_txn_duration_seconds",
+        "Time of the keepalive tick's health/last_seen transaction",
+    )
+    .get_or_create(&Vec::new())
+    .set(s.keepalive_txn.snapshot());
+    if let Some(fw) = &s.firewall_repairs {
+        counter(
+            reg,
+            "debvisor_firewall_drift_repairs",
+            "Times the firewall sync found table inet debvisor drifted and re-applied it",
+        )
+        .get_or_create(&Vec::new())
+        .inc_by(fw.load(Ordering::Relaxed) as f64);
+    }
+    if let Some(c) = &s.ceph {
+        let health = gauge(
+            reg,
+            "debvisor_ceph_health",
+            "1 for the Ceph status this node saw last (ok, warn, err, unreachable)",
+        );
+        let status = c.health.borrow().as_ref().map(|h| h.status.clone());
+        for (raw, st) in CEPH_STATUSES {
+            let on = status.as_deref() == Some(raw);
+            health
+                .get_or_create(&labels(&[("status", st)]))
+                .set(if on { 1.0 } else { 0.0 });
+        }
+        gauge(
+            reg,
+            "debvisor_ceph_collection_duration_seconds",
+            "Duration of the Ceph monitor's last pass",
+        )
+        .get_or_create(&Vec::new())
+        .set(f64::from_bits(c.last_duration.load(Ordering::Relaxed)));
+    }
+    let stages = gauge(
+        reg,
+        "debvisor_stage_duration_seconds",
+        "Duration of each startup stage of this process",
+    );
+    for (stage, secs) in crate::stages::durations() {
+        stages
+            .get_or_create(&labels(&[("stage", stage.name())]))
+            .set(secs);
+    }
+    gauge(
+        reg,
+        "debvisor_node_primary",
+        "1 while this node is the primary coordinator",
+    )
+    .get_or_create(&Vec::new())
+    .set(if s.role.is_primary() { 1.0 } else { 0.0 });
 }
 
 /// Render the whole exposition (OpenMetrics text, ending in `# EOF`).
@@ -158,7 +328,7 @@ pub fn render(s: &Sources) -> String {
         "debvisor_vm_network_sent_bytes",
         "Bytes sent by the VM's interfaces",
     );
-    let reactors = [
+    let counters = [
         counter(
             &mut reg,
             "debvisor_reactor_lists",
@@ -176,6 +346,20 @@ pub fn render(s: &Sources) -> String {
             "Reconciles that failed (retried with backoff)",
         ),
     ];
+    let reactors = ReactorFamilies {
+        counters,
+        pending: gauge(
+            &mut reg,
+            "debvisor_reactor_queue_depth",
+            "Objects waiting for a reconcile now",
+        ),
+        durations: histogram(
+            &mut reg,
+            "debvisor_reactor_reconcile_duration_seconds",
+            "Duration of each reconcile (failed ones too)",
+        ),
+    };
+    daemon_series(&mut reg, s);
 
     if let Some(me) = s.nodes.get(&s.node) {
         if let Ok(n) = &me.parsed {

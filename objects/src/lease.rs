@@ -152,7 +152,18 @@ pub fn spawn_keeper(
                 _ = tick.tick() => {}
             }
             let sent = Instant::now();
-            match refresher.refresh().await {
+            let refreshed = refresher.refresh().await;
+            let metrics = refresher.store.metrics();
+            // A lease etcd no longer knows counts as a failed renewal too.
+            match &refreshed {
+                Ok(ttl_left) if *ttl_left > 0 => metrics.lease_renewals.observe(sent.elapsed()),
+                _ => {
+                    metrics
+                        .lease_renewal_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            match refreshed {
                 Ok(ttl_left) if ttl_left > 0 => {
                     valid_until = valid_until.max(sent + Duration::from_secs(ttl_left as u64));
                     if let Some(since) = unreachable_since.take() {

@@ -13,6 +13,7 @@ pub mod domain;
 pub mod domain_plan;
 pub mod drain;
 pub mod fencing;
+pub mod histogram;
 pub mod lease;
 pub mod network;
 pub mod network_plan;

@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::histogram::{Histogram, HistogramSnapshot};
 use crate::store::{Kv, Store, StoreError};
 
 /// One raw key of an object.
@@ -227,13 +228,19 @@ impl Queue {
         let s = lock(&self.state);
         s.ready.is_empty() && s.running.is_empty()
     }
+
+    /// Objects waiting for a reconcile: queued, or changed while running (run again).
+    fn pending(&self) -> usize {
+        let s = lock(&self.state);
+        s.ready.len() + s.rerun.len()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Counters for tests and benchmarks.
+/// Counters for tests, benchmarks and `/metrics`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ReactorStats {
     /// Full lists done (1 + relists).
@@ -244,6 +251,9 @@ pub struct ReactorStats {
     pub reconciles: u64,
     /// Reconciles that failed.
     pub failures: u64,
+    /// Objects waiting for a reconcile now (queued, or changed while reconciling): how far
+    /// the workers are behind.
+    pub pending: u64,
 }
 
 struct Shared<K: Kind> {
@@ -253,6 +263,8 @@ struct Shared<K: Kind> {
     initial: Mutex<Option<HashSet<String>>>,
     synced: watch::Sender<bool>,
     stats: Mutex<ReactorStats>,
+    /// How long each reconcile took (failed ones too).
+    durations: Histogram,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -280,6 +292,7 @@ impl<K: Kind> Reactor<K> {
             initial: Mutex::new(None),
             synced,
             stats: Mutex::new(ReactorStats::default()),
+            durations: Histogram::default(),
             failures: Mutex::new(HashMap::new()),
         });
         let reconciler = Arc::new(reconciler);
@@ -371,9 +384,17 @@ impl<K: Kind> Reactor<K> {
         let _ = rx.wait_for(|s| *s).await;
     }
 
-    /// Counters.
+    /// Counters, and the queue's length now.
     pub fn stats(&self) -> ReactorStats {
-        *lock(&self.shared.stats)
+        let mut s = *lock(&self.shared.stats);
+        s.pending = self.shared.queue.pending() as u64;
+        s
+    }
+
+    /// The durations of every reconcile run so far (fixed buckets, 1 ms to 30 s), for
+    /// `/metrics`: a slow host shows here before it shows as failures.
+    pub fn reconcile_durations(&self) -> HistogramSnapshot {
+        self.shared.durations.snapshot()
     }
 
     /// Stop the watcher and workers and wait for them (a running reconcile finishes first).
@@ -675,7 +696,9 @@ async fn worker<K: Kind, R: Reconciler<K>>(
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
             .cloned();
+        let started = std::time::Instant::now();
         let result = reconciler.reconcile(&id, entry).await;
+        shared.durations.observe(started.elapsed());
         {
             let mut st = lock(&shared.stats);
             st.reconciles += 1;

@@ -5,6 +5,7 @@
 //! keep-alive pings detect a dead server under them.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -126,6 +127,54 @@ pub struct Kv {
     pub lease: i64,
 }
 
+/// The closed set of operation names failed requests are counted by (`/metrics` label
+/// `op`): every request of this layer maps to one of them.
+pub const REQUEST_OPS: [&str; 8] = [
+    "get", "list", "put", "txn", "delete", "watch", "lease", "other",
+];
+
+/// Which [`REQUEST_OPS`] slot a request's own name counts in.
+fn op_slot(op: &str) -> usize {
+    let family = match op {
+        "probe" => "get",
+        o if o.starts_with("lease") => "lease",
+        o => o,
+    };
+    REQUEST_OPS
+        .iter()
+        .position(|o| *o == family)
+        .unwrap_or(REQUEST_OPS.len() - 1)
+}
+
+/// What the store layer counts for `/metrics`, shared by every clone of a [`Store`]: failed
+/// requests by operation, and the node lease's renewals (its keeper holds only the store,
+/// so they are kept here rather than passed through every registration path).
+#[derive(Debug, Default)]
+pub struct StoreMetrics {
+    /// Failed or timed-out requests per [`REQUEST_OPS`] slot.
+    errors: [AtomicU64; REQUEST_OPS.len()],
+    /// Good renewals of the node lease and how long each took (send to answer).
+    pub lease_renewals: crate::histogram::Histogram,
+    /// Renewals of the node lease that failed (no answer, stream broken, timeout).
+    pub lease_renewal_failures: AtomicU64,
+}
+
+impl StoreMetrics {
+    /// Count one failed request named `op` (`get`, `lease_grant`, …).
+    pub fn request_failed(&self, op: &str) {
+        self.errors[op_slot(op)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Failed requests so far, one per [`REQUEST_OPS`] entry, in its order.
+    pub fn request_errors(&self) -> Vec<(&'static str, u64)> {
+        REQUEST_OPS
+            .iter()
+            .zip(self.errors.iter())
+            .map(|(op, n)| (*op, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -135,6 +184,8 @@ pub struct Store {
     endpoints: Vec<String>,
     /// The store's identity as seen in our answers (shared by every clone).
     witness: Arc<Witness>,
+    /// Error and lease counters (shared by every clone).
+    metrics: Arc<StoreMetrics>,
 }
 
 /// A linearizable key-value answer, whose header witnesses the store's identity.
@@ -226,6 +277,7 @@ impl Store {
             timeout: opts.request_timeout,
             endpoints,
             witness: Arc::new(Witness::default()),
+            metrics: Arc::new(StoreMetrics::default()),
         })
     }
 
@@ -252,6 +304,11 @@ impl Store {
     /// Follow [`Store::store_change`].
     pub fn watch_store_change(&self) -> tokio::sync::watch::Receiver<Option<StoreChange>> {
         self.witness.subscribe()
+    }
+
+    /// The counters of this store (shared by every clone), for `/metrics`.
+    pub fn metrics(&self) -> Arc<StoreMetrics> {
+        self.metrics.clone()
     }
 
     /// The endpoints this store talks to.
@@ -300,13 +357,17 @@ impl Store {
         op: &'static str,
         fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, fut).await {
+        let r = match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r.map_err(|e| StoreError::request(op, e)),
             Err(_) => Err(StoreError::Timeout {
                 op,
                 timeout: self.timeout,
             }),
+        };
+        if r.is_err() {
+            self.metrics.request_failed(op);
         }
+        r
     }
 
     /// Like [`Store::bounded`] for a linearizable key-value request: its answer's header
@@ -611,5 +672,34 @@ impl TxnBuilder {
             .iter()
             .filter(|o| !matches!(o, Op::Get { .. }))
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_names_fall_into_the_closed_set() {
+        let m = StoreMetrics::default();
+        for op in [
+            "get",
+            "probe",
+            "list",
+            "txn",
+            "lease_grant",
+            "lease_keep_alive",
+            "compact",
+            "connect",
+        ] {
+            m.request_failed(op);
+        }
+        let errors: std::collections::HashMap<_, _> = m.request_errors().into_iter().collect();
+        assert_eq!(errors.len(), REQUEST_OPS.len());
+        assert_eq!(errors["get"], 2);
+        assert_eq!(errors["list"], 1);
+        assert_eq!(errors["lease"], 2);
+        assert_eq!(errors["other"], 2);
+        assert_eq!(errors["put"], 0);
     }
 }

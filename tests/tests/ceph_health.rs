@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use debvisor_tests::{
-    ceph_installed, eventually, is_message, skip_or_fail, CephCluster, DaemonBuilder,
+    ceph_installed, eventually, free_port, is_message, skip_or_fail, CephCluster, DaemonBuilder,
     DaemonProcess, EtcdProcess, SkipKind,
 };
 use serde_json::Value;
@@ -56,14 +56,38 @@ fn ceph_yaml(cluster: &CephCluster) -> String {
 }
 
 fn spawn(etcd: &EtcdProcess, cluster: &CephCluster) -> DaemonProcess {
-    let mut d = DaemonBuilder::new(NODE)
+    spawn_with(etcd, cluster, &[])
+}
+
+fn spawn_with(etcd: &EtcdProcess, cluster: &CephCluster, env: &[(&str, &str)]) -> DaemonProcess {
+    let mut b = DaemonBuilder::new(NODE)
         .endpoints(&[etcd.endpoint()])
-        .yaml(&ceph_yaml(cluster))
-        .spawn()
-        .expect("spawn debvisord");
+        .yaml(&ceph_yaml(cluster));
+    for (k, v) in env {
+        b = b.env(k, v);
+    }
+    let mut d = b.spawn().expect("spawn debvisord");
     d.wait_run(Duration::from_secs(60))
         .expect("daemon reaches run");
     d
+}
+
+/// The value of the sample line `series` (name and labels as written) in a `/metrics`
+/// scrape of `addr`.
+fn metric(addr: &str, series: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    raw.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn ceph_health_is(etcd: &EtcdProcess, status: &str) -> Option<Value> {
@@ -80,7 +104,8 @@ fn ceph_health_state_and_outage_in_the_running_daemon() {
     }
     let cluster = CephCluster::start().expect("ceph cluster");
     let etcd = EtcdProcess::start().expect("etcd");
-    let mut d = spawn(&etcd, &cluster);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut d = spawn_with(&etcd, &cluster, &[("DEBVISOR_METRICS_LISTEN", &addr)]);
 
     // Healthy: ceph/health and the node's health agree; this host's two OSDs are up and in.
     eventually("ceph/health HEALTH_OK", SEE, || {
@@ -88,6 +113,18 @@ fn ceph_health_state_and_outage_in_the_running_daemon() {
     });
     let h = eventually("node health with ceph HEALTH_OK", SEE, || {
         node_ceph(&etcd, "HEALTH_OK")
+    });
+    // /metrics shows the same status, and how long the monitor's pass took.
+    eventually("debvisor_ceph_health ok in /metrics", SEE, || {
+        (metric(&addr, "debvisor_ceph_health{status=\"ok\"}")? == 1.0).then_some(())
+    });
+    assert_eq!(
+        metric(&addr, "debvisor_ceph_health{status=\"unreachable\"}"),
+        Some(0.0)
+    );
+    // Stored when the pass returns, just after it published the status.
+    eventually("a Ceph pass duration in /metrics", SEE, || {
+        (metric(&addr, "debvisor_ceph_collection_duration_seconds")? > 0.0).then_some(())
     });
     let osds = h["ceph"]["osds"].as_array().cloned().unwrap_or_default();
     assert_eq!(osds.len(), 2, "this host's OSDs in {h}");

@@ -10,6 +10,7 @@
 //! `{"status":"unreachable","error":…,"since":…}` and leaves the observed keys alone.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -249,6 +250,18 @@ pub struct CephMonitor<C> {
     store_failing: bool,
     /// The last full collection failed while Ceph answered (logged once until it works).
     collect_failing: bool,
+    /// How long the last pass took, in seconds as `f64` bits (`/metrics`).
+    last_duration: Arc<AtomicU64>,
+}
+
+/// What `/metrics` reads of the Ceph monitor: its latest summary and how long its last
+/// pass took (seconds as `f64` bits; 0 before the first pass ends).
+#[derive(Clone)]
+pub struct CephMonitorView {
+    /// The latest node-level summary.
+    pub health: CephHealthRx,
+    /// Duration of the last pass.
+    pub last_duration: Arc<AtomicU64>,
 }
 
 impl<C: Ceph + 'static> CephMonitor<C> {
@@ -267,6 +280,7 @@ impl<C: Ceph + 'static> CephMonitor<C> {
             unreachable: None,
             store_failing: false,
             collect_failing: false,
+            last_duration: Arc::default(),
         };
         (m, rx)
     }
@@ -290,6 +304,11 @@ impl<C: Ceph + 'static> CephMonitor<C> {
         self.primary
     }
 
+    /// The last pass's duration (shared; updated after every pass of [`CephMonitor::spawn`]).
+    pub fn duration_handle(&self) -> Arc<AtomicU64> {
+        self.last_duration.clone()
+    }
+
     /// Run [`CephMonitor::pass`] every `interval` until `cancel`, in its own task.
     pub fn spawn(mut self, interval: Duration, cancel: CancellationToken) {
         tokio::spawn(async move {
@@ -300,10 +319,15 @@ impl<C: Ceph + 'static> CephMonitor<C> {
                     _ = cancel.cancelled() => return,
                     _ = tick.tick() => {}
                 }
+                let started = Instant::now();
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = self.pass() => {}
                 }
+                self.last_duration.store(
+                    started.elapsed().as_secs_f64().to_bits(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
             }
         });
     }

@@ -68,6 +68,8 @@ pub struct FirewallSync {
     /// The model last applied (its nft JSON): a different model is an update, the same
     /// model with a different table is drift.
     last: AsyncMutex<Option<String>>,
+    /// Times a sync found the table drifted from the model and re-applied it (`/metrics`).
+    drift_repairs: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FirewallSync {
@@ -82,7 +84,13 @@ impl FirewallSync {
             cluster,
             nft: Arc::new(nft),
             last: AsyncMutex::new(None),
+            drift_repairs: Arc::default(),
         }
+    }
+
+    /// The count of drift repairs (shared; grows with every repair).
+    pub fn drift_repairs_handle(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.drift_repairs.clone()
     }
 
     /// Would nft accept the ruleset with `candidate` added to `others`? `Err` names the ACL
@@ -159,6 +167,8 @@ impl FirewallSync {
             Some(o) if o.changed => {
                 let drift = o.drift.map(|d| d.to_string()).unwrap_or_default();
                 info!(networks = networks.len(), drift = %drift, "firewall re-applied (drift corrected)");
+                self.drift_repairs
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(true)
             }
             Some(_) => Ok(false),

@@ -26,6 +26,7 @@ pub mod sysctl;
 pub mod termination_handling;
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tracing::{error, info};
@@ -86,6 +87,24 @@ impl Stage {
             Stage::Keepalive => "keepalive",
         }
     }
+}
+
+/// Seconds each stage of this process took (`f64` bits; `u64::MAX` = not completed), in
+/// the order of [`Stage::ALL`]. One process runs the stages once, so a process-wide record is
+/// what `/metrics` exports as `debvisor_stage_duration_seconds`.
+static DURATIONS: [AtomicU64; Stage::ALL.len()] =
+    [const { AtomicU64::new(u64::MAX) }; Stage::ALL.len()];
+
+/// The stages completed so far and how long each took, in seconds (startup order).
+pub fn durations() -> Vec<(Stage, f64)> {
+    Stage::ALL
+        .iter()
+        .zip(DURATIONS.iter())
+        .filter_map(|(s, d)| {
+            let bits = d.load(Ordering::Relaxed);
+            (bits != u64::MAX).then(|| (*s, f64::from_bits(bits)))
+        })
+        .collect()
 }
 
 /// How a stage that did not fail ended (the `outcome=` field).
@@ -171,6 +190,12 @@ impl StageClock {
 
     /// Log the finished stage and report it to systemd.
     pub fn done(&self, node: &str, outcome: Outcome, detail: &str) {
+        if let Some(i) = Stage::ALL.iter().position(|s| *s == self.stage) {
+            DURATIONS[i].store(
+                self.started.elapsed().as_secs_f64().to_bits(),
+                Ordering::Relaxed,
+            );
+        }
         info!(node = %node, stage = self.stage.name(), outcome = outcome.as_str(),
             duration_ms = self.duration_ms(), detail, "stage complete");
         if self.notify {

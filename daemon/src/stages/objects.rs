@@ -24,7 +24,7 @@ use crate::config::{Config, FenceAction, NodeMode};
 use crate::fencer::Ipmi;
 use crate::hypervisor::Libvirt;
 use crate::keepalive::Keepalive;
-use crate::reactors::ceph_monitor::CephMonitor;
+use crate::reactors::ceph_monitor::{CephMonitor, CephMonitorView};
 use crate::reactors::ceph_objects::{CephObjects, CephReactors};
 use crate::reactors::domain::{spawn_event_listener, DomainHost, DomainReconciler};
 use crate::reactors::duties;
@@ -83,6 +83,8 @@ pub struct Objects {
     pub ceph: Option<Arc<CephCli>>,
     /// The pool and volume reactors when `ceph` is `Some`.
     pub ceph_objects: Option<Arc<CephReactors>>,
+    /// The Ceph monitor's summary and pass duration when `ceph` is `Some` (`/metrics`).
+    pub ceph_monitor: Option<CephMonitorView>,
     /// Cancels the tasks that serve the objects (and the run loop's tickers) at shutdown.
     pub tasks: CancellationToken,
 }
@@ -136,7 +138,8 @@ pub fn spawn(i: Inputs<'_>) -> (Objects, Keepalive) {
         i.info,
     )
     .with_domains(domains.clone(), cfg.domains.stats_writes_per_tick as usize);
-    let (ceph_objects, keepalive) = spawn_ceph(cfg, store, &ceph, &i.role, &tasks, keepalive);
+    let (ceph_objects, ceph_monitor, keepalive) =
+        spawn_ceph(cfg, store, &ceph, &i.role, &tasks, keepalive);
     spawn_duties(
         cfg,
         i.netlink,
@@ -157,6 +160,7 @@ pub fn spawn(i: Inputs<'_>) -> (Objects, Keepalive) {
         net_host,
         ceph,
         ceph_objects,
+        ceph_monitor,
         tasks,
     };
     (objects, keepalive)
@@ -196,14 +200,23 @@ fn spawn_ceph(
     role: &RoleSender,
     tasks: &CancellationToken,
     mut keepalive: Keepalive,
-) -> (Option<Arc<CephReactors>>, Keepalive) {
+) -> (
+    Option<Arc<CephReactors>>,
+    Option<CephMonitorView>,
+    Keepalive,
+) {
     let node = cfg.node_name().to_string();
     let primary = role.get().primary;
+    let mut view = None;
     if ceph.is_some() {
         // Its own handle: the monitor reports a timeout once per outage, not per call.
         let cli = Arc::new(CephCli::from_config(&cfg.ceph).with_quiet_timeouts());
         let (mon, rx) = CephMonitor::new(cli, store.clone(), node.clone(), primary);
         let mon = mon.with_role(role.view());
+        view = Some(CephMonitorView {
+            health: rx.clone(),
+            last_duration: mon.duration_handle(),
+        });
         mon.spawn(cfg.ceph.interval, tasks.clone());
         keepalive = keepalive.with_ceph(rx);
     }
@@ -217,7 +230,7 @@ fn spawn_ceph(
         );
         Arc::new(CephReactors::spawn(Arc::new(objects), tasks.clone()))
     });
-    (ceph_objects, keepalive)
+    (ceph_objects, view, keepalive)
 }
 
 /// The primary-only duties that a takeover waits for.

@@ -24,6 +24,9 @@
 //!   3-node cluster with real guests and fake BMCs, with the shipped keepalive and fencing
 //!   timers, a node's daemon killed or its link cut → all its VMs running elsewhere, and
 //!   where the time goes (detection, grace, fence, placement, start); double runs counted.
+//! - `bench/metrics_scrape.rs` (`--metrics-scrape`, issue 15): what a `GET /metrics` costs
+//!   a daemon owning 100 and 1000 running VMs (test driver): bytes, series, CPU and wall
+//!   time per scrape.
 //!
 //! and the helpers they share: `bench/report.rs` (machine facts, the reproducing command,
 //! publishing), `bench/stats.rs` (summaries, percentiles, units), `bench/host.rs` (`/proc`
@@ -36,13 +39,16 @@
 //! `--vms-only` / `--skip-vms` select parts.
 //! Tables go to stdout and, unless `--no-write`, into `docs/benchmarks.md` between
 //! `<!-- bench:foundation:start -->` and `<!-- bench:foundation:end -->` (and the
-//! `bench:networks`, `bench:vms`, `bench:ceph`, `bench:ceph-objects`, `bench:cluster` and
-//! `bench:failover` markers). The daemons' own log lines are echoed on stderr by the harness.
+//! `bench:networks`, `bench:vms`, `bench:ceph`, `bench:ceph-objects`, `bench:cluster`,
+//! `bench:failover` and `bench:metrics-scrape` markers). The daemons' own log lines are
+//! echoed on stderr by the harness.
 
 use std::process::ExitCode;
 
 use bench::report::Machine;
-use bench::{ceph, ceph_objects, cluster, failover, foundation, networks, soak, vms};
+use bench::{
+    ceph, ceph_objects, cluster, failover, foundation, metrics_scrape, networks, soak, vms,
+};
 
 /// The figure sets and the helpers they share, one file each in `bench/` (declared inline:
 /// a `bench.rs` beside this file would be built as a binary of its own).
@@ -55,6 +61,7 @@ mod bench {
     pub(crate) mod foundation;
     pub(crate) mod host;
     pub(crate) mod logs;
+    pub(crate) mod metrics_scrape;
     pub(crate) mod networks;
     pub(crate) mod report;
     pub(crate) mod soak;
@@ -107,6 +114,8 @@ struct Args {
     failover_runs: usize,
     /// Stop starting failover runs after this many minutes (0: no limit).
     failover_budget_mins: u64,
+    /// Run only the `/metrics` scrape-cost figures (`bench/metrics_scrape.rs`).
+    metrics_scrape: bool,
     /// Run only the soak (`bench/soak.rs`).
     soak: bool,
     /// Fault schedules of the soak.
@@ -125,7 +134,8 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
                       [--vms-only | --skip-vms] [--ceph | --ceph-objects |
                       --cluster [--cluster-runs N] |
                       --failover [--failover-runs N] [--failover-budget-mins M] |
-                      --soak [--soak-runs N] [--soak-seed S] [--soak-budget-mins M]]
+                      --soak [--soak-runs N] [--soak-seed S] [--soak-budget-mins M] |
+                      --metrics-scrape]
                       [--no-write]
 
   --runs N          startup runs (default 10)
@@ -152,6 +162,9 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
   --failover-budget-mins M
                     start no failover run after M minutes (default 0: no limit); the
                     report says how many runs were done
+  --metrics-scrape  run only the /metrics scrape-cost figures (one daemon owning 100,
+                    then 1000 running VMs on the test driver; 200 scrapes each: bytes,
+                    series, CPU and wall time per scrape)
   --soak            run only the soak: randomized fault schedules (kill -9, link cut,
                     etcd-only cut, long and short SIGSTOP, flaps, primary lost
                     mid-recovery) on the --failover cluster with 4 real guests, counting
@@ -185,6 +198,7 @@ fn parse_args() -> BenchResult<Option<Args>> {
         failover: false,
         failover_runs: 20,
         failover_budget_mins: 0,
+        metrics_scrape: false,
         soak: false,
         soak_runs: 100,
         soak_seed: None,
@@ -243,6 +257,7 @@ fn parse_args() -> BenchResult<Option<Args>> {
             "--failover-budget-mins" => {
                 args.failover_budget_mins = value("--failover-budget-mins")?
             }
+            "--metrics-scrape" => args.metrics_scrape = true,
             "--soak" => args.soak = true,
             "--soak-runs" => {
                 args.soak_runs =
@@ -333,6 +348,9 @@ fn run(args: &Args) -> BenchResult<()> {
     }
     if args.failover {
         return failover::run(args, &Machine::probe());
+    }
+    if args.metrics_scrape {
+        return metrics_scrape::run(args, &Machine::probe());
     }
     if args.soak {
         return soak::run(args, &Machine::probe());

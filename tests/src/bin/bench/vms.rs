@@ -55,18 +55,18 @@ const TARGET_CONVERGE_PER_VM_MS: f64 = 10.0;
 /// VMs in the "first VMs" row of figure 1 (before a backlog can build up).
 const FIRST_VMS: usize = 100;
 /// etcd's default `--max-txn-ops`.
-const TXN_MAX_OPS: usize = 128;
+pub(crate) const TXN_MAX_OPS: usize = 128;
 /// Keys per VM in a request (`xml`, `node`, `state`).
-const KEYS_PER_VM: usize = 3;
+pub(crate) const KEYS_PER_VM: usize = 3;
 const _: () = assert!(TXN_MAX_OPS / KEYS_PER_VM * KEYS_PER_VM <= TXN_MAX_OPS);
 /// The daemon's default `domains.stats_writes_per_tick`.
 const STATS_BUDGET: usize = 64;
 /// How long a daemon may take to reach `run`.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Base deadline of a phase, plus [`PHASE_PER_VM`] per VM.
-const PHASE_BASE: Duration = Duration::from_secs(60);
+pub(crate) const PHASE_BASE: Duration = Duration::from_secs(60);
 /// Deadline added per VM.
-const PHASE_PER_VM: Duration = Duration::from_millis(50);
+pub(crate) const PHASE_PER_VM: Duration = Duration::from_millis(50);
 /// Deadline of one real guest reaching `running` / being removed.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Settle after a daemon reached `run` before writing.
@@ -125,15 +125,15 @@ pub(crate) fn run(args: &Args, machine: &Machine) -> BenchResult<()> {
 
 /// One VM the bench writes.
 #[derive(Debug, Clone)]
-struct VmSpec {
-    uuid: String,
+pub(crate) struct VmSpec {
+    pub(crate) uuid: String,
     name: String,
     xml: String,
 }
 
 impl VmSpec {
     /// A test-driver VM.
-    fn test_driver() -> VmSpec {
+    pub(crate) fn test_driver() -> VmSpec {
         let uuid = random_uuid();
         let name = unique_name("bench");
         let xml = test_driver_xml(&name, &uuid);
@@ -141,7 +141,7 @@ impl VmSpec {
     }
 
     /// The request's puts: definition, target and `state=start` together.
-    fn ops(&self, node: &str) -> Vec<TxnOp> {
+    pub(crate) fn ops(&self, node: &str) -> Vec<TxnOp> {
         vec![
             TxnOp::put(vm_key(&self.uuid, "xml"), self.xml.as_str(), None),
             TxnOp::put(vm_key(&self.uuid, "node"), node, None),
@@ -156,7 +156,7 @@ fn vm_key(uuid: &str, field: &str) -> String {
 }
 
 /// Connect a client to `etcd`.
-async fn connect(etcd: &EtcdProcess) -> BenchResult<Client> {
+pub(crate) async fn connect(etcd: &EtcdProcess) -> BenchResult<Client> {
     let ep = etcd.endpoint();
     Client::connect([ep.as_str()], None)
         .await
@@ -165,7 +165,7 @@ async fn connect(etcd: &EtcdProcess) -> BenchResult<Client> {
 
 /// Spawn a daemon for `node` (harness defaults: test driver, keepalive 1 s, TTL 3 s — the
 /// foundation's tick figure) with `env` overrides, and wait until it is in `run`.
-fn spawn_daemon(
+pub(crate) fn spawn_daemon(
     etcd: &EtcdProcess,
     node: &str,
     env: &[(&str, &str)],
@@ -199,14 +199,17 @@ fn spawn_daemon(
 type Running = (String, Instant);
 
 /// A watch on `vms/` forwarding the first arrival of each VM's `running` status.
-struct StatusWatch {
+pub(crate) struct StatusWatch {
     rx: mpsc::Receiver<Result<Running, String>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl StatusWatch {
     /// Open the watch (returns once etcd confirmed it).
-    fn start(rt: &tokio::runtime::Runtime, etcd: &EtcdProcess) -> BenchResult<StatusWatch> {
+    pub(crate) fn start(
+        rt: &tokio::runtime::Runtime,
+        etcd: &EtcdProcess,
+    ) -> BenchResult<StatusWatch> {
         let mut client = rt.block_on(connect(etcd))?;
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
@@ -270,7 +273,7 @@ impl StatusWatch {
 
     /// Collect `running` arrivals until all of `want` are in or `deadline`; the daemon must
     /// stay up meanwhile.
-    fn wait_all(
+    pub(crate) fn wait_all(
         &self,
         want: &HashSet<String>,
         d: &mut DaemonProcess,
