@@ -390,12 +390,14 @@ impl Election {
         .await;
         let generation = self.role.set(true);
         self.wait_duties(generation, "up").await;
-        self.set_state(CoordinatorState::Primary, "primary duties up")
-            .await;
+        // The request is cleared before `primary` is written, so whoever waits for
+        // `primary` (`node primary NAME --wait`) finds the request gone with it.
         if self.request().as_deref() == Some(self.node.as_str()) {
             self.clear_request().await;
             info!(node = %self.node, "handover request fulfilled");
         }
+        self.set_state(CoordinatorState::Primary, "primary duties up")
+            .await;
     }
 
     /// Primary until stop, a handover, a lost key or lease trouble.
