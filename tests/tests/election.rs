@@ -277,6 +277,42 @@ fn a_primary_killed_right_after_winning_has_its_address_released_by_its_guardian
     c.checker().assert_clean();
 }
 
+/// A node cut off right after it won (its takeover then hangs on etcd) demotes itself at
+/// its lease deadline like any primary: the next primary never finds the floating address
+/// held beside its own (the checker samples all along).
+#[test]
+fn a_primary_cut_off_right_after_winning_demotes_before_another_takes_over() {
+    skip_unless_root!();
+    let c = cluster(3);
+    let old = primary(&c);
+    let target = c
+        .nodes()
+        .iter()
+        .map(|n| n.name().to_string())
+        .find(|n| *n != old)
+        .expect("another node");
+    node(&c, &old)
+        .ctl_ok(&["node", "primary", &target])
+        .expect("node primary");
+    let t = node(&c, &target);
+    t.wait_log("the win", ELECT, |v| {
+        v["message"] == "coordinator_state changed" && v["to"] == "takeover"
+    })
+    .expect("target won");
+    t.cut_link().expect("cut");
+    let new = new_primary(&c, &target);
+    assert_ne!(new, target);
+    t.heal_link().expect("heal");
+    wait_until("the cut node back as a secondary", ELECT, || {
+        c.alive_nodes()
+            .ok()
+            .filter(|a| a.iter().any(|n| n == &target))
+            .map(drop)
+    })
+    .expect("back");
+    c.checker().assert_clean();
+}
+
 #[test]
 fn a_non_coordinator_never_wins_and_a_flapping_secondary_does_not_move_the_role() {
     skip_unless_root!();

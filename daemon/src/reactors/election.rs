@@ -212,8 +212,11 @@ impl Election {
             let Some(lk) = self.campaign(&stop).await else {
                 return;
             };
-            self.takeover(&lk).await;
-            match self.primary(&lk, &stop).await {
+            let exit = match self.takeover(&lk, &stop).await {
+                Some(exit) => exit,
+                None => self.primary(&lk, &stop).await,
+            };
+            match exit {
                 Exit::Stop => {
                     self.relinquish(&lk, "daemon stopping").await;
                     return;
@@ -381,23 +384,52 @@ impl Election {
         }
     }
 
-    /// Won: bring the duties up, then write `primary`.
-    async fn takeover(&self, lk: &LeaderKey) {
-        self.set_state(
-            CoordinatorState::Takeover,
-            &format!("won the election (lease {:x})", lk.lease()),
-        )
-        .await;
-        let generation = self.role.set(true);
-        self.wait_duties(generation, "up").await;
-        // The request is cleared before `primary` is written, so whoever waits for
-        // `primary` (`node primary NAME --wait`) finds the request gone with it.
-        if self.request().as_deref() == Some(self.node.as_str()) {
-            self.clear_request().await;
-            info!(node = %self.node, "handover request fulfilled");
-        }
-        self.set_state(CoordinatorState::Primary, "primary duties up")
+    /// Won: bring the duties up, then write `primary` — all within the lease deadline. A
+    /// takeover held up past it (etcd or a duty stuck: the link cut right after the win)
+    /// demotes instead of keeping a role it can no longer hold: otherwise the duties would
+    /// keep the floating address up (even re-adding it after the guardian released it)
+    /// while another node takes over. `Some(exit)` when the takeover did not complete.
+    async fn takeover(&self, lk: &LeaderKey, stop: &CancellationToken) -> Option<Exit> {
+        let up = async {
+            self.set_state(
+                CoordinatorState::Takeover,
+                &format!("won the election (lease {:x})", lk.lease()),
+            )
             .await;
+            let generation = self.role.set(true);
+            self.wait_duties(generation, "up").await;
+            // The request is cleared before `primary` is written, so whoever waits for
+            // `primary` (`node primary NAME --wait`) finds the request gone with it.
+            if self.request().as_deref() == Some(self.node.as_str()) {
+                self.clear_request().await;
+                info!(node = %self.node, "handover request fulfilled");
+            }
+            self.set_state(CoordinatorState::Primary, "primary duties up")
+                .await;
+        };
+        tokio::pin!(up);
+        let mut lease_state = self.lease_state.clone();
+        loop {
+            let deadline = lease_state
+                .borrow()
+                .valid_until()
+                .map(|v| v.checked_sub(self.cfg.demote_margin).unwrap_or(v));
+            let Some(deadline) = deadline else {
+                return Some(self.demote("the node lease is lost").await);
+            };
+            tokio::select! {
+                _ = &mut up => return None,
+                _ = stop.cancelled() => return Some(Exit::Stop),
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
+                    return Some(self.demote("the node lease was not renewed in time while taking over").await);
+                }
+                changed = lease_state.changed() => {
+                    if changed.is_err() || matches!(*lease_state.borrow(), LeaseState::Lost { .. }) {
+                        return Some(self.demote("the node lease is lost").await);
+                    }
+                }
+            }
+        }
     }
 
     /// Primary until stop, a handover, a lost key or lease trouble.

@@ -20,7 +20,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::lock;
-use super::node::spawn_daemon;
 use super::power::{
     instant_of_monotonic, kill_all_in, network_off, PowerMsg, KILL_WAIT, NODE_LINK,
 };
@@ -379,4 +378,27 @@ fn node_down(state: &PowerState, parts: &NodeParts, at: Instant, survivors: usiz
             state.node
         );
     }
+}
+
+/// Spawn a daemon from `builder` into `slot` unless one runs there; the instant.
+pub(super) fn spawn_daemon(
+    slot: &Mutex<Option<DaemonProcess>>,
+    builder: &DaemonBuilder,
+    stopped: &AtomicBool,
+) -> Result<Instant> {
+    let mut d = lock(slot);
+    if let Some(p) = d.as_mut() {
+        if p.is_running() {
+            return Err(HarnessError::State(format!(
+                "node {}: the daemon runs already (pid {})",
+                p.node(),
+                p.pid()
+            )));
+        }
+    }
+    let p = builder.clone().spawn()?;
+    let at = Instant::now();
+    stopped.store(false, Ordering::SeqCst);
+    *d = Some(p);
+    Ok(at)
 }

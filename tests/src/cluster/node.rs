@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::bmc::Bmc;
+use super::boot::spawn_daemon;
 use super::flap::Flap;
 use super::guest::DhcpGuest;
 use super::power::{processes_in, NodeProcess};
@@ -54,29 +55,6 @@ pub struct Node {
     // Dropped after the daemon (field order), before the namespace.
     pub(super) libvirt: Option<Arc<IsolatedLibvirt>>,
     pub(super) ns: NetNs,
-}
-
-/// Spawn a daemon from `builder` into `slot` unless one runs there; the instant.
-pub(super) fn spawn_daemon(
-    slot: &Mutex<Option<DaemonProcess>>,
-    builder: &DaemonBuilder,
-    stopped: &AtomicBool,
-) -> Result<Instant> {
-    let mut d = lock(slot);
-    if let Some(p) = d.as_mut() {
-        if p.is_running() {
-            return Err(HarnessError::State(format!(
-                "node {}: the daemon runs already (pid {})",
-                p.node(),
-                p.pid()
-            )));
-        }
-    }
-    let p = builder.clone().spawn()?;
-    let at = Instant::now();
-    stopped.store(false, Ordering::SeqCst);
-    *d = Some(p);
-    Ok(at)
 }
 
 impl Node {
