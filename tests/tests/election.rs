@@ -46,6 +46,15 @@ fn new_primary(c: &Cluster, old: &str) -> String {
     p
 }
 
+/// The first node (by name) that is not `name`.
+fn other_than(c: &Cluster, name: &str) -> String {
+    c.nodes()
+        .iter()
+        .map(|n| n.name().to_string())
+        .find(|n| n != name)
+        .expect("another node")
+}
+
 fn node<'a>(c: &'a Cluster, name: &str) -> &'a Node {
     c.node_named(name).expect("node")
 }
@@ -190,12 +199,7 @@ fn node_primary_moves_the_role_to_the_named_coordinator() {
     skip_unless_root!();
     let c = cluster(3);
     let old = primary(&c);
-    let target = c
-        .nodes()
-        .iter()
-        .map(|n| n.name().to_string())
-        .find(|n| *n != old)
-        .expect("another node");
+    let target = other_than(&c, &old);
     let out = node(&c, &old)
         .ctl_ok(&["node", "primary", &target, "--wait", "--timeout", "30s"])
         .expect("node primary");
@@ -231,12 +235,7 @@ fn a_primary_killed_right_after_winning_has_its_address_released_by_its_guardian
     skip_unless_root!();
     let c = cluster(3);
     let old = primary(&c);
-    let target = c
-        .nodes()
-        .iter()
-        .map(|n| n.name().to_string())
-        .find(|n| *n != old)
-        .expect("another node");
+    let target = other_than(&c, &old);
     let fl = IpAddr::from(c.floating().expect("floating"));
     node(&c, &old)
         .ctl_ok(&["node", "primary", &target])
@@ -285,12 +284,7 @@ fn a_primary_cut_off_right_after_winning_demotes_before_another_takes_over() {
     skip_unless_root!();
     let c = cluster(3);
     let old = primary(&c);
-    let target = c
-        .nodes()
-        .iter()
-        .map(|n| n.name().to_string())
-        .find(|n| *n != old)
-        .expect("another node");
+    let target = other_than(&c, &old);
     node(&c, &old)
         .ctl_ok(&["node", "primary", &target])
         .expect("node primary");

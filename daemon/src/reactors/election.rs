@@ -92,6 +92,35 @@ use schema::{ELECTION_PRIMARY as ELECTION, ELECTION_REQUEST as REQUEST};
 /// Bound of the etcd calls made while primary (the lease deadline keeps running).
 const SHORT: Duration = Duration::from_millis(500);
 
+/// When this node's primacy must end: resolves with the reason once the lease is lost or
+/// its deadline (`valid_until − margin`, the bound before which the server cannot expire
+/// it) passes without a renewal. The takeover and the primary loop both race their work
+/// against it, so a primary never outlives its lease whatever it is waiting for.
+async fn lease_ends(
+    lease_state: &mut watch::Receiver<LeaseState>,
+    margin: Duration,
+) -> &'static str {
+    loop {
+        let deadline = lease_state
+            .borrow()
+            .valid_until()
+            .map(|v| v.checked_sub(margin).unwrap_or(v));
+        let Some(deadline) = deadline else {
+            return "the node lease is lost";
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
+                return "the node lease was not renewed in time; it may expire on the server";
+            }
+            changed = lease_state.changed() => {
+                if changed.is_err() || matches!(*lease_state.borrow(), LeaseState::Lost { .. }) {
+                    return "the node lease is lost";
+                }
+            }
+        }
+    }
+}
+
 /// Follow `election/request` (list, then watch; again after a break) into `tx`, until
 /// `stop`, so the election reads it without waiting on etcd.
 fn spawn_request_watcher(store: Store, tx: watch::Sender<Option<String>>, stop: CancellationToken) {
@@ -407,28 +436,11 @@ impl Election {
             self.set_state(CoordinatorState::Primary, "primary duties up")
                 .await;
         };
-        tokio::pin!(up);
         let mut lease_state = self.lease_state.clone();
-        loop {
-            let deadline = lease_state
-                .borrow()
-                .valid_until()
-                .map(|v| v.checked_sub(self.cfg.demote_margin).unwrap_or(v));
-            let Some(deadline) = deadline else {
-                return Some(self.demote("the node lease is lost").await);
-            };
-            tokio::select! {
-                _ = &mut up => return None,
-                _ = stop.cancelled() => return Some(Exit::Stop),
-                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
-                    return Some(self.demote("the node lease was not renewed in time while taking over").await);
-                }
-                changed = lease_state.changed() => {
-                    if changed.is_err() || matches!(*lease_state.borrow(), LeaseState::Lost { .. }) {
-                        return Some(self.demote("the node lease is lost").await);
-                    }
-                }
-            }
+        tokio::select! {
+            _ = up => None,
+            _ = stop.cancelled() => Some(Exit::Stop),
+            why = lease_ends(&mut lease_state, self.cfg.demote_margin) => Some(self.demote(why).await),
         }
     }
 
@@ -448,24 +460,10 @@ impl Election {
         // When the current handover request was first seen (it times out).
         let mut handover_since: Option<(String, Instant)> = None;
         loop {
-            let deadline = self
-                .lease_state
-                .borrow()
-                .valid_until()
-                .map(|v| v.checked_sub(self.cfg.demote_margin).unwrap_or(v));
-            let Some(deadline) = deadline else {
-                return self.demote("the node lease is lost").await;
-            };
-            let deadline = tokio::time::Instant::from_std(deadline);
             tokio::select! {
                 _ = stop.cancelled() => return Exit::Stop,
-                _ = tokio::time::sleep_until(deadline) => {
-                    return self.demote("the node lease was not renewed in time; it may expire on the server").await;
-                }
-                changed = self.lease_state.changed() => {
-                    if changed.is_err() || matches!(*self.lease_state.borrow(), LeaseState::Lost { .. }) {
-                        return self.demote("the node lease is lost").await;
-                    }
+                why = lease_ends(&mut self.lease_state, self.cfg.demote_margin) => {
+                    return self.demote(why).await;
                 }
                 msg = async {
                     match watch.as_mut() {

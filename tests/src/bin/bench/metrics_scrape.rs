@@ -16,15 +16,12 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use debvisor_tests::{free_port, DaemonProcess, EtcdProcess};
-use etcd_client::{Txn, TxnOp};
 
 use super::clock::now_utc_string;
 use super::host::{clk_tck, cpu_ticks, load_triple};
 use super::report::{bench_command, publish, Machine};
 use super::stats::{ms, nearest_rank};
-use super::vms::{
-    connect, spawn_daemon, StatusWatch, VmSpec, KEYS_PER_VM, PHASE_BASE, PHASE_PER_VM, TXN_MAX_OPS,
-};
+use super::vms::{connect, put_vms, spawn_daemon, StatusWatch, VmSpec, PHASE_BASE, PHASE_PER_VM};
 use crate::{Args, BenchResult};
 
 /// Start marker of the generated section in `docs/benchmarks.md`.
@@ -130,19 +127,7 @@ fn measure_size(
     let new: Vec<VmSpec> = (vms.len()..size).map(|_| VmSpec::test_driver()).collect();
     let watch = StatusWatch::start(rt, etcd)?;
     let mut client = rt.block_on(connect(etcd))?;
-    rt.block_on(async {
-        for chunk in new.chunks(TXN_MAX_OPS / KEYS_PER_VM) {
-            let ops: Vec<TxnOp> = chunk.iter().flat_map(|v| v.ops(NODE)).collect();
-            let r = client
-                .txn(Txn::new().and_then(ops))
-                .await
-                .map_err(|e| format!("writing {} VMs: {e}", chunk.len()))?;
-            if !r.succeeded() {
-                return Err("a VM write transaction failed".to_owned());
-            }
-        }
-        Ok::<_, String>(())
-    })?;
+    rt.block_on(put_vms(&mut client, &new, NODE))?;
     let want: HashSet<String> = new.iter().map(|v| v.uuid.clone()).collect();
     watch.wait_all(&want, d, PHASE_BASE + PHASE_PER_VM * size as u32)?;
     drop(watch);

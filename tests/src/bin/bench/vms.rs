@@ -59,6 +59,28 @@ pub(crate) const TXN_MAX_OPS: usize = 128;
 /// Keys per VM in a request (`xml`, `node`, `state`).
 pub(crate) const KEYS_PER_VM: usize = 3;
 const _: () = assert!(TXN_MAX_OPS / KEYS_PER_VM * KEYS_PER_VM <= TXN_MAX_OPS);
+
+/// Write `vms` for `node` as an operator would, as many per transaction as etcd takes;
+/// the number of transactions.
+pub(crate) async fn put_vms(
+    client: &mut etcd_client::Client,
+    vms: &[VmSpec],
+    node: &str,
+) -> BenchResult<usize> {
+    let mut txns = 0;
+    for chunk in vms.chunks(TXN_MAX_OPS / KEYS_PER_VM) {
+        let ops: Vec<TxnOp> = chunk.iter().flat_map(|v| v.ops(node)).collect();
+        let r = client
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map_err(|e| format!("writing {} VMs: {e}", chunk.len()))?;
+        if !r.succeeded() {
+            return Err("a VM write transaction failed".to_owned());
+        }
+        txns += 1;
+    }
+    Ok(txns)
+}
 /// The daemon's default `domains.stats_writes_per_tick`.
 const STATS_BUDGET: usize = 64;
 /// How long a daemon may take to reach `run`.
@@ -738,7 +760,6 @@ fn bench_converge(
     let vms: Vec<VmSpec> = (0..n).map(|_| VmSpec::test_driver()).collect();
     let watch = StatusWatch::start(rt, &etcd)?;
     let mut client = rt.block_on(connect(&etcd))?;
-    let per_txn = TXN_MAX_OPS / KEYS_PER_VM;
     let pid = d.pid();
     let load0 = loadavg();
     let m0 = fetch_metrics(etcd.client_addr())?;
@@ -746,21 +767,7 @@ fn bench_converge(
     let ecpu0 = cpu_ticks(etcd_pid)?;
     let wall0 = epoch_micros(SystemTime::now());
     let t0 = Instant::now();
-    let txns = rt.block_on(async {
-        let mut txns = 0;
-        for chunk in vms.chunks(per_txn) {
-            let ops: Vec<TxnOp> = chunk.iter().flat_map(|v| v.ops(NODE_CONV)).collect();
-            let r = client
-                .txn(Txn::new().and_then(ops))
-                .await
-                .map_err(|e| format!("writing {} VMs: {e}", chunk.len()))?;
-            if !r.succeeded() {
-                return Err("a VM write transaction failed".to_owned());
-            }
-            txns += 1;
-        }
-        Ok::<_, String>(txns)
-    })?;
+    let txns = rt.block_on(put_vms(&mut client, &vms, NODE_CONV))?;
     let write_all = t0.elapsed();
     let want: HashSet<String> = vms.iter().map(|v| v.uuid.clone()).collect();
     let seen = watch.wait_all(&want, &mut d, PHASE_BASE + PHASE_PER_VM * n as u32)?;
