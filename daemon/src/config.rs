@@ -580,8 +580,8 @@ pub struct FencingConfig {
     /// Timeout of one fence: power off, then power status until Off.
     #[serde(with = "duration_str")]
     pub timeout: Duration,
-    /// Power a fenced node on again afterwards (it comes back fenced: no guests until
-    /// readmitted).
+    /// Power a fenced node on again once its VMs run elsewhere (it comes back fenced: no
+    /// guests until readmitted).
     pub power_on_after: bool,
     /// How long the primary waits after a node's `alive` vanished before declaring it dead.
     /// Unset: the self-fence margin + 3s (time to destroy its guests).

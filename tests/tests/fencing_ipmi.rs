@@ -3,7 +3,9 @@
 //! node's own libvirtd: no UUID may run on two nodes at any instant.
 //!
 //! - kill -9 of a node's daemon with two guests: the primary declares it dead, powers it off
-//!   over IPMI (confirmed Off), and both guests run on other nodes.
+//!   over IPMI (confirmed Off), and both guests run on other nodes; with
+//!   `power_on_after`, the node is powered on once they do, and comes back fenced, running
+//!   none of them.
 //! - its BMC unreachable, `failed_fence: migrate`: the fence fails; the node's guardian has
 //!   stopped its guests at the self-fence deadline (the daemon was killed, its guests were
 //!   not), so the primary recovers them under the self-fence bound — and the recorder finds
@@ -73,7 +75,7 @@ fn kill9_of_a_node_is_fenced_over_ipmi_and_its_guests_run_elsewhere_never_twice(
         return;
     }
     require_kvm();
-    let c = cluster("fencing:\n  enabled: true\n");
+    let c = cluster("fencing:\n  enabled: true\n  power_on_after: true\n");
     let v = victim(&c);
     let vms = [guest(&c, &v, "fence-a"), guest(&c, &v, "fence-b")];
     for uuid in &vms {
@@ -81,18 +83,52 @@ fn kill9_of_a_node_is_fenced_over_ipmi_and_its_guests_run_elsewhere_never_twice(
     }
     let i = c.node_named(&v).expect("node").index();
     c.node_named(&v).expect("node").kill9().expect("kill -9");
+    // Powered on only after the recovery (a node booted earlier registers and holds the
+    // recovery up: it waits for the node's `alive` key to be gone). The power state is read
+    // before the record, so "On, and not yet recovered" is a real ordering fault.
+    let mut off_seen = false;
+    let rec = wait_until("powered off, recovered, powered on", WAIT, || {
+        let power = c.bmc(i).power().ok();
+        let rec = fence_record(&c, &v);
+        let recovered = rec.as_ref().is_some_and(|r| r["state"] == "recovered");
+        match power {
+            Some(Power::Off) => off_seen = true,
+            Some(Power::On) if off_seen => {
+                assert!(
+                    recovered,
+                    "powered on before its VMs were recovered: {rec:?}"
+                );
+                return rec;
+            }
+            _ => {}
+        }
+        None
+    })
+    .expect("the primary fences the node, recovers its VMs and powers it on again");
+    assert_eq!(rec["by"], "ipmi", "{rec}");
     for uuid in &vms {
         running(&c, uuid, Some(&v));
     }
-    assert_eq!(c.bmc(i).power().expect("power status"), Power::Off);
-    let rec = fence_record(&c, &v).expect("fence record");
-    assert_eq!(rec["by"], "ipmi", "{rec}");
+    wait_until("back and registered", WAIT, || {
+        c.etcd_get(&format!("nodes/{v}/alive")).ok().flatten()
+    })
+    .expect("the node's daemon comes back");
     assert_eq!(
         c.etcd_get(&format!("nodes/{v}/daemon_state"))
             .expect("get")
             .as_deref(),
-        Some("fenced")
+        Some("fenced"),
+        "a fenced node that comes back stays fenced"
     );
+    for uuid in &vms {
+        assert_ne!(
+            c.etcd_get(&format!("vms/{uuid}/node"))
+                .expect("get")
+                .as_deref(),
+            Some(v.as_str()),
+            "its VMs stay where they were recovered to"
+        );
+    }
     c.runs().sync(2, WAIT).expect("recorder sync");
     c.runs().assert_no_double_run();
 }

@@ -339,18 +339,47 @@ impl Fencing {
         warn!(node = %node, primary = %self.me, bmc = %bmc.host, port = bmc.port, "fence started: IPMI power off");
         self.record(node, "fencing", None, None, seen).await;
         let (node, tx) = (node.to_string(), tx.clone());
-        let (timeout, power_on) = (self.timeout, self.power_on_after);
+        let timeout = self.timeout;
         tokio::spawn(async move {
             let r = ipmi.fence(&bmc, timeout).await.map_err(|e| e.to_string());
-            if r.is_ok() && power_on {
-                match ipmi.power_on(&bmc).await {
-                    Ok(()) => {
-                        info!(node = %node, "fenced node powered on again (it stays fenced until readmitted)")
-                    }
-                    Err(e) => warn!(node = %node, error = %e, "fenced node not powered on again"),
+            let _ = tx.send((node, r));
+        });
+    }
+
+    /// With `fencing.power_on_after`: power a node fenced over IPMI on again, once its VMs
+    /// run elsewhere. Not earlier: recovery is guarded on the node's `alive` key being
+    /// absent, and a node booted back would register (fenced, no guests) and hold every
+    /// recovery up until it went down again.
+    fn power_on_after_recovery(&self, node: &str, rec: &NodeRecord) {
+        if !self.power_on_after {
+            return;
+        }
+        let by_ipmi = rec
+            .fence
+            .as_ref()
+            .and_then(|f| f.by.as_deref())
+            .is_some_and(|b| b == by_str(FencedBy::Ipmi));
+        if !by_ipmi {
+            info!(node = %node, primary = %self.me, "fenced node not powered on again: it was not powered off over IPMI");
+            return;
+        }
+        let (Some(ipmi), Some(bmc)) = (self.ipmi.clone(), rec.bmc.clone()) else {
+            return;
+        };
+        if let Err(e) = check_bmc(&bmc) {
+            warn!(node = %node, primary = %self.me, error = %e, "fenced node not powered on again");
+            return;
+        }
+        let (node, me) = (node.to_string(), self.me.clone());
+        tokio::spawn(async move {
+            match ipmi.power_on(&bmc).await {
+                Ok(()) => {
+                    info!(node = %node, primary = %me, "fenced node powered on again after its VMs were recovered (it stays fenced until readmitted)")
+                }
+                Err(e) => {
+                    warn!(node = %node, primary = %me, error = %e, "fenced node not powered on again")
                 }
             }
-            let _ = tx.send((node, r));
         });
     }
 
@@ -451,10 +480,16 @@ impl Fencing {
             lease: self.lease_of(dead, seen),
         };
         let value = serde_json::to_string(&r).unwrap_or_default();
-        let _ = self
+        match self
             .store
             .put(&schema::node_key(dead, NodeField::Fence), value)
-            .await;
+            .await
+        {
+            Ok(_) => self.power_on_after_recovery(dead, rec),
+            Err(e) => {
+                warn!(node = %dead, primary = %self.me, error = %e, "recovered state not written; the next tick writes it again")
+            }
+        }
         self.set_domain_state(dead, rec, DomainState::Flushed).await;
     }
 
