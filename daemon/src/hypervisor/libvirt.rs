@@ -715,9 +715,8 @@ impl Libvirt {
             self.slow_timeout(),
             move |c| {
                 let d = c.require(&uuid)?;
-                if c.is_active(&d)? {
-                    return Ok(Outcome::Unchanged);
-                }
+                // No "is it running?" round trip first: libvirt refuses to start a running
+                // domain, and that refusal is then checked.
                 match d.create() {
                     Ok(_) => Ok(Outcome::Changed),
                     Err(e) if e.code() == ErrorNumber::OperationInvalid && c.is_active(&d)? => {

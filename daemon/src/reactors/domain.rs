@@ -31,7 +31,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::ceph::{check_rbd_start, CephCli};
 use crate::config::{DomainsConfig, SelfFenceAction};
-use crate::hypervisor::{DomainInfo, DomainState, ErrorKind, Libvirt, MigrateOptions};
+use crate::hypervisor::{
+    DomainEvent, DomainInfo, DomainState, ErrorKind, Libvirt, Lifecycle, MigrateOptions,
+};
 use crate::reactors::fence_evidence::{self, RecordSeen};
 use crate::reactors::removals::{GuardConfig, RemovalGuard, Verdict};
 
@@ -102,10 +104,13 @@ pub struct DomainHost {
     migrations: Semaphore,
     /// Domains on this host that are not ours: uuid → name (health, logs).
     foreign: Mutex<BTreeMap<String, String>>,
-    /// DebVisor marks read from domains on this host: uuid → the node that defined it
-    /// (`None`: no mark, someone else's domain). Read once per domain, forgotten on every
-    /// libvirt event of the domain and when we define or undefine it.
-    marks: Mutex<HashMap<String, Option<String>>>,
+    /// DebVisor marks read from domains on this host: uuid → the node that defined it and
+    /// the digest of the etcd XML it was defined from (`None`: no mark, someone else's
+    /// domain). Read once per domain; forgotten on every libvirt event of the domain that
+    /// may change its definition or identity ([`keeps_definition`] says which do not), on
+    /// a relist after lost events, and when we define or undefine it. A start then costs
+    /// no XML read.
+    marks: Mutex<HashMap<String, Option<domain::Mark>>>,
     /// Removals of VMs that vanished from etcd wait here for evidence (see `removals`).
     guard: Mutex<RemovalGuard>,
     /// Foreign domains whose VM keys were deleted, already logged.
@@ -473,18 +478,28 @@ impl DomainHost {
     /// The node whose DebVisor mark the domain `uuid` carries (`None`: not ours), read once
     /// and remembered until the domain changes.
     async fn mark_of(&self, uuid: &str) -> Result<Option<String>, ReconcileError> {
+        Ok(self.mark(uuid).await?.map(|m| m.node))
+    }
+
+    /// The DebVisor mark of the domain `uuid` (`None`: none), read once and remembered.
+    async fn mark(&self, uuid: &str) -> Result<Option<domain::Mark>, ReconcileError> {
         if let Some(m) = lock(&self.marks).get(uuid) {
             return Ok(m.clone());
         }
         let xml = self.hv.xml(uuid).await.map_err(host_err)?;
-        let node = domain::read_mark(&xml).map(|m| m.node);
-        lock(&self.marks).insert(uuid.to_string(), node.clone());
-        Ok(node)
+        let mark = domain::read_mark(&xml);
+        lock(&self.marks).insert(uuid.to_string(), mark.clone());
+        Ok(mark)
     }
 
     /// The domain changed on this host (libvirt event): read its mark again when needed.
     pub fn forget_mark(&self, uuid: &str) {
         lock(&self.marks).remove(uuid);
+    }
+
+    /// libvirt's events may have been lost: read every mark again when needed.
+    fn forget_marks(&self) {
+        lock(&self.marks).clear();
     }
 
     /// An operator confirmed the held removals (`debvisorctl node confirm-removals`): the
@@ -663,11 +678,9 @@ impl DomainHost {
 
     /// Is the host's definition the one etcd asks for (our mark carries its digest)?
     async fn xml_current(&self, vm: &Vm) -> bool {
-        match self.hv.xml(&vm.uuid).await {
-            Ok(x) => domain::read_mark(&x)
-                .map(|m| m.digest == domain::xml_digest(&vm.xml))
-                .unwrap_or(false),
-            Err(_) => false,
+        match self.mark(&vm.uuid).await {
+            Ok(Some(m)) => m.digest == domain::xml_digest(&vm.xml),
+            _ => false,
         }
     }
 
@@ -727,9 +740,15 @@ impl DomainHost {
             }
         });
         let mut vm = vm.clone();
+        // What the host said, kept across a round that only wrote etcd (the lock won): the
+        // start right after needs no second look (a start of a running domain is a no-op).
+        let mut host_view: Option<(Option<DomainInfo>, Option<Local>)> = None;
         // At most a few plan → act rounds per reconcile (lock won → start at once).
         for _ in 0..4 {
-            let (info, local) = self.local(&vm).await?;
+            let (info, local) = match host_view.take() {
+                Some(v) => v,
+                None => self.local(&vm).await?,
+            };
             let running = local
                 .as_ref()
                 .is_some_and(|l| matches!(l.state, LocalState::Running | LocalState::Paused));
@@ -817,6 +836,7 @@ impl DomainHost {
                                     revision: lockrev,
                                 });
                                 vm.owner = Some(me.to_string());
+                                host_view = Some((info.clone(), local.clone()));
                                 replan = true;
                             }
                             // Someone else changed the VM: its watch event brings us back.
@@ -847,7 +867,13 @@ impl DomainHost {
                             .await?;
                             return Ok(Action::AwaitChange);
                         }
-                        lock(&self.marks).insert(uuid.to_string(), Some(me.to_string()));
+                        lock(&self.marks).insert(
+                            uuid.to_string(),
+                            Some(domain::Mark {
+                                node: me.to_string(),
+                                digest: domain::xml_digest(&vm.xml),
+                            }),
+                        );
                         info!(vm = %vm.name, uuid, node = %me, "domain defined from etcd");
                     }
                     Step::Start => {
@@ -1185,6 +1211,10 @@ impl DomainHost {
                 return;
             }
         };
+        // Marks of domains gone from the host (a transient one stops without an undefine).
+        let listed: std::collections::HashSet<&str> =
+            list.iter().map(|d| d.uuid.as_str()).collect();
+        lock(&self.marks).retain(|u, _| listed.contains(u.as_str()));
         let known: HashMap<String, Arc<Entry<Vm>>> = vms.list().into_iter().collect();
         let mut local: HashMap<&str, &DomainInfo> = HashMap::new();
         let mut foreign = BTreeMap::new();
@@ -1275,6 +1305,20 @@ impl Reconciler<VmKind> for DomainReconciler {
     }
 }
 
+/// Does a libvirt lifecycle event leave a domain's definition and identity as they were
+/// (a boot, a pause, a stop), so a remembered mark stays true? Anything else (defined,
+/// undefined, started by a migration or a restore) has the mark read again.
+fn keeps_definition(e: &Lifecycle) -> bool {
+    match e {
+        Lifecycle::Started { reason } => reason == "booted",
+        Lifecycle::Suspended { .. }
+        | Lifecycle::Resumed { .. }
+        | Lifecycle::ShuttingDown { .. }
+        | Lifecycle::Stopped { .. } => true,
+        _ => false,
+    }
+}
+
 /// Lifecycle events → reconcile the VM at once; a `Resync` event → a full resync. Runs until
 /// `cancel`; resubscribes when the event stream ends.
 pub fn spawn_event_listener(
@@ -1300,8 +1344,12 @@ pub fn spawn_event_listener(
                     ev = rx.recv() => ev,
                 };
                 let Some(ev) = ev else { break };
-                if let Some(uuid) = ev.uuid() {
-                    host.forget_mark(uuid);
+                match &ev {
+                    DomainEvent::Lifecycle { uuid, event, .. } if !keeps_definition(event) => {
+                        host.forget_mark(uuid)
+                    }
+                    DomainEvent::Lifecycle { .. } => {}
+                    DomainEvent::Resync { .. } => host.forget_marks(),
                 }
                 match ev.uuid() {
                     Some(uuid) if vms.get(uuid).is_some() => {
@@ -1314,4 +1362,28 @@ pub fn spawn_event_listener(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::StopReason;
+
+    #[test]
+    fn only_events_that_keep_the_definition_keep_a_mark() {
+        let started = |r: &str| Lifecycle::Started { reason: r.into() };
+        assert!(keeps_definition(&started("booted")));
+        for r in ["migrated", "restored", "from_snapshot", "wakeup"] {
+            assert!(!keeps_definition(&started(r)), "{r}");
+        }
+        assert!(keeps_definition(&Lifecycle::Stopped {
+            reason: StopReason::Destroyed
+        }));
+        assert!(keeps_definition(&Lifecycle::Suspended {
+            reason: "paused".into()
+        }));
+        assert!(!keeps_definition(&Lifecycle::Defined { updated: true }));
+        assert!(!keeps_definition(&Lifecycle::Defined { updated: false }));
+        assert!(!keeps_definition(&Lifecycle::Undefined));
+    }
 }

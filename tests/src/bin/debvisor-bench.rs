@@ -47,7 +47,8 @@ use std::process::ExitCode;
 
 use bench::report::Machine;
 use bench::{
-    ceph, ceph_objects, cluster, failover, foundation, metrics_scrape, networks, soak, vms,
+    ceph, ceph_objects, cluster, failover, foundation, metrics_scrape, networks, soak, vm_start,
+    vms,
 };
 
 /// The figure sets and the helpers they share, one file each in `bench/` (declared inline:
@@ -67,6 +68,7 @@ mod bench {
     pub(crate) mod soak;
     pub(crate) mod stats;
     pub(crate) mod ticks;
+    pub(crate) mod vm_start;
     pub(crate) mod vms;
 }
 
@@ -118,6 +120,8 @@ struct Args {
     metrics_scrape: bool,
     /// Run only the soak (`bench/soak.rs`).
     soak: bool,
+    /// Run only the VM-start overhead figure (`bench/vm_start.rs`; cycles: `--runs`).
+    vm_start: bool,
     /// Fault schedules of the soak.
     soak_runs: usize,
     /// Seed of the soak's draws (`None`: from the clock; the report names it).
@@ -135,7 +139,7 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
                       --cluster [--cluster-runs N] |
                       --failover [--failover-runs N] [--failover-budget-mins M] |
                       --soak [--soak-runs N] [--soak-seed S] [--soak-budget-mins M] |
-                      --metrics-scrape]
+                      --metrics-scrape | --vm-start [--runs N]]
                       [--no-write]
 
   --runs N          startup runs (default 10)
@@ -173,6 +177,9 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
   --soak-seed S     seed of the soak's draws (default: from the clock)
   --soak-budget-mins M
                     start no soak schedule after M minutes (default 0: no limit)
+  --vm-start        run only the VM-start overhead figure: a defined KVM guest started
+                    through etcd by the daemon vs raw virDomainCreate, --runs interleaved
+                    cycles (use --runs 20; needs root, /dev/kvm)
   --no-write        print only; do not update docs/benchmarks.md";
 
 /// Parse `std::env::args()`; `Ok(None)` for `--help`.
@@ -200,6 +207,7 @@ fn parse_args() -> BenchResult<Option<Args>> {
         failover_budget_mins: 0,
         metrics_scrape: false,
         soak: false,
+        vm_start: false,
         soak_runs: 100,
         soak_seed: None,
         soak_budget_mins: 0,
@@ -259,6 +267,7 @@ fn parse_args() -> BenchResult<Option<Args>> {
             }
             "--metrics-scrape" => args.metrics_scrape = true,
             "--soak" => args.soak = true,
+            "--vm-start" => args.vm_start = true,
             "--soak-runs" => {
                 args.soak_runs =
                     usize::try_from(value("--soak-runs")?).map_err(|e| e.to_string())?
@@ -354,6 +363,9 @@ fn run(args: &Args) -> BenchResult<()> {
     }
     if args.soak {
         return soak::run(args, &Machine::probe());
+    }
+    if args.vm_start {
+        return vm_start::run(args, &Machine::probe());
     }
     let with_networks = !args.skip_networks && !args.vms_only;
     if with_networks && !debvisor_tests::is_root() {

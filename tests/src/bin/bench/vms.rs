@@ -173,7 +173,7 @@ impl VmSpec {
 }
 
 /// `/debvisor/vms/<uuid>/<field>`.
-fn vm_key(uuid: &str, field: &str) -> String {
+pub(crate) fn vm_key(uuid: &str, field: &str) -> String {
     format!("{VMS_PREFIX}{uuid}/{field}")
 }
 
