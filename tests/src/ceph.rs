@@ -1,5 +1,8 @@
 //! A real one-host Ceph cluster for tests: one mon, one mgr and memstore OSDs on 127.0.0.1,
 //! with cephx, everything (config, keyrings, data, logs, admin sockets) in one temp directory.
+//! [`CephCluster::start_in`] runs the same cluster inside a network namespace, bound to an
+//! address there (e.g. the multi-node harness's switch, so every node namespace reaches it);
+//! the harness's own `ceph`/`rbd` calls then run in that namespace too.
 //!
 //! The daemons run in the foreground as our children; dropping [`CephCluster`] SIGKILLs each
 //! by PID and removes the directory, also when a test panics. [`sweep_stale`] removes what a
@@ -8,6 +11,7 @@
 mod sweep;
 
 use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -78,6 +82,10 @@ pub struct CephCluster {
     dir: Option<tempfile::TempDir>,
     root: PathBuf,
     fsid: String,
+    /// The address every daemon binds to (`public_addr`, the mon's address).
+    addr: IpAddr,
+    /// The network namespace the daemons and the harness's tools run in (`None`: this one).
+    netns: Option<String>,
     mon_port: u16,
     osds: usize,
     daemons: Vec<Daemon>,
@@ -94,6 +102,20 @@ impl CephCluster {
     /// mgr is available and health is HEALTH_OK. On failure every daemon is killed and the
     /// error carries the tail of the log concerned.
     pub fn start_with_osds(osds: usize) -> Result<Self> {
+        Self::launch(osds, IpAddr::V4(Ipv4Addr::LOCALHOST), None)
+    }
+
+    /// Start a cluster with `osds` memstore OSDs inside network namespace `netns` (by name,
+    /// `/run/netns/<netns>`), every daemon bound to `addr`, which must be configured on an
+    /// interface there; clients in other namespaces that route to `addr` reach it. The
+    /// daemons, and every `ceph`/`rbd` call of the harness, run through `ip netns exec`
+    /// (which execs: the PIDs held are the daemons'). Otherwise as
+    /// [`CephCluster::start_with_osds`].
+    pub fn start_in(netns: &str, addr: IpAddr, osds: usize) -> Result<Self> {
+        Self::launch(osds, addr, Some(netns.to_owned()))
+    }
+
+    fn launch(osds: usize, addr: IpAddr, netns: Option<String>) -> Result<Self> {
         if !(1..=3).contains(&osds) {
             return Err(HarnessError::State(format!("{osds} OSDs: expected 1 to 3")));
         }
@@ -107,6 +129,8 @@ impl CephCluster {
             root: dir.path().to_path_buf(),
             dir: Some(dir),
             fsid: new_uuid()?,
+            addr,
+            netns,
             mon_port: free_port(),
             osds,
             daemons: Vec::new(),
@@ -115,10 +139,12 @@ impl CephCluster {
         cluster.bootstrap()?;
         cluster.started_in = t0.elapsed();
         eprintln!(
-            "debvisor-tests: ceph cluster up in {:.1?} (fsid={} mon=127.0.0.1:{} osds={osds} dir={})",
+            "debvisor-tests: ceph cluster up in {:.1?} (fsid={} mon={}:{} netns={} osds={osds} dir={})",
             cluster.started_in,
             cluster.fsid,
+            cluster.addr,
             cluster.mon_port,
+            cluster.netns.as_deref().unwrap_or("-"),
             cluster.root.display()
         );
         Ok(cluster)
@@ -132,6 +158,19 @@ impl CephCluster {
     /// Path of the `client.admin` keyring (kept outside the mon data dir).
     pub fn keyring_path(&self) -> PathBuf {
         self.root.join("admin.keyring")
+    }
+
+    /// The cephx key of the client (`client.admin`), read from its keyring: what a libvirt
+    /// `ceph` secret holds.
+    pub fn client_key(&self) -> Result<String> {
+        let path = self.keyring_path();
+        let text = std::fs::read_to_string(&path).ctx(|| format!("reading {}", path.display()))?;
+        text.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == "key").then(|| v.trim().to_owned())
+            })
+            .ok_or_else(|| HarnessError::State(format!("no `key` in {}", path.display())))
     }
 
     /// The client name without `client.` (`admin`).
@@ -149,9 +188,27 @@ impl CephCluster {
         )
     }
 
-    /// The mon's (msgr2) port on 127.0.0.1, for clients given the mon address directly.
+    /// The mon's (msgr2) port on [`CephCluster::addr`], for clients given the mon address
+    /// directly.
     pub fn mon_port(&self) -> u16 {
         self.mon_port
+    }
+
+    /// The address the daemons are bound to (127.0.0.1 unless started with
+    /// [`CephCluster::start_in`]): what a client's `mon_host` names.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The namespace the cluster runs in ([`CephCluster::start_in`]), `None` for this one.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    /// PIDs of the daemons it spawned (mon, mgr, OSDs), e.g. for a test checking that a
+    /// teardown left none.
+    pub fn pids(&self) -> Vec<u32> {
+        self.daemons.iter().map(|d| d.child.id()).collect()
     }
 
     /// The cluster fsid.
@@ -258,7 +315,7 @@ impl CephCluster {
     fn tool(&self, tool: &str, args: &[&str]) -> Result<String> {
         let conf = self.conf_path();
         let keyring = self.keyring_path();
-        let mut cmd = Command::new(tool);
+        let mut cmd = self.command(tool);
         cmd.arg("--conf")
             .arg(&conf)
             .arg("--id")
@@ -267,6 +324,19 @@ impl CephCluster {
             .arg(&keyring)
             .args(args);
         run(cmd, CMD_TIMEOUT)
+    }
+
+    /// A command running `program` where the cluster lives: in its namespace through
+    /// `ip netns exec` (arguments as a vector, no shell), or directly.
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -340,11 +410,11 @@ impl CephCluster {
         let monmap = self.path("tmp/monmap");
         let mut c = Command::new("monmaptool");
         c.args(["--create", "--addv", MON_ID])
-            .arg(format!("[v2:127.0.0.1:{}]", self.mon_port))
+            .arg(format!("[v2:{}]", self.mon_addr()))
             .args(["--fsid", &self.fsid])
             .arg(&monmap);
         run(c, CMD_TIMEOUT)?;
-        let mut c = Command::new("ceph-mon");
+        let mut c = self.command("ceph-mon");
         c.arg("-c")
             .arg(&conf)
             .args(["--mkfs", "-i", MON_ID, "--monmap"])
@@ -387,7 +457,7 @@ impl CephCluster {
                 "--add-key",
                 &key,
             ])?;
-            let mut c = Command::new("ceph-osd");
+            let mut c = self.command("ceph-osd");
             c.arg("-c")
                 .arg(&conf)
                 .args(["-i", &id, "--mkfs", "--osd-uuid", &uuid]);
@@ -417,14 +487,19 @@ impl CephCluster {
         })
     }
 
+    /// `ip:port` of the mon (IPv6 in brackets).
+    fn mon_addr(&self) -> String {
+        std::net::SocketAddr::new(self.addr, self.mon_port).to_string()
+    }
+
     fn conf_text(&self) -> String {
         let d = self.root.display();
         format!(
             "[global]
 fsid = {fsid}
-mon_host = v2:127.0.0.1:{port}
+mon_host = v2:{mon}
 ms_bind_msgr1 = false
-public_addr = 127.0.0.1
+public_addr = {addr}
 auth_cluster_required = cephx
 auth_service_required = cephx
 auth_client_required = cephx
@@ -463,7 +538,8 @@ keyring = {d}/osd/$cluster-$id/keyring
 admin_socket = {d}/run/$name.$pid.$cctid.asok
 ",
             fsid = self.fsid,
-            port = self.mon_port,
+            mon = self.mon_addr(),
+            addr = self.addr,
             osd_bytes = OSD_BYTES,
         )
     }
@@ -472,7 +548,7 @@ admin_socket = {d}/run/$name.$pid.$cctid.asok
     fn spawn(&mut self, bin: &str, id: &str) -> Result<()> {
         let kind = bin.trim_start_matches("ceph-");
         let name = format!("{kind}.{id}");
-        let mut c = Command::new(bin);
+        let mut c = self.command(bin);
         c.arg("-c").arg(self.conf_path()).args(["-i", id, "-f"]);
         let child = spawn_quiet(c, &self.path(&format!("log/{name}.out")))?;
         self.daemons.push(Daemon { name, child });

@@ -19,9 +19,9 @@ pub fn qemu_rbd_available() -> bool {
     Path::new(QEMU_RBD_DRIVER).exists()
 }
 
-fn virsh(args: &[&str]) -> Result<String> {
+fn virsh(uri: &str, args: &[&str]) -> Result<String> {
     let out = run_bounded(
-        Command::new("virsh").args(["-c", QEMU_URI]).args(args),
+        Command::new("virsh").args(["-c", uri]).args(args),
         "virsh",
         Duration::from_secs(20),
     )?;
@@ -35,6 +35,60 @@ fn virsh(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Define a persistent libvirt secret `uuid` of usage `ceph` holding the cephx `key`
+/// ([`CephCluster::client_key`]) on the libvirtd at `uri` (`virsh secret-define` and
+/// `secret-set-value --file`, so the key never appears on a command line). The multi-node
+/// harness defines one UUID on every node's libvirtd, so a guest's disk XML is valid
+/// wherever it runs.
+pub fn define_ceph_secret(uri: &str, key: &str, uuid: &str) -> Result<()> {
+    let dir = tempfile::tempdir().ctx(|| "secret temp dir".into())?;
+    let xml_path = dir.path().join("secret.xml");
+    std::fs::write(
+        &xml_path,
+        format!(
+            "<secret ephemeral='no' private='yes'><uuid>{uuid}</uuid>\
+             <usage type='ceph'><name>dvtest-{pid} {uuid}</name></usage></secret>",
+            pid = std::process::id()
+        ),
+    )
+    .ctx(|| "writing secret.xml".into())?;
+    virsh(uri, &["secret-define", &xml_path.to_string_lossy()])?;
+    let key_path = dir.path().join("key");
+    std::fs::write(&key_path, key.trim()).ctx(|| "writing the key file".into())?;
+    virsh(
+        uri,
+        &[
+            "secret-set-value",
+            "--secret",
+            uuid,
+            "--file",
+            &key_path.to_string_lossy(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// The `<disk>` of volume `pool/image` on `cluster` as guest device `dev` (virtio), its
+/// cephx key in libvirt secret `secret_uuid`; the mon is named by address
+/// ([`CephCluster::addr`]) and port.
+pub fn rbd_disk_xml(
+    cluster: &CephCluster,
+    secret_uuid: &str,
+    pool: &str,
+    image: &str,
+    dev: &str,
+) -> String {
+    format!(
+        "<disk type='network' device='disk'><driver name='qemu' type='raw' cache='none'/>\
+         <source protocol='rbd' name='{pool}/{image}'><host name='{addr}' port='{port}'/></source>\
+         <auth username='{client}'><secret type='ceph' uuid='{secret_uuid}'/></auth>\
+         <target dev='{dev}' bus='virtio'/></disk>",
+        addr = cluster.addr(),
+        port = cluster.mon_port(),
+        client = cluster.client(),
+    )
+}
+
 /// A libvirt secret of usage `ceph` holding the cluster client's key; undefined on drop.
 pub struct CephSecret {
     /// The secret's UUID (`<secret type='ceph' uuid=…>` in a disk's `<auth>`).
@@ -45,53 +99,48 @@ impl CephSecret {
     /// Define the secret for `cluster`'s client (`virsh secret-define` and
     /// `secret-set-value --file`, so the key never appears on a command line).
     pub fn new(cluster: &CephCluster) -> Result<CephSecret> {
-        let key = cluster.ceph(&["auth", "get-key", &format!("client.{}", cluster.client())])?;
-        let uuid = random_uuid();
-        let dir = tempfile::tempdir().ctx(|| "secret temp dir".into())?;
-        let xml_path = dir.path().join("secret.xml");
-        std::fs::write(
-            &xml_path,
-            format!(
-                "<secret ephemeral='no' private='yes'><uuid>{uuid}</uuid>\
-                 <usage type='ceph'><name>dvtest-{pid} {uuid}</name></usage></secret>",
-                pid = std::process::id()
-            ),
-        )
-        .ctx(|| "writing secret.xml".into())?;
-        let secret = CephSecret { uuid };
-        virsh(&["secret-define", &xml_path.to_string_lossy()])?;
-        let key_path = dir.path().join("key");
-        std::fs::write(&key_path, key.trim()).ctx(|| "writing the key file".into())?;
-        virsh(&[
-            "secret-set-value",
-            "--secret",
-            &secret.uuid,
-            "--file",
-            &key_path.to_string_lossy(),
-        ])?;
+        let secret = CephSecret {
+            uuid: random_uuid(),
+        };
+        define_ceph_secret(QEMU_URI, &cluster.client_key()?, &secret.uuid)?;
         Ok(secret)
     }
 
     /// The `<disk>` of volume `pool/image` on `cluster` as guest device `dev` (virtio).
     pub fn disk_xml(&self, cluster: &CephCluster, pool: &str, image: &str, dev: &str) -> String {
-        format!(
-            "<disk type='network' device='disk'><driver name='qemu' type='raw' cache='none'/>\
-             <source protocol='rbd' name='{pool}/{image}'><host name='127.0.0.1' port='{port}'/></source>\
-             <auth username='{client}'><secret type='ceph' uuid='{uuid}'/></auth>\
-             <target dev='{dev}' bus='virtio'/></disk>",
-            port = cluster.mon_port(),
-            client = cluster.client(),
-            uuid = self.uuid,
-        )
+        rbd_disk_xml(cluster, &self.uuid, pool, image, dev)
     }
 }
 
 impl Drop for CephSecret {
     fn drop(&mut self) {
-        if let Err(e) = virsh(&["secret-undefine", &self.uuid]) {
+        if let Err(e) = virsh(QEMU_URI, &["secret-undefine", &self.uuid]) {
             eprintln!("CephSecret {}: cleanup failed: {e}", self.uuid);
         }
     }
+}
+
+/// Write `len` bytes at offset 0 of virtio disk `alias` (libvirt's device alias, e.g.
+/// `virtio-disk0` for `vda`) of running domain `domain` on the libvirtd at `uri`, through
+/// the device's own block backend (HMP `qemu-io -d` on its `virtio-backend`), as the
+/// guest's own write would go: on an RBD volume
+/// librbd then takes the image's exclusive lock for this qemu, which `rbd lock ls` shows
+/// with the qemu's client address. The tiny test guests boot no OS, so nothing else writes.
+pub fn qemu_io_write(uri: &str, domain: &str, alias: &str, len: u32) -> Result<()> {
+    // The qdev of a virtio disk is the PCI proxy; its block backend hangs off the
+    // virtio-backend child (the QOM path libvirt itself uses for such disks).
+    let cmd = format!("qemu-io -d /machine/peripheral/{alias}/virtio-backend \"write 0 {len}\"");
+    let out = virsh(uri, &["qemu-monitor-command", domain, "--hmp", &cmd])?;
+    // qemu-io prints its own report on qemu's stdout (the domain log); the monitor answers
+    // nothing unless the command failed, and virsh exits 0 either way.
+    if !out.trim().is_empty() {
+        return Err(HarnessError::Command {
+            command: format!("virsh qemu-monitor-command {domain} --hmp {cmd:?}"),
+            status: "0".into(),
+            stderr: out.trim().to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// `xml` with `devices` added at the end of its `<devices>`.

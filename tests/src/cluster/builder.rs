@@ -15,10 +15,13 @@ use super::runs::{Runs, Watched};
 use super::sampler::{self, SamplerConfig};
 use super::switch::{Switch, BRIDGE};
 use super::{arp, node_addr, Cluster, MAX_NODES, SWITCH_ADDR};
+use crate::ceph::CephCluster;
 use crate::daemon::DaemonBuilder;
 use crate::error::{HarnessError, IoContext, Result};
+use crate::libvirt::random_uuid;
 use crate::libvirt_pair::IsolatedLibvirt;
 use crate::netns::NetNs;
+use crate::rbd_guest::define_ceph_secret;
 
 /// The default floating address of the cluster host network.
 pub const DEFAULT_FLOATING: &str = "192.0.2.100/24";
@@ -29,7 +32,7 @@ pub(super) const BMC_PASSWORD_FILE: &str = "bmc.password";
 /// coordinators), 3 etcd members, keepalive interval 1 s and lease TTL 3 s, floating address
 /// [`DEFAULT_FLOATING`], hypervisor `test:///default`, nodes started in index order all at
 /// once, 60 s for each to reach `run`, the checker sampling every 75 ms; no BMCs, no run
-/// recorder.
+/// recorder, no Ceph.
 #[derive(Debug, Clone)]
 pub struct ClusterBuilder {
     nodes: usize,
@@ -53,6 +56,7 @@ pub struct ClusterBuilder {
     bmcs: bool,
     bmc_port_key: bool,
     track_runs: bool,
+    ceph: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -79,6 +83,7 @@ impl Default for ClusterBuilder {
             bmcs: false,
             bmc_port_key: true,
             track_runs: false,
+            ceph: false,
         }
     }
 }
@@ -233,10 +238,26 @@ impl ClusterBuilder {
         self
     }
 
+    /// A one-host Ceph ([`crate::CephCluster`], one memstore OSD) in the switch namespace,
+    /// bound to the switch's address, so every node reaches it over the cluster network:
+    /// each daemon gets `ceph.enabled` with its conf and `client.admin` keyring
+    /// (`ceph.interval` [`CEPH_INTERVAL`], no coordinator units; given before
+    /// [`ClusterBuilder::env`], which may override them), and each isolated libvirtd the
+    /// cephx key as libvirt secret [`Cluster::ceph_secret`] (for
+    /// [`Cluster::rbd_disk_xml`]). Needs [`ClusterBuilder::isolated_libvirt`]; the caller
+    /// checks [`crate::ceph_installed`] first. Started beside the nodes' libvirtds.
+    pub fn ceph(mut self, yes: bool) -> Self {
+        self.ceph = yes;
+        self
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(HarnessError::State(m));
         if self.track_runs && !self.isolated_libvirt {
             return bad("track_runs needs isolated_libvirt".into());
+        }
+        if self.ceph && !self.isolated_libvirt {
+            return bad("ceph needs isolated_libvirt (its secret lives in each libvirtd)".into());
         }
         if !(1..=MAX_NODES).contains(&self.nodes) {
             return bad(format!("1 to {MAX_NODES} nodes, not {}", self.nodes));
@@ -313,6 +334,11 @@ impl ClusterBuilder {
                 b = b.env(&k, &v);
             }
         }
+        if let Some(ceph) = &cluster.ceph {
+            for (k, v) in ceph_env(ceph) {
+                b = b.env(k, &v);
+            }
+        }
         for (k, v) in self
             .env
             .iter()
@@ -341,6 +367,8 @@ impl ClusterBuilder {
             .tempdir()
             .ctx(|| "creating the cluster temp dir".to_owned())?;
         let switch = Switch::create(SWITCH_ADDR)?;
+        // Ceph comes up beside etcd and the libvirtds (it takes the longest).
+        let pending_ceph = self.ceph.then(|| PendingCeph::start(switch.netns().name()));
         let token = format!(
             "dvcl-{}-{}",
             std::process::id(),
@@ -370,8 +398,11 @@ impl ClusterBuilder {
             floating,
             keepalive_interval: self.keepalive_interval,
             lease_ttl: self.lease_ttl,
+            ceph: None,
+            ceph_secret: None,
             dir,
         };
+        let mut hosts = Vec::new();
         for i in 0..self.nodes {
             let name = node_name(i);
             let addr = node_addr(i);
@@ -382,6 +413,19 @@ impl ClusterBuilder {
             } else {
                 None
             };
+            // The libvirtd before its namespace, should the build fail now (tuple field order).
+            hosts.push((name, addr, libvirt, ns));
+        }
+        if let Some(p) = pending_ceph {
+            let ceph = p.join()?;
+            let (key, uuid) = (ceph.client_key()?, random_uuid());
+            for lv in hosts.iter().filter_map(|h| h.2.as_ref()) {
+                define_ceph_secret(&lv.local_uri(), &key, &uuid)?;
+            }
+            cluster.ceph = Some(ceph);
+            cluster.ceph_secret = Some(uuid);
+        }
+        for (i, (name, addr, libvirt, ns)) in hosts.into_iter().enumerate() {
             let ns_inode = crate::libvirt_pair::netns_inode(&ns)?;
             let node_dir = cluster.dir.path().join(&name);
             std::fs::create_dir_all(node_dir.join("state"))
@@ -448,6 +492,58 @@ impl ClusterBuilder {
         }
         Ok(cluster)
     }
+}
+
+/// The Ceph of a cluster being built, started on a thread of its own; dropped unjoined (the
+/// build failed) it still waits for the thread, so the cluster it made is torn down.
+struct PendingCeph(Option<std::thread::JoinHandle<Result<CephCluster>>>);
+
+impl PendingCeph {
+    /// Start a one-OSD Ceph in namespace `switch_ns`, bound to the switch's address.
+    fn start(switch_ns: &str) -> PendingCeph {
+        let ns = switch_ns.to_owned();
+        PendingCeph(Some(std::thread::spawn(move || {
+            CephCluster::start_in(&ns, SWITCH_ADDR.into(), 1)
+        })))
+    }
+
+    /// Wait for the cluster.
+    fn join(mut self) -> Result<CephCluster> {
+        match self.0.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(HarnessError::State(
+                "the thread starting Ceph panicked".into(),
+            )),
+            None => Err(HarnessError::State("Ceph was already joined".into())),
+        }
+    }
+}
+
+impl Drop for PendingCeph {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// How often each daemon of a cluster with Ceph asks Ceph how it is (`ceph.interval`): far
+/// apart, every pass is a few `ceph` CLI calls per node on a small CI machine.
+pub const CEPH_INTERVAL: &str = "60s";
+
+/// The daemon settings of a cluster's Ceph ([`ClusterBuilder::ceph`]).
+fn ceph_env(ceph: &CephCluster) -> Vec<(&'static str, String)> {
+    vec![
+        ("DEBVISOR_CEPH_ENABLED", "true".into()),
+        ("DEBVISOR_CEPH_CONF", ceph.conf_path().display().to_string()),
+        ("DEBVISOR_CEPH_CLIENT", ceph.client().into()),
+        (
+            "DEBVISOR_CEPH_KEYRING",
+            ceph.keyring_path().display().to_string(),
+        ),
+        ("DEBVISOR_CEPH_INTERVAL", CEPH_INTERVAL.into()),
+        ("DEBVISOR_CEPH_COORDINATOR_UNITS", String::new()),
+    ]
 }
 
 /// What the run recorder watches of each node (those with an isolated libvirtd).

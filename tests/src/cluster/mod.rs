@@ -36,7 +36,10 @@
 //! on boots it again (libvirtd, then the daemon with the same state dir); each daemon is
 //! told its BMC (`fencing.ipmi.*`). With `.track_runs(true)` (isolated libvirtds) the
 //! [`Runs`] recorder follows where every VM runs, from libvirt events, domain lists and the
-//! BMCs' power offs, and finds any moment a VM ran on two nodes at once.
+//! BMCs' power offs, and finds any moment a VM ran on two nodes at once. With `.ceph(true)`
+//! a one-host Ceph runs in the switch namespace at `192.0.2.254` ([`Cluster::ceph`]), every
+//! daemon has `ceph.enabled` against it and every libvirtd its cephx secret, so a guest's
+//! RBD disk ([`Cluster::rbd_disk_xml`]) opens on whichever node it runs.
 //!
 //! Files: `builder` (options, bring-up), `switch` (the bridge and ports), `etcd` (the etcd
 //! members), `node` (a node and its faults), `flap` (link flapping), `checker` (invariants,
@@ -69,7 +72,7 @@ use std::time::{Duration, Instant};
 
 pub use bmc::{bmc_addr, require_ipmi_sim, Bmc, Power, BMC_HOST_BASE, BMC_USER, IPMI_PORT};
 pub use boot::{PowerEvent, PowerEventKind};
-pub use builder::{ClusterBuilder, DEFAULT_FLOATING};
+pub use builder::{ClusterBuilder, CEPH_INTERVAL, DEFAULT_FLOATING};
 pub use checker::{Checker, CheckerStats, Holding, Violation, ViolationKind};
 pub use etcd::{EtcdCluster, MAX_MEMBERS};
 pub use flap::Flap;
@@ -130,6 +133,11 @@ pub struct Cluster {
     checker: Option<Checker>,
     runs: Option<Runs>,
     nodes: Vec<Node>,
+    /// The cluster's Ceph ([`ClusterBuilder::ceph`]); dropped after the nodes (their guests
+    /// gone), before the switch namespace it runs in.
+    ceph: Option<crate::CephCluster>,
+    /// UUID of the libvirt secret holding its key on every node's libvirtd.
+    ceph_secret: Option<String>,
     etcd: EtcdCluster,
     switch: Switch,
     floating: Option<Ipv4Addr>,
@@ -230,6 +238,40 @@ impl Cluster {
     /// The file with the BMCs' password (mode 0600; exists when built with `.bmcs(true)`).
     pub fn bmc_password_file(&self) -> std::path::PathBuf {
         self.dir.path().join(builder::BMC_PASSWORD_FILE)
+    }
+
+    /// The cluster's Ceph, in the switch namespace at [`SWITCH_ADDR`]: its `ceph`/`rbd`
+    /// helpers run there.
+    ///
+    /// # Panics
+    /// If the cluster was built without `.ceph(true)`.
+    #[track_caller]
+    pub fn ceph(&self) -> &crate::CephCluster {
+        match &self.ceph {
+            Some(c) => c,
+            None => panic!("the cluster was built without .ceph(true)"),
+        }
+    }
+
+    /// UUID of the libvirt `ceph` secret defined on every node's libvirtd (built with
+    /// `.ceph(true)`).
+    ///
+    /// # Panics
+    /// If the cluster was built without `.ceph(true)`.
+    #[track_caller]
+    pub fn ceph_secret(&self) -> &str {
+        match &self.ceph_secret {
+            Some(s) => s,
+            None => panic!("the cluster was built without .ceph(true)"),
+        }
+    }
+
+    /// The `<disk>` element of RBD volume `pool/image` of the cluster's Ceph as guest device
+    /// `dev`, valid on every node (mon by the switch's address, cephx through
+    /// [`Cluster::ceph_secret`]); add it with [`crate::rbd_guest::with_devices`].
+    #[track_caller]
+    pub fn rbd_disk_xml(&self, pool: &str, image: &str, dev: &str) -> String {
+        crate::rbd_guest::rbd_disk_xml(self.ceph(), self.ceph_secret(), pool, image, dev)
     }
 
     /// The floating address of the cluster host network, if configured.
@@ -337,8 +379,8 @@ impl Cluster {
     }
 
     /// PIDs of every process the cluster started and that runs now: daemons, libvirtds,
-    /// BMCs (`ipmi_sim` and the supervisor), etcd members (for tests checking that nothing
-    /// survives the drop).
+    /// BMCs (`ipmi_sim` and the supervisor), etcd members, Ceph daemons (for tests checking
+    /// that nothing survives the drop).
     pub fn pids(&self) -> Vec<u32> {
         let mut pids: Vec<u32> = self.nodes.iter().filter_map(Node::pid).collect();
         pids.extend(
@@ -354,6 +396,7 @@ impl Cluster {
                 .flat_map(Bmc::pids),
         );
         pids.extend(self.etcd.pids());
+        pids.extend(self.ceph.iter().flat_map(crate::CephCluster::pids));
         pids
     }
 
@@ -406,7 +449,7 @@ impl Drop for Cluster {
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             }
         }
-        // Fields drop next: nodes (SIGKILL what still runs, libvirtds, namespaces), etcd
+        // Fields drop next: nodes (SIGKILL what still runs, libvirtds, namespaces), Ceph, etcd
         // members and their namespaces, the switch, the temp dir.
     }
 }

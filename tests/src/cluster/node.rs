@@ -241,6 +241,33 @@ impl Node {
         Ok(at)
     }
 
+    /// SIGKILL the daemon's guardian (`debvisord guard`, its child), then the daemon, as
+    /// [`Node::kill9`]: the node's whole debvisord is gone and nothing self-fences its
+    /// guests, which run on (holding their locks) until a fence powers the node off. An
+    /// error if the daemon runs without a guardian. Returns the instant the daemon's signal
+    /// was sent.
+    pub fn kill9_with_guardian(&self) -> Result<Instant> {
+        let daemon = self.pid().ok_or_else(|| {
+            HarnessError::State(format!("node {}: the daemon is not running", self.name))
+        })?;
+        let guardians: Vec<u32> = self
+            .processes()
+            .into_iter()
+            .map(|p| p.pid)
+            .filter(|&pid| is_guardian_of(pid, daemon))
+            .collect();
+        if guardians.is_empty() {
+            return Err(HarnessError::State(format!(
+                "node {}: daemon {daemon} has no guardian",
+                self.name
+            )));
+        }
+        for pid in guardians {
+            send_signal(pid, libc::SIGKILL)?;
+        }
+        self.kill9()
+    }
+
     /// SIGTERM the daemon (a graceful shutdown begins; wait with [`Node::wait_exit`]).
     /// A SIGSTOPped daemon is continued first. Returns the instant SIGTERM was sent.
     pub fn sigterm(&self) -> Result<Instant> {
@@ -448,6 +475,26 @@ impl Node {
                 .map(drop)
         })
     }
+}
+
+/// Whether process `pid` is `debvisord guard …` spawned by daemon `daemon` (its parent, from
+/// `/proc/<pid>/stat`; its first argument, from `/proc/<pid>/cmdline`).
+fn is_guardian_of(pid: u32, daemon: u32) -> bool {
+    let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // `pid (comm) state ppid …`: comm may hold spaces, so split after its `)`.
+            let rest = s.rsplit_once(')')?.1;
+            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+        });
+    let first_arg = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .ok()
+        .and_then(|b| {
+            b.split(|c| *c == 0)
+                .nth(1)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+        });
+    parent == Some(daemon) && first_arg.as_deref() == Some("guard")
 }
 
 impl Drop for Node {

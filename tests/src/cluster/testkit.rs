@@ -9,13 +9,25 @@ use serde_json::Value;
 use super::{wait_until, Cluster};
 use crate::error::Result;
 use crate::libvirt::{random_uuid, tiny_guest_xml, unique_name};
+use crate::rbd_guest::with_devices;
 
 impl Cluster {
     /// Ask for a tiny KVM guest on `node` through etcd (`xml`, `node`, `state = start` in one
     /// transaction); returns its UUID and name.
     pub fn request_tiny_guest(&self, node: &str, label: &str) -> Result<(String, String)> {
+        self.request_guest_with(node, label, "")
+    }
+
+    /// [`Cluster::request_tiny_guest`] with `devices` (XML elements, e.g. an RBD disk from
+    /// [`Cluster::rbd_disk_xml`]) added to the guest's `<devices>`.
+    pub fn request_guest_with(
+        &self,
+        node: &str,
+        label: &str,
+        devices: &str,
+    ) -> Result<(String, String)> {
         let (uuid, name) = (random_uuid(), unique_name(label));
-        let xml = tiny_guest_xml(&name, &uuid);
+        let xml = with_devices(&tiny_guest_xml(&name, &uuid), devices);
         let k = |f: &str| format!("vms/{uuid}/{f}");
         self.etcd_put_all(&[
             (&k("xml"), &xml),
