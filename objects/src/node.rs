@@ -185,14 +185,17 @@ pub fn derive_status(
     }
     if let Some(pct) = (h.memory.used_mib * 100).checked_div(h.memory.total_mib) {
         if pct > u64::from(t.memory_percent) {
-            why.push(format!("memory {pct}% used"));
+            why.push(format!("memory above {}% used", t.memory_percent));
         }
     }
     let cpus = n.info.as_ref().map_or(0, |i| i.cpus);
     if cpus > 0 {
         let pct = (h.load[0] * 100.0 / f64::from(cpus)) as u64;
         if pct > u64::from(t.load_percent_per_cpu) {
-            why.push(format!("load {:.2} on {cpus} CPUs", h.load[0]));
+            why.push(format!(
+                "load above {:.2} per CPU ({cpus} CPUs)",
+                f64::from(t.load_percent_per_cpu) / 100.0
+            ));
         }
     }
     if let Some(c) = &h.ceph {
@@ -200,14 +203,20 @@ pub fn derive_status(
             why.push(format!("ceph {}", c.status));
         }
     }
-    if let Some(a) = age.filter(|a| *a > t.stale_after) {
-        why.push(format!("last keepalive {}s ago", a.as_secs()));
+    // Stated against the thresholds, not with the live figures: the status (a key in etcd
+    // and a log line on change) stays the same while a condition lasts; the figures are in
+    // the node's health and in /metrics.
+    if age.is_some_and(|a| a > t.stale_after) {
+        why.push(format!(
+            "no keepalive for over {}s",
+            t.stale_after.as_secs()
+        ));
     }
     for p in &h.peers {
         match p.rtt_ms {
             None => why.push(format!("peer {} does not answer", p.node)),
             Some(ms) if ms > t.rtt.as_secs_f64() * 1000.0 => {
-                why.push(format!("rtt to {} {ms:.1} ms", p.node))
+                why.push(format!("rtt to {} above {} ms", p.node, t.rtt.as_millis()))
             }
             Some(_) => {}
         }
@@ -844,12 +853,25 @@ mod tests {
             why,
             vec![
                 "libvirt unreachable".to_string(),
-                "memory 95% used".into(),
-                "load 9.00 on 4 CPUs".into(),
-                "last keepalive 60s ago".into(),
-                "rtt to n2 250.0 ms".into(),
+                "memory above 90% used".into(),
+                "load above 2.00 per CPU (4 CPUs)".into(),
+                "no keepalive for over 15s".into(),
+                "rtt to n2 above 100 ms".into(),
                 "peer n3 does not answer".into(),
             ]
+        );
+        // The figures move, the conditions hold: the same status (no rewrite, no log line).
+        let mut m = n.clone();
+        if let Some(h) = m.health.as_mut() {
+            h.load[0] += 3.5;
+            h.memory.used_mib -= 10;
+            if let Some(p) = h.peers.first_mut() {
+                p.rtt_ms = p.rtt_ms.map(|r| r + 40.0);
+            }
+        }
+        assert_eq!(
+            derive_status(&m, Some(std::time::Duration::from_secs(61)), &t),
+            (st, why)
         );
         n.health = None;
         assert_eq!(derive_status(&n, None, &t).0, NodeStatus::Degraded);
