@@ -486,7 +486,7 @@ async fn fenced_locks_broken(cluster: &CephCluster, cli: &CephCli, lat: &mut Lat
         .rbd(&["lock", "add", "dv-test/fenced1", "fenced-node"])
         .expect("rbd lock add");
     let other: std::net::IpAddr = "10.255.0.9".parse().expect("ip");
-    let kept = break_fenced_locks(cli, &vol, &[other])
+    let kept = break_fenced_locks(cli, &vol, &[other], "n9", "vm1")
         .await
         .expect("another node's address");
     assert_eq!(kept, 0);
@@ -498,7 +498,7 @@ async fn fenced_locks_broken(cluster: &CephCluster, cli: &CephCli, lat: &mut Lat
     let broken = lat
         .time(
             "break fenced locks",
-            break_fenced_locks(cli, &vol, &[fenced]),
+            break_fenced_locks(cli, &vol, &[fenced], "n9", "vm1"),
         )
         .await
         .expect("break");

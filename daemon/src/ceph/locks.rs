@@ -119,11 +119,14 @@ pub async fn release_stale_locks<C: Ceph>(
 
 /// A fenced node's hold on `image` ends: every client of it (by address, from `fenced`) that
 /// holds a lock or watches the image is blocklisted, then its locks are broken — before the
-/// VM starts elsewhere. Returns the locks broken.
+/// VM starts elsewhere. `node` and `vm` name the fenced node and the VM being recovered in
+/// the log lines. Returns the locks broken.
 pub async fn break_fenced_locks<C: Ceph>(
     ceph: &C,
     image: &ImageRef,
     fenced: &[IpAddr],
+    node: &str,
+    vm: &str,
 ) -> Result<usize, CephError> {
     let locks = ceph.rbd_lock_list(image).await?;
     let watchers = ceph.rbd_watchers(image).await?;
@@ -142,14 +145,14 @@ pub async fn break_fenced_locks<C: Ceph>(
     {
         if !blocked.contains(&address) {
             ceph.blocklist_add(address).await?;
-            tracing::warn!(image = %image, client = address, "fenced node's Ceph client blocklisted");
+            tracing::warn!(node = %node, vm = %vm, image = %image, client = address, "fenced node's Ceph client blocklisted");
             blocked.push(address);
         }
     }
     let mut broken = 0;
     for l in locks.iter().filter(|l| theirs(l.ip())) {
         ceph.rbd_lock_remove(image, l).await?;
-        tracing::warn!(image = %image, lock = %l.id, locker = %l.locker, "fenced node's RBD lock broken");
+        tracing::warn!(node = %node, vm = %vm, image = %image, lock = %l.id, locker = %l.locker, "fenced node's RBD lock broken");
         broken += 1;
     }
     Ok(broken)

@@ -505,7 +505,7 @@ impl Fencing {
 
     /// Break the fenced node's RBD locks on the VM's volumes, then retarget it.
     async fn move_vm(&self, dead: &str, vm: &Vm, target: &str, ips: &[IpAddr]) {
-        if let Err(e) = self.break_locks(vm, ips).await {
+        if let Err(e) = self.break_locks(dead, vm, ips).await {
             warn!(node = %dead, vm = %vm.name, uuid = %vm.uuid, error = %e, "RBD locks of the fenced node not broken; the VM waits");
             return;
         }
@@ -539,13 +539,13 @@ impl Fencing {
         }
     }
 
-    async fn break_locks(&self, vm: &Vm, ips: &[IpAddr]) -> Result<(), String> {
+    async fn break_locks(&self, dead: &str, vm: &Vm, ips: &[IpAddr]) -> Result<(), String> {
         let Some(ceph) = &self.ceph else {
             return Ok(());
         };
         let disks = crate::ceph::rbd_disks(&vm.xml).map_err(|e| e.to_string())?;
         for d in disks.iter().filter(|d| !d.shared) {
-            crate::ceph::locks::break_fenced_locks(&**ceph, &d.image, ips)
+            crate::ceph::locks::break_fenced_locks(&**ceph, &d.image, ips, dead, &vm.name)
                 .await
                 .map_err(|e| e.to_string())?;
         }
