@@ -188,6 +188,36 @@ impl EtcdProcess {
         Ok(etcd)
     }
 
+    /// Start a `count`-member etcd cluster whose members all listen on `127.0.0.1` (each with
+    /// its own free client and peer port, temp dir and log) and wait until every member
+    /// answers: a real multi-member etcd (raft, replication to every member) for processes of
+    /// this host's network, without namespaces — what the scale bench puts its daemons on.
+    /// `token` is the `--initial-cluster-token`. Dropping the members kills them by PID.
+    pub fn loopback_cluster(count: usize, token: &str) -> Result<Vec<EtcdProcess>> {
+        let mut members: Vec<EtcdProcess> = (1..=count)
+            .map(|i| {
+                let mut m = Self::prepare_with(None)?;
+                m.name = format!("e{i}");
+                Ok(m)
+            })
+            .collect::<Result<_>>()?;
+        let initial = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.cluster = Some((initial.clone(), token.to_owned()));
+        }
+        for m in &mut members {
+            m.spawn()?;
+        }
+        for m in &mut members {
+            m.wait_ready()?;
+        }
+        Ok(members)
+    }
+
     /// The member name (`--name`; `t` unless made by [`EtcdProcess::member`]).
     pub fn name(&self) -> &str {
         &self.name

@@ -28,6 +28,11 @@
 //!   a daemon owning 100 and 1000 running VMs (test driver): bytes, series, CPU and wall
 //!   time per scrape.
 //!
+//! - `bench/scale.rs` (`--scale-sim`, issue 17): `--scale-nodes` real daemons (test driver,
+//!   `--scale-vms` VMs each) on one 3-member etcd: etcd writes, DB growth, watch fan-out,
+//!   keepalive transactions, reactor lag over an idle window and a burst of VM state
+//!   changes, daemon and etcd CPU and RSS, and an extrapolation to 500 nodes × 100 VMs.
+//!
 //! and the helpers they share: `bench/report.rs` (machine facts, the reproducing command,
 //! publishing), `bench/stats.rs` (summaries, percentiles, units), `bench/host.rs` (`/proc`
 //! readers), `bench/clock.rs` (dates and RFC 3339 timestamps), `bench/logs.rs` (fields of
@@ -47,8 +52,8 @@ use std::process::ExitCode;
 
 use bench::report::Machine;
 use bench::{
-    ceph, ceph_objects, cluster, failover, foundation, metrics_scrape, networks, soak, vm_start,
-    vms,
+    ceph, ceph_objects, cluster, failover, foundation, metrics_scrape, networks, scale, soak,
+    vm_start, vms,
 };
 
 /// The figure sets and the helpers they share, one file each in `bench/` (declared inline:
@@ -65,6 +70,7 @@ mod bench {
     pub(crate) mod metrics_scrape;
     pub(crate) mod networks;
     pub(crate) mod report;
+    pub(crate) mod scale;
     pub(crate) mod soak;
     pub(crate) mod stats;
     pub(crate) mod ticks;
@@ -128,6 +134,10 @@ struct Args {
     soak_seed: Option<u64>,
     /// Stop starting soak schedules after this many minutes (0: no limit).
     soak_budget_mins: u64,
+    /// Run only the cluster-scale simulation (`bench/scale.rs`).
+    scale_sim: bool,
+    /// Size of the cluster-scale simulation.
+    scale: scale::ScaleArgs,
     /// The arguments as given, for the report.
     raw: Vec<String>,
 }
@@ -139,7 +149,9 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
                       --cluster [--cluster-runs N] |
                       --failover [--failover-runs N] [--failover-budget-mins M] |
                       --soak [--soak-runs N] [--soak-seed S] [--soak-budget-mins M] |
-                      --metrics-scrape | --vm-start [--runs N]]
+                      --metrics-scrape | --vm-start [--runs N] |
+                      --scale-sim [--scale-nodes N] [--scale-vms N] [--scale-idle-mins M]
+                      [--scale-burst N]]
                       [--no-write]
 
   --runs N          startup runs (default 10)
@@ -180,6 +192,17 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
   --vm-start        run only the VM-start overhead figure: a defined KVM guest started
                     through etcd by the daemon vs raw virDomainCreate, --runs interleaved
                     cycles (use --runs 20; needs root, /dev/kvm)
+  --scale-sim       run only the cluster-scale simulation: --scale-nodes real daemons
+                    (test driver, clustered, shipped keepalive) on one 3-member etcd;
+                    etcd writes/s, DB growth, watch fan-out, keepalive transaction
+                    latency, reactor lag, CPU and RSS over a baseline without VMs, an
+                    idle window and a burst of VM state changes; extrapolated to 500
+                    nodes x 100 VMs (memory: about 20-30 MiB per daemon)
+  --scale-nodes N   daemons of --scale-sim (default 50)
+  --scale-vms N     VMs per daemon of --scale-sim (default 20)
+  --scale-idle-mins M
+                    idle window of --scale-sim in minutes (default 5)
+  --scale-burst N   VM state changes of the --scale-sim burst (default 1000; 0: none)
   --no-write        print only; do not update docs/benchmarks.md";
 
 /// Parse `std::env::args()`; `Ok(None)` for `--help`.
@@ -211,6 +234,13 @@ fn parse_args() -> BenchResult<Option<Args>> {
         soak_runs: 100,
         soak_seed: None,
         soak_budget_mins: 0,
+        scale_sim: false,
+        scale: scale::ScaleArgs {
+            nodes: 50,
+            vms_per_node: 20,
+            idle_mins: 5,
+            burst: 1000,
+        },
         raw: raw.clone(),
     };
     let mut it = raw.iter();
@@ -274,6 +304,20 @@ fn parse_args() -> BenchResult<Option<Args>> {
             }
             "--soak-seed" => args.soak_seed = Some(value("--soak-seed")?),
             "--soak-budget-mins" => args.soak_budget_mins = value("--soak-budget-mins")?,
+            "--scale-sim" => args.scale_sim = true,
+            "--scale-nodes" => {
+                args.scale.nodes =
+                    usize::try_from(value("--scale-nodes")?).map_err(|e| e.to_string())?
+            }
+            "--scale-vms" => {
+                args.scale.vms_per_node =
+                    usize::try_from(value("--scale-vms")?).map_err(|e| e.to_string())?
+            }
+            "--scale-idle-mins" => args.scale.idle_mins = value("--scale-idle-mins")?,
+            "--scale-burst" => {
+                args.scale.burst =
+                    usize::try_from(value("--scale-burst")?).map_err(|e| e.to_string())?
+            }
             "--no-write" => args.write = false,
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
@@ -289,6 +333,15 @@ fn parse_args() -> BenchResult<Option<Args>> {
         return Err(format!(
             "--runs, --idle-secs, --ticks, --cluster-runs, --failover-runs and --soak-runs \
              must be at least 1\n{USAGE}"
+        ));
+    }
+    if !(1..=500).contains(&args.scale.nodes)
+        || !(1..=1000).contains(&args.scale.vms_per_node)
+        || args.scale.idle_mins == 0
+    {
+        return Err(format!(
+            "--scale-nodes must be between 1 and 500, --scale-vms between 1 and 1000, \
+             --scale-idle-mins at least 1\n{USAGE}"
         ));
     }
     if args.networks_only && args.skip_networks {
@@ -366,6 +419,9 @@ fn run(args: &Args) -> BenchResult<()> {
     }
     if args.vm_start {
         return vm_start::run(args, &Machine::probe());
+    }
+    if args.scale_sim {
+        return scale::run(args, &Machine::probe());
     }
     let with_networks = !args.skip_networks && !args.vms_only;
     if with_networks && !debvisor_tests::is_root() {

@@ -94,7 +94,7 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Settle after a daemon reached `run` before writing.
 const SETTLE: Duration = Duration::from_secs(2);
 /// Prefix of the VM keys.
-const VMS_PREFIX: &str = "/debvisor/vms/";
+pub(crate) const VMS_PREFIX: &str = "/debvisor/vms/";
 
 /// Node of the latency daemon.
 const NODE_LAT: &str = "bench-vm-lat";
@@ -407,17 +407,17 @@ fn span_ms(from: i64, to: i64) -> f64 {
 
 /// An etcd latency histogram's change between two snapshots.
 #[derive(Debug, Clone, Copy)]
-struct HistDelta {
-    count: f64,
-    mean_ms: f64,
+pub(crate) struct HistDelta {
+    pub(crate) count: f64,
+    pub(crate) mean_ms: f64,
     /// Upper bounds (ms) of the buckets holding the median and the 99th percentile.
-    p50_le_ms: f64,
-    p99_le_ms: f64,
+    pub(crate) p50_le_ms: f64,
+    pub(crate) p99_le_ms: f64,
 }
 
 /// Delta of Prometheus histogram `name` (seconds) between `a` and `b`; `None` if absent or
 /// empty.
-fn hist_delta(a: &Metrics, b: &Metrics, name: &str) -> Option<HistDelta> {
+pub(crate) fn hist_delta(a: &Metrics, b: &Metrics, name: &str) -> Option<HistDelta> {
     let count = b.sum(&format!("{name}_count"), &[])? - a.sum(&format!("{name}_count"), &[])?;
     let sum = b.sum(&format!("{name}_sum"), &[])? - a.sum(&format!("{name}_sum"), &[])?;
     if count <= 0.0 {
@@ -473,17 +473,17 @@ impl Disk {
 
 /// p50 / p90 / p99 / max (nearest rank) and min of a sample.
 #[derive(Debug, Clone, Copy)]
-struct Pct {
-    n: usize,
-    min: f64,
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    max: f64,
+pub(crate) struct Pct {
+    pub(crate) n: usize,
+    pub(crate) min: f64,
+    pub(crate) p50: f64,
+    pub(crate) p90: f64,
+    pub(crate) p99: f64,
+    pub(crate) max: f64,
 }
 
 /// Percentiles of `xs` (empty → NaN).
-fn pct(xs: &[f64]) -> Pct {
+pub(crate) fn pct(xs: &[f64]) -> Pct {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();
