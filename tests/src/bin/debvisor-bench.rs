@@ -27,6 +27,10 @@
 //! - `bench/metrics_scrape.rs` (`--metrics-scrape`, issue 15): what a `GET /metrics` costs
 //!   a daemon owning 100 and 1000 running VMs (test driver): bytes, series, CPU and wall
 //!   time per scrape.
+//! - `bench/scale.rs` (`--scale`, issue 17): what 0, 100 and 1000 idle VMs cost a node in
+//!   steady state at the shipped 5 s tick: key versions written to etcd per hour, events
+//!   its `vms/` watch receives, daemon CPU per keepalive tick (`--scale-baseline PATH`
+//!   measures another `debvisord` first, side by side).
 //!
 //! and the helpers they share: `bench/report.rs` (machine facts, the reproducing command,
 //! publishing), `bench/stats.rs` (summaries, percentiles, units), `bench/host.rs` (`/proc`
@@ -40,14 +44,14 @@
 //! Tables go to stdout and, unless `--no-write`, into `docs/benchmarks.md` between
 //! `<!-- bench:foundation:start -->` and `<!-- bench:foundation:end -->` (and the
 //! `bench:networks`, `bench:vms`, `bench:ceph`, `bench:ceph-objects`, `bench:cluster`,
-//! `bench:failover` and `bench:metrics-scrape` markers). The daemons' own log lines are
+//! `bench:failover`, `bench:metrics-scrape` and `bench:scale-idle` markers). The daemons' own log lines are
 //! echoed on stderr by the harness.
 
 use std::process::ExitCode;
 
 use bench::report::Machine;
 use bench::{
-    ceph, ceph_objects, cluster, failover, foundation, metrics_scrape, networks, soak, vms,
+    ceph, ceph_objects, cluster, failover, foundation, metrics_scrape, networks, scale, soak, vms,
 };
 
 /// The figure sets and the helpers they share, one file each in `bench/` (declared inline:
@@ -64,6 +68,7 @@ mod bench {
     pub(crate) mod metrics_scrape;
     pub(crate) mod networks;
     pub(crate) mod report;
+    pub(crate) mod scale;
     pub(crate) mod soak;
     pub(crate) mod stats;
     pub(crate) mod ticks;
@@ -124,6 +129,10 @@ struct Args {
     soak_seed: Option<u64>,
     /// Stop starting soak schedules after this many minutes (0: no limit).
     soak_budget_mins: u64,
+    /// Run only the idle-cost-at-scale figures (`bench/scale.rs`).
+    scale: bool,
+    /// Another `debvisord` measured first by `--scale` (the "before" of a change).
+    scale_baseline: Option<std::path::PathBuf>,
     /// The arguments as given, for the report.
     raw: Vec<String>,
 }
@@ -135,7 +144,7 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
                       --cluster [--cluster-runs N] |
                       --failover [--failover-runs N] [--failover-budget-mins M] |
                       --soak [--soak-runs N] [--soak-seed S] [--soak-budget-mins M] |
-                      --metrics-scrape]
+                      --metrics-scrape | --scale [--scale-baseline PATH]]
                       [--no-write]
 
   --runs N          startup runs (default 10)
@@ -173,6 +182,12 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
   --soak-seed S     seed of the soak's draws (default: from the clock)
   --soak-budget-mins M
                     start no soak schedule after M minutes (default 0: no limit)
+  --scale           run only the idle-cost figures of issue 17: key versions written
+                    to etcd per hour, vms/ watch events and daemon CPU per keepalive
+                    tick with 0, 100 and 1000 idle VMs (test driver, 5 s tick, a
+                    window of --ticks ticks)
+  --scale-baseline PATH
+                    with --scale: measure this debvisord first, side by side
   --no-write        print only; do not update docs/benchmarks.md";
 
 /// Parse `std::env::args()`; `Ok(None)` for `--help`.
@@ -203,6 +218,8 @@ fn parse_args() -> BenchResult<Option<Args>> {
         soak_runs: 100,
         soak_seed: None,
         soak_budget_mins: 0,
+        scale: false,
+        scale_baseline: None,
         raw: raw.clone(),
     };
     let mut it = raw.iter();
@@ -265,6 +282,17 @@ fn parse_args() -> BenchResult<Option<Args>> {
             }
             "--soak-seed" => args.soak_seed = Some(value("--soak-seed")?),
             "--soak-budget-mins" => args.soak_budget_mins = value("--soak-budget-mins")?,
+            "--scale" => args.scale = true,
+            "--scale-baseline" => {
+                let v = match inline.clone() {
+                    Some(v) => v,
+                    None => it
+                        .next()
+                        .cloned()
+                        .ok_or_else(|| format!("--scale-baseline needs a value\n{USAGE}"))?,
+                };
+                args.scale_baseline = Some(v.into());
+            }
             "--no-write" => args.write = false,
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
@@ -354,6 +382,9 @@ fn run(args: &Args) -> BenchResult<()> {
     }
     if args.soak {
         return soak::run(args, &Machine::probe());
+    }
+    if args.scale {
+        return scale::run(args, &Machine::probe());
     }
     let with_networks = !args.skip_networks && !args.vms_only;
     if with_networks && !debvisor_tests::is_root() {
