@@ -456,8 +456,21 @@ pub struct DomainsConfig {
     /// Give up a migration (and abort the libvirt job) after this long.
     #[serde(with = "duration_str")]
     pub migration_timeout: Duration,
-    /// Most per-VM stats keys written per keepalive tick (the stalest first).
+    /// Most per-VM stats records (`vmstats/<uuid>`) written per stats sample (new and
+    /// changed VMs first, then the stalest); the rest wait for the next sample. (The name
+    /// is from when the keepalive tick wrote them.)
     pub stats_writes_per_tick: u32,
+    /// How often libvirt's per-domain counters are sampled, in their own task, never in the
+    /// keepalive: the node's `health.alloc`, the `/metrics` per-VM counters and the
+    /// `vmstats/` records are this fresh (a libvirt domain event samples sooner, at most
+    /// once a second).
+    #[serde(with = "duration_str")]
+    pub stats_sample_interval: Duration,
+    /// Least time between two writes of a VM's `vmstats/<uuid>` for CPU or memory that
+    /// moved beyond the deadband; running state, vCPUs and maximum memory are written at
+    /// the next sample. An idle VM is written once.
+    #[serde(with = "duration_str")]
+    pub stats_write_interval: Duration,
     /// Mass-removal guard: when more than this percentage of this node's VMs vanish from
     /// etcd within `removal_window` (and at least `removal_hold_min` of them), nothing is
     /// destroyed until an operator confirms (`debvisorctl node confirm-removals`).
@@ -489,6 +502,8 @@ impl Default for DomainsConfig {
             migration_max_downtime: Duration::from_millis(300),
             migration_timeout: Duration::from_secs(600),
             stats_writes_per_tick: 64,
+            stats_sample_interval: Duration::from_secs(10),
+            stats_write_interval: Duration::from_secs(300),
             removal_hold_percent: 50,
             removal_hold_min: 3,
             removal_window: Duration::from_secs(10),
@@ -1711,6 +1726,29 @@ impl Config {
                     "must be at least domains.removal_settle ({}), got {}",
                     format_duration(d.removal_settle),
                     format_duration(d.removal_window)
+                ),
+            );
+        }
+        if d.stats_sample_interval < Duration::from_secs(1)
+            || d.stats_sample_interval > Duration::from_secs(600)
+        {
+            bad(
+                "domains.stats_sample_interval",
+                format!(
+                    "must be between 1s and 10m, got {}",
+                    format_duration(d.stats_sample_interval)
+                ),
+            );
+        }
+        if d.stats_write_interval < d.stats_sample_interval
+            || d.stats_write_interval > Duration::from_secs(86_400)
+        {
+            bad(
+                "domains.stats_write_interval",
+                format!(
+                    "must be between domains.stats_sample_interval ({}) and 24h, got {}",
+                    format_duration(d.stats_sample_interval),
+                    format_duration(d.stats_write_interval)
                 ),
             );
         }

@@ -4,16 +4,16 @@
 //! watchdog and triggers the reactors' resync.
 //!
 //! Liveness is the lease, refreshed by its own task: a slow tick never costs the lease.
-//! Ceph is reported from the Ceph monitor's watch channel (see `cephmon`), never asked here.
+//! Ceph is reported from the Ceph monitor's watch channel (see `cephmon`), never asked here;
+//! the allocation of the domains from the stats sampler's channel (see `vmstats`): the tick
+//! asks libvirt only its O(1) probe, whatever the number of VMs.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use debvisor_objects::domain::{self, VmField};
 use debvisor_objects::histogram::Histogram;
-use debvisor_objects::node::{Allocation, Health, NodeInfo, VmCounts};
+use debvisor_objects::node::{Health, NodeInfo, VmCounts};
 use debvisor_objects::schema::{self, NodeField};
 use debvisor_objects::{Store, TxnBuilder};
 use tracing::{debug, info, warn};
@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 use crate::hostinfo;
 use crate::hypervisor::{DomainStats, Libvirt};
 use crate::reactors::domain::DomainHost;
+use crate::vmstats::StatsView;
 
 /// Outcome of one tick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,51 +47,18 @@ pub struct Keepalive {
     written_info: Arc<std::sync::Mutex<NodeInfo>>,
     base_info: NodeInfo,
     outage_since: Option<Instant>,
-    /// The Domain object: which domains are ours (per-VM stats) and which are foreign.
+    /// The Domain object: its foreign domains and held removals.
     domains: Option<Arc<DomainHost>>,
-    /// Most per-VM stats keys per tick.
-    stats_budget: usize,
-    /// Per VM: the stats last written and when.
-    stats_written: HashMap<String, (String, Instant)>,
-    /// Every domain's counters as of the last tick, for `/metrics` (which must not ask
-    /// libvirt or etcd on a scrape).
-    last_stats: Arc<std::sync::Mutex<Vec<DomainStats>>>,
+    /// The stats sampler's outputs: allocation for `health`, counters for `/metrics`.
+    stats: Option<StatsView>,
+    /// Empty counters when no sampler runs (`/metrics` reads them).
+    no_counters: Arc<std::sync::Mutex<Vec<DomainStats>>>,
     /// How long each tick's transaction took (sent to answered or failed), for `/metrics`.
     txn_latency: Arc<Histogram>,
     /// The Ceph monitor's latest node summary (`ceph.enabled`); read, never waited for.
     ceph: Option<crate::reactors::ceph_monitor::CephHealthRx>,
     /// The latest round-trip times to peers; read, never waited for.
     peers: Option<crate::peers::PeersRx>,
-}
-
-/// The per-VM `stats` value (counters only: no timestamp, so an idle VM writes nothing).
-fn stats_json(s: &DomainStats) -> String {
-    serde_json::json!({
-        "active": s.active,
-        "cpu_time_ns": s.cpu_time_ns,
-        "memory_kib": s.memory_kib,
-        "max_memory_kib": s.max_memory_kib,
-        "vcpus": s.vcpus,
-        "block_rd_bytes": s.block_rd_bytes,
-        "block_wr_bytes": s.block_wr_bytes,
-        "net_rx_bytes": s.net_rx_bytes,
-        "net_tx_bytes": s.net_tx_bytes,
-    })
-    .to_string()
-}
-
-/// What the domains on this host take from it.
-fn allocation(stats: &[DomainStats]) -> Allocation {
-    let mut a = Allocation::default();
-    for s in stats {
-        a.memory_provisioned_mib += s.max_memory_kib / 1024;
-        a.vcpus_provisioned += s.vcpus;
-        if s.active {
-            a.memory_mib += s.memory_kib / 1024;
-            a.vcpus += s.vcpus;
-        }
-    }
-    a
 }
 
 /// Current `info` of this host from the registration base plus fresh kernel facts.
@@ -128,9 +96,8 @@ impl Keepalive {
             base_info: base,
             outage_since: None,
             domains: None,
-            stats_budget: 64,
-            stats_written: HashMap::new(),
-            last_stats: Arc::default(),
+            stats: None,
+            no_counters: Arc::default(),
             txn_latency: Arc::default(),
             ceph: None,
             peers: None,
@@ -150,12 +117,27 @@ impl Keepalive {
         self
     }
 
-    /// Report per-VM stats of the Domain object's VMs (at most `budget` keys per tick, the
-    /// stalest first) and its foreign domains.
-    pub fn with_domains(mut self, domains: Arc<DomainHost>, budget: usize) -> Keepalive {
+    /// Report the Domain object's foreign domains and held removals.
+    pub fn with_domains(mut self, domains: Arc<DomainHost>) -> Keepalive {
         self.domains = Some(domains);
-        self.stats_budget = budget.max(1);
         self
+    }
+
+    /// Report the allocation (and a failed sample) of the stats sampler.
+    pub fn with_stats(mut self, view: StatsView) -> Keepalive {
+        self.stats = Some(view);
+        self
+    }
+
+    /// Wait (at most `timeout`) for the sampler's first sample, so that the first tick
+    /// reports the allocation rather than nothing.
+    pub async fn wait_first_sample(&mut self, timeout: std::time::Duration) {
+        if let Some(v) = &mut self.stats {
+            let first = v.summary.wait_for(|s| s.sampled);
+            if tokio::time::timeout(timeout, first).await.is_err() {
+                warn!(node = %self.node, timeout_ms = timeout.as_millis() as u64, "no domain stats sample yet; the first keepalive reports no allocation");
+            }
+        }
     }
 
     /// `info` as this node last wrote it.
@@ -171,39 +153,18 @@ impl Keepalive {
         self.written_info.clone()
     }
 
-    /// The domain counters of the last tick (shared, updated every tick).
+    /// The domain counters of the last stats sample (shared, updated by the sampler).
     pub fn stats_handle(&self) -> Arc<std::sync::Mutex<Vec<DomainStats>>> {
-        self.last_stats.clone()
+        match &self.stats {
+            Some(v) => v.counters.clone(),
+            None => self.no_counters.clone(),
+        }
     }
 
     /// The durations of the ticks' transactions (shared, one observation per tick that
     /// reached the store).
     pub fn txn_latency_handle(&self) -> Arc<Histogram> {
         self.txn_latency.clone()
-    }
-
-    /// Changed per-VM stats to write this tick: only VMs we manage, only values that
-    /// differ from the last write, the longest-unwritten first, at most the budget.
-    fn stats_due(&self, stats: &[DomainStats]) -> Vec<(String, String)> {
-        let Some(domains) = &self.domains else {
-            return Vec::new();
-        };
-        let managed = domains.managed();
-        let mut due: Vec<(Option<Instant>, String, String)> = stats
-            .iter()
-            .filter(|s| managed.contains(&s.uuid))
-            .filter_map(|s| {
-                let v = stats_json(s);
-                match self.stats_written.get(&s.uuid) {
-                    Some((old, _)) if *old == v => None,
-                    Some((_, at)) => Some((Some(*at), s.uuid.clone(), v)),
-                    None => Some((None, s.uuid.clone(), v)),
-                }
-            })
-            .collect();
-        due.sort_by_key(|(at, uuid, _)| (*at, uuid.clone()));
-        due.truncate(self.stats_budget);
-        due.into_iter().map(|(_, u, v)| (u, v)).collect()
     }
 
     /// Collect health (libvirt probe bounded by its timeout) and write it.
@@ -224,18 +185,16 @@ impl Keepalive {
                 (false, VmCounts::default(), None)
             }
         };
-        let stats = if libvirt_ok {
-            match self.libvirt.all_stats().await {
-                Ok(s) => s,
-                Err(e) => {
-                    problems.push(e.to_string());
-                    Vec::new()
-                }
+        let (alloc, stats_error) = match &self.stats {
+            Some(v) => {
+                let s = v.summary.borrow();
+                (s.allocation.clone(), s.error.clone())
             }
-        } else {
-            Vec::new()
+            None => Default::default(),
         };
-        stats.clone_into(&mut self.last_stats.lock().unwrap_or_else(|p| p.into_inner()));
+        if let (true, Some(e)) = (libvirt_ok, stats_error) {
+            problems.push(e);
+        }
         let foreign = self
             .domains
             .as_ref()
@@ -258,7 +217,7 @@ impl Keepalive {
             load: hostinfo::load(),
             memory: hostinfo::memory(),
             vms,
-            alloc: allocation(&stats),
+            alloc,
             foreign,
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_s: hostinfo::uptime_s(),
@@ -292,22 +251,11 @@ impl Keepalive {
                 serde_json::to_vec(&info).unwrap_or_default(),
             );
         }
-        let due = self.stats_due(&stats);
-        for (uuid, v) in &due {
-            t = t.put(&domain::vm_key(uuid, VmField::Stats), v.clone());
-        }
         let sent = Instant::now();
         let written = self.store.txn(t).await;
         self.txn_latency.observe(sent.elapsed());
         match written {
             Ok(r) if r.succeeded() => {
-                let now = Instant::now();
-                let live: std::collections::HashSet<&str> =
-                    stats.iter().map(|s| s.uuid.as_str()).collect();
-                self.stats_written.retain(|u, _| live.contains(u.as_str()));
-                for (uuid, v) in due {
-                    self.stats_written.insert(uuid, (v, now));
-                }
                 if let Some(since) = self.outage_since.take() {
                     info!(node = %self.node, outage_ms = since.elapsed().as_millis() as u64, "store reachable again; keepalive resumed");
                 }

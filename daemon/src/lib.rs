@@ -49,3 +49,4 @@ pub mod peers;
 pub mod registration;
 pub mod signals;
 pub mod stages;
+pub mod vmstats;

@@ -4,7 +4,9 @@
 //! VM is affected.
 //!
 //! Desired state is written by operators (`xml`, `state`, `node`, `metadata`); `owner`,
-//! `lock` (bound to the owner's lease), `last_node`, `status` and `stats` by the owning node.
+//! `lock` (bound to the owner's lease), `last_node` and `status` by the owning node, and the
+//! VM's stats record ([`VmStats`]) under `vmstats/<uuid>`, outside `vms/`, so that no VM
+//! watch receives it.
 
 use std::collections::BTreeMap;
 
@@ -35,7 +37,9 @@ pub enum VmField {
     LastNode,
     /// Actual state report (owner).
     Status,
-    /// Per-VM statistics (owner).
+    /// Legacy: where per-VM statistics were written before they moved to
+    /// `vmstats/<uuid>` ([`vm_stats_key`]). Never written; the owner deletes it with the
+    /// first record under the new key, and the VM's removal deletes it.
     Stats,
     /// Node whose drain shut the VM down (method `none`); its unflush starts it again.
     FlushedFrom,
@@ -86,6 +90,37 @@ impl VmField {
 /// Key of one VM field.
 pub fn vm_key(uuid: &str, f: VmField) -> String {
     format!("{VMS_PREFIX}{uuid}/{}", f.suffix())
+}
+
+/// Prefix of the per-VM stats records: outside [`VMS_PREFIX`], so that the VM reactors'
+/// watches (every node watches `vms/`) never receive a stats write.
+pub const VMSTATS_PREFIX: &str = "vmstats/";
+
+/// Key of a VM's stats record (`vmstats/<uuid>`), written by the VM's owner node.
+pub fn vm_stats_key(uuid: &str) -> String {
+    format!("{VMSTATS_PREFIX}{uuid}")
+}
+
+/// `vmstats/<uuid>`: what placement and an operator need of a VM, rewritten only when it
+/// moves (see the daemon's `vmstats` module for when). Full-rate counters (CPU time, disk
+/// and network bytes) are on the owner's `/metrics`, not here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStats {
+    /// The node that sampled it (the VM's owner).
+    pub node: String,
+    /// Whether the domain is running.
+    pub active: bool,
+    /// CPU use between the last two samples, percent of one host core (a 4-vCPU guest
+    /// busy on all of them reads 400); `None` until two samples of the running domain.
+    pub cpu_pct: Option<u32>,
+    /// Current memory (balloon), KiB.
+    pub memory_kib: u64,
+    /// Maximum memory, KiB.
+    pub max_memory_kib: u64,
+    /// Current vCPUs.
+    pub vcpus: u32,
+    /// When these values were sampled (RFC 3339).
+    pub at: String,
 }
 
 state_enum!(
@@ -477,7 +512,7 @@ impl Kind for VmKind {
             .unwrap_or(false)
     }
     /// `status` is cached too: its owner compares it with what it wrote (repairs a deleted
-    /// or forged status); `stats` is not (written every few ticks, read by nobody here).
+    /// or forged status); a legacy `stats` key is not.
     fn cached(&self, sub: &str) -> bool {
         self.relevant(sub) || sub == VmField::Status.suffix()
     }
@@ -489,7 +524,11 @@ mod tests {
 
     #[test]
     fn every_vm_field_is_documented() {
-        for f in VmField::ALL {
+        // The legacy `stats` key is never written: its successor is documented instead.
+        assert!(crate::schema::KEYS
+            .iter()
+            .any(|k| k.pattern.strip_prefix(VMSTATS_PREFIX) == Some("<vm>")));
+        for f in VmField::ALL.into_iter().filter(|f| *f != VmField::Stats) {
             let pattern = format!("vms/<vm>/{}", f.suffix());
             assert!(
                 crate::schema::KEYS.iter().any(|k| k.pattern == pattern),

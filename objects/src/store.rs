@@ -595,6 +595,15 @@ impl TxnBuilder {
         self
     }
 
+    /// Require that `key` exists.
+    pub fn present(mut self, key: &str) -> Self {
+        self.compares.push((
+            key.to_string(),
+            Box::new(|k| Compare::create_revision(k, CompareOp::Greater, 0)),
+        ));
+        self
+    }
+
     /// Require that `key` is bound to `lease`.
     pub fn lease_is(mut self, key: &str, lease: i64) -> Self {
         self.compares.push((

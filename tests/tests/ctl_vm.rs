@@ -478,7 +478,12 @@ async fn list_and_show_in_table_and_json_including_an_invalid_vm() {
         &status("running", "hv1", "2026-11-23T10:00:00Z"),
     )
     .await;
-    put(&mut c, &format!("vms/{U1}/stats"), r#"{"cpu_time_ns":42}"#).await;
+    put(
+        &mut c,
+        &format!("vmstats/{U1}"),
+        r#"{"node":"hv1","active":true,"cpu_pct":42,"memory_kib":65536,"max_memory_kib":65536,"vcpus":1,"at":"2026-11-23T10:00:00Z"}"#,
+    )
+    .await;
     put(
         &mut c,
         &format!("vms/{U2}/status"),
@@ -531,7 +536,7 @@ async fn list_and_show_in_table_and_json_including_an_invalid_vm() {
     assert_eq!(show["lock"]["node"], "hv1");
     assert_eq!(show["lock"]["lease"], format!("{lease:x}"));
     assert_eq!(show["last_node"], "hv2");
-    assert_eq!(show["stats"]["cpu_time_ns"], 42);
+    assert_eq!(show["stats"]["cpu_pct"], 42);
     assert_eq!(show["metadata"]["migration_method"], "live");
     assert!(show["xml"].as_str().is_some_and(|x| x.contains("alpha")));
     assert_eq!(cl.json(&["vm", "show", U1]), show, "by UUID");
@@ -542,7 +547,8 @@ async fn list_and_show_in_table_and_json_including_an_invalid_vm() {
         &format!("hv1 (lease {lease:x}"),
         "last node  hv2",
         "migration      live",
-        "CPU time  0ms",
+        "42 % of one core",
+        "64 MiB of 64 MiB",
         "<name>alpha</name>",
     ] {
         assert!(text.contains(needle), "{needle:?} in {text}");

@@ -38,8 +38,8 @@ fn new_vm(label: &str) -> TestVm {
 }
 
 /// Wait until the keepalive of `node` has written `last_seen` twice after this call: the
-/// second of those ticks began after the call (so after everything the caller saw), and the
-/// keepalive is what writes VM `stats`.
+/// second of those ticks began after the call (so after everything the caller saw); the
+/// VM resync runs on the same interval.
 fn two_keepalive_ticks(etcd: &EtcdProcess, node: &str) {
     let key = format!("nodes/{node}/last_seen");
     let rev = || etcd.mod_revision(&key).expect("etcd get").unwrap_or(0);
@@ -363,11 +363,12 @@ fn shutdown_migration_and_unmigrate_between_two_daemons() {
 }
 
 #[test]
-fn per_vm_stats_are_bounded_per_tick_and_health_shows_allocation() {
+fn per_vm_stats_go_to_vmstats_bounded_per_sample_unseen_by_the_vm_watch() {
     let etcd = EtcdProcess::start().expect("etcd");
     let mut d = DaemonBuilder::new("stat1")
         .endpoints(&[etcd.endpoint()])
         .env("DEBVISOR_DOMAINS_STATS_WRITES_PER_TICK", "2")
+        .env("DEBVISOR_DOMAINS_STATS_SAMPLE_INTERVAL", "1s")
         .spawn()
         .expect("spawn daemon");
     d.wait_run(WAIT).expect("run");
@@ -378,45 +379,79 @@ fn per_vm_stats_are_bounded_per_tick_and_health_shows_allocation() {
     for vm in &vms {
         vm.wait_status(&etcd, "running", "stat1");
     }
-    // Watch the stats keys for a few ticks: every keepalive transaction (one revision)
-    // carries at most 2 of them, and every VM gets its turn.
-    let per_rev = etcd
+    // Every VM gets its record (at most 2 per sample: 3 samples or more).
+    let record = |vm: &TestVm| etcd.get_key(&format!("vmstats/{}", vm.uuid)).expect("get");
+    for vm in &vms {
+        let s: Value = serde_json::from_str(&eventually("vmstats record", WAIT, || record(vm)))
+            .expect("vmstats JSON");
+        assert_eq!(s["node"], "stat1", "{s}");
+        assert_eq!(s["active"], true, "{s}");
+        assert!(s["vcpus"].as_u64().unwrap_or(0) >= 1, "{s}");
+        assert!(s["max_memory_kib"].as_u64().unwrap_or(0) > 0, "{s}");
+        assert!(s.get("cpu_time_ns").is_none(), "no counters in etcd: {s}");
+    }
+    // The whole history so far, replayed from revision 1 on two watches: the one every
+    // node's VM reactor opens (`vms/`) holds no stats write at all; `vmstats/` holds at
+    // most 2 records per revision (one transaction per batch of a sample). Each replay
+    // runs until the latest revision of a key under its prefix (history comes in order).
+    let (vm_keys, per_rev) = etcd
         .with_client(|mut c| async move {
-            let mut stream = c
-                .watch(
-                    "/debvisor/vms/",
-                    Some(etcd_client::WatchOptions::new().with_prefix()),
-                )
-                .await
-                .map_err(|e| debvisor_tests::HarnessError::State(e.to_string()))?;
+            let err = |e: etcd_client::Error| debvisor_tests::HarnessError::State(e.to_string());
+            let mut vm_keys: Vec<String> = Vec::new();
             let mut per_rev: std::collections::BTreeMap<i64, Vec<String>> = Default::default();
-            let until = tokio::time::Instant::now() + Duration::from_secs(6);
-            while let Ok(Ok(Some(resp))) = tokio::time::timeout_at(until, stream.message()).await {
-                for ev in resp.events() {
-                    if let Some(kv) = ev.kv() {
+            for prefix in ["/debvisor/vms/", "/debvisor/vmstats/"] {
+                let now = c
+                    .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+                    .await
+                    .map_err(err)?;
+                let last = now
+                    .kvs()
+                    .iter()
+                    .map(|kv| kv.mod_revision())
+                    .max()
+                    .unwrap_or(0);
+                let opts = etcd_client::WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(1);
+                let mut stream = c.watch(prefix, Some(opts)).await.map_err(err)?;
+                let mut seen = 0;
+                while seen < last {
+                    let Some(resp) = stream.message().await.map_err(err)? else {
+                        break;
+                    };
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        seen = seen.max(kv.mod_revision());
                         let k = String::from_utf8_lossy(kv.key()).into_owned();
-                        if k.ends_with("/stats") {
+                        if prefix.ends_with("/vms/") {
+                            vm_keys.push(k);
+                        } else {
                             per_rev.entry(kv.mod_revision()).or_default().push(k);
                         }
                     }
                 }
             }
-            Ok(per_rev)
+            Ok((vm_keys, per_rev))
         })
-        .expect("watch stats");
-    assert!(!per_rev.is_empty(), "stats written");
+        .expect("replay the history");
+    assert!(
+        !vm_keys.is_empty(),
+        "the VMs' own writes are on the vms/ watch"
+    );
+    assert!(
+        !vm_keys.iter().any(|k| k.ends_with("/stats")),
+        "a stats write reached the vms/ watch: {vm_keys:?}"
+    );
+    assert!(
+        per_rev.values().flatten().count() >= vms.len(),
+        "{per_rev:?}"
+    );
     for (rev, keys) in &per_rev {
         assert!(
             keys.len() <= 2,
-            "revision {rev} wrote {} stats keys",
+            "revision {rev} wrote {} records",
             keys.len()
         );
-    }
-    for vm in &vms {
-        let s: Value = serde_json::from_str(&vm.get(&etcd, "stats").expect("stats of every VM"))
-            .expect("stats JSON");
-        assert_eq!(s["active"], true, "{s}");
-        assert!(s["vcpus"].as_u64().unwrap_or(0) >= 1, "{s}");
     }
     let health: Value = serde_json::from_str(
         &etcd
@@ -442,6 +477,14 @@ fn per_vm_stats_are_bounded_per_tick_and_health_shows_allocation() {
             .is_some_and(|f| f.iter().any(|n| n == "test")),
         "the test driver's own domain is listed as foreign: {health}"
     );
+    // The VM's removal from etcd removes its record too.
+    let gone = &vms[0];
+    etcd.delete_prefix(&format!("vms/{}/", gone.uuid))
+        .expect("delete");
+    eventually("the record of the removed VM deleted", WAIT, || {
+        record(gone).is_none().then_some(())
+    });
+    assert!(record(&vms[1]).is_some(), "the other records stay");
 }
 
 #[test]

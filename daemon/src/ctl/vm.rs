@@ -23,8 +23,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use debvisor_objects::domain::{
-    parse_vm, valid_uuid, vm_key, xml_identity, DesiredState, Metadata, MigrationMethod,
-    NodeSelector, Vm, VmField, VMS_PREFIX,
+    parse_vm, valid_uuid, vm_key, vm_stats_key, xml_identity, DesiredState, Metadata,
+    MigrationMethod, NodeSelector, Vm, VmField, VMSTATS_PREFIX, VMS_PREFIX,
 };
 use debvisor_objects::node::{DaemonState, NodeRecord};
 use debvisor_objects::placement;
@@ -375,6 +375,8 @@ pub struct VmRow {
     pub vm: Result<Vm, ObjectError>,
     /// Domain name from the XML, also for an invalid VM when the XML names one.
     pub name: Option<String>,
+    /// The owner's stats record (`vmstats/<uuid>`), raw.
+    pub stats: Option<Vec<u8>>,
 }
 
 impl VmRow {
@@ -393,6 +395,7 @@ impl VmRow {
             keys,
             vm,
             name,
+            stats: None,
         }
     }
 
@@ -421,16 +424,32 @@ fn status_of(keys: &Keys) -> Option<Value> {
         .map(|e| json_or_string(&e.value))
 }
 
-/// Every VM under `vms/`, sorted by name then UUID, with the revision of the read.
+/// Every VM under `vms/` with its stats record (`vmstats/`), sorted by name then UUID,
+/// with the revision of the VMs' read.
 pub async fn read_vms(store: &Store) -> Result<(Vec<VmRow>, i64), String> {
     let (kvs, rev) = store
         .list(VMS_PREFIX)
         .await
         .map_err(crate::ctl::etcd_error)?;
+    let (stats, _) = store
+        .list(VMSTATS_PREFIX)
+        .await
+        .map_err(crate::ctl::etcd_error)?;
+    let mut stats: std::collections::HashMap<String, Vec<u8>> = stats
+        .into_iter()
+        .filter_map(|kv| {
+            let uuid = kv.key.strip_prefix(VMSTATS_PREFIX)?.to_string();
+            Some((uuid, kv.value))
+        })
+        .collect();
     let grouped = debvisor_objects::reactor::group_keys(VMS_PREFIX, kvs, |_| true);
     let mut rows: Vec<VmRow> = grouped
         .into_iter()
-        .map(|(uuid, keys)| VmRow::new(uuid, keys))
+        .map(|(uuid, keys)| {
+            let mut row = VmRow::new(uuid, keys);
+            row.stats = stats.remove(&row.uuid);
+            row
+        })
         .collect();
     rows.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
     Ok((rows, rev))
@@ -585,7 +604,7 @@ pub fn vm_json(row: &VmRow) -> Value {
         "metadata": metadata,
         "lock": lock,
         "status": row.status(),
-        "stats": row.keys.get(VmField::Stats.suffix()).map(|e| json_or_string(&e.value)),
+        "stats": row.stats.as_deref().map(json_or_string),
         "xml": opt_str(row.raw(VmField::Xml)),
     })
 }
@@ -647,20 +666,21 @@ pub fn meta_text(m: &Value) -> String {
     )
 }
 
-/// A VM's stats (`vms/<uuid>/stats`) as fields: CPU time as a duration, memory and I/O in
-/// MiB/GiB.
+/// A VM's stats record (`vmstats/<uuid>`) as fields: running, CPU % of one core, memory,
+/// vCPUs, and when and by whom it was sampled (it is rewritten only when it moves).
 pub fn stats_text(s: &Value) -> String {
     let n = |k: &str| s[k].as_u64().unwrap_or(0);
+    let cpu = match s["cpu_pct"].as_u64() {
+        Some(p) => format!("{p} % of one core"),
+        None => "not sampled yet".into(),
+    };
     output::fields(
         &[
             (
                 "active".into(),
                 if s["active"] == true { "yes" } else { "no" }.into(),
             ),
-            (
-                "CPU time".into(),
-                output::human_duration(Duration::from_nanos(n("cpu_time_ns"))),
-            ),
+            ("CPU".into(), cpu),
             (
                 "memory".into(),
                 format!(
@@ -671,20 +691,8 @@ pub fn stats_text(s: &Value) -> String {
             ),
             ("vCPUs".into(), n("vcpus").to_string()),
             (
-                "disk".into(),
-                format!(
-                    "read {}, written {}",
-                    output::bytes(n("block_rd_bytes")),
-                    output::bytes(n("block_wr_bytes"))
-                ),
-            ),
-            (
-                "network".into(),
-                format!(
-                    "received {}, sent {}",
-                    output::bytes(n("net_rx_bytes")),
-                    output::bytes(n("net_tx_bytes"))
-                ),
+                "sampled".into(),
+                format!("{} on {}", str_of(&s["at"]), str_of(&s["node"])),
             ),
         ],
         4,
@@ -1189,10 +1197,10 @@ pub async fn undefine(store: &Store, arg: &str, force: bool) -> Result<Value, St
             row.rev(f),
         ));
     }
-    let txn = Txn::new().when(compares).and_then(vec![TxnOp::delete(
-        store.abs(&prefix),
-        Some(DeleteOptions::new().with_prefix()),
-    )]);
+    let txn = Txn::new().when(compares).and_then(vec![
+        TxnOp::delete(store.abs(&prefix), Some(DeleteOptions::new().with_prefix())),
+        TxnOp::delete(store.abs(&vm_stats_key(&row.uuid)), None),
+    ]);
     if raw_txn(store, txn).await?.is_none() {
         return Err(format!(
             "VM {} changed while this command ran (xml, state or status); nothing deleted; run it again",

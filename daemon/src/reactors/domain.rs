@@ -135,6 +135,9 @@ pub struct DomainHost {
     /// The leases this node registered with lately (the evidence a fence record must
     /// match); `None`: no history, so no fence record is evidence.
     lease_history: Option<LeaseHistory>,
+    /// Fired on every libvirt domain event: the stats sampler samples soon after, so the
+    /// allocation follows starts and stops faster than its interval.
+    changed: Arc<tokio::sync::Notify>,
 }
 
 /// Reads this node's lease history (kept by registration in the state dir).
@@ -212,7 +215,13 @@ impl DomainHost {
             self_fenced: AtomicBool::new(false),
             fence: Mutex::new(FenceFollow::default()),
             lease_history: None,
+            changed: Arc::default(),
         }
+    }
+
+    /// Notified on every libvirt domain event (for the stats sampler).
+    pub fn changes(&self) -> Arc<tokio::sync::Notify> {
+        self.changed.clone()
     }
 
     /// Read this node's lease history with `history` when a fence record needs checking:
@@ -1183,7 +1192,8 @@ impl DomainHost {
         let t = TxnBuilder::new()
             .absent(&domain::vm_key(uuid, VmField::Xml))
             .delete(&domain::vm_key(uuid, VmField::Status))
-            .delete(&domain::vm_key(uuid, VmField::Stats));
+            .delete(&domain::vm_key(uuid, VmField::Stats))
+            .delete(&domain::vm_stats_key(uuid));
         self.store.txn(t).await?;
         Ok(Action::AwaitChange)
     }
@@ -1344,6 +1354,7 @@ pub fn spawn_event_listener(
                     ev = rx.recv() => ev,
                 };
                 let Some(ev) = ev else { break };
+                host.changed.notify_one();
                 match &ev {
                     DomainEvent::Lifecycle { uuid, event, .. } if !keeps_definition(event) => {
                         host.forget_mark(uuid)

@@ -14,6 +14,7 @@ use crate::registration;
 /// the run loop.
 pub async fn run(cfg: &Config, store: &Store, keepalive: &mut Keepalive) -> Done<()> {
     let node = cfg.node_name();
+    keepalive.wait_first_sample(cfg.hypervisor.timeout).await;
     keepalive.tick().await;
     if let Err(e) = registration::set_daemon_state(
         store,

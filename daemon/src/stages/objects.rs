@@ -31,6 +31,7 @@ use crate::reactors::duties;
 use crate::reactors::fencing::Fencing;
 use crate::reactors::network::{FirewallSync, NetworkHost, NetworkReconciler};
 use crate::reactors::role::RoleSender;
+use crate::vmstats::{Sampler, SamplerConfig};
 
 /// Longest wait for the client networks to follow a role change.
 const DUTY_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -129,6 +130,19 @@ pub fn spawn(i: Inputs<'_>) -> (Objects, Keepalive) {
     );
     let vms = reactor(VmKind, DomainReconciler(domains.clone()), store, 8);
     spawn_event_listener(domains.clone(), vms.clone(), tasks.clone());
+    let (sampler, stats) = Sampler::new(
+        store.clone(),
+        node.clone(),
+        i.lease.clone(),
+        i.libvirt.clone(),
+        domains.clone(),
+        SamplerConfig {
+            sample_interval: cfg.domains.stats_sample_interval,
+            write_interval: cfg.domains.stats_write_interval,
+            budget: cfg.domains.stats_writes_per_tick as usize,
+        },
+    );
+    sampler.spawn(domains.changes(), tasks.clone());
     let keepalive = Keepalive::new(
         store.clone(),
         node.clone(),
@@ -137,7 +151,8 @@ pub fn spawn(i: Inputs<'_>) -> (Objects, Keepalive) {
         i.registered_info,
         i.info,
     )
-    .with_domains(domains.clone(), cfg.domains.stats_writes_per_tick as usize);
+    .with_domains(domains.clone())
+    .with_stats(stats);
     let (ceph_objects, ceph_monitor, keepalive) =
         spawn_ceph(cfg, store, &ceph, &i.role, &tasks, keepalive);
     spawn_duties(

@@ -27,6 +27,10 @@
 //! - `bench/metrics_scrape.rs` (`--metrics-scrape`, issue 15): what a `GET /metrics` costs
 //!   a daemon owning 100 and 1000 running VMs (test driver): bytes, series, CPU and wall
 //!   time per scrape.
+//! - `bench/scale.rs` (`--scale`, issue 17): what 0, 100 and 1000 idle VMs cost a node in
+//!   steady state at the shipped 5 s tick: key versions written to etcd per hour, events
+//!   its `vms/` watch receives, daemon CPU per keepalive tick (`--scale-baseline PATH`
+//!   measures another `debvisord` first, side by side).
 //!
 //! - `bench/scale.rs` (`--scale-sim`, issue 17): `--scale-nodes` real daemons (test driver,
 //!   `--scale-vms` VMs each) on one 3-member etcd: etcd writes, DB growth, watch fan-out,
@@ -45,15 +49,15 @@
 //! Tables go to stdout and, unless `--no-write`, into `docs/benchmarks.md` between
 //! `<!-- bench:foundation:start -->` and `<!-- bench:foundation:end -->` (and the
 //! `bench:networks`, `bench:vms`, `bench:ceph`, `bench:ceph-objects`, `bench:cluster`,
-//! `bench:failover` and `bench:metrics-scrape` markers). The daemons' own log lines are
+//! `bench:failover`, `bench:metrics-scrape` and `bench:scale-idle` markers). The daemons' own log lines are
 //! echoed on stderr by the harness.
 
 use std::process::ExitCode;
 
 use bench::report::Machine;
 use bench::{
-    ceph, ceph_objects, cluster, failover, foundation, metrics_scrape, networks, scale, soak,
-    vm_start, vms,
+    ceph, ceph_objects, cluster, failover, foundation, metrics_scrape, networks, scale, scale_idle,
+    soak, vm_start, vms,
 };
 
 /// The figure sets and the helpers they share, one file each in `bench/` (declared inline:
@@ -71,6 +75,7 @@ mod bench {
     pub(crate) mod networks;
     pub(crate) mod report;
     pub(crate) mod scale;
+    pub(crate) mod scale_idle;
     pub(crate) mod soak;
     pub(crate) mod stats;
     pub(crate) mod ticks;
@@ -138,6 +143,10 @@ struct Args {
     scale_sim: bool,
     /// Size of the cluster-scale simulation.
     scale: scale::ScaleArgs,
+    /// Run only the idle-cost-at-scale figures (`bench/scale_idle.rs`).
+    scale_idle: bool,
+    /// Another `debvisord` measured first by `--scale` (the "before" of a change).
+    scale_baseline: Option<std::path::PathBuf>,
     /// The arguments as given, for the report.
     raw: Vec<String>,
 }
@@ -150,6 +159,7 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
                       --failover [--failover-runs N] [--failover-budget-mins M] |
                       --soak [--soak-runs N] [--soak-seed S] [--soak-budget-mins M] |
                       --metrics-scrape | --vm-start [--runs N] |
+                      --scale [--scale-baseline PATH] |
                       --scale-sim [--scale-nodes N] [--scale-vms N] [--scale-idle-mins M]
                       [--scale-burst N]]
                       [--no-write]
@@ -203,6 +213,12 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
   --scale-idle-mins M
                     idle window of --scale-sim in minutes (default 5)
   --scale-burst N   VM state changes of the --scale-sim burst (default 1000; 0: none)
+  --scale           run only the idle-cost figures of issue 17: key versions written
+                    to etcd per hour, vms/ watch events and daemon CPU per keepalive
+                    tick with 0, 100 and 1000 idle VMs (test driver, 5 s tick, a
+                    window of --ticks ticks)
+  --scale-baseline PATH
+                    with --scale: measure this debvisord first, side by side
   --no-write        print only; do not update docs/benchmarks.md";
 
 /// Parse `std::env::args()`; `Ok(None)` for `--help`.
@@ -241,6 +257,8 @@ fn parse_args() -> BenchResult<Option<Args>> {
             idle_mins: 5,
             burst: 1000,
         },
+        scale_idle: false,
+        scale_baseline: None,
         raw: raw.clone(),
     };
     let mut it = raw.iter();
@@ -317,6 +335,17 @@ fn parse_args() -> BenchResult<Option<Args>> {
             "--scale-burst" => {
                 args.scale.burst =
                     usize::try_from(value("--scale-burst")?).map_err(|e| e.to_string())?
+            }
+            "--scale" => args.scale_idle = true,
+            "--scale-baseline" => {
+                let v = match inline.clone() {
+                    Some(v) => v,
+                    None => it
+                        .next()
+                        .cloned()
+                        .ok_or_else(|| format!("--scale-baseline needs a value\n{USAGE}"))?,
+                };
+                args.scale_baseline = Some(v.into());
             }
             "--no-write" => args.write = false,
             "-h" | "--help" => return Ok(None),
@@ -422,6 +451,9 @@ fn run(args: &Args) -> BenchResult<()> {
     }
     if args.scale_sim {
         return scale::run(args, &Machine::probe());
+    }
+    if args.scale_idle {
+        return scale_idle::run(args, &Machine::probe());
     }
     let with_networks = !args.skip_networks && !args.vms_only;
     if with_networks && !debvisor_tests::is_root() {

@@ -81,8 +81,10 @@ pub(crate) async fn put_vms(
     }
     Ok(txns)
 }
-/// The daemon's default `domains.stats_writes_per_tick`.
+/// The daemon's default `domains.stats_writes_per_tick` (records per stats sample).
 const STATS_BUDGET: usize = 64;
+/// The daemon's default `domains.stats_sample_interval`, in keepalive ticks of this figure.
+const STATS_SAMPLE_TICKS: usize = 10;
 /// How long a daemon may take to reach `run`.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Base deadline of a phase, plus [`PHASE_PER_VM`] per VM.
@@ -793,8 +795,9 @@ fn bench_converge(
     let first = starts.iter().copied().min().unwrap_or(wall0);
     let running: Vec<f64> = seen.values().map(|at| ms(at.duration_since(t0))).collect();
 
-    // Stats of every VM get written within ceil(N / budget) ticks; then the steady state.
-    let settle_ticks = n.div_ceil(STATS_BUDGET) + 2;
+    // Every VM's first stats record is written within ceil(N / budget) samples; then the
+    // steady state.
+    let settle_ticks = n.div_ceil(STATS_BUDGET) * STATS_SAMPLE_TICKS + 2;
     eprintln!(
         "debvisor-bench: vms: requests per tick with {n} VMs ({settle_ticks} settle + {ticks} ticks)"
     );
@@ -1208,10 +1211,12 @@ fn render(
         o,
         "The same daemon and etcd: a window of {} ticks before any VM was written, and one \
          of {} ticks with the {} VMs running and idle, after {} ticks of settling \
-         (⌈N / {STATS_BUDGET}⌉ + 2: every VM's first stats written). Deltas of etcd's \
+         (⌈N / {STATS_BUDGET}⌉ stats samples of {STATS_SAMPLE_TICKS} ticks + 2: every VM's \
+         first stats record written). Deltas of etcd's \
          `/metrics` as in the foundation's figure 3 (the bench's own watch is opened before \
-         and dropped after each window; `/metrics` is plain HTTP). Per-VM stats ride in the \
-         keepalive's one transaction, at most {STATS_BUDGET} keys per tick. RSS at the end of \
+         and dropped after each window; `/metrics` is plain HTTP). Per-VM stats records \
+         (`vmstats/`) go out in the stats sampler's own transactions, at most {STATS_BUDGET} \
+         per sample, only for new or changed VMs. RSS at the end of \
          each window; CPU over the window including its warm-up ticks ({:.1} s / {:.1} s).\n",
         a.ticks,
         b.ticks,

@@ -1,0 +1,457 @@
+//! `--scale` (issue 17): what idle VMs cost a node in steady state — etcd history (key
+//! versions written per hour) and the daemon's CPU per keepalive tick — at 0, 100 and 1000
+//! VMs on libvirt's test driver.
+//!
+//! Per VM count: a fresh etcd and a fresh `debvisord` at the shipped keepalive interval
+//! (5 s, lease TTL 15 s), the VMs written as `vms.rs` writes them and waited for until every
+//! status says `running`, then a settle period long enough for every VM's first stats write
+//! ([`settle`]), then an idle window of `--ticks` keepalive intervals. Over the window:
+//! etcd's `etcd_mvcc_put_total` + `etcd_mvcc_delete_total` (key versions) and its revision
+//! (transactions), scaled to an hour; the events a watch of `vms/` (what every node's VM
+//! reactor watches) receives; the daemon's and etcd's CPU from `/proc/<pid>/stat`.
+//!
+//! `--scale-baseline PATH` runs the same figures first with another `debvisord` (e.g. one
+//! built from the previous commit) and reports both side by side.
+//!
+//! Every etcd and daemon is owned by a local (killed on drop, on every return path).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use debvisor_tests::{DaemonBuilder, DaemonProcess, EtcdProcess};
+use etcd_client::WatchOptions;
+
+use super::clock::now_utc_string;
+use super::host::{clk_tck, cpu_ticks, load_triple};
+use super::report::{bench_command, publish, Machine};
+use super::stats::verdict;
+use super::ticks::{fetch_metrics, Metrics};
+use super::vms::{connect, put_vms, StatusWatch, VmSpec, PHASE_BASE, PHASE_PER_VM};
+use crate::{Args, BenchResult};
+
+/// Start marker of the generated section in `docs/benchmarks.md`.
+const MARK_START: &str = "<!-- bench:scale-idle:start -->";
+/// End marker of the generated section in `docs/benchmarks.md`.
+const MARK_END: &str = "<!-- bench:scale-idle:end -->";
+/// The VM counts measured.
+const SIZES: [usize; 3] = [0, 100, 1000];
+/// The shipped keepalive interval (`KeepaliveConfig::default()`).
+const TICK: Duration = Duration::from_secs(5);
+/// The shipped lease TTL.
+const TTL: Duration = Duration::from_secs(15);
+/// The daemon's default `domains.stats_writes_per_tick`.
+const STATS_BUDGET: usize = 64;
+/// The longest of the keepalive interval and the shipped `domains.stats_sample_interval`:
+/// one round of first stats writes takes at most this long on either build.
+const STATS_ROUND: Duration = Duration::from_secs(10);
+/// How long a daemon may take to reach `run`.
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Target: at most this many key versions per hour above the 0-VM figure with N idle VMs
+/// (one a minute: the O(1) part is the same at every N, idle VMs add nothing).
+const TARGET_EXTRA_VERSIONS_PER_HOUR: f64 = 60.0;
+/// Target: daemon CPU at 1000 idle VMs, % of one core at the 5 s tick.
+const TARGET_CPU_PCT: f64 = 1.0;
+/// Node of the daemon.
+const NODE: &str = "bench-scale";
+/// Prefix every node's VM reactor watches.
+const VMS_PREFIX: &str = "/debvisor/vms/";
+
+/// Wait after the VMs run before the window: ⌈N / budget⌉ + 2 rounds of first stats
+/// writes (10 s each), 10 s with no VM.
+fn settle(n: usize) -> Duration {
+    if n == 0 {
+        STATS_ROUND
+    } else {
+        STATS_ROUND * (n.div_ceil(STATS_BUDGET) + 2) as u32
+    }
+}
+
+/// The figures of one VM count on one build.
+#[derive(Debug, Clone)]
+struct Idle {
+    vms: usize,
+    window: Duration,
+    /// Key versions (puts + deletes) over the window.
+    versions: f64,
+    /// Revisions (committed transactions) over the window.
+    revisions: f64,
+    /// Events a watch of `vms/` received over the window, and of those on `…/stats`.
+    vm_events: u64,
+    vm_stats_events: u64,
+    /// Daemon and etcd CPU ticks over the window.
+    cpu_ticks: u64,
+    etcd_ticks: u64,
+    clk_tck: u64,
+}
+
+impl Idle {
+    fn per_hour(&self, x: f64) -> f64 {
+        x * 3600.0 / self.window.as_secs_f64()
+    }
+
+    /// Daemon CPU per keepalive tick (ms).
+    fn cpu_ms_per_tick(&self) -> f64 {
+        let ticks = self.window.as_secs_f64() / TICK.as_secs_f64();
+        self.cpu_ticks as f64 * 1000.0 / self.clk_tck as f64 / ticks
+    }
+
+    /// Daemon CPU, % of one core.
+    fn cpu_pct(&self) -> f64 {
+        self.cpu_ticks as f64 * 100.0 / self.clk_tck as f64 / self.window.as_secs_f64()
+    }
+
+    /// etcd CPU, % of one core.
+    fn etcd_pct(&self) -> f64 {
+        self.etcd_ticks as f64 * 100.0 / self.clk_tck as f64 / self.window.as_secs_f64()
+    }
+}
+
+/// Run the figures (baseline first when asked) and publish them.
+pub(crate) fn run(args: &Args, machine: &Machine) -> BenchResult<()> {
+    let started = now_utc_string();
+    let load0 = load_triple();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("building a tokio runtime: {e}"))?;
+    let window = TICK * args.ticks as u32;
+    let current = debvisor_tests::bin_path("debvisord");
+    let mut builds: Vec<(String, PathBuf)> = Vec::new();
+    if let Some(b) = &args.scale_baseline {
+        builds.push(("baseline".into(), b.clone()));
+    }
+    builds.push(("this build".into(), current));
+    let mut results: Vec<(String, PathBuf, Vec<Idle>)> = Vec::new();
+    for (label, bin) in builds {
+        let mut per = Vec::new();
+        for n in SIZES {
+            eprintln!(
+                "debvisor-bench: [scale] {label} ({}): {n} VMs, settle {:?}, window {window:?}",
+                bin.display(),
+                settle(n)
+            );
+            per.push(measure(&rt, &bin, n, window)?);
+        }
+        results.push((label, bin, per));
+    }
+    rt.shutdown_timeout(Duration::from_secs(5));
+    let report = render(args, machine, &started, &load0, &results);
+    publish(args, MARK_START, MARK_END, &report)
+}
+
+/// Spawn the daemon `bin` at the shipped tick against `etcd` and wait for `run`.
+fn spawn(etcd: &EtcdProcess, bin: &Path) -> BenchResult<DaemonProcess> {
+    let mut d = DaemonBuilder::new(NODE)
+        .endpoints(&[etcd.endpoint()])
+        .binary(bin)
+        .env(
+            "DEBVISOR_KEEPALIVE_INTERVAL",
+            &format!("{}s", TICK.as_secs()),
+        )
+        .env(
+            "DEBVISOR_KEEPALIVE_LEASE_TTL",
+            &format!("{}s", TTL.as_secs()),
+        )
+        .spawn()
+        .map_err(|e| format!("spawning {}: {e}", bin.display()))?;
+    d.wait_run(RUN_TIMEOUT)
+        .map_err(|e| format!("{} did not reach run: {e}", bin.display()))?;
+    Ok(d)
+}
+
+/// Counts of a watch of `vms/`: every event, and those on a `/stats` key.
+#[derive(Default)]
+struct EventCount {
+    all: AtomicU64,
+    stats: AtomicU64,
+}
+
+/// Watch `vms/` on `etcd` and count its events until aborted; resolves once created.
+fn watch_vms(
+    rt: &tokio::runtime::Runtime,
+    etcd: &EtcdProcess,
+    counts: Arc<EventCount>,
+) -> BenchResult<tokio::task::JoinHandle<()>> {
+    let mut client = rt.block_on(connect(etcd))?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let task = rt.spawn(async move {
+        let mut s = match client
+            .watch(VMS_PREFIX, Some(WatchOptions::new().with_prefix()))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = ready_tx.send(Err(format!("watching {VMS_PREFIX}: {e}")));
+                return;
+            }
+        };
+        while let Ok(Some(msg)) = s.message().await {
+            if msg.created() {
+                let _ = ready_tx.send(Ok(()));
+            }
+            for ev in msg.events() {
+                counts.all.fetch_add(1, Ordering::Relaxed);
+                if ev.kv().is_some_and(|kv| kv.key().ends_with(b"/stats")) {
+                    counts.stats.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    match ready_rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(Ok(())) => Ok(task),
+        Ok(Err(e)) => {
+            task.abort();
+            Err(e)
+        }
+        Err(_) => {
+            task.abort();
+            Err("the vms/ watch was not created within 10 s".into())
+        }
+    }
+}
+
+/// Key versions (puts + deletes) in a `/metrics` snapshot.
+fn versions(m: &Metrics) -> BenchResult<f64> {
+    let puts = m
+        .sum("etcd_mvcc_put_total", &[])
+        .ok_or("etcd /metrics has no etcd_mvcc_put_total")?;
+    Ok(puts + m.sum("etcd_mvcc_delete_total", &[]).unwrap_or(0.0))
+}
+
+/// The store revision in a `/metrics` snapshot.
+fn revision(m: &Metrics) -> BenchResult<f64> {
+    m.sum("etcd_debugging_mvcc_current_revision", &[])
+        .ok_or_else(|| "etcd /metrics has no etcd_debugging_mvcc_current_revision".into())
+}
+
+/// One VM count on one build: fresh etcd and daemon, VMs running, settle, idle window.
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    bin: &Path,
+    n: usize,
+    window: Duration,
+) -> BenchResult<Idle> {
+    let tck = clk_tck()?;
+    let etcd = EtcdProcess::start().map_err(|e| format!("starting etcd: {e}"))?;
+    let etcd_pid = etcd.pid().ok_or("etcd is not running")?;
+    let mut d = spawn(&etcd, bin)?;
+    if n > 0 {
+        let vms: Vec<VmSpec> = (0..n).map(|_| VmSpec::test_driver()).collect();
+        let watch = StatusWatch::start(rt, &etcd)?;
+        let mut client = rt.block_on(connect(&etcd))?;
+        rt.block_on(put_vms(&mut client, &vms, NODE))?;
+        let want: HashSet<String> = vms.iter().map(|v| v.uuid.clone()).collect();
+        watch.wait_all(&want, &mut d, PHASE_BASE + PHASE_PER_VM * n as u32)?;
+    }
+    std::thread::sleep(settle(n));
+    let counts = Arc::new(EventCount::default());
+    let watcher = watch_vms(rt, &etcd, counts.clone())?;
+    let pid = d.pid();
+    let m0 = fetch_metrics(etcd.client_addr())?;
+    let (a0, s0) = (
+        counts.all.load(Ordering::Relaxed),
+        counts.stats.load(Ordering::Relaxed),
+    );
+    let c0 = cpu_ticks(pid)?;
+    let e0 = cpu_ticks(etcd_pid)?;
+    let t0 = Instant::now();
+    std::thread::sleep(window);
+    let c1 = cpu_ticks(pid)?;
+    let e1 = cpu_ticks(etcd_pid)?;
+    let m1 = fetch_metrics(etcd.client_addr())?;
+    let spent = t0.elapsed();
+    // Events of the window's last writes are in flight for a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    let (a1, s1) = (
+        counts.all.load(Ordering::Relaxed),
+        counts.stats.load(Ordering::Relaxed),
+    );
+    watcher.abort();
+    if !d.is_running() {
+        return Err(format!(
+            "debvisord exited during the idle window\n{}",
+            d.tail(40)
+        ));
+    }
+    Ok(Idle {
+        vms: n,
+        window: spent,
+        versions: versions(&m1)? - versions(&m0)?,
+        revisions: revision(&m1)? - revision(&m0)?,
+        vm_events: a1 - a0,
+        vm_stats_events: s1 - s0,
+        cpu_ticks: c1.saturating_sub(c0),
+        etcd_ticks: e1.saturating_sub(e0),
+        clk_tck: tck,
+    })
+}
+
+/// The verdicts of one build: (etcd history, keepalive CPU, flat per tick).
+fn verdicts(per: &[Idle]) -> (bool, bool, bool) {
+    let base = per.iter().find(|r| r.vms == 0);
+    let big = per.iter().max_by_key(|r| r.vms);
+    match (base, big) {
+        (Some(b), Some(g)) => {
+            let extra = g.per_hour(g.versions) - b.per_hour(b.versions);
+            (
+                extra <= TARGET_EXTRA_VERSIONS_PER_HOUR,
+                g.cpu_pct() <= TARGET_CPU_PCT,
+                // Flat: the 1000-VM tick within 1 ms (or 50 %) of the empty one.
+                g.cpu_ms_per_tick() <= (b.cpu_ms_per_tick() * 1.5).max(b.cpu_ms_per_tick() + 1.0),
+            )
+        }
+        _ => (false, false, false),
+    }
+}
+
+fn render(
+    args: &Args,
+    machine: &Machine,
+    started: &str,
+    load0: &str,
+    results: &[(String, PathBuf, Vec<Idle>)],
+) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(o, "#### Idle VMs: measured ({started})\n");
+    let _ = writeln!(o, "- command: `{}`", bench_command(args, machine));
+    let _ = writeln!(
+        o,
+        "- machine: {} CPUs (`nproc`), {}, kernel {}, {} RAM",
+        machine.nproc, machine.cpu_model, machine.kernel, machine.mem_total
+    );
+    let _ = writeln!(
+        o,
+        "- profile: `{}`; etcd 3.4 on loopback, a fresh etcd and `debvisord` per VM count, \
+         keepalive every {}s (lease TTL {}s, the shipped defaults), VMs on libvirt \
+         `test:///default`; settle after every VM ran: (⌈N / {STATS_BUDGET}⌉ + 2) × {}s; idle \
+         window {} ticks; load average at the start {load0}",
+        machine.profile,
+        TICK.as_secs(),
+        TTL.as_secs(),
+        STATS_ROUND.as_secs(),
+        args.ticks
+    );
+    for (label, bin, _) in results {
+        let _ = writeln!(o, "- {label}: `{}`", bin.display());
+    }
+    let _ = writeln!(o);
+    let mut head = String::from("| per node, idle |");
+    let mut sep = String::from("|---|");
+    for (label, _, per) in results {
+        for r in per {
+            let _ = write!(head, " {label}, {} VMs |", r.vms);
+            sep.push_str("---:|");
+        }
+    }
+    let _ = writeln!(o, "{head}\n{sep}");
+    type Row = (&'static str, fn(&Idle) -> String);
+    let rows: [Row; 8] = [
+        ("**key versions written per hour**", |r| {
+            format!("**{:.0}**", r.per_hour(r.versions))
+        }),
+        ("revisions (transactions) per hour", |r| {
+            format!("{:.0}", r.per_hour(r.revisions))
+        }),
+        ("events a `vms/` watch receives per hour", |r| {
+            format!("{:.0}", r.per_hour(r.vm_events as f64))
+        }),
+        ("of which `…/stats`", |r| {
+            format!("{:.0}", r.per_hour(r.vm_stats_events as f64))
+        }),
+        ("**daemon CPU per keepalive tick (ms)**", |r| {
+            format!("**{:.2}**", r.cpu_ms_per_tick())
+        }),
+        ("daemon CPU (% of one core)", |r| {
+            format!("{:.2}", r.cpu_pct())
+        }),
+        ("etcd CPU (% of one core)", |r| {
+            format!("{:.2}", r.etcd_pct())
+        }),
+        ("window (s)", |r| format!("{:.1}", r.window.as_secs_f64())),
+    ];
+    for (name, f) in rows {
+        let mut line = format!("| {name} |");
+        for (_, _, per) in results {
+            for r in per {
+                let _ = write!(line, " {} |", f(r));
+            }
+        }
+        let _ = writeln!(o, "{line}");
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "| target | {} |\n|---|{}",
+        results
+            .iter()
+            .map(|(l, _, _)| l.as_str())
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(results.len())
+    );
+    let mut hist = String::from("| etcd history: 1000 idle VMs add ≤ 60 key versions/h |");
+    let mut cpu = String::from("| keepalive CPU: 1000 idle VMs ≤ 1 % of a core at 5 s |");
+    let mut flat =
+        String::from("| keepalive CPU flat: 1000-VM tick ≤ max(1.5×, +1 ms) of the empty tick |");
+    for (_, _, per) in results {
+        let (h, c, f) = verdicts(per);
+        let _ = write!(hist, " {} |", verdict(h));
+        let _ = write!(cpu, " {} |", verdict(c));
+        let _ = write!(flat, " {} |", verdict(f));
+    }
+    let _ = writeln!(o, "{hist}\n{cpu}\n{flat}");
+    let _ = writeln!(
+        o,
+        "\n*Key versions*: the window's delta of etcd's `etcd_mvcc_put_total` + \
+         `etcd_mvcc_delete_total` (every put in a transaction is one version kept in the \
+         history until compaction), scaled to an hour; *revisions* count transactions. \
+         *Daemon CPU per tick*: utime + stime over the window divided by the window's \
+         keepalive intervals — everything the idle daemon does, keepalive, VM resync on the \
+         same interval and stats sampling included. `/proc` counts in 10 ms steps."
+    );
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idle(vms: usize, versions: f64, cpu_ticks: u64) -> Idle {
+        Idle {
+            vms,
+            window: Duration::from_secs(100),
+            versions,
+            revisions: 0.0,
+            vm_events: 0,
+            vm_stats_events: 0,
+            cpu_ticks,
+            etcd_ticks: 0,
+            clk_tck: 100,
+        }
+    }
+
+    #[test]
+    fn rates_scale_to_an_hour_and_a_tick() {
+        let r = idle(0, 40.0, 50);
+        assert!((r.per_hour(r.versions) - 1440.0).abs() < 1e-9);
+        // 0.5 s of CPU over 20 ticks of 5 s: 25 ms per tick, 0.5 % of a core.
+        assert!((r.cpu_ms_per_tick() - 25.0).abs() < 1e-9);
+        assert!((r.cpu_pct() - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn verdicts_compare_the_largest_count_with_none() {
+        assert_eq!(
+            verdicts(&[idle(0, 40.0, 10), idle(1000, 41.0, 12)]),
+            (true, true, true)
+        );
+        let (h, c, f) = verdicts(&[idle(0, 40.0, 10), idle(1000, 40.0 + 64.0 * 20.0, 300)]);
+        assert!(!h && !c && !f);
+        assert!(settle(1000) > settle(100) && settle(0) == STATS_ROUND);
+    }
+}
