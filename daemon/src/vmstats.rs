@@ -16,7 +16,8 @@
 //! or maximum memory change; and when CPU moved by at least [`CPU_DEADBAND_PCT`] points or
 //! memory by at least max([`MEMORY_DEADBAND_MIB`], 1/[`MEMORY_DEADBAND_DIV`] of the
 //! maximum) since the last write, but no sooner than `stats_write_interval` after it.
-//! Per node and hour, with the keepalive interval `T`, `L` lifecycle changes in the hour,
+//! Per node and hour, with the keepalive interval `T`, `L` lifecycle changes in the hour (a
+//! start counts twice: the start, then its first CPU rate one sample later),
 //! `B` VMs whose load swings beyond the deadband and the write interval `W`:
 //!
 //! ```text
@@ -61,7 +62,8 @@ const TXN_OPS: usize = 100;
 pub enum Due {
     /// Never written by this node (new here, or after a restart with nothing to read).
     First,
-    /// Running state, vCPUs or maximum memory changed: written at the next sample.
+    /// Running state, vCPUs or maximum memory changed, or a started VM's first CPU rate:
+    /// written at the next sample.
     Lifecycle,
     /// CPU or memory moved beyond the deadband and the last write is old enough.
     Drift,
@@ -77,9 +79,14 @@ pub fn write_due(
     let Some((old, age)) = last else {
         return Some(Due::First);
     };
+    // A running VM's first CPU rate counts as a lifecycle change: its start was written
+    // before a rate could be known, and an idle VM would otherwise never move past the
+    // deadband to replace "not sampled yet" (one more write per start).
+    let first_rate = now.active && old.cpu_pct.is_none() && now.cpu_pct.is_some();
     if old.active != now.active
         || old.vcpus != now.vcpus
         || old.max_memory_kib != now.max_memory_kib
+        || first_rate
     {
         return Some(Due::Lifecycle);
     }
@@ -454,6 +461,21 @@ mod tests {
     }
 
     #[test]
+    fn a_started_vms_first_cpu_rate_is_written_at_once() {
+        let started = rec(true, None, 1024, 1024, 2);
+        let idle = rec(true, Some(0), 1024, 1024, 2);
+        assert_eq!(
+            write_due(Some((&started, YOUNG)), &idle, W),
+            Some(Due::Lifecycle)
+        );
+        // Once known, an idle VM stays written as it is.
+        assert_eq!(write_due(Some((&idle, YOUNG)), &idle, W), None);
+        // A stopped VM has no rate to wait for.
+        let off = rec(false, None, 1024, 1024, 2);
+        assert_eq!(write_due(Some((&off, YOUNG)), &off, W), None);
+    }
+
+    #[test]
     fn cpu_within_the_deadband_is_never_written() {
         let r = rec(true, Some(3), 1024, 1024, 2);
         let old = Duration::from_secs(86_400);
@@ -463,12 +485,6 @@ mod tests {
         );
         assert_eq!(
             write_due(Some((&r, old)), &rec(true, Some(0), 1024, 1024, 2), W),
-            None
-        );
-        // Not yet known counts as 0: a second sample of an idle VM writes nothing.
-        let first = rec(true, None, 1024, 1024, 2);
-        assert_eq!(
-            write_due(Some((&first, YOUNG)), &rec(true, Some(4), 1024, 1024, 2), W),
             None
         );
     }

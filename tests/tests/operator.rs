@@ -88,9 +88,14 @@ fn a_wait_explains_itself_and_the_summary_exit_code_follows_the_cluster() {
 
     let show = eventually("stats reported", Duration::from_secs(60), || {
         let show = cl.ok(&["vm", "show", &name]);
-        show.contains("CPU time").then_some(show)
+        show.contains("% of one core").then_some(show)
     });
-    for needle in ["running on op-a for", "CPU time", "memory", "autostart"] {
+    for needle in [
+        "running on op-a for",
+        "% of one core",
+        "memory",
+        "autostart",
+    ] {
         assert!(show.contains(needle), "{needle:?} in\n{show}");
     }
     println!("$ debvisorctl vm show {name}\n{show}");
