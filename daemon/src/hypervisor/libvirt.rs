@@ -716,12 +716,11 @@ impl Libvirt {
             move |c| {
                 let d = c.require(&uuid)?;
                 // No "is it running?" round trip first: libvirt refuses to start a running
-                // domain, and that refusal is then checked.
+                // domain (OperationInvalid from qemu, InternalError from the test driver),
+                // and any refusal is then checked against the domain's state.
                 match d.create() {
                     Ok(_) => Ok(Outcome::Changed),
-                    Err(e) if e.code() == ErrorNumber::OperationInvalid && c.is_active(&d)? => {
-                        Ok(Outcome::Unchanged)
-                    }
+                    Err(_) if c.is_active(&d)? => Ok(Outcome::Unchanged),
                     Err(e) => Err(c.fail(e)),
                 }
             },
