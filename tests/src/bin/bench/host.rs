@@ -161,6 +161,26 @@ pub(crate) fn render_stopped(o: &mut String, stopped: Option<&str>) {
     }
 }
 
+/// The type of the filesystem holding `path` (`ext4`, `tmpfs`, …; `?` if unknown), from
+/// the longest mount point of `/proc/self/mounts` that contains it: etcd's commit latency
+/// is its disk's fsync, so a figure that includes commits names where etcd kept its data.
+pub(crate) fn fs_type_of(path: &std::path::Path) -> String {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return "?".into();
+    };
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_dev, point, kind) = (f.next()?, f.next()?, f.next()?);
+            path.starts_with(point)
+                .then(|| (point.len(), kind.to_string()))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, kind)| kind)
+        .unwrap_or_else(|| "?".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,5 +201,12 @@ mod tests {
         assert_eq!(load_fmt(f64::NAN), "?");
         assert_ne!(load_text(), "?");
         assert_eq!(load_triple().split(' ').count(), 3);
+    }
+
+    #[test]
+    fn the_filesystem_of_a_path_is_its_longest_mount_point() {
+        // `/proc` is always procfs; `/proc/self` below it too, not the root's type.
+        assert_eq!(fs_type_of(std::path::Path::new("/proc/self")), "proc");
+        assert_ne!(fs_type_of(std::path::Path::new("/")), "?");
     }
 }
