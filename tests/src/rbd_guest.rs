@@ -19,6 +19,20 @@ pub fn qemu_rbd_available() -> bool {
     Path::new(QEMU_RBD_DRIVER).exists()
 }
 
+/// Why an RBD guest cannot run on this machine (no Ceph tools, no qemu RBD driver), or
+/// `None`: the tests with RBD guests skip with this reason instead of failing obscurely.
+pub fn rbd_guest_skip_reason() -> Option<String> {
+    if !crate::ceph::ceph_installed() {
+        return Some("ceph not installed (scripts/deps.sh)".into());
+    }
+    if !qemu_rbd_available() {
+        return Some(format!(
+            "qemu rbd driver {QEMU_RBD_DRIVER} missing (qemu-block-extra)"
+        ));
+    }
+    None
+}
+
 fn virsh(uri: &str, args: &[&str]) -> Result<String> {
     let out = run_bounded(
         Command::new("virsh").args(["-c", uri]).args(args),

@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use debvisor_daemon::hypervisor::{DomainState, Libvirt};
 use debvisor_tests::libvirt::{assert_guest_uses_kvm, require_kvm, system_libvirt, TestDomain};
-use debvisor_tests::rbd_guest::{qemu_rbd_available, with_devices, CephSecret, QEMU_RBD_DRIVER};
+use debvisor_tests::rbd_guest::{rbd_guest_skip_reason, with_devices, CephSecret};
 use debvisor_tests::{
-    ceph_installed, eventually, is_message, skip_or_fail, skip_unless_root, str_field, CephCluster,
-    DaemonBuilder, DaemonProcess, EtcdProcess, SkipKind, TestVm,
+    eventually, is_message, skip_or_fail, skip_unless_root, str_field, CephCluster, DaemonBuilder,
+    DaemonProcess, EtcdProcess, SkipKind, TestVm,
 };
 use serde_json::{json, Value};
 
@@ -249,22 +249,10 @@ fn volume_in_use_refuses_rollback_and_delete(
     wait_ceph_status(etcd, &snap_status, "ready", None);
 }
 
-fn skip_reason() -> Option<String> {
-    if !ceph_installed() {
-        return Some("ceph not installed (scripts/deps.sh)".into());
-    }
-    if !qemu_rbd_available() {
-        return Some(format!(
-            "qemu rbd driver {QEMU_RBD_DRIVER} missing (qemu-block-extra)"
-        ));
-    }
-    None
-}
-
 #[test]
 fn rbd_guest_starts_and_foreign_locks_refuse_the_start() {
     skip_unless_root!();
-    if let Some(why) = skip_reason() {
+    if let Some(why) = rbd_guest_skip_reason() {
         return skip_or_fail(&why, SkipKind::Environment);
     }
     require_kvm();

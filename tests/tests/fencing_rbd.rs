@@ -26,9 +26,9 @@ use debvisor_tests::cluster::{
     require_ipmi_sim, wait_until, Cluster, Evidence, Leftovers, Power, PowerEventKind,
 };
 use debvisor_tests::libvirt::require_kvm;
-use debvisor_tests::rbd_guest::{qemu_io_write, qemu_rbd_available, QEMU_RBD_DRIVER};
+use debvisor_tests::rbd_guest::{qemu_io_write, rbd_guest_skip_reason};
 use debvisor_tests::{
-    ceph_installed, is_message, skip_or_fail, skip_unless_root, str_field, CephCluster, SkipKind,
+    is_message, skip_or_fail, skip_unless_root, str_field, CephCluster, SkipKind,
 };
 use serde_json::Value;
 
@@ -39,18 +39,6 @@ const IMAGE: &str = "disk";
 /// The guest's RBD disk is its only disk: `vda`, libvirt alias `virtio-disk0`.
 const DEV: &str = "vda";
 const ALIAS: &str = "virtio-disk0";
-
-fn skip_reason() -> Option<String> {
-    if !ceph_installed() {
-        return Some("ceph not installed (scripts/deps.sh)".into());
-    }
-    if !qemu_rbd_available() {
-        return Some(format!(
-            "qemu rbd driver {QEMU_RBD_DRIVER} missing (qemu-block-extra)"
-        ));
-    }
-    None
-}
 
 /// `rbd <args> --format json` on the cluster's Ceph, parsed.
 fn rbd_json(ceph: &CephCluster, args: &[&str]) -> Value {
@@ -138,7 +126,7 @@ fn line_of(lines: &[Value], message: &str, field: Option<(&str, &str)>) -> usize
 #[test]
 fn an_rbd_guest_of_a_killed_node_runs_elsewhere_after_its_lock_is_broken_never_twice() {
     skip_unless_root!();
-    if let Some(why) = skip_reason() {
+    if let Some(why) = rbd_guest_skip_reason() {
         return skip_or_fail(&why, SkipKind::Environment);
     }
     if !require_ipmi_sim() {
