@@ -27,7 +27,7 @@ use debvisor_tests::{DaemonBuilder, DaemonProcess, EtcdProcess};
 use serde_json::Value;
 
 use super::clock::{now_utc_string, parse_rfc3339_micros};
-use super::host::{clk_tck, cpu_ticks, status_kib};
+use super::host::{bench_runtime, clk_tck, cpu_ticks, status_kib};
 use super::logs::{num_field, str_field};
 use super::report::{bench_command, publish, Machine};
 use super::stats::{mib, ms, per_tick, summarize, verdict};
@@ -399,11 +399,7 @@ fn bench_ticks(etcd: &EtcdProcess, n: usize) -> BenchResult<TickResult> {
             ("DEBVISOR_KEEPALIVE_LEASE_TTL", &ttl),
         ],
     )?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("building a tokio runtime: {e}"))?;
+    let rt = bench_runtime(1)?;
     let (tx, rx) = mpsc::channel();
     let key = format!("/debvisor/nodes/{node}/last_seen");
     let watcher = rt.spawn(watch_key(etcd.endpoint(), key, tx));

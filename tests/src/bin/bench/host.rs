@@ -1,7 +1,40 @@
 //! Readers of `/proc`: CPU ticks and memory of processes, the machine's CPU counters and
 //! load, for the figures that measure what a daemon (and etcd, dnsmasq, nft) costs.
 
+use std::time::Instant;
+
 use crate::BenchResult;
+
+/// When a bench run began and under what load: every report says when it ran, the load
+/// before and after, and how long it took (the machine is shared).
+pub(crate) struct RunStart {
+    /// UTC start, as the report's heading shows it.
+    pub(crate) started: String,
+    /// `/proc/loadavg` (1/5/15 min) at the start.
+    pub(crate) load: String,
+    /// For the run's length.
+    pub(crate) t0: Instant,
+}
+
+impl RunStart {
+    /// Now.
+    pub(crate) fn now() -> RunStart {
+        RunStart {
+            started: super::clock::now_utc_string(),
+            load: load_triple(),
+            t0: Instant::now(),
+        }
+    }
+}
+
+/// A tokio runtime with `workers` threads for a bench's etcd and libvirt calls.
+pub(crate) fn bench_runtime(workers: usize) -> BenchResult<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("building a tokio runtime: {e}"))
+}
 
 /// `sysconf(_SC_CLK_TCK)`.
 pub(crate) fn clk_tck() -> BenchResult<u64> {

@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 
 use debvisor_tests::{free_port, DaemonProcess, EtcdProcess};
 
-use super::clock::now_utc_string;
-use super::host::{clk_tck, cpu_ticks, load_triple};
+use super::host::{bench_runtime, clk_tck, cpu_ticks, load_triple, RunStart};
 use super::report::{bench_command, publish, Machine};
 use super::stats::{ms, nearest_rank};
 use super::vms::{connect, put_vms, spawn_daemon, StatusWatch, VmSpec, PHASE_BASE, PHASE_PER_VM};
@@ -72,14 +71,12 @@ impl SizeResult {
 
 /// Run the figure and publish it.
 pub(crate) fn run(args: &Args, machine: &Machine) -> BenchResult<()> {
-    let started = now_utc_string();
-    let load0 = load_triple();
-    let t0 = Instant::now();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("building a tokio runtime: {e}"))?;
+    let RunStart {
+        started,
+        load: load0,
+        t0,
+    } = RunStart::now();
+    let rt = bench_runtime(1)?;
     let etcd = EtcdProcess::start().map_err(|e| format!("starting etcd: {e}"))?;
     let addr = format!("127.0.0.1:{}", free_port());
     let mut d = spawn_daemon(&etcd, NODE, &[("DEBVISOR_METRICS_LISTEN", &addr)])?;

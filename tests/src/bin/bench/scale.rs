@@ -38,8 +38,10 @@ use debvisor_tests::{free_port, DaemonBuilder, DaemonProcess, EtcdProcess};
 use etcd_client::{Client, EventType, WatchOptions};
 use serde_json::Value;
 
-use super::clock::{epoch_micros, now_utc_string, parse_rfc3339_micros};
-use super::host::{clk_tck, cpu_ticks, load_fmt, load_triple, loadavg, status_kib};
+use super::clock::{epoch_micros, parse_rfc3339_micros};
+use super::host::{
+    bench_runtime, clk_tck, cpu_ticks, load_fmt, load_triple, loadavg, status_kib, RunStart,
+};
 use super::logs::str_field;
 use super::report::{bench_command, publish, Machine};
 use super::stats::{mib, ms};
@@ -297,15 +299,13 @@ struct ScaleResult {
 /// Run the simulation and publish it.
 pub(crate) fn run(args: &Args, machine: &Machine) -> BenchResult<()> {
     install_signal_handlers();
-    let started = now_utc_string();
-    let load0 = load_triple();
-    let t0 = Instant::now();
+    let RunStart {
+        started,
+        load: load0,
+        t0,
+    } = RunStart::now();
     let sa = args.scale;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("building a tokio runtime: {e}"))?;
+    let rt = bench_runtime(1)?;
     let res = simulate(&rt, sa);
     rt.shutdown_timeout(Duration::from_secs(5));
     let r = res?;

@@ -32,8 +32,8 @@ use serde_json::Value;
 use virt::connect::Connect;
 use virt::domain::Domain;
 
-use super::clock::{epoch_micros, now_utc_string, parse_rfc3339_micros};
-use super::host::{fs_type_of, load_triple};
+use super::clock::{epoch_micros, parse_rfc3339_micros};
+use super::host::{bench_runtime, fs_type_of, load_triple, RunStart};
 use super::logs::str_field;
 use super::report::{bench_command, publish, Machine};
 use super::stats::{ms, summarize, verdict, Summary};
@@ -78,14 +78,12 @@ struct Samples {
 
 /// Run the figure and publish it.
 pub(crate) fn run(args: &Args, machine: &Machine) -> BenchResult<()> {
-    let started = now_utc_string();
-    let load0 = load_triple();
-    let t0 = Instant::now();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("building a tokio runtime: {e}"))?;
+    let RunStart {
+        started,
+        load: load0,
+        t0,
+    } = RunStart::now();
+    let rt = bench_runtime(1)?;
     if !debvisor_tests::kvm_available() {
         return Err("no usable /dev/kvm: the figure is about KVM guests".into());
     }
