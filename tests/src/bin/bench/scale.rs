@@ -30,13 +30,11 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use debvisor_daemon::config::KeepaliveConfig;
 use debvisor_tests::{free_port, DaemonBuilder, DaemonProcess, EtcdProcess};
-use etcd_client::{Client, EventType, WatchOptions};
-use serde_json::Value;
+use etcd_client::Client;
 
 use super::clock::{epoch_micros, parse_rfc3339_micros};
 use super::host::{
@@ -46,7 +44,7 @@ use super::logs::str_field;
 use super::report::{bench_command, publish, Machine};
 use super::stats::{mib, ms};
 use super::ticks::{fetch_metrics, Metrics};
-use super::vms::{hist_delta, pct, put_vms, vm_key, HistDelta, Pct, VmSpec, VMS_PREFIX};
+use super::vms::{hist_delta, pct, put_vms, vm_key, HistDelta, Pct, StatusWatch, VmSpec};
 use crate::{Args, BenchResult};
 
 /// Start marker of the generated section in `docs/benchmarks.md`.
@@ -409,7 +407,7 @@ fn simulate(rt: &tokio::runtime::Runtime, sa: ScaleArgs) -> BenchResult<ScaleRes
     let total = sa.nodes * sa.vms_per_node;
     eprintln!("debvisor-bench: [scale] writing {total} VMs and waiting until they run");
     let t_conv = Instant::now();
-    let watch = StatusWatch::start(rt, &endpoints[0])?;
+    let watch = StatusWatch::start_at(rt, &endpoints[0])?;
     let mut vms: Vec<(VmSpec, usize)> = Vec::with_capacity(total);
     let mut writer = clients[0].clone();
     for (i, name) in names.iter().enumerate() {
@@ -423,7 +421,7 @@ fn simulate(rt: &tokio::runtime::Runtime, sa: ScaleArgs) -> BenchResult<ScaleRes
         .iter()
         .map(|(v, _)| (v.uuid.clone(), "running", t_conv))
         .collect();
-    watch.wait(&want, &mut nodes)?;
+    wait_status(&watch, &want, &mut nodes)?;
     let converge = t_conv.elapsed();
     drop(watch);
     eprintln!(
@@ -516,7 +514,7 @@ fn run_burst(
         .collect();
     eprintln!("debvisor-bench: [scale] burst of {changes} VM state changes over {n_nodes} nodes");
     let endpoint = etcd.first().ok_or("no etcd member")?.endpoint();
-    let watch = StatusWatch::start(rt, &endpoint)?;
+    let watch = StatusWatch::start_at(rt, &endpoint)?;
     let mut writer = clients.first().ok_or("no etcd client")?.clone();
     let b0 = snapshot(rt, clients, etcd, nodes)?;
     let mut to_watch = Vec::new();
@@ -546,7 +544,7 @@ fn run_burst(
             at_of.insert(v.uuid.clone(), at);
             written.push((v.uuid.clone(), status, wall));
         }
-        let seen = watch.wait(&want, nodes)?;
+        let seen = wait_status(&watch, &want, nodes)?;
         for (uuid, t) in seen {
             if let Some(w) = at_of.get(&uuid) {
                 to_watch.push(ms(t.duration_since(*w)));
@@ -677,137 +675,51 @@ fn snapshot(
     })
 }
 
-/// A status seen by the watch: uuid, state, arrival.
-type StatusSeen = (String, String, Instant);
-
-/// A watch on `vms/` forwarding every status put (uuid, `state`, arrival instant).
-struct StatusWatch {
-    rx: mpsc::Receiver<Result<StatusSeen, String>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl StatusWatch {
-    /// Open the watch on `endpoint` (returns once etcd confirmed it).
-    fn start(rt: &tokio::runtime::Runtime, endpoint: &str) -> BenchResult<StatusWatch> {
-        let mut client = rt
-            .block_on(Client::connect([endpoint], None))
-            .map_err(|e| format!("connecting to {endpoint}: {e}"))?;
-        let (tx, rx) = mpsc::channel();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
-        let task = rt.spawn(async move {
-            let res: Result<(), String> = async {
-                let mut s = client
-                    .watch(VMS_PREFIX, Some(WatchOptions::new().with_prefix()))
-                    .await
-                    .map_err(|e| format!("watching {VMS_PREFIX}: {e}"))?;
-                loop {
-                    let msg = s
-                        .message()
-                        .await
-                        .map_err(|e| format!("watch {VMS_PREFIX}: {e}"))?
-                        .ok_or_else(|| format!("watch {VMS_PREFIX}: stream closed"))?;
-                    let at = Instant::now();
-                    if msg.created() {
-                        let _ = ready_tx.send(Ok(()));
-                    }
-                    if msg.canceled() {
-                        return Err(format!("watch canceled by etcd: {}", msg.cancel_reason()));
-                    }
-                    for ev in msg.events() {
-                        let Some(kv) = ev.kv() else { continue };
-                        if ev.event_type() != EventType::Put {
-                            continue;
-                        }
-                        let key = String::from_utf8_lossy(kv.key());
-                        let Some(uuid) = key
-                            .strip_prefix(VMS_PREFIX)
-                            .and_then(|r| r.strip_suffix("/status"))
-                        else {
-                            continue;
-                        };
-                        let state = serde_json::from_slice::<Value>(kv.value())
-                            .ok()
-                            .and_then(|v| v["state"].as_str().map(str::to_owned))
-                            .unwrap_or_default();
-                        if tx.send(Ok((uuid.to_owned(), state, at))).is_err() {
-                            return Ok(());
-                        }
-                    }
-                }
-            }
-            .await;
-            if let Err(e) = res {
-                let _ = ready_tx.send(Err(e.clone()));
-                let _ = tx.send(Err(e));
-            }
-        });
-        let w = StatusWatch { rx, task };
-        match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => Ok(w),
-            Ok(Err(e)) => Err(format!("opening the status watch: {e}")),
-            Err(_) => Err("the status watch was not created within 10 s".into()),
-        }
-    }
-
-    /// Wait until each `(uuid, state, since)` of `want` had a status `state` arriving after
-    /// `since`; the arrival of each, by uuid. Fails after [`CONVERGE_TIMEOUT`], on
-    /// SIGINT/SIGTERM, or when a daemon exits.
-    fn wait(
-        &self,
-        want: &[(String, &'static str, Instant)],
-        nodes: &mut [Node],
-    ) -> BenchResult<HashMap<String, Instant>> {
-        let pending: HashMap<&str, (&str, Instant)> = want
-            .iter()
-            .map(|(u, s, t)| (u.as_str(), (*s, *t)))
-            .collect();
-        let mut got: HashMap<String, Instant> = HashMap::new();
-        let deadline = Instant::now() + CONVERGE_TIMEOUT;
-        let mut last_check = Instant::now();
-        while got.len() < pending.len() {
-            check_interrupted()?;
-            let now = Instant::now();
-            if now >= deadline {
-                let missing: HashSet<&str> = pending
-                    .keys()
-                    .filter(|u| !got.contains_key(**u))
-                    .copied()
-                    .collect();
-                return Err(format!(
-                    "only {} of {} VMs reached their status within {CONVERGE_TIMEOUT:?} \
+/// Wait until each `(uuid, state, since)` of `want` had a status `state` arriving on
+/// `watch` after `since`; the arrival of each, by uuid. Fails after [`CONVERGE_TIMEOUT`],
+/// on SIGINT/SIGTERM, or when a daemon exits.
+fn wait_status(
+    watch: &StatusWatch,
+    want: &[(String, &'static str, Instant)],
+    nodes: &mut [Node],
+) -> BenchResult<HashMap<String, Instant>> {
+    let pending: HashMap<&str, (&str, Instant)> = want
+        .iter()
+        .map(|(u, s, t)| (u.as_str(), (*s, *t)))
+        .collect();
+    let mut got: HashMap<String, Instant> = HashMap::new();
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    let mut last_check = Instant::now();
+    while got.len() < pending.len() {
+        check_interrupted()?;
+        let now = Instant::now();
+        if now >= deadline {
+            let missing: HashSet<&str> = pending
+                .keys()
+                .filter(|u| !got.contains_key(**u))
+                .copied()
+                .collect();
+            return Err(format!(
+                "only {} of {} VMs reached their status within {CONVERGE_TIMEOUT:?} \
                      (e.g. {:?})",
-                    got.len(),
-                    pending.len(),
-                    missing.iter().take(3).collect::<Vec<_>>()
-                ));
-            }
-            if now.duration_since(last_check) >= POLL {
-                check_alive(nodes)?;
-                last_check = now;
-            }
-            match self.rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(Ok((uuid, state, at))) => {
-                    if let Some((s, since)) = pending.get(uuid.as_str()) {
-                        if state == *s && at >= *since {
-                            got.entry(uuid).or_insert(at);
-                        }
-                    }
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err("the status watch ended".into())
+                got.len(),
+                pending.len(),
+                missing.iter().take(3).collect::<Vec<_>>()
+            ));
+        }
+        if now.duration_since(last_check) >= POLL {
+            check_alive(nodes)?;
+            last_check = now;
+        }
+        if let Some((uuid, state, at)) = watch.next(Duration::from_millis(200))? {
+            if let Some((s, since)) = pending.get(uuid.as_str()) {
+                if state == *s && at >= *since {
+                    got.entry(uuid).or_insert(at);
                 }
             }
         }
-        Ok(got)
     }
-}
-
-impl Drop for StatusWatch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    Ok(got)
 }
 
 // ---------------------------------------------------------------------------------------

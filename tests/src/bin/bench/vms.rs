@@ -219,22 +219,33 @@ pub(crate) fn spawn_daemon(
 // Status watch
 // ---------------------------------------------------------------------------------------
 
-/// A `running` status seen by the watch: uuid, arrival instant.
-type Running = (String, Instant);
+/// A status put seen by the watch: uuid, its `state`, arrival instant.
+pub(crate) type StatusSeen = (String, String, Instant);
 
-/// A watch on `vms/` forwarding the first arrival of each VM's `running` status.
+/// A watch on `vms/` forwarding every status put (uuid, `state`, arrival instant): the
+/// benches' "status back on a watch" clock.
 pub(crate) struct StatusWatch {
-    rx: mpsc::Receiver<Result<Running, String>>,
+    rx: mpsc::Receiver<Result<StatusSeen, String>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl StatusWatch {
-    /// Open the watch (returns once etcd confirmed it).
+    /// Open the watch on `etcd` (returns once etcd confirmed it).
     pub(crate) fn start(
         rt: &tokio::runtime::Runtime,
         etcd: &EtcdProcess,
     ) -> BenchResult<StatusWatch> {
-        let mut client = rt.block_on(connect(etcd))?;
+        StatusWatch::start_at(rt, &etcd.endpoint())
+    }
+
+    /// Open the watch on `endpoint` (returns once etcd confirmed it).
+    pub(crate) fn start_at(
+        rt: &tokio::runtime::Runtime,
+        endpoint: &str,
+    ) -> BenchResult<StatusWatch> {
+        let mut client = rt
+            .block_on(Client::connect([endpoint], None))
+            .map_err(|e| format!("connecting to {endpoint}: {e}"))?;
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
         let task = rt.spawn(async move {
@@ -243,7 +254,6 @@ impl StatusWatch {
                     .watch(VMS_PREFIX, Some(WatchOptions::new().with_prefix()))
                     .await
                     .map_err(|e| format!("watching {VMS_PREFIX}: {e}"))?;
-                let mut seen: HashSet<String> = HashSet::new();
                 loop {
                     let msg = s
                         .message()
@@ -269,13 +279,11 @@ impl StatusWatch {
                         else {
                             continue;
                         };
-                        let running = serde_json::from_slice::<Value>(kv.value())
+                        let state = serde_json::from_slice::<Value>(kv.value())
                             .ok()
-                            .is_some_and(|v| v["state"] == "running");
-                        if running
-                            && seen.insert(uuid.to_owned())
-                            && tx.send(Ok((uuid.to_owned(), at))).is_err()
-                        {
+                            .and_then(|v| v["state"].as_str().map(str::to_owned))
+                            .unwrap_or_default();
+                        if tx.send(Ok((uuid.to_owned(), state, at))).is_err() {
                             return Ok(());
                         }
                     }
@@ -292,6 +300,17 @@ impl StatusWatch {
             Ok(Ok(())) => Ok(w),
             Ok(Err(e)) => Err(format!("opening the status watch: {e}")),
             Err(_) => Err("the status watch was not created within 10 s".into()),
+        }
+    }
+
+    /// The next status put within `timeout`: `Ok(None)` when none came, an error when the
+    /// watch failed or ended.
+    pub(crate) fn next(&self, timeout: Duration) -> BenchResult<Option<StatusSeen>> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(Ok(seen)) => Ok(Some(seen)),
+            Ok(Err(e)) => Err(e),
+            Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err("the status watch ended".into()),
         }
     }
 
@@ -315,17 +334,13 @@ impl StatusWatch {
                     d.tail(30)
                 ));
             }
-            match self
-                .rx
-                .recv_timeout((deadline - now).min(Duration::from_millis(500)))
-            {
-                Ok(Ok((uuid, at))) => {
-                    if want.contains(&uuid) {
-                        got.insert(uuid, at);
+            match self.next((deadline - now).min(Duration::from_millis(500)))? {
+                Some((uuid, state, at)) => {
+                    if state == "running" && want.contains(&uuid) {
+                        got.entry(uuid).or_insert(at);
                     }
                 }
-                Ok(Err(e)) => return Err(e),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
+                None => {
                     if !d.is_running() {
                         return Err(format!(
                             "debvisord {} exited while VMs were starting\n{}",
@@ -333,9 +348,6 @@ impl StatusWatch {
                             d.tail(40)
                         ));
                     }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err("the status watch ended".into())
                 }
             }
         }
