@@ -440,7 +440,8 @@ async fn flush_before_stop(r: &Running) {
 }
 
 /// The keepalive tick in its own task, so a slow tick (libvirt, store) never delays
-/// signal handling; each outcome goes to the run loop.
+/// signal handling, and a busy run loop (a drain on stop) never delays the keepalive; each
+/// outcome goes to the run loop.
 fn spawn_ticker(
     mut ka: Keepalive,
     interval: Duration,
@@ -461,7 +462,10 @@ fn spawn_ticker(
                 notify::watchdog();
             }
             let outcome = ka.tick().await;
-            if tx.send(outcome).await.is_err() {
+            // Never wait for the run loop: while it drains the node on stop it reads no
+            // outcomes, and the node's keepalive must go on meanwhile. A full queue drops
+            // this outcome; the next tick brings a fresh one.
+            if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(outcome) {
                 return;
             }
         }

@@ -521,6 +521,48 @@ fn on_shutdown_flush_drains_before_the_daemon_stops() {
     );
 }
 
+/// A drain on stop that has to wait (no other node can take the VM) keeps the node's
+/// keepalive going: `last_seen` keeps advancing, so the primary does not mark the stopping
+/// node degraded ("no keepalive") while it drains. (The keepalive task used to block on its
+/// outcome channel once the run loop stopped reading it, about four ticks into the stop.)
+#[test]
+fn the_keepalive_goes_on_while_a_stop_waits_for_its_drain() {
+    let etcd = EtcdProcess::start().expect("etcd");
+    let mut a = DaemonBuilder::new("osk-a")
+        .endpoints(&[etcd.endpoint()])
+        .clustered(&["osk-a"])
+        .env("DEBVISOR_DOMAINS_ON_SHUTDOWN", "flush")
+        .env("DEBVISOR_DOMAINS_FLUSH_TIMEOUT", "60s")
+        .spawn()
+        .expect("spawn");
+    a.wait_run(WAIT).expect("run");
+    let vm = new_vm("osk");
+    define(&vm, &etcd, "osk-a", "start");
+    vm.wait_status(&etcd, "running", "osk-a");
+    a.signal(libc::SIGTERM).expect("SIGTERM");
+    a.wait_for(
+        |l| is_message(l, "flush: no node can take the VM; it keeps running here"),
+        WAIT,
+    )
+    .expect("the drain waits: no other node");
+    // Ten keepalive writes (1 s apart in the harness) after the drain began waiting: far
+    // more than the four a blocked keepalive task still managed.
+    let key = "nodes/osk-a/last_seen";
+    let rev = || etcd.mod_revision(key).expect("etcd get").unwrap_or(0);
+    let mut last = rev();
+    for tick in 1..=10 {
+        last = eventually(&format!("keepalive {tick} while draining"), WAIT, || {
+            let r = rev();
+            (r > last).then_some(r)
+        });
+    }
+    assert!(a.is_running(), "still draining: {}", a.tail(10));
+    // The operator stops the guest: the drain completes and the daemon exits cleanly.
+    vm.put(&etcd, &[("state", "stop")]);
+    let status = a.wait_exit(Duration::from_secs(60)).expect("exit");
+    assert!(status.success(), "{status:?}\n{}", a.tail(20));
+}
+
 #[test]
 fn flush_and_unflush_move_every_vm_by_its_method() {
     let etcd = EtcdProcess::start().expect("etcd");
