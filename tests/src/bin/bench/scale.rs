@@ -1015,8 +1015,7 @@ fn render(
                 o,
                 "\n**Extrapolation to {TARGET_NODES:.0} nodes × {TARGET_VMS:.0} VMs** (on paper, \
                  from the measured per-node costs, linear in VMs per node between the baseline \
-                 and the idle window: {:.2} + {:.3} × VMs key versions/s per node; a cap on \
-                 stats writes per tick would bend this line above the cap):\n",
+                 and the idle window: {:.2} + {:.3} × VMs key versions/s per node):\n",
                 x.puts_node.base, x.puts_node.per_vm
             );
             let _ = writeln!(
@@ -1063,7 +1062,7 @@ fn render(
             let _ = writeln!(
                 o,
                 "| watch events per key version | {} | {:.0} (scaled by nodes: every node \
-                 watches `vms/`) |",
+                 watches `nodes/`, where the keepalive writes, and `vms/`) |",
                 num(i.fanout(), 1),
                 x.fanout
             );
