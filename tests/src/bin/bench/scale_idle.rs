@@ -173,6 +173,8 @@ fn plan(args: &Args, current: &Path) -> Vec<(String, Vec<Variant>)> {
                 tick,
                 env: vec![
                     ("DEBVISOR_DOMAINS_STATS_SAMPLE_INTERVAL", QUIET),
+                    // May not be shorter than the sample interval.
+                    ("DEBVISOR_DOMAINS_STATS_WRITE_INTERVAL", QUIET),
                     ("DEBVISOR_DOMAINS_RESYNC_INTERVAL", QUIET),
                 ],
             }],
