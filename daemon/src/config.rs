@@ -471,6 +471,13 @@ pub struct DomainsConfig {
     /// the next sample. An idle VM is written once.
     #[serde(with = "duration_str")]
     pub stats_write_interval: Duration,
+    /// How often the full VM resync lists every domain on this host (one libvirt list and
+    /// a describe per domain): the safety net for a libvirt event that never came, foreign
+    /// domains and shut-off orphans. Changes are followed by libvirt events and the VM
+    /// watch, and the fence by every keepalive tick, so this is slow by default; while the
+    /// libvirt event subscription is down the full resync runs on every keepalive tick.
+    #[serde(with = "duration_str")]
+    pub resync_interval: Duration,
     /// Mass-removal guard: when more than this percentage of this node's VMs vanish from
     /// etcd within `removal_window` (and at least `removal_hold_min` of them), nothing is
     /// destroyed until an operator confirms (`debvisorctl node confirm-removals`).
@@ -504,6 +511,7 @@ impl Default for DomainsConfig {
             stats_writes_per_tick: 64,
             stats_sample_interval: Duration::from_secs(10),
             stats_write_interval: Duration::from_secs(300),
+            resync_interval: Duration::from_secs(30),
             removal_hold_percent: 50,
             removal_hold_min: 3,
             removal_window: Duration::from_secs(10),
@@ -1740,6 +1748,17 @@ impl Config {
                 ),
             );
         }
+        if d.resync_interval < Duration::from_secs(1)
+            || d.resync_interval > Duration::from_secs(600)
+        {
+            bad(
+                "domains.resync_interval",
+                format!(
+                    "must be between 1s and 10m, got {}",
+                    format_duration(d.resync_interval)
+                ),
+            );
+        }
         if d.stats_write_interval < d.stats_sample_interval
             || d.stats_write_interval > Duration::from_secs(86_400)
         {
@@ -2278,6 +2297,8 @@ mod tests {
             ("ceph:\n  coordinator_units: [\"ok.service\", \"ceph-mgr@{name}.service\"]\n", "ceph.coordinator_units[1]:"),
             ("networking:\n  host_networks:\n    storage:\n      device: eth0\n      vlan: 5000\n", "networking.host_networks.storage.vlan:"),
             ("firewall:\n  migration_ports: 2-1\n", "firewall.migration_ports:"),
+            ("domains:\n  resync_interval: 500ms\n", "domains.resync_interval: must be between 1s and 10m, got 500ms"),
+            ("domains:\n  resync_interval: 11m\n", "domains.resync_interval: must be between 1s and 10m, got 11m"),
         ];
         for (yaml, want) in cases {
             let e = err(yaml, &[]);

@@ -473,9 +473,12 @@ fn spawn_ticker(
     rx
 }
 
-/// Host-side resync on the keepalive tick, in its own task: the VMs against libvirt, drain
-/// passes, the firewall (a deleted rule comes back), and client networks deleted while we
-/// were away. (The host networks have their own task: `reactors::duties`.)
+/// Host-side resync on the keepalive tick, in its own task: the fence verdict, VM statuses
+/// deleted or forged in etcd, drain passes, the firewall (a deleted rule comes back), and client networks deleted while we
+/// were away — each O(1) in the VM count when nothing changes. The full VM resync (one
+/// libvirt list and a describe per domain) runs at the first tick, then once
+/// `domains.resync_interval` has passed, and on every tick while the libvirt event
+/// subscription is down. (The host networks have their own task: `reactors::duties`.)
 fn spawn_host_resync(r: &Running) {
     let net_host = r.objects.net_host.clone();
     let networks = r.objects.networks.clone();
@@ -485,17 +488,25 @@ fn spawn_host_resync(r: &Running) {
     let drain = crate::reactors::drain::Drain::new(r.cfg.node_name().to_string(), r.store.clone());
     let cancel = r.objects.tasks.clone();
     let interval = r.cfg.keepalive.interval;
+    let full_every = r.cfg.domains.resync_interval;
     let node = r.cfg.node_name().to_string();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        let mut last_full: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            domains.resync(&vms).await;
+            if full_resync_due(last_full, full_every, domains.events_live()) {
+                domains.resync(&vms).await;
+                last_full = Some(Instant::now());
+            } else {
+                domains.follow_fence().await;
+            }
+            domains.repair_changed_statuses(&vms);
             if let Err(e) = drain.pass(&nodes, &vms).await {
                 warn!(node = %node, error = %e, "drain pass failed; retrying on the next tick");
             }
@@ -509,6 +520,17 @@ fn spawn_host_resync(r: &Running) {
             }
         }
     });
+}
+
+/// Is the full VM resync due on this host-resync tick? At the first tick, while libvirt
+/// events are not flowing (a change behind our back would go unseen), and once
+/// `every` has passed since the last one.
+fn full_resync_due(last: Option<Instant>, every: Duration, events_live: bool) -> bool {
+    match last {
+        None => true,
+        Some(_) if !events_live => true,
+        Some(at) => at.elapsed() >= every,
+    }
 }
 
 /// The run loop: signals, the lease's state and the keepalive's outcomes, until shutdown.
@@ -811,5 +833,27 @@ mod tests {
         assert_eq!(sorted.len(), names.len());
         assert_eq!(names.first(), Some(&"config"));
         assert_eq!(names.last(), Some(&"keepalive"));
+    }
+
+    #[test]
+    fn full_resync_first_then_on_its_interval_and_always_without_events() {
+        let every = Duration::from_secs(30);
+        assert!(full_resync_due(None, every, true), "the first tick lists");
+        assert!(full_resync_due(None, every, false));
+        let just = Instant::now();
+        assert!(
+            !full_resync_due(Some(just), every, true),
+            "events up: not again yet"
+        );
+        assert!(
+            full_resync_due(Some(just), every, false),
+            "events down: every tick"
+        );
+        if let Some(long_ago) = Instant::now().checked_sub(Duration::from_secs(31)) {
+            assert!(
+                full_resync_due(Some(long_ago), every, true),
+                "interval passed"
+            );
+        }
     }
 }

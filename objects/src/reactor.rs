@@ -89,9 +89,9 @@ pub trait Kind: Send + Sync + 'static {
         true
     }
     /// Is a key that is not [`relevant`](Kind::relevant) still kept in the cache, for the
-    /// reconciler to compare with what it wrote (a node's own reports are level-triggered:
-    /// a deleted or forged status is seen on the next resync)? Its changes still trigger
-    /// nothing, and an object with only such keys counts as absent.
+    /// reconciler to compare with what it wrote (a deleted or forged status: the objects
+    /// whose such keys changed are listed by [`Reactor::take_report_changes`])? Its changes
+    /// still trigger nothing, and an object with only such keys counts as absent.
     fn cached(&self, sub: &str) -> bool {
         self.relevant(sub)
     }
@@ -266,6 +266,9 @@ struct Shared<K: Kind> {
     /// How long each reconcile took (failed ones too).
     durations: Histogram,
     failures: Mutex<HashMap<String, u32>>,
+    /// Objects whose cached, non-relevant keys (their own reports) changed since the last
+    /// [`Reactor::take_report_changes`]: what a reconciler checks instead of every object.
+    report_changes: Mutex<HashSet<String>>,
 }
 
 /// Handle to a running reactor: read its cache, trigger resyncs, wait for the initial sync.
@@ -294,6 +297,7 @@ impl<K: Kind> Reactor<K> {
             stats: Mutex::new(ReactorStats::default()),
             durations: Histogram::default(),
             failures: Mutex::new(HashMap::new()),
+            report_changes: Mutex::new(HashSet::new()),
         });
         let reconciler = Arc::new(reconciler);
         let mut tasks = JoinSet::new();
@@ -332,6 +336,19 @@ impl<K: Kind> Reactor<K> {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+
+    /// The objects whose cached, non-[`relevant`](Kind::relevant) keys (a reconciler's own
+    /// reports) changed in the watch since the last call, and forget them: a deleted or
+    /// forged report triggers no reconcile, and checking only these keeps that check O(1)
+    /// per tick when nothing changes. At most one entry per object.
+    pub fn take_report_changes(&self) -> Vec<String> {
+        let mut set = self
+            .shared
+            .report_changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        set.drain().collect()
     }
 
     /// Enqueue every known object (periodic resync against the host).
@@ -542,6 +559,15 @@ fn apply_event<K: Kind>(shared: &Shared<K>, key: &str, put: Option<KeyEntry>) ->
     } else {
         let entry = make_entry(&shared.kind, id, keys);
         cache.insert(id.to_string(), entry);
+    }
+    drop(cache);
+    if !triggers {
+        // After the cache holds the change: whoever takes the id reads the new keys.
+        shared
+            .report_changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string());
     }
     triggers.then(|| id.to_string())
 }
@@ -774,6 +800,62 @@ mod tests {
                 cap / 2
             );
         }
+    }
+
+    /// Objects under `t/`: `spec` is desired state, `status` a cached report.
+    struct ReportKind;
+
+    impl Kind for ReportKind {
+        type Object = ();
+        const NAME: &'static str = "t";
+        fn prefix(&self) -> &str {
+            "t/"
+        }
+        fn parse(&self, _: &str, _: &BTreeMap<String, KeyEntry>) -> Result<(), ObjectError> {
+            Ok(())
+        }
+        fn relevant(&self, sub: &str) -> bool {
+            sub == "spec"
+        }
+        fn cached(&self, sub: &str) -> bool {
+            sub == "spec" || sub == "status"
+        }
+    }
+
+    #[test]
+    fn report_changes_list_objects_whose_cached_reports_changed() {
+        let shared = Shared {
+            kind: ReportKind,
+            cache: Arc::new(RwLock::new(BTreeMap::new())),
+            queue: Queue::default(),
+            initial: Mutex::new(None),
+            synced: watch::channel(false).0,
+            stats: Mutex::new(ReactorStats::default()),
+            durations: Histogram::default(),
+            failures: Mutex::new(HashMap::new()),
+            report_changes: Mutex::new(HashSet::new()),
+        };
+        let kv = |v: &str| KeyEntry {
+            value: v.as_bytes().to_vec(),
+            mod_revision: 1,
+            lease: 0,
+        };
+        let changes = || lock(&shared.report_changes).clone();
+        assert_eq!(
+            apply_event(&shared, "t/a/spec", Some(kv("x"))),
+            Some("a".into())
+        );
+        assert!(changes().is_empty(), "desired state is no report change");
+        // A report: no reconcile, but listed, with the cache already holding it.
+        assert_eq!(apply_event(&shared, "t/a/status", Some(kv("s"))), None);
+        assert_eq!(apply_event(&shared, "t/a/status", None), None);
+        assert_eq!(changes(), HashSet::from(["a".to_string()]));
+        assert!(!shared.cache.read().unwrap_or_else(|p| p.into_inner())["a"]
+            .keys
+            .contains_key("status"));
+        // An uncached key is neither.
+        assert_eq!(apply_event(&shared, "t/b/other", Some(kv("o"))), None);
+        assert_eq!(changes(), HashSet::from(["a".to_string()]));
     }
 
     #[test]

@@ -138,6 +138,9 @@ pub struct DomainHost {
     /// Fired on every libvirt domain event: the stats sampler samples soon after, so the
     /// allocation follows starts and stops faster than its interval.
     changed: Arc<tokio::sync::Notify>,
+    /// The libvirt event subscription is up: lifecycle changes enqueue their VM at once, so
+    /// the full resync may run on its slow interval; while down it runs on every tick.
+    events_live: AtomicBool,
 }
 
 /// Reads this node's lease history (kept by registration in the state dir).
@@ -216,7 +219,14 @@ impl DomainHost {
             fence: Mutex::new(FenceFollow::default()),
             lease_history: None,
             changed: Arc::default(),
+            events_live: AtomicBool::new(false),
         }
+    }
+
+    /// Is the libvirt event subscription up? Without it a domain that changes behind our
+    /// back is only seen by a full resync, so the host resync runs one on every tick.
+    pub fn events_live(&self) -> bool {
+        self.events_live.load(Ordering::SeqCst)
     }
 
     /// Notified on every libvirt domain event (for the stats sampler).
@@ -1204,9 +1214,36 @@ impl DomainHost {
         lock(&self.foreign_removals).remove(uuid);
     }
 
-    /// The resync tick: one list of the host's domains; enqueue the VMs whose local state
-    /// changed since their last reconcile (crashes events may have missed) or that were never
-    /// reconciled; note foreign domains; remove shut-off orphans (ours, gone from etcd).
+    /// The cheap part of the host resync, on every keepalive tick: follow this node's
+    /// `daemon_state = fenced` (guests stopped only on evidence). No libvirt call unless a
+    /// fence with evidence stops the guests, so its cost does not grow with the VM count.
+    pub async fn follow_fence(&self) {
+        self.follow_fenced().await;
+    }
+
+    /// The VMs whose `status` changed in the watch since the last call (our own writes
+    /// included) and is no longer what this node last wrote (deleted or forged): enqueued,
+    /// so their reconcile writes it again. Per keepalive tick; O(changed statuses).
+    pub fn repair_changed_statuses(&self, vms: &Reactor<VmKind>) {
+        for id in vms.take_report_changes() {
+            let Some(entry) = vms.get(&id) else { continue };
+            let repair = lock(&self.runtime)
+                .get(id.as_str())
+                .is_some_and(|rt| self.status_needs_repair(rt, &entry));
+            if repair {
+                debug!(node = %self.node, uuid = %id, "status in etcd is not what this node wrote; reconciling");
+                vms.enqueue(&id);
+            }
+        }
+    }
+
+    /// The full resync (at start, every `domains.resync_interval`, and after a libvirt
+    /// `Resync` event): the fence as in [`DomainHost::follow_fence`], then one list of the
+    /// host's domains; enqueue the VMs whose local state changed since their last reconcile
+    /// (events missed), that were never reconciled, that wait for a restart, or whose status
+    /// in etcd needs repair; note foreign domains; remove shut-off orphans (ours, gone from
+    /// etcd). One libvirt list plus O(VMs) work: off the keepalive tick, since libvirt
+    /// lifecycle events and the VM watch enqueue the VMs that change.
     pub async fn resync(&self, vms: &Reactor<VmKind>) {
         self.follow_fenced().await;
         let list = match self.hv.list().await {
@@ -1221,6 +1258,7 @@ impl DomainHost {
                 return;
             }
         };
+        debug!(node = %self.node, domains = list.len(), "full VM resync");
         // Marks of domains gone from the host (a transient one stops without an undefine).
         let listed: std::collections::HashSet<&str> =
             list.iter().map(|d| d.uuid.as_str()).collect();
@@ -1337,10 +1375,21 @@ pub fn spawn_event_listener(
     cancel: CancellationToken,
 ) {
     tokio::spawn(async move {
+        let mut subscribed_before = false;
         loop {
             let mut rx = match host.hv.events().await {
-                Ok(rx) => rx,
+                Ok(rx) => {
+                    host.events_live.store(true, Ordering::SeqCst);
+                    if std::mem::replace(&mut subscribed_before, true) {
+                        // Subscribed again: what changed while no stream was open was not
+                        // reported; the full resync finds it.
+                        host.forget_marks();
+                        host.resync(&vms).await;
+                    }
+                    rx
+                }
                 Err(e) => {
+                    host.events_live.store(false, Ordering::SeqCst);
                     warn!(node = %host.node, error = %e, "libvirt events unavailable; relying on the resync tick");
                     tokio::select! {
                         _ = cancel.cancelled() => return,
@@ -1353,7 +1402,12 @@ pub fn spawn_event_listener(
                     _ = cancel.cancelled() => return,
                     ev = rx.recv() => ev,
                 };
-                let Some(ev) = ev else { break };
+                let Some(ev) = ev else {
+                    // Events from the end of this stream to the next subscription are lost:
+                    // the host resync lists on every tick until then.
+                    host.events_live.store(false, Ordering::SeqCst);
+                    break;
+                };
                 host.changed.notify_one();
                 match &ev {
                     DomainEvent::Lifecycle { uuid, event, .. } if !keeps_definition(event) => {

@@ -101,19 +101,22 @@ impl Drain {
             .iter()
             .find(|n| n.name == me)
             .and_then(|n| n.domain_state);
-        let vms: Vec<(Vm, BTreeMap<String, KeyEntry>)> = vms
-            .list()
-            .into_iter()
-            .filter_map(|(_, e)| {
-                e.parsed
-                    .as_ref()
-                    .ok()
-                    .map(|v| ((**v).clone(), e.keys.clone()))
-            })
-            .collect();
+        // The VMs are copied only while draining: the pass runs on every keepalive tick,
+        // and the common case (ready) must not cost O(VMs).
+        let copy = || -> Vec<(Vm, BTreeMap<String, KeyEntry>)> {
+            vms.list()
+                .into_iter()
+                .filter_map(|(_, e)| {
+                    e.parsed
+                        .as_ref()
+                        .ok()
+                        .map(|v| ((**v).clone(), e.keys.clone()))
+                })
+                .collect()
+        };
         match state {
-            Some(DomainState::Flush) => self.flush(&records, &vms).await,
-            Some(DomainState::Unflush) => self.unflush(&vms).await,
+            Some(DomainState::Flush) => self.flush(&records, &copy()).await,
+            Some(DomainState::Unflush) => self.unflush(&copy()).await,
             other => {
                 self.warned
                     .lock()

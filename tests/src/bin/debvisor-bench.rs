@@ -147,6 +147,11 @@ struct Args {
     scale_idle: bool,
     /// Another `debvisord` measured first by `--scale` (the "before" of a change).
     scale_baseline: Option<std::path::PathBuf>,
+    /// Keepalive intervals `--scale` measures at, in seconds (empty: the shipped 5 s).
+    scale_ticks: Vec<u64>,
+    /// `--scale` also measures this build with the stats sampler and the full VM resync
+    /// at 10 minutes: what the keepalive tick path alone costs.
+    scale_keepalive_only: bool,
     /// The arguments as given, for the report.
     raw: Vec<String>,
 }
@@ -159,7 +164,8 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
                       --failover [--failover-runs N] [--failover-budget-mins M] |
                       --soak [--soak-runs N] [--soak-seed S] [--soak-budget-mins M] |
                       --metrics-scrape | --vm-start [--runs N] |
-                      --scale [--scale-baseline PATH] |
+                      --scale [--scale-baseline PATH] [--scale-tick S]...
+                      [--scale-keepalive-only] |
                       --scale-sim [--scale-nodes N] [--scale-vms N] [--scale-idle-mins M]
                       [--scale-burst N]]
                       [--no-write]
@@ -219,6 +225,11 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
                     window of --ticks ticks)
   --scale-baseline PATH
                     with --scale: measure this debvisord first, side by side
+  --scale-tick S    with --scale: keepalive interval in seconds (repeatable: one table
+                    per interval; default 5); the idle window is --ticks x 5 s at any
+  --scale-keepalive-only
+                    with --scale: also this build with the stats sampler and the full VM
+                    resync at 10 minutes (the keepalive tick path alone)
   --no-write        print only; do not update docs/benchmarks.md";
 
 /// Parse `std::env::args()`; `Ok(None)` for `--help`.
@@ -259,6 +270,8 @@ fn parse_args() -> BenchResult<Option<Args>> {
         },
         scale_idle: false,
         scale_baseline: None,
+        scale_ticks: Vec::new(),
+        scale_keepalive_only: false,
         raw: raw.clone(),
     };
     let mut it = raw.iter();
@@ -347,6 +360,14 @@ fn parse_args() -> BenchResult<Option<Args>> {
                 };
                 args.scale_baseline = Some(v.into());
             }
+            "--scale-tick" => {
+                let t = value("--scale-tick")?;
+                if t == 0 || t > 60 {
+                    return Err(format!("--scale-tick {t}: must be 1..60 seconds\n{USAGE}"));
+                }
+                args.scale_ticks.push(t);
+            }
+            "--scale-keepalive-only" => args.scale_keepalive_only = true,
             "--no-write" => args.write = false,
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),

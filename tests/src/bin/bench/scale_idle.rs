@@ -11,7 +11,11 @@
 //! reactor watches) receives; the daemon's and etcd's CPU from `/proc/<pid>/stat`.
 //!
 //! `--scale-baseline PATH` runs the same figures first with another `debvisord` (e.g. one
-//! built from the previous commit) and reports both side by side.
+//! built from the previous commit) and reports both side by side. `--scale-tick S`
+//! (repeatable) measures at other keepalive intervals, one table each (the idle window is
+//! `--ticks` × 5 s at any interval); `--scale-keepalive-only` adds this build with the
+//! stats sampler and the full VM resync at 10 minutes, so the keepalive tick path's own
+//! cost is shown apart from the O(VMs) work on their own intervals.
 //!
 //! Every etcd and daemon is owned by a local (killed on drop, on every return path).
 
@@ -38,10 +42,13 @@ const MARK_START: &str = "<!-- bench:scale-idle:start -->";
 const MARK_END: &str = "<!-- bench:scale-idle:end -->";
 /// The VM counts measured.
 const SIZES: [usize; 3] = [0, 100, 1000];
-/// The shipped keepalive interval (`KeepaliveConfig::default()`).
+/// The keepalive interval of the issue's targets; the idle window is `--ticks` of these.
 const TICK: Duration = Duration::from_secs(5);
-/// The shipped lease TTL.
-const TTL: Duration = Duration::from_secs(15);
+/// Sampler and full-resync interval of the `--scale-keepalive-only` variant: longer than
+/// any window, so neither runs inside it.
+const QUIET: &str = "10m";
+/// The lease TTL in keepalive intervals (the shipped 2 s / 6 s, and 5 s / 15 s).
+const TTL_TICKS: u32 = 3;
 /// The daemon's default `domains.stats_writes_per_tick`.
 const STATS_BUDGET: usize = 64;
 /// The longest of the keepalive interval and the shipped `domains.stats_sample_interval`:
@@ -73,6 +80,8 @@ fn settle(n: usize) -> Duration {
 #[derive(Debug, Clone)]
 struct Idle {
     vms: usize,
+    /// The keepalive interval of this run.
+    tick: Duration,
     window: Duration,
     /// Key versions (puts + deletes) over the window.
     versions: f64,
@@ -94,7 +103,7 @@ impl Idle {
 
     /// Daemon CPU per keepalive tick (ms).
     fn cpu_ms_per_tick(&self) -> f64 {
-        let ticks = self.window.as_secs_f64() / TICK.as_secs_f64();
+        let ticks = self.window.as_secs_f64() / self.tick.as_secs_f64();
         self.cpu_ticks as f64 * 1000.0 / self.clk_tck as f64 / ticks
     }
 
@@ -109,6 +118,74 @@ impl Idle {
     }
 }
 
+/// One daemon configuration measured at 0, 100 and 1000 VMs.
+#[derive(Debug, Clone)]
+struct Variant {
+    /// "baseline" or "this build".
+    label: String,
+    bin: PathBuf,
+    tick: Duration,
+    /// Extra `DEBVISOR_*` settings of the daemon.
+    env: Vec<(&'static str, &'static str)>,
+}
+
+/// The tables of a report: one per keepalive interval (baseline and this build side by
+/// side), then the keepalive-only variant when asked.
+fn plan(args: &Args, current: &Path) -> Vec<(String, Vec<Variant>)> {
+    let ticks: Vec<u64> = if args.scale_ticks.is_empty() {
+        vec![TICK.as_secs()]
+    } else {
+        args.scale_ticks.clone()
+    };
+    let mut tables = Vec::new();
+    for t in &ticks {
+        let tick = Duration::from_secs(*t);
+        let mut vs = Vec::new();
+        if let Some(b) = &args.scale_baseline {
+            vs.push(Variant {
+                label: "baseline".into(),
+                bin: b.clone(),
+                tick,
+                env: Vec::new(),
+            });
+        }
+        vs.push(Variant {
+            label: "this build".into(),
+            bin: current.to_path_buf(),
+            tick,
+            env: Vec::new(),
+        });
+        tables.push((
+            format!("keepalive every {t}s, shipped sampler (10s) and full resync (30s)"),
+            vs,
+        ));
+    }
+    if args.scale_keepalive_only {
+        let tick = Duration::from_secs(ticks[0]);
+        tables.push((
+            format!(
+                "keepalive every {}s, this build with the stats sampler and the full VM resync at {QUIET} (the tick path alone)",
+                ticks[0]
+            ),
+            vec![Variant {
+                label: "this build, tick path".into(),
+                bin: current.to_path_buf(),
+                tick,
+                env: vec![
+                    ("DEBVISOR_DOMAINS_STATS_SAMPLE_INTERVAL", QUIET),
+                    // May not be shorter than the sample interval.
+                    ("DEBVISOR_DOMAINS_STATS_WRITE_INTERVAL", QUIET),
+                    ("DEBVISOR_DOMAINS_RESYNC_INTERVAL", QUIET),
+                ],
+            }],
+        ));
+    }
+    tables
+}
+
+/// The figures of one table: each variant with its runs.
+type Table = (String, Vec<(Variant, Vec<Idle>)>);
+
 /// Run the figures (baseline first when asked) and publish them.
 pub(crate) fn run(args: &Args, machine: &Machine) -> BenchResult<()> {
     let started = now_utc_string();
@@ -120,42 +197,50 @@ pub(crate) fn run(args: &Args, machine: &Machine) -> BenchResult<()> {
         .map_err(|e| format!("building a tokio runtime: {e}"))?;
     let window = TICK * args.ticks as u32;
     let current = debvisor_tests::bin_path("debvisord");
-    let mut builds: Vec<(String, PathBuf)> = Vec::new();
-    if let Some(b) = &args.scale_baseline {
-        builds.push(("baseline".into(), b.clone()));
-    }
-    builds.push(("this build".into(), current));
-    let mut results: Vec<(String, PathBuf, Vec<Idle>)> = Vec::new();
-    for (label, bin) in builds {
-        let mut per = Vec::new();
-        for n in SIZES {
-            eprintln!(
-                "debvisor-bench: [scale] {label} ({}): {n} VMs, settle {:?}, window {window:?}",
-                bin.display(),
-                settle(n)
-            );
-            per.push(measure(&rt, &bin, n, window)?);
+    let mut results: Vec<Table> = Vec::new();
+    for (title, variants) in plan(args, &current) {
+        let mut table = Vec::new();
+        for v in variants {
+            let mut per = Vec::new();
+            for n in SIZES {
+                eprintln!(
+                    "debvisor-bench: [scale] {} ({}, tick {:?}{}): {n} VMs, settle {:?}, window {window:?}",
+                    v.label,
+                    v.bin.display(),
+                    v.tick,
+                    if v.env.is_empty() { "" } else { ", quiet sampler and resync" },
+                    settle(n)
+                );
+                per.push(measure(&rt, &v, n, window)?);
+            }
+            table.push((v, per));
         }
-        results.push((label, bin, per));
+        results.push((title, table));
     }
+    let load1 = load_triple();
     rt.shutdown_timeout(Duration::from_secs(5));
-    let report = render(args, machine, &started, &load0, &results);
+    let report = render(args, machine, &started, (&load0, &load1), &results);
     publish(args, MARK_START, MARK_END, &report)
 }
 
-/// Spawn the daemon `bin` at the shipped tick against `etcd` and wait for `run`.
-fn spawn(etcd: &EtcdProcess, bin: &Path) -> BenchResult<DaemonProcess> {
-    let mut d = DaemonBuilder::new(NODE)
+/// Spawn the daemon of `v` at its tick against `etcd` and wait for `run`.
+fn spawn(etcd: &EtcdProcess, v: &Variant) -> BenchResult<DaemonProcess> {
+    let bin = &v.bin;
+    let mut b = DaemonBuilder::new(NODE)
         .endpoints(&[etcd.endpoint()])
         .binary(bin)
         .env(
             "DEBVISOR_KEEPALIVE_INTERVAL",
-            &format!("{}s", TICK.as_secs()),
+            &format!("{}s", v.tick.as_secs()),
         )
         .env(
             "DEBVISOR_KEEPALIVE_LEASE_TTL",
-            &format!("{}s", TTL.as_secs()),
-        )
+            &format!("{}s", (v.tick * TTL_TICKS).as_secs()),
+        );
+    for (k, val) in &v.env {
+        b = b.env(k, val);
+    }
+    let mut d = b
         .spawn()
         .map_err(|e| format!("spawning {}: {e}", bin.display()))?;
     d.wait_run(RUN_TIMEOUT)
@@ -231,14 +316,14 @@ fn revision(m: &Metrics) -> BenchResult<f64> {
 /// One VM count on one build: fresh etcd and daemon, VMs running, settle, idle window.
 fn measure(
     rt: &tokio::runtime::Runtime,
-    bin: &Path,
+    v: &Variant,
     n: usize,
     window: Duration,
 ) -> BenchResult<Idle> {
     let tck = clk_tck()?;
     let etcd = EtcdProcess::start().map_err(|e| format!("starting etcd: {e}"))?;
     let etcd_pid = etcd.pid().ok_or("etcd is not running")?;
-    let mut d = spawn(&etcd, bin)?;
+    let mut d = spawn(&etcd, v)?;
     if n > 0 {
         let vms: Vec<VmSpec> = (0..n).map(|_| VmSpec::test_driver()).collect();
         let watch = StatusWatch::start(rt, &etcd)?;
@@ -279,6 +364,7 @@ fn measure(
     }
     Ok(Idle {
         vms: n,
+        tick: v.tick,
         window: spent,
         versions: versions(&m1)? - versions(&m0)?,
         revisions: revision(&m1)? - revision(&m0)?,
@@ -312,8 +398,8 @@ fn render(
     args: &Args,
     machine: &Machine,
     started: &str,
-    load0: &str,
-    results: &[(String, PathBuf, Vec<Idle>)],
+    load: (&str, &str),
+    results: &[Table],
 ) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
@@ -327,24 +413,55 @@ fn render(
     let _ = writeln!(
         o,
         "- profile: `{}`; etcd 3.4 on loopback, a fresh etcd and `debvisord` per VM count, \
-         keepalive every {}s (lease TTL {}s, the shipped defaults), VMs on libvirt \
+         lease TTL 3 × the keepalive interval (the shipped ratio), VMs on libvirt \
          `test:///default`; settle after every VM ran: (⌈N / {STATS_BUDGET}⌉ + 2) × {}s; idle \
-         window {} ticks; load average at the start {load0}",
+         window {} × {}s; load average at the start {}, at the end {}",
         machine.profile,
-        TICK.as_secs(),
-        TTL.as_secs(),
         STATS_ROUND.as_secs(),
-        args.ticks
+        args.ticks,
+        TICK.as_secs(),
+        load.0,
+        load.1
     );
-    for (label, bin, _) in results {
+    let mut bins: Vec<(&str, &Path)> = Vec::new();
+    for (_, table) in results {
+        for (v, _) in table {
+            if !bins.iter().any(|(l, _)| *l == v.label.as_str()) {
+                bins.push((v.label.as_str(), v.bin.as_path()));
+            }
+        }
+    }
+    for (label, bin) in bins {
         let _ = writeln!(o, "- {label}: `{}`", bin.display());
     }
-    let _ = writeln!(o);
+    for (title, table) in results {
+        let _ = writeln!(o);
+        render_table(&mut o, title, table);
+    }
+    let _ = writeln!(
+        o,
+        "\n*Key versions*: the window's delta of etcd's `etcd_mvcc_put_total` + \
+         `etcd_mvcc_delete_total` (every put in a transaction is one version kept in the \
+         history until compaction), scaled to an hour; *revisions* count transactions. \
+         *Daemon CPU per tick*: utime + stime over the window divided by the window's \
+         keepalive intervals — everything the idle daemon does: the keepalive tick path \
+         (keepalive, fence check, drain pass, firewall and client-network checks), and \
+         amortised over the ticks the stats sample (every 10 s) and the full VM resync (the \
+         baseline: every tick; this build: every 30 s) unless the table says otherwise. \
+         `/proc` counts in 10 ms steps."
+    );
+    o
+}
+
+/// One table: the figures of each variant side by side, then the verdicts.
+fn render_table(o: &mut String, title: &str, table: &[(Variant, Vec<Idle>)]) {
+    use std::fmt::Write as _;
+    let _ = writeln!(o, "**{title}**\n");
     let mut head = String::from("| per node, idle |");
     let mut sep = String::from("|---|");
-    for (label, _, per) in results {
+    for (v, per) in table {
         for r in per {
-            let _ = write!(head, " {label}, {} VMs |", r.vms);
+            let _ = write!(head, " {}, {} VMs |", v.label, r.vms);
             sep.push_str("---:|");
         }
     }
@@ -376,7 +493,7 @@ fn render(
     ];
     for (name, f) in rows {
         let mut line = format!("| {name} |");
-        for (_, _, per) in results {
+        for (_, per) in table {
             for r in per {
                 let _ = write!(line, " {} |", f(r));
             }
@@ -387,34 +504,28 @@ fn render(
     let _ = writeln!(
         o,
         "| target | {} |\n|---|{}",
-        results
+        table
             .iter()
-            .map(|(l, _, _)| l.as_str())
+            .map(|(v, _)| v.label.as_str())
             .collect::<Vec<_>>()
             .join(" | "),
-        "---|".repeat(results.len())
+        "---|".repeat(table.len())
     );
+    let tick = table
+        .first()
+        .map(|(v, _)| v.tick.as_secs())
+        .unwrap_or_default();
     let mut hist = String::from("| etcd history: 1000 idle VMs add ≤ 60 key versions/h |");
-    let mut cpu = String::from("| keepalive CPU: 1000 idle VMs ≤ 1 % of a core at 5 s |");
+    let mut cpu = format!("| keepalive CPU: 1000 idle VMs ≤ 1 % of a core at {tick} s |");
     let mut flat =
         String::from("| keepalive CPU flat: 1000-VM tick ≤ max(1.5×, +1 ms) of the empty tick |");
-    for (_, _, per) in results {
+    for (_, per) in table {
         let (h, c, f) = verdicts(per);
         let _ = write!(hist, " {} |", verdict(h));
         let _ = write!(cpu, " {} |", verdict(c));
         let _ = write!(flat, " {} |", verdict(f));
     }
     let _ = writeln!(o, "{hist}\n{cpu}\n{flat}");
-    let _ = writeln!(
-        o,
-        "\n*Key versions*: the window's delta of etcd's `etcd_mvcc_put_total` + \
-         `etcd_mvcc_delete_total` (every put in a transaction is one version kept in the \
-         history until compaction), scaled to an hour; *revisions* count transactions. \
-         *Daemon CPU per tick*: utime + stime over the window divided by the window's \
-         keepalive intervals — everything the idle daemon does, keepalive, VM resync on the \
-         same interval and stats sampling included. `/proc` counts in 10 ms steps."
-    );
-    o
 }
 
 #[cfg(test)]
@@ -424,6 +535,7 @@ mod tests {
     fn idle(vms: usize, versions: f64, cpu_ticks: u64) -> Idle {
         Idle {
             vms,
+            tick: TICK,
             window: Duration::from_secs(100),
             versions,
             revisions: 0.0,
