@@ -61,6 +61,9 @@ struct Running {
     mark_saved: Option<(StoreMark, Instant)>,
     /// The guardian's heartbeat (clustered coordinators).
     guard: Option<Heartbeat>,
+    /// The node's drain bookkeeping, one for the resync tick's passes and the drain on
+    /// stop (so a VM that cannot move is reported once, not once by each).
+    drain: Arc<crate::reactors::drain::Drain>,
 }
 
 /// Runs the stages after logging: times each, logs and reports it, and on a failure stops
@@ -233,6 +236,10 @@ async fn start_objects(
         coordinator.clone(),
         keepalive.info_handle(),
     );
+    let drain = Arc::new(crate::reactors::drain::Drain::new(
+        node.clone(),
+        b.store.clone(),
+    ));
     let r = Running {
         cfg: b.cfg,
         store: b.store,
@@ -254,6 +261,7 @@ async fn start_objects(
         own,
         mark_saved: None,
         guard: None,
+        drain,
     };
     tokio::select! {
         detail = r.objects.synced() => clock.done(&node, Outcome::Ok, &detail),
@@ -402,7 +410,7 @@ const ELECTION_HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// `domains.flush_timeout`; past it the daemon stops anyway and says what stayed.
 async fn flush_before_stop(r: &Running) {
     let node = r.cfg.node_name().to_string();
-    let drain = crate::reactors::drain::Drain::new(node.clone(), r.store.clone());
+    let drain = r.drain.clone();
     if let Err(e) = drain
         .advance(
             DomainStateValue::Ready,
@@ -485,7 +493,7 @@ fn spawn_host_resync(r: &Running) {
     let vms = r.objects.vms.clone();
     let nodes = r.objects.nodes.clone();
     let domains = r.objects.domains.clone();
-    let drain = crate::reactors::drain::Drain::new(r.cfg.node_name().to_string(), r.store.clone());
+    let drain = r.drain.clone();
     let cancel = r.objects.tasks.clone();
     let interval = r.cfg.keepalive.interval;
     let full_every = r.cfg.domains.resync_interval;

@@ -39,7 +39,8 @@ fn new_vm(label: &str) -> TestVm {
 
 /// Wait until the keepalive of `node` has written `last_seen` twice after this call: the
 /// second of those ticks began after the call (so after everything the caller saw); the
-/// VM resync runs on the same interval.
+/// host resync's per-tick work (fence verdict, status repair, drain) runs on the same
+/// interval.
 fn two_keepalive_ticks(etcd: &EtcdProcess, node: &str) {
     let key = format!("nodes/{node}/last_seen");
     let rev = || etcd.mod_revision(&key).expect("etcd get").unwrap_or(0);
@@ -253,7 +254,7 @@ fn never_starts_while_another_live_lease_holds_the_lock() {
     let lease = lock_elsewhere(&etcd, &vm, "other");
     define(&vm, &etcd, "dom3", "start");
     // Not a fixed pause: the reconciler planned nothing for this VM (it waits for the lock),
-    // then two keepalive ticks (the resync runs on the same interval) passed after that
+    // then two keepalive ticks (and the host resync's per-tick work) passed after that
     // decision. No start, no lock taken, no status claiming it runs.
     d.wait_for(
         |l| {
@@ -525,6 +526,7 @@ fn on_shutdown_flush_drains_before_the_daemon_stops() {
 /// keepalive going: `last_seen` keeps advancing, so the primary does not mark the stopping
 /// node degraded ("no keepalive") while it drains. (The keepalive task used to block on its
 /// outcome channel once the run loop stopped reading it, about four ticks into the stop.)
+/// The VM that cannot move is warned about once.
 #[test]
 fn the_keepalive_goes_on_while_a_stop_waits_for_its_drain() {
     let etcd = EtcdProcess::start().expect("etcd");
@@ -561,6 +563,13 @@ fn the_keepalive_goes_on_while_a_stop_waits_for_its_drain() {
     vm.put(&etcd, &[("state", "stop")]);
     let status = a.wait_exit(Duration::from_secs(60)).expect("exit");
     assert!(status.success(), "{status:?}\n{}", a.tail(20));
+    // One drain, one warning: the resync tick's passes and the stop's share their record.
+    let warned = a
+        .json_lines()
+        .iter()
+        .filter(|l| is_message(l, "flush: no node can take the VM; it keeps running here"))
+        .count();
+    assert_eq!(warned, 1, "{}", a.tail(30));
 }
 
 #[test]
