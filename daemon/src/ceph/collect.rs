@@ -10,10 +10,12 @@ use debvisor_objects::ceph::{
 use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 
-use super::{Ceph, CephError, ImageListEntry, ImageUsage, OsdMetadata};
+use super::{Ceph, CephError, OsdMetadata};
 
-/// Pools whose images are listed at the same time (two `rbd` calls each).
-const POOLS_AT_ONCE: usize = 3;
+/// Pools whose images are listed at the same time by default (two `rbd` processes each: a
+/// few at once rather than a burst of processes on a small host). A driver listing
+/// in-process says its own ([`Ceph::pools_at_once`]).
+pub const POOLS_AT_ONCE: usize = 3;
 
 /// One write of the collector.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,9 +124,9 @@ pub async fn collect_state<C: Ceph>(ceph: &C) -> Result<BTreeMap<String, String>
         .collect();
     // A few pools at a time: a collection takes about the slowest pools rather than their
     // sum, without a burst of `rbd` processes on a small host.
-    let calls: Vec<_> = rbd_pools.iter().map(|p| pool_images(ceph, p)).collect();
+    let calls: Vec<_> = rbd_pools.iter().map(|p| ceph.rbd_pool_images(p)).collect();
     let per_pool: Vec<_> = futures::stream::iter(calls)
-        .buffered(POOLS_AT_ONCE)
+        .buffered(ceph.pools_at_once().max(1))
         .try_collect()
         .await?;
     for (pool, (rows, du)) in rbd_pools.iter().zip(per_pool) {
@@ -159,21 +161,6 @@ pub async fn collect_state<C: Ceph>(ceph: &C) -> Result<BTreeMap<String, String>
         }
     }
     Ok(out)
-}
-
-/// A pool's images and snapshots (`rbd ls -l`) with their usage (`rbd du`).
-async fn pool_images<C: Ceph>(
-    ceph: &C,
-    pool: &str,
-) -> Result<(Vec<ImageListEntry>, Vec<ImageUsage>), CephError> {
-    let (rows, du) = futures::join!(ceph.rbd_list_long(pool), ceph.rbd_du(pool));
-    let du = match du {
-        // Ceph 16.2's `rbd du` now and then aborts (a mutex assertion, killed by SIGABRT):
-        // once more before the whole collection counts as failed.
-        Err(CephError::Failed { code: None, .. }) => ceph.rbd_du(pool).await,
-        r => r,
-    };
-    Ok((rows?, du?))
 }
 
 /// What to write to go from `previous` (last written) to `current`: changed or new keys, and

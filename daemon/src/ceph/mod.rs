@@ -13,6 +13,7 @@ pub mod collect;
 pub mod disks;
 pub mod error;
 pub mod locks;
+pub mod rados;
 pub mod start_check;
 pub mod types;
 
@@ -23,7 +24,7 @@ pub use apply::{
     apply_pool_step, apply_volume_step, observe_volume, observed_pools, volume_in_use,
 };
 pub use cli::CephCli;
-pub use collect::{batches, collect_state, diff, local_osds, same_host, KeyChange};
+pub use collect::{batches, collect_state, diff, local_osds, same_host, KeyChange, POOLS_AT_ONCE};
 pub use disks::{rbd_disks, DiskError, RbdDisk};
 pub use error::CephError;
 pub use locks::{
@@ -164,6 +165,17 @@ pub trait Ceph: Send + Sync {
     /// `rbd du --pool`: provisioned and used bytes per image head and snapshot.
     fn rbd_du(&self, pool: &str)
         -> impl Future<Output = Result<Vec<ImageUsage>, CephError>> + Send;
+    /// Every image head and snapshot of a pool with size, parent and protection (the rows of
+    /// `rbd ls -l`) and their usage (the rows of `rbd du`): what the state collection needs
+    /// per pool, in one call.
+    fn rbd_pool_images(
+        &self,
+        pool: &str,
+    ) -> impl Future<Output = Result<(Vec<ImageListEntry>, Vec<ImageUsage>), CephError>> + Send;
+    /// How many pools [`Ceph::rbd_pool_images`] should list at the same time.
+    fn pools_at_once(&self) -> usize {
+        POOLS_AT_ONCE
+    }
     /// Create an image of `size_bytes`.
     fn rbd_create(
         &self,
