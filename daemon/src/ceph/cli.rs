@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::error::CephError;
-use super::rados::{Rados, Target};
+use super::rados::Rados;
 use super::types::{
     ClusterStatus, Df, Health, ImageInfo, ImageListEntry, ImageLock, ImageUsage, OsdDf,
     OsdMetadata, OsdTree, PoolInfo, RawDu, RawStatus, Snapshot, Watcher,
@@ -212,7 +212,6 @@ impl CephCli {
     /// librados, or `ceph <args> --format json` without it; parsed the same either way.
     async fn query<T: DeserializeOwned>(
         &self,
-        target: Target,
         mut cmd: serde_json::Value,
         args: &[&str],
     ) -> Result<T, CephError> {
@@ -221,10 +220,7 @@ impl CephCli {
         };
         cmd["format"] = "json".into();
         let command = format!("ceph {}", args.join(" "));
-        let out = match rados
-            .command(target, cmd.to_string(), &command, CLUSTER)
-            .await
-        {
+        let out = match rados.command(cmd.to_string(), &command, CLUSTER).await {
             Ok(out) => out,
             Err(e) => {
                 if e.is_timeout() && !self.quiet_timeouts {
@@ -260,13 +256,11 @@ pub const POOLS_AT_ONCE_IN_PROCESS: usize = 8;
 
 impl Ceph for CephCli {
     async fn status(&self) -> Result<ClusterStatus, CephError> {
-        self.query(Target::Mon, json!({"prefix": "status"}), &["status"])
-            .await
+        self.query(json!({"prefix": "status"}), &["status"]).await
     }
 
     async fn health(&self) -> Result<Health, CephError> {
         self.query(
-            Target::Mon,
             json!({"prefix": "health", "detail": "detail"}),
             &["health", "detail"],
         )
@@ -274,27 +268,22 @@ impl Ceph for CephCli {
     }
 
     async fn df(&self) -> Result<Df, CephError> {
-        self.query(Target::Mon, json!({"prefix": "df"}), &["df"])
-            .await
+        self.query(json!({"prefix": "df"}), &["df"]).await
     }
 
     async fn osd_tree(&self) -> Result<OsdTree, CephError> {
-        self.query(Target::Mon, json!({"prefix": "osd tree"}), &["osd", "tree"])
+        self.query(json!({"prefix": "osd tree"}), &["osd", "tree"])
             .await
     }
 
     async fn osd_df(&self) -> Result<OsdDf, CephError> {
-        self.query(Target::Mgr, json!({"prefix": "osd df"}), &["osd", "df"])
+        self.query(json!({"prefix": "osd df"}), &["osd", "df"])
             .await
     }
 
     async fn osd_metadata(&self) -> Result<Vec<OsdMetadata>, CephError> {
-        self.query(
-            Target::Mon,
-            json!({"prefix": "osd metadata"}),
-            &["osd", "metadata"],
-        )
-        .await
+        self.query(json!({"prefix": "osd metadata"}), &["osd", "metadata"])
+            .await
     }
 
     async fn osd_flag(&self, flag: &str, set: bool) -> Result<(), CephError> {
@@ -331,7 +320,6 @@ impl Ceph for CephCli {
 
     async fn pool_list(&self) -> Result<Vec<PoolInfo>, CephError> {
         self.query(
-            Target::Mon,
             json!({"prefix": "osd pool ls", "detail": "detail"}),
             &["osd", "pool", "ls", "detail"],
         )

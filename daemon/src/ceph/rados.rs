@@ -32,7 +32,7 @@ type CreateFn = unsafe extern "C" fn(*mut Handle, *const c_char, *const c_char, 
 type ConfReadFileFn = unsafe extern "C" fn(Handle, *const c_char) -> c_int;
 type ConfSetFn = unsafe extern "C" fn(Handle, *const c_char, *const c_char) -> c_int;
 type ConnectFn = unsafe extern "C" fn(Handle) -> c_int;
-/// `rados_mon_command` and `rados_mgr_command` (same signature).
+/// `rados_mon_command`.
 type CommandFn = unsafe extern "C" fn(
     Handle,
     *mut *const c_char,
@@ -54,7 +54,6 @@ struct Api {
     conf_set: ConfSetFn,
     connect: ConnectFn,
     mon_command: CommandFn,
-    mgr_command: CommandFn,
     buffer_free: BufferFreeFn,
     shutdown: ShutdownFn,
     /// Keeps the function pointers above valid.
@@ -84,7 +83,6 @@ impl Api {
             conf_set: sym!("rados_conf_set", ConfSetFn),
             connect: sym!("rados_connect", ConnectFn),
             mon_command: sym!("rados_mon_command", CommandFn),
-            mgr_command: sym!("rados_mgr_command", CommandFn),
             buffer_free: sym!("rados_buffer_free", BufferFreeFn),
             shutdown: sym!("rados_shutdown", ShutdownFn),
             _lib: lib,
@@ -105,16 +103,6 @@ impl Api {
         .as_ref()
         .map_err(String::as_str)
     }
-}
-
-/// Which daemon answers a command: the mons (`osd tree`, `health`, `df`, …) or the active
-/// mgr (`osd df`, `pg …`; the mon would only proxy them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    /// `rados_mon_command`.
-    Mon,
-    /// `rados_mgr_command`.
-    Mgr,
 }
 
 /// One connected librados handle.
@@ -202,8 +190,13 @@ impl Conn {
         Ok(conn)
     }
 
-    /// Run one JSON command; the output buffer on success (blocking).
-    fn command(&self, target: Target, json: &str) -> Result<Vec<u8>, FfiError> {
+    /// Run one JSON command through the mons; the output buffer on success (blocking).
+    ///
+    /// Commands the mgr answers (`osd df`) go through the mons too, which forward them:
+    /// `rados_mgr_command` waits on stack-held state with `rados_mon_op_timeout`, and a
+    /// reply arriving after that timeout is written into the returned frame (pacific's
+    /// `RadosClient::mgr_command`); the mon client cancels a timed-out request first.
+    fn command(&self, json: &str) -> Result<Vec<u8>, FfiError> {
         let cmd = CString::new(json).map_err(|_| FfiError {
             what: "command contains NUL".into(),
             errno: libc::EINVAL,
@@ -212,10 +205,7 @@ impl Conn {
         let mut cmds = [cmd.as_ptr()];
         let (mut outbuf, mut outbuf_len) = (std::ptr::null_mut::<c_char>(), 0usize);
         let (mut outs, mut outs_len) = (std::ptr::null_mut::<c_char>(), 0usize);
-        let f = match target {
-            Target::Mon => self.api.mon_command,
-            Target::Mgr => self.api.mgr_command,
-        };
+        let f = self.api.mon_command;
         // SAFETY: connected handle; one NUL-terminated command; no input buffer; the out
         // pointers are valid and filled by librados (possibly null), freed below.
         let r = unsafe {
@@ -364,16 +354,16 @@ impl Rados {
         drop(old);
     }
 
-    /// Run the JSON command `json` on `target`; `command` (`ceph osd tree`) and `object`
-    /// name it in errors and logs. The output buffer (JSON for `"format": "json"`).
+    /// Run the JSON command `json` (through the mons, which forward what the mgr answers);
+    /// `command` (`ceph osd tree`) and `object` name it in errors and logs. The output
+    /// buffer (JSON for `"format": "json"`).
     pub async fn command(
         self: &Arc<Self>,
-        target: Target,
         json: String,
         command: &str,
         object: &str,
     ) -> Result<Vec<u8>, CephError> {
-        self.blocking(command, object, move |conn| conn.command(target, &json))
+        self.blocking(command, object, move |conn| conn.command(&json))
             .await
     }
 
@@ -959,7 +949,6 @@ mod tests {
             // The second call gets the failed connect's error again (within 2 s).
             let e = r
                 .command(
-                    Target::Mon,
                     r#"{"prefix": "status", "format": "json"}"#.into(),
                     "ceph status",
                     "cluster",
