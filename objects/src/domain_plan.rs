@@ -162,6 +162,30 @@ fn power_off(s: &Situation, hard: bool, then: Vec<Step>) -> Plan {
     }
 }
 
+/// Whether [`plan_vm`] asks for the run lock first whatever this host reports about a
+/// domain of ours (absent, or carrying our mark, in any state): the VM targets this node,
+/// its request runs it, no live node holds the lock and our current lease does not. The
+/// executor then sends the lock transaction while it still looks at the host (one etcd
+/// commit overlapped with the libvirt lookups on the start path, issue 17) and plans with
+/// what the host said afterwards.
+pub fn locks_first(vm: &Vm, me: &str, my_lease: i64, restart_done: bool) -> bool {
+    if vm.node.as_deref() != Some(me) {
+        return false;
+    }
+    let runs = match vm.state {
+        DesiredState::Start | DesiredState::Migrate | DesiredState::MigrateLive => true,
+        DesiredState::Restart => restart_done,
+        DesiredState::Unmigrate => vm.last_node.as_deref() == Some(me),
+        DesiredState::Shutdown | DesiredState::Stop | DesiredState::Disable => false,
+    };
+    let free = match &vm.lock {
+        None => true,
+        Some(l) if l.node == me => l.lease != my_lease,
+        Some(l) => l.lease == 0,
+    };
+    runs && free
+}
+
 /// Plan the next steps for one VM on this node.
 pub fn plan_vm(s: &Situation) -> Plan {
     if s.local.as_ref().is_some_and(|l| !l.ours) {
@@ -720,5 +744,78 @@ mod tests {
         let p = plan_vm(&s);
         assert_eq!(steps(&p), vec![]);
         assert_eq!(reported(&p), Some("fail"));
+    }
+
+    /// `locks_first` is exactly "the plan is the lock" for every host view of a domain of
+    /// ours (or none), and a foreign domain never gets the lock: the executor may send the
+    /// lock transaction before it has looked at the host.
+    #[test]
+    fn locks_first_is_the_plan_for_every_host_view_of_ours() {
+        let locks = [
+            None,
+            Some(("hv1", 10)),
+            Some(("hv1", 7)),
+            Some(("hv1", 0)),
+            Some(("hv2", 5)),
+            Some(("hv2", 0)),
+        ];
+        let mut locals = vec![None];
+        for state in [
+            LocalState::Running,
+            LocalState::Paused,
+            LocalState::ShutOff,
+            LocalState::Crashed,
+        ] {
+            for (persistent, xml_current) in [(true, true), (true, false), (false, false)] {
+                locals.push(Some(Local {
+                    state,
+                    persistent,
+                    xml_current,
+                    ours: true,
+                }));
+            }
+        }
+        let mut asked = 0;
+        for &state in DesiredState::ALL {
+            for node in ["hv1", "hv2"] {
+                for lock in locks {
+                    for last in [None, Some("hv1"), Some("hv2")] {
+                        let mut v = vm(state, node, lock);
+                        v.last_node = last.map(Into::into);
+                        for restart_done in [false, true] {
+                            let first = locks_first(&v, "hv1", 10, restart_done);
+                            for local in &locals {
+                                for (failed, elapsed) in
+                                    [(0, None), (3, Some(Duration::from_secs(200)))]
+                                {
+                                    let mut s = sit(Some(&v), None);
+                                    s.local = local.clone();
+                                    s.restart_done = restart_done;
+                                    s.failed_starts = failed;
+                                    s.shutdown_elapsed = elapsed;
+                                    let p = plan_vm(&s);
+                                    assert_eq!(
+                                        first,
+                                        p.steps == vec![Step::AcquireLock],
+                                        "{state} node={node} lock={lock:?} last={last:?} \
+                                         restart_done={restart_done} local={local:?}: {p:?}"
+                                    );
+                                    asked += usize::from(first);
+                                    let mut foreign = s.clone();
+                                    foreign.local = Some(Local {
+                                        state: LocalState::ShutOff,
+                                        persistent: true,
+                                        xml_current: false,
+                                        ours: false,
+                                    });
+                                    assert!(!plan_vm(&foreign).steps.contains(&Step::AcquireLock));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(asked > 0, "no case asked for the lock");
     }
 }

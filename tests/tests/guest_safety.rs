@@ -282,6 +282,19 @@ fn a_domain_debvisor_did_not_create_is_never_destroyed() {
         "{s}"
     );
     etcd.put_key(&vm.key("state"), "start").expect("start");
+    // Its definition touched by hand (once the start request has been looked at): the daemon
+    // no longer remembers that the domain is not its own, so the start path sends the run
+    // lock before it looks at the host — and gives the lock back once it has looked.
+    etcd.wait_ticks("frgn1", 2, WAIT);
+    rt.block_on(lv.define(&g.xml())).expect("redefine by hand");
+    eventually("the early run lock given back", WAIT, || {
+        lines_with(&d, "lock released").into_iter().next()
+    });
+    assert_eq!(vm.get(&etcd, "lock"), None, "no run lock left behind");
+    assert_eq!(
+        vm.status(&etcd).map(|s| s["state"].clone()),
+        Some("fail".into())
+    );
     etcd.delete_prefix(&format!("vms/{}/", g.uuid))
         .expect("delete again");
     etcd.wait_ticks("frgn1", 3, WAIT);

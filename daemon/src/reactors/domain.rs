@@ -723,6 +723,22 @@ impl DomainHost {
         Ok((info, local))
     }
 
+    /// Send the run lock alongside the first look at the host: the plan asks for it
+    /// whatever a domain of ours reports ([`domain_plan::locks_first`]), and the host's
+    /// domain with this UUID is not known to be someone else's (then the plan refuses and a
+    /// lock won early is given back; the remembered mark keeps that from repeating).
+    fn locks_first(&self, vm: &Vm) -> bool {
+        let foreign = matches!(lock(&self.marks).get(&vm.uuid), Some(None));
+        let restart_done = self.with_rt(&vm.uuid, |rt| rt.restart_done);
+        !foreign
+            && domain_plan::locks_first(
+                vm,
+                &self.node,
+                self.lease.load(Ordering::SeqCst),
+                restart_done,
+            )
+    }
+
     /// Record a crash or failed start; returns the failures in the window.
     fn record_failure(&self, uuid: &str, what: String) -> (u32, Duration) {
         let window = self.cfg.failure_window;
@@ -762,10 +778,18 @@ impl DomainHost {
         // What the host said, kept across a round that only wrote etcd (the lock won): the
         // start right after needs no second look (a start of a running domain is a no-op).
         let mut host_view: Option<(Option<DomainInfo>, Option<Local>)> = None;
+        // The run lock sent together with the first look at the host, when the plan asks
+        // for it whatever the host says (`locks_first`): its outcome, for the plan's step.
+        let mut early_lock: Option<Option<i64>> = None;
         // At most a few plan → act rounds per reconcile (lock won → start at once).
-        for _ in 0..4 {
+        for round in 0..4 {
             let (info, local) = match host_view.take() {
                 Some(v) => v,
+                None if round == 0 && self.locks_first(&vm) => {
+                    let (view, won) = tokio::join!(self.local(&vm), self.acquire_lock(&vm, keys));
+                    early_lock = Some(won?);
+                    view?
+                }
                 None => self.local(&vm).await?,
             };
             let running = local
@@ -831,6 +855,19 @@ impl DomainHost {
             };
             let plan = domain_plan::plan_vm(&sit);
             debug!(vm = %vm.name, uuid, steps = ?plan.steps, "plan");
+            if !plan.steps.contains(&Step::AcquireLock) {
+                if let Some(Some(revision)) = early_lock.take() {
+                    // Won before the host was seen, and the host says no (a domain that is
+                    // not ours carries the UUID): give the lock back at once.
+                    let mut held = vm.clone();
+                    held.lock = Some(domain::LockHolder {
+                        node: me.to_string(),
+                        lease: self.lease.load(Ordering::SeqCst),
+                        revision,
+                    });
+                    self.release_lock(&held, None).await?;
+                }
+            }
             let mut replan = false;
             for step in &plan.steps {
                 match step {
@@ -847,7 +884,11 @@ impl DomainHost {
                             .await?;
                     }
                     Step::AcquireLock => {
-                        match self.acquire_lock(&vm, keys).await? {
+                        let won = match early_lock.take() {
+                            Some(won) => won,
+                            None => self.acquire_lock(&vm, keys).await?,
+                        };
+                        match won {
                             Some(lockrev) => {
                                 vm.lock = Some(domain::LockHolder {
                                     node: me.to_string(),
