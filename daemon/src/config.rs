@@ -1737,27 +1737,16 @@ impl Config {
                 ),
             );
         }
-        if d.stats_sample_interval < Duration::from_secs(1)
-            || d.stats_sample_interval > Duration::from_secs(600)
-        {
-            bad(
-                "domains.stats_sample_interval",
-                format!(
-                    "must be between 1s and 10m, got {}",
-                    format_duration(d.stats_sample_interval)
-                ),
-            );
-        }
-        if d.resync_interval < Duration::from_secs(1)
-            || d.resync_interval > Duration::from_secs(600)
-        {
-            bad(
-                "domains.resync_interval",
-                format!(
-                    "must be between 1s and 10m, got {}",
-                    format_duration(d.resync_interval)
-                ),
-            );
+        for (key, value) in [
+            ("domains.stats_sample_interval", d.stats_sample_interval),
+            ("domains.resync_interval", d.resync_interval),
+        ] {
+            if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&value) {
+                bad(
+                    key,
+                    format!("must be between 1s and 10m, got {}", format_duration(value)),
+                );
+            }
         }
         if d.stats_write_interval < d.stats_sample_interval
             || d.stats_write_interval > Duration::from_secs(86_400)
