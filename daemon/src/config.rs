@@ -2286,6 +2286,7 @@ mod tests {
             ("ceph:\n  coordinator_units: [\"ok.service\", \"ceph-mgr@{name}.service\"]\n", "ceph.coordinator_units[1]:"),
             ("networking:\n  host_networks:\n    storage:\n      device: eth0\n      vlan: 5000\n", "networking.host_networks.storage.vlan:"),
             ("firewall:\n  migration_ports: 2-1\n", "firewall.migration_ports:"),
+            ("domains:\n  stats_sample_interval: 0s\n", "domains.stats_sample_interval: must be between 1s and 10m, got 0s"),
             ("domains:\n  resync_interval: 500ms\n", "domains.resync_interval: must be between 1s and 10m, got 500ms"),
             ("domains:\n  resync_interval: 11m\n", "domains.resync_interval: must be between 1s and 10m, got 11m"),
         ];
