@@ -27,10 +27,11 @@
 //! - `bench/metrics_scrape.rs` (`--metrics-scrape`, issue 15): what a `GET /metrics` costs
 //!   a daemon owning 100 and 1000 running VMs (test driver): bytes, series, CPU and wall
 //!   time per scrape.
-//! - `bench/scale.rs` (`--scale`, issue 17): what 0, 100 and 1000 idle VMs cost a node in
-//!   steady state at the shipped 5 s tick: key versions written to etcd per hour, events
-//!   its `vms/` watch receives, daemon CPU per keepalive tick (`--scale-baseline PATH`
-//!   measures another `debvisord` first, side by side).
+//! - `bench/scale_idle.rs` (`--scale`, issue 17): what 0, 100 and 1000 idle VMs cost a
+//!   node in steady state at the shipped 5 s tick: key versions written to etcd per hour,
+//!   events its `vms/` watch receives, daemon CPU per keepalive tick (`--scale-baseline
+//!   PATH` measures another `debvisord` first, side by side); `--scale-kvm N` measures the
+//!   same with 0 and N real KVM guests on `qemu:///system` (root).
 //!
 //! - `bench/scale.rs` (`--scale-sim`, issue 17): `--scale-nodes` real daemons (test driver,
 //!   `--scale-vms` VMs each) on one 3-member etcd: etcd writes, DB growth, watch fan-out,
@@ -49,8 +50,8 @@
 //! Tables go to stdout and, unless `--no-write`, into `docs/benchmarks.md` between
 //! `<!-- bench:foundation:start -->` and `<!-- bench:foundation:end -->` (and the
 //! `bench:networks`, `bench:vms`, `bench:ceph`, `bench:ceph-objects`, `bench:cluster`,
-//! `bench:failover`, `bench:metrics-scrape` and `bench:scale-idle` markers). The daemons' own log lines are
-//! echoed on stderr by the harness.
+//! `bench:failover`, `bench:metrics-scrape`, `bench:scale-idle` and `bench:scale-kvm`
+//! markers). The daemons' own log lines are echoed on stderr by the harness.
 
 use std::process::ExitCode;
 
@@ -152,6 +153,9 @@ struct Args {
     /// `--scale` also measures this build with the stats sampler and the full VM resync
     /// at 10 minutes: what the keepalive tick path alone costs.
     scale_keepalive_only: bool,
+    /// `--scale` on `qemu:///system` with 0 and then this many real KVM guests instead of
+    /// the test driver's 0, 100 and 1000 VMs (issue 17: keepalive CPU with real guests).
+    scale_kvm: Option<usize>,
     /// The arguments as given, for the report.
     raw: Vec<String>,
 }
@@ -165,7 +169,7 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
                       --soak [--soak-runs N] [--soak-seed S] [--soak-budget-mins M] |
                       --metrics-scrape | --vm-start [--runs N] |
                       --scale [--scale-baseline PATH] [--scale-tick S]...
-                      [--scale-keepalive-only] |
+                      [--scale-keepalive-only] [--scale-kvm N] |
                       --scale-sim [--scale-nodes N] [--scale-vms N] [--scale-idle-mins M]
                       [--scale-burst N]]
                       [--no-write]
@@ -230,6 +234,9 @@ const USAGE: &str = "usage: debvisor-bench [--runs N] [--idle-secs S] [--ticks N
   --scale-keepalive-only
                     with --scale: also this build with the stats sampler and the full VM
                     resync at 10 minutes (the keepalive tick path alone)
+  --scale-kvm N     with --scale: the same figures with one daemon on qemu:///system
+                    and 0, then N (1-64) real running KVM guests (64 MiB, 1 vCPU, no
+                    disk) instead of the test driver's VMs (needs root, /dev/kvm)
   --no-write        print only; do not update docs/benchmarks.md";
 
 /// Parse `std::env::args()`; `Ok(None)` for `--help`.
@@ -272,6 +279,7 @@ fn parse_args() -> BenchResult<Option<Args>> {
         scale_baseline: None,
         scale_ticks: Vec::new(),
         scale_keepalive_only: false,
+        scale_kvm: None,
         raw: raw.clone(),
     };
     let mut it = raw.iter();
@@ -368,6 +376,16 @@ fn parse_args() -> BenchResult<Option<Args>> {
                 args.scale_ticks.push(t);
             }
             "--scale-keepalive-only" => args.scale_keepalive_only = true,
+            "--scale-kvm" => {
+                let n = value("--scale-kvm")?;
+                if !(1..=scale_idle::MAX_KVM_GUESTS as u64).contains(&n) {
+                    return Err(format!(
+                        "--scale-kvm {n}: must be 1..={} guests\n{USAGE}",
+                        scale_idle::MAX_KVM_GUESTS
+                    ));
+                }
+                args.scale_kvm = Some(n as usize);
+            }
             "--no-write" => args.write = false,
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
@@ -393,6 +411,9 @@ fn parse_args() -> BenchResult<Option<Args>> {
             "--scale-nodes must be between 1 and 500, --scale-vms between 1 and 1000, \
              --scale-idle-mins at least 1\n{USAGE}"
         ));
+    }
+    if args.scale_kvm.is_some() && !args.scale_idle {
+        return Err(format!("--scale-kvm goes with --scale\n{USAGE}"));
     }
     if args.networks_only && args.skip_networks {
         return Err(format!(

@@ -82,8 +82,9 @@ extern "C" fn on_signal(_sig: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-/// Route SIGINT and SIGTERM to [`INTERRUPTED`], so the bench returns through its drops.
-fn install_signal_handlers() {
+/// Route SIGINT and SIGTERM to [`INTERRUPTED`], so the bench returns through its drops
+/// (also `--scale`'s: `scale_idle.rs`).
+pub(crate) fn install_signal_handlers() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic.
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
@@ -91,7 +92,7 @@ fn install_signal_handlers() {
 }
 
 /// `Err` once SIGINT/SIGTERM arrived.
-fn check_interrupted() -> BenchResult<()> {
+pub(crate) fn check_interrupted() -> BenchResult<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         Err("interrupted (SIGINT/SIGTERM): every started process is killed on the way out".into())
     } else {

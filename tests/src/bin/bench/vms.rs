@@ -164,6 +164,16 @@ impl VmSpec {
         VmSpec { uuid, name, xml }
     }
 
+    /// The VM of guest `g` (its UUID, name and tiny-guest XML for `g`'s driver); `g`
+    /// removes it from libvirt when dropped.
+    pub(crate) fn of_domain(g: &TestDomain) -> VmSpec {
+        VmSpec {
+            uuid: g.uuid.clone(),
+            name: g.name.clone(),
+            xml: g.xml(),
+        }
+    }
+
     /// The request's puts: definition, target and `state=start` together.
     pub(crate) fn ops(&self, node: &str) -> Vec<TxnOp> {
         vec![
@@ -315,7 +325,8 @@ impl StatusWatch {
     }
 
     /// Collect `running` arrivals until all of `want` are in or `deadline`; the daemon must
-    /// stay up meanwhile.
+    /// stay up meanwhile, and SIGINT/SIGTERM (when a bench routed them to
+    /// [`super::scale::check_interrupted`]) end the wait.
     pub(crate) fn wait_all(
         &self,
         want: &HashSet<String>,
@@ -325,6 +336,7 @@ impl StatusWatch {
         let deadline = Instant::now() + timeout;
         let mut got: HashMap<String, Instant> = HashMap::new();
         while got.len() < want.len() {
+            super::scale::check_interrupted()?;
             let now = Instant::now();
             if now >= deadline {
                 return Err(format!(
