@@ -9,7 +9,8 @@
 //! headers or `-dev` package, and a node without the libraries still runs — [`Rados::load`]
 //! gives `None` (or [`Rados::has_rbd`] is false) and the driver keeps using the tools (logged
 //! once). One connected handle is kept and shared by every call (a librados cluster handle is
-//! thread-safe); it is dropped and made again after a timeout or a lost connection. Every
+//! thread-safe); it is dropped and made again after a mon command's timeout or a lost
+//! connection (not after one slow OSD op: see [`Side`]). Every
 //! call runs on a blocking thread, bounded by librados's own timeouts (`rados_mon_op_timeout`,
 //! `rados_osd_op_timeout`, `client_mount_timeout`, set to the driver's timeout) and by a tokio
 //! timeout on top. Only read-only calls go this way; changes stay with the tools.
@@ -19,11 +20,11 @@
 
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use super::error::CephError;
-use super::types::{ImageListEntry, ImageParent, ImageUsage};
+use super::types::{ImageListEntry, ImageParent, ImageUsage, PoolImages, UnreadableImage};
 
 /// `rados_t`.
 type Handle = *mut c_void;
@@ -129,6 +130,22 @@ struct FfiError {
     what: String,
     errno: i32,
     outs: String,
+}
+
+impl FfiError {
+    /// `what: status text` (the errno's text when librados gave none).
+    fn message(&self) -> String {
+        let msg = if self.outs.is_empty() {
+            strerror(self.errno)
+        } else {
+            self.outs.clone()
+        };
+        if self.what.is_empty() {
+            msg
+        } else {
+            format!("{}: {msg}", self.what)
+        }
+    }
 }
 
 impl Conn {
@@ -342,15 +359,16 @@ impl Rados {
         }
     }
 
-    /// Forget the handle (after a timeout or a lost connection): the next call connects anew.
-    fn reset(&self) {
-        let old = self
-            .conn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .conn
-            .take();
-        // Shut down outside the lock, on this blocking thread (may take a moment).
+    /// Forget the handle `used` (after a timeout or a lost connection) so that the next call
+    /// connects anew — unless the shared handle is another one by now: a call that failed
+    /// late must not drop a newer handle another call made meanwhile.
+    fn reset_if(&self, used: &Arc<Conn>) {
+        let old = {
+            let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            take_if_same(&mut slot.conn, used)
+        };
+        // Shut down outside the lock, on this blocking thread (may take a moment); the
+        // handle lives on while calls still hold it.
         drop(old);
     }
 
@@ -363,7 +381,7 @@ impl Rados {
         command: &str,
         object: &str,
     ) -> Result<Vec<u8>, CephError> {
-        self.blocking(command, object, move |conn| conn.command(&json))
+        self.blocking(Side::Mon, command, object, move |conn| conn.command(&json))
             .await
     }
 
@@ -380,7 +398,7 @@ impl Rados {
         pool: &str,
         command: &str,
         object: &str,
-    ) -> Result<(Vec<ImageListEntry>, Vec<ImageUsage>), CephError> {
+    ) -> Result<PoolImages, CephError> {
         let Some(api) = self.rbd else {
             return Err(CephError::Failed {
                 command: command.to_owned(),
@@ -390,14 +408,18 @@ impl Rados {
             });
         };
         let pool = pool.to_owned();
-        self.blocking(command, object, move |conn| list_pool(api, conn, &pool))
-            .await
+        self.blocking(Side::Osd, command, object, move |conn| {
+            list_pool(api, conn, &pool)
+        })
+        .await
     }
 
     /// Run `f` with the connected handle on a blocking thread, bounded by the timeout;
-    /// errors become [`CephError`]s naming `command` and `object`.
+    /// errors become [`CephError`]s naming `command` and `object`. Whether a failure resets
+    /// the shared handle depends on the `side` `f` talks to (see [`resets_handle`]).
     async fn blocking<T: Send + 'static>(
         self: &Arc<Self>,
+        side: Side,
         command: &str,
         object: &str,
         f: impl FnOnce(&Conn) -> Result<T, FfiError> + Send + 'static,
@@ -405,13 +427,17 @@ impl Rados {
         let timeout = self.cfg.timeout;
         let me = self.clone();
         let started = Instant::now();
+        // The handle the call got, for a reset after the timeout below (weak: the call
+        // alone keeps it alive).
+        let used: Arc<OnceLock<Weak<Conn>>> = Arc::new(OnceLock::new());
+        let used_by_call = used.clone();
         let task = tokio::task::spawn_blocking(move || {
             let conn = me.conn()?;
+            let _ = used_by_call.set(Arc::downgrade(&conn));
             let r = f(&conn);
             if let Err(e) = &r {
-                if is_connection_errno(e.errno) {
-                    drop(conn);
-                    me.reset();
+                if resets_handle(side, Some(e.errno)) {
+                    me.reset_if(&conn);
                 }
             }
             r
@@ -421,7 +447,9 @@ impl Rados {
         let joined = match tokio::time::timeout(timeout + Duration::from_secs(5), task).await {
             Ok(j) => j,
             Err(_) => {
-                self.reset_detached();
+                if resets_handle(side, None) {
+                    self.reset_detached(used);
+                }
                 return Err(CephError::Timeout {
                     command: command.to_owned(),
                     object: object.to_owned(),
@@ -451,85 +479,137 @@ impl Rados {
                     timeout,
                 };
             }
-            let msg = if e.outs.is_empty() {
-                strerror(e.errno)
-            } else {
-                e.outs
-            };
-            let stderr = if e.what.is_empty() {
-                msg
-            } else {
-                format!("{}: {msg}", e.what)
-            };
             CephError::Failed {
                 command: command.to_owned(),
                 object: object.to_owned(),
                 code: Some(e.errno),
-                stderr,
+                stderr: e.message(),
             }
         })
     }
 
-    /// [`Rados::reset`] on a blocking thread (shutting a handle down can block).
-    fn reset_detached(self: &Arc<Self>) {
+    /// [`Rados::reset_if`] the handle a timed-out call `used` (if it got one), on a
+    /// blocking thread (shutting a handle down can block).
+    fn reset_detached(self: &Arc<Self>, used: Arc<OnceLock<Weak<Conn>>>) {
         let me = self.clone();
-        drop(tokio::task::spawn_blocking(move || me.reset()));
+        drop(tokio::task::spawn_blocking(move || {
+            // Gone already: the call ended and no slot holds it, nothing to reset.
+            if let Some(conn) = used.get().and_then(Weak::upgrade) {
+                me.reset_if(&conn);
+            }
+        }));
     }
 }
 
-/// One pass over `pool`: see [`Rados::pool_images`].
-fn list_pool(
-    api: &'static RbdApi,
-    conn: &Conn,
-    pool: &str,
-) -> Result<(Vec<ImageListEntry>, Vec<ImageUsage>), FfiError> {
-    let p = Pool::open(api, conn, pool)?;
-    let (mut rows, mut du) = (Vec::new(), Vec::new());
-    for name in p.names()? {
-        // Removed since the listing: skipped, as `rbd ls -l` does.
-        let Some(img) = p.image(&name)? else {
-            continue;
-        };
-        let size = img.size()?;
-        let parent = img.parent()?.map(|(pool, image, snapshot)| ImageParent {
-            pool,
-            image,
-            snapshot,
-        });
-        rows.push(ImageListEntry {
-            image: name.clone(),
-            snapshot: None,
-            size,
-            parent,
-            protected: false,
-        });
-        let snaps = img.snaps()?;
-        let mut from: Option<&str> = None;
-        for s in &snaps {
-            rows.push(ImageListEntry {
-                image: name.clone(),
-                snapshot: Some(s.name.clone()),
-                size: s.size,
-                parent: None,
-                protected: s.protected,
-            });
-            du.push(ImageUsage {
-                name: name.clone(),
-                snapshot: Some(s.name.clone()),
-                provisioned_size: s.size,
-                used_size: img.used(Some(&s.name), from, s.size)?,
-            });
-            from = Some(&s.name);
-        }
-        let used_size = img.used(None, from, size)?;
-        du.push(ImageUsage {
-            name,
-            snapshot: None,
-            provisioned_size: size,
-            used_size,
-        });
+/// Take the value out of `slot` if it is `used` itself (the same allocation), leaving a
+/// different one — made after `used` was handed out — in place.
+fn take_if_same<T>(slot: &mut Option<Arc<T>>, used: &Arc<T>) -> Option<Arc<T>> {
+    if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, used)) {
+        slot.take()
+    } else {
+        None
     }
-    Ok((rows, du))
+}
+
+/// Which daemons a call talks to: what its failure says about the shared handle.
+///
+/// A mon command that times out means the mon session is stuck; a new handle hunts for a
+/// mon again. An OSD op (the pool listing: `rbd_list`, image headers, object maps) that
+/// times out means one OSD or PG is slow: a new handle would meet the same OSD, and
+/// reconnecting costs a new mon session and authentication while the mons answer fine —
+/// the mon commands of the same collection, on the same handle, notice a handle that is
+/// really dead. A lost connection (`ENOTCONN`, `ESHUTDOWN`, …) resets from either side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Mon (and mgr, through the mons) commands.
+    Mon,
+    /// Reads from OSDs (the librbd pool listing).
+    Osd,
+}
+
+/// Whether a call to `side` that failed with `errno` (`None`: it ran past the outer tokio
+/// timeout) makes the shared handle untrustworthy, so that the next call reconnects.
+fn resets_handle(side: Side, errno: Option<i32>) -> bool {
+    match (side, errno) {
+        (Side::Mon, None) => true,
+        (Side::Mon, Some(e)) => is_connection_errno(e),
+        (Side::Osd, None) => false,
+        (Side::Osd, Some(e)) => e != libc::ETIMEDOUT && is_connection_errno(e),
+    }
+}
+
+/// One pass over `pool`: see [`Rados::pool_images`]. An image that fails to read is
+/// reported in [`PoolImages::unreadable`] and the pass goes on, unless the error concerns
+/// the connection or is a timeout (every following image would wait as long: the pool
+/// fails as a whole).
+fn list_pool(api: &'static RbdApi, conn: &Conn, pool: &str) -> Result<PoolImages, FfiError> {
+    let p = Pool::open(api, conn, pool)?;
+    let mut out = PoolImages::default();
+    for name in p.names()? {
+        match read_image(&p, &name) {
+            Ok(Some((rows, usage))) => {
+                out.rows.extend(rows);
+                out.usage.extend(usage);
+            }
+            // Removed since the listing: skipped, as `rbd ls -l` does.
+            Ok(None) => {}
+            Err(e) if is_connection_errno(e.errno) => return Err(e),
+            Err(e) => out.unreadable.push(UnreadableImage {
+                image: name,
+                error: e.message(),
+            }),
+        }
+    }
+    Ok(out)
+}
+
+/// The rows of one image: its head and snapshots (`rbd ls -l`) and their usage (`rbd du`).
+type ImageRows = (Vec<ImageListEntry>, Vec<ImageUsage>);
+
+/// The rows of image `name`; `None` when it is gone (removed since the listing).
+fn read_image(p: &Pool<'_>, name: &str) -> Result<Option<ImageRows>, FfiError> {
+    let Some(img) = p.image(name)? else {
+        return Ok(None);
+    };
+    let (mut rows, mut du) = (Vec::new(), Vec::new());
+    let size = img.size()?;
+    let parent = img.parent()?.map(|(pool, image, snapshot)| ImageParent {
+        pool,
+        image,
+        snapshot,
+    });
+    rows.push(ImageListEntry {
+        image: name.to_owned(),
+        snapshot: None,
+        size,
+        parent,
+        protected: false,
+    });
+    let snaps = img.snaps()?;
+    let mut from: Option<&str> = None;
+    for s in &snaps {
+        rows.push(ImageListEntry {
+            image: name.to_owned(),
+            snapshot: Some(s.name.clone()),
+            size: s.size,
+            parent: None,
+            protected: s.protected,
+        });
+        du.push(ImageUsage {
+            name: name.to_owned(),
+            snapshot: Some(s.name.clone()),
+            provisioned_size: s.size,
+            used_size: img.used(Some(&s.name), from, s.size)?,
+        });
+        from = Some(&s.name);
+    }
+    du.push(ImageUsage {
+        name: name.to_owned(),
+        snapshot: None,
+        provisioned_size: size,
+        used_size: img.used(None, from, size)?,
+    });
+    Ok(Some((rows, du)))
 }
 
 /// Errnos after which the handle is not trusted any more: reconnect on the next call.
@@ -970,5 +1050,37 @@ mod tests {
         assert!(is_connection_errno(libc::ENOTCONN));
         assert!(!is_connection_errno(libc::ENOENT));
         assert!(!is_connection_errno(libc::EINVAL));
+    }
+
+    #[test]
+    fn a_slow_osd_op_keeps_the_handle() {
+        // Mon commands: a timeout (librados's or the outer one) or a lost connection.
+        assert!(resets_handle(Side::Mon, Some(libc::ETIMEDOUT)));
+        assert!(resets_handle(Side::Mon, Some(libc::ENOTCONN)));
+        assert!(resets_handle(Side::Mon, None));
+        assert!(!resets_handle(Side::Mon, Some(libc::ENOENT)));
+        // OSD ops: only a lost connection.
+        assert!(!resets_handle(Side::Osd, Some(libc::ETIMEDOUT)));
+        assert!(!resets_handle(Side::Osd, None));
+        assert!(resets_handle(Side::Osd, Some(libc::ENOTCONN)));
+        assert!(resets_handle(Side::Osd, Some(libc::ESHUTDOWN)));
+        assert!(!resets_handle(Side::Osd, Some(libc::EIO)));
+    }
+
+    #[test]
+    fn a_late_reset_leaves_a_newer_handle() {
+        let old = Arc::new("old handle");
+        let mut slot = Some(old.clone());
+        // The call that used the current handle resets it.
+        assert!(take_if_same(&mut slot, &old).is_some_and(|t| Arc::ptr_eq(&t, &old)));
+        assert!(slot.is_none());
+        // Another call made a new handle meanwhile: a late reset of the old one keeps it.
+        let new = Arc::new("old handle");
+        slot = Some(new.clone());
+        assert!(take_if_same(&mut slot, &old).is_none());
+        assert!(slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, &new)));
+        // Nothing to take.
+        let mut empty: Option<Arc<&str>> = None;
+        assert!(take_if_same(&mut empty, &old).is_none());
     }
 }
