@@ -15,9 +15,13 @@
 //! `rados_osd_op_timeout`, `client_mount_timeout`, set to the driver's timeout) and by a tokio
 //! timeout on top. Only read-only calls go this way; changes stay with the tools.
 //!
+//! The pool listing skips images that did not change since the last one (see
+//! [`ListingCache`]): opening an image is most of a collection's CPU.
+//!
 //! The cephx identity is the CLI's: the same `ceph.conf`, client name and keyring *path*
 //! (the key itself is only ever read by librados; nothing secret is logged).
 
+use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -278,6 +282,8 @@ pub struct Rados {
     /// librbd, for [`Rados::pool_images`] (`None`: not loadable).
     rbd: Option<&'static RbdApi>,
     conn: Mutex<Slot>,
+    /// Per pool: the images of its last listing that may be served again unread.
+    listing: Mutex<HashMap<String, ListingCache>>,
 }
 
 /// The shared handle, or when and how the last connect failed.
@@ -325,6 +331,7 @@ impl Rados {
             api,
             rbd: RbdApi::get().ok(),
             conn: Mutex::new(Slot::default()),
+            listing: Mutex::new(HashMap::new()),
         })
     }
 
@@ -408,8 +415,15 @@ impl Rados {
             });
         };
         let pool = pool.to_owned();
+        let me = self.clone();
         self.blocking(Side::Osd, command, object, move |conn| {
-            list_pool(api, conn, &pool)
+            // Taken out for the pass and put back after it: a pass that fails or is still
+            // running when the next starts makes that one read every image again.
+            let lock = || me.listing.lock().unwrap_or_else(|p| p.into_inner());
+            let before = lock().remove(&pool).unwrap_or_default();
+            let (images, after) = list_pool(api, conn, &pool, before)?;
+            lock().insert(pool, after);
+            Ok(images)
         })
         .await
     }
@@ -538,16 +552,101 @@ fn resets_handle(side: Side, errno: Option<i32>) -> bool {
     }
 }
 
-/// One pass over `pool`: see [`Rados::pool_images`]. An image that fails to read is
-/// reported in [`PoolImages::unreadable`] and the pass goes on, unless the error concerns
-/// the connection or is a timeout (every following image would wait as long: the pool
-/// fails as a whole).
-fn list_pool(api: &'static RbdApi, conn: &Conn, pool: &str) -> Result<PoolImages, FfiError> {
+/// The images of one pool's last listing that can be served again without opening them,
+/// by image id.
+///
+/// An image is served from here while its header object (`rbd_header.<id>`: size,
+/// snapshots, protection, features, flags, parent) and its head object map
+/// (`rbd_object_map.<id>`) have the RADOS object versions they had before it was read
+/// (stamped before the read: a change during it reads again next time). `used` comes from
+/// the object maps (fast-diff, whole objects, as `rbd du`): a write to a new object updates
+/// the head map on disk before the data, a snapshot or resize the header, and the
+/// snapshots' maps do not change while the header does not. So only images with a valid
+/// fast-diff are kept, and no clones (renaming the parent does not touch the child's
+/// header). Every [`FULL_READ_EVERY`]th listing reads an image in full anyway.
+#[derive(Default)]
+struct ListingCache(HashMap<String, CachedImage>);
+
+/// One image of [`ListingCache`].
+struct CachedImage {
+    /// Versions of the header and the head object map before the read.
+    stamp: (u64, u64),
+    rows: ImageRows,
+    /// Listings served from the cache since the read.
+    served: u32,
+}
+
+/// An image is read in full at least every this many listings, even when unchanged.
+const FULL_READ_EVERY: u32 = 10;
+
+/// `RBD_FEATURE_OBJECT_MAP | RBD_FEATURE_FAST_DIFF`.
+const FAST_DIFF_FEATURES: u64 = (1 << 3) | (1 << 4);
+/// `RBD_FLAG_OBJECT_MAP_INVALID | RBD_FLAG_FAST_DIFF_INVALID`.
+const FAST_DIFF_INVALID: u64 = (1 << 0) | (1 << 1);
+
+impl ListingCache {
+    /// The rows of image `id` if it is unchanged since stamped `stamp` and not due for a
+    /// full read, renamed to `name`; it is moved into `next` then.
+    fn serve(
+        &mut self,
+        next: &mut ListingCache,
+        id: &str,
+        name: &str,
+        stamp: (u64, u64),
+    ) -> Option<ImageRows> {
+        let c = self.0.remove(id)?;
+        if c.stamp != stamp || c.served + 1 >= FULL_READ_EVERY {
+            return None;
+        }
+        let (mut rows, mut usage) = c.rows.clone();
+        rows.iter_mut().for_each(|r| r.image = name.to_owned());
+        usage.iter_mut().for_each(|u| u.name = name.to_owned());
+        next.0.insert(
+            id.to_owned(),
+            CachedImage {
+                served: c.served + 1,
+                ..c
+            },
+        );
+        Some((rows, usage))
+    }
+}
+
+/// One pass over `pool`: see [`Rados::pool_images`]; images unchanged since `before` are
+/// not opened (see [`ListingCache`]), the cache for the next pass is returned. An image
+/// that fails to read is reported in [`PoolImages::unreadable`] and the pass goes on,
+/// unless the error concerns the connection or is a timeout (every following image would
+/// wait as long: the pool fails as a whole).
+fn list_pool(
+    api: &'static RbdApi,
+    conn: &Conn,
+    pool: &str,
+    mut before: ListingCache,
+) -> Result<(PoolImages, ListingCache), FfiError> {
     let p = Pool::open(api, conn, pool)?;
     let mut out = PoolImages::default();
-    for name in p.names()? {
+    let mut next = ListingCache::default();
+    for (id, name) in p.specs()? {
+        // Format 1 images (no id) and objects that cannot be stat'ed are read in full.
+        let stamp = (!id.is_empty()).then(|| p.stamp(&id)).flatten();
+        if let Some(rows) = stamp.and_then(|st| before.serve(&mut next, &id, &name, st)) {
+            out.rows.extend(rows.0);
+            out.usage.extend(rows.1);
+            continue;
+        }
         match read_image(&p, &name) {
-            Ok(Some((rows, usage))) => {
+            Ok(Some(((rows, usage), cacheable))) => {
+                if let (true, Some(stamp)) = (cacheable, stamp) {
+                    let rows = (rows.clone(), usage.clone());
+                    next.0.insert(
+                        id,
+                        CachedImage {
+                            stamp,
+                            rows,
+                            served: 0,
+                        },
+                    );
+                }
                 out.rows.extend(rows);
                 out.usage.extend(usage);
             }
@@ -560,14 +659,15 @@ fn list_pool(api: &'static RbdApi, conn: &Conn, pool: &str) -> Result<PoolImages
             }),
         }
     }
-    Ok(out)
+    Ok((out, next))
 }
 
 /// The rows of one image: its head and snapshots (`rbd ls -l`) and their usage (`rbd du`).
 type ImageRows = (Vec<ImageListEntry>, Vec<ImageUsage>);
 
-/// The rows of image `name`; `None` when it is gone (removed since the listing).
-fn read_image(p: &Pool<'_>, name: &str) -> Result<Option<ImageRows>, FfiError> {
+/// The rows of image `name`, and whether they may be cached (see [`ListingCache`]); `None`
+/// when it is gone (removed since the listing).
+fn read_image(p: &Pool<'_>, name: &str) -> Result<Option<(ImageRows, bool)>, FfiError> {
     let Some(img) = p.image(name)? else {
         return Ok(None);
     };
@@ -578,6 +678,11 @@ fn read_image(p: &Pool<'_>, name: &str) -> Result<Option<ImageRows>, FfiError> {
         image,
         snapshot,
     });
+    // The head's features and flags (before any rbd_snap_set).
+    let (features, flags) = img.features_and_flags()?;
+    let cacheable = parent.is_none()
+        && features & FAST_DIFF_FEATURES == FAST_DIFF_FEATURES
+        && flags & FAST_DIFF_INVALID == 0;
     rows.push(ImageListEntry {
         image: name.to_owned(),
         snapshot: None,
@@ -609,7 +714,7 @@ fn read_image(p: &Pool<'_>, name: &str) -> Result<Option<ImageRows>, FfiError> {
         provisioned_size: size,
         used_size: img.used(None, from, size)?,
     });
-    Ok(Some((rows, du)))
+    Ok(Some(((rows, du), cacheable)))
 }
 
 /// Errnos after which the handle is not trusted any more: reconnect on the next call.
@@ -662,11 +767,22 @@ struct SnapSpec {
 /// `RBD_SNAP_NAMESPACE_TYPE_USER`: snapshots users made (not trash/mirror/group ones).
 const SNAP_NAMESPACE_USER: c_int = 0;
 
+/// `rbd_image_spec_t`.
+#[repr(C)]
+struct ImageSpec {
+    id: *mut c_char,
+    name: *mut c_char,
+}
+
 type DiffCallback = unsafe extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
+type StatFn = unsafe extern "C" fn(IoCtx, *const c_char, *mut u64, *mut libc::time_t) -> c_int;
+type LastVersionFn = unsafe extern "C" fn(IoCtx) -> u64;
+type List2Fn = unsafe extern "C" fn(IoCtx, *mut ImageSpec, *mut usize) -> c_int;
+type SpecCleanupFn = unsafe extern "C" fn(*mut ImageSpec, usize);
+type GetU64Fn = unsafe extern "C" fn(ImageHandle, *mut u64) -> c_int;
 
 type IoctxCreateFn = unsafe extern "C" fn(Handle, *const c_char, *mut IoCtx) -> c_int;
 type IoctxDestroyFn = unsafe extern "C" fn(IoCtx);
-type ListFn = unsafe extern "C" fn(IoCtx, *mut c_char, *mut usize) -> c_int;
 type OpenFn = unsafe extern "C" fn(IoCtx, *const c_char, *mut ImageHandle, *const c_char) -> c_int;
 type CloseFn = unsafe extern "C" fn(ImageHandle) -> c_int;
 type GetSizeFn = unsafe extern "C" fn(ImageHandle, *mut u64) -> c_int;
@@ -693,7 +809,12 @@ type DiffIterateFn = unsafe extern "C" fn(
 struct RbdApi {
     ioctx_create: IoctxCreateFn,
     ioctx_destroy: IoctxDestroyFn,
-    list: ListFn,
+    stat: StatFn,
+    get_last_version: LastVersionFn,
+    list2: List2Fn,
+    image_spec_list_cleanup: SpecCleanupFn,
+    get_features: GetU64Fn,
+    get_flags: GetU64Fn,
     open_read_only: OpenFn,
     close: CloseFn,
     get_size: GetSizeFn,
@@ -731,7 +852,17 @@ impl RbdApi {
         Ok(RbdApi {
             ioctx_create: sym!(rados, LIBRARY, "rados_ioctx_create", IoctxCreateFn),
             ioctx_destroy: sym!(rados, LIBRARY, "rados_ioctx_destroy", IoctxDestroyFn),
-            list: sym!(rbd, RBD_LIBRARY, "rbd_list", ListFn),
+            stat: sym!(rados, LIBRARY, "rados_stat", StatFn),
+            get_last_version: sym!(rados, LIBRARY, "rados_get_last_version", LastVersionFn),
+            list2: sym!(rbd, RBD_LIBRARY, "rbd_list2", List2Fn),
+            image_spec_list_cleanup: sym!(
+                rbd,
+                RBD_LIBRARY,
+                "rbd_image_spec_list_cleanup",
+                SpecCleanupFn
+            ),
+            get_features: sym!(rbd, RBD_LIBRARY, "rbd_get_features", GetU64Fn),
+            get_flags: sym!(rbd, RBD_LIBRARY, "rbd_get_flags", GetU64Fn),
             open_read_only: sym!(rbd, RBD_LIBRARY, "rbd_open_read_only", OpenFn),
             close: sym!(rbd, RBD_LIBRARY, "rbd_close", CloseFn),
             get_size: sym!(rbd, RBD_LIBRARY, "rbd_get_size", GetSizeFn),
@@ -853,26 +984,46 @@ impl<'a> Pool<'a> {
         })
     }
 
-    /// Image names (`rbd_list`: NUL-separated, grown on -ERANGE).
-    fn names(&self) -> Result<Vec<String>, FfiError> {
-        let mut size = 4096usize;
+    /// Image ids and names (`rbd_list2`, grown on -ERANGE; format 1 images have no id).
+    fn specs(&self) -> Result<Vec<(String, String)>, FfiError> {
+        let mut max = 64usize;
         loop {
-            let mut buf = vec![0u8; size];
-            let mut len = size;
-            // SAFETY: `buf` holds `len` bytes.
-            let r = unsafe { (self.api.list)(self.io, buf.as_mut_ptr().cast(), &mut len) };
-            if r == -libc::ERANGE && len > size {
-                size = len;
+            // SAFETY: zeroed entries (null pointers); librbd fills at most `n` of them and
+            // they are freed with rbd_image_spec_list_cleanup.
+            let mut buf: Vec<ImageSpec> = (0..max).map(|_| unsafe { std::mem::zeroed() }).collect();
+            let mut n = max;
+            let r = unsafe { (self.api.list2)(self.io, buf.as_mut_ptr(), &mut n) };
+            if r == -libc::ERANGE && n > max {
+                max = n;
                 continue;
             }
-            check("rbd_list", r)?;
-            buf.truncate(len.min(size));
-            return Ok(buf
-                .split(|b| *b == 0)
-                .filter(|n| !n.is_empty())
-                .map(|n| String::from_utf8_lossy(n).into_owned())
-                .collect());
+            check("rbd_list2", r)?;
+            let n = n.min(max);
+            let out = buf[..n]
+                .iter()
+                .map(|s| (cstr(s.id), cstr(s.name)))
+                .collect();
+            unsafe { (self.api.image_spec_list_cleanup)(buf.as_mut_ptr(), n) };
+            return Ok(out);
         }
+    }
+
+    /// The RADOS version of `object` (`None`: it cannot be stat'ed, e.g. it does not exist).
+    fn version(&self, object: &str) -> Option<u64> {
+        let o = c_name(object).ok()?;
+        let (mut size, mut mtime) = (0u64, 0 as libc::time_t);
+        // SAFETY: open ioctx, NUL-terminated name, valid out pointers; the version read
+        // back is the one of this stat (the ioctx is used by this thread alone).
+        let r = unsafe { (self.api.stat)(self.io, o.as_ptr(), &mut size, &mut mtime) };
+        (r >= 0).then(|| unsafe { (self.api.get_last_version)(self.io) })
+    }
+
+    /// The versions of image `id`'s header and head object map (see [`ListingCache`]).
+    fn stamp(&self, id: &str) -> Option<(u64, u64)> {
+        Some((
+            self.version(&format!("rbd_header.{id}"))?,
+            self.version(&format!("rbd_object_map.{id}"))?,
+        ))
     }
 
     /// Open `name` read-only; `None` when it is gone (removed since the listing).
@@ -894,6 +1045,19 @@ impl<'a> Pool<'a> {
 }
 
 impl Image<'_> {
+    /// `rbd_get_features` and `rbd_get_flags` of the image as opened (the head).
+    fn features_and_flags(&self) -> Result<(u64, u64), FfiError> {
+        let (mut features, mut flags) = (0u64, 0u64);
+        // SAFETY: open image, valid out pointers.
+        check("rbd_get_features", unsafe {
+            (self.api.get_features)(self.h, &mut features)
+        })?;
+        check("rbd_get_flags", unsafe {
+            (self.api.get_flags)(self.h, &mut flags)
+        })?;
+        Ok((features, flags))
+    }
+
     fn size(&self) -> Result<u64, FfiError> {
         let mut s = 0u64;
         // SAFETY: open image, valid out pointer.
@@ -1065,6 +1229,63 @@ mod tests {
         assert!(resets_handle(Side::Osd, Some(libc::ENOTCONN)));
         assert!(resets_handle(Side::Osd, Some(libc::ESHUTDOWN)));
         assert!(!resets_handle(Side::Osd, Some(libc::EIO)));
+    }
+
+    #[test]
+    fn an_unchanged_image_is_served_until_its_full_read_is_due() {
+        let rows = |name: &str| -> ImageRows {
+            (
+                vec![ImageListEntry {
+                    image: name.into(),
+                    snapshot: None,
+                    size: 1,
+                    parent: None,
+                    protected: false,
+                }],
+                vec![ImageUsage {
+                    name: name.into(),
+                    snapshot: None,
+                    provisioned_size: 1,
+                    used_size: 1,
+                }],
+            )
+        };
+        let fresh = || {
+            let mut c = ListingCache::default();
+            c.0.insert(
+                "id1".into(),
+                CachedImage {
+                    stamp: (5, 7),
+                    rows: rows("a"),
+                    served: 0,
+                },
+            );
+            c
+        };
+        // Another header or object map version: read again (and dropped from the cache).
+        for changed in [(6, 7), (5, 8)] {
+            let mut next = ListingCache::default();
+            assert!(fresh().serve(&mut next, "id1", "a", changed).is_none());
+            assert!(next.0.is_empty());
+        }
+        let mut cache = fresh();
+        // Unchanged: served, under its current name, until every FULL_READ_EVERYth listing.
+        let mut served = 0;
+        loop {
+            let mut next = ListingCache::default();
+            match cache.serve(&mut next, "id1", "renamed", (5, 7)) {
+                Some(r) => assert_eq!(r, rows("renamed")),
+                None => break,
+            }
+            served += 1;
+            cache = next;
+        }
+        assert_eq!(served, FULL_READ_EVERY - 1);
+        // Unknown image: read.
+        let mut next = ListingCache::default();
+        assert!(ListingCache::default()
+            .serve(&mut next, "id2", "b", (1, 1))
+            .is_none());
     }
 
     #[test]
