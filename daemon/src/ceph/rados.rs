@@ -579,6 +579,14 @@ struct CachedImage {
 /// An image is read in full at least every this many listings, even when unchanged.
 const FULL_READ_EVERY: u32 = 10;
 
+/// Where image `id` starts counting towards its next full read: `0..FULL_READ_EVERY`,
+/// spread by id (a full read comes sooner, never later, than [`FULL_READ_EVERY`]).
+fn stagger(id: &str) -> u32 {
+    id.bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into()))
+        % FULL_READ_EVERY
+}
+
 /// `RBD_FEATURE_OBJECT_MAP | RBD_FEATURE_FAST_DIFF`.
 const FAST_DIFF_FEATURES: u64 = (1 << 3) | (1 << 4);
 /// `RBD_FLAG_OBJECT_MAP_INVALID | RBD_FLAG_FAST_DIFF_INVALID`.
@@ -638,12 +646,15 @@ fn list_pool(
             Ok(Some(((rows, usage), cacheable))) => {
                 if let (true, Some(stamp)) = (cacheable, stamp) {
                     let rows = (rows.clone(), usage.clone());
+                    // Images read together (the first listing) come due at different
+                    // listings: about a tenth of them is read in full each time.
+                    let served = stagger(&id);
                     next.0.insert(
                         id,
                         CachedImage {
                             stamp,
                             rows,
-                            served: 0,
+                            served,
                         },
                     );
                 }
@@ -1281,6 +1292,12 @@ mod tests {
             cache = next;
         }
         assert_eq!(served, FULL_READ_EVERY - 1);
+        // Full reads of images read together are spread over the listings.
+        let due: std::collections::BTreeSet<u32> = (0..100)
+            .map(|i| stagger(&format!("{:x}", 0x1f2e3d4c + i * 7919)))
+            .collect();
+        assert!(due.len() > FULL_READ_EVERY as usize / 2, "{due:?}");
+        assert!(due.iter().all(|d| *d < FULL_READ_EVERY));
         // Unknown image: read.
         let mut next = ListingCache::default();
         assert!(ListingCache::default()
