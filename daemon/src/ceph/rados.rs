@@ -579,12 +579,13 @@ struct CachedImage {
 /// An image is read in full at least every this many listings, even when unchanged.
 const FULL_READ_EVERY: u32 = 10;
 
-/// Where image `id` starts counting towards its next full read: `0..FULL_READ_EVERY`,
-/// spread by id (a full read comes sooner, never later, than [`FULL_READ_EVERY`]).
+/// Where image `id`, new to the cache, starts counting towards its next full read:
+/// `0..FULL_READ_EVERY - 1`, spread by id (its first full read comes sooner, never later,
+/// and it is served at least once before).
 fn stagger(id: &str) -> u32 {
     id.bytes()
         .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into()))
-        % FULL_READ_EVERY
+        % (FULL_READ_EVERY - 1)
 }
 
 /// `RBD_FEATURE_OBJECT_MAP | RBD_FEATURE_FAST_DIFF`.
@@ -637,6 +638,7 @@ fn list_pool(
     for (id, name) in p.specs()? {
         // Format 1 images (no id) and objects that cannot be stat'ed are read in full.
         let stamp = (!id.is_empty()).then(|| p.stamp(&id)).flatten();
+        let known = before.0.contains_key(&id);
         if let Some(rows) = stamp.and_then(|st| before.serve(&mut next, &id, &name, st)) {
             out.rows.extend(rows.0);
             out.usage.extend(rows.1);
@@ -646,9 +648,9 @@ fn list_pool(
             Ok(Some(((rows, usage), cacheable))) => {
                 if let (true, Some(stamp)) = (cacheable, stamp) {
                     let rows = (rows.clone(), usage.clone());
-                    // Images read together (the first listing) come due at different
-                    // listings: about a tenth of them is read in full each time.
-                    let served = stagger(&id);
+                    // Images new to the cache (all of them at the first listing) come
+                    // due at different listings: about a tenth is read in full each time.
+                    let served = if known { 0 } else { stagger(&id) };
                     next.0.insert(
                         id,
                         CachedImage {
@@ -1297,7 +1299,7 @@ mod tests {
             .map(|i| stagger(&format!("{:x}", 0x1f2e3d4c + i * 7919)))
             .collect();
         assert!(due.len() > FULL_READ_EVERY as usize / 2, "{due:?}");
-        assert!(due.iter().all(|d| *d < FULL_READ_EVERY));
+        assert!(due.iter().all(|d| *d + 1 < FULL_READ_EVERY));
         // Unknown image: read.
         let mut next = ListingCache::default();
         assert!(ListingCache::default()
