@@ -486,7 +486,7 @@ fn rbd_guest_starts_and_foreign_locks_refuse_the_start() {
 /// object map at the same RADOS versions) from the previous listing. A running guest holds
 /// the exclusive lock, so its writes leave the header alone: a write into a new object must
 /// still show in the volume's `used` at the next collection (the object map changed), the
-/// same as `rbd du` says.
+/// same as `rbd du` says; a snapshot (a header change) at the next collection too.
 #[test]
 fn a_running_guests_writes_show_in_the_collected_usage() {
     skip_unless_root!();
@@ -547,5 +547,17 @@ fn a_running_guests_writes_show_in_the_collected_usage() {
         let after = used(&collect());
         assert_eq!(after, objects * OBJECT, "the new object is counted");
         assert_eq!(after, rbd_du(), "the same as rbd du");
+    }
+    // A snapshot changes the header (made by the lock owner, the guest's librbd): it shows
+    // at the next collection, twice for the same reason.
+    for snap in ["s1", "s2"] {
+        cluster
+            .rbd(&["snap", "create", &format!("{POOL}/used1@{snap}")])
+            .expect("rbd snap create");
+        let c = collect();
+        let v: Value = serde_json::from_str(c.state.get(&key).expect("volume collected"))
+            .expect("volume JSON");
+        let snaps = v["snapshots"].as_array().expect("snapshots");
+        assert_eq!(snaps.last().map(|s| &s["name"]), Some(&json!(snap)), "{v}");
     }
 }
