@@ -275,6 +275,12 @@ impl CephCluster {
         self.tool("rbd", args)
     }
 
+    /// Run `rados <args>` as `client.admin` and return its stdout (see [`CephCluster::ceph`]):
+    /// object-level access, e.g. to damage an image's header on purpose.
+    pub fn rados(&self, args: &[&str]) -> Result<String> {
+        self.tool("rados", args)
+    }
+
     /// The whole content of image `spec` (`<pool>/<image>[@snap]`), exported with
     /// `rbd export` to `<cluster dir>/<name>` (replaced if present): what tests compare to
     /// see data written, rolled back or cloned.

@@ -141,9 +141,15 @@ impl Drop for CephSecret {
 /// librbd then takes the image's exclusive lock for this qemu, which `rbd lock ls` shows
 /// with the qemu's client address. The tiny test guests boot no OS, so nothing else writes.
 pub fn qemu_io_write(uri: &str, domain: &str, alias: &str, len: u32) -> Result<()> {
+    qemu_io_write_at(uri, domain, alias, 0, len)
+}
+
+/// [`qemu_io_write`] at byte `offset` (e.g. into an RBD object the volume did not have yet).
+pub fn qemu_io_write_at(uri: &str, domain: &str, alias: &str, offset: u64, len: u32) -> Result<()> {
     // The qdev of a virtio disk is the PCI proxy; its block backend hangs off the
     // virtio-backend child (the QOM path libvirt itself uses for such disks).
-    let cmd = format!("qemu-io -d /machine/peripheral/{alias}/virtio-backend \"write 0 {len}\"");
+    let cmd =
+        format!("qemu-io -d /machine/peripheral/{alias}/virtio-backend \"write {offset} {len}\"");
     let out = virsh(uri, &["qemu-monitor-command", domain, "--hmp", &cmd])?;
     // qemu-io prints its own report on qemu's stdout (the domain log); the monitor answers
     // nothing unless the command failed, and virsh exits 0 either way.

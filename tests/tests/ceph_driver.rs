@@ -2,7 +2,7 @@
 //! 2 memstore OSDs on 127.0.0.1, cephx), every effect checked with `ceph`/`rbd` themselves.
 //! One cluster serves the sections of one test (a cluster start is the expensive part).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -78,6 +78,7 @@ async fn ceph_driver_against_a_real_cluster() {
     lock_hygiene(&cluster, &cli, &mut lat).await;
     fenced_locks_broken(&cluster, &cli, &mut lat).await;
     state_collection(&cli, &mut lat).await;
+    unreadable_volume_keeps_its_observation(&cluster, &cli).await;
     errors_name_the_object(&cli).await;
     timeout_against_a_frozen_mon(&cluster).await;
     lat.report();
@@ -527,7 +528,8 @@ async fn state_collection(cli: &CephCli, lat: &mut Latencies) {
     let before = lat
         .time("collect state", collect_state(cli))
         .await
-        .expect("collect");
+        .expect("collect")
+        .state;
     let json = |m: &BTreeMap<String, String>, k: &str| -> serde_json::Value {
         serde_json::from_str(m.get(k).unwrap_or_else(|| panic!("{k} collected"))).expect("json")
     };
@@ -552,7 +554,7 @@ async fn state_collection(cli: &CephCli, lat: &mut Latencies) {
     let vol = ImageRef::new(POOL, "observed1");
     cli.rbd_create(&vol, 16 * MIB).await.expect("create");
     cli.rbd_snap_create(&vol, "s1").await.expect("snap");
-    let after = collect_state(cli).await.expect("collect");
+    let after = collect_state(cli).await.expect("collect").state;
     let v = json(&after, "ceph/observed/volumes/dv-test:observed1");
     assert_eq!(v["size"], 16 * MIB);
     assert_eq!(v["snapshots"][0]["name"], "s1");
@@ -567,10 +569,76 @@ async fn state_collection(cli: &CephCli, lat: &mut Latencies) {
         "{changes:?}"
     );
     purge_and_remove(cli, &vol).await.expect("remove");
-    let gone = collect_state(cli).await.expect("collect");
+    let gone = collect_state(cli).await.expect("collect").state;
     assert!(diff(&after, &gone).contains(&KeyChange::Delete(
         "ceph/observed/volumes/dv-test:observed1".into()
     )));
+}
+
+/// A volume whose header cannot be read (its `size` made undecodable with `rados
+/// setomapval`: librbd fails to open it with EIO) does not fail the collection, is not taken
+/// for gone (its key is neither deleted nor overwritten), and the other volumes are listed.
+async fn unreadable_volume_keeps_its_observation(cluster: &CephCluster, cli: &CephCli) {
+    if !cli.uses_librbd() {
+        eprintln!("skipped unreadable volume: librbd not loadable (the `rbd` tool gives no per-image verdict)");
+        return;
+    }
+    let (good, bad) = (
+        ImageRef::new(POOL, "readable1"),
+        ImageRef::new(POOL, "broken1"),
+    );
+    for v in [&good, &bad] {
+        cli.rbd_create(v, MIB).await.expect("create");
+    }
+    cli.rbd_snap_create(&bad, "s1").await.expect("snap");
+    let (good_key, bad_key) = (
+        "ceph/observed/volumes/dv-test:readable1",
+        "ceph/observed/volumes/dv-test:broken1",
+    );
+    let before = collect_state(cli).await.expect("collect");
+    assert!(before.unreadable.is_empty(), "{:?}", before.unreadable);
+    assert!(before.state.contains_key(bad_key) && before.state.contains_key(good_key));
+
+    let header = format!("rbd_header.{}", cli.rbd_info(&bad).await.expect("info").id);
+    let saved = cluster.dir().join("broken1.size");
+    let saved = saved.to_string_lossy();
+    cluster
+        .rados(&["--pool", POOL, "getomapval", &header, "size", &saved])
+        .expect("save the header's size");
+    cluster
+        .rados(&["--pool", POOL, "setomapval", &header, "size", "x"])
+        .expect("damage the header's size");
+    let during = collect_state(cli).await;
+    // Repaired before any assertion, so that the volume can be removed whatever happens.
+    cluster
+        .rados(&[
+            "--pool",
+            POOL,
+            "setomapval",
+            &header,
+            "size",
+            "--input-file",
+            &saved,
+        ])
+        .expect("restore the header's size");
+    let during = during.expect("one unreadable volume does not fail the collection");
+    assert_eq!(during.unreadable, BTreeSet::from([bad_key.to_owned()]));
+    assert!(!during.state.contains_key(bad_key));
+    assert_eq!(during.state.get(good_key), before.state.get(good_key));
+    let changes = during.changes_since(&before.state);
+    assert!(
+        changes.iter().all(|c| match c {
+            KeyChange::Put(k, _) | KeyChange::Delete(k) => k != bad_key,
+        }),
+        "{changes:?}"
+    );
+
+    let after = collect_state(cli).await.expect("collect");
+    assert!(after.unreadable.is_empty(), "{:?}", after.unreadable);
+    assert_eq!(after.state.get(bad_key), before.state.get(bad_key));
+    for v in [&good, &bad] {
+        purge_and_remove(cli, v).await.expect("remove");
+    }
 }
 
 async fn errors_name_the_object(cli: &CephCli) {

@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use debvisor_tests::{
-    ceph_installed, eventually, free_port, is_message, skip_or_fail, CephCluster, DaemonBuilder,
-    DaemonProcess, EtcdProcess, SkipKind,
+    ceph_installed, eventually, free_port, is_message, skip_or_fail, str_field, CephCluster,
+    DaemonBuilder, DaemonProcess, EtcdProcess, SkipKind,
 };
 use serde_json::Value;
 
@@ -225,6 +225,8 @@ fn ceph_health_state_and_outage_in_the_running_daemon() {
     let keep_key = format!("ceph/observed/volumes/{POOL}:keep");
     eventually("observed volume keep", SEE, || json_key(&etcd, &keep_key));
 
+    unreadable_volume_is_kept(&cluster, &etcd, &mut d, &keep_key);
+
     // A restarted daemon compares with what etcd holds: the unchanged volume is not rewritten.
     let rev_before = mod_revision(&etcd, &keep_key).expect("keep key");
     d.signal(libc::SIGTERM).expect("SIGTERM");
@@ -311,6 +313,69 @@ fn ceph_health_state_and_outage_in_the_running_daemon() {
             .iter()
             .any(|v| is_message(v, "node lease lost; re-registering")),
         "the lease never lapsed"
+    );
+}
+
+/// `keep`'s header damaged (its `size` made undecodable: librbd fails to open it with EIO):
+/// the daemon warns naming pool and image, keeps `keep_key` untouched (neither deleted nor
+/// rewritten) and goes on observing the pool (a volume created meanwhile shows up); the
+/// header is restored at the end.
+fn unreadable_volume_is_kept(
+    cluster: &CephCluster,
+    etcd: &EtcdProcess,
+    d: &mut DaemonProcess,
+    keep_key: &str,
+) {
+    let rev = mod_revision(etcd, keep_key).expect("keep key");
+    let info: Value = serde_json::from_str(
+        &cluster
+            .rbd(&["info", &format!("{POOL}/keep"), "--format", "json"])
+            .expect("rbd info keep"),
+    )
+    .expect("rbd info JSON");
+    let header = format!("rbd_header.{}", info["id"].as_str().expect("image id"));
+    let saved = cluster.dir().join("keep.size");
+    let saved = saved.to_string_lossy();
+    cluster
+        .rados(&["--pool", POOL, "getomapval", &header, "size", &saved])
+        .expect("save the header's size");
+    cluster
+        .rados(&["--pool", POOL, "setomapval", &header, "size", "x"])
+        .expect("damage the header's size");
+    let warned = d.wait_for(
+        |v| {
+            is_message(v, "ceph: volume not readable; its last observation is kept")
+                && str_field(v, "pool") == Some(POOL)
+                && str_field(v, "image") == Some("keep")
+                && str_field(v, "error").is_some_and(|e| !e.is_empty())
+        },
+        SEE,
+    );
+    cluster
+        .rbd(&["create", &format!("{POOL}/later"), "--size", "8M"])
+        .expect("rbd create later");
+    let later = eventually("a volume made while keep is unreadable", SEE, || {
+        json_key(etcd, &format!("ceph/observed/volumes/{POOL}:later"))
+    });
+    let kept = mod_revision(etcd, keep_key);
+    // Repaired before the assertions, so that the rest of the test finds `keep` readable.
+    cluster
+        .rados(&[
+            "--pool",
+            POOL,
+            "setomapval",
+            &header,
+            "size",
+            "--input-file",
+            &saved,
+        ])
+        .expect("restore the header's size");
+    warned.expect("warning naming pool and image");
+    assert_eq!(later["size"], 8 * MIB, "{later}");
+    assert_eq!(
+        kept,
+        Some(rev),
+        "the unreadable volume's key is left as it was"
     );
 }
 

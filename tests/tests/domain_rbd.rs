@@ -14,9 +14,14 @@
 
 use std::time::Duration;
 
+use debvisor_daemon::ceph::{collect_state, Collected};
 use debvisor_daemon::hypervisor::{DomainState, Libvirt};
-use debvisor_tests::libvirt::{assert_guest_uses_kvm, require_kvm, system_libvirt, TestDomain};
-use debvisor_tests::rbd_guest::{rbd_guest_skip_reason, with_devices, CephSecret};
+use debvisor_tests::libvirt::{
+    assert_guest_uses_kvm, require_kvm, system_libvirt, TestDomain, QEMU_URI,
+};
+use debvisor_tests::rbd_guest::{
+    qemu_io_write_at, rbd_guest_skip_reason, with_devices, CephSecret,
+};
 use debvisor_tests::{
     eventually, is_message, skip_or_fail, skip_unless_root, str_field, CephCluster, DaemonBuilder,
     DaemonProcess, EtcdProcess, SkipKind, TestVm,
@@ -475,4 +480,84 @@ fn rbd_guest_starts_and_foreign_locks_refuse_the_start() {
     // Guests go before the cluster their qemu processes have open.
     drop(d1);
     drop((g1, g2, g3, g4));
+}
+
+/// The state collection's in-process listing serves images it finds unchanged (header and
+/// object map at the same RADOS versions) from the previous listing. A running guest holds
+/// the exclusive lock, so its writes leave the header alone: a write into a new object must
+/// still show in the volume's `used` at the next collection (the object map changed), the
+/// same as `rbd du` says; a snapshot (a header change) at the next collection too.
+#[test]
+fn a_running_guests_writes_show_in_the_collected_usage() {
+    skip_unless_root!();
+    if let Some(why) = rbd_guest_skip_reason() {
+        return skip_or_fail(&why, SkipKind::Environment);
+    }
+    require_kvm();
+    let (rt, lv) = system_libvirt().expect("libvirtd running");
+    let cluster = CephCluster::start_with_osds(1).expect("ceph cluster");
+    cluster
+        .ceph(&["osd", "pool", "create", POOL, "8"])
+        .expect("pool");
+    cluster
+        .ceph(&["osd", "pool", "application", "enable", POOL, "rbd"])
+        .expect("pool application");
+    cluster
+        .rbd(&["create", &format!("{POOL}/used1"), "--size", "64M"])
+        .expect("image");
+    let secret = CephSecret::new(&cluster).expect("libvirt ceph secret");
+    let g = TestDomain::new(&lv, "rbdused");
+    let xml = with_devices(&g.xml(), &secret.disk_xml(&cluster, POOL, "used1", "vda"));
+    rt.block_on(lv.define(&xml)).expect("define");
+    rt.block_on(lv.start(&g.uuid)).expect("start");
+    let cli = cluster.cli(Duration::from_secs(60));
+    if !cli.uses_librbd() {
+        eprintln!("skipped: librbd not loadable (no in-process listing to check)");
+        return;
+    }
+    let key = format!("ceph/observed/volumes/{POOL}:used1");
+    let used = |c: &Collected| -> u64 {
+        let v: Value = serde_json::from_str(c.state.get(&key).expect("volume collected"))
+            .expect("volume JSON");
+        v["used"].as_u64().expect("used")
+    };
+    let collect = || rt.block_on(collect_state(&cli)).expect("collect");
+    let rbd_du = || -> u64 {
+        let v: Value = serde_json::from_str(
+            &cluster
+                .rbd(&["du", "--format", "json", &format!("{POOL}/used1")])
+                .expect("rbd du"),
+        )
+        .expect("rbd du JSON");
+        v["images"][0]["used_size"].as_u64().expect("used_size")
+    };
+    const OBJECT: u64 = 4 << 20;
+
+    // The first write takes the exclusive lock (a header change); then two collections, the
+    // second one finding the volume unchanged.
+    qemu_io_write_at(QEMU_URI, &g.name, "virtio-disk0", 0, 65536).expect("write object 0");
+    assert_eq!(used(&collect()), OBJECT);
+    assert_eq!(used(&collect()), OBJECT);
+    // The lock held: a write into a new object changes the object map only. Twice: one of
+    // two successive collections serves the volume from the cache wherever its periodic
+    // full read falls.
+    for objects in [2, 3] {
+        qemu_io_write_at(QEMU_URI, &g.name, "virtio-disk0", objects * OBJECT, 65536)
+            .expect("write into a new object");
+        let after = used(&collect());
+        assert_eq!(after, objects * OBJECT, "the new object is counted");
+        assert_eq!(after, rbd_du(), "the same as rbd du");
+    }
+    // A snapshot changes the header (made by the lock owner, the guest's librbd): it shows
+    // at the next collection, twice for the same reason.
+    for snap in ["s1", "s2"] {
+        cluster
+            .rbd(&["snap", "create", &format!("{POOL}/used1@{snap}")])
+            .expect("rbd snap create");
+        let c = collect();
+        let v: Value = serde_json::from_str(c.state.get(&key).expect("volume collected"))
+            .expect("volume JSON");
+        let snaps = v["snapshots"].as_array().expect("snapshots");
+        assert_eq!(snaps.last().map(|s| &s["name"]), Some(&json!(snap)), "{v}");
+    }
 }

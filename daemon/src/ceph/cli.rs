@@ -17,7 +17,7 @@ use super::error::CephError;
 use super::rados::Rados;
 use super::types::{
     ClusterStatus, Df, Health, ImageInfo, ImageListEntry, ImageLock, ImageUsage, OsdDf,
-    OsdMetadata, OsdTree, PoolInfo, RawDu, RawStatus, Snapshot, Watcher,
+    OsdMetadata, OsdTree, PoolImages, PoolInfo, RawDu, RawStatus, Snapshot, Watcher,
 };
 use super::{check_image, check_lock, check_pool, check_snap, Ceph, ImageRef};
 use crate::config::CephConfig;
@@ -422,10 +422,7 @@ impl Ceph for CephCli {
         Ok(du.images)
     }
 
-    async fn rbd_pool_images(
-        &self,
-        pool: &str,
-    ) -> Result<(Vec<ImageListEntry>, Vec<ImageUsage>), CephError> {
+    async fn rbd_pool_images(&self, pool: &str) -> Result<PoolImages, CephError> {
         check_pool(pool)?;
         if let Some(r) = self.rados.as_ref().filter(|_| self.uses_librbd()) {
             return r
@@ -443,7 +440,13 @@ impl Ceph for CephCli {
             Err(CephError::Failed { code: None, .. }) => self.rbd_du(pool).await,
             r => r,
         };
-        Ok((rows?, du?))
+        // The tools give no per-image verdict: a broken image fails the call (or is left
+        // out by `rbd`).
+        Ok(PoolImages {
+            rows: rows?,
+            usage: du?,
+            unreadable: Vec::new(),
+        })
     }
 
     fn pools_at_once(&self) -> usize {

@@ -2,7 +2,7 @@
 //! `ceph/…` key → JSON value, the difference to what was written last (only changes are
 //! written), and bounded transactions. Runs on its own interval, never in the liveness path.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use debvisor_objects::ceph::{
     health_key, observed_osd_key, observed_pool_key, observed_volume_key, usage_key,
@@ -10,7 +10,7 @@ use debvisor_objects::ceph::{
 use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 
-use super::{Ceph, CephError, OsdMetadata};
+use super::{Ceph, CephError, OsdMetadata, PoolImages};
 
 /// Pools whose images are listed at the same time by default (two `rbd` processes each: a
 /// few at once rather than a burst of processes on a small host). A driver listing
@@ -41,11 +41,40 @@ pub fn local_osds(meta: &[OsdMetadata], hostname: &str) -> Vec<i64> {
         .collect()
 }
 
+/// One collection: what was observed, and which keys could not be observed this time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Key → compact JSON.
+    pub state: BTreeMap<String, String>,
+    /// Keys of volumes listed in their pool but not readable this time (see
+    /// [`super::PoolImages::unreadable`]): not in `state`, yet not gone either — whatever
+    /// was written for them last stands.
+    pub unreadable: BTreeSet<String>,
+}
+
+impl Collected {
+    /// What to write to go from `previous` (last written) to this collection: [`diff`],
+    /// except that the [`Collected::unreadable`] keys are neither put nor deleted (a volume
+    /// that failed to read keeps its last observation; one never observed gets none).
+    pub fn changes_since(&self, previous: &BTreeMap<String, String>) -> Vec<KeyChange> {
+        diff(previous, &self.state)
+            .into_iter()
+            .filter(|c| {
+                let (KeyChange::Put(k, _) | KeyChange::Delete(k)) = c;
+                !self.unreadable.contains(k)
+            })
+            .collect()
+    }
+}
+
 /// Collect the observed state: `ceph/health`, `ceph/usage`, `ceph/observed/pools/<pool>`,
 /// `ceph/observed/osds/<id>` and `ceph/observed/volumes/<pool>:<image>` (images of pools with
-/// the `rbd` application), as key → compact JSON.
-pub async fn collect_state<C: Ceph>(ceph: &C) -> Result<BTreeMap<String, String>, CephError> {
-    let mut out = BTreeMap::new();
+/// the `rbd` application), as key → compact JSON. A volume that cannot be read is logged
+/// (once per collection) and left out, its key in [`Collected::unreadable`]; any other
+/// failure fails the collection.
+pub async fn collect_state<C: Ceph>(ceph: &C) -> Result<Collected, CephError> {
+    let mut collected = Collected::default();
+    let out = &mut collected.state;
     let mut put = |k: String, v: serde_json::Value| {
         out.insert(k, v.to_string());
     };
@@ -129,38 +158,54 @@ pub async fn collect_state<C: Ceph>(ceph: &C) -> Result<BTreeMap<String, String>
         .buffered(ceph.pools_at_once().max(1))
         .try_collect()
         .await?;
-    for (pool, (rows, du)) in rbd_pools.iter().zip(per_pool) {
-        let used = |image: &str, snap: Option<&str>| {
-            du.iter()
-                .find(|u| u.name == image && u.snapshot.as_deref() == snap)
-                .map(|u| u.used_size)
-        };
-        for head in rows.iter().filter(|r| r.snapshot.is_none()) {
-            let snaps: Vec<_> = rows
-                .iter()
-                .filter(|r| r.image == head.image)
-                .filter_map(|r| {
-                    let name = r.snapshot.as_deref()?;
-                    Some(json!({
-                        "name": name,
-                        "size": r.size,
-                        "protected": r.protected,
-                        "used": used(&head.image, Some(name)),
-                    }))
-                })
-                .collect();
-            put(
-                observed_volume_key(pool, &head.image),
-                json!({
-                    "size": head.size,
-                    "used": used(&head.image, None),
-                    "parent": head.parent.as_ref().map(|pa| format!("{}/{}@{}", pa.pool, pa.image, pa.snapshot)),
-                    "snapshots": snaps,
-                }),
-            );
+    for (pool, images) in rbd_pools.iter().zip(per_pool) {
+        for u in &images.unreadable {
+            tracing::warn!(pool = %pool, image = %u.image, error = %u.error,
+                "ceph: volume not readable; its last observation is kept");
         }
+        volume_keys(pool, &images, &mut collected);
     }
-    Ok(out)
+    Ok(collected)
+}
+
+/// Put the `ceph/observed/volumes/<pool>:<image>` keys of one pool's listing into `out`,
+/// and the keys of its unreadable images into `out.unreadable`.
+fn volume_keys(pool: &str, images: &PoolImages, out: &mut Collected) {
+    let (rows, du) = (&images.rows, &images.usage);
+    let used = |image: &str, snap: Option<&str>| {
+        du.iter()
+            .find(|u| u.name == image && u.snapshot.as_deref() == snap)
+            .map(|u| u.used_size)
+    };
+    for head in rows.iter().filter(|r| r.snapshot.is_none()) {
+        let snaps: Vec<_> = rows
+            .iter()
+            .filter(|r| r.image == head.image)
+            .filter_map(|r| {
+                let name = r.snapshot.as_deref()?;
+                Some(json!({
+                    "name": name,
+                    "size": r.size,
+                    "protected": r.protected,
+                    "used": used(&head.image, Some(name)),
+                }))
+            })
+            .collect();
+        let value = json!({
+            "size": head.size,
+            "used": used(&head.image, None),
+            "parent": head.parent.as_ref().map(|pa| format!("{}/{}@{}", pa.pool, pa.image, pa.snapshot)),
+            "snapshots": snaps,
+        });
+        out.state
+            .insert(observed_volume_key(pool, &head.image), value.to_string());
+    }
+    out.unreadable.extend(
+        images
+            .unreadable
+            .iter()
+            .map(|u| observed_volume_key(pool, &u.image)),
+    );
 }
 
 /// What to write to go from `previous` (last written) to `current`: changed or new keys, and
@@ -198,6 +243,7 @@ pub fn batches(changes: Vec<KeyChange>, max_ops: usize) -> Vec<Vec<KeyChange>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ceph::{ImageListEntry, ImageUsage, UnreadableImage};
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -226,6 +272,82 @@ mod tests {
                 KeyChange::Put("ceph/observed/osds/1".into(), "y".into()),
                 KeyChange::Delete("ceph/observed/osds/0".into()),
             ]
+        );
+    }
+
+    fn head(image: &str, size: u64) -> ImageListEntry {
+        ImageListEntry {
+            image: image.into(),
+            snapshot: None,
+            size,
+            parent: None,
+            protected: false,
+        }
+    }
+
+    #[test]
+    fn an_unreadable_volume_keeps_its_last_observation() {
+        let listing = |size_a: u64, unreadable: &[&str]| PoolImages {
+            rows: vec![head("a", size_a)],
+            usage: vec![ImageUsage {
+                name: "a".into(),
+                snapshot: None,
+                provisioned_size: size_a,
+                used_size: 0,
+            }],
+            unreadable: unreadable
+                .iter()
+                .map(|i| UnreadableImage {
+                    image: i.to_string(),
+                    error: "rbd_open_read_only: Input/output error (os error 5)".into(),
+                })
+                .collect(),
+        };
+        // Last written: volumes a and b of pool p.
+        let mut first = Collected::default();
+        let mut both = listing(1, &[]);
+        both.rows.push(head("b", 2));
+        volume_keys("p", &both, &mut first);
+        assert!(first.unreadable.is_empty());
+        let (a, b) = ("ceph/observed/volumes/p:a", "ceph/observed/volumes/p:b");
+        assert_eq!(first.state.keys().collect::<Vec<_>>(), [a, b]);
+        let v: serde_json::Value = serde_json::from_str(&first.state[a]).expect("json");
+        assert_eq!(
+            v,
+            json!({"size": 1, "used": 0, "parent": null, "snapshots": []})
+        );
+        let previous = first.state.clone();
+
+        // b fails to read, a grew: a is put, b neither put nor deleted.
+        let mut now = Collected::default();
+        volume_keys("p", &listing(5, &["b"]), &mut now);
+        assert!(!now.state.contains_key(b));
+        assert_eq!(now.unreadable, BTreeSet::from([b.to_owned()]));
+        assert_eq!(
+            now.changes_since(&previous),
+            [KeyChange::Put(a.into(), now.state[a].clone())]
+        );
+        // Without the verdict b would count as gone (what `diff` alone says).
+        assert!(diff(&previous, &now.state).contains(&KeyChange::Delete(b.into())));
+
+        // Readable again: its new value is put; gone for good: deleted.
+        let mut back = Collected::default();
+        let mut again = listing(5, &[]);
+        again.rows.push(head("b", 3));
+        volume_keys("p", &again, &mut back);
+        assert!(back
+            .changes_since(&previous)
+            .contains(&KeyChange::Put(b.into(), back.state[b].clone())));
+        let mut gone = Collected::default();
+        volume_keys("p", &listing(1, &[]), &mut gone);
+        assert_eq!(gone.changes_since(&previous), [KeyChange::Delete(b.into())]);
+
+        // Never observed and unreadable: nothing written for it.
+        let mut fresh = Collected::default();
+        volume_keys("p", &listing(1, &["c"]), &mut fresh);
+        assert_eq!(
+            fresh.changes_since(&BTreeMap::new()),
+            [KeyChange::Put(a.into(), fresh.state[a].clone())]
         );
     }
 

@@ -24,7 +24,9 @@ pub use apply::{
     apply_pool_step, apply_volume_step, observe_volume, observed_pools, volume_in_use,
 };
 pub use cli::CephCli;
-pub use collect::{batches, collect_state, diff, local_osds, same_host, KeyChange, POOLS_AT_ONCE};
+pub use collect::{
+    batches, collect_state, diff, local_osds, same_host, Collected, KeyChange, POOLS_AT_ONCE,
+};
 pub use disks::{rbd_disks, DiskError, RbdDisk};
 pub use error::CephError;
 pub use locks::{
@@ -33,7 +35,8 @@ pub use locks::{
 pub use start_check::{check_rbd_start, Refusal};
 pub use types::{
     ClusterStatus, Df, Health, HealthCheck, HealthStatus, ImageInfo, ImageListEntry, ImageLock,
-    ImageUsage, OsdDf, OsdMetadata, OsdTree, PoolInfo, Snapshot, Watcher,
+    ImageUsage, OsdDf, OsdMetadata, OsdTree, PoolImages, PoolInfo, Snapshot, UnreadableImage,
+    Watcher,
 };
 
 use debvisor_objects::ceph::{validate_image_name, validate_pool_name, validate_snapshot_name};
@@ -167,11 +170,13 @@ pub trait Ceph: Send + Sync {
         -> impl Future<Output = Result<Vec<ImageUsage>, CephError>> + Send;
     /// Every image head and snapshot of a pool with size, parent and protection (the rows of
     /// `rbd ls -l`) and their usage (the rows of `rbd du`): what the state collection needs
-    /// per pool, in one call.
+    /// per pool, in one call. An image that cannot be read is reported in
+    /// [`PoolImages::unreadable`] rather than failing the pool (where the implementation
+    /// can tell).
     fn rbd_pool_images(
         &self,
         pool: &str,
-    ) -> impl Future<Output = Result<(Vec<ImageListEntry>, Vec<ImageUsage>), CephError>> + Send;
+    ) -> impl Future<Output = Result<PoolImages, CephError>> + Send;
     /// How many pools [`Ceph::rbd_pool_images`] should list at the same time.
     fn pools_at_once(&self) -> usize {
         POOLS_AT_ONCE

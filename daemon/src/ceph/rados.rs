@@ -9,21 +9,26 @@
 //! headers or `-dev` package, and a node without the libraries still runs — [`Rados::load`]
 //! gives `None` (or [`Rados::has_rbd`] is false) and the driver keeps using the tools (logged
 //! once). One connected handle is kept and shared by every call (a librados cluster handle is
-//! thread-safe); it is dropped and made again after a timeout or a lost connection. Every
+//! thread-safe); it is dropped and made again after a mon command's timeout or a lost
+//! connection (not after one slow OSD op: see [`Side`]). Every
 //! call runs on a blocking thread, bounded by librados's own timeouts (`rados_mon_op_timeout`,
 //! `rados_osd_op_timeout`, `client_mount_timeout`, set to the driver's timeout) and by a tokio
 //! timeout on top. Only read-only calls go this way; changes stay with the tools.
 //!
+//! The pool listing skips images that did not change since the last one (see
+//! [`ListingCache`]): opening an image is most of a collection's CPU.
+//!
 //! The cephx identity is the CLI's: the same `ceph.conf`, client name and keyring *path*
 //! (the key itself is only ever read by librados; nothing secret is logged).
 
+use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use super::error::CephError;
-use super::types::{ImageListEntry, ImageParent, ImageUsage};
+use super::types::{ImageListEntry, ImageParent, ImageUsage, PoolImages, UnreadableImage};
 
 /// `rados_t`.
 type Handle = *mut c_void;
@@ -129,6 +134,22 @@ struct FfiError {
     what: String,
     errno: i32,
     outs: String,
+}
+
+impl FfiError {
+    /// `what: status text` (the errno's text when librados gave none).
+    fn message(&self) -> String {
+        let msg = if self.outs.is_empty() {
+            strerror(self.errno)
+        } else {
+            self.outs.clone()
+        };
+        if self.what.is_empty() {
+            msg
+        } else {
+            format!("{}: {msg}", self.what)
+        }
+    }
 }
 
 impl Conn {
@@ -261,6 +282,8 @@ pub struct Rados {
     /// librbd, for [`Rados::pool_images`] (`None`: not loadable).
     rbd: Option<&'static RbdApi>,
     conn: Mutex<Slot>,
+    /// Per pool: the images of its last listing that may be served again unread.
+    listing: Mutex<HashMap<String, ListingCache>>,
 }
 
 /// The shared handle, or when and how the last connect failed.
@@ -308,6 +331,7 @@ impl Rados {
             api,
             rbd: RbdApi::get().ok(),
             conn: Mutex::new(Slot::default()),
+            listing: Mutex::new(HashMap::new()),
         })
     }
 
@@ -342,15 +366,16 @@ impl Rados {
         }
     }
 
-    /// Forget the handle (after a timeout or a lost connection): the next call connects anew.
-    fn reset(&self) {
-        let old = self
-            .conn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .conn
-            .take();
-        // Shut down outside the lock, on this blocking thread (may take a moment).
+    /// Forget the handle `used` (after a timeout or a lost connection) so that the next call
+    /// connects anew — unless the shared handle is another one by now: a call that failed
+    /// late must not drop a newer handle another call made meanwhile.
+    fn reset_if(&self, used: &Arc<Conn>) {
+        let old = {
+            let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            take_if_same(&mut slot.conn, used)
+        };
+        // Shut down outside the lock, on this blocking thread (may take a moment); the
+        // handle lives on while calls still hold it.
         drop(old);
     }
 
@@ -363,7 +388,7 @@ impl Rados {
         command: &str,
         object: &str,
     ) -> Result<Vec<u8>, CephError> {
-        self.blocking(command, object, move |conn| conn.command(&json))
+        self.blocking(Side::Mon, command, object, move |conn| conn.command(&json))
             .await
     }
 
@@ -380,7 +405,7 @@ impl Rados {
         pool: &str,
         command: &str,
         object: &str,
-    ) -> Result<(Vec<ImageListEntry>, Vec<ImageUsage>), CephError> {
+    ) -> Result<PoolImages, CephError> {
         let Some(api) = self.rbd else {
             return Err(CephError::Failed {
                 command: command.to_owned(),
@@ -390,14 +415,25 @@ impl Rados {
             });
         };
         let pool = pool.to_owned();
-        self.blocking(command, object, move |conn| list_pool(api, conn, &pool))
-            .await
+        let me = self.clone();
+        self.blocking(Side::Osd, command, object, move |conn| {
+            // Taken out for the pass and put back after it: a pass that fails or is still
+            // running when the next starts makes that one read every image again.
+            let lock = || me.listing.lock().unwrap_or_else(|p| p.into_inner());
+            let before = lock().remove(&pool).unwrap_or_default();
+            let (images, after) = list_pool(api, conn, &pool, before)?;
+            lock().insert(pool, after);
+            Ok(images)
+        })
+        .await
     }
 
     /// Run `f` with the connected handle on a blocking thread, bounded by the timeout;
-    /// errors become [`CephError`]s naming `command` and `object`.
+    /// errors become [`CephError`]s naming `command` and `object`. Whether a failure resets
+    /// the shared handle depends on the `side` `f` talks to (see [`resets_handle`]).
     async fn blocking<T: Send + 'static>(
         self: &Arc<Self>,
+        side: Side,
         command: &str,
         object: &str,
         f: impl FnOnce(&Conn) -> Result<T, FfiError> + Send + 'static,
@@ -405,13 +441,17 @@ impl Rados {
         let timeout = self.cfg.timeout;
         let me = self.clone();
         let started = Instant::now();
+        // The handle the call got, for a reset after the timeout below (weak: the call
+        // alone keeps it alive).
+        let used: Arc<OnceLock<Weak<Conn>>> = Arc::new(OnceLock::new());
+        let used_by_call = used.clone();
         let task = tokio::task::spawn_blocking(move || {
             let conn = me.conn()?;
+            let _ = used_by_call.set(Arc::downgrade(&conn));
             let r = f(&conn);
             if let Err(e) = &r {
-                if is_connection_errno(e.errno) {
-                    drop(conn);
-                    me.reset();
+                if resets_handle(side, Some(e.errno)) {
+                    me.reset_if(&conn);
                 }
             }
             r
@@ -421,7 +461,9 @@ impl Rados {
         let joined = match tokio::time::timeout(timeout + Duration::from_secs(5), task).await {
             Ok(j) => j,
             Err(_) => {
-                self.reset_detached();
+                if resets_handle(side, None) {
+                    self.reset_detached(used);
+                }
                 return Err(CephError::Timeout {
                     command: command.to_owned(),
                     object: object.to_owned(),
@@ -451,85 +493,241 @@ impl Rados {
                     timeout,
                 };
             }
-            let msg = if e.outs.is_empty() {
-                strerror(e.errno)
-            } else {
-                e.outs
-            };
-            let stderr = if e.what.is_empty() {
-                msg
-            } else {
-                format!("{}: {msg}", e.what)
-            };
             CephError::Failed {
                 command: command.to_owned(),
                 object: object.to_owned(),
                 code: Some(e.errno),
-                stderr,
+                stderr: e.message(),
             }
         })
     }
 
-    /// [`Rados::reset`] on a blocking thread (shutting a handle down can block).
-    fn reset_detached(self: &Arc<Self>) {
+    /// [`Rados::reset_if`] the handle a timed-out call `used` (if it got one), on a
+    /// blocking thread (shutting a handle down can block).
+    fn reset_detached(self: &Arc<Self>, used: Arc<OnceLock<Weak<Conn>>>) {
         let me = self.clone();
-        drop(tokio::task::spawn_blocking(move || me.reset()));
+        drop(tokio::task::spawn_blocking(move || {
+            // Gone already: the call ended and no slot holds it, nothing to reset.
+            if let Some(conn) = used.get().and_then(Weak::upgrade) {
+                me.reset_if(&conn);
+            }
+        }));
     }
 }
 
-/// One pass over `pool`: see [`Rados::pool_images`].
+/// Take the value out of `slot` if it is `used` itself (the same allocation), leaving a
+/// different one — made after `used` was handed out — in place.
+fn take_if_same<T>(slot: &mut Option<Arc<T>>, used: &Arc<T>) -> Option<Arc<T>> {
+    if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, used)) {
+        slot.take()
+    } else {
+        None
+    }
+}
+
+/// Which daemons a call talks to: what its failure says about the shared handle.
+///
+/// A mon command that times out means the mon session is stuck; a new handle hunts for a
+/// mon again. An OSD op (the pool listing: `rbd_list`, image headers, object maps) that
+/// times out means one OSD or PG is slow: a new handle would meet the same OSD, and
+/// reconnecting costs a new mon session and authentication while the mons answer fine —
+/// the mon commands of the same collection, on the same handle, notice a handle that is
+/// really dead. A lost connection (`ENOTCONN`, `ESHUTDOWN`, …) resets from either side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Mon (and mgr, through the mons) commands.
+    Mon,
+    /// Reads from OSDs (the librbd pool listing).
+    Osd,
+}
+
+/// Whether a call to `side` that failed with `errno` (`None`: it ran past the outer tokio
+/// timeout) makes the shared handle untrustworthy, so that the next call reconnects.
+fn resets_handle(side: Side, errno: Option<i32>) -> bool {
+    match (side, errno) {
+        (Side::Mon, None) => true,
+        (Side::Mon, Some(e)) => is_connection_errno(e),
+        (Side::Osd, None) => false,
+        (Side::Osd, Some(e)) => e != libc::ETIMEDOUT && is_connection_errno(e),
+    }
+}
+
+/// The images of one pool's last listing that can be served again without opening them,
+/// by image id.
+///
+/// An image is served from here while its header object (`rbd_header.<id>`: size,
+/// snapshots, protection, features, flags, parent) and its head object map
+/// (`rbd_object_map.<id>`) have the RADOS object versions they had before it was read
+/// (stamped before the read: a change during it reads again next time). `used` comes from
+/// the object maps (fast-diff, whole objects, as `rbd du`): a write to a new object updates
+/// the head map on disk before the data, a snapshot or resize the header, and the
+/// snapshots' maps do not change while the header does not. So only images with a valid
+/// fast-diff are kept, and no clones (renaming the parent does not touch the child's
+/// header). Every [`FULL_READ_EVERY`]th listing reads an image in full anyway.
+#[derive(Default)]
+struct ListingCache(HashMap<String, CachedImage>);
+
+/// One image of [`ListingCache`].
+struct CachedImage {
+    /// Versions of the header and the head object map before the read.
+    stamp: (u64, u64),
+    rows: ImageRows,
+    /// Listings served from the cache since the read.
+    served: u32,
+}
+
+/// An image is read in full at least every this many listings, even when unchanged.
+const FULL_READ_EVERY: u32 = 10;
+
+/// Where image `id`, new to the cache, starts counting towards its next full read:
+/// `0..FULL_READ_EVERY - 1`, spread by id (its first full read comes sooner, never later,
+/// and it is served at least once before).
+fn stagger(id: &str) -> u32 {
+    id.bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into()))
+        % (FULL_READ_EVERY - 1)
+}
+
+/// `RBD_FEATURE_OBJECT_MAP | RBD_FEATURE_FAST_DIFF`.
+const FAST_DIFF_FEATURES: u64 = (1 << 3) | (1 << 4);
+/// `RBD_FLAG_OBJECT_MAP_INVALID | RBD_FLAG_FAST_DIFF_INVALID`.
+const FAST_DIFF_INVALID: u64 = (1 << 0) | (1 << 1);
+
+impl ListingCache {
+    /// The rows of image `id` if it is unchanged since stamped `stamp` and not due for a
+    /// full read, renamed to `name`; it is moved into `next` then.
+    fn serve(
+        &mut self,
+        next: &mut ListingCache,
+        id: &str,
+        name: &str,
+        stamp: (u64, u64),
+    ) -> Option<ImageRows> {
+        let c = self.0.remove(id)?;
+        if c.stamp != stamp || c.served + 1 >= FULL_READ_EVERY {
+            return None;
+        }
+        let (mut rows, mut usage) = c.rows.clone();
+        rows.iter_mut().for_each(|r| r.image = name.to_owned());
+        usage.iter_mut().for_each(|u| u.name = name.to_owned());
+        next.0.insert(
+            id.to_owned(),
+            CachedImage {
+                served: c.served + 1,
+                ..c
+            },
+        );
+        Some((rows, usage))
+    }
+}
+
+/// One pass over `pool`: see [`Rados::pool_images`]; images unchanged since `before` are
+/// not opened (see [`ListingCache`]), the cache for the next pass is returned. An image
+/// that fails to read is reported in [`PoolImages::unreadable`] and the pass goes on,
+/// unless the error concerns the connection or is a timeout (every following image would
+/// wait as long: the pool fails as a whole).
 fn list_pool(
     api: &'static RbdApi,
     conn: &Conn,
     pool: &str,
-) -> Result<(Vec<ImageListEntry>, Vec<ImageUsage>), FfiError> {
+    mut before: ListingCache,
+) -> Result<(PoolImages, ListingCache), FfiError> {
     let p = Pool::open(api, conn, pool)?;
-    let (mut rows, mut du) = (Vec::new(), Vec::new());
-    for name in p.names()? {
-        // Removed since the listing: skipped, as `rbd ls -l` does.
-        let Some(img) = p.image(&name)? else {
+    let mut out = PoolImages::default();
+    let mut next = ListingCache::default();
+    for (id, name) in p.specs()? {
+        // Format 1 images (no id) and objects that cannot be stat'ed are read in full.
+        let stamp = (!id.is_empty()).then(|| p.stamp(&id)).flatten();
+        let known = before.0.contains_key(&id);
+        if let Some(rows) = stamp.and_then(|st| before.serve(&mut next, &id, &name, st)) {
+            out.rows.extend(rows.0);
+            out.usage.extend(rows.1);
             continue;
-        };
-        let size = img.size()?;
-        let parent = img.parent()?.map(|(pool, image, snapshot)| ImageParent {
-            pool,
-            image,
-            snapshot,
-        });
-        rows.push(ImageListEntry {
-            image: name.clone(),
-            snapshot: None,
-            size,
-            parent,
-            protected: false,
-        });
-        let snaps = img.snaps()?;
-        let mut from: Option<&str> = None;
-        for s in &snaps {
-            rows.push(ImageListEntry {
-                image: name.clone(),
-                snapshot: Some(s.name.clone()),
-                size: s.size,
-                parent: None,
-                protected: s.protected,
-            });
-            du.push(ImageUsage {
-                name: name.clone(),
-                snapshot: Some(s.name.clone()),
-                provisioned_size: s.size,
-                used_size: img.used(Some(&s.name), from, s.size)?,
-            });
-            from = Some(&s.name);
         }
-        let used_size = img.used(None, from, size)?;
-        du.push(ImageUsage {
-            name,
-            snapshot: None,
-            provisioned_size: size,
-            used_size,
-        });
+        match read_image(&p, &name) {
+            Ok(Some(((rows, usage), cacheable))) => {
+                if let (true, Some(stamp)) = (cacheable, stamp) {
+                    let rows = (rows.clone(), usage.clone());
+                    // Images new to the cache (all of them at the first listing) come
+                    // due at different listings: about a tenth is read in full each time.
+                    let served = if known { 0 } else { stagger(&id) };
+                    next.0.insert(
+                        id,
+                        CachedImage {
+                            stamp,
+                            rows,
+                            served,
+                        },
+                    );
+                }
+                out.rows.extend(rows);
+                out.usage.extend(usage);
+            }
+            // Removed since the listing: skipped, as `rbd ls -l` does.
+            Ok(None) => {}
+            Err(e) if is_connection_errno(e.errno) => return Err(e),
+            Err(e) => out.unreadable.push(UnreadableImage {
+                image: name,
+                error: e.message(),
+            }),
+        }
     }
-    Ok((rows, du))
+    Ok((out, next))
+}
+
+/// The rows of one image: its head and snapshots (`rbd ls -l`) and their usage (`rbd du`).
+type ImageRows = (Vec<ImageListEntry>, Vec<ImageUsage>);
+
+/// The rows of image `name`, and whether they may be cached (see [`ListingCache`]); `None`
+/// when it is gone (removed since the listing).
+fn read_image(p: &Pool<'_>, name: &str) -> Result<Option<(ImageRows, bool)>, FfiError> {
+    let Some(img) = p.image(name)? else {
+        return Ok(None);
+    };
+    let (mut rows, mut du) = (Vec::new(), Vec::new());
+    let size = img.size()?;
+    let parent = img.parent()?.map(|(pool, image, snapshot)| ImageParent {
+        pool,
+        image,
+        snapshot,
+    });
+    // The head's features and flags (before any rbd_snap_set).
+    let (features, flags) = img.features_and_flags()?;
+    let cacheable = parent.is_none()
+        && features & FAST_DIFF_FEATURES == FAST_DIFF_FEATURES
+        && flags & FAST_DIFF_INVALID == 0;
+    rows.push(ImageListEntry {
+        image: name.to_owned(),
+        snapshot: None,
+        size,
+        parent,
+        protected: false,
+    });
+    let snaps = img.snaps()?;
+    let mut from: Option<&str> = None;
+    for s in &snaps {
+        rows.push(ImageListEntry {
+            image: name.to_owned(),
+            snapshot: Some(s.name.clone()),
+            size: s.size,
+            parent: None,
+            protected: s.protected,
+        });
+        du.push(ImageUsage {
+            name: name.to_owned(),
+            snapshot: Some(s.name.clone()),
+            provisioned_size: s.size,
+            used_size: img.used(Some(&s.name), from, s.size)?,
+        });
+        from = Some(&s.name);
+    }
+    du.push(ImageUsage {
+        name: name.to_owned(),
+        snapshot: None,
+        provisioned_size: size,
+        used_size: img.used(None, from, size)?,
+    });
+    Ok(Some(((rows, du), cacheable)))
 }
 
 /// Errnos after which the handle is not trusted any more: reconnect on the next call.
@@ -582,11 +780,22 @@ struct SnapSpec {
 /// `RBD_SNAP_NAMESPACE_TYPE_USER`: snapshots users made (not trash/mirror/group ones).
 const SNAP_NAMESPACE_USER: c_int = 0;
 
+/// `rbd_image_spec_t`.
+#[repr(C)]
+struct ImageSpec {
+    id: *mut c_char,
+    name: *mut c_char,
+}
+
 type DiffCallback = unsafe extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
+type StatFn = unsafe extern "C" fn(IoCtx, *const c_char, *mut u64, *mut libc::time_t) -> c_int;
+type LastVersionFn = unsafe extern "C" fn(IoCtx) -> u64;
+type List2Fn = unsafe extern "C" fn(IoCtx, *mut ImageSpec, *mut usize) -> c_int;
+type SpecCleanupFn = unsafe extern "C" fn(*mut ImageSpec, usize);
+type GetU64Fn = unsafe extern "C" fn(ImageHandle, *mut u64) -> c_int;
 
 type IoctxCreateFn = unsafe extern "C" fn(Handle, *const c_char, *mut IoCtx) -> c_int;
 type IoctxDestroyFn = unsafe extern "C" fn(IoCtx);
-type ListFn = unsafe extern "C" fn(IoCtx, *mut c_char, *mut usize) -> c_int;
 type OpenFn = unsafe extern "C" fn(IoCtx, *const c_char, *mut ImageHandle, *const c_char) -> c_int;
 type CloseFn = unsafe extern "C" fn(ImageHandle) -> c_int;
 type GetSizeFn = unsafe extern "C" fn(ImageHandle, *mut u64) -> c_int;
@@ -613,7 +822,12 @@ type DiffIterateFn = unsafe extern "C" fn(
 struct RbdApi {
     ioctx_create: IoctxCreateFn,
     ioctx_destroy: IoctxDestroyFn,
-    list: ListFn,
+    stat: StatFn,
+    get_last_version: LastVersionFn,
+    list2: List2Fn,
+    image_spec_list_cleanup: SpecCleanupFn,
+    get_features: GetU64Fn,
+    get_flags: GetU64Fn,
     open_read_only: OpenFn,
     close: CloseFn,
     get_size: GetSizeFn,
@@ -651,7 +865,17 @@ impl RbdApi {
         Ok(RbdApi {
             ioctx_create: sym!(rados, LIBRARY, "rados_ioctx_create", IoctxCreateFn),
             ioctx_destroy: sym!(rados, LIBRARY, "rados_ioctx_destroy", IoctxDestroyFn),
-            list: sym!(rbd, RBD_LIBRARY, "rbd_list", ListFn),
+            stat: sym!(rados, LIBRARY, "rados_stat", StatFn),
+            get_last_version: sym!(rados, LIBRARY, "rados_get_last_version", LastVersionFn),
+            list2: sym!(rbd, RBD_LIBRARY, "rbd_list2", List2Fn),
+            image_spec_list_cleanup: sym!(
+                rbd,
+                RBD_LIBRARY,
+                "rbd_image_spec_list_cleanup",
+                SpecCleanupFn
+            ),
+            get_features: sym!(rbd, RBD_LIBRARY, "rbd_get_features", GetU64Fn),
+            get_flags: sym!(rbd, RBD_LIBRARY, "rbd_get_flags", GetU64Fn),
             open_read_only: sym!(rbd, RBD_LIBRARY, "rbd_open_read_only", OpenFn),
             close: sym!(rbd, RBD_LIBRARY, "rbd_close", CloseFn),
             get_size: sym!(rbd, RBD_LIBRARY, "rbd_get_size", GetSizeFn),
@@ -773,26 +997,46 @@ impl<'a> Pool<'a> {
         })
     }
 
-    /// Image names (`rbd_list`: NUL-separated, grown on -ERANGE).
-    fn names(&self) -> Result<Vec<String>, FfiError> {
-        let mut size = 4096usize;
+    /// Image ids and names (`rbd_list2`, grown on -ERANGE; format 1 images have no id).
+    fn specs(&self) -> Result<Vec<(String, String)>, FfiError> {
+        let mut max = 64usize;
         loop {
-            let mut buf = vec![0u8; size];
-            let mut len = size;
-            // SAFETY: `buf` holds `len` bytes.
-            let r = unsafe { (self.api.list)(self.io, buf.as_mut_ptr().cast(), &mut len) };
-            if r == -libc::ERANGE && len > size {
-                size = len;
+            // SAFETY: zeroed entries (null pointers); librbd fills at most `n` of them and
+            // they are freed with rbd_image_spec_list_cleanup.
+            let mut buf: Vec<ImageSpec> = (0..max).map(|_| unsafe { std::mem::zeroed() }).collect();
+            let mut n = max;
+            let r = unsafe { (self.api.list2)(self.io, buf.as_mut_ptr(), &mut n) };
+            if r == -libc::ERANGE && n > max {
+                max = n;
                 continue;
             }
-            check("rbd_list", r)?;
-            buf.truncate(len.min(size));
-            return Ok(buf
-                .split(|b| *b == 0)
-                .filter(|n| !n.is_empty())
-                .map(|n| String::from_utf8_lossy(n).into_owned())
-                .collect());
+            check("rbd_list2", r)?;
+            let n = n.min(max);
+            let out = buf[..n]
+                .iter()
+                .map(|s| (cstr(s.id), cstr(s.name)))
+                .collect();
+            unsafe { (self.api.image_spec_list_cleanup)(buf.as_mut_ptr(), n) };
+            return Ok(out);
         }
+    }
+
+    /// The RADOS version of `object` (`None`: it cannot be stat'ed, e.g. it does not exist).
+    fn version(&self, object: &str) -> Option<u64> {
+        let o = c_name(object).ok()?;
+        let (mut size, mut mtime) = (0u64, 0 as libc::time_t);
+        // SAFETY: open ioctx, NUL-terminated name, valid out pointers; the version read
+        // back is the one of this stat (the ioctx is used by this thread alone).
+        let r = unsafe { (self.api.stat)(self.io, o.as_ptr(), &mut size, &mut mtime) };
+        (r >= 0).then(|| unsafe { (self.api.get_last_version)(self.io) })
+    }
+
+    /// The versions of image `id`'s header and head object map (see [`ListingCache`]).
+    fn stamp(&self, id: &str) -> Option<(u64, u64)> {
+        Some((
+            self.version(&format!("rbd_header.{id}"))?,
+            self.version(&format!("rbd_object_map.{id}"))?,
+        ))
     }
 
     /// Open `name` read-only; `None` when it is gone (removed since the listing).
@@ -814,6 +1058,19 @@ impl<'a> Pool<'a> {
 }
 
 impl Image<'_> {
+    /// `rbd_get_features` and `rbd_get_flags` of the image as opened (the head).
+    fn features_and_flags(&self) -> Result<(u64, u64), FfiError> {
+        let (mut features, mut flags) = (0u64, 0u64);
+        // SAFETY: open image, valid out pointers.
+        check("rbd_get_features", unsafe {
+            (self.api.get_features)(self.h, &mut features)
+        })?;
+        check("rbd_get_flags", unsafe {
+            (self.api.get_flags)(self.h, &mut flags)
+        })?;
+        Ok((features, flags))
+    }
+
     fn size(&self) -> Result<u64, FfiError> {
         let mut s = 0u64;
         // SAFETY: open image, valid out pointer.
@@ -970,5 +1227,100 @@ mod tests {
         assert!(is_connection_errno(libc::ENOTCONN));
         assert!(!is_connection_errno(libc::ENOENT));
         assert!(!is_connection_errno(libc::EINVAL));
+    }
+
+    #[test]
+    fn a_slow_osd_op_keeps_the_handle() {
+        // Mon commands: a timeout (librados's or the outer one) or a lost connection.
+        assert!(resets_handle(Side::Mon, Some(libc::ETIMEDOUT)));
+        assert!(resets_handle(Side::Mon, Some(libc::ENOTCONN)));
+        assert!(resets_handle(Side::Mon, None));
+        assert!(!resets_handle(Side::Mon, Some(libc::ENOENT)));
+        // OSD ops: only a lost connection.
+        assert!(!resets_handle(Side::Osd, Some(libc::ETIMEDOUT)));
+        assert!(!resets_handle(Side::Osd, None));
+        assert!(resets_handle(Side::Osd, Some(libc::ENOTCONN)));
+        assert!(resets_handle(Side::Osd, Some(libc::ESHUTDOWN)));
+        assert!(!resets_handle(Side::Osd, Some(libc::EIO)));
+    }
+
+    #[test]
+    fn an_unchanged_image_is_served_until_its_full_read_is_due() {
+        let rows = |name: &str| -> ImageRows {
+            (
+                vec![ImageListEntry {
+                    image: name.into(),
+                    snapshot: None,
+                    size: 1,
+                    parent: None,
+                    protected: false,
+                }],
+                vec![ImageUsage {
+                    name: name.into(),
+                    snapshot: None,
+                    provisioned_size: 1,
+                    used_size: 1,
+                }],
+            )
+        };
+        let fresh = || {
+            let mut c = ListingCache::default();
+            c.0.insert(
+                "id1".into(),
+                CachedImage {
+                    stamp: (5, 7),
+                    rows: rows("a"),
+                    served: 0,
+                },
+            );
+            c
+        };
+        // Another header or object map version: read again (and dropped from the cache).
+        for changed in [(6, 7), (5, 8)] {
+            let mut next = ListingCache::default();
+            assert!(fresh().serve(&mut next, "id1", "a", changed).is_none());
+            assert!(next.0.is_empty());
+        }
+        let mut cache = fresh();
+        // Unchanged: served, under its current name, until every FULL_READ_EVERYth listing.
+        let mut served = 0;
+        loop {
+            let mut next = ListingCache::default();
+            match cache.serve(&mut next, "id1", "renamed", (5, 7)) {
+                Some(r) => assert_eq!(r, rows("renamed")),
+                None => break,
+            }
+            served += 1;
+            cache = next;
+        }
+        assert_eq!(served, FULL_READ_EVERY - 1);
+        // Full reads of images read together are spread over the listings.
+        let due: std::collections::BTreeSet<u32> = (0..100)
+            .map(|i| stagger(&format!("{:x}", 0x1f2e3d4c + i * 7919)))
+            .collect();
+        assert!(due.len() > FULL_READ_EVERY as usize / 2, "{due:?}");
+        assert!(due.iter().all(|d| *d + 1 < FULL_READ_EVERY));
+        // Unknown image: read.
+        let mut next = ListingCache::default();
+        assert!(ListingCache::default()
+            .serve(&mut next, "id2", "b", (1, 1))
+            .is_none());
+    }
+
+    #[test]
+    fn a_late_reset_leaves_a_newer_handle() {
+        let old = Arc::new("old handle");
+        let mut slot = Some(old.clone());
+        // The call that used the current handle resets it.
+        assert!(take_if_same(&mut slot, &old).is_some_and(|t| Arc::ptr_eq(&t, &old)));
+        assert!(slot.is_none());
+        // Another call made a new handle meanwhile: a late reset of the old one keeps it.
+        let new = Arc::new("old handle");
+        slot = Some(new.clone());
+        assert!(take_if_same(&mut slot, &old).is_none());
+        assert!(slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, &new)));
+        // Nothing to take.
+        let mut empty: Option<Arc<&str>> = None;
+        assert!(take_if_same(&mut empty, &old).is_none());
     }
 }

@@ -394,6 +394,29 @@ pub struct ImageUsage {
     pub used_size: u64,
 }
 
+/// What [`super::Ceph::rbd_pool_images`] found in one pool: the rows of `rbd ls -l` and
+/// `rbd du`, and the images listed but not readable this time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolImages {
+    /// Every readable image head and user snapshot (`rbd ls -l`).
+    pub rows: Vec<ImageListEntry>,
+    /// Their usage (`rbd du`).
+    pub usage: Vec<ImageUsage>,
+    /// Images in the pool's directory that failed to open or to read (not because they
+    /// were removed meanwhile): none of their rows above. One broken image must not hide
+    /// the others, nor be taken for gone (the collector keeps its last observation).
+    pub unreadable: Vec<UnreadableImage>,
+}
+
+/// An image of [`PoolImages::unreadable`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreadableImage {
+    /// Image name.
+    pub image: String,
+    /// What failed (`rbd_open_read_only: Input/output error (os error 5)`).
+    pub error: String,
+}
+
 #[derive(Deserialize)]
 pub(crate) struct RawDu {
     pub(crate) images: Vec<ImageUsage>,

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::ceph::{
-    batches, collect_state, diff, local_osds, same_host, Ceph, CephError, KeyChange,
+    batches, collect_state, local_osds, same_host, Ceph, CephError, Collected, KeyChange,
 };
 use crate::ceph::{Health, OsdTree};
 use crate::hostinfo;
@@ -98,13 +98,11 @@ impl StateWriter {
     }
 
     /// Make etcd hold exactly `current` (under the collector's keys): changed and new keys
-    /// put, vanished ones deleted, at most [`MAX_TXN_OPS`] per transaction. A failed
-    /// transaction leaves the rest for the next pass (what succeeded is remembered).
-    pub async fn write_state(
-        &mut self,
-        current: &BTreeMap<String, String>,
-    ) -> Result<WriteStats, StoreError> {
-        let changes = diff(self.written().await?, current);
+    /// put, vanished ones deleted, at most [`MAX_TXN_OPS`] per transaction; the keys of
+    /// volumes not readable this time are left as they are ([`Collected::changes_since`]).
+    /// A failed transaction leaves the rest for the next pass (what succeeded is remembered).
+    pub async fn write_state(&mut self, current: &Collected) -> Result<WriteStats, StoreError> {
+        let changes = current.changes_since(self.written().await?);
         self.apply(changes).await
     }
 
@@ -347,7 +345,7 @@ impl<C: Ceph + 'static> CephMonitor<C> {
                     self.collect_failing = false;
                     info!(node = %self.node, "ceph state collection works again");
                 }
-                let summary = summary_from_state(&state, &self.hostname);
+                let summary = summary_from_state(&state.state, &self.hostname);
                 self.answered(summary, Some(state)).await
             }
             // No answer within the timeout: Ceph is away; do not spend another timeout.
@@ -377,11 +375,7 @@ impl<C: Ceph + 'static> CephMonitor<C> {
         }
     }
 
-    async fn answered(
-        &mut self,
-        mut summary: CephNodeHealth,
-        state: Option<BTreeMap<String, String>>,
-    ) {
+    async fn answered(&mut self, mut summary: CephNodeHealth, state: Option<Collected>) {
         let node = self.node.as_str();
         if let Some((error, since, at)) = self.unreachable.take() {
             info!(node, status = %summary.status, outage_s = at.elapsed().as_secs(), since = %since,

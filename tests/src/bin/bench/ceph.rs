@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use debvisor_daemon::ceph::{collect_state, Ceph, CephCli, POOLS_AT_ONCE};
+use debvisor_daemon::ceph::{collect_state, Ceph, CephCli, Collected, POOLS_AT_ONCE};
 use debvisor_daemon::reactors::ceph_monitor::{StateWriter, WriteStats, MAX_TXN_OPS};
 use debvisor_objects::{Store, StoreOptions};
 use debvisor_tests::etcd::store_options;
@@ -91,12 +91,16 @@ const TRIES: usize = 4;
 async fn collect(
     cli: &CephCli,
     failures: &mut Vec<String>,
-) -> BenchResult<(BTreeMap<String, String>, Duration, Duration)> {
+) -> BenchResult<(Collected, Duration, Duration)> {
     let mut last = String::new();
     for _ in 0..TRIES {
         let t = Instant::now();
         let cpu = cpu_time();
         match collect_state(cli).await {
+            // Every volume the bench made must be read.
+            Ok(s) if !s.unreadable.is_empty() => {
+                return Err(format!("volumes not readable: {:?}", s.unreadable))
+            }
             Ok(s) => return Ok((s, t.elapsed(), cpu_time().saturating_sub(cpu))),
             Err(e) => {
                 last = e.to_string();
@@ -247,7 +251,7 @@ fn fill(cluster: &CephCluster) -> BenchResult<()> {
 async fn timed_write(
     what: &'static str,
     w: &mut StateWriter,
-    state: &BTreeMap<String, String>,
+    state: &Collected,
 ) -> BenchResult<Writes> {
     let t = Instant::now();
     let stats = w
@@ -267,9 +271,9 @@ async fn timed_runs(
     cli: &CephCli,
     runs: usize,
     failures: &mut Vec<String>,
-) -> BenchResult<(BTreeMap<String, String>, Timed)> {
+) -> BenchResult<(Collected, Timed)> {
     let mut timed = Timed::default();
-    let mut state = BTreeMap::new();
+    let mut state = Collected::default();
     for i in 0..runs {
         let (s, took, cpu) = collect(cli, failures).await?;
         state = s;
@@ -280,7 +284,7 @@ async fn timed_runs(
             i + 1,
             ms(took),
             ms(cpu),
-            state.len()
+            state.state.len()
         );
     }
     Ok((state, timed))
@@ -319,10 +323,11 @@ async fn measure(
 ) -> BenchResult<CephResult> {
     let mut failures = Vec::new();
     let load_start = load_average();
-    let (state, times) = timed_runs("in-process", cli, RUNS, &mut failures).await?;
+    let (collected, times) = timed_runs("in-process", cli, RUNS, &mut failures).await?;
     let tools = cli.clone().without_librados();
     let (by_tools, collect_tools) =
         timed_runs("tools only", &tools, SLOW_RUNS, &mut failures).await?;
+    let (state, by_tools) = (&collected.state, &by_tools.state);
     let rbd_tool = cli.clone().without_librbd();
     let (_, collect_rbd_tool) =
         timed_runs("librados + rbd tool", &rbd_tool, SLOW_RUNS, &mut failures).await?;
@@ -337,7 +342,7 @@ async fn measure(
             .collect()
     };
     let keys_differ = !state.keys().eq(by_tools.keys());
-    if keys_differ || vols(&state) != vols(&by_tools) {
+    if keys_differ || vols(state) != vols(by_tools) {
         let differ: Vec<&String> = state
             .keys()
             .chain(by_tools.keys())
@@ -364,7 +369,7 @@ async fn measure(
     .map_err(|e| format!("connecting to etcd: {e}"))?;
     let mut writes = Vec::new();
     let mut w = StateWriter::new(store.clone());
-    writes.push(timed_write("first collection (empty etcd)", &mut w, &state).await?);
+    writes.push(timed_write("first collection (empty etcd)", &mut w, &collected).await?);
     let (again, _, _) = collect(cli, &mut failures).await?;
     writes.push(timed_write("second collection, nothing changed", &mut w, &again).await?);
     let mut fresh = StateWriter::new(store);
