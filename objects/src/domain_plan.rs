@@ -163,27 +163,36 @@ fn power_off(s: &Situation, hard: bool, then: Vec<Step>) -> Plan {
 }
 
 /// Whether [`plan_vm`] asks for the run lock first whatever this host reports about a
-/// domain of ours (absent, or carrying our mark, in any state): the VM targets this node,
-/// its request runs it, no live node holds the lock and our current lease does not. The
-/// executor then sends the lock transaction while it still looks at the host (one etcd
-/// commit overlapped with the libvirt lookups on the start path, issue 17) and plans with
-/// what the host said afterwards.
-pub fn locks_first(vm: &Vm, me: &str, my_lease: i64, restart_done: bool) -> bool {
-    if vm.node.as_deref() != Some(me) {
-        return false;
-    }
-    let runs = match vm.state {
-        DesiredState::Start | DesiredState::Migrate | DesiredState::MigrateLive => true,
-        DesiredState::Restart => restart_done,
-        DesiredState::Unmigrate => vm.last_node.as_deref() == Some(me),
-        DesiredState::Shutdown | DesiredState::Stop | DesiredState::Disable => false,
+/// domain of ours: absent, or carrying our mark in any state and shape (`s.local` is not
+/// looked at). Derived from [`plan_vm`] itself, so the two cannot drift apart. The executor
+/// then sends the lock transaction while it still looks at the host (one etcd commit
+/// overlapped with the libvirt lookups on the start path, issue 17) and plans with what the
+/// host said afterwards.
+pub fn locks_first(s: &Situation) -> bool {
+    let asks = |local: Option<Local>| {
+        let s = Situation { local, ..s.clone() };
+        plan_vm(&s).steps == [Step::AcquireLock]
     };
-    let free = match &vm.lock {
-        None => true,
-        Some(l) if l.node == me => l.lease != my_lease,
-        Some(l) => l.lease == 0,
-    };
-    runs && free
+    asks(None)
+        && [
+            LocalState::Running,
+            LocalState::Paused,
+            LocalState::ShutOff,
+            LocalState::Crashed,
+        ]
+        .into_iter()
+        .all(|state| {
+            [(true, true), (true, false), (false, false)]
+                .into_iter()
+                .all(|(persistent, xml_current)| {
+                    asks(Some(Local {
+                        state,
+                        persistent,
+                        xml_current,
+                        ours: true,
+                    }))
+                })
+        })
 }
 
 /// Plan the next steps for one VM on this node.
@@ -191,13 +200,22 @@ pub fn plan_vm(s: &Situation) -> Plan {
     if s.local.as_ref().is_some_and(|l| !l.ours) {
         // Someone else's domain carries the VM's UUID: touch nothing. Say so when the VM
         // is meant to run here (it cannot: its UUID is taken on this host).
-        return match s.vm {
-            Some(vm) if vm.node.as_deref() == Some(s.me) => plan(vec![report(
+        // A lock in our name (e.g. won before the host was seen) is given back: no domain of
+        // ours can run here under this UUID.
+        let give_back =
+            s.vm.and_then(|vm| vm.lock.as_ref())
+                .is_some_and(|l| l.node == s.me);
+        let mut steps = Vec::new();
+        if give_back {
+            steps.push(Step::ReleaseLock);
+        }
+        if s.vm.is_some_and(|vm| vm.node.as_deref() == Some(s.me)) {
+            steps.push(report(
                 "fail",
                 "a domain with this UUID on this host was not defined by DebVisor; left alone",
-            )]),
-            _ => plan(vec![]),
-        };
+            ));
+        }
+        return plan(steps);
     }
     let Some(vm) = s.vm else {
         // Removed from etcd: take down and forget our copy.
@@ -746,11 +764,17 @@ mod tests {
         assert_eq!(reported(&p), Some("fail"));
     }
 
-    /// `locks_first` is exactly "the plan is the lock" for every host view of a domain of
-    /// ours (or none), and a foreign domain never gets the lock: the executor may send the
-    /// lock transaction before it has looked at the host.
+    /// `locks_first`: the plan is the lock for every host view of a domain of ours (or
+    /// none), the typical start asks for it, and a foreign domain never gets the lock — a
+    /// lock of ours is given back instead.
     #[test]
     fn locks_first_is_the_plan_for_every_host_view_of_ours() {
+        let v = vm(DesiredState::Start, "hv1", None);
+        assert!(locks_first(&sit(Some(&v), None)));
+        let v = vm(DesiredState::Start, "hv1", Some(("hv2", 5)));
+        assert!(!locks_first(&sit(Some(&v), None)), "a live holder");
+        let v = vm(DesiredState::Restart, "hv1", None);
+        assert!(!locks_first(&sit(Some(&v), None)), "restart not done");
         let locks = [
             None,
             Some(("hv1", 10)),
@@ -759,22 +783,6 @@ mod tests {
             Some(("hv2", 5)),
             Some(("hv2", 0)),
         ];
-        let mut locals = vec![None];
-        for state in [
-            LocalState::Running,
-            LocalState::Paused,
-            LocalState::ShutOff,
-            LocalState::Crashed,
-        ] {
-            for (persistent, xml_current) in [(true, true), (true, false), (false, false)] {
-                locals.push(Some(Local {
-                    state,
-                    persistent,
-                    xml_current,
-                    ours: true,
-                }));
-            }
-        }
         let mut asked = 0;
         for &state in DesiredState::ALL {
             for node in ["hv1", "hv2"] {
@@ -782,35 +790,50 @@ mod tests {
                     for last in [None, Some("hv1"), Some("hv2")] {
                         let mut v = vm(state, node, lock);
                         v.last_node = last.map(Into::into);
-                        for restart_done in [false, true] {
-                            let first = locks_first(&v, "hv1", 10, restart_done);
-                            for local in &locals {
-                                for (failed, elapsed) in
-                                    [(0, None), (3, Some(Duration::from_secs(200)))]
-                                {
-                                    let mut s = sit(Some(&v), None);
-                                    s.local = local.clone();
-                                    s.restart_done = restart_done;
-                                    s.failed_starts = failed;
-                                    s.shutdown_elapsed = elapsed;
-                                    let p = plan_vm(&s);
-                                    assert_eq!(
-                                        first,
-                                        p.steps == vec![Step::AcquireLock],
-                                        "{state} node={node} lock={lock:?} last={last:?} \
-                                         restart_done={restart_done} local={local:?}: {p:?}"
-                                    );
-                                    asked += usize::from(first);
-                                    let mut foreign = s.clone();
-                                    foreign.local = Some(Local {
-                                        state: LocalState::ShutOff,
-                                        persistent: true,
-                                        xml_current: false,
-                                        ours: false,
-                                    });
-                                    assert!(!plan_vm(&foreign).steps.contains(&Step::AcquireLock));
+                        for (restart_done, my_lease, live_failed) in
+                            [(false, 10, false), (true, 10, true), (true, 0, false)]
+                        {
+                            let mut s = sit(Some(&v), Some(LocalState::Running));
+                            s.restart_done = restart_done;
+                            s.my_lease = my_lease;
+                            s.live_failed = live_failed;
+                            let first = locks_first(&s);
+                            for local in [
+                                None,
+                                Some(LocalState::Running),
+                                Some(LocalState::ShutOff),
+                                Some(LocalState::Crashed),
+                            ] {
+                                let mut s = s.clone();
+                                s.local = local.map(|state| Local {
+                                    state,
+                                    persistent: true,
+                                    xml_current: false,
+                                    ours: true,
+                                });
+                                if first {
+                                    assert_eq!(plan_vm(&s).steps, vec![Step::AcquireLock]);
                                 }
                             }
+                            asked += usize::from(first);
+                            let mut foreign = s.clone();
+                            foreign.local = Some(Local {
+                                state: LocalState::ShutOff,
+                                persistent: true,
+                                xml_current: false,
+                                ours: false,
+                            });
+                            let p = plan_vm(&foreign);
+                            assert!(!p.steps.contains(&Step::AcquireLock));
+                            assert_eq!(
+                                p.steps.contains(&Step::ReleaseLock),
+                                lock.is_some_and(|(n, _)| n == "hv1"),
+                                "{p:?}"
+                            );
+                            assert!(!p.steps.iter().any(|x| matches!(
+                                x,
+                                Step::Start | Step::Destroy | Step::Define | Step::Undefine
+                            )));
                         }
                     }
                 }

@@ -288,12 +288,15 @@ fn a_domain_debvisor_did_not_create_is_never_destroyed() {
     etcd.wait_ticks("frgn1", 2, WAIT);
     rt.block_on(lv.define(&g.xml())).expect("redefine by hand");
     eventually("the early run lock given back", WAIT, || {
-        lines_with(&d, "lock released").into_iter().next()
+        lines_with(&d, "early run lock given back")
+            .into_iter()
+            .next()
     });
     assert_eq!(vm.get(&etcd, "lock"), None, "no run lock left behind");
     assert_eq!(
-        vm.status(&etcd).map(|s| s["state"].clone()),
-        Some("fail".into())
+        vm.get(&etcd, "owner"),
+        None,
+        "owner put back as it was (none)"
     );
     etcd.delete_prefix(&format!("vms/{}/", g.uuid))
         .expect("delete again");

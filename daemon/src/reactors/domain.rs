@@ -728,15 +728,57 @@ impl DomainHost {
     /// domain with this UUID is not known to be someone else's (then the plan refuses and a
     /// lock won early is given back; the remembered mark keeps that from repeating).
     fn locks_first(&self, vm: &Vm) -> bool {
-        let foreign = matches!(lock(&self.marks).get(&vm.uuid), Some(None));
-        let restart_done = self.with_rt(&vm.uuid, |rt| rt.restart_done);
-        !foreign
-            && domain_plan::locks_first(
-                vm,
-                &self.node,
-                self.lease.load(Ordering::SeqCst),
-                restart_done,
-            )
+        if matches!(lock(&self.marks).get(&vm.uuid), Some(None)) {
+            return false;
+        }
+        let now = Instant::now();
+        let (shutdown_elapsed, failed_starts, restart_done, live_failed) =
+            self.with_rt(&vm.uuid, |rt| {
+                (
+                    rt.shutdown_since.map(|t| t.elapsed()),
+                    rt.failures_within(self.cfg.failure_window, now),
+                    rt.restart_done,
+                    rt.live_failed,
+                )
+            });
+        domain_plan::locks_first(&Situation {
+            vm: Some(vm),
+            local: None,
+            me: &self.node,
+            my_lease: self.lease.load(Ordering::SeqCst),
+            shutdown_elapsed,
+            shutdown_timeout: self.cfg.shutdown_timeout,
+            failed_starts,
+            max_failed_starts: self.cfg.max_failed_starts,
+            restart_done,
+            live_failed,
+        })
+    }
+
+    /// Give back a run lock won before the host was seen, when the plan made with the host's
+    /// view did not want it (or the look failed): the lock deleted and `owner` put back as
+    /// it was, guarded on the lock's revision.
+    async fn give_back_early_lock(&self, vm: &Vm, revision: i64, why: &str) {
+        let uuid = vm.uuid.as_str();
+        let owner_key = domain::vm_key(uuid, VmField::Owner);
+        let mut t = TxnBuilder::new()
+            .mod_revision_is(&domain::vm_key(uuid, VmField::Lock), revision)
+            .delete(&domain::vm_key(uuid, VmField::Lock));
+        t = match &vm.owner {
+            Some(o) => t.put(&owner_key, o.clone()),
+            None => t.delete(&owner_key),
+        };
+        match self.store.txn(t).await {
+            Ok(r) if r.succeeded() => {
+                info!(vm = %vm.name, uuid, node = %self.node, reason = why, "early run lock given back")
+            }
+            Ok(_) => {
+                debug!(vm = %vm.name, uuid, "early run lock changed meanwhile; not given back")
+            }
+            Err(e) => {
+                warn!(vm = %vm.name, uuid, node = %self.node, error = %e, reason = why, "early run lock not given back (the plan releases it on the next reconcile)")
+            }
+        }
     }
 
     /// Record a crash or failed start; returns the failures in the window.
@@ -780,15 +822,28 @@ impl DomainHost {
         let mut host_view: Option<(Option<DomainInfo>, Option<Local>)> = None;
         // The run lock sent together with the first look at the host, when the plan asks
         // for it whatever the host says (`locks_first`): its outcome, for the plan's step.
-        let mut early_lock: Option<Option<i64>> = None;
+        let mut early_lock: Option<Option<(i64, i64)>> = None;
         // At most a few plan → act rounds per reconcile (lock won → start at once).
         for round in 0..4 {
             let (info, local) = match host_view.take() {
                 Some(v) => v,
                 None if round == 0 && self.locks_first(&vm) => {
                     let (view, won) = tokio::join!(self.local(&vm), self.acquire_lock(&vm, keys));
-                    early_lock = Some(won?);
-                    view?
+                    let won = won?;
+                    match view {
+                        Ok(view) => {
+                            early_lock = Some(won);
+                            view
+                        }
+                        Err(e) => {
+                            // The host could not be seen: hold no lock while retrying.
+                            if let Some((revision, _)) = won {
+                                self.give_back_early_lock(&vm, revision, "host not readable")
+                                    .await;
+                            }
+                            return Err(e);
+                        }
+                    }
                 }
                 None => self.local(&vm).await?,
             };
@@ -856,16 +911,11 @@ impl DomainHost {
             let plan = domain_plan::plan_vm(&sit);
             debug!(vm = %vm.name, uuid, steps = ?plan.steps, "plan");
             if !plan.steps.contains(&Step::AcquireLock) {
-                if let Some(Some(revision)) = early_lock.take() {
+                if let Some(Some((revision, _))) = early_lock.take() {
                     // Won before the host was seen, and the host says no (a domain that is
                     // not ours carries the UUID): give the lock back at once.
-                    let mut held = vm.clone();
-                    held.lock = Some(domain::LockHolder {
-                        node: me.to_string(),
-                        lease: self.lease.load(Ordering::SeqCst),
-                        revision,
-                    });
-                    self.release_lock(&held, None).await?;
+                    self.give_back_early_lock(&vm, revision, "the host's domain is not ours")
+                        .await;
                 }
             }
             let mut replan = false;
@@ -889,10 +939,12 @@ impl DomainHost {
                             None => self.acquire_lock(&vm, keys).await?,
                         };
                         match won {
-                            Some(lockrev) => {
+                            Some((lockrev, lease)) => {
+                                // The lease the transaction bound the lock to: a lease
+                                // renewed meanwhile makes the lock not ours (re-planned).
                                 vm.lock = Some(domain::LockHolder {
                                     node: me.to_string(),
-                                    lease: self.lease.load(Ordering::SeqCst),
+                                    lease,
                                     revision: lockrev,
                                 });
                                 vm.owner = Some(me.to_string());
@@ -1067,13 +1119,13 @@ impl DomainHost {
         Ok(())
     }
 
-    /// Win the run lock (absent, or stale/ours by revision) and become owner. `Some(rev)` of
-    /// the lock key on success — the fencing token.
+    /// Win the run lock (absent, or stale/ours by revision) and become owner. On success the
+    /// lock key's revision — the fencing token — and the lease the lock was bound to.
     async fn acquire_lock(
         &self,
         vm: &Vm,
         keys: &BTreeMap<String, KeyEntry>,
-    ) -> Result<Option<i64>, ReconcileError> {
+    ) -> Result<Option<(i64, i64)>, ReconcileError> {
         let uuid = &vm.uuid;
         let lock_key = domain::vm_key(uuid, VmField::Lock);
         let lease = self.lease.load(Ordering::SeqCst);
@@ -1100,7 +1152,7 @@ impl DomainHost {
         }
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         info!(vm = %vm.name, uuid, node = %self.node, lease = format!("{lease:x}"), fencing_token = revision, "run lock acquired");
-        Ok(Some(revision))
+        Ok(Some((revision, lease)))
     }
 
     /// Drop our lock; with `handover_to`, also make that node the owner and (unless this is
