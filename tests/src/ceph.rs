@@ -270,6 +270,14 @@ impl CephCluster {
         self.tool("ceph", args)
     }
 
+    /// Create the RBD pool `pool` (8 placement groups, the `rbd` application enabled): the
+    /// first step of every test that needs images.
+    pub fn rbd_pool(&self, pool: &str) -> Result<()> {
+        self.ceph(&["osd", "pool", "create", pool, "8"])?;
+        self.ceph(&["osd", "pool", "application", "enable", pool, "rbd"])?;
+        Ok(())
+    }
+
     /// Run `rbd <args>` as `client.admin` and return its stdout (see [`CephCluster::ceph`]).
     pub fn rbd(&self, args: &[&str]) -> Result<String> {
         self.tool("rbd", args)
@@ -279,6 +287,25 @@ impl CephCluster {
     /// object-level access, e.g. to damage an image's header on purpose.
     pub fn rados(&self, args: &[&str]) -> Result<String> {
         self.tool("rados", args)
+    }
+
+    /// Make the header of image `image_id` in `pool` undecodable (its `size` omap value
+    /// replaced; librbd then fails to open the image with EIO), keeping the value in
+    /// `<cluster dir>/<image_id>.size`: a volume the collection cannot read. Repaired by
+    /// [`HeaderDamage::repair`], or when the guard drops (a failing test leaves no broken image).
+    pub fn damage_header(&self, pool: &str, image_id: &str) -> Result<HeaderDamage<'_>> {
+        let header = format!("rbd_header.{image_id}");
+        let saved = self.dir().join(format!("{image_id}.size"));
+        let path = saved.to_string_lossy().into_owned();
+        self.rados(&["--pool", pool, "getomapval", &header, "size", &path])?;
+        self.rados(&["--pool", pool, "setomapval", &header, "size", "x"])?;
+        Ok(HeaderDamage {
+            cluster: self,
+            pool: pool.to_string(),
+            header,
+            saved: path,
+            repaired: false,
+        })
     }
 
     /// The whole content of image `spec` (`<pool>/<image>[@snap]`), exported with
@@ -717,4 +744,41 @@ fn run(mut cmd: Command, timeout: Duration) -> Result<String> {
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// An image header damaged on purpose by [`CephCluster::damage_header`]; put back as it was
+/// by [`HeaderDamage::repair`] or on drop.
+pub struct HeaderDamage<'a> {
+    cluster: &'a CephCluster,
+    pool: String,
+    header: String,
+    saved: String,
+    repaired: bool,
+}
+
+impl HeaderDamage<'_> {
+    /// Write the saved `size` back: the image is readable again.
+    pub fn repair(&mut self) -> Result<()> {
+        self.cluster.rados(&[
+            "--pool",
+            &self.pool,
+            "setomapval",
+            &self.header,
+            "size",
+            "--input-file",
+            &self.saved,
+        ])?;
+        self.repaired = true;
+        Ok(())
+    }
+}
+
+impl Drop for HeaderDamage<'_> {
+    fn drop(&mut self) {
+        if !self.repaired {
+            if let Err(e) = self.repair() {
+                eprintln!("[ceph] header {} not repaired: {e}", self.header);
+            }
+        }
+    }
 }

@@ -599,28 +599,13 @@ async fn unreadable_volume_keeps_its_observation(cluster: &CephCluster, cli: &Ce
     assert!(before.unreadable.is_empty(), "{:?}", before.unreadable);
     assert!(before.state.contains_key(bad_key) && before.state.contains_key(good_key));
 
-    let header = format!("rbd_header.{}", cli.rbd_info(&bad).await.expect("info").id);
-    let saved = cluster.dir().join("broken1.size");
-    let saved = saved.to_string_lossy();
-    cluster
-        .rados(&["--pool", POOL, "getomapval", &header, "size", &saved])
-        .expect("save the header's size");
-    cluster
-        .rados(&["--pool", POOL, "setomapval", &header, "size", "x"])
+    let id = cli.rbd_info(&bad).await.expect("info").id;
+    let mut damage = cluster
+        .damage_header(POOL, &id)
         .expect("damage the header's size");
     let during = collect_state(cli).await;
     // Repaired before any assertion, so that the volume can be removed whatever happens.
-    cluster
-        .rados(&[
-            "--pool",
-            POOL,
-            "setomapval",
-            &header,
-            "size",
-            "--input-file",
-            &saved,
-        ])
-        .expect("restore the header's size");
+    damage.repair().expect("restore the header's size");
     let during = during.expect("one unreadable volume does not fail the collection");
     assert_eq!(during.unreadable, BTreeSet::from([bad_key.to_owned()]));
     assert!(!during.state.contains_key(bad_key));

@@ -181,12 +181,7 @@ fn ceph_health_state_and_outage_in_the_running_daemon() {
         });
         assert_eq!(o["up"], true, "osd.{id}: {o}");
     }
-    cluster
-        .ceph(&["osd", "pool", "create", POOL, "8"])
-        .expect("pool create");
-    cluster
-        .ceph(&["osd", "pool", "application", "enable", POOL, "rbd"])
-        .expect("application rbd");
+    cluster.rbd_pool(POOL).expect("rbd pool");
     cluster
         .rbd(&["create", &format!("{POOL}/{IMAGE}"), "--size", "16M"])
         .expect("rbd create");
@@ -333,14 +328,9 @@ fn unreadable_volume_is_kept(
             .expect("rbd info keep"),
     )
     .expect("rbd info JSON");
-    let header = format!("rbd_header.{}", info["id"].as_str().expect("image id"));
-    let saved = cluster.dir().join("keep.size");
-    let saved = saved.to_string_lossy();
-    cluster
-        .rados(&["--pool", POOL, "getomapval", &header, "size", &saved])
-        .expect("save the header's size");
-    cluster
-        .rados(&["--pool", POOL, "setomapval", &header, "size", "x"])
+    let id = info["id"].as_str().expect("image id");
+    let mut damage = cluster
+        .damage_header(POOL, id)
         .expect("damage the header's size");
     let warned = d.wait_for(
         |v| {
@@ -359,17 +349,7 @@ fn unreadable_volume_is_kept(
     });
     let kept = mod_revision(etcd, keep_key);
     // Repaired before the assertions, so that the rest of the test finds `keep` readable.
-    cluster
-        .rados(&[
-            "--pool",
-            POOL,
-            "setomapval",
-            &header,
-            "size",
-            "--input-file",
-            &saved,
-        ])
-        .expect("restore the header's size");
+    damage.repair().expect("restore the header's size");
     warned.expect("warning naming pool and image");
     assert_eq!(later["size"], 8 * MIB, "{later}");
     assert_eq!(

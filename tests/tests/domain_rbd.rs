@@ -264,12 +264,7 @@ fn rbd_guest_starts_and_foreign_locks_refuse_the_start() {
     let (rt, lv) = system_libvirt().expect("libvirtd running");
 
     let cluster = CephCluster::start_with_osds(1).expect("ceph cluster");
-    cluster
-        .ceph(&["osd", "pool", "create", POOL, "8"])
-        .expect("pool");
-    cluster
-        .ceph(&["osd", "pool", "application", "enable", POOL, "rbd"])
-        .expect("pool application");
+    cluster.rbd_pool(POOL).expect("rbd pool");
     for img in ["disk1", "disk2", "disk3"] {
         cluster
             .rbd(&["create", &format!("{POOL}/{img}"), "--size", "16M"])
@@ -496,12 +491,7 @@ fn a_running_guests_writes_show_in_the_collected_usage() {
     require_kvm();
     let (rt, lv) = system_libvirt().expect("libvirtd running");
     let cluster = CephCluster::start_with_osds(1).expect("ceph cluster");
-    cluster
-        .ceph(&["osd", "pool", "create", POOL, "8"])
-        .expect("pool");
-    cluster
-        .ceph(&["osd", "pool", "application", "enable", POOL, "rbd"])
-        .expect("pool application");
+    cluster.rbd_pool(POOL).expect("rbd pool");
     cluster
         .rbd(&["create", &format!("{POOL}/used1"), "--size", "64M"])
         .expect("image");

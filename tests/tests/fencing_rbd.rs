@@ -150,10 +150,7 @@ fn an_rbd_guest_of_a_killed_node_runs_elsewhere_after_its_lock_is_broken_never_t
     let built = t0.elapsed();
     let ceph = c.ceph();
     let ceph_dir = ceph.dir().to_path_buf();
-    ceph.ceph(&["osd", "pool", "create", POOL, "8"])
-        .expect("pool");
-    ceph.ceph(&["osd", "pool", "application", "enable", POOL, "rbd"])
-        .expect("pool application");
+    ceph.rbd_pool(POOL).expect("rbd pool");
     ceph.rbd(&["create", &format!("{POOL}/{IMAGE}"), "--size", "16M"])
         .expect("image");
 
