@@ -728,22 +728,25 @@ impl DomainHost {
     /// domain with this UUID is not known to be someone else's (then the plan refuses and a
     /// lock won early is given back; the remembered mark keeps that from repeating).
     fn locks_first(&self, vm: &Vm) -> bool {
-        if matches!(lock(&self.marks).get(&vm.uuid), Some(None)) {
-            return false;
-        }
-        let now = Instant::now();
+        !matches!(lock(&self.marks).get(&vm.uuid), Some(None))
+            && domain_plan::locks_first(&self.situation(vm, None))
+    }
+
+    /// What the planner looks at for `vm` with the host's view `local`: the VM's runtime
+    /// record (shutdown, failures, restart, live migration) and this node's lease and limits.
+    fn situation<'a>(&'a self, vm: &'a Vm, local: Option<Local>) -> Situation<'a> {
         let (shutdown_elapsed, failed_starts, restart_done, live_failed) =
             self.with_rt(&vm.uuid, |rt| {
                 (
                     rt.shutdown_since.map(|t| t.elapsed()),
-                    rt.failures_within(self.cfg.failure_window, now),
+                    rt.failures_within(self.cfg.failure_window, Instant::now()),
                     rt.restart_done,
                     rt.live_failed,
                 )
             });
-        domain_plan::locks_first(&Situation {
+        Situation {
             vm: Some(vm),
-            local: None,
+            local,
             me: &self.node,
             my_lease: self.lease.load(Ordering::SeqCst),
             shutdown_elapsed,
@@ -752,7 +755,7 @@ impl DomainHost {
             max_failed_starts: self.cfg.max_failed_starts,
             restart_done,
             live_failed,
-        })
+        }
     }
 
     /// Give back a run lock won before the host was seen, when the plan made with the host's
@@ -884,30 +887,10 @@ impl DomainHost {
                     self.record_failure(uuid, format!("stopped unexpectedly ({reason})"));
                 warn!(vm = %vm.name, uuid, node = %me, reason = %reason, failures = n, restart_in_ms = delay.as_millis() as u64, "vm stopped unexpectedly; restarting after backoff");
             }
-            let (shutdown_elapsed, failed, restart_done, live_failed, next_start, last_failure) =
-                self.with_rt(uuid, |rt| {
-                    let failed = rt.failures_within(self.cfg.failure_window, Instant::now());
-                    (
-                        rt.shutdown_since.map(|t| t.elapsed()),
-                        failed,
-                        rt.restart_done,
-                        rt.live_failed,
-                        rt.next_start,
-                        rt.last_failure.clone(),
-                    )
-                });
-            let sit = Situation {
-                vm: Some(&vm),
-                local: local.clone(),
-                me,
-                my_lease: self.lease.load(Ordering::SeqCst),
-                shutdown_elapsed,
-                shutdown_timeout: self.cfg.shutdown_timeout,
-                failed_starts: failed,
-                max_failed_starts: self.cfg.max_failed_starts,
-                restart_done,
-                live_failed,
-            };
+            let (next_start, last_failure) =
+                self.with_rt(uuid, |rt| (rt.next_start, rt.last_failure.clone()));
+            let sit = self.situation(&vm, local.clone());
+            let failed = sit.failed_starts;
             let plan = domain_plan::plan_vm(&sit);
             debug!(vm = %vm.name, uuid, steps = ?plan.steps, "plan");
             if !plan.steps.contains(&Step::AcquireLock) {
