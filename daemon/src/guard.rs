@@ -29,7 +29,7 @@ use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use debvisor_netconf::{AddrOwner, HostNet, Netlink};
+use debvisor_netconf::{HostNet, Netlink};
 
 use crate::config::Config;
 
@@ -473,11 +473,7 @@ fn release(cfg: &Config) {
             Err(e) => return say(&format!("cannot list addresses: {e}")),
         };
         for link in observed.links.values() {
-            for a in link
-                .addresses
-                .iter()
-                .filter(|a| a.owner == AddrOwner::Floating)
-            {
+            for a in link.addresses.iter().filter(|a| a.owner.primary_only()) {
                 match host.remove_address(&link.name, a.cidr).await {
                     Ok(_) => say(&format!("removed {} from {}", a.cidr, link.name)),
                     Err(e) => say(&format!("cannot remove {} from {}: {e}", a.cidr, link.name)),

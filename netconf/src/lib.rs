@@ -28,7 +28,7 @@ pub use host::{HostNet, Outcome};
 pub use memory::MemoryHost;
 pub use model::{
     AddrOwner, AddrState, DefaultRoute, LinkState, Observed, VlanInfo, VxlanSpec,
-    FLOATING_ADDR_PROTO, NODE_ADDR_PROTO,
+    FLOATING_ADDR_PROTO, GATEWAY_ADDR_PROTO, NODE_ADDR_PROTO,
 };
 pub use netlink::{Netlink, ANNOUNCE_REPEATS, DEFAULT_TIMEOUT};
 pub use plan::{plan, top_link, vlan_name, Action};

@@ -16,6 +16,10 @@ use ipnet::IpNet;
 pub const NODE_ADDR_PROTO: u8 = 219;
 /// `IFA_PROTO` value of a floating address taken by [`crate::take_floating`] (`proto 220`).
 pub const FLOATING_ADDR_PROTO: u8 = 220;
+/// `IFA_PROTO` value of a client network's gateway on its bridge (`proto 221`), held by the
+/// primary like a floating address but owned by the network's reconciler: the host-network
+/// planner never removes it, so its drift check cannot strip a gateway it does not know of.
+pub const GATEWAY_ADDR_PROTO: u8 = 221;
 
 /// Who put an address on a link, as far as we can tell from its `IFA_PROTO`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -24,16 +28,25 @@ pub enum AddrOwner {
     Node,
     /// Added by us as a floating address ([`FLOATING_ADDR_PROTO`]).
     Floating,
+    /// Added by us as a client network's gateway ([`GATEWAY_ADDR_PROTO`]).
+    Gateway,
     /// Anything else: the kernel (link-local), an operator, DHCP, … — never removed by us.
     Foreign,
 }
 
 impl AddrOwner {
+    /// Held only by the primary (a floating address or a client network's gateway): what a
+    /// dying primary's guardian removes and what no two nodes may hold at once.
+    pub fn primary_only(self) -> bool {
+        matches!(self, AddrOwner::Floating | AddrOwner::Gateway)
+    }
+
     /// The `IFA_PROTO` to write for an address we add.
     pub fn proto(self) -> Option<u8> {
         match self {
             AddrOwner::Node => Some(NODE_ADDR_PROTO),
             AddrOwner::Floating => Some(FLOATING_ADDR_PROTO),
+            AddrOwner::Gateway => Some(GATEWAY_ADDR_PROTO),
             AddrOwner::Foreign => None,
         }
     }
@@ -43,6 +56,7 @@ impl AddrOwner {
         match proto {
             Some(NODE_ADDR_PROTO) => AddrOwner::Node,
             Some(FLOATING_ADDR_PROTO) => AddrOwner::Floating,
+            Some(GATEWAY_ADDR_PROTO) => AddrOwner::Gateway,
             _ => AddrOwner::Foreign,
         }
     }

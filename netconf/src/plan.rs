@@ -29,7 +29,9 @@
 //! kept wherever they are, so a config mistake never strips a working address. Floating
 //! addresses are added and removed by [`crate::take_floating`] / [`crate::release_floating`]
 //! only; the planner removes a floating-marked address only when it is not the configured
-//! floating address of its link any more (stale after a config change).
+//! floating address of its link any more (stale after a config change). A client network's
+//! gateway ([`GATEWAY_ADDR_PROTO`], put on its bridge by the network's reconciler on the
+//! primary) is never touched here.
 //!
 //! Links are never deleted by the planner: a bridge dropped from the config stays until an
 //! operator removes it (the node may be carrying traffic over it).
@@ -43,6 +45,7 @@
 //!
 //! [`NODE_ADDR_PROTO`]: crate::NODE_ADDR_PROTO
 //! [`FLOATING_ADDR_PROTO`]: crate::FLOATING_ADDR_PROTO
+//! [`GATEWAY_ADDR_PROTO`]: crate::GATEWAY_ADDR_PROTO
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -547,7 +550,8 @@ pub fn plan(desired: &HostNetworks, observed: &Observed) -> Vec<Action> {
         let spec = specs.iter().find(|s| s.name == l.name);
         for a in &l.addresses {
             let stale = match a.owner {
-                AddrOwner::Foreign => false,
+                // A client network's gateway belongs to that network's reconciler.
+                AddrOwner::Foreign | AddrOwner::Gateway => false,
                 AddrOwner::Node => !spec.is_some_and(|s| s.addresses.contains(&a.cidr)),
                 AddrOwner::Floating => !floating_wanted.contains(&(l.name.clone(), a.cidr)),
             };

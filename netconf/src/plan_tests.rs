@@ -783,6 +783,35 @@ fn floating_addresses_are_not_planned_but_stale_ones_go() {
 }
 
 #[test]
+fn a_client_network_gateway_is_never_the_host_planners() {
+    // The primary's gateway of client network 400 on its bridge, and the same mark on a
+    // link the host networks use: neither is planned away, primary or not.
+    let mut n = with_addrs(net("eth0"), &["10.0.0.11/24"]);
+    n.floating = Some("10.0.0.100/24".into());
+    let mut o = host().with_link(LinkState::new(9, "dvbr400", Some("bridge"), 1450));
+    o = with_addr(o, "eth0", "10.0.0.11/24", AddrOwner::Node);
+    o = with_addr(o, "dvbr400", "10.4.0.1/24", AddrOwner::Gateway);
+    o = with_addr(o, "eth0", "10.9.0.1/24", AddrOwner::Gateway);
+    let actions = plan(&cluster(n), &o);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::RemoveAddress { .. })),
+        "{actions:#?}"
+    );
+    // The same address marked floating (not the configured one) would go: the mark decides.
+    let o = with_addr(host(), "eth1", "10.4.0.1/24", AddrOwner::Floating);
+    let actions = plan(&cluster(with_addrs(net("eth0"), &[])), &o);
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::RemoveAddress { .. }))
+            .collect::<Vec<_>>(),
+        [&a_rm("stale", "eth1", "10.4.0.1/24")]
+    );
+}
+
+#[test]
 fn take_and_release_floating() {
     let mut n = with_addrs(net("eth0"), &["10.0.0.11/24"]);
     n.bridge = Some("brc".into());

@@ -274,7 +274,8 @@ pub fn plan_host(net: &Network, ctx: &HostContext, obs: &Observed) -> Result<Pla
         }
     }
     for (c, owner) in have {
-        if owner == AddrOwner::Floating && !want_gw.contains(&c) {
+        // `Floating`: a gateway put there before gateways had their own mark.
+        if owner.primary_only() && !want_gw.contains(&c) {
             steps.push(Step::RemoveGateway {
                 link: bridge.clone(),
                 addr: c,
@@ -374,7 +375,7 @@ mod tests {
                     .addresses
                     .push(AddrState {
                         cidr: *addr,
-                        owner: AddrOwner::Floating,
+                        owner: AddrOwner::Gateway,
                     }),
                 Step::RemoveGateway { link, addr } => obs
                     .links
@@ -447,6 +448,35 @@ mod tests {
             2,
             "only the gateways go: {:?}",
             demote.steps
+        );
+    }
+
+    #[test]
+    fn gateways_carry_their_own_mark_and_an_old_floating_marked_one_is_still_removed() {
+        let n = managed();
+        let primary_state = simulate(
+            base(),
+            &plan_host(&n, &ctx(true), &base()).expect("plan").steps,
+        );
+        let marks: Vec<AddrOwner> = primary_state.links["dvbr100"]
+            .addresses
+            .iter()
+            .map(|a| a.owner)
+            .collect();
+        assert_eq!(marks, [AddrOwner::Gateway, AddrOwner::Gateway]);
+        // A gateway put there by an older daemon (floating mark): dropped on demotion too.
+        let mut old = primary_state.clone();
+        for a in &mut old.links.get_mut("dvbr100").expect("br").addresses {
+            a.owner = AddrOwner::Floating;
+        }
+        let demote = plan_host(&n, &ctx(false), &old).expect("plan");
+        assert_eq!(
+            demote
+                .steps
+                .iter()
+                .filter(|s| matches!(s, Step::RemoveGateway { .. }))
+                .count(),
+            2
         );
     }
 

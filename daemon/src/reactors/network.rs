@@ -388,7 +388,7 @@ impl NetworkHost {
                     h.ensure_up(link).await.map_err(host_err)?;
                 }
                 Step::AddGateway { link, addr } => {
-                    h.ensure_address(link, *addr, AddrOwner::Floating)
+                    h.ensure_address(link, *addr, AddrOwner::Gateway)
                         .await
                         .map_err(host_err)?;
                     h.announce(link, *addr).await.map_err(host_err)?;

@@ -3,7 +3,8 @@
 //!
 //! Invariants (each "at most one"):
 //! - a watched address (the configured floating address, any address a node marked as
-//!   floating — `proto 220`, see `debvisor_netconf::FLOATING_ADDR_PROTO` — and whatever the
+//!   floating or as a client network's gateway — `proto 220`/`221`, see
+//!   `debvisor_netconf::AddrOwner::primary_only` — and whatever the
 //!   test adds with [`Checker::watch`]) is on at most one node, seen two ways: in the node
 //!   namespaces (rtnetlink address dump of each, what `ip -j addr` shows) and on the wire (ARP
 //!   requests broadcast from the switch: the MACs that answer; IPv4 addresses of the cluster

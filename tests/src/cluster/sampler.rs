@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use debvisor_netconf::{AddrOwner, HostNet, Netlink, Observed};
+use debvisor_netconf::{HostNet, Netlink, Observed};
 use etcd_client::{Client, ConnectOptions, GetOptions};
 
 use super::arp::{mac_string, ArpProber, Mac};
@@ -191,7 +191,7 @@ fn holdings(
         }
         for a in &link.addresses {
             let ip = a.cidr.addr();
-            if watched.contains(&ip) || a.owner == AddrOwner::Floating {
+            if watched.contains(&ip) || a.owner.primary_only() {
                 sample
                     .in_namespaces
                     .entry(ip)
