@@ -66,6 +66,8 @@ struct Runtime {
     observed: Option<DomainState>,
     /// Last status written: (state, reason, error) and its `since`.
     status: Option<(String, String, Option<String>, String)>,
+    /// The store revision that write committed at (0: none yet).
+    status_revision: i64,
     /// Starts refused by the RBD lock check in a row (backoff of the next check).
     rbd_refusals: u32,
     /// The last refusal's error (logged once per distinct refusal).
@@ -521,6 +523,43 @@ impl DomainHost {
         lock(&self.marks).clear();
     }
 
+    /// The domain `uuid`'s mark read from libvirt now, not from the remembered one (which
+    /// lags a definition replaced on the host until its libvirt event is handled), and
+    /// remembered. `None`: the domain is gone.
+    async fn mark_now(&self, uuid: &str) -> Result<Option<Option<domain::Mark>>, ReconcileError> {
+        match self.hv.xml(uuid).await {
+            Ok(xml) => {
+                let mark = domain::read_mark(&xml);
+                lock(&self.marks).insert(uuid.to_string(), mark.clone());
+                Ok(Some(mark))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                self.forget_mark(uuid);
+                Ok(None)
+            }
+            Err(e) => Err(host_err(e)),
+        }
+    }
+
+    /// Right before a call that stops, removes or overwrites the host's domain `uuid`: is it
+    /// still one of ours ([`Self::mark_now`])? `false` (logged when the domain is someone
+    /// else's): the step is skipped and the VM planned again from the host; a domain that is
+    /// gone has nothing to stop or remove.
+    async fn still_ours(&self, uuid: &str, name: &str, step: &str) -> Result<bool, ReconcileError> {
+        match self.mark_now(uuid).await? {
+            Some(Some(_)) => Ok(true),
+            Some(None) => {
+                warn!(vm = %name, uuid, node = %self.node, step,
+                    "the host's domain is no longer ours (its definition was replaced); step skipped, planning again");
+                Ok(false)
+            }
+            None => {
+                debug!(vm = %name, uuid, step, "domain gone before the step; planning again");
+                Ok(false)
+            }
+        }
+    }
+
     /// An operator confirmed the held removals (`debvisorctl node confirm-removals`): the
     /// store is accepted as it is and every held removal is carried out.
     pub fn confirm_removals(&self, vms: &Reactor<VmKind>) -> usize {
@@ -577,12 +616,19 @@ impl DomainHost {
         reason: &str,
         error: Option<String>,
     ) -> Result<(), ReconcileError> {
-        let prev = self.with_rt(uuid, |rt| rt.status.clone());
+        let (prev, written_at) = self.with_rt(uuid, |rt| (rt.status.clone(), rt.status_revision));
         if let Some((s, _, e, _)) = &prev {
             // Same state and error, in memory and in etcd: keep the reason of the transition
             // readable (a later pass's generic reason must not overwrite "guest ignored
-            // ACPI …"). A status deleted or forged in etcd is written again.
-            if s == state && *e == error && self.status_in_store_is(keys, state, error.as_deref()) {
+            // ACPI …"). A status deleted or forged in etcd is written again. A snapshot whose
+            // status is older than our own last write has not seen it yet: memory is right.
+            let snapshot_behind = keys
+                .get(VmField::Status.suffix())
+                .is_some_and(|k| k.mod_revision < written_at);
+            if s == state
+                && *e == error
+                && (snapshot_behind || self.status_in_store_is(keys, state, error.as_deref()))
+            {
                 return Ok(());
             }
         }
@@ -625,8 +671,10 @@ impl DomainHost {
         } else {
             debug!(vm = %name, uuid, state, reason, "vm status updated");
         }
+        let revision = resp.header().map_or(0, |h| h.revision());
         self.with_rt(uuid, |rt| {
-            rt.status = Some((state.into(), reason.into(), error, since))
+            rt.status = Some((state.into(), reason.into(), error, since));
+            rt.status_revision = revision;
         });
         Ok(())
     }
@@ -814,6 +862,7 @@ impl DomainHost {
                     state_rev,
                     expect_running: keep_expect,
                     status: rt.status.take(),
+                    status_revision: rt.status_revision,
                     observed: rt.observed,
                     ..Runtime::default()
                 };
@@ -944,6 +993,11 @@ impl DomainHost {
                         self.release_lock(&vm, vm.node.as_deref()).await?;
                     }
                     Step::Define => {
+                        // Redefining a domain that was there: never over someone else's.
+                        if local.is_some() && !self.still_ours(uuid, &vm.name, "define").await? {
+                            replan = true;
+                            break;
+                        }
                         let marked = domain::mark_xml(&vm.xml, me).map_err(host_err)?;
                         if let Err(e) = self.hv.define(&marked).await {
                             if matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout) {
@@ -1028,6 +1082,10 @@ impl DomainHost {
                         }
                     }
                     Step::Shutdown => {
+                        if !self.still_ours(uuid, &vm.name, "shutdown").await? {
+                            replan = true;
+                            break;
+                        }
                         self.hv.shutdown(uuid).await.map_err(host_err)?;
                         self.with_rt(uuid, |rt| {
                             rt.shutdown_since = Some(Instant::now());
@@ -1036,11 +1094,19 @@ impl DomainHost {
                         info!(vm = %vm.name, uuid, node = %me, timeout_s = self.cfg.shutdown_timeout.as_secs(), "ACPI shutdown sent");
                     }
                     Step::Destroy => {
+                        if !self.still_ours(uuid, &vm.name, "destroy").await? {
+                            replan = true;
+                            break;
+                        }
                         self.with_rt(uuid, |rt| rt.expect_running = false);
                         self.hv.destroy(uuid).await.map_err(host_err)?;
                         info!(vm = %vm.name, uuid, node = %me, "domain destroyed");
                     }
                     Step::Undefine => {
+                        if !self.still_ours(uuid, &vm.name, "undefine").await? {
+                            replan = true;
+                            break;
+                        }
                         self.hv.undefine(uuid).await.map_err(host_err)?;
                         self.forget_mark(uuid);
                         info!(vm = %vm.name, uuid, node = %me, "definition removed from this host");
@@ -1263,6 +1329,10 @@ impl DomainHost {
             }
             Verdict::Proceed => {}
         }
+        // The verdict may have waited: the domain must still be ours right now.
+        if !self.still_ours(uuid, &info.name, "removal").await? {
+            return Ok(Action::RequeueAfter(Duration::from_millis(100)));
+        }
         self.clean_reports(uuid).await?;
         if info.state.is_active() {
             self.hv.destroy(uuid).await.map_err(host_err)?;
@@ -1368,6 +1438,11 @@ impl DomainHost {
             } else if self.removals_on_hold() {
                 // A replaced store or a mass removal is no evidence: keep the definition.
             } else {
+                // Read again right before removing it: defined by this node, still.
+                match self.mark_now(&d.uuid).await {
+                    Ok(Some(Some(m))) if m.node == self.node => {}
+                    _ => continue,
+                }
                 match self.hv.undefine(&d.uuid).await {
                     Ok(_) => {
                         info!(node = %self.node, vm = %d.name, uuid = %d.uuid, "stale definition of a VM no longer in etcd removed")
