@@ -1562,14 +1562,18 @@ fn ansible_three_node_cluster_with_tls_etcd_and_rolling_restarts() {
             "more than one per restart"
         }
     );
+    // Writes went on across each restart: one that succeeded was in flight while the
+    // member was down (issued before or during the stop). Not "issued and committed inside
+    // the window": stopping the leader stalls puts for an election, which can outlast a
+    // restart of 0.2 s without any put failing.
     for r in &rolls {
-        let during = writes
+        let across = writes
             .iter()
-            .filter(|(b, e, ok)| *ok && *b >= r.stopping && *e <= r.published)
+            .filter(|(b, e, ok)| *ok && *b <= r.published && *e >= r.stopping)
             .count();
         assert!(
-            during > 0,
-            "no write committed while {} was down:\n{timeline}",
+            across > 0,
+            "no write succeeded across the restart of {}:\n{timeline}",
             r.name
         );
     }
