@@ -273,6 +273,37 @@ async fn volume_lifecycle_and_clone(cluster: &CephCluster, cli: &CephCli, lat: &
     lat.time("rbd snap protect", cli.rbd_snap_protect(&tmpl, "base"))
         .await
         .expect("protect");
+    // What the volume reconciler looks at: in-process (librbd) and with the tools, the same.
+    cli.rbd_snap_create(&tmpl, "later").await.expect("snap");
+    let tools = cli.clone().without_librbd();
+    assert!(cli.uses_librbd(), "librbd is loadable here");
+    let state = lat
+        .time("image state (librbd)", cli.rbd_image_state(&tmpl))
+        .await
+        .expect("image state")
+        .expect("the image exists");
+    assert_eq!(
+        (state.size, state.snapshots.clone()),
+        (
+            6 * MIB,
+            vec![("base".to_string(), true), ("later".to_string(), false)]
+        )
+    );
+    let by_tools = lat
+        .time(
+            "image state (rbd info + snap ls)",
+            tools.rbd_image_state(&tmpl),
+        )
+        .await
+        .expect("image state by the tools");
+    assert_eq!(by_tools, Some(state));
+    for c in [cli, &tools] {
+        let gone = c.rbd_image_state(&ImageRef::new(POOL, "nosuch")).await;
+        assert_eq!(gone.expect("an absent image is no error"), None);
+        let no_pool = c.rbd_image_state(&ImageRef::new("nosuchpool", "x")).await;
+        assert_eq!(no_pool.expect("an absent pool is no error"), None);
+    }
+    cli.rbd_snap_remove(&tmpl, "later").await.expect("snap rm");
     let clone = ImageRef::new(POOL, "vol2");
     lat.time("rbd clone", cli.rbd_clone(&tmpl, "base", &clone))
         .await

@@ -28,25 +28,13 @@ pub async fn observe_volume<C: Ceph>(
     ceph: &C,
     image: &ImageRef,
 ) -> Result<Option<ObservedVolume>, CephError> {
-    let info = match ceph.rbd_info(image).await {
-        Ok(i) => i,
-        Err(e) if e.is_not_found() => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let snapshots = ceph
-        .rbd_snap_list(image)
-        .await?
-        .into_iter()
-        .map(|s| {
-            let o = ObservedSnapshot {
-                protected: s.protected,
-            };
-            (s.name, o)
-        })
-        .collect();
-    Ok(Some(ObservedVolume {
-        size: info.size,
-        snapshots,
+    Ok(ceph.rbd_image_state(image).await?.map(|st| ObservedVolume {
+        size: st.size,
+        snapshots: st
+            .snapshots
+            .into_iter()
+            .map(|(name, protected)| (name, ObservedSnapshot { protected }))
+            .collect(),
     }))
 }
 

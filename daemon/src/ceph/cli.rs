@@ -16,7 +16,7 @@ use serde_json::json;
 use super::error::CephError;
 use super::rados::Rados;
 use super::types::{
-    ClusterStatus, Df, Health, ImageInfo, ImageListEntry, ImageLock, ImageUsage, OsdDf,
+    ClusterStatus, Df, Health, ImageInfo, ImageListEntry, ImageLock, ImageState, ImageUsage, OsdDf,
     OsdMetadata, OsdTree, PoolImages, PoolInfo, RawDu, RawStatus, Snapshot, Watcher,
 };
 use super::{check_image, check_lock, check_pool, check_snap, Ceph, ImageRef};
@@ -111,8 +111,8 @@ impl CephCli {
         self
     }
 
-    /// The same driver listing pools with the `rbd` tool, the cluster queries still over
-    /// librados (what the benchmark compares against).
+    /// The same driver reading images with the `rbd` tool (pool listings, image states),
+    /// the cluster queries still over librados (what the benchmark compares against).
     pub fn without_librbd(mut self) -> Self {
         self.librbd = false;
         self
@@ -518,6 +518,36 @@ impl Ceph for CephCli {
         )
         .await
         .map(drop)
+    }
+
+    async fn rbd_image_state(&self, image: &ImageRef) -> Result<Option<ImageState>, CephError> {
+        check_image(image)?;
+        let spec = image.spec();
+        if let Some(r) = self.rados.as_ref().filter(|_| self.uses_librbd()) {
+            return r
+                .image_state(
+                    &image.pool,
+                    &image.image,
+                    &format!("rbd info + rbd snap ls {spec} (librbd)"),
+                    &format!("image {spec}"),
+                )
+                .await;
+        }
+        let info = match self.rbd_info(image).await {
+            Ok(i) => i,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let snapshots = self
+            .rbd_snap_list(image)
+            .await?
+            .into_iter()
+            .map(|s| (s.name, s.protected))
+            .collect();
+        Ok(Some(ImageState {
+            size: info.size,
+            snapshots,
+        }))
     }
 
     async fn rbd_snap_list(&self, image: &ImageRef) -> Result<Vec<Snapshot>, CephError> {

@@ -35,8 +35,8 @@ pub use locks::{
 pub use start_check::{check_rbd_start, Refusal};
 pub use types::{
     ClusterStatus, Df, Health, HealthCheck, HealthStatus, ImageInfo, ImageListEntry, ImageLock,
-    ImageUsage, OsdDf, OsdMetadata, OsdTree, PoolImages, PoolInfo, Snapshot, UnreadableImage,
-    Watcher,
+    ImageState, ImageUsage, OsdDf, OsdMetadata, OsdTree, PoolImages, PoolInfo, Snapshot,
+    UnreadableImage, Watcher,
 };
 
 use debvisor_objects::ceph::{validate_image_name, validate_pool_name, validate_snapshot_name};
@@ -203,6 +203,13 @@ pub trait Ceph: Send + Sync {
         snap: &str,
         target: &ImageRef,
     ) -> impl Future<Output = Result<(), CephError>> + Send;
+    /// An image's size and user snapshots with their protection (`None`: no such image or
+    /// pool): what the volume reconciler looks at on every pass. In-process over librbd
+    /// when it is loaded (no process per volume), else `rbd info` + `rbd snap ls`.
+    fn rbd_image_state(
+        &self,
+        image: &ImageRef,
+    ) -> impl Future<Output = Result<Option<ImageState>, CephError>> + Send;
     /// Snapshots of an image.
     fn rbd_snap_list(
         &self,

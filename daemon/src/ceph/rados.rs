@@ -28,7 +28,9 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use super::error::CephError;
-use super::types::{ImageListEntry, ImageParent, ImageUsage, PoolImages, UnreadableImage};
+use super::types::{
+    ImageListEntry, ImageParent, ImageState, ImageUsage, PoolImages, UnreadableImage,
+};
 
 /// `rados_t`.
 type Handle = *mut c_void;
@@ -424,6 +426,45 @@ impl Rados {
             let (images, after) = list_pool(api, conn, &pool, before)?;
             lock().insert(pool, after);
             Ok(images)
+        })
+        .await
+    }
+
+    /// Image `image` of `pool`: its size and user snapshots with their protection, read
+    /// in-process (`None`: the pool or the image does not exist).
+    pub async fn image_state(
+        self: &Arc<Self>,
+        pool: &str,
+        image: &str,
+        command: &str,
+        object: &str,
+    ) -> Result<Option<ImageState>, CephError> {
+        let Some(api) = self.rbd else {
+            return Err(CephError::Failed {
+                command: command.to_owned(),
+                object: object.to_owned(),
+                code: None,
+                stderr: format!("{RBD_LIBRARY} not loaded"),
+            });
+        };
+        let (pool, image) = (pool.to_owned(), image.to_owned());
+        self.blocking(Side::Osd, command, object, move |conn| {
+            let p = match Pool::open(api, conn, &pool) {
+                Ok(p) => p,
+                Err(e) if e.errno == libc::ENOENT => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let Some(img) = p.image(&image)? else {
+                return Ok(None);
+            };
+            Ok(Some(ImageState {
+                size: img.size()?,
+                snapshots: img
+                    .snaps()?
+                    .into_iter()
+                    .map(|s| (s.name, s.protected))
+                    .collect(),
+            }))
         })
         .await
     }

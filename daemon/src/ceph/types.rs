@@ -408,6 +408,15 @@ pub struct PoolImages {
     pub unreadable: Vec<UnreadableImage>,
 }
 
+/// One image's head as the volume reconciler needs it ([`super::Ceph::rbd_image_state`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageState {
+    /// Size in bytes.
+    pub size: u64,
+    /// User snapshots in creation order: name and whether it is protected.
+    pub snapshots: Vec<(String, bool)>,
+}
+
 /// An image of [`PoolImages::unreadable`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnreadableImage {

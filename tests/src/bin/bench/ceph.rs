@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use debvisor_daemon::ceph::{collect_state, Ceph, CephCli, Collected, POOLS_AT_ONCE};
+use debvisor_daemon::ceph::{collect_state, Ceph, CephCli, Collected, ImageRef, POOLS_AT_ONCE};
 use debvisor_daemon::reactors::ceph_monitor::{StateWriter, WriteStats, MAX_TXN_OPS};
 use debvisor_objects::{Store, StoreOptions};
 use debvisor_tests::etcd::store_options;
@@ -71,6 +71,10 @@ struct CephResult {
     collect_tools: Timed,
     /// librados for the cluster queries, the `rbd` tool per pool.
     collect_rbd_tool: Timed,
+    /// The volume reconciler's look at every volume, one after the other (wall, CPU):
+    /// in-process (librbd) and with `rbd info` + `rbd snap ls`.
+    volume_pass: (Duration, Duration),
+    volume_pass_tools: (Duration, Duration),
     /// Load average (1 min) at the start and the end of the timed collections.
     load: (String, String),
     /// Whether the driver had librados and librbd (else the shipped path is the tools).
@@ -82,6 +86,31 @@ struct CephResult {
     writes: Vec<Writes>,
     /// Collections that failed (and were retried), with the first error.
     failures: Vec<String>,
+}
+
+/// What the volume reconciler reads of every volume on a resync pass
+/// (`Ceph::rbd_image_state`), one volume after the other: wall and CPU time. Every volume
+/// must be found with its snapshots.
+async fn volume_pass(cli: &CephCli) -> BenchResult<(Duration, Duration)> {
+    let t = Instant::now();
+    let cpu = cpu_time();
+    let mut snapshots = 0;
+    for v in 0..VOLUMES {
+        let spec = image(v);
+        let (pool, name) = spec.split_once('/').unwrap_or_default();
+        let st = cli
+            .rbd_image_state(&ImageRef::new(pool, name))
+            .await
+            .map_err(|e| format!("image state of {spec}: {e}"))?
+            .ok_or_else(|| format!("image state of {spec}: not found"))?;
+        snapshots += st.snapshots.len();
+    }
+    if snapshots != SNAPSHOTS {
+        return Err(format!(
+            "volume pass saw {snapshots} snapshots, made {SNAPSHOTS}"
+        ));
+    }
+    Ok((t.elapsed(), cpu_time().saturating_sub(cpu)))
 }
 
 /// Tries of one collection (a failed `rbd` call is retried and counted).
@@ -331,6 +360,15 @@ async fn measure(
     let rbd_tool = cli.clone().without_librbd();
     let (_, collect_rbd_tool) =
         timed_runs("librados + rbd tool", &rbd_tool, SLOW_RUNS, &mut failures).await?;
+    let volume_pass_in_process = volume_pass(cli).await?;
+    let volume_pass_tools = volume_pass(&rbd_tool).await?;
+    eprintln!(
+        "debvisor-bench: ceph: volume pass: in-process {:.0} ms (CPU {:.0}), tools {:.0} ms (CPU {:.0})",
+        ms(volume_pass_in_process.0),
+        ms(volume_pass_in_process.1),
+        ms(volume_pass_tools.0),
+        ms(volume_pass_tools.1)
+    );
     let load = (load_start, load_average());
     // The two paths must collect the same keys, and the same volumes (the librbd listing
     // against `rbd ls -l` + `rbd du`); pool and OSD usage may move between the runs while
@@ -394,6 +432,8 @@ async fn measure(
         collect: times,
         collect_tools,
         collect_rbd_tool,
+        volume_pass: volume_pass_in_process,
+        volume_pass_tools,
         load,
         in_process: cli.uses_librados() && cli.uses_librbd(),
         at_once: cli.pools_at_once(),
@@ -474,6 +514,23 @@ fn render(args: &Args, m: &Machine, started: &str, r: &CephResult) -> String {
         r.load.0,
         r.load.1,
         m.nproc
+    );
+    let _ = writeln!(
+        o,
+        "| the volume reconciler's look at all {VOLUMES} volumes (size, snapshots, \
+         protection), one after the other: in-process (librbd) | {:.0} ms ({:.1} ms per \
+         volume); CPU {:.0} ms |",
+        ms(r.volume_pass.0),
+        ms(r.volume_pass.0) / VOLUMES as f64,
+        ms(r.volume_pass.1)
+    );
+    let _ = writeln!(
+        o,
+        "| same with `rbd info` + `rbd snap ls` per volume (the tools; before this change) | \
+         {:.0} ms ({:.1} ms per volume); CPU {:.0} ms |",
+        ms(r.volume_pass_tools.0),
+        ms(r.volume_pass_tools.0) / VOLUMES as f64,
+        ms(r.volume_pass_tools.1)
     );
     let _ = writeln!(
         o,
