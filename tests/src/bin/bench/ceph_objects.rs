@@ -239,8 +239,9 @@ fn render(
          one `rbd snap ls` (last row). *Step done*: → the daemon's `ceph volume step done` \
          line (`rbd snap create` returned; daemon clock, same host). *Status ready*: → the \
          snapshot status `ready` read from etcd (polled every 5 ms once Ceph showed it). One \
-         reconcile runs `rbd info` and `rbd snap ls` (observe), then `rbd snap create`, each \
-         a process with its own mon session, plus two etcd reads and one transaction; \
+         reconcile looks at the volume in-process over librbd (size, snapshots, protection; \
+         `rbd info` + `rbd snap ls` without the library), then runs `rbd snap create`, a \
+         process with its own mon session, plus two etcd reads and one transaction; \
          it writes `pending` and requeues itself after 100 ms, and that confirming pass \
          (observing again) writes `ready`.\n"
     );
