@@ -66,8 +66,9 @@ struct Runtime {
     observed: Option<DomainState>,
     /// Last status written: (state, reason, error) and its `since`.
     status: Option<(String, String, Option<String>, String)>,
-    /// The store revision that write committed at (0: none yet).
-    status_revision: i64,
+    /// The store revision that write committed at, and when (trusted over a snapshot that
+    /// has not seen it for [`OWN_WRITE_LAG`] only: a restored store may go back in time).
+    status_written: Option<(i64, Instant)>,
     /// Starts refused by the RBD lock check in a row (backoff of the next check).
     rbd_refusals: u32,
     /// The last refusal's error (logged once per distinct refusal).
@@ -158,6 +159,10 @@ struct FenceFollow {
     /// Reasons the guests were kept although fenced, already logged (one line each).
     held: std::collections::BTreeSet<String>,
 }
+
+/// How long a key snapshot may lag behind our own status write (the watch brings it back
+/// within milliseconds; a store restored to an older revision must not be trusted longer).
+const OWN_WRITE_LAG: Duration = Duration::from_secs(5);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -616,15 +621,18 @@ impl DomainHost {
         reason: &str,
         error: Option<String>,
     ) -> Result<(), ReconcileError> {
-        let (prev, written_at) = self.with_rt(uuid, |rt| (rt.status.clone(), rt.status_revision));
+        let (prev, written) = self.with_rt(uuid, |rt| (rt.status.clone(), rt.status_written));
         if let Some((s, _, e, _)) = &prev {
             // Same state and error, in memory and in etcd: keep the reason of the transition
             // readable (a later pass's generic reason must not overwrite "guest ignored
             // ACPI …"). A status deleted or forged in etcd is written again. A snapshot whose
             // status is older than our own last write has not seen it yet: memory is right.
-            let snapshot_behind = keys
-                .get(VmField::Status.suffix())
-                .is_some_and(|k| k.mod_revision < written_at);
+            let snapshot_behind = written.is_some_and(|(rev, at)| {
+                at.elapsed() < OWN_WRITE_LAG
+                    && keys
+                        .get(VmField::Status.suffix())
+                        .is_some_and(|k| k.mod_revision < rev)
+            });
             if s == state
                 && *e == error
                 && (snapshot_behind || self.status_in_store_is(keys, state, error.as_deref()))
@@ -674,7 +682,7 @@ impl DomainHost {
         let revision = resp.header().map_or(0, |h| h.revision());
         self.with_rt(uuid, |rt| {
             rt.status = Some((state.into(), reason.into(), error, since));
-            rt.status_revision = revision;
+            rt.status_written = Some((revision, Instant::now()));
         });
         Ok(())
     }
@@ -862,7 +870,7 @@ impl DomainHost {
                     state_rev,
                     expect_running: keep_expect,
                     status: rt.status.take(),
-                    status_revision: rt.status_revision,
+                    status_written: rt.status_written,
                     observed: rt.observed,
                     ..Runtime::default()
                 };
@@ -1094,7 +1102,21 @@ impl DomainHost {
                         info!(vm = %vm.name, uuid, node = %me, timeout_s = self.cfg.shutdown_timeout.as_secs(), "ACPI shutdown sent");
                     }
                     Step::Destroy => {
-                        if !self.still_ours(uuid, &vm.name, "destroy").await? {
+                        // A describe that fails must not keep a guest running against the
+                        // plan (the split-brain guard): the remembered mark decides then.
+                        let ours = match self.still_ours(uuid, &vm.name, "destroy").await {
+                            Ok(o) => o,
+                            Err(e) => {
+                                let remembered =
+                                    matches!(lock(&self.marks).get(uuid), Some(Some(_)));
+                                debug!(vm = %vm.name, uuid, error = %e, remembered, "domain not described before destroy; the remembered mark decides");
+                                if !remembered {
+                                    return Err(e);
+                                }
+                                true
+                            }
+                        };
+                        if !ours {
                             replan = true;
                             break;
                         }
@@ -1336,6 +1358,11 @@ impl DomainHost {
         self.clean_reports(uuid).await?;
         if info.state.is_active() {
             self.hv.destroy(uuid).await.map_err(host_err)?;
+            // The check above read the running guest's XML; the definition `undefine`
+            // removes may have been replaced under it.
+            if !self.still_ours(uuid, &info.name, "removal").await? {
+                return Ok(Action::RequeueAfter(Duration::from_millis(100)));
+            }
         }
         self.hv.undefine(uuid).await.map_err(host_err)?;
         self.forget_mark(uuid);
