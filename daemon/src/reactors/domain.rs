@@ -32,7 +32,8 @@ use tracing::{debug, error, info, warn};
 use crate::ceph::{check_rbd_start, CephCli};
 use crate::config::{DomainsConfig, SelfFenceAction};
 use crate::hypervisor::{
-    DomainEvent, DomainInfo, DomainState, ErrorKind, Libvirt, Lifecycle, MigrateOptions,
+    DomainEvent, DomainInfo, DomainState, ErrorKind, HypervisorError, Libvirt, Lifecycle,
+    MigrateOptions,
 };
 use crate::reactors::fence_evidence::{self, RecordSeen};
 use crate::reactors::removals::{GuardConfig, RemovalGuard, Verdict};
@@ -163,6 +164,21 @@ struct FenceFollow {
 /// How long a key snapshot may lag behind our own status write (the watch brings it back
 /// within milliseconds; a store restored to an older revision must not be trusted longer).
 const OWN_WRITE_LAG: Duration = Duration::from_secs(5);
+
+/// The plan steps that stop, remove or overwrite the host's domain: each is preceded by a
+/// fresh look at the domain's mark ([`DomainHost::ours_before`]). Its name, and whether the
+/// remembered mark decides when libvirt cannot describe the domain (a destroy: it must not
+/// keep a guest running against the plan, the split-brain guard). A define is one only when
+/// a domain was there (`domain_seen`): the start path of a new VM pays no extra call.
+fn changes_domain(step: &Step, domain_seen: bool) -> Option<(&'static str, bool)> {
+    match step {
+        Step::Define if domain_seen => Some(("define", false)),
+        Step::Shutdown => Some(("shutdown", false)),
+        Step::Destroy => Some(("destroy", true)),
+        Step::Undefine => Some(("undefine", false)),
+        _ => None,
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -512,8 +528,12 @@ impl DomainHost {
         if let Some(m) = lock(&self.marks).get(uuid) {
             return Ok(m.clone());
         }
-        let xml = self.hv.xml(uuid).await.map_err(host_err)?;
-        let mark = domain::read_mark(&xml);
+        self.read_mark(uuid).await.map_err(host_err)
+    }
+
+    /// The mark of the domain `uuid` as libvirt describes it now, remembered.
+    async fn read_mark(&self, uuid: &str) -> Result<Option<domain::Mark>, HypervisorError> {
+        let mark = domain::read_mark(&self.hv.xml(uuid).await?);
         lock(&self.marks).insert(uuid.to_string(), mark.clone());
         Ok(mark)
     }
@@ -532,12 +552,8 @@ impl DomainHost {
     /// lags a definition replaced on the host until its libvirt event is handled), and
     /// remembered. `None`: the domain is gone.
     async fn mark_now(&self, uuid: &str) -> Result<Option<Option<domain::Mark>>, ReconcileError> {
-        match self.hv.xml(uuid).await {
-            Ok(xml) => {
-                let mark = domain::read_mark(&xml);
-                lock(&self.marks).insert(uuid.to_string(), mark.clone());
-                Ok(Some(mark))
-            }
+        match self.read_mark(uuid).await {
+            Ok(mark) => Ok(Some(mark)),
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 self.forget_mark(uuid);
                 Ok(None)
@@ -562,6 +578,28 @@ impl DomainHost {
                 debug!(vm = %name, uuid, step, "domain gone before the step; planning again");
                 Ok(false)
             }
+        }
+    }
+
+    /// [`Self::still_ours`] right before the plan's step `what`; with `remembered_decides`,
+    /// a describe that fails falls back to the remembered mark (see [`changes_domain`]).
+    async fn ours_before(
+        &self,
+        uuid: &str,
+        name: &str,
+        (what, remembered_decides): (&str, bool),
+    ) -> Result<bool, ReconcileError> {
+        match self.still_ours(uuid, name, what).await {
+            Err(e) if remembered_decides => {
+                let remembered = matches!(lock(&self.marks).get(uuid), Some(Some(_)));
+                debug!(vm = %name, uuid, step = what, error = %e, remembered, "domain not described before the step; the remembered mark decides");
+                if remembered {
+                    Ok(true)
+                } else {
+                    Err(e)
+                }
+            }
+            r => r,
         }
     }
 
@@ -960,6 +998,12 @@ impl DomainHost {
             }
             let mut replan = false;
             for step in &plan.steps {
+                if let Some(check) = changes_domain(step, local.is_some()) {
+                    if !self.ours_before(uuid, &vm.name, check).await? {
+                        replan = true;
+                        break;
+                    }
+                }
                 match step {
                     Step::Report { state, reason } => {
                         let reason = if *state == "fail" {
@@ -1001,11 +1045,6 @@ impl DomainHost {
                         self.release_lock(&vm, vm.node.as_deref()).await?;
                     }
                     Step::Define => {
-                        // Redefining a domain that was there: never over someone else's.
-                        if local.is_some() && !self.still_ours(uuid, &vm.name, "define").await? {
-                            replan = true;
-                            break;
-                        }
                         let marked = domain::mark_xml(&vm.xml, me).map_err(host_err)?;
                         if let Err(e) = self.hv.define(&marked).await {
                             if matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout) {
@@ -1090,10 +1129,6 @@ impl DomainHost {
                         }
                     }
                     Step::Shutdown => {
-                        if !self.still_ours(uuid, &vm.name, "shutdown").await? {
-                            replan = true;
-                            break;
-                        }
                         self.hv.shutdown(uuid).await.map_err(host_err)?;
                         self.with_rt(uuid, |rt| {
                             rt.shutdown_since = Some(Instant::now());
@@ -1102,33 +1137,11 @@ impl DomainHost {
                         info!(vm = %vm.name, uuid, node = %me, timeout_s = self.cfg.shutdown_timeout.as_secs(), "ACPI shutdown sent");
                     }
                     Step::Destroy => {
-                        // A describe that fails must not keep a guest running against the
-                        // plan (the split-brain guard): the remembered mark decides then.
-                        let ours = match self.still_ours(uuid, &vm.name, "destroy").await {
-                            Ok(o) => o,
-                            Err(e) => {
-                                let remembered =
-                                    matches!(lock(&self.marks).get(uuid), Some(Some(_)));
-                                debug!(vm = %vm.name, uuid, error = %e, remembered, "domain not described before destroy; the remembered mark decides");
-                                if !remembered {
-                                    return Err(e);
-                                }
-                                true
-                            }
-                        };
-                        if !ours {
-                            replan = true;
-                            break;
-                        }
                         self.with_rt(uuid, |rt| rt.expect_running = false);
                         self.hv.destroy(uuid).await.map_err(host_err)?;
                         info!(vm = %vm.name, uuid, node = %me, "domain destroyed");
                     }
                     Step::Undefine => {
-                        if !self.still_ours(uuid, &vm.name, "undefine").await? {
-                            replan = true;
-                            break;
-                        }
                         self.hv.undefine(uuid).await.map_err(host_err)?;
                         self.forget_mark(uuid);
                         info!(vm = %vm.name, uuid, node = %me, "definition removed from this host");
