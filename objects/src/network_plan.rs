@@ -425,24 +425,29 @@ mod tests {
         );
     }
 
+    /// The host after `n` was planned and carried out on the primary.
+    fn primary_state(n: &Network) -> Observed {
+        simulate(
+            base(),
+            &plan_host(n, &ctx(true), &base()).expect("plan").steps,
+        )
+    }
+
+    /// How many gateways `p` removes.
+    fn gateway_removals(p: &Plan) -> usize {
+        p.steps
+            .iter()
+            .filter(|s| matches!(s, Step::RemoveGateway { .. }))
+            .count()
+    }
+
     #[test]
     fn a_secondary_carries_the_network_without_gateways_and_drops_them_when_demoted() {
         let n = managed();
         let p = plan_host(&n, &ctx(false), &base()).expect("plan");
         assert!(!p.steps.iter().any(|s| matches!(s, Step::AddGateway { .. })));
-        let primary_state = simulate(
-            base(),
-            &plan_host(&n, &ctx(true), &base()).expect("plan").steps,
-        );
-        let demote = plan_host(&n, &ctx(false), &primary_state).expect("plan");
-        assert_eq!(
-            demote
-                .steps
-                .iter()
-                .filter(|s| matches!(s, Step::RemoveGateway { .. }))
-                .count(),
-            2
-        );
+        let demote = plan_host(&n, &ctx(false), &primary_state(&n)).expect("plan");
+        assert_eq!(gateway_removals(&demote), 2);
         assert_eq!(
             demote.steps.len(),
             2,
@@ -454,10 +459,7 @@ mod tests {
     #[test]
     fn gateways_carry_their_own_mark_and_an_old_floating_marked_one_is_still_removed() {
         let n = managed();
-        let primary_state = simulate(
-            base(),
-            &plan_host(&n, &ctx(true), &base()).expect("plan").steps,
-        );
+        let primary_state = primary_state(&n);
         let marks: Vec<AddrOwner> = primary_state.links["dvbr100"]
             .addresses
             .iter()
@@ -470,14 +472,7 @@ mod tests {
             a.owner = AddrOwner::Floating;
         }
         let demote = plan_host(&n, &ctx(false), &old).expect("plan");
-        assert_eq!(
-            demote
-                .steps
-                .iter()
-                .filter(|s| matches!(s, Step::RemoveGateway { .. }))
-                .count(),
-            2
-        );
+        assert_eq!(gateway_removals(&demote), 2);
     }
 
     #[test]
@@ -492,10 +487,7 @@ mod tests {
     #[test]
     fn drift_is_corrected_with_exactly_the_missing_steps() {
         let n = managed();
-        let good = simulate(
-            base(),
-            &plan_host(&n, &ctx(true), &base()).expect("plan").steps,
-        );
+        let good = primary_state(&n);
         let mut d = good.clone();
         d.links.get_mut("dvbr100").expect("br").mtu = 1500;
         d.links.get_mut("dvvx100").expect("vx").up = false;
@@ -544,10 +536,7 @@ mod tests {
     #[test]
     fn changed_vxlan_attributes_recreate_the_link() {
         let n = managed();
-        let good = simulate(
-            base(),
-            &plan_host(&n, &ctx(true), &base()).expect("plan").steps,
-        );
+        let good = primary_state(&n);
         let mut c = ctx(true);
         c.vxlan_local = Some("192.0.2.9".parse().expect("ip"));
         let steps = plan_host(&n, &c, &good).expect("plan").steps;
@@ -568,10 +557,7 @@ mod tests {
             Err("vni".to_string())
         );
         // Foreign addresses on our bridge are left alone.
-        let good = simulate(
-            base(),
-            &plan_host(&n, &ctx(true), &base()).expect("plan").steps,
-        );
+        let good = primary_state(&n);
         let mut g = good.clone();
         g.links
             .get_mut("dvbr100")
@@ -616,10 +602,7 @@ mod tests {
     #[test]
     fn removal_deletes_exactly_what_we_created() {
         let n = managed();
-        let good = simulate(
-            base(),
-            &plan_host(&n, &ctx(true), &base()).expect("plan").steps,
-        );
+        let good = primary_state(&n);
         let with_foreign = good
             .clone()
             .with_link(LinkState::new(9, "dvvl100", Some("veth"), 1500));

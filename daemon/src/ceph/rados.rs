@@ -399,6 +399,16 @@ impl Rados {
         self.rbd.is_some()
     }
 
+    /// librbd's functions, or an error naming `command` and `object` when it is not loaded.
+    fn rbd_api(&self, command: &str, object: &str) -> Result<&'static RbdApi, CephError> {
+        self.rbd.ok_or_else(|| CephError::Failed {
+            command: command.to_owned(),
+            object: object.to_owned(),
+            code: None,
+            stderr: format!("{RBD_LIBRARY} not loaded"),
+        })
+    }
+
     /// Every image head and user snapshot of `pool` with size, parent and protection (the
     /// rows of `rbd ls -l`) and their usage (the rows of `rbd du`: bytes in whole objects
     /// that changed since the previous snapshot), in one pass over the pool in-process.
@@ -408,14 +418,7 @@ impl Rados {
         command: &str,
         object: &str,
     ) -> Result<PoolImages, CephError> {
-        let Some(api) = self.rbd else {
-            return Err(CephError::Failed {
-                command: command.to_owned(),
-                object: object.to_owned(),
-                code: None,
-                stderr: format!("{RBD_LIBRARY} not loaded"),
-            });
-        };
+        let api = self.rbd_api(command, object)?;
         let pool = pool.to_owned();
         let me = self.clone();
         self.blocking(Side::Osd, command, object, move |conn| {
@@ -439,14 +442,7 @@ impl Rados {
         command: &str,
         object: &str,
     ) -> Result<Option<ImageState>, CephError> {
-        let Some(api) = self.rbd else {
-            return Err(CephError::Failed {
-                command: command.to_owned(),
-                object: object.to_owned(),
-                code: None,
-                stderr: format!("{RBD_LIBRARY} not loaded"),
-            });
-        };
+        let api = self.rbd_api(command, object)?;
         let (pool, image) = (pool.to_owned(), image.to_owned());
         self.blocking(Side::Osd, command, object, move |conn| {
             let p = match Pool::open(api, conn, &pool) {
