@@ -435,6 +435,16 @@ mod tests {
             .spawn()
             .expect("spawn sleep");
         let pid = child.id();
+        // spawn() returns once the child is forked; until it has exec'd, /proc/<pid>/exe and
+        // its command line are still this test binary's (CI under load saw exactly that).
+        for _ in 0..500 {
+            if executable(pid).as_deref() == Some(sp.program.as_path())
+                && cmdline(pid).get(1).map(String::as_str) == Some("30")
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         crate::securefs::write_file(&sp.pid_file, format!("{pid}\n").as_bytes(), 0o640)
             .expect("pid file");
         assert_eq!(adoptable_with(&sp, true), Some(pid));
