@@ -342,17 +342,19 @@ impl DaemonBuilder {
             .ctx(|| format!("spawning {}", binary.display()))?;
         let lines = Arc::new(Mutex::new(Vec::new()));
         let prefix = format!("[debvisord {}]", self.node);
+        let mut readers = Vec::new();
         if let Some(out) = child.stdout.take() {
-            spawn_reader(out, lines.clone(), prefix.clone());
+            readers.extend(spawn_reader(out, lines.clone(), prefix.clone()));
         }
         if let Some(err) = child.stderr.take() {
-            spawn_reader(err, lines.clone(), prefix);
+            readers.extend(spawn_reader(err, lines.clone(), prefix));
         }
         Ok(DaemonProcess {
             node: self.node,
             netns: self.netns,
             child,
             lines,
+            readers,
             config_path,
             state_dir,
             env,
@@ -361,12 +363,14 @@ impl DaemonBuilder {
     }
 }
 
-/// Read `stream` line by line into `lines`, echoing each to stderr with `prefix`.
+/// Read `stream` line by line into `lines`, echoing each to stderr with `prefix`; the
+/// reader's handle, so that an exit can wait for the last lines (see
+/// [`DaemonProcess::drain_output`]).
 fn spawn_reader(
     stream: impl Read + Send + 'static,
     lines: Arc<Mutex<Vec<String>>>,
     prefix: String,
-) {
+) -> Option<std::thread::JoinHandle<()>> {
     let spawned = std::thread::Builder::new()
         .name(format!("{prefix} reader"))
         .spawn(move || {
@@ -386,10 +390,20 @@ fn spawn_reader(
                 }
             }
         });
-    if let Err(e) = spawned {
-        eprintln!("debvisor-tests: spawning an output reader: {e}");
+    match spawned {
+        Ok(h) => Some(h),
+        Err(e) => {
+            eprintln!("debvisor-tests: spawning an output reader: {e}");
+            None
+        }
     }
 }
+
+/// How long an exited daemon's output readers are waited for at most.
+const DRAIN_BOUND: Duration = Duration::from_secs(5);
+/// The readers count as drained once no line has come for this long, even before EOF: the
+/// guardian inherits the daemon's stdout and stderr, so EOF can come long after the exit.
+const DRAIN_QUIET: Duration = Duration::from_millis(500);
 
 /// A running `debvisord` with captured output.
 ///
@@ -402,6 +416,8 @@ pub struct DaemonProcess {
     netns: Option<String>,
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// The stdout and stderr readers (see [`DaemonProcess::drain_output`]).
+    readers: Vec<std::thread::JoinHandle<()>>,
     config_path: PathBuf,
     state_dir: PathBuf,
     env: BTreeMap<String, String>,
@@ -490,8 +506,7 @@ impl DaemonProcess {
             }
         }
         if let Some(status) = exited {
-            // Give the reader threads a moment to drain the pipes.
-            std::thread::sleep(Duration::from_millis(100));
+            self.drain_output();
             let lines = self.lines();
             for line in lines.iter().skip(*seen) {
                 *seen += 1;
@@ -591,6 +606,26 @@ impl DaemonProcess {
         Ok(())
     }
 
+    /// After the daemon exited: wait until its output readers have read the last lines it
+    /// wrote — both at EOF, or no new line for [`DRAIN_QUIET`] (the guardian may hold the
+    /// pipes open), at most [`DRAIN_BOUND`]. Under load a reader thread runs well after the
+    /// exit is seen, and "exited, then look for its last line" must not miss that line.
+    fn drain_output(&self) {
+        let deadline = Instant::now() + DRAIN_BOUND;
+        let mut count = self.lines.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let mut quiet_since = Instant::now();
+        while Instant::now() < deadline && !self.readers.iter().all(|r| r.is_finished()) {
+            std::thread::sleep(POLL);
+            let now = self.lines.lock().unwrap_or_else(|p| p.into_inner()).len();
+            if now != count {
+                count = now;
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= DRAIN_QUIET {
+                break;
+            }
+        }
+    }
+
     /// Wait (polling `try_wait` every 20 ms) up to `timeout` for the daemon to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
@@ -600,6 +635,7 @@ impl DaemonProcess {
                 .try_wait()
                 .ctx(|| format!("waiting for debvisord {}", self.node))?
             {
+                self.drain_output();
                 return Ok(status);
             }
             if Instant::now() >= deadline {

@@ -158,6 +158,13 @@ impl ArpProber {
         let mut seen: BTreeMap<Ipv4Addr, BTreeSet<Mac>> =
             targets.iter().map(|t| (*t, BTreeSet::new())).collect();
         let deadline = Instant::now() + window;
+        let mut record = |n: usize, buf: &[u8]| {
+            if let Some((mac, ip)) = parse_reply(&buf[..n], self.src) {
+                if let Some(set) = seen.get_mut(&ip) {
+                    set.insert(mac);
+                }
+            }
+        };
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -165,12 +172,13 @@ impl ArpProber {
             }
             let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
             if let Some(n) = self.recv(&mut buf, ms)? {
-                if let Some((mac, ip)) = parse_reply(&buf[..n], self.src) {
-                    if let Some(set) = seen.get_mut(&ip) {
-                        set.insert(mac);
-                    }
-                }
+                record(n, &buf);
             }
+        }
+        // Replies already queued when the window closed are this probe's: a thread
+        // descheduled past the deadline (a loaded machine) must not drop them.
+        while let Some(n) = self.recv(&mut buf, 0)? {
+            record(n, &buf);
         }
         Ok(seen)
     }

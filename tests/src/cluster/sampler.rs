@@ -22,7 +22,7 @@ use crate::error::{HarnessError, IoContext, Result};
 /// How long one etcd attempt (connect or read) may take in a sample.
 const ETCD_ATTEMPT: Duration = Duration::from_secs(1);
 /// How long one namespace dump may take.
-const DUMP_TIMEOUT: Duration = Duration::from_secs(1);
+const DUMP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the sampler watches and where.
 #[derive(Debug, Clone)]
