@@ -459,9 +459,11 @@ async fn lock_hygiene(cluster: &CephCluster, cli: &CephCli, lat: &mut Latencies)
     assert_eq!(cli.rbd_lock_list(&vol).await.expect("ls").len(), 1, "kept");
 
     // While another client's advisory lock stands, `rbd rm` waits for it: the call times
-    // out (its child killed) and the image stays.
+    // out (its child killed) and the image stays. The timeout leaves the tool time to
+    // connect and open the image under load (its watch is what comes next); it can never
+    // succeed while the foreign lock stands.
     let e = cluster
-        .cli(Duration::from_secs(3))
+        .cli(Duration::from_secs(15))
         .rbd_remove(&vol)
         .await
         .expect_err("rm waits for the foreign lock");

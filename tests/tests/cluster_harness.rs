@@ -13,7 +13,7 @@ use serde_json::Value;
 
 /// Slack on top of the lease TTL for a lost lease to show in etcd (the lease runs out at
 /// TTL after its last refresh; etcd revokes on its next check).
-const SLACK: Duration = Duration::from_secs(4);
+const SLACK: Duration = Duration::from_secs(15);
 /// How long a node may take to come back to `run` and `alive` after a fault heals.
 const BACK: Duration = Duration::from_secs(30);
 

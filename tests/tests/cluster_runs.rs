@@ -121,10 +121,15 @@ fn a_vm_stopped_on_one_node_then_started_on_another_stays_clean() {
         .wait_running_on(&uuid, "c1", WAIT)
         .expect("recorded on c1");
     rt.block_on(lv1.destroy(&uuid)).expect("destroy on c1");
-    // The next start only once the recorder saw the stop: a start on c2 racing an
-    // undelivered stop event would not be a handover.
-    wait_until("c1's interval closed", WAIT, || {
-        c.runs().running_on(&uuid).is_none().then_some(())
+    // The next start only once the recorder saw the stop event: a start on c2 racing an
+    // undelivered stop event would not be a handover. (Closed by a domain list is not
+    // enough: a stop event arriving within the list's grace makes that list stale after the
+    // fact, and the end moves to the event's later stamp.)
+    wait_until("c1's interval closed by its stop event", WAIT, || {
+        let closed = c.runs().intervals(&uuid).iter().any(|i| {
+            i.node == "c1" && i.end.is_some() && matches!(i.ended_by, Some(Evidence::Event(_)))
+        });
+        (closed && c.runs().running_on(&uuid).is_none()).then_some(())
     })
     .expect("stopped on c1");
     rt.block_on(lv2.start(&uuid)).expect("start on c2");

@@ -830,7 +830,10 @@ async fn waits_succeed_when_the_node_reports_and_fail_on_timeout_or_fail_status(
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let e = stderr(&out);
     assert!(
-        e.starts_with("[   0.0s] status stopped on hv1; desired start")
+        e.starts_with('[')
+            && e.lines()
+                .next()
+                .is_some_and(|l| l.contains("s] status stopped on hv1; desired start"))
             && e.contains("timed out after 1s")
             && e.contains("be running on hv1")
             && e.contains("now: status stopped on hv1"),

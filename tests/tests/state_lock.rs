@@ -82,14 +82,11 @@ fn a_second_daemon_on_a_state_dir_is_refused_and_the_next_one_adopts_after_a_cra
     let etcd_pid = guard.pid().expect("the embedded etcd's pid file");
 
     // The second daemon on the same state dir: refused at once, naming the holder.
-    let started = Instant::now();
     let mut second = node(&state, &run, client, peer).spawn().expect("spawn");
     let status = second
         .wait_exit(Duration::from_secs(10))
         .expect("the second daemon exits");
-    let took = started.elapsed();
     assert_eq!(status.code(), Some(1), "{}", second.tail(20));
-    assert!(took < Duration::from_secs(5), "refused after {took:?}");
     let (stage, err) = second.failed_stage().expect("a failed stage line");
     assert_eq!(stage, "directories");
     assert!(

@@ -247,25 +247,19 @@ async fn etcd_user_auth_with_a_password_file() {
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", d.pid())).unwrap_or_default();
     assert!(!String::from_utf8_lossy(&cmdline).contains("s3cret-pw"));
 
-    // A wrong password is not an outage: the stage fails at once (well before the 30 s
-    // startup deadline) and names the fields to fix.
+    // A wrong password is not an outage: the stage fails at once (the daemon exits long
+    // before its 300 s startup deadline) and names the fields to fix.
     std::fs::write(&pw, "wrong\n").expect("password file");
-    let started = std::time::Instant::now();
     let mut bad = DaemonBuilder::new("denied")
         .endpoints(&[etcd.endpoint()])
         .yaml(&yaml)
-        .env("DEBVISOR_STORE_STARTUP_DEADLINE", "30s")
+        .env("DEBVISOR_STORE_STARTUP_DEADLINE", "300s")
         .spawn()
         .expect("spawn");
     assert!(!bad
-        .wait_exit(Duration::from_secs(40))
-        .expect("exit")
+        .wait_exit(Duration::from_secs(60))
+        .expect("exits before the startup deadline")
         .success());
-    let took = started.elapsed();
-    assert!(
-        took < Duration::from_secs(10),
-        "a wrong password fails at once, not after the startup deadline: {took:?}"
-    );
     assert!(
         !bad.json_lines()
             .iter()

@@ -1082,15 +1082,10 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
         assert!(e.to_string().contains("calls are refused"), "{e}");
         // …and while that probe hangs, calls are refused without waiting.
+        // (The refusal's own text: a call that went to libvirt would fail as a timeout.)
         for _ in 0..50 {
-            let t = Instant::now();
             let e = lv.list().await.expect_err("refused");
             assert!(e.to_string().contains("libvirt not answering for"), "{e}");
-            assert!(
-                t.elapsed() < Duration::from_millis(200),
-                "{:?}",
-                t.elapsed()
-            );
         }
         let e = lv.probe().await.expect_err("refused");
         assert!(matches!(e, HypervisorError::Libvirt { .. }), "{e}");
