@@ -430,21 +430,35 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut sp = spec(dir.path(), "30");
         sp.program = std::fs::canonicalize("/bin/sleep").expect("sleep");
-        let mut child = std::process::Command::new(&sp.program)
-            .arg("30")
-            .spawn()
-            .expect("spawn sleep");
-        let pid = child.id();
-        // spawn() returns once the child is forked; until it has exec'd, /proc/<pid>/exe and
-        // its command line are still this test binary's (CI under load saw exactly that).
-        for _ in 0..500 {
-            if executable(pid).as_deref() == Some(sp.program.as_path())
+        /// Kills and reaps the test's `sleep` however the test ends.
+        struct Reaped(std::process::Child);
+        impl Drop for Reaped {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut child = Reaped(
+            std::process::Command::new(&sp.program)
+                .arg("30")
+                .spawn()
+                .expect("spawn sleep"),
+        );
+        let pid = child.0.id();
+        // spawn() returns once the vfork'd child has released our memory inside execve, a
+        // little before the kernel sets its new argv: /proc/<pid>/cmdline can still be empty
+        // (CI under load saw exactly that). Wait until the exec is complete.
+        let exec_done = || {
+            executable(pid).as_deref() == Some(sp.program.as_path())
                 && cmdline(pid).get(1).map(String::as_str) == Some("30")
-            {
+        };
+        for _ in 0..500 {
+            if exec_done() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        assert!(exec_done(), "sleep (pid {pid}) never finished its exec");
         crate::securefs::write_file(&sp.pid_file, format!("{pid}\n").as_bytes(), 0o640)
             .expect("pid file");
         assert_eq!(adoptable_with(&sp, true), Some(pid));
@@ -460,8 +474,8 @@ mod tests {
         let mut args = sp.clone();
         args.args = vec!["31".into()];
         assert_eq!(adoptable_with(&args, true), None);
-        let _ = child.kill();
-        let _ = child.wait();
+        let _ = child.0.kill();
+        let _ = child.0.wait();
         assert_eq!(adoptable_with(&sp, true), None, "a dead process");
     }
 

@@ -2,8 +2,10 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -344,10 +346,12 @@ impl DaemonBuilder {
         let prefix = format!("[debvisord {}]", self.node);
         let mut readers = Vec::new();
         if let Some(out) = child.stdout.take() {
-            readers.extend(spawn_reader(out, lines.clone(), prefix.clone()));
+            let pipe = out.as_fd().try_clone_to_owned().ok();
+            readers.extend(spawn_reader(out, lines.clone(), prefix.clone()).map(|h| (h, pipe)));
         }
         if let Some(err) = child.stderr.take() {
-            readers.extend(spawn_reader(err, lines.clone(), prefix));
+            let pipe = err.as_fd().try_clone_to_owned().ok();
+            readers.extend(spawn_reader(err, lines.clone(), prefix).map(|h| (h, pipe)));
         }
         Ok(DaemonProcess {
             node: self.node,
@@ -355,6 +359,7 @@ impl DaemonBuilder {
             child,
             lines,
             readers,
+            drained: AtomicBool::new(false),
             config_path,
             state_dir,
             env,
@@ -401,9 +406,18 @@ fn spawn_reader(
 
 /// How long an exited daemon's output readers are waited for at most.
 const DRAIN_BOUND: Duration = Duration::from_secs(5);
-/// The readers count as drained once no line has come for this long, even before EOF: the
-/// guardian inherits the daemon's stdout and stderr, so EOF can come long after the exit.
+/// The readers count as drained, even before EOF, once nothing is left in their pipes and no
+/// line has come for this long: the guardian inherits the daemon's stderr (its log), so EOF
+/// can come seconds after the exit (a killed daemon's guardian waits for its deadlines).
 const DRAIN_QUIET: Duration = Duration::from_millis(500);
+
+/// Bytes written to `pipe` and not yet read (`FIONREAD`); `None` when it cannot be asked.
+fn queued(pipe: &OwnedFd) -> Option<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the valid pointer; the fd is ours (a dup).
+    let r = unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut n) };
+    (r == 0).then(|| usize::try_from(n).unwrap_or(0))
+}
 
 /// A running `debvisord` with captured output.
 ///
@@ -416,8 +430,12 @@ pub struct DaemonProcess {
     netns: Option<String>,
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
-    /// The stdout and stderr readers (see [`DaemonProcess::drain_output`]).
-    readers: Vec<std::thread::JoinHandle<()>>,
+    /// The stdout and stderr readers, each with a dup of its pipe's read end (see
+    /// [`DaemonProcess::drain_output`]).
+    readers: Vec<(std::thread::JoinHandle<()>, Option<OwnedFd>)>,
+    /// The output was drained after the exit (once is enough: later lines are the
+    /// guardian's).
+    drained: AtomicBool,
     config_path: PathBuf,
     state_dir: PathBuf,
     env: BTreeMap<String, String>,
@@ -607,21 +625,32 @@ impl DaemonProcess {
     }
 
     /// After the daemon exited: wait until its output readers have read the last lines it
-    /// wrote — both at EOF, or no new line for [`DRAIN_QUIET`] (the guardian may hold the
-    /// pipes open), at most [`DRAIN_BOUND`]. Under load a reader thread runs well after the
-    /// exit is seen, and "exited, then look for its last line" must not miss that line.
+    /// wrote — each reader at EOF, or its pipe empty with no new line for [`DRAIN_QUIET`]
+    /// (the guardian may hold stderr open) — at most [`DRAIN_BOUND`], once per process.
+    /// Under load a reader thread runs well after the exit is seen, and "exited, then look
+    /// for its last line" must not miss that line.
     fn drain_output(&self) {
+        if self.drained.swap(true, Ordering::SeqCst) {
+            return;
+        }
         let deadline = Instant::now() + DRAIN_BOUND;
-        let mut count = self.lines.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let count = || self.lines.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let mut seen = count();
         let mut quiet_since = Instant::now();
-        while Instant::now() < deadline && !self.readers.iter().all(|r| r.is_finished()) {
+        loop {
+            let done = self.readers.iter().all(|(reader, pipe)| {
+                reader.is_finished()
+                    || (quiet_since.elapsed() >= DRAIN_QUIET
+                        && pipe.as_ref().and_then(queued) == Some(0))
+            });
+            if done || Instant::now() >= deadline {
+                return;
+            }
             std::thread::sleep(POLL);
-            let now = self.lines.lock().unwrap_or_else(|p| p.into_inner()).len();
-            if now != count {
-                count = now;
+            let now = count();
+            if now != seen {
+                seen = now;
                 quiet_since = Instant::now();
-            } else if quiet_since.elapsed() >= DRAIN_QUIET {
-                break;
             }
         }
     }

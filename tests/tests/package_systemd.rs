@@ -1552,21 +1552,32 @@ fn ansible_three_node_cluster_with_tls_etcd_and_rolling_restarts() {
     // No outage:
     // a put in flight to the member being stopped may fail once per restart, but never two
     // in a row (the writer puts every 50 ms; a lost quorum would fail every put until a
-    // member came back, timing out). A put refused with "leader changed" is not counted:
-    // a leader change is no outage, and on a loaded machine the 150 ms heartbeat here can
-    // cost an extra election or two.
+    // member came back, timing out). A put refused with "leader changed" (etcdctl's last
+    // line) is a leader change, no outage: on a loaded machine the 150 ms heartbeat here
+    // can cost an extra election, so up to two per restart are set aside — never more, and
+    // "in a row" is judged without them (a timeout, a leader change, a timeout is two).
     let failed: Vec<_> = writes.iter().filter(|w| !w.2).collect();
-    let counts = |w: &(u64, u64, bool, String)| !w.2 && !w.3.contains("leader changed");
-    let counted = writes.iter().filter(|w| counts(w)).count();
-    let in_a_row = writes.windows(2).any(|p| counts(&p[0]) && counts(&p[1]));
+    let leader_changed = |w: &(u64, u64, bool, String)| {
+        !w.2 && w
+            .3
+            .lines()
+            .last()
+            .is_some_and(|l| l.trim_end().ends_with("leader changed"))
+    };
+    let elections = writes.iter().filter(|w| leader_changed(w)).count();
+    let others: Vec<_> = writes.iter().filter(|w| !leader_changed(w)).collect();
+    let counted = others.iter().filter(|w| !w.2).count();
+    let in_a_row = others.windows(2).any(|p| !p[0].2 && !p[1].2);
     assert!(
-        counted <= rolls.len() && !in_a_row,
-        "{counted} of {} writes failed during the roll, {} ({failed:?}):\n{timeline}",
+        counted <= rolls.len() && !in_a_row && elections <= 2 * rolls.len(),
+        "{counted} of {} writes failed during the roll ({elections} on a leader change), {} ({failed:?}):\n{timeline}",
         writes.len(),
         if in_a_row {
             "two in a row"
-        } else {
+        } else if counted > rolls.len() {
             "more than one per restart"
+        } else {
+            "more than two leader changes per restart"
         }
     );
     // Writes succeed again after each restart. Not "a write committed while the member was

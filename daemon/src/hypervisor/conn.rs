@@ -213,6 +213,13 @@ impl Outage {
         }
     }
 
+    /// How many probes were started: a test shows with it that refused calls never reached
+    /// libvirt.
+    #[cfg(test)]
+    pub(crate) fn probes_started(&self) -> u64 {
+        self.probes
+    }
+
     /// How long libvirt has been down, if it is.
     pub fn down_for(&self, now: Instant) -> Option<Duration> {
         self.down

@@ -1081,12 +1081,18 @@ mod tests {
         let e = lv.get(uuid).await.expect_err("probe unanswered");
         assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
         assert!(e.to_string().contains("calls are refused"), "{e}");
-        // …and while that probe hangs, calls are refused without waiting.
-        // (The refusal's own text: a call that went to libvirt would fail as a timeout.)
+        // …and while that probe hangs, calls are refused without waiting: none of them
+        // starts another probe (the only way a refused call reaches libvirt).
+        let probes = lock(&lv.inner.outage).probes_started();
         for _ in 0..50 {
             let e = lv.list().await.expect_err("refused");
             assert!(e.to_string().contains("libvirt not answering for"), "{e}");
         }
+        assert_eq!(
+            lock(&lv.inner.outage).probes_started(),
+            probes,
+            "a refused call probed"
+        );
         let e = lv.probe().await.expect_err("refused");
         assert!(matches!(e, HypervisorError::Libvirt { .. }), "{e}");
     }
