@@ -5,7 +5,6 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -359,7 +358,7 @@ impl DaemonBuilder {
             child,
             lines,
             readers,
-            drained: AtomicBool::new(false),
+            drained: false,
             config_path,
             state_dir,
             env,
@@ -435,7 +434,7 @@ pub struct DaemonProcess {
     readers: Vec<(std::thread::JoinHandle<()>, Option<OwnedFd>)>,
     /// The output was drained after the exit (once is enough: later lines are the
     /// guardian's).
-    drained: AtomicBool,
+    drained: bool,
     config_path: PathBuf,
     state_dir: PathBuf,
     env: BTreeMap<String, String>,
@@ -629,8 +628,8 @@ impl DaemonProcess {
     /// (the guardian may hold stderr open) — at most [`DRAIN_BOUND`], once per process.
     /// Under load a reader thread runs well after the exit is seen, and "exited, then look
     /// for its last line" must not miss that line.
-    fn drain_output(&self) {
-        if self.drained.swap(true, Ordering::SeqCst) {
+    fn drain_output(&mut self) {
+        if std::mem::replace(&mut self.drained, true) {
             return;
         }
         let deadline = Instant::now() + DRAIN_BOUND;

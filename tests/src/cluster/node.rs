@@ -174,12 +174,13 @@ impl Node {
         let deadline = Instant::now() + timeout;
         loop {
             let (hit, exited, lines) = self.with_daemon(|d| {
-                // A line already there is enough; only then is an exit (and the wait for
-                // its last lines) looked at, and the lines looked at again.
-                if let Some(v) = d.json_lines().into_iter().find(|v| pred(v)) {
-                    return (Some(v), None, Vec::new());
+                // A line already there is enough; only after an exit (and the wait for its
+                // last lines) are the lines looked at again.
+                let hit = d.json_lines().into_iter().find(|v| pred(v));
+                if hit.is_some() || d.is_running() {
+                    return (hit, None, d.lines());
                 }
-                let exited = (!d.is_running()).then(|| d.wait_exit(Duration::ZERO).ok());
+                let exited = Some(d.wait_exit(Duration::ZERO).ok());
                 let hit = d.json_lines().into_iter().find(|v| pred(v));
                 (hit, exited, d.lines())
             })?;
